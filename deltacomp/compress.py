@@ -1,0 +1,181 @@
+"""The compression pipeline: base + fine-tuned checkpoint -> delta package, one tensor pair at a time."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from deltacomp import __version__
+from deltacomp.config import CompressConfig
+from deltacomp.errors import DeltacompError
+from deltacomp.extract import Entry, check_compatible, plan, stream
+from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
+from deltacomp.io.output import atomic_dir, check_output
+from deltacomp.io.safetensors_file import DTYPE_NAMES
+from deltacomp.io.sharded_writer import ShardedWriter
+from deltacomp.methods.base import get_method
+from deltacomp.package.card import render_card
+from deltacomp.package.fingerprint import fingerprint
+from deltacomp.package.manifest import FORMAT, FORMAT_VERSION, tensor_key, write_manifest
+from deltacomp.package.store import sha256_file
+
+log = logging.getLogger(__name__)
+MODEL_DIR = "model"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy config and tokenizer files of a model folder; return their relative paths."""
+    copied = []
+    for rel in SIDE_FILES:
+        f = src / rel
+        if f.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst / rel)
+            copied.append(rel)
+    return copied
+
+
+def _source_info(ckpt: Checkpoint) -> dict:
+    from deltacomp.io.hub import looks_like_repo_id, split_revision
+
+    info = {"source": ckpt.source, "architecture": ckpt.architecture}
+    if not Path(ckpt.source).exists() and looks_like_repo_id(ckpt.source):
+        info["repo_id"], info["revision"] = split_revision(ckpt.source)
+    return info
+
+
+def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | os.PathLike,
+             config: CompressConfig, overwrite: bool = False, progress: bool | None = None,
+             context_for: Callable[[Entry], object] | None = None) -> dict:
+    """Write the delta package of ``ft_src`` over ``base_src`` to ``out``; return its manifest.
+
+    Everything is checked before the first byte is written (inputs, budget against every matrix, the
+    output path); the package is built in a hidden folder and renamed into place when complete.
+    ``context_for(entry)`` may supply per-module data to the method (calibration statistics).
+    """
+    base, ft = Checkpoint(base_src), Checkpoint(ft_src)
+    check_compatible(base, ft)
+    entries = plan(base, ft, config)
+    method = get_method(config.method)
+    for e in entries:
+        if e.action == "compress":
+            method.check_budget(e.shape, config)
+    check_output(out, overwrite)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeltacompError("--device cuda was asked for but no CUDA GPU is available")
+    base_fp = fingerprint(base)
+
+    modules: dict[str, dict] = {}
+    counts = {"factor_bits": 0, "all_in_bits": 0, "entries": 0, "fp16_delta_bytes": 0}
+    with atomic_dir(out, overwrite) as tmp:
+        writer = ShardedWriter(tmp, config.max_shard_bytes, prefix="delta")
+        try:
+            bar = tqdm(stream(base, ft, entries), total=len(entries), desc="compress", unit="tensor",
+                       disable=progress is False if progress is not None else None)
+            for e, b, f in bar:
+                record = _compress_one(e, b, f, method, config, writer, counts,
+                                       context_for(e) if context_for and e.action == "compress" else None)
+                if record is not None:
+                    modules[e.name] = record
+            names = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        index = tmp / "delta.safetensors.index.json"
+        files = names + ([index.name] if index.exists() else [])
+        side = copy_side_files(ft.path, tmp / MODEL_DIR)
+        manifest = _manifest(base, ft, base_fp, config, modules, counts, writer.total_bytes)
+        manifest["files"] = {n: sha256_file(tmp / n) for n in files}
+        manifest["files"].update({f"{MODEL_DIR}/{r}": sha256_file(tmp / MODEL_DIR / r) for r in side})
+        write_manifest(tmp, manifest)
+        (tmp / "README.md").write_text(render_card(manifest))
+    return manifest
+
+
+def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts: dict, context) -> dict | None:
+    record = {"action": e.action, "shape": list(e.shape), "dtype": DTYPE_NAMES[e.dtype]}
+    if e.action == "removed":
+        return record
+    if e.action in ("added", "resized"):
+        writer.add(e.name, f)
+        counts["fp16_delta_bytes"] += 2 * f.numel()
+        return {**record, "bytes": _nbytes(f)}
+    if f.dtype.is_floating_point:
+        delta = f.float() - b.float()
+        if not bool(delta.any()):
+            return None
+    elif torch.equal(b, f):
+        return None
+    counts["fp16_delta_bytes"] += 2 * f.numel()
+    if e.action == "exact":
+        writer.add(e.name, f)
+        return {**record, "bytes": _nbytes(f)}
+    c = method.compress(delta, config, context)  # delta: (m, n) float32
+    for local, t in c.tensors.items():
+        writer.add(tensor_key(e.name, local), t)
+    counts["factor_bits"] += c.factor_bits
+    counts["all_in_bits"] += c.total_bits
+    counts["entries"] += delta.numel()
+    return {
+        **record,
+        "method": method.name,
+        "info": c.info,
+        "factor_bytes": c.factor_bits // 8,
+        "bytes": c.total_bits // 8,
+        "factor_bits_per_entry": c.factor_bits / delta.numel(),
+        "all_in_bits_per_entry": c.total_bits / delta.numel(),
+    }
+
+
+def _manifest(base, ft, base_fp, config, modules, counts, tensor_bytes) -> dict:
+    entries = counts["entries"]
+    compressed = [m for m in modules.values() if m["action"] == "compress"]
+    ft_bytes = ft.weight_bytes()
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "deltacomp_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "base": {**_source_info(base), "fingerprint": base_fp},
+        "finetuned": {**_source_info(ft), "weight_bytes": ft_bytes,
+                      "num_params": sum(_numel(ft.shape(k)) for k in ft.keys())},
+        "method": config.method,
+        "settings": config.to_dict(),
+        "budget": {
+            "bits_per_entry": config.bits,
+            "achieved_factor_bits_per_entry": counts["factor_bits"] / entries if entries else 0.0,
+            "achieved_all_in_bits_per_entry": counts["all_in_bits"] / entries if entries else 0.0,
+        },
+        "modules": modules,
+        "totals": {
+            "compressed_modules": len(compressed),
+            "exact_modules": sum(m["action"] in ("exact", "added", "resized") for m in modules.values()),
+            "removed_modules": sum(m["action"] == "removed" for m in modules.values()),
+            "compressed_entries": entries,
+            "compressed_bytes": sum(m["bytes"] for m in compressed),
+            "package_tensor_bytes": tensor_bytes,
+            "fp16_delta_bytes": counts["fp16_delta_bytes"],
+            "finetuned_weight_bytes": ft_bytes,
+            "ratio_vs_fp16_delta": counts["fp16_delta_bytes"] / tensor_bytes if tensor_bytes else 0.0,
+            "ratio_vs_finetuned": ft_bytes / tensor_bytes if tensor_bytes else 0.0,
+        },
+        "files": {},
+    }

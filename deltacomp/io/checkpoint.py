@@ -1,0 +1,168 @@
+"""Lazy reader of a Hugging Face model folder: safetensors (single or sharded) or pytorch_model*.bin.
+
+Only headers are read at open; ``read(name)`` loads one tensor. A Hub repo id is resolved to a local
+snapshot through :mod:`deltacomp.io.hub` (which also works offline from the local cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from deltacomp.errors import CheckpointError
+from deltacomp.io.safetensors_file import SafetensorsReader
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Files a model folder carries besides its weights; apply copies them to the output.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+)
+
+
+def resolve_model_path(source: str | os.PathLike) -> Path:
+    """A local model folder for ``source``: the folder itself, or a Hub snapshot for a repo id."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{source}: not a folder (expected a model folder with config.json)")
+        return path
+    from deltacomp.io.hub import looks_like_repo_id, snapshot
+
+    if looks_like_repo_id(str(source)):
+        return snapshot(str(source), kind="model")
+    raise CheckpointError(f"{source}: no such folder (and not a Hub repo id)")
+
+
+class Checkpoint:
+    """The tensors of one model folder, read one at a time."""
+
+    def __init__(self, source: str | os.PathLike):
+        self.source = str(source)
+        self.path = resolve_model_path(source)
+        self.config = self._read_config()
+        self.files = self._weight_files()
+        self._where: dict[str, Path] = {}
+        self._readers: dict[Path, SafetensorsReader] = {}
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        for f in self.files:
+            if f.suffix == ".safetensors":
+                reader = SafetensorsReader(f)
+                self._readers[f] = reader
+                names = reader.keys()
+            else:
+                names = list(self._load_bin(f))
+            for name in names:
+                if name in self._where:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} appears in two weight files")
+                self._where[name] = f
+        if not self._where:
+            raise CheckpointError(f"{self.path}: the weight files hold no tensors")
+
+    def _read_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"{self.path}: not a model folder (no config.json)")
+        try:
+            return json.loads(cfg.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{cfg}: unreadable config.json ({e})") from None
+
+    def _weight_files(self) -> list[Path]:
+        for index_name in (SAFE_INDEX, BIN_INDEX):
+            index = self.path / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (OSError, ValueError, KeyError) as e:
+                    raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+                files = sorted({self.path / f for f in weight_map.values()})
+                missing = [f.name for f in files if not f.is_file()]
+                if missing:
+                    raise CheckpointError(f"{self.path}: shard(s) named in {index_name} are missing: {missing}")
+                return files
+        for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
+            files = sorted(self.path.glob(pattern))
+            if files:
+                return files
+        raise CheckpointError(
+            f"{self.path}: not a model folder (no model.safetensors, sharded *.safetensors or pytorch_model*.bin)"
+        )
+
+    def _load_bin(self, f: Path) -> dict[str, torch.Tensor]:
+        if f not in self._bins:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for a bad pickle/zip
+                raise CheckpointError(f"{f}: cannot load as a weights-only torch checkpoint ({e})") from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{f}: not a state dict")
+            self._bins[f] = state
+        return self._bins[f]
+
+    # -- queries ---------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f = self._where[name]
+        if f in self._readers:
+            return self._readers[f].tensors[name].shape
+        return tuple(self._bins[f][name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        f = self._where[name]
+        if f in self._readers:
+            return self._readers[f].tensors[name].dtype
+        return self._bins[f][name].dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        f = self._where[name]
+        if f in self._readers:
+            return self._readers[f].read(name)
+        return self._bins[f][name].clone()
+
+    def read_sample(self, name: str, k: int) -> torch.Tensor:
+        """Up to ``k`` evenly spaced elements of a tensor, flattened."""
+        f = self._where[name]
+        if f in self._readers:
+            return self._readers[f].read_sample(name, k)
+        flat = self._bins[f][name].reshape(-1)
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(k, flat.numel())).round().long().unique()
+        return flat[idx].clone()
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._where:
+            yield name, self.read(name)
+
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        return f"{self.config.get('model_type', '?')}/{','.join(archs) or '?'}"

@@ -1,0 +1,17 @@
+"""Dense reference: the delta itself in fp16 (16 bits per entry, whatever the budget)."""
+
+from __future__ import annotations
+
+import torch
+
+from deltacomp.methods.base import Compressed, Method, bits_of, register
+
+
+@register("dense")
+class Dense(Method):
+    def compress(self, delta, config, context=None):
+        t = delta.to(torch.float16)
+        return Compressed({"delta": t}, {}, bits_of(t), bits_of(t))
+
+    def reconstruct(self, tensors, info, shape):
+        return tensors["delta"].float()

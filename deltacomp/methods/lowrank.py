@@ -1,0 +1,25 @@
+"""Low-rank baseline: truncated SVD with fp16 factors at the same bytes as the budget."""
+
+from __future__ import annotations
+
+from deltacomp.lowrank.svd import svd
+from deltacomp.methods.base import Compressed, Method, bits_of, register
+from deltacomp.quant.budget import lowrank_rank
+
+
+@register("lowrank")
+class LowRank(Method):
+    def check_budget(self, shape, config):
+        lowrank_rank(shape[0], shape[1], config.bits)
+
+    def compress(self, delta, config, context=None):
+        r = lowrank_rank(delta.shape[0], delta.shape[1], config.bits)
+        u, s, v = svd(delta, r, config.device)
+        root = s.sqrt()
+        tensors = {"a": (v * root).T.contiguous().half(), "b": (u * root).contiguous().half()}  # (r, n), (m, r)
+        total = sum(bits_of(t) for t in tensors.values())
+        return Compressed(tensors, {"rank": r}, total, total)
+
+    def reconstruct(self, tensors, info, shape):
+        return tensors["b"].float() @ tensors["a"].float()
+

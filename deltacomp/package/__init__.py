@@ -1,0 +1,1 @@
+"""The on-disk delta package: manifest, tensor files, model card."""

@@ -1,0 +1,44 @@
+"""The package manifest ``deltacomp.json``: what was compressed, how, and what it costs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deltacomp.errors import PackageError
+
+MANIFEST = "deltacomp.json"
+FORMAT = "deltacomp-delta"
+FORMAT_VERSION = 1
+REQUIRED = ("format", "format_version", "deltacomp_version", "base", "finetuned", "method", "settings",
+            "budget", "modules", "totals", "files")
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise PackageError(f"{folder}: not a deltacomp package (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PackageError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PackageError(f"{path}: not a deltacomp manifest")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise PackageError(f"{path}: manifest lacks {', '.join(missing)}")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise PackageError(
+            f"{path}: package format {manifest['format_version']} is newer than this deltacomp reads "
+            f"({FORMAT_VERSION}); upgrade deltacomp"
+        )
+    return manifest
+
+
+def tensor_key(module: str, local: str | None) -> str:
+    """Name of a stored tensor: ``module/local`` for a compressed module's parts, ``module`` for full tensors."""
+    return module if local is None else f"{module}/{local}"

@@ -1,0 +1,1 @@
+"""How closely a compressed model behaves like the fine-tune."""

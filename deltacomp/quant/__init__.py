@@ -1,0 +1,1 @@
+"""Quantizers, bit packing and bit allocation: pure tensor maths."""

