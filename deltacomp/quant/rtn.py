@@ -1,8 +1,12 @@
-"""Round-to-nearest asymmetric min-max quantization of rows, in groups along each row.
+"""Round-to-nearest asymmetric quantization of rows, in groups along each row.
 
 A row ``x`` of length L is cut into ``ceil(L / group_size)`` groups; each group has its own ``scale`` and
 ``offset`` so that ``x ~= code * scale + offset`` with ``code`` in [0, 2**bits - 1]. ``group_size = 0``
 means one group per row.
+
+The range of each group is chosen to minimise its squared error: the min-max range shrunk towards zero by
+the best of :data:`CLIP_RATIOS` (1.0 included, so never worse than plain min-max). Singular vectors are
+close to Gaussian, where clipping the tails pays: at 2 bits it roughly halves the error of min-max.
 """
 
 from __future__ import annotations
@@ -24,14 +28,37 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.view(rows, -1, g)
 
 
-def fit(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and offset of each group: (R, L) -> two (R, G) float32 tensors."""
-    xg = _grouped(x.float(), group_size)
-    lo = xg.amin(dim=2)
-    hi = xg.amax(dim=2)
+CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(19))  # 1.00, 0.96, ..., 0.28
+
+
+def _range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (hi - lo) / ((1 << bits) - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, lo
+    return torch.where(scale > 0, scale, torch.ones_like(scale)), lo
+
+
+def fit(x: torch.Tensor, bits: int, group_size: int, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset of each group: (R, L) -> two (R, G) float32 tensors.
+
+    ``clip=False`` gives the plain min-max range; otherwise the MSE-best clipped range (module docstring).
+    """
+    xg = _grouped(x.float(), group_size)  # (R, G, g)
+    lo, hi = xg.amin(dim=2), xg.amax(dim=2)  # (R, G)
+    scale, offset = _range_params(lo, hi, bits)
+    if not clip or bits >= 8:
+        return scale, offset
+    maxq = (1 << bits) - 1
+    best = None
+    for ratio in CLIP_RATIOS:
+        s, o = _range_params(lo * ratio, hi * ratio, bits)
+        q = torch.clamp(torch.round((xg - o[..., None]) / s[..., None]), 0, maxq)
+        err = (q * s[..., None] + o[..., None] - xg).pow(2).sum(dim=2)  # (R, G)
+        if best is None:
+            best = err
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, offset = torch.where(better, s, scale), torch.where(better, o, offset)
+    return scale, offset
 
 
 def expand(p: torch.Tensor, length: int, group_size: int) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""Every method through the registry: equal budgets, error bounds, exact reconstruction of what is stored."""
+
+import pytest
+import torch
+
+from deltacomp.config import CompressConfig
+from deltacomp.errors import BudgetError, DeltacompError
+from deltacomp.methods.base import get_method
+
+
+def _delta(m=128, n=320, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.arange(1, min(m, n) + 1, dtype=torch.float32) ** -1.0
+    u = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))[0]
+    v = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))[0]
+    return (u * s) @ v.T * 0.01
+
+
+def _rel(method, delta, bits):
+    m = get_method(method)
+    c = m.compress(delta, CompressConfig(method=method, bits=bits))
+    hat = m.reconstruct(c.tensors, c.info, tuple(delta.shape))
+    assert hat.shape == delta.shape
+    return float((hat - delta).norm() / delta.norm()), c
+
+
+@pytest.mark.parametrize("method", ["mixed", "lowrank", "bitdelta"])
+def test_budgeted_methods_stay_within_the_budget(method):
+    delta = _delta()
+    _, c = _rel(method, delta, 1.0)
+    assert c.factor_bits <= 1.0 * delta.numel()
+    assert c.total_bits >= c.factor_bits
+
+
+def test_dense_is_fp16_exact():
+    delta = _delta()
+    err, c = _rel("dense", delta, 1.0)
+    assert err < 1e-3 and c.factor_bits == 16 * delta.numel()
+
+
+def test_quality_order_at_equal_bytes():
+    delta = _delta()
+    errs = {m: _rel(m, delta, 1.0)[0] for m in ("mixed", "lowrank", "bitdelta")}
+    assert errs["mixed"] < errs["lowrank"] < errs["bitdelta"]
+
+
+def test_mixed_recovers_a_low_rank_delta():
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(200, 4, generator=g) @ torch.randn(4, 300, generator=g) * 0.01
+    m = get_method("mixed")
+    c = m.compress(delta, CompressConfig(bits=1.0, schedule=((8, 4), (2, None))))
+    hat = m.reconstruct(c.tensors, c.info, tuple(delta.shape))
+    assert float((hat - delta).norm() / delta.norm()) < 0.01  # all of the rank-4 part at 8 bits
+    assert c.info["groups"][0] == {"bits": 8, "rank": 4}
+
+
+def test_budget_errors():
+    with pytest.raises(BudgetError, match="bitdelta stores 1 bit"):
+        get_method("bitdelta").check_budget((64, 64), CompressConfig(bits=0.5))
+    with pytest.raises(BudgetError, match="too small"):
+        get_method("mixed").check_budget((64, 64), CompressConfig(bits=0.01))
+    with pytest.raises(DeltacompError, match="known methods: bitdelta, dense, lowrank, mixed"):
+        get_method("nope")
