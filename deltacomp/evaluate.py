@@ -1,0 +1,239 @@
+"""``deltacomp eval``: how close a package's rebuilt model is to the fine-tune, next to the baselines.
+
+The pipeline: the baselines are compressed at the package's budget and settings into a temporary folder; the
+per-module relative errors of every package are streamed (one tensor pair at a time); then one model is loaded
+from the base and its weights swapped in place for the fine-tune (the reference), the base, and each package's
+rebuilt fine-tune (:mod:`deltacomp.quality.weights`), scoring each on the same data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltacomp.apply import check_base, iter_weights
+from deltacomp.compress import compress
+from deltacomp.config import CompressConfig
+from deltacomp.errors import BudgetError, DeltacompError
+from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.methods.base import get_method
+from deltacomp.package.store import DeltaPackage
+from deltacomp.quality import causal
+from deltacomp.quality.modules import module_errors, summarise
+from deltacomp.quality.texts import DEFAULT_TEXTS, EVAL_SENTENCES, read_texts
+from deltacomp.quality.weights import WeightSlots, load_model, model_kind, tokenizer_source
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPARE = ("lowrank", "bitdelta", "mixed")
+CURVE_BUDGETS = (0.25, 0.5, 1.0, 2.0)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    compare: tuple[str, ...] = DEFAULT_COMPARE  # baselines compressed at the package's budget
+    data: str | None = None  # data file; None = the built-in texts (causal) or sentences (encoder)
+    max_samples: int | None = None
+    max_length: int = 256  # tokens per causal sample
+    batch_size: int = 8
+    top_k: int = causal.DEFAULT_TOP_K  # reference tokens kept per position for the KL
+    device: str = "cpu"
+    dtype: str = "float32"  # of the evaluated model
+    plot_budgets: tuple[float, ...] = ()  # compress at these budgets for the error-against-budget curve
+    spectra: int = 0  # singular-value spectra (and bits per vector) of this many modules
+    tokenizer: str | None = None  # folder of the tokenizer; None = the base's, else the fine-tune's
+
+    def __post_init__(self):
+        for m in self.compare:
+            get_method(m)
+        if self.dtype not in DTYPES:
+            raise DeltacompError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise DeltacompError(f"--max-samples must be positive, got {self.max_samples}")
+
+
+def _package_row(label: str, pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, seconds: float | None) -> dict:
+    m = pkg.manifest
+    errs = list(module_errors(pkg, base, ft))
+    return {
+        "model": label,
+        "method": m["method"],
+        "bits": m["budget"]["bits_per_entry"],
+        "factor_bits_per_entry": m["budget"]["achieved_factor_bits_per_entry"],
+        "all_in_bits_per_entry": m["budget"]["achieved_all_in_bits_per_entry"],
+        "package_bytes": m["totals"]["package_tensor_bytes"],
+        "compress_seconds": seconds,
+        "error": summarise(errs),
+        "modules": [{"name": e.name, "shape": list(e.shape), "rank": e.rank, "bits": e.bits,
+                     "relative_error": e.relative} for e in errs],
+    }
+
+
+def baseline_config(pkg: DeltaPackage, method: str, bits: float | None = None, device: str = "cpu") -> CompressConfig:
+    """The package's own settings with another method (and budget): a like-for-like baseline."""
+    settings = CompressConfig.from_dict(pkg.manifest["settings"])
+    kw = {"method": method, "device": device}
+    if bits is not None:
+        kw["bits"] = bits
+    return dataclasses.replace(settings, **kw)
+
+
+def _compress_baselines(pkg, base, ft, methods, workdir: Path, device: str) -> tuple[list, dict]:
+    made, skipped = [], {}
+    for method in methods:
+        if method == pkg.manifest["method"]:
+            continue
+        out = workdir / method
+        try:
+            config = baseline_config(pkg, method, device=device)
+            t0 = time.perf_counter()
+            compress(base.path, ft.path, out, config, progress=False)
+            made.append((method, DeltaPackage(out, verify=False), time.perf_counter() - t0))
+        except BudgetError as e:
+            skipped[method] = str(e)
+            log.warning("%s skipped: %s", method, e)
+    return made, skipped
+
+
+def _texts(kind: str, config: EvalConfig) -> tuple[list[str], str]:
+    if config.data:
+        texts = read_texts(config.data, config.max_samples)
+        return texts, f"{config.data} ({len(texts)} samples)"
+    texts = list(DEFAULT_TEXTS if kind == "causal" else EVAL_SENTENCES)[: config.max_samples]
+    return texts, f"built-in {'texts' if kind == 'causal' else 'sentences'} ({len(texts)} samples)"
+
+
+class _Scorer:
+    """Scores the model currently in memory against the reference (the fine-tune)."""
+
+    def __init__(self, kind: str, tok, model, texts: list[str], config: EvalConfig):
+        self.kind, self.tok, self.model, self.config = kind, tok, model, config
+        self.texts = texts
+        if kind == "causal":
+            self.batches = causal.make_batches(tok, texts, config.max_length, config.batch_size)
+            if not self.batches:
+                raise DeltacompError("the evaluation data has no text to score (every sample is under two tokens)")
+
+    def _embed(self) -> torch.Tensor:
+        chunks = []
+        for i in range(0, len(self.texts), self.config.batch_size):
+            batch = self.tok(self.texts[i:i + self.config.batch_size], padding=True, truncation=True,
+                             max_length=self.config.max_length, return_tensors="pt").to(self.config.device)
+            with torch.no_grad():
+                hidden = self.model(**batch).last_hidden_state.float()  # (B, T, d)
+            mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+        return torch.cat(chunks)  # (N, d)
+
+    def reference(self) -> dict:
+        if self.kind == "causal":
+            self.ref = causal.score_reference(self.model, self.batches, self.config.top_k, self.config.device)
+            return dict(self.ref.metrics)
+        self.ref = self._embed()
+        return {"cos_mean": 1.0, "cos_min": 1.0, "samples": len(self.texts)}
+
+    def score(self) -> dict:
+        if self.kind == "causal":
+            return causal.score(self.model, self.batches, self.ref, self.config.device)
+        cos = (self._embed() * self.ref).sum(-1)
+        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "samples": len(self.texts)}
+
+
+def evaluate(package: str | os.PathLike, base_src: str | os.PathLike, ft_src: str | os.PathLike,
+             config: EvalConfig = EvalConfig()) -> dict:
+    """The quality report of ``package``: one row per model (base, fine-tune, package, baselines)."""
+    pkg = DeltaPackage(package)
+    base, ft = Checkpoint(base_src), Checkpoint(ft_src)
+    check_base(pkg, base)
+    kind = model_kind(base.config)
+    texts, data_label = _texts(kind, config)
+    tokenizer = tokenizer_source(config.tokenizer) if config.tokenizer else tokenizer_source(base.path, ft.path)
+    result = {"kind": kind, "data": data_label, "package": str(pkg.path), "skipped": {}}
+    with tempfile.TemporaryDirectory(prefix="deltacomp-eval-") as tmp:
+        log.info("compressing the baselines: %s", ", ".join(config.compare) or "none")
+        baselines, result["skipped"] = _compress_baselines(pkg, base, ft, config.compare, Path(tmp), config.device)
+        packages = [(f"{pkg.manifest['method']} (package)", pkg, None)]
+        packages += [(method, p, s) for method, p, s in baselines]
+        rows = []
+        for label, p, seconds in packages:
+            log.info("per-module errors of %s", label)
+            rows.append(_package_row(label, p, base, ft, seconds))
+
+        log.info("loading the model (%s) from %s", kind, base.path)
+        tok, model = load_model(base, kind, tokenizer, config.device, DTYPES[config.dtype])
+        slots = WeightSlots(model)
+        scorer = _Scorer(kind, tok, model, texts, config)
+        slots.load(ft.items())
+        reference = scorer.reference()
+        slots.load(base.items())
+        result["rows"] = [{"model": "base", **scorer.score()}, {"model": "fine-tuned", **reference}]
+        for row, (label, p, _) in zip(rows, packages):
+            log.info("scoring %s", label)
+            required = {n for n, r in p.modules.items() if r["action"] == "compress"}
+            slots.load(iter_weights(p, base), required)
+            row.update(scorer.score())
+            result["rows"].append(row)
+        del model, slots, scorer
+
+        if config.plot_budgets:
+            result["curve"] = error_curve(pkg, base, ft, config, Path(tmp) / "curve")
+    if config.spectra:
+        result["spectra"] = spectra(pkg, base, ft, config.spectra)
+    return result
+
+
+def error_curve(pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, config: EvalConfig, workdir: Path) -> dict:
+    """{method: [(bits per entry, global relative error), ...]} for the package's method and the baselines."""
+    methods = [pkg.manifest["method"], *[m for m in config.compare if m != pkg.manifest["method"]]]
+    curve: dict[str, list] = {}
+    for method in methods:
+        for bits in config.plot_budgets:
+            out = workdir / f"{method}-{bits:g}"
+            try:
+                compress(base.path, ft.path, out, baseline_config(pkg, method, bits, config.device), progress=False)
+            except BudgetError:
+                continue
+            err = summarise(list(module_errors(DeltaPackage(out, verify=False), base, ft)))["global"]
+            curve.setdefault(method, []).append((bits, err))
+    return curve
+
+
+def vector_bits(info: dict) -> list[int]:
+    """Bits of each kept singular vector, in singular-value order (fp16 = 16 for low-rank factors)."""
+    if isinstance(info.get("vector_bits"), list):
+        return [int(b) for b in info["vector_bits"]]
+    if info.get("groups"):
+        return [g["bits"] for g in info["groups"] for _ in range(g["rank"])]
+    if info.get("rank"):
+        return [16] * int(info["rank"])
+    return []
+
+
+def pick_modules(pkg: DeltaPackage, count: int) -> list[str]:
+    """Up to ``count`` compressed modules spread evenly over the model (first, ..., last)."""
+    names = [n for n, r in pkg.modules.items() if r["action"] == "compress"]
+    if len(names) <= count:
+        return names
+    step = (len(names) - 1) / max(count - 1, 1)
+    return [names[round(i * step)] for i in range(count)]
+
+
+def spectra(pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, count: int) -> dict:
+    """{module: {"singular_values": [...], "vector_bits": [...]}} for a few modules spread over the model."""
+    out = {}
+    for name in pick_modules(pkg, count):
+        delta = ft.read(name).float() - base.read(name).float()  # (m, n)
+        s = torch.linalg.svdvals(delta)
+        out[name] = {"singular_values": s.tolist(), "vector_bits": vector_bits(pkg.modules[name].get("info", {}))}
+    return out
