@@ -156,41 +156,57 @@ def evaluate(package: str | os.PathLike, base_src: str | os.PathLike, ft_src: st
     pkg = DeltaPackage(package)
     base, ft = Checkpoint(base_src), Checkpoint(ft_src)
     check_base(pkg, base)
-    kind = model_kind(base.config)
-    texts, data_label = _texts(kind, config)
-    tokenizer = tokenizer_source(config.tokenizer) if config.tokenizer else tokenizer_source(base.path, ft.path)
-    result = {"kind": kind, "data": data_label, "package": str(pkg.path), "skipped": {}}
     with tempfile.TemporaryDirectory(prefix="deltacomp-eval-") as tmp:
         log.info("compressing the baselines: %s", ", ".join(config.compare) or "none")
-        baselines, result["skipped"] = _compress_baselines(pkg, base, ft, config.compare, Path(tmp), config.device)
+        baselines, skipped = _compress_baselines(pkg, base, ft, config.compare, Path(tmp), config.device)
         packages = [(f"{pkg.manifest['method']} (package)", pkg, None)]
         packages += [(method, p, s) for method, p, s in baselines]
-        rows = []
-        for label, p, seconds in packages:
-            log.info("per-module errors of %s", label)
-            rows.append(_package_row(label, p, base, ft, seconds))
-
-        log.info("loading the model (%s) from %s", kind, base.path)
-        tok, model = load_model(base, kind, tokenizer, config.device, DTYPES[config.dtype])
-        slots = WeightSlots(model)
-        scorer = _Scorer(kind, tok, model, texts, config)
-        slots.load(ft.items())
-        reference = scorer.reference()
-        slots.load(base.items())
-        result["rows"] = [{"model": "base", **scorer.score()}, {"model": "fine-tuned", **reference}]
-        for row, (label, p, _) in zip(rows, packages):
-            log.info("scoring %s", label)
-            required = {n for n, r in p.modules.items() if r["action"] == "compress"}
-            slots.load(iter_weights(p, base), required)
-            row.update(scorer.score())
-            result["rows"].append(row)
-        del model, slots, scorer
-
+        result = evaluate_packages(packages, base, ft, config)
+        result["package"], result["skipped"] = str(pkg.path), skipped
         if config.plot_budgets:
             result["curve"] = error_curve(pkg, base, ft, config, Path(tmp) / "curve")
     if config.spectra:
         result["spectra"] = spectra(pkg, base, ft, config.spectra)
     return result
+
+
+def evaluate_packages(packages: list[tuple[str, DeltaPackage, float | None]], base: Checkpoint, ft: Checkpoint,
+                      config: EvalConfig = EvalConfig(), probes: dict | None = None) -> dict:
+    """Rows for the base, the fine-tune and each (label, package, compress seconds) on the same data.
+
+    ``probes`` maps a name to ``fn(tok, model) -> dict``, run on every model with its weights in place (a task
+    metric such as exact match); its results join the row under that name.
+    """
+    for _, p, _ in packages:
+        check_base(p, base)
+    kind = model_kind(base.config)
+    texts, data_label = _texts(kind, config)
+    tokenizer = tokenizer_source(config.tokenizer) if config.tokenizer else tokenizer_source(base.path, ft.path)
+    rows = []
+    for label, p, seconds in packages:
+        log.info("per-module errors of %s", label)
+        rows.append(_package_row(label, p, base, ft, seconds))
+
+    log.info("loading the model (%s) from %s", kind, base.path)
+    tok, model = load_model(base, kind, tokenizer, config.device, DTYPES[config.dtype])
+    slots = WeightSlots(model)
+    scorer = _Scorer(kind, tok, model, texts, config)
+
+    def probe() -> dict:
+        return {name: fn(tok, model) for name, fn in (probes or {}).items()}
+
+    slots.load(ft.items())
+    reference = {"model": "fine-tuned", **scorer.reference(), **probe()}
+    slots.load(base.items())
+    out_rows = [{"model": "base", **scorer.score(), **probe()}, reference]
+    for row, (label, p, _) in zip(rows, packages):
+        log.info("scoring %s", label)
+        required = {n for n, r in p.modules.items() if r["action"] == "compress"}
+        slots.load(iter_weights(p, base), required)
+        row.update(scorer.score())
+        row.update(probe())
+        out_rows.append(row)
+    return {"kind": kind, "data": data_label, "rows": out_rows, "skipped": {}}
 
 
 def error_curve(pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, config: EvalConfig, workdir: Path) -> dict:

@@ -110,6 +110,9 @@ def _interleave(a, b) -> tuple[str, ...]:
 
 
 EVAL_SENTENCES = _interleave(SRE_SENTENCES, GENERAL_SENTENCES)
+# Disjoint halves of that set, each with both domains: calibrate on one, report agreement on the other.
+CALIB_SENTENCES = SRE_SENTENCES[::2] + GENERAL_SENTENCES[::2]
+HELDOUT_SENTENCES = SRE_SENTENCES[1::2] + GENERAL_SENTENCES[1::2]
 
 TEXT_FIELDS = ("text", "content", "prompt", "completion", "response", "output")
 

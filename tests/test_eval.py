@@ -1,0 +1,131 @@
+"""``deltacomp eval`` on the tiny Llama and BERT pairs and on the real MiniLM pair; bad inputs."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deltacomp.apply import reconstruct_delta
+from deltacomp.cli import cli
+from deltacomp.compress import compress
+from deltacomp.config import CompressConfig
+from deltacomp.package.store import DeltaPackage
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    """A byte-level tokenizer of 256 tokens (the tiny models' vocabulary), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=alphabet[0], pad_token=alphabet[0]).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_package(llama_pair, tmp_path_factory):
+    base, ft, _ = llama_pair
+    out = tmp_path_factory.mktemp("eval") / "pkg"
+    compress(base, ft, out, CompressConfig(bits=1.0), progress=False)
+    return out
+
+
+def _eval(*args):
+    result = CliRunner().invoke(cli, ["eval", *map(str, args)])
+    return result
+
+
+def _rows(output: str) -> dict:
+    return {r["model"]: r for r in json.loads(output)["rows"]}
+
+
+def test_eval_causal_tiny_llama(llama_pair, llama_package, byte_tokenizer, tmp_path):
+    base, ft, _ = llama_pair
+    saved = tmp_path / "eval.json"
+    r = _eval(llama_package, "--base", base, "--finetuned", ft, "--tokenizer", byte_tokenizer, "--json",
+              "--save-json", saved)
+    assert r.exit_code == 0, r.output
+    rows = _rows(r.stdout)
+    assert set(rows) == {"base", "fine-tuned", "mixed (package)", "lowrank", "bitdelta"}
+    assert json.loads(saved.read_text())["rows"][2]["model"] == "mixed (package)"
+    ref = rows["fine-tuned"]
+    assert ref["kl"] == 0.0 and ref["top1"] == 1.0 and ref["tokens"] > 1000
+    mixed, low = rows["mixed (package)"], rows["lowrank"]
+    # the tiny fine-tune's deltas have rank 4: mixed precision keeps them at 1 bit, fp16 low-rank (rank 2) cannot
+    assert mixed["error"]["global"] < 0.3 < low["error"]["global"]
+    assert mixed["kl"] < low["kl"] and mixed["kl"] < rows["base"]["kl"]
+    assert mixed["top1"] > rows["base"]["top1"]
+    # the per-module error is the package's own reconstruction error
+    pkg = DeltaPackage(llama_package)
+    m = mixed["modules"][0]
+    from deltacomp.io.checkpoint import Checkpoint
+
+    delta = Checkpoint(ft).read(m["name"]).float() - Checkpoint(base).read(m["name"]).float()
+    want = float((delta - reconstruct_delta(pkg, m["name"])).norm() / delta.norm())
+    assert m["relative_error"] == pytest.approx(want, rel=1e-4)
+
+
+def test_eval_table_data_file_and_plots(llama_pair, llama_package, byte_tokenizer, tmp_path):
+    base, ft, _ = llama_pair
+    data = tmp_path / "data.txt"
+    data.write_text("the first sample of text\n\nanother sample, a little longer than the first one\n")
+    plots = tmp_path / "plots"
+    r = _eval(llama_package, "--base", base, "--finetuned", ft, "--tokenizer", byte_tokenizer, "--data", data,
+              "--compare", "lowrank", "--plot", plots, "--plot-budgets", "0.5,1", "--modules")
+    assert r.exit_code == 0, r.output
+    assert "data.txt (2 samples)" in r.output and "KL(ft||model)" in r.output
+    assert "lowrank" in r.output and "bitdelta" not in r.output
+    assert "model.layers.1.self_attn.q_proj.weight" in r.output  # --modules
+    for name in ("spectra.png", "bits.png", "error_vs_budget.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_encoder_tiny_bert(bert_pair, byte_tokenizer, tmp_path):
+    base, ft, _ = bert_pair
+    pkg = tmp_path / "pkg"
+    compress(base, ft, pkg, CompressConfig(bits=0.5), progress=False)
+    r = _eval(pkg, "--base", base, "--finetuned", ft, "--tokenizer", byte_tokenizer, "--json")
+    assert r.exit_code == 0, r.output
+    rows = _rows(r.stdout)
+    assert "bitdelta" not in rows and "bitdelta" in json.loads(r.stdout)["skipped"]  # 1 bit > a 0.5 budget
+    assert rows["fine-tuned"]["cos_mean"] == 1.0
+    assert rows["mixed (package)"]["cos_mean"] > rows["base"]["cos_mean"]
+    assert rows["mixed (package)"]["samples"] >= 100
+
+
+def test_eval_errors_are_one_clear_line(llama_pair, bert_pair, llama_package, byte_tokenizer, tmp_path):
+    base, ft, _ = llama_pair
+    cases = [
+        ((llama_package, "--base", bert_pair[0], "--finetuned", ft), "is not the base this package was made from"),
+        ((llama_package, "--base", base, "--finetuned", ft, "--tokenizer", byte_tokenizer, "--data",
+          tmp_path / "missing.txt"), "no such data file"),
+        ((llama_package, "--base", base, "--finetuned", ft, "--compare", "lowrank,zip"), "unknown method 'zip'"),
+        ((llama_package, "--base", base, "--finetuned", ft), "no tokenizer files"),
+        ((tmp_path / "nope", "--base", base, "--finetuned", ft), "no such package folder"),
+    ]
+    for args, message in cases:
+        r = _eval(*args)
+        assert r.exit_code == 1, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+
+
+@pytest.mark.real
+def test_eval_real_minilm(minilm_pair, tmp_path):
+    base, ft = minilm_pair
+    pkg = tmp_path / "pkg"
+    compress(base, ft, pkg, CompressConfig(bits=1.0), progress=False)
+    r = _eval(pkg, "--base", base, "--finetuned", ft, "--compare", "lowrank,bitdelta", "--json")
+    assert r.exit_code == 0, r.output
+    rows = _rows(r.stdout)
+    assert rows["base"]["cos_mean"] < 0.95
+    assert rows["mixed (package)"]["cos_mean"] > 0.995
+    assert rows["mixed (package)"]["cos_mean"] > rows["lowrank"]["cos_mean"] > rows["base"]["cos_mean"]
+    assert rows["mixed (package)"]["error"]["global"] < rows["lowrank"]["error"]["global"]
+    assert torch.isfinite(torch.tensor(rows["bitdelta"]["cos_mean"]))
