@@ -40,7 +40,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(frozen=True)
 class EvalConfig:
     compare: tuple[str, ...] = DEFAULT_COMPARE  # baselines compressed at the package's budget
-    data: str | None = None  # data file; None = the built-in texts (causal) or sentences (encoder)
+    data: str | None = None  # data file; None = ``texts``, else the built-in texts (causal) or sentences (encoder)
+    texts: tuple[str, ...] | None = None  # samples given directly (library use)
     max_samples: int | None = None
     max_length: int = 256  # tokens per causal sample
     batch_size: int = 8
@@ -50,6 +51,7 @@ class EvalConfig:
     plot_budgets: tuple[float, ...] = ()  # compress at these budgets for the error-against-budget curve
     spectra: int = 0  # singular-value spectra (and bits per vector) of this many modules
     tokenizer: str | None = None  # folder of the tokenizer; None = the base's, else the fine-tune's
+    module_errors: bool = True  # stream the per-module relative errors of every package
 
     def __post_init__(self):
         for m in self.compare:
@@ -62,21 +64,25 @@ class EvalConfig:
             raise DeltacompError(f"--max-samples must be positive, got {self.max_samples}")
 
 
-def _package_row(label: str, pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, seconds: float | None) -> dict:
+def _package_row(label: str, pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, seconds: float | None,
+                 errors: bool = True) -> dict:
     m = pkg.manifest
-    errs = list(module_errors(pkg, base, ft))
-    return {
+    errs = list(module_errors(pkg, base, ft)) if errors else []
+    row = {
         "model": label,
         "method": m["method"],
         "bits": m["budget"]["bits_per_entry"],
         "factor_bits_per_entry": m["budget"]["achieved_factor_bits_per_entry"],
         "all_in_bits_per_entry": m["budget"]["achieved_all_in_bits_per_entry"],
         "package_bytes": m["totals"]["package_tensor_bytes"],
+        "compressed_bytes": m["totals"]["compressed_bytes"],
         "compress_seconds": seconds,
-        "error": summarise(errs),
-        "modules": [{"name": e.name, "shape": list(e.shape), "rank": e.rank, "bits": e.bits,
-                     "relative_error": e.relative} for e in errs],
     }
+    if errors:
+        row["error"] = summarise(errs)
+        row["modules"] = [{"name": e.name, "shape": list(e.shape), "rank": e.rank, "bits": e.bits,
+                           "relative_error": e.relative} for e in errs]
+    return row
 
 
 def baseline_config(pkg: DeltaPackage, method: str, bits: float | None = None, device: str = "cpu") -> CompressConfig:
@@ -109,6 +115,9 @@ def _texts(kind: str, config: EvalConfig) -> tuple[list[str], str]:
     if config.data:
         texts = read_texts(config.data, config.max_samples)
         return texts, f"{config.data} ({len(texts)} samples)"
+    if config.texts:
+        texts = list(config.texts)[: config.max_samples]
+        return texts, f"given texts ({len(texts)} samples)"
     texts = list(DEFAULT_TEXTS if kind == "causal" else EVAL_SENTENCES)[: config.max_samples]
     return texts, f"built-in {'texts' if kind == 'causal' else 'sentences'} ({len(texts)} samples)"
 
@@ -185,7 +194,7 @@ def evaluate_packages(packages: list[tuple[str, DeltaPackage, float | None]], ba
     rows = []
     for label, p, seconds in packages:
         log.info("per-module errors of %s", label)
-        rows.append(_package_row(label, p, base, ft, seconds))
+        rows.append(_package_row(label, p, base, ft, seconds, config.module_errors))
 
     log.info("loading the model (%s) from %s", kind, base.path)
     tok, model = load_model(base, kind, tokenizer, config.device, DTYPES[config.dtype])

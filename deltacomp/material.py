@@ -96,6 +96,7 @@ def gguf_to_folder(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
     config["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tok.save_pretrained(str(out))

