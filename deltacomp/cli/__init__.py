@@ -65,6 +65,9 @@ def cli(verbose: bool):
 
 from deltacomp.cli import core, eval  # noqa: E402,F401  (registers the commands)
 
+# isort: split
+from deltacomp.cli import export, hub  # noqa: E402,F401  (export, push, pull)
+
 
 def main():
     cli(prog_name="deltacomp")

@@ -24,6 +24,7 @@ class Method:
     """A compression method: ``compress`` a float32 (m, n) delta; ``reconstruct`` it from the stored form."""
 
     name: str = ""
+    exact_factors: bool = False  # True when ``factors`` returns the stored delta exactly (a low-rank method)
 
     def check_budget(self, shape: tuple[int, int], config: CompressConfig) -> None:
         """Raise BudgetError if the budget cannot cover a matrix of ``shape``; default: any budget works."""
@@ -33,6 +34,20 @@ class Method:
 
     def reconstruct(self, tensors: dict[str, torch.Tensor], info: dict, shape: tuple[int, int]) -> torch.Tensor:
         raise NotImplementedError
+
+    def factors(self, tensors: dict[str, torch.Tensor], info: dict, shape: tuple[int, int],
+                max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 LoRA factors ``B (m, r), A (r, n)`` with ``B @ A ~= reconstruct(...)``.
+
+        Low-rank methods override this with their stored factors (``exact_factors = True``; ``max_rank`` is
+        then left to the caller). The default, for full-rank methods, is the truncated SVD of the
+        reconstruction at rank ``max_rank``, with sqrt(S) on each side.
+        """
+        from deltacomp.lowrank.svd import svd
+
+        u, s, v = svd(self.reconstruct(tensors, info, shape), max_rank)  # (m, r), (r,), (n, r)
+        root = s.sqrt()
+        return u * root, (v * root).T
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -9,6 +9,8 @@ from deltacomp.quant.budget import lowrank_rank
 
 @register("lowrank")
 class LowRank(Method):
+    exact_factors = True
+
     def check_budget(self, shape, config):
         lowrank_rank(shape[0], shape[1], config.bits)
 
@@ -23,3 +25,5 @@ class LowRank(Method):
     def reconstruct(self, tensors, info, shape):
         return tensors["b"].float() @ tensors["a"].float()
 
+    def factors(self, tensors, info, shape, max_rank=None):
+        return tensors["b"].float(), tensors["a"].float()  # (m, r), (r, n): sqrt(S) already on each side

@@ -13,6 +13,8 @@ from deltacomp.quant.budget import BitGroup, fill_schedule
 
 @register("mixed")
 class Mixed(Method):
+    exact_factors = True
+
     def allocate(self, shape: tuple[int, int], config: CompressConfig) -> list[BitGroup]:
         return fill_schedule(shape[0], shape[1], config.bits, config.schedule)
 
@@ -36,3 +38,16 @@ class Mixed(Method):
     def reconstruct(self, tensors, info, shape):
         bits = [g["bits"] for g in info["groups"]]
         return factors.reconstruct(factors.from_tensors(tensors, bits, shape), info["group_size"])
+
+    def factors(self, tensors, info, shape, max_rank=None):
+        """B (m, r), A (r, n) of the dequantized groups; sqrt(|S|) on each side, the sign of S on B."""
+        bits = [g["bits"] for g in info["groups"]]
+        us, vs = [], []
+        for g in factors.from_tensors(tensors, bits, shape):
+            u = g.u.dequantize(info["group_size"])  # (r_g, m)
+            v = g.v.dequantize(info["group_size"])  # (r_g, n)
+            s = g.s.float()  # (r_g,): may be negative after the least-squares refit
+            root = s.abs().sqrt()
+            us.append(u.T * (root * torch.sign(s)))
+            vs.append(v * root[:, None])
+        return torch.cat(us, 1), torch.cat(vs, 0)

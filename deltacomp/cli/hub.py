@@ -1,0 +1,63 @@
+"""``deltacomp push`` / ``pull``: share packages on the Hugging Face Hub (the token: huggingface_hub's sources)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from deltacomp.cli import cli, handle_errors
+
+
+@cli.command()
+@click.argument("package")
+@click.argument("repo_id")
+@click.option("--private/--public", default=False, show_default=True, help="Visibility of a repo this creates.")
+@click.option("--revision", default=None, help="Branch to commit to (created from main if missing; default main).")
+@click.option("--with-peft/--no-with-peft", default=False, show_default=True,
+              help="Also upload the package as a PEFT LoRA adapter in peft/.")
+@click.option("--base", default=None, help="The base model, for --with-peft when tensors outside the compressed "
+                                           "layers changed (see deltacomp export).")
+@click.option("--max-rank", type=int, default=None, help="With --with-peft: cap the adapter's rank.")
+@click.option("--base-model", default=None,
+              help="Hub id for the card's base_model metadata (default: the base's Hub id, if it came from the Hub).")
+@click.option("-m", "--message", default=None, help="Commit message.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
+def push(package, repo_id, private, revision, with_peft, base, max_rank, base_model, message, as_json):
+    """Upload PACKAGE (folder or Hub id) to the Hub repo REPO_ID with a generated model card."""
+    from deltacomp.package.publish import push as run
+
+    peft_config = None
+    if with_peft:
+        from deltacomp.export.peft import PeftExportConfig
+
+        peft_config = PeftExportConfig(max_rank=max_rank)
+    elif max_rank is not None or base is not None:
+        raise click.UsageError("--max-rank and --base only apply with --with-peft")
+    result = run(package, repo_id, private=private, revision=revision, with_peft=with_peft, base=base,
+                 peft_config=peft_config, base_model=base_model, message=message)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"pushed {len(result['files'])} files to {repo_id} ({result['revision']}) "
+               f"as commit {result['commit']}")
+    click.echo(result["url"])
+
+
+@cli.command()
+@click.argument("repo")
+@click.option("-o", "--output", required=True, help="Package folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
+def pull(repo, output, overwrite, as_json):
+    """Download the package REPO (org/name[@revision]) into a folder, checking every file's sha256."""
+    from deltacomp.package.publish import pull as run
+
+    result = run(repo, output, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"pulled {repo} at commit {result['commit']}: {len(result['files'])} files, all verified")
+    click.echo(f"wrote {output}")
