@@ -108,6 +108,8 @@ def finetune(base: Path, out: Path, train, args) -> dict:
         log.info("fine-tune exists at %s; reused", out)
         return json.loads((out / "train.json").read_text())
     tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 10)
@@ -195,6 +197,8 @@ def main():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     rng = random.Random(0)
     held = {task_example(rng) for _ in range(args.eval_examples)}
     train, seen = [], set(held)
