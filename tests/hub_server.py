@@ -222,7 +222,8 @@ def _handler(hub: HubServer):
                 return
             body = json.loads(self._body() or b"{}")
             repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
-            if not hub.create_repo(repo_id, bool(body.get("private"))):
+            private = bool(body.get("private")) or body.get("visibility") == "private"
+            if not hub.create_repo(repo_id, private):
                 message = "You already created this model repo"
                 return self._json(409, {"error": message, "url": f"{hub.url}/{repo_id}"}, {"X-Error-Message": message})
             self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})

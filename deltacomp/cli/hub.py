@@ -7,12 +7,14 @@ import json
 import click
 
 from deltacomp.cli import cli, handle_errors
+from deltacomp.errors import DeltacompError
 
 
 @cli.command()
 @click.argument("package")
 @click.argument("repo_id")
-@click.option("--private/--public", default=False, show_default=True, help="Visibility of a repo this creates.")
+@click.option("--private/--public", default=None,
+              help="Visibility of a repo this creates (default: the Hub's default); an existing repo keeps its own.")
 @click.option("--revision", default=None, help="Branch to commit to (created from main if missing; default main).")
 @click.option("--with-peft/--no-with-peft", default=False, show_default=True,
               help="Also upload the package as a PEFT LoRA adapter in peft/.")
@@ -22,9 +24,10 @@ from deltacomp.cli import cli, handle_errors
 @click.option("--base-model", default=None,
               help="Hub id for the card's base_model metadata (default: the base's Hub id, if it came from the Hub).")
 @click.option("-m", "--message", default=None, help="Commit message.")
+@click.option("--progress/--no-progress", default=None, help="Show upload progress (default: on a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
-def push(package, repo_id, private, revision, with_peft, base, max_rank, base_model, message, as_json):
+def push(package, repo_id, private, revision, with_peft, base, max_rank, base_model, message, progress, as_json):
     """Upload PACKAGE (folder or Hub id) to the Hub repo REPO_ID with a generated model card."""
     from deltacomp.package.publish import push as run
 
@@ -34,9 +37,9 @@ def push(package, repo_id, private, revision, with_peft, base, max_rank, base_mo
 
         peft_config = PeftExportConfig(max_rank=max_rank)
     elif max_rank is not None or base is not None:
-        raise click.UsageError("--max-rank and --base only apply with --with-peft")
+        raise DeltacompError("--max-rank and --base only apply with --with-peft")
     result = run(package, repo_id, private=private, revision=revision, with_peft=with_peft, base=base,
-                 peft_config=peft_config, base_model=base_model, message=message)
+                 peft_config=peft_config, base_model=base_model, message=message, progress=progress)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -49,13 +52,14 @@ def push(package, repo_id, private, revision, with_peft, base, max_rank, base_mo
 @click.argument("repo")
 @click.option("-o", "--output", required=True, help="Package folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--progress/--no-progress", default=None, help="Show download progress (default: on a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
-def pull(repo, output, overwrite, as_json):
+def pull(repo, output, overwrite, progress, as_json):
     """Download the package REPO (org/name[@revision]) into a folder, checking every file's sha256."""
     from deltacomp.package.publish import pull as run
 
-    result = run(repo, output, overwrite=overwrite)
+    result = run(repo, output, overwrite=overwrite, progress=progress)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -12,6 +12,7 @@ import importlib
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +63,23 @@ def offline() -> bool:
 
 def repo_url(repo_id: str) -> str:
     return f"{endpoint()}/{repo_id}"
+
+
+@contextmanager
+def progress_bars(show: bool | None) -> Iterator[None]:
+    """huggingface_hub's download/upload bars on or off inside; None: on when stderr is a terminal."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if show is None:
+        show = sys.stderr.isatty()
+    was_disabled = are_progress_bars_disabled()
+    if show == was_disabled:
+        enable_progress_bars() if show else disable_progress_bars()
+    try:
+        yield
+    finally:
+        if show == was_disabled:
+            disable_progress_bars() if was_disabled else enable_progress_bars()
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -127,7 +145,8 @@ def hub_errors(what: str, revision: str | None = None) -> Iterator[None]:
         raise HubError(f"{what}: cannot reach the Hub at {where} ({type(e).__name__})") from None
 
 
-def snapshot(repo: str, kind: str = "model", allow_patterns: list[str] | None = None) -> Path:
+def snapshot(repo: str, kind: str = "model", allow_patterns: list[str] | None = None,
+             progress: bool | None = None) -> Path:
     """Download (or find in the cache) a snapshot of ``repo`` (``org/name[@revision]``).
 
     ``kind="model"`` fetches weights, config and tokenizer files only; a package (``kind="package"``) is
@@ -137,7 +156,7 @@ def snapshot(repo: str, kind: str = "model", allow_patterns: list[str] | None = 
 
     repo_id, revision = split_revision(repo)
     patterns = allow_patterns or (MODEL_PATTERNS if kind == "model" else None)
-    with hub_errors(repo, revision):
+    with hub_errors(repo, revision), progress_bars(progress):
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint(),
                                  cache_dir=cache_dir(), local_files_only=offline())
     return Path(path)
@@ -152,7 +171,7 @@ def resolve_revision(repo_id: str, revision: str | None) -> str:
     return info.sha
 
 
-def download(repo: str, dest: Path) -> str:
+def download(repo: str, dest: Path, progress: bool | None = None) -> str:
     """Download every file of ``repo`` (``org/name[@revision]``) into the folder ``dest``; return the commit sha.
 
     The revision is pinned to a commit first, so a push landing meanwhile cannot mix two commits' files.
@@ -167,14 +186,15 @@ def download(repo: str, dest: Path) -> str:
         shutil.copytree(cached, dest, dirs_exist_ok=True)
         return Path(cached).name
     sha = resolve_revision(repo_id, revision)
-    with hub_errors(repo, revision):
+    with hub_errors(repo, revision), progress_bars(progress):
         snapshot_download(repo_id, revision=sha, local_dir=dest, endpoint=endpoint(), cache_dir=cache_dir())
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's local-dir bookkeeping
     return sha
 
 
-def upload(folder: Path, repo_id: str, private: bool = False, revision: str | None = None,
-           message: str = "Upload with deltacomp", replace: list[str] | None = None) -> tuple[str, str]:
+def upload(folder: Path, repo_id: str, private: bool | None = None, revision: str | None = None,
+           message: str = "Upload with deltacomp", replace: list[str] | None = None,
+           progress: bool | None = None) -> tuple[str, str]:
     """Create ``repo_id`` if needed (and branch ``revision``), commit every file of ``folder``; return
     (commit sha, commit url). Remote files matching ``replace`` patterns that ``folder`` lacks are deleted in
     the same commit."""
@@ -184,7 +204,7 @@ def upload(folder: Path, repo_id: str, private: bool = False, revision: str | No
     if offline():
         raise HubError(f"{repo_id}: cannot push in offline mode (HF_HUB_OFFLINE=1)")
     api = HfApi(endpoint=endpoint())
-    with hub_errors(repo_id, revision):
+    with hub_errors(repo_id, revision), progress_bars(progress):
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")

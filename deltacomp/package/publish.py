@@ -50,9 +50,9 @@ def stage(pkg: DeltaPackage, folder: Path, repo_id: str | None = None, base_mode
     return [*names, "README.md"]
 
 
-def push(package: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None,
+def push(package: str | os.PathLike, repo_id: str, private: bool | None = None, revision: str | None = None,
          with_peft: bool = False, base: str | os.PathLike | None = None, peft_config=None,
-         base_model: str | None = None, message: str | None = None) -> dict:
+         base_model: str | None = None, message: str | None = None, progress: bool | None = None) -> dict:
     """Upload ``package`` (folder or Hub id) to ``repo_id`` as one commit; return repo, revision, commit and url.
 
     ``with_peft`` also exports the package as a PEFT LoRA adapter into ``peft/`` (``base`` and
@@ -74,7 +74,8 @@ def push(package: str | os.PathLike, repo_id: str, private: bool = False, revisi
             files += [f"{PEFT_FOLDER}/{p.name}" for p in sorted((folder / PEFT_FOLDER).iterdir())]
         text = message or f"Upload {pkg.manifest['method']} delta package ({len(files)} files) with deltacomp"
         log.info("uploading %d files to %s", len(files), repo_id)
-        sha, url = hub.upload(folder, repo_id, private=private, revision=revision, message=text, replace=OWNED)
+        sha, url = hub.upload(folder, repo_id, private=private, revision=revision, message=text, replace=OWNED,
+                              progress=progress)
     return {"repo_id": repo_id, "revision": revision or "main", "commit": sha, "url": url, "files": files}
 
 
@@ -90,13 +91,13 @@ def verify_folder(folder: Path, label: str) -> dict:
     return manifest
 
 
-def pull(repo: str, out: str | os.PathLike, overwrite: bool = False) -> dict:
+def pull(repo: str, out: str | os.PathLike, overwrite: bool = False, progress: bool | None = None) -> dict:
     """Download the package ``repo`` (``org/name[@revision]``) into ``out``, verified; return repo, commit, files."""
     repo_id, _ = hub.split_revision(repo)
     hub.check_repo_id(repo_id)
     check_output(out, overwrite)
     with atomic_dir(out, overwrite) as tmp:
-        sha = hub.download(repo, tmp)
+        sha = hub.download(repo, tmp, progress)
         if not (tmp / MANIFEST).is_file():
             raise PackageError(f"{repo}: not a deltacomp package (no {MANIFEST} in the repo); nothing was written")
         manifest = verify_folder(tmp, repo)
