@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def _compress_baselines(pkg, base, ft, methods, workdir: Path, device: str) -> t
             made.append((method, DeltaPackage(out, verify=False), time.perf_counter() - t0))
         except BudgetError as e:
             skipped[method] = str(e)
-            log.warning("%s skipped: %s", method, e)
+            log.info("%s skipped: %s", method, e)
     return made, skipped
 
 
@@ -246,12 +247,25 @@ def vector_bits(info: dict) -> list[int]:
 
 
 def pick_modules(pkg: DeltaPackage, count: int) -> list[str]:
-    """Up to ``count`` compressed modules spread evenly over the model (first, ..., last)."""
+    """Up to ``count`` compressed modules of different kinds (q_proj, down_proj, ...) from layers spread over
+    the model: kind i of the ``count`` chosen takes its instance at fraction i / (count - 1) of the depth."""
     names = [n for n, r in pkg.modules.items() if r["action"] == "compress"]
-    if len(names) <= count:
-        return names
-    step = (len(names) - 1) / max(count - 1, 1)
-    return [names[round(i * step)] for i in range(count)]
+    kinds: dict[str, list[str]] = {}
+    for n in names:
+        kinds.setdefault(re.sub(r"\.\d+\.", ".#.", n), []).append(n)
+    keys = list(kinds)
+    if len(keys) > count:
+        keys = [keys[round(i * (len(keys) - 1) / max(count - 1, 1))] for i in range(count)]
+    picked = []
+    for i, key in enumerate(keys):
+        same = kinds[key]
+        picked.append(same[round(i * (len(same) - 1) / max(len(keys) - 1, 1))])
+    for n in names:  # fewer kinds than asked: fill with other layers
+        if len(picked) >= count:
+            break
+        if n not in picked:
+            picked.append(n)
+    return picked
 
 
 def spectra(pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, count: int) -> dict:
