@@ -1,0 +1,109 @@
+"""compress -> inspect -> apply on tiny real transformers models (Llama with GQA, BERT, sharded checkpoints)."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deltacomp.apply import apply
+from deltacomp.cli import cli
+from deltacomp.compress import compress
+from deltacomp.config import CompressConfig
+from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.package.store import DeltaPackage
+
+
+def _delta_error(ft_dir, out_dir, deltas):
+    """Relative error of the rebuilt deltas, over all compressed matrices together."""
+    ft, out = Checkpoint(ft_dir), Checkpoint(out_dir)
+    err = sum(float((out.read(n) - ft.read(n)).pow(2).sum()) for n in deltas)
+    return (err / sum(float(d.pow(2).sum()) for d in deltas.values())) ** 0.5
+
+
+@pytest.mark.parametrize("pair", ["llama_pair", "bert_pair", "llama_sharded_pair"])
+def test_known_rank_delta_round_trips(pair, request, tmp_path):
+    base, ft, deltas = request.getfixturevalue(pair)
+    # a rank-4 delta fits entirely in 8-bit vectors at this budget: recovered to 8-bit precision
+    config = CompressConfig(bits=2.0, schedule=((8, 4), (2, None)))
+    manifest = compress(base, ft, tmp_path / "pkg", config)
+    compressed = [n for n, m in manifest["modules"].items() if m["action"] == "compress"]
+    assert sorted(compressed) == sorted(deltas)
+    assert manifest["budget"]["achieved_factor_bits_per_entry"] <= 2.0
+
+    apply(tmp_path / "pkg", base, tmp_path / "model")
+    ft_ckpt, out = Checkpoint(ft), Checkpoint(tmp_path / "model")
+    assert sorted(out.keys()) == sorted(ft_ckpt.keys())
+    for name in deltas:
+        got = out.read(name) - Checkpoint(base).read(name)
+        assert float((got - deltas[name]).norm() / deltas[name].norm()) < 0.01, name
+    for name in ft_ckpt.keys():
+        if name not in deltas:  # everything else is stored exactly or unchanged
+            assert torch.equal(out.read(name), ft_ckpt.read(name)), name
+
+
+def test_applied_llama_loads_and_matches_the_finetune(llama_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, ft, _ = llama_pair
+    compress(base, ft, tmp_path / "pkg", CompressConfig(bits=2.0, schedule=((8, 4), (2, None))))
+    apply(tmp_path / "pkg", base, tmp_path / "model")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(ft).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()(ids).logits
+    assert float((got - want).abs().max()) < 0.02 * float(want.abs().max())
+
+
+def test_applied_bert_loads_with_automodel(bert_pair, tmp_path):
+    from transformers import AutoModel
+
+    base, ft, _ = bert_pair
+    compress(base, ft, tmp_path / "pkg", CompressConfig())
+    apply(tmp_path / "pkg", base, tmp_path / "model")
+    model = AutoModel.from_pretrained(tmp_path / "model")
+    assert model.config.model_type == "bert"
+
+
+@pytest.mark.parametrize("method", ["mixed", "lowrank", "bitdelta", "dense"])
+def test_every_method_through_the_cli(method, llama_pair, tmp_path):
+    base, ft, deltas = llama_pair
+    runner = CliRunner()
+    r = runner.invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "pkg"), "--method", method,
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["inspect", str(tmp_path / "pkg"), "--json"])
+    manifest = json.loads(r.output)
+    assert manifest["method"] == method
+    bound = 16.0 if method == "dense" else 1.0
+    assert manifest["budget"]["achieved_factor_bits_per_entry"] <= bound
+    r = runner.invoke(cli, ["apply", str(tmp_path / "pkg"), "--base", str(base), "-o", str(tmp_path / "model"),
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    err = _delta_error(ft, tmp_path / "model", deltas)
+    # 64 x 64 matrices at 1 bit: mixed holds the rank-4 delta at 8/8/3/3 bits, lowrank keeps rank 2 of 4
+    assert err < {"dense": 1e-3, "mixed": 0.2, "lowrank": 0.75, "bitdelta": 0.75}[method]
+
+
+def test_manifest_and_card(llama_sharded_pair, tmp_path):
+    base, ft, _ = llama_sharded_pair
+    config = CompressConfig(max_shard_bytes=2_000)
+    manifest = compress(base, ft, tmp_path / "pkg", config)
+    pkg = DeltaPackage(tmp_path / "pkg")
+    assert pkg.manifest == manifest
+    assert manifest["format_version"] == 1 and manifest["settings"]["bits"] == 1.0
+    assert manifest["base"]["fingerprint"].startswith("sha256:")
+    shards = [f for f in manifest["files"] if f.endswith(".safetensors")]
+    assert len(shards) > 1 and "delta.safetensors.index.json" in manifest["files"]
+    assert "model/config.json" in manifest["files"]
+    assert manifest["totals"]["ratio_vs_finetuned"] > 1
+    card = (tmp_path / "pkg" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: deltacomp" in card
+    text = CliRunner().invoke(cli, ["inspect", str(tmp_path / "pkg")]).output
+    assert "model.layers.0.self_attn.q_proj.weight" in text and "ratio vs fp16 delta" in text
+
+
+def test_progress_bar_on_request(llama_pair, tmp_path):
+    base, ft, _ = llama_pair
+    r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "p"), "--progress"])
+    assert r.exit_code == 0 and "compress:" in r.output
