@@ -86,12 +86,26 @@ def _package_row(label: str, pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint
     return row
 
 
+# Settings only the mixed method takes, and their neutral values for the baselines.
+MIXED_ONLY = {"calib": None, "allocation": "schedule", "budget_scope": "matrix"}
+
+
 def baseline_config(pkg: DeltaPackage, method: str, bits: float | None = None, device: str = "cpu") -> CompressConfig:
-    """The package's own settings with another method (and budget): a like-for-like baseline."""
+    """The package's own settings with another method (and budget): a like-for-like baseline.
+
+    Calibration and optimal allocation stay for ``mixed`` (while the calibration file is still there) and are
+    reset for the methods that do not take them.
+    """
     settings = CompressConfig.from_dict(pkg.manifest["settings"])
     kw = {"method": method, "device": device}
     if bits is not None:
         kw["bits"] = bits
+    calib = getattr(settings, "calib", None)
+    if method != "mixed":
+        kw.update({k: v for k, v in MIXED_ONLY.items() if hasattr(settings, k)})
+    elif calib and not Path(calib).is_file():
+        log.warning("the package's calibration file %s is gone; the %s baseline is uncalibrated", calib, method)
+        kw["calib"] = None
     return dataclasses.replace(settings, **kw)
 
 

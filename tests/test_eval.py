@@ -129,3 +129,22 @@ def test_eval_real_minilm(minilm_pair, tmp_path):
     assert rows["mixed (package)"]["cos_mean"] > rows["lowrank"]["cos_mean"] > rows["base"]["cos_mean"]
     assert rows["mixed (package)"]["error"]["global"] < rows["lowrank"]["error"]["global"]
     assert torch.isfinite(torch.tensor(rows["bitdelta"]["cos_mean"]))
+
+
+def test_baselines_drop_the_settings_only_mixed_takes(tmp_path):
+    from types import SimpleNamespace
+
+    from deltacomp.evaluate import baseline_config
+
+    if "calib" not in CompressConfig.__dataclass_fields__:
+        pytest.skip("this deltacomp has no calibration settings")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text\n")
+    settings = CompressConfig(method="mixed", bits=1.0, calib=str(calib), allocation="optimal").to_dict()
+    pkg = SimpleNamespace(manifest={"settings": settings})
+    low = baseline_config(pkg, "lowrank")
+    assert low.method == "lowrank" and low.calib is None and low.allocation == "schedule"
+    mixed = baseline_config(pkg, "mixed", bits=0.5)
+    assert mixed.calib == str(calib) and mixed.allocation == "optimal" and mixed.bits == 0.5
+    calib.unlink()
+    assert baseline_config(pkg, "mixed").calib is None  # the file is gone: an uncalibrated baseline, not a failure
