@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import inspect
 import json
 import logging
 import math
@@ -137,28 +136,25 @@ def finetune(base: Path, out: Path, train, args) -> dict:
     return info
 
 
-def compress_options() -> dict:
-    """Settings beyond the method that this deltacomp has (calibration, optimal allocation), by label."""
-    fields = set(CompressConfig.__dataclass_fields__)
-    params = set(inspect.signature(compress).parameters)
-    return {"fields": fields, "params": params}
-
-
 def variants(budgets, calib: Path | None) -> list[tuple[str, dict]]:
-    """(label, CompressConfig keyword arguments) of every setting to compare."""
+    """(label, CompressConfig keyword arguments) of every setting this deltacomp has, for each budget."""
+    have = set(CompressConfig.__dataclass_fields__)
     out = []
-    have = compress_options()["fields"]
     for bits in budgets:
         out += [(f"bitdelta @{bits:g}", {"method": "bitdelta", "bits": bits}),
                 (f"lowrank @{bits:g}", {"method": "lowrank", "bits": bits}),
                 (f"mixed @{bits:g}", {"method": "mixed", "bits": bits})]
-        if "allocation" in have:
-            out.append((f"mixed optimal @{bits:g}", {"method": "mixed", "bits": bits, "allocation": "optimal"}))
-        if "calib" in have and calib is not None:
-            out.append((f"mixed calib @{bits:g}", {"method": "mixed", "bits": bits, "calib": str(calib)}))
-            if "allocation" in have:
-                out.append((f"mixed calib+optimal @{bits:g}",
-                            {"method": "mixed", "bits": bits, "calib": str(calib), "allocation": "optimal"}))
+        optimal = {"allocation": "optimal"} if "allocation" in have else None
+        cal = {"calib": str(calib)} if "calib" in have and calib is not None else None
+        if optimal:
+            out.append((f"mixed optimal @{bits:g}", {"method": "mixed", "bits": bits, **optimal}))
+        if cal:
+            out.append((f"mixed calib @{bits:g}", {"method": "mixed", "bits": bits, **cal}))
+        if cal and optimal:
+            out.append((f"mixed calib+optimal @{bits:g}", {"method": "mixed", "bits": bits, **cal, **optimal}))
+            if "budget_scope" in have:
+                out.append((f"mixed calib+optimal+model @{bits:g}",
+                            {"method": "mixed", "bits": bits, **cal, **optimal, "budget_scope": "model"}))
     return out
 
 
@@ -226,6 +222,10 @@ def main():
             compress(base, ft, out, config, overwrite=True, progress=False)
         except BudgetError as e:
             skipped[label] = str(e)
+            continue
+        except Exception as e:  # a setting that fails is reported, the others still run
+            log.exception("%s failed", label)
+            skipped[label] = f"failed: {type(e).__name__}: {e}"
             continue
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
