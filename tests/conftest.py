@@ -98,3 +98,17 @@ def minilm_pair():
     from deltacomp.material import fetch
 
     return fetch("minilm-base"), fetch("minilm-finetuned")
+
+
+@pytest.fixture(scope="session")
+def minilm_demo(minilm_pair, tmp_path_factory):
+    """``deltacomp demo`` run once: the real pair compressed at the default budget and applied.
+
+    Returns the demo's result (manifest, quality, seconds) with the folders under ``"dir"``.
+    """
+    from deltacomp.demo import run
+
+    out = tmp_path_factory.mktemp("minilm_demo")
+    lines = []
+    result = run(str(out), echo=lines.append)
+    return {**result, "dir": out, "output": "\n".join(lines)}

@@ -120,17 +120,15 @@ def test_bert_bias_deltas_and_full_modules(bert_pair, tmp_path):
 
 
 @pytest.mark.real
-def test_peft_reproduces_apply_on_real_minilm(minilm_pair, tmp_path):
+def test_peft_reproduces_apply_on_real_minilm(minilm_pair, minilm_demo, tmp_path):
     from transformers import AutoTokenizer
 
-    base, ft = minilm_pair
-    compress(base, ft, tmp_path / "pkg", CompressConfig(), progress=False)
-    apply(tmp_path / "pkg", base, tmp_path / "applied", progress=False)
-    summary = export_peft(tmp_path / "pkg", tmp_path / "adapter", base)
+    base, _ = minilm_pair
+    summary = export_peft(minilm_demo["dir"] / "package", tmp_path / "adapter", base)
     assert summary["modules"] == 36 and "embeddings.word_embeddings" in summary["modules_to_save"]
     assert len(summary["bias_deltas"]) == 36  # the fine-tune moved every linear layer's bias
     model = _peft("BertModel", base, tmp_path / "adapter")
-    reference = _load("BertModel", tmp_path / "applied")
+    reference = _load("BertModel", minilm_demo["dir"] / "model")
     tok = AutoTokenizer.from_pretrained(base)
     batch = tok(["pod keeps crashing", "CrashLoopBackOff", "disk pressure on the node"], padding=True,
                 return_tensors="pt")
