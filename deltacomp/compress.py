@@ -81,6 +81,13 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     check_output(out, overwrite)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise DeltacompError("--device cuda was asked for but no CUDA GPU is available")
+    contexts = None
+    if context_for is None:  # calibration / model-scope allocation (deltacomp.calib.provider), read before writing
+        from deltacomp.calib.provider import open_contexts
+
+        contexts = open_contexts(base, ft, entries, config)
+        if contexts is not None:
+            entries, context_for = contexts.entries, contexts.context_for
     base_fp = fingerprint(base)
 
     modules: dict[str, dict] = {}
@@ -99,6 +106,9 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         except BaseException:
             writer.abort()
             raise
+        finally:
+            if contexts is not None:
+                contexts.close()
         index = tmp / "delta.safetensors.index.json"
         files = names + ([index.name] if index.exists() else [])
         side = copy_side_files(ft.path, tmp / MODEL_DIR)

@@ -36,6 +36,14 @@ def parse_schedule(text: str) -> tuple[tuple[int, int | None], ...]:
     return tuple(out)
 
 
+def parse_bits(text: str) -> tuple[int, ...]:
+    """``"2,3,4,8"`` -> (2, 3, 4, 8)."""
+    try:
+        return tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        raise DeltacompError(f"bad bit set {text!r}: expected widths like '2,3,4,8'") from None
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     method: str = "mixed"
@@ -49,6 +57,19 @@ class CompressConfig:
     device: str = "cpu"
     max_shard_bytes: int = 2 * 1024**3
     extra: dict = field(default_factory=dict)  # method-specific settings added by later stages
+    # calibration (deltacomp.calib): layer inputs of the fine-tuned model on this text turn RTN into GPTQ
+    calib: str | None = None  # plain text, JSON lines with a text field, or chat JSON lines ("messages")
+    calib_field: str = "text"  # the text field of JSON lines
+    calib_samples: int | None = None  # None: every record / window, at most 128
+    calib_seqlen: int | None = None  # None: one sample per record; L: records joined and cut into L-token windows
+    gptq_group_size: int = 128  # quantization group along each singular vector under GPTQ (0 = whole vector)
+    act_order: bool = True  # GPTQ visits columns in order of decreasing Hessian diagonal
+    damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
+    # bit allocation (deltacomp.quant.allocate)
+    allocation: str = "schedule"  # schedule: the fixed groups above | optimal: bits per vector minimising error
+    allocation_bits: tuple[int, ...] = (2, 3, 4, 8)  # widths the optimal allocation chooses from (0 = dropped)
+    budget_scope: str = "matrix"  # matrix: each matrix within its budget | model: the total of all of them
+    svd: str = "auto"  # full | randomized | auto (randomized on a GPU when the rank kept is small)
 
     def __post_init__(self):
         if not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits) or self.bits <= 0:
@@ -71,11 +92,44 @@ class CompressConfig:
                 raise DeltacompError(f"bad pattern {pattern!r}: {e}") from None
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        self._check_calibration()
+        self._check_allocation()
+
+    def _check_calibration(self):
+        for name, value, low in (("--calib-samples", self.calib_samples, 1), ("--calib-seqlen", self.calib_seqlen, 2)):
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise DeltacompError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.gptq_group_size < 0:
+            raise DeltacompError(f"--gptq-group-size must be >= 0 (0 = whole vector), got {self.gptq_group_size}")
+        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
+            raise DeltacompError(f"--damp must be in (0, 1] (a fraction of the mean Hessian diagonal), got {self.damp}")
+        if not self.calib_field:
+            raise DeltacompError("--calib-field must name a JSON field")
+        if self.calib is not None and self.method != "mixed":
+            raise DeltacompError(f"--calib is used by the mixed method only, not by {self.method!r}")
+
+    def _check_allocation(self):
+        if self.allocation not in ("schedule", "optimal"):
+            raise DeltacompError(f"--allocation must be schedule or optimal, got {self.allocation!r}")
+        if self.budget_scope not in ("matrix", "model"):
+            raise DeltacompError(f"--budget-scope must be matrix or model, got {self.budget_scope!r}")
+        if self.budget_scope == "model" and self.allocation != "optimal":
+            raise DeltacompError("--budget-scope model shares one budget across matrices: use --allocation optimal")
+        if self.budget_scope == "model" and self.method != "mixed":
+            raise DeltacompError(f"--budget-scope model is for the mixed method only, not {self.method!r}")
+        if not self.allocation_bits:
+            raise DeltacompError("the allocation bit set is empty")
+        for bits in self.allocation_bits:
+            if bits not in SUPPORTED_BITS:
+                raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
+        if self.svd not in ("full", "randomized", "auto"):
+            raise DeltacompError(f"--svd must be full, randomized or auto, got {self.svd!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["schedule"] = [list(g) for g in self.schedule]
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["allocation_bits"] = list(self.allocation_bits)
         d.pop("device")
         d.pop("max_shard_bytes")
         return {"config_version": CONFIG_VERSION, **d}
@@ -86,6 +140,8 @@ class CompressConfig:
         kw = {k: v for k, v in d.items() if k in known}
         if "schedule" in kw:
             kw["schedule"] = tuple((int(b), None if c is None else int(c)) for b, c in kw["schedule"])
+        if "allocation_bits" in kw:
+            kw["allocation_bits"] = tuple(int(b) for b in kw["allocation_bits"])
         for key in ("include", "exclude"):
             if key in kw:
                 kw[key] = tuple(kw[key])

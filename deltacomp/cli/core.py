@@ -25,14 +25,32 @@ from deltacomp.cli import cli, handle_errors
 @click.option("--include", multiple=True, help="Regex of tensor names to compress (repeatable; replaces the default).")
 @click.option("--exclude", multiple=True, help="Regex of names never compressed (repeatable; adds to the default).")
 @click.option("--device", default="cpu", show_default=True, help="Where the SVD runs: cpu or cuda[:N].")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration text (plain text, JSON lines, or chat JSON lines): GPTQ instead of round-to-nearest.")
+@click.option("--calib-field", default="text", show_default=True, help="Text field of JSON-lines calibration data.")
+@click.option("--calib-samples", type=int, default=None, help="Calibration samples [default: all, at most 128].")
+@click.option("--calib-seqlen", type=int, default=None,
+              help="Join the records and cut L-token windows [default: one sample per record].")
+@click.option("--gptq-group-size", type=int, default=128, show_default=True,
+              help="Quantization group along each vector under GPTQ (0 = whole vector).")
+@click.option("--act-order/--no-act-order", default=True, show_default=True, help="GPTQ column order by Hessian.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
+@click.option("--allocation", type=click.Choice(["schedule", "optimal"]), default="schedule", show_default=True,
+              help="Bits per singular vector: the fixed --schedule, or chosen to minimise the expected error.")
+@click.option("--allocation-bits", default="2,3,4,8", show_default=True, help="Widths --allocation optimal uses.")
+@click.option("--budget-scope", type=click.Choice(["matrix", "model"]), default="matrix", show_default=True,
+              help="Budget per matrix, or shared by all compressed matrices (with --allocation optimal).")
+@click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True,
+              help="SVD algorithm (auto: randomized on a GPU when few vectors are kept).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
 @handle_errors
 def compress(base, finetuned, output, method, bits, schedule, group_size, refit, include, exclude, device,
-             overwrite, progress):
+             calib, calib_field, calib_samples, calib_seqlen, gptq_group_size, act_order, damp, allocation,
+             allocation_bits, budget_scope, svd, overwrite, progress):
     """Compress FINETUNED's delta over BASE into a package (folders or Hub repo ids)."""
     from deltacomp.compress import compress as run
-    from deltacomp.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressConfig, parse_schedule
+    from deltacomp.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressConfig, parse_bits, parse_schedule
     from deltacomp.methods.base import get_method
     from deltacomp.report import render_inspect
 
@@ -40,6 +58,9 @@ def compress(base, finetuned, output, method, bits, schedule, group_size, refit,
     config = CompressConfig(
         method=method, bits=bits, schedule=parse_schedule(schedule), group_size=group_size, refit=refit,
         include=tuple(include) or DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE + tuple(exclude), device=device,
+        calib=calib, calib_field=calib_field, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+        gptq_group_size=gptq_group_size, act_order=act_order, damp=damp, allocation=allocation,
+        allocation_bits=parse_bits(allocation_bits), budget_scope=budget_scope, svd=svd,
     )
     manifest = run(base, finetuned, output, config, overwrite=overwrite, progress=progress)
     click.echo(render_inspect(manifest).split("\n\n", 1)[1])

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from deltacomp.config import CompressConfig
-from deltacomp.lowrank.svd import svd
+from deltacomp.errors import BudgetError
+from deltacomp.lowrank.svd import decompose
 from deltacomp.methods.base import Compressed, Method, bits_of, register
-from deltacomp.quant import factors
-from deltacomp.quant.budget import BitGroup, fill_schedule
+from deltacomp.quant import allocate, factors
+from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, vector_cost
 
 
 @register("mixed")
@@ -19,19 +20,54 @@ class Mixed(Method):
         return fill_schedule(shape[0], shape[1], config.bits, config.schedule)
 
     def check_budget(self, shape, config):
-        self.allocate(shape, config)
+        if config.allocation == "schedule":
+            self.allocate(shape, config)
+        elif config.budget_scope == "matrix":
+            m, n = shape
+            cheapest = min(config.allocation_bits)
+            if vector_cost(cheapest, m, n) > budget_bits(m, n, config.bits):
+                raise BudgetError(
+                    f"a budget of {config.bits:g} bits per entry is too small for one {cheapest}-bit singular "
+                    f"vector of a {m}x{n} matrix (needs at least {vector_cost(cheapest, m, n) / (m * n):.4g})"
+                )
 
     def compress(self, delta: torch.Tensor, config: CompressConfig, context=None) -> Compressed:
-        groups = self.allocate(tuple(delta.shape), config)
-        rank = sum(g.rank for g in groups)
-        u, s, v = svd(delta, rank, config.device)  # (m, r), (r,), (n, r)
-        fg = factors.quantize_rtn(delta, u, s, v, groups, config.group_size, config.refit)
-        tensors = factors.to_tensors(fg)
+        """``context`` (optional dict): ``hessian`` (n, n) input second moment -> GPTQ instead of round-to-nearest;
+        ``factors`` (u, s, v) and ``bits`` (r,) from a model-scope first pass."""
+        ctx = context or {}
+        h = ctx.get("hessian")
+        m, n = delta.shape
+        group_size = config.gptq_group_size if h is not None else config.group_size
+        if ctx.get("factors") is not None:
+            u, s, v = ctx["factors"]  # (m, r), (r,), (n, r)
+            bits = ctx["bits"]
+        elif config.allocation == "optimal":
+            rank = allocate.max_rank(m, n, config.bits, config.allocation_bits)
+            u, s, v = decompose(delta, rank, config.device, config.svd)
+            bits = allocate.matrix_bits(u, s, v, config.allocation_bits, group_size, budget_bits(m, n, config.bits), h)
+        else:
+            sched = self.allocate((m, n), config)
+            u, s, v = decompose(delta, sum(g.rank for g in sched), config.device, config.svd)
+            bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
+        order, runs = allocate.group_by_bits(bits)
+        order = order.to(u.device)
+        u, s, v = u[:, order], s[order], v[:, order]
+        groups = [BitGroup(b, k) for b, k in runs]
+        delta = delta.to(u.device)
+        if h is not None:
+            from deltacomp.quant.calibrated import quantize_gptq
+
+            fg = quantize_gptq(delta, u, s, v, groups, h, group_size, config.act_order, config.damp, config.refit)
+        else:
+            fg = factors.quantize_rtn(delta, u, s, v, groups, group_size, config.refit)
+        tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
         factor_bits = sum(bits_of(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {
-            "rank": rank,
+            "rank": sum(g.rank for g in groups),
             "groups": [{"bits": g.bits, "rank": g.rank} for g in groups],
-            "group_size": config.group_size,
+            "group_size": group_size,
+            "allocation": config.allocation,
+            "calibrated": h is not None,
         }
         return Compressed(tensors, info, factor_bits, sum(bits_of(t) for t in tensors.values()))
 

@@ -62,7 +62,7 @@ def quantize_rtn(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch
     if refit:
         v_hat = torch.cat([rtn.dequantize(*q, group_size) for q in vq], 0).T  # (n, r)
         gram = v_hat.T @ v_hat  # (r, r)
-        gram += torch.eye(gram.shape[0]) * (1e-6 * gram.diagonal().mean())
+        gram += torch.eye(gram.shape[0], device=gram.device) * (1e-6 * gram.diagonal().mean())
         us = torch.linalg.solve(gram, v_hat.T @ delta.T).T  # (m, r): argmin_X ||delta - X v_hat^T||
         s = us.norm(dim=0)
         u = us / torch.where(s > 0, s, torch.ones_like(s))
@@ -71,7 +71,7 @@ def quantize_rtn(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch
         u_hat = torch.cat([rtn.dequantize(*q, group_size) for q in uq], 0).T  # (m, r)
         a = (u_hat.T @ u_hat) * (v_hat.T @ v_hat)  # (r, r)
         b = ((u_hat.T @ delta) * v_hat.T).sum(1)  # b_i = u_i^T delta v_i
-        a += torch.eye(a.shape[0]) * (1e-6 * a.diagonal().mean())
+        a += torch.eye(a.shape[0], device=a.device) * (1e-6 * a.diagonal().mean())
         s = torch.linalg.solve(a, b)
     out = []
     for g, q_u, q_v, s_g in zip(groups, uq, vq, torch.split(s, [g.rank for g in groups])):

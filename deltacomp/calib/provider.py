@@ -1,0 +1,158 @@
+"""Per-matrix context for the mixed method: calibration Hessians and model-scope bit allocations.
+
+:func:`open_contexts` is what :func:`deltacomp.compress.compress` calls when ``--calib`` or
+``--budget-scope model`` is set. Entries are put in natural order (``layers.2`` before ``layers.10``) so that
+the blocks are visited once, in order; the Hessians of a block live only while its matrices are compressed.
+
+``--budget-scope model`` needs a first pass before anything is quantized: every matrix is decomposed (top
+vectors, up to twice the rank its own budget would afford), the expected error of each vector at each width is
+measured (with calibration, on the same Hessians), and one allocation is made across the model
+(:mod:`deltacomp.quant.allocate`). The factors are spilled to a temporary folder (U and V in fp16, S in fp32;
+for a 7B model about 5 GB at 1 bit per entry) and read back one matrix at a time in the second pass, which runs
+the calibration forward again rather than keeping every Hessian.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltacomp.config import CompressConfig
+from deltacomp.errors import DeltacompError
+from deltacomp.extract import Entry, stream
+from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.lowrank.svd import decompose
+from deltacomp.quant import allocate
+
+log = logging.getLogger(__name__)
+
+
+def natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def load_calibration(config: CompressConfig, ft: Checkpoint, base: Checkpoint) -> list[torch.Tensor]:
+    """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none)."""
+    from transformers import AutoTokenizer
+
+    from deltacomp.calib.data import load_samples
+
+    tok = None
+    for ckpt in (ft, base):
+        try:
+            tok = AutoTokenizer.from_pretrained(ckpt.path)
+            break
+        except Exception as e:  # transformers raises many types for a folder without tokenizer files
+            log.debug("no tokenizer in %s: %s", ckpt.path, e)
+    if tok is None:
+        raise DeltacompError(f"--calib needs a tokenizer, but neither {ft.path} nor {base.path} has one")
+    max_len = int(ft.config.get("max_position_embeddings") or 2048)
+    return load_samples(config.calib, tok, config.calib_samples, config.calib_seqlen, max_len, config.calib_field)
+
+
+class _Cursor:
+    """Walks a :class:`LayerwiseHessians` forward: the Hessian of a name, keeping only the current block's."""
+
+    def __init__(self, hessians):
+        self.layer_of = hessians.layer_of
+        self.it = iter(hessians)
+        self.layer, self.current = -1, {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        want = self.layer_of.get(name)
+        if want is None:
+            return None
+        while self.layer < want:
+            self.current = {}
+            try:
+                self.layer, self.current = next(self.it)
+            except StopIteration:
+                self.layer = 1 << 30
+        return self.current.get(name) if self.layer == want else None
+
+
+class Contexts:
+    def __init__(self, base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig):
+        self.base, self.ft, self.config = base, ft, config
+        self.entries = sorted(entries, key=lambda e: natural_key(e.name))
+        self.names = {e.name for e in self.entries if e.action == "compress"}
+        self.samples = load_calibration(config, ft, base) if config.calib else None
+        self.bits: dict[str, torch.Tensor] = {}
+        self.spill: Path | None = None
+        if config.budget_scope == "model":
+            self._first_pass()
+        self.cursor = self._cursor()
+
+    def _cursor(self) -> _Cursor | None:
+        if self.samples is None:
+            return None
+        from deltacomp.calib.activations import LayerwiseHessians
+
+        dev = self.config.device
+        half = any(self.ft.dtype(n) in (torch.float16, torch.bfloat16) for n in self.names)
+        dtype = torch.bfloat16 if dev.startswith("cuda") and half else torch.float32
+        hessians = LayerwiseHessians(self.ft, self.samples, self.names, dev, dtype)
+        missing = sorted(self.names - set(hessians.layer_of))
+        if missing:
+            log.warning("%d matrices are outside the transformer blocks and get no calibration (e.g. %s)",
+                        len(missing), missing[0])
+        return _Cursor(hessians)
+
+    def _first_pass(self) -> None:
+        cfg = self.config
+        self.spill = Path(tempfile.mkdtemp(prefix="deltacomp-scope-"))
+        cursor = self._cursor()
+        tables, costs, names, total = [], [], [], 0
+        todo = [e for e in self.entries if e.action == "compress"]
+        for e, b, f in stream(self.base, self.ft, todo):
+            delta = f.float() - b.float()  # (m, n)
+            h = cursor.get(e.name) if cursor else None
+            if not bool(delta.any()):
+                continue
+            m, n = delta.shape
+            total += m * n
+            gs = cfg.gptq_group_size if h is not None else cfg.group_size
+            u, s, v = decompose(delta, allocate.max_rank(m, n, cfg.bits, cfg.allocation_bits, share=2.0),
+                                cfg.device, cfg.svd)
+            tables.append(allocate.vector_errors(u, s, v, cfg.allocation_bits, gs, h))
+            costs.append(allocate.option_costs(m, n, cfg.allocation_bits))
+            save_file({"u": u.half().cpu().contiguous(), "s": s.cpu(), "v": v.half().cpu().contiguous()},
+                      str(self.spill / f"{len(names)}.safetensors"))
+            names.append(e.name)
+        if not names:
+            return
+        options = allocate.allocate(tables, costs, cfg.bits * total)
+        self.bits = {n: allocate.bits_of_options(o, cfg.allocation_bits) for n, o in zip(names, options)}
+        self.index = {n: i for i, n in enumerate(names)}
+        log.info("model-scope allocation over %d matrices: %d vectors kept", len(names),
+                 sum(int((b > 0).sum()) for b in self.bits.values()))
+
+    def context_for(self, e: Entry) -> dict | None:
+        ctx = {}
+        if self.cursor is not None:
+            h = self.cursor.get(e.name)
+            if h is not None:
+                ctx["hessian"] = h
+        if e.name in self.bits:
+            t = load_file(str(self.spill / f"{self.index[e.name]}.safetensors"), device=self.config.device)
+            ctx["factors"] = (t["u"].float(), t["s"].float(), t["v"].float())
+            ctx["bits"] = self.bits[e.name]
+        return ctx or None
+
+    def close(self) -> None:
+        self.cursor = None
+        if self.spill is not None:
+            shutil.rmtree(self.spill, ignore_errors=True)
+
+
+def open_contexts(base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig) -> Contexts | None:
+    """The contexts ``config`` needs, or None when it needs none (no calibration, per-matrix budget)."""
+    if config.calib is None and config.budget_scope == "matrix":
+        return None
+    return Contexts(base, ft, entries, config)

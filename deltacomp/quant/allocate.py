@@ -1,0 +1,151 @@
+"""Budget-optimal bits per singular vector (``--allocation optimal``).
+
+Objective. A matrix ``dW = sum_i s_i u_i v_i^T`` (unit u_i, v_i) acts on inputs x with second moment
+``H = E[x x^T]`` (the identity without calibration). The expected output error of its compressed form is
+``E||(dW - dW_hat) x||^2 = tr((dW - dW_hat) H (dW - dW_hat)^T)``. Treating the vectors' errors as independent
+(cross terms vanish to first order), vector i contributes
+
+    dropped (0 bits):   e_i(0) = s_i^2 * v_i^T H v_i
+    b bits:             e_i(b) = s_i^2 * (||du_i(b)||^2 * v_i^T H v_i + dv_i(b)^T H dv_i(b))
+
+where ``du_i(b), dv_i(b)`` are the measured round-to-nearest errors of u_i and v_i at b bits (in the stored
+format: groups, fp16 parameters). Errors grow with s_i^2, so large singular values earn more bits; with
+calibration, directions the inputs rarely excite (small v^T H v) earn fewer. A vector at b bits costs
+``b * (pad32(m) + pad32(n))`` bits (:func:`deltacomp.quant.budget.vector_cost`).
+
+Solver. Minimise ``sum_i e_i(b_i)`` subject to ``sum_i cost_i(b_i) <= budget`` over all vectors of one matrix
+(``--budget-scope matrix``) or of every compressed matrix at once (``--budget-scope model``: the sum of the
+per-token output errors of all layers, under the total budget). The Lagrangian relaxation
+``min e_i(b) + lambda * cost_i(b)`` splits per vector; bisection on lambda finds the cheapest multiplier that
+fits, which is optimal for the budget it spends; a greedy pass then spends what is left on the upgrades with the
+best error drop per bit. The result never exceeds the budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltacomp.errors import BudgetError
+from deltacomp.quant import rtn
+from deltacomp.quant.budget import budget_bits, vector_cost
+
+
+def max_rank(m: int, n: int, bits_per_entry: float, bit_set: tuple[int, ...], share: float = 1.0) -> int:
+    """Most vectors the allocation could keep: the budget (times ``share``) spent on the cheapest width."""
+    cheapest = vector_cost(min(bit_set), m, n)
+    return max(1, min(min(m, n), int(share * budget_bits(m, n, bits_per_entry) // cheapest)))
+
+
+def _rtn_error(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Per-row error vectors (R, L) of round-to-nearest at ``bits`` in the stored format."""
+    codes, scale, offset = rtn.quantize_rows(x, bits, group_size)
+    return x - rtn.dequantize(codes, scale, offset, group_size)
+
+
+def vector_errors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bit_set: tuple[int, ...], group_size: int,
+                  h: torch.Tensor | None = None) -> torch.Tensor:
+    """Expected error of each vector at 0 bits and at each width of ``bit_set``: (r, 1 + len(bit_set)) float64.
+
+    u (m, r), s (r,), v (n, r) with unit columns; ``h`` (n, n) the input second moment, or None for the identity.
+    """
+    s2 = s.double() ** 2
+    hv = (v * (h @ v)).sum(0).double() if h is not None else torch.ones_like(s2)  # v_i^T H v_i
+    cols = [s2 * hv]
+    for b in bit_set:
+        du = _rtn_error(u.T, b, group_size)  # (r, m)
+        dv = _rtn_error(v.T, b, group_size)  # (r, n)
+        dv_h = (dv * (dv @ h)).sum(1) if h is not None else dv.pow(2).sum(1)
+        cols.append(s2 * (du.pow(2).sum(1).double() * hv + dv_h.double()))
+    return torch.stack(cols, 1).cpu()
+
+
+def allocate(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float,
+             keep_first: bool = True) -> list[torch.Tensor]:
+    """Option index (0 = dropped, k = the k-th width) of every vector, per matrix.
+
+    ``errors[j]`` (r_j, K+1): expected error of matrix j's vectors per option; ``costs[j]`` (K+1,): bits of one
+    vector of matrix j per option (option 0 costs 0). ``keep_first`` keeps the first vector of every matrix
+    (never dropped), so no matrix is left out. Raises BudgetError when even that does not fit.
+    """
+    sizes = [e.shape[0] for e in errors]
+    err = torch.cat([e.double() for e in errors])  # (V, K+1)
+    cost = torch.cat([c.double().expand(k, -1) for c, k in zip(costs, sizes)])  # (V, K+1)
+    if keep_first:
+        starts = torch.tensor([0] + sizes[:-1]).cumsum(0)
+        err[starts, 0] = float("inf")
+        floor = float(cost[starts, 1:].min(1).values.sum())
+        if floor > budget:
+            raise BudgetError(f"a budget of {budget:.0f} bits cannot keep one vector of each of {len(sizes)} matrices "
+                              f"(needs {floor:.0f})")
+
+    def choose(lam: float) -> torch.Tensor:
+        return torch.argmin(err + lam * cost, dim=1)
+
+    def spent(choice: torch.Tensor) -> float:
+        return float(cost.gather(1, choice[:, None]).sum())
+
+    finite = torch.where(torch.isfinite(err), err, torch.zeros_like(err))
+    lo, hi = 0.0, float((finite[:, :1] / cost[:, 1:].min()).max()) * 2 + 1.0
+    if spent(choose(lo)) <= budget:
+        hi = lo
+    else:
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if spent(choose(mid)) <= budget else (mid, hi)
+    choice = choose(hi)
+    _fill(err, cost, choice, budget - spent(choice))
+    return list(torch.split(choice, sizes))
+
+
+def _fill(err: torch.Tensor, cost: torch.Tensor, choice: torch.Tensor, left: float, rounds: int = 3) -> None:
+    """Spend ``left`` bits on the upgrades with the best error drop per bit, in place."""
+    for _ in range(rounds):
+        cur_err = err.gather(1, choice[:, None])
+        cur_cost = cost.gather(1, choice[:, None])
+        extra = cost - cur_cost
+        gain = cur_err - err
+        ratio = torch.where((extra > 0) & (gain > 0), gain / extra.clamp(min=1e-9), torch.zeros_like(gain))
+        best_ratio, best_opt = ratio.max(1)
+        order = torch.argsort(best_ratio, descending=True)
+        order = order[best_ratio[order] > 0]
+        extra_best = extra.gather(1, best_opt[:, None]).squeeze(1).tolist()
+        took = []
+        for i in order.tolist():
+            if extra_best[i] <= left:
+                left -= extra_best[i]
+                took.append(i)
+        if not took:
+            return
+        idx = torch.tensor(took)
+        choice[idx] = best_opt[idx]
+
+
+def option_costs(m: int, n: int, bit_set: tuple[int, ...]) -> torch.Tensor:
+    """Bits of one vector of an m x n matrix per option: (K+1,), option 0 (dropped) first."""
+    return torch.tensor([0.0] + [float(vector_cost(b, m, n)) for b in bit_set], dtype=torch.float64)
+
+
+def bits_of_options(options: torch.Tensor, bit_set: tuple[int, ...]) -> torch.Tensor:
+    """Option indices -> bit widths (0 for dropped)."""
+    return torch.tensor((0, *bit_set), dtype=torch.long)[options.cpu()]
+
+
+def matrix_bits(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bit_set: tuple[int, ...], group_size: int,
+                budget: float, h: torch.Tensor | None = None) -> torch.Tensor:
+    """Bits (r,) of each vector of one matrix, optimal under ``budget`` bits (module docstring)."""
+    table = vector_errors(u, s, v, bit_set, group_size, h)
+    options = allocate([table], [option_costs(u.shape[0], v.shape[0], bit_set)], budget)[0]
+    return bits_of_options(options, bit_set)
+
+
+def group_by_bits(bits: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Order of the kept vectors (widest first, stable) and the (bits, count) runs of that order."""
+    keep = (bits > 0).nonzero().squeeze(1)
+    order = keep[torch.argsort(-bits[keep], stable=True)]
+    runs: list[tuple[int, int]] = []
+    for b in bits[order].tolist():
+        if runs and runs[-1][0] == b:
+            runs[-1] = (b, runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return order, runs
