@@ -39,7 +39,9 @@ SENTENCES = (
 
 def load(model_dir: str | os.PathLike):
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the caller reports; a bar per model load is noise
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModel.from_pretrained(str(model_dir)).eval()
     return tok, model
