@@ -31,9 +31,27 @@ def decompose(delta: torch.Tensor, rank: int, device: str = "cpu", method: str =
     if method == "full":
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         return u[:, :k], s[:k], vh[:k].T
-    q = min(min(d.shape), k + max(32, k // 4))
-    u, s, v = torch.svd_lowrank(d, q=q, niter=niter)
-    return u[:, :k], s[:k], v[:, :k]
+    return randomized_svd(d, k, niter)
+
+
+def randomized_svd(d: torch.Tensor, k: int, niter: int = 4, oversample: int | None = None):
+    """Top-k SVD of ``d (m, n)`` (Halko, Martinsson, Tropp 2011): an orthonormal basis Q (m, q) of the range of
+    ``d G`` refined by ``niter`` power iterations, then the small SVD of ``B = Q^T d (q, n)`` from the
+    float64 eigendecomposition of ``B B^T (q, q)``. Singular values descending."""
+    m, n = d.shape
+    q = min(m, n, k + (oversample if oversample is not None else max(32, k // 4)))
+    g = torch.Generator(device=d.device).manual_seed(0)
+    basis = torch.linalg.qr(d @ torch.randn(n, q, device=d.device, generator=g)).Q  # (m, q)
+    for _ in range(niter):
+        basis = torch.linalg.qr(d.T @ basis).Q  # (n, q)
+        basis = torch.linalg.qr(d @ basis).Q  # (m, q)
+    b = basis.T @ d  # (q, n)
+    evals, w = torch.linalg.eigh((b @ b.T).double())  # ascending
+    evals, w = evals.flip(0)[:k], w.flip(1)[:, :k]
+    s = evals.clamp(min=0).sqrt()
+    u = basis @ w.float()  # (m, k)
+    v = (b.T.double() @ w / torch.where(s > 0, s, torch.ones_like(s))).float()  # (n, k)
+    return u, s.float(), v
 
 
 def energy_rank(s: torch.Tensor, energy: float) -> int:
