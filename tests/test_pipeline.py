@@ -107,3 +107,23 @@ def test_progress_bar_on_request(llama_pair, tmp_path):
     base, ft, _ = llama_pair
     r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "p"), "--progress"])
     assert r.exit_code == 0 and "compress:" in r.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when there is no GPU")
+def test_cuda_requested_without_a_gpu(llama_pair, tmp_path):
+    base, ft, _ = llama_pair
+    r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "p"), "--device", "cuda"])
+    assert r.exit_code == 1 and "no CUDA GPU is available" in r.output
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_svd_on_the_gpu_matches_the_cpu(llama_pair, tmp_path):
+    base, ft, deltas = llama_pair
+    config = dict(bits=2.0, schedule=((8, 4), (2, None)))
+    compress(base, ft, tmp_path / "cpu", CompressConfig(**config))
+    compress(base, ft, tmp_path / "gpu", CompressConfig(device="cuda", **config))
+    for d in ("cpu", "gpu"):
+        apply(tmp_path / d, base, tmp_path / f"{d}-model")
+    assert _delta_error(ft, tmp_path / "gpu-model", deltas) < 0.01
