@@ -132,9 +132,18 @@ class StageTimer:
     """Exclusive wall time per stage, synchronizing the GPU at every boundary."""
 
     def __init__(self):
+        import threading
+
         self.total = defaultdict(float)
         self.calls = defaultdict(int)
-        self.stack: list[list] = []
+        self.local = threading.local()
+        self.main = threading.get_ident()
+
+    @property
+    def stack(self) -> list[list]:
+        if not hasattr(self.local, "stack"):
+            self.local.stack = []
+        return self.local.stack
 
     def _sync(self):
         if torch.cuda.is_available():
@@ -145,12 +154,17 @@ class StageTimer:
         timer = self
 
         def timed(*args, **kwargs):
-            timer._sync()
-            timer.stack.append([stage, time.perf_counter(), 0.0])
+            import threading
+
+            main = threading.get_ident() == timer.main  # reads ahead in the prefetch thread overlap the rest
+            if main:
+                timer._sync()
+            timer.stack.append([stage if main else stage + " (prefetch thread, overlapped)", time.perf_counter(), 0.0])
             try:
                 return fn(*args, **kwargs)
             finally:
-                timer._sync()
+                if main:
+                    timer._sync()
                 name, start, child = timer.stack.pop()
                 took = time.perf_counter() - start
                 timer.total[name] += took - child
@@ -203,7 +217,7 @@ def run_compress(pair: Path, args) -> dict:
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
     stages = dict(timer.total)
-    stages["other"] = total - sum(stages.values())
+    stages["other"] = total - sum(v for k, v in stages.items() if "overlapped" not in k)
     return {
         "config": {k: v for k, v in config.to_dict().items() if k not in ("include", "exclude")},
         "total_s": total,
@@ -254,6 +268,35 @@ def svd_check(device: str, sizes=((4096, 4096, 1024), (11008, 4096, 1352))) -> l
     return rows
 
 
+def gptq_check(device: str) -> dict:
+    """The CUDA-graph GPTQ path against the eager one, and GPTQ against round-to-nearest, on random data."""
+    from deltacomp.quant import gptq, rtn
+
+    g = torch.Generator(device=device).manual_seed(2)
+    rows, cols, n = 1024, 4096, 8192
+    x = torch.randn(n, cols, device=device, generator=g) @ (torch.randn(cols, cols, device=device, generator=g)
+                                                            / cols**0.5)
+    h = x.T @ x / n
+    w = torch.randn(rows, cols, device=device, generator=g) / cols**0.5
+    bits = torch.tensor([8, 3, 2], device=device).repeat_interleave(torch.tensor([2, 32, rows - 34], device=device))
+    times = {}
+    for graphs in (False, True):
+        gptq.USE_CUDA_GRAPHS = graphs
+        gptq.gptq_rows(w, h, bits, 128)  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        codes, scale, offset = gptq.gptq_rows(w, h, bits, 128)
+        torch.cuda.synchronize()
+        times[graphs] = (time.perf_counter() - t0, codes)
+    same = float((times[True][1].float() - times[False][1].float()).abs().gt(0).float().mean())
+    w_q = rtn.dequantize(codes, scale, offset, 128)
+    err = float(((w - w_q) @ x.T).norm() / (w @ x.T).norm())
+    rtn_q = torch.cat([rtn.dequantize(*rtn.quantize_rows(w[bits == b], int(b), 128), 128) for b in (8, 3, 2)])
+    err_rtn = float(((w - rtn_q) @ x.T).norm() / (w @ x.T).norm())
+    return {"gptq_rows_1024x4096_eager_s": times[False][0], "gptq_rows_1024x4096_graph_s": times[True][0],
+            "codes_differing_graph_vs_eager": same, "gptq_rel_output_err": err, "rtn_rel_output_err": err_rtn}
+
+
 def table(result: dict) -> str:
     lines = [f"device: {result['device']}", "| stage | seconds |", "| --- | ---: |"]
     for k, v in sorted(result["stages_s"].items(), key=lambda kv: -kv[1]):
@@ -269,7 +312,7 @@ def table(result: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("step", choices=["generate", "compress", "svd"])
+    ap.add_argument("step", choices=["generate", "compress", "svd", "check"])
     ap.add_argument("pair", nargs="?", default="/tmp/pair7b")
     ap.add_argument("--layers", type=int, default=32, help="fewer blocks for a smoke run")
     ap.add_argument("--hidden", type=int, default=4096)
@@ -293,6 +336,9 @@ def main():
                "intermediate_size": args.intermediate, "num_attention_heads": max(1, args.hidden // 128),
                "num_key_value_heads": max(1, args.hidden // 128)}
         generate(pair, cfg, device=args.device)
+        return
+    if args.step == "check":
+        print(json.dumps(gptq_check(args.device)), flush=True)
         return
     if args.step == "svd":
         rows = svd_check(args.device)

@@ -41,6 +41,35 @@ def _numel(shape) -> int:
     return n
 
 
+def prefetch(items, depth: int = 2):
+    """Iterate ``items`` with the next ``depth`` read ahead in a thread (file reads overlap the compression)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy config and tokenizer files of a model folder; return their relative paths."""
     copied = []
@@ -95,7 +124,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     with atomic_dir(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, config.max_shard_bytes, prefix="delta")
         try:
-            bar = tqdm(stream(base, ft, entries), total=len(entries), desc="compress", unit="tensor",
+            bar = tqdm(prefetch(stream(base, ft, entries)), total=len(entries), desc="compress", unit="tensor",
                        disable=progress is False if progress is not None else None)
             for e, b, f in bar:
                 record = _compress_one(e, b, f, method, config, writer, counts,
@@ -129,7 +158,8 @@ def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts:
         counts["fp16_delta_bytes"] += 2 * f.numel()
         return {**record, "bytes": _nbytes(f)}
     if f.dtype.is_floating_point:
-        delta = f.float() - b.float()
+        dev = config.device if e.action == "compress" else "cpu"  # the delta of a compressed matrix on its device
+        delta = f.to(dev).float() - b.to(dev).float()
         if not bool(delta.any()):
             return None
     elif torch.equal(b, f):
