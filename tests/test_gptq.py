@@ -43,13 +43,14 @@ def test_gptq_with_identity_hessian_is_round_to_nearest():
 
 def test_gptq_columns_give_one_row_of_codes_per_column_with_its_own_width():
     x, h = _inputs(40, seed=3)
-    w = torch.randn(100, 40)
+    w = torch.randn(100, 40, generator=torch.Generator().manual_seed(6))
     bits = torch.tensor([8] * 2 + [3] * 8 + [2] * 30)
     codes, scale, offset = gptq.gptq_columns(w, h, bits, 32)
     assert codes.shape == (40, 100) and scale.shape == (40, 4)
     assert all(int(codes[i].max()) < 2 ** int(b) for i, b in enumerate(bits))
     got = rtn.dequantize(codes, scale, offset, 32).T  # (100, 40)
-    assert _out_err(w, got, x) < 0.2
+    plain = torch.cat([rtn.dequantize(*rtn.quantize_rows(w.T[i:i + 1], int(b), 32), 32) for i, b in enumerate(bits)]).T
+    assert _out_err(w, got, x) < 0.9 * _out_err(w, plain, x)
 
 
 def test_gptq_on_svd_factors_beats_rtn_on_the_layer_output():
