@@ -13,6 +13,17 @@ from deltacomp.extract import is_compressible
 DELTA_RANK = 4
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI points the ``deltacomp`` logger at stderr and stops propagation; undo that after each test."""
+    import logging
+
+    logger = logging.getLogger("deltacomp")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
 def _tiny_llama_config():
     from transformers import LlamaConfig
 
