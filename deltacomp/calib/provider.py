@@ -86,7 +86,11 @@ class Contexts:
         self.bits: dict[str, torch.Tensor] = {}
         self.spill: Path | None = None
         if config.budget_scope == "model":
-            self._first_pass()
+            try:
+                self._first_pass()
+            except BaseException:
+                self.close()
+                raise
         self.cursor = self._cursor()
 
     def _cursor(self) -> _Cursor | None:
