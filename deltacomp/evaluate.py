@@ -109,6 +109,19 @@ def baseline_config(pkg: DeltaPackage, method: str, bits: float | None = None, d
     return dataclasses.replace(settings, **kw)
 
 
+def package_label(manifest: dict) -> str:
+    """The method and the settings that set it apart: ``mixed calib optimal``."""
+    settings = manifest.get("settings", {})
+    parts = [manifest["method"]]
+    if settings.get("calib"):
+        parts.append("calib")
+    if settings.get("allocation", "schedule") != "schedule":
+        parts.append(settings["allocation"])
+    if settings.get("budget_scope", "matrix") != "matrix":
+        parts.append(f"{settings['budget_scope']}-scope")
+    return " ".join(parts)
+
+
 def _compress_baselines(pkg, base, ft, methods, workdir: Path, device: str) -> tuple[list, dict]:
     made, skipped = [], {}
     for method in methods:
@@ -183,7 +196,7 @@ def evaluate(package: str | os.PathLike, base_src: str | os.PathLike, ft_src: st
     with tempfile.TemporaryDirectory(prefix="deltacomp-eval-") as tmp:
         log.info("compressing the baselines: %s", ", ".join(config.compare) or "none")
         baselines, skipped = _compress_baselines(pkg, base, ft, config.compare, Path(tmp), config.device)
-        packages = [(f"{pkg.manifest['method']} (package)", pkg, None)]
+        packages = [(f"{package_label(pkg.manifest)} (package)", pkg, None)]
         packages += [(method, p, s) for method, p, s in baselines]
         result = evaluate_packages(packages, base, ft, config)
         result["package"], result["skipped"] = str(pkg.path), skipped

@@ -148,3 +148,11 @@ def test_baselines_drop_the_settings_only_mixed_takes(tmp_path):
     assert mixed.calib == str(calib) and mixed.allocation == "optimal" and mixed.bits == 0.5
     calib.unlink()
     assert baseline_config(pkg, "mixed").calib is None  # the file is gone: an uncalibrated baseline, not a failure
+
+
+def test_package_label_names_the_settings():
+    from deltacomp.evaluate import package_label
+
+    assert package_label({"method": "mixed", "settings": {"allocation": "schedule"}}) == "mixed"
+    manifest = {"method": "mixed", "settings": {"calib": "c.txt", "allocation": "optimal", "budget_scope": "model"}}
+    assert package_label(manifest) == "mixed calib optimal model-scope"
