@@ -42,17 +42,6 @@ def _with_tokenizer(pair, tmp):
     return out[0], out[1], deltas
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI group takes over the ``deltacomp`` logger (own handler, no propagation); give it back."""
-    import logging
-
-    log = logging.getLogger("deltacomp")
-    saved = (log.handlers[:], log.level, log.propagate)
-    yield
-    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
-
-
 @pytest.fixture(scope="module")
 def llama_tok(llama_pair, tmp_path_factory):
     return _with_tokenizer(llama_pair, tmp_path_factory.mktemp("llama_tok"))
