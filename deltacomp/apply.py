@@ -16,6 +16,7 @@ from deltacomp.io.safetensors_file import DTYPES
 from deltacomp.io.sharded_writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from deltacomp.methods.base import get_method
 from deltacomp.package.fingerprint import fingerprint
+from deltacomp.package.manifest import FP16_DELTA
 from deltacomp.package.store import DeltaPackage
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,15 @@ def reconstruct_delta(pkg: DeltaPackage, name: str) -> torch.Tensor:
     return method.reconstruct(pkg.parts(name), rec["info"], tuple(rec["shape"]))
 
 
+def stored_weight(pkg: DeltaPackage, name: str, base: Checkpoint) -> torch.Tensor:
+    """The fine-tuned tensor of a module stored whole (exact, added, resized), decoding an fp16 delta."""
+    rec = pkg.modules[name]
+    t = pkg.tensor(name)
+    if rec.get("encoding") == FP16_DELTA:
+        return (base.read(name).float() + t.float()).to(DTYPES[rec["dtype"]])
+    return t
+
+
 def iter_weights(pkg: DeltaPackage, base: Checkpoint):
     """Yield (name, tensor) of the fine-tuned model rebuilt from ``base`` and ``pkg``, one at a time."""
     modules = pkg.modules
@@ -51,7 +61,7 @@ def iter_weights(pkg: DeltaPackage, base: Checkpoint):
             w = base.read(name)
             yield name, (w.float() + reconstruct_delta(pkg, name)).to(DTYPES[rec["dtype"]])
         else:
-            yield name, pkg.tensor(name)
+            yield name, stored_weight(pkg, name, base)
     for name, rec in modules.items():
         if rec["action"] == "added":
             yield name, pkg.tensor(name)

@@ -23,7 +23,7 @@ from deltacomp.io.sharded_writer import ShardedWriter
 from deltacomp.methods.base import get_method
 from deltacomp.package.card import render_card
 from deltacomp.package.fingerprint import fingerprint
-from deltacomp.package.manifest import FORMAT, FORMAT_VERSION, tensor_key, write_manifest
+from deltacomp.package.manifest import FORMAT, FORMAT_VERSION, FP16_DELTA, tensor_key, write_manifest
 from deltacomp.package.store import sha256_file
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,16 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     return manifest
 
 
+def _exact_form(f: torch.Tensor, delta: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """What is stored for a changed, uncompressed tensor: ``f`` itself, or with ``fp16-delta`` its delta in fp16
+    where that is smaller than ``f`` and fp16 holds it. The rounding error is at most 2**-11 of each delta entry,
+    or 3e-8 absolute for entries below fp16's normal range (2**-14)."""
+    if mode != "fp16-delta" or delta is None or f.element_size() <= 2:
+        return f
+    half = delta.to(torch.float16)
+    return half if bool(torch.isfinite(half).all()) else f
+
+
 def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts: dict, context) -> dict | None:
     record = {"action": e.action, "shape": list(e.shape), "dtype": DTYPE_NAMES[e.dtype]}
     if e.action == "removed":
@@ -166,8 +176,10 @@ def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts:
         return None
     counts["fp16_delta_bytes"] += 2 * f.numel()
     if e.action == "exact":
-        writer.add(e.name, f)
-        return {**record, "bytes": _nbytes(f)}
+        stored = _exact_form(f, delta if f.dtype.is_floating_point else None, config.exact)
+        writer.add(e.name, stored)
+        encoding = {} if stored is f else {"encoding": FP16_DELTA}
+        return {**record, **encoding, "bytes": _nbytes(stored)}
     c = method.compress(delta, config, context)  # delta: (m, n) float32
     for local, t in c.tensors.items():
         writer.add(tensor_key(e.name, local), t)

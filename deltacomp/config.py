@@ -70,6 +70,7 @@ class CompressConfig:
     allocation_bits: tuple[int, ...] = (2, 3, 4, 8)  # widths the optimal allocation chooses from (0 = dropped)
     budget_scope: str = "matrix"  # matrix: each matrix within its budget | model: the total of all of them
     svd: str = "auto"  # full | randomized | auto (randomized on a GPU when the rank kept is small)
+    exact: str = "full"  # changed uncompressed tensors: full (as the fine-tune has them) | fp16-delta
 
     def __post_init__(self):
         if not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits) or self.bits <= 0:
@@ -124,6 +125,8 @@ class CompressConfig:
                 raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
         if self.svd not in ("full", "randomized", "auto"):
             raise DeltacompError(f"--svd must be full, randomized or auto, got {self.svd!r}")
+        if self.exact not in ("full", "fp16-delta"):
+            raise DeltacompError(f"--exact must be full or fp16-delta, got {self.exact!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -127,3 +127,34 @@ def test_svd_on_the_gpu_matches_the_cpu(llama_pair, tmp_path):
     for d in ("cpu", "gpu"):
         apply(tmp_path / d, base, tmp_path / f"{d}-model")
     assert _delta_error(ft, tmp_path / "gpu-model", deltas) < 0.01
+
+
+def test_exact_tensors_as_fp16_deltas(bert_pair, tmp_path):
+    from transformers import AutoModel
+
+    base, ft, _ = bert_pair
+    full = compress(base, ft, tmp_path / "full", CompressConfig())
+    half = compress(base, ft, tmp_path / "half", CompressConfig(exact="fp16-delta"))
+    exact = [n for n, m in half["modules"].items() if m["action"] == "exact"]
+    assert exact and all(half["modules"][n]["encoding"] == "fp16-delta" for n in exact)
+    assert sum(half["modules"][n]["bytes"] for n in exact) * 2 == sum(full["modules"][n]["bytes"] for n in exact)
+    apply(tmp_path / "half", base, tmp_path / "model")
+    b, f, out = Checkpoint(base), Checkpoint(ft), Checkpoint(tmp_path / "model")
+    for n in exact:
+        delta = f.read(n) - b.read(n)
+        assert out.read(n).dtype == f.read(n).dtype
+        assert float((out.read(n) - f.read(n)).abs().max()) <= 1e-3 * float(delta.abs().max()) + 1e-7, n
+    AutoModel.from_pretrained(tmp_path / "model")
+
+
+def test_peft_export_decodes_fp16_deltas(bert_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    from deltacomp.export.peft import export_peft
+
+    base, ft, _ = bert_pair
+    compress(base, ft, tmp_path / "pkg", CompressConfig(exact="fp16-delta"))
+    export_peft(tmp_path / "pkg", tmp_path / "adapter", base)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    name = "encoder.layer.0.attention.output.LayerNorm.weight"  # under modules_to_save: the decoded weight
+    assert float((saved["base_model.model." + name] - Checkpoint(ft).read(name)).abs().max()) < 1e-5

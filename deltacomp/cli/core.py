@@ -42,12 +42,15 @@ from deltacomp.cli import cli, handle_errors
               help="Budget per matrix, or shared by all compressed matrices (with --allocation optimal).")
 @click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True,
               help="SVD algorithm (auto: randomized on a GPU when few vectors are kept).")
+@click.option("--exact", type=click.Choice(["full", "fp16-delta"]), default="full", show_default=True,
+              help="Changed tensors that are not compressed (norms, biases, embeddings): stored as the fine-tune "
+                   "has them, or as their delta in fp16 (half the bytes for an fp32 model; not bit-exact).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
 @handle_errors
 def compress(base, finetuned, output, method, bits, schedule, group_size, refit, include, exclude, device,
              calib, calib_field, calib_samples, calib_seqlen, gptq_group_size, act_order, damp, allocation,
-             allocation_bits, budget_scope, svd, overwrite, progress):
+             allocation_bits, budget_scope, svd, exact, overwrite, progress):
     """Compress FINETUNED's delta over BASE into a package (folders or Hub repo ids)."""
     from deltacomp.compress import compress as run
     from deltacomp.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressConfig, parse_bits, parse_schedule
@@ -61,6 +64,7 @@ def compress(base, finetuned, output, method, bits, schedule, group_size, refit,
         calib=calib, calib_field=calib_field, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
         gptq_group_size=gptq_group_size, act_order=act_order, damp=damp, allocation=allocation,
         allocation_bits=parse_bits(allocation_bits), budget_scope=budget_scope, svd=svd,
+        exact=exact,
     )
     manifest = run(base, finetuned, output, config, overwrite=overwrite, progress=progress)
     click.echo(render_inspect(manifest).split("\n\n", 1)[1])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from deltacomp.apply import check_base
+from deltacomp.apply import check_base, stored_weight
 from deltacomp.errors import DeltacompError
 from deltacomp.export.adapter_plan import AdapterPlan, is_embedding_like, plan_adapter
 from deltacomp.export.lora import truncate
@@ -201,7 +201,7 @@ def export_peft(package: str | os.PathLike, out: str | os.PathLike, base: str | 
             for module in plan.lora:  # with lora_bias every lora_B has a bias: zeros where nothing changed
                 name = plan.bias.get(module)
                 if name is not None:
-                    ft = pkg.tensor(name)
+                    ft = stored_weight(pkg, name, ckpt)
                     bias = (ft.float() - ckpt.read(name).float()).to(dtype or ft.dtype)
                 else:
                     rec = pkg.modules[plan.lora[module]]
@@ -213,7 +213,7 @@ def export_peft(package: str | os.PathLike, out: str | os.PathLike, base: str | 
             if missing:
                 raise DeltacompError(f"{missing[0]}: changed by the package but not in the base {ckpt.source}")
             for key in params:
-                t = pkg.tensor(key) if key in plan.save[module] else ckpt.read(key)
+                t = stored_weight(pkg, key, ckpt) if key in plan.save[module] else ckpt.read(key)
                 writer.add(PREFIX + key, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
         writer.close()
 

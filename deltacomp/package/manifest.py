@@ -10,6 +10,8 @@ from deltacomp.errors import PackageError
 MANIFEST = "deltacomp.json"
 FORMAT = "deltacomp-delta"
 FORMAT_VERSION = 1
+# ``encoding`` of an exactly stored module whose tensor is its delta in fp16 (``compress --exact fp16-delta``)
+FP16_DELTA = "fp16-delta"
 REQUIRED = ("format", "format_version", "deltacomp_version", "base", "finetuned", "method", "settings",
             "budget", "modules", "totals", "files")
 
