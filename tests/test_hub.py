@@ -253,3 +253,25 @@ def test_the_token_never_appears_in_output_or_files(hub, packages, llama_pair, t
             assert TOKEN.encode() not in path.read_bytes(), path
     for commit in hub.repos[REPO].commits.values():
         assert all(TOKEN.encode() not in data for data in commit.files.values())
+
+
+def test_compress_takes_hub_ids_online_then_offline_from_the_cache(hub, llama_pair, tmp_path, monkeypatch):
+    from deltacomp.io import hub as hub_io
+
+    base, ft, _ = llama_pair
+    for folder, repo in ((base, "team/tiny-base"), (ft, "team/tiny-finetuned")):
+        hub_io.upload(Path(folder), repo)
+    r = run("compress", "team/tiny-base", "team/tiny-finetuned", "-o", tmp_path / "online")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "online" / "deltacomp.json").read_text())
+    assert manifest["base"]["repo_id"] == "team/tiny-base"
+    compress(base, ft, tmp_path / "local", CompressConfig(), progress=False)
+    assert files_of(tmp_path / "online")["delta.safetensors"] == files_of(tmp_path / "local")["delta.safetensors"]
+
+    hub.stop()  # the server is gone: the cache alone must do, with HF_HUB_OFFLINE=1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = run("compress", "team/tiny-base", "team/tiny-finetuned", "-o", tmp_path / "offline")
+    assert r.exit_code == 0, r.output
+    r = run("compress", "team/not-cached", "team/tiny-finetuned", "-o", tmp_path / "missing")
+    assert_one_line_error(r, "team/not-cached")
+    assert_nothing_written(tmp_path, "missing")
