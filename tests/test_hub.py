@@ -37,12 +37,10 @@ def hub(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def packages(llama_pair, tmp_path_factory):
-    """Two packages of the tiny Llama at different budgets; the first carries an eval.json."""
-    base, ft, _ = llama_pair
+def packages(llama_packages, tmp_path_factory):
+    """Two packages of the tiny Llama at different budgets; the first (a copy) carries an eval.json."""
     tmp = tmp_path_factory.mktemp("hub_pkgs")
-    compress(base, ft, tmp / "a", CompressConfig(bits=2.0), progress=False)
-    compress(base, ft, tmp / "b", CompressConfig(bits=1.0), progress=False)
+    shutil.copytree(llama_packages(2.0), tmp / "a")
     evaluation = {"kind": "causal", "data": "built-in text", "rows": [
         {"model": "base", "ppl": 310.2, "kl": 0.41, "top1": 0.62},
         {"model": "fine-tuned", "ppl": 300.1, "kl": 0.0, "top1": 1.0},
@@ -50,7 +48,7 @@ def packages(llama_pair, tmp_path_factory):
          "package_bytes": 51234, "error": {"mean": 0.0123}, "ppl": 300.3, "kl": 0.0004, "top1": 0.991},
     ]}
     (tmp / "a" / "eval.json").write_text(json.dumps(evaluation))
-    return tmp / "a", tmp / "b"
+    return tmp / "a", llama_packages(1.0)
 
 
 def run(*args):
