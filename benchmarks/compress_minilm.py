@@ -55,7 +55,8 @@ CHILD = textwrap.dedent("""
     else:
         from deltacomp.config import CompressConfig
         m = deltacomp.compress.compress(job["base"], job["ft"], job["out"],
-                                        CompressConfig(method=job["method"], bits=job["bits"]), progress=False)
+                                        CompressConfig(method=job["method"], bits=job["bits"]), overwrite=True,
+                                        progress=False)
         result = {{"factor": m["budget"]["achieved_factor_bits_per_entry"],
                    "all_in": m["budget"]["achieved_all_in_bits_per_entry"],
                    "pkg_bytes": m["totals"]["package_tensor_bytes"]}}
@@ -165,10 +166,6 @@ def main():
     for method in ("mixed", "lowrank", "bitdelta", "dense"):
         pkg = work / f"minilm-{method}"
         job = {"kind": "compress", "base": str(base), "ft": str(ft), "out": str(pkg), "method": method, "bits": 1.0}
-        if pkg.exists():
-            import shutil
-
-            shutil.rmtree(pkg)
         r = measure(job, args.threads)
         row("MiniLM", method, r, quality(base, ft, pkg, work, reference))
     rows.append(["fine-tuned", "-", "-", "-", "-", "-", "-", "-", "0", f"{reference['behaviour']:.3f}", "1.0000"])
@@ -180,10 +177,6 @@ def main():
             measure({"kind": "load-both", "base": str(lbase), "ft": str(lft)}, args.threads))
         for method in ("mixed", "lowrank"):
             pkg = work / f"large-{method}"
-            if pkg.exists():
-                import shutil
-
-                shutil.rmtree(pkg)
             r = measure({"kind": "compress", "base": str(lbase), "ft": str(lft), "out": str(pkg), "method": method,
                          "bits": 1.0}, args.threads)
             row(f"Llama-style ({mb:.0f} MB bf16)", method, r)
