@@ -18,6 +18,7 @@ from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
 from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
 from deltacomp.io.output import atomic_dir, check_output
+from deltacomp.io.prefetch import prefetch
 from deltacomp.io.safetensors_file import DTYPE_NAMES
 from deltacomp.io.sharded_writer import ShardedWriter
 from deltacomp.methods.base import get_method
@@ -39,35 +40,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def prefetch(items, depth: int = 2):
-    """Iterate ``items`` with the next ``depth`` read ahead in a thread (file reads overlap the compression)."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-        except BaseException as e:  # handed to the consumer, raised there
-            q.put(e)
-        q.put(done)
-
-    threading.Thread(target=work, daemon=True).start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
