@@ -48,6 +48,9 @@ def settings(calib_file: Path) -> list[tuple[str, list[str]]]:
         out.append(("mixed calib", ["--method", "mixed", *calib]))
         if "--allocation" in have:
             out.append(("mixed calib+optimal", ["--method", "mixed", "--allocation", "optimal", *calib]))
+            if "--sequential" in have:
+                out.append(("mixed calib+optimal sequential",
+                            ["--method", "mixed", "--allocation", "optimal", "--sequential", *calib]))
             if "--budget-scope" in have:
                 out.append(("mixed calib+optimal model-scope",
                             ["--method", "mixed", "--allocation", "optimal", "--budget-scope", "model", *calib]))

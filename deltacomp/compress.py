@@ -152,7 +152,13 @@ def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts:
         writer.add(e.name, stored)
         encoding = {} if stored is f else {"encoding": FP16_DELTA}
         return {**record, **encoding, "bytes": _nbytes(stored)}
+    if context and "cross" in context:  # --sequential: the delta that best serves the compressed model's inputs
+        from deltacomp.calib.sequential import target_delta
+
+        delta = target_delta(b, f, context["hessian"], context["cross"], config.seq_damp)
     c = method.compress(delta, config, context)  # delta: (m, n) float32
+    if context and "done" in context:
+        context["done"](method.reconstruct(c.tensors, c.info, tuple(delta.shape)))
     for local, t in c.tensors.items():
         writer.add(tensor_key(e.name, local), t)
     counts["factor_bits"] += c.factor_bits

@@ -65,6 +65,8 @@ class CompressConfig:
     gptq_group_size: int = 128  # quantization group along each singular vector under GPTQ (0 = whole vector)
     act_order: bool = True  # GPTQ visits columns in order of decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
+    sequential: bool = False  # fit each matrix on the compressed model's inputs (deltacomp.calib.sequential)
+    seq_damp: float = 1.0  # its ridge towards the fine-tune's weight, a fraction of the mean Hessian diagonal
     # bit allocation (deltacomp.quant.allocate)
     allocation: str = "schedule"  # schedule: the fixed groups above | optimal: bits per vector minimising error
     allocation_bits: tuple[int, ...] = (2, 3, 4, 8)  # widths the optimal allocation chooses from (0 = dropped)
@@ -108,6 +110,14 @@ class CompressConfig:
             raise DeltacompError("--calib-field must name a JSON field")
         if self.calib is not None and self.method != "mixed":
             raise DeltacompError(f"--calib is used by the mixed method only, not by {self.method!r}")
+        if self.sequential and self.calib is None:
+            raise DeltacompError("--sequential follows the compressed model on calibration text: give --calib")
+        if self.sequential and self.budget_scope == "model":
+            raise DeltacompError("--sequential compresses matrices one after another; it cannot share a "
+                                 "--budget-scope model allocation, which is fixed before any is compressed")
+        if not (isinstance(self.seq_damp, (int, float)) and math.isfinite(self.seq_damp) and self.seq_damp > 0):
+            raise DeltacompError(f"--seq-damp must be a positive fraction of the mean Hessian diagonal, "
+                                 f"got {self.seq_damp}")
 
     def _check_allocation(self):
         if self.allocation not in ("schedule", "optimal"):

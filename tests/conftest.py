@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,50 @@ def minilm_demo(minilm_pair, tmp_path_factory):
     lines = []
     result = run(str(out), echo=lines.append)
     return {**result, "dir": out, "output": "\n".join(lines)}
+
+
+# -- calibration material for the tiny models ----------------------------------------------------------------
+WORDS = "the model learns a small delta over its base and we compress it with singular vectors".split()
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with 256 ids (fits the tiny models' vocabulary) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+    fast.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    return fast
+
+
+def calib_text(n_lines=24, words=20, seed=0) -> str:
+    """Lines of random words from :data:`WORDS`."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (n_lines, words), generator=g).tolist()
+    return "\n".join(" ".join(WORDS[i] for i in row) for row in idx) + "\n"
+
+
+def _with_tokenizer(pair, tmp):
+    base, ft, deltas = pair
+    out = []
+    for src, name in ((base, "base"), (ft, "finetuned")):
+        shutil.copytree(src, tmp / name)
+        byte_tokenizer().save_pretrained(tmp / name)
+        out.append(tmp / name)
+    return out[0], out[1], deltas
+
+
+@pytest.fixture(scope="session")
+def llama_tok(llama_pair, tmp_path_factory):
+    """The tiny Llama pair with a byte tokenizer in both folders (calibration needs one)."""
+    return _with_tokenizer(llama_pair, tmp_path_factory.mktemp("llama_tok"))
+
+
+@pytest.fixture(scope="session")
+def bert_tok(bert_pair, tmp_path_factory):
+    """The tiny BERT pair with a byte tokenizer in both folders."""
+    return _with_tokenizer(bert_pair, tmp_path_factory.mktemp("bert_tok"))

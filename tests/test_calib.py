@@ -2,11 +2,12 @@
 the CLI), layer-by-layer Hessians equal to a full forward's, and compress --calib end to end on tiny models."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import byte_tokenizer
+from conftest import calib_text as _text
 
 from deltacomp.apply import apply
 from deltacomp.calib.activations import LayerwiseHessians
@@ -14,48 +15,6 @@ from deltacomp.calib.data import CalibrationError, load_samples, make_samples, r
 from deltacomp.cli import cli
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.package.store import DeltaPackage
-
-WORDS = "the model learns a small delta over its base and we compress it with singular vectors".split()
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with 256 ids (fits the tiny models' vocabulary) and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
-    fast.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
-    return fast
-
-
-def _with_tokenizer(pair, tmp):
-    base, ft, deltas = pair
-    out = []
-    for src, name in ((base, "base"), (ft, "finetuned")):
-        shutil.copytree(src, tmp / name)
-        byte_tokenizer().save_pretrained(tmp / name)
-        out.append(tmp / name)
-    return out[0], out[1], deltas
-
-
-@pytest.fixture(scope="module")
-def llama_tok(llama_pair, tmp_path_factory):
-    return _with_tokenizer(llama_pair, tmp_path_factory.mktemp("llama_tok"))
-
-
-@pytest.fixture(scope="module")
-def bert_tok(bert_pair, tmp_path_factory):
-    return _with_tokenizer(bert_pair, tmp_path_factory.mktemp("bert_tok"))
-
-
-def _text(n_lines=24, words=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(WORDS), (n_lines, words), generator=g).tolist()
-    return "\n".join(" ".join(WORDS[i] for i in row) for row in idx) + "\n"
 
 
 # -- readers --------------------------------------------------------------------------------------------------

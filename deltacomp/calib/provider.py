@@ -85,27 +85,48 @@ class Contexts:
         self.samples = load_calibration(config, ft, base) if config.calib else None
         self.bits: dict[str, torch.Tensor] = {}
         self.spill: Path | None = None
+        self.sequential = None
         if config.budget_scope == "model":
             try:
                 self._first_pass()
             except BaseException:
                 self.close()
                 raise
-        self.cursor = self._cursor()
+        if config.sequential:
+            self.sequential = self._sequential()
+            self.cursor = None
+        else:
+            self.cursor = self._cursor()
+
+    def _dtype(self) -> torch.dtype:
+        half = any(self.ft.dtype(n) in (torch.float16, torch.bfloat16) for n in self.names)
+        return torch.bfloat16 if self.config.device.startswith("cuda") and half else torch.float32
+
+    def _sequential(self):
+        """The sequential calibration; the calibrated matrices are put in the order the model calls them."""
+        from deltacomp.calib.sequential import SequentialCalibration
+
+        seq = SequentialCalibration(self.ft, self.base, self.samples, self.names, self.config.device, self._dtype())
+        self._warn_uncalibrated(seq.layer_of)
+        slots = [i for i, e in enumerate(self.entries) if e.name in seq.layer_of]
+        by_name = {e.name: e for e in self.entries}
+        for i, name in zip(slots, seq.order):
+            self.entries[i] = by_name[name]
+        return seq
+
+    def _warn_uncalibrated(self, layer_of: dict) -> None:
+        missing = sorted(self.names - set(layer_of))
+        if missing:
+            log.warning("%d matrices are outside the transformer blocks and get no calibration (e.g. %s)",
+                        len(missing), missing[0])
 
     def _cursor(self) -> _Cursor | None:
         if self.samples is None:
             return None
         from deltacomp.calib.activations import LayerwiseHessians
 
-        dev = self.config.device
-        half = any(self.ft.dtype(n) in (torch.float16, torch.bfloat16) for n in self.names)
-        dtype = torch.bfloat16 if dev.startswith("cuda") and half else torch.float32
-        hessians = LayerwiseHessians(self.ft, self.samples, self.names, dev, dtype)
-        missing = sorted(self.names - set(hessians.layer_of))
-        if missing:
-            log.warning("%d matrices are outside the transformer blocks and get no calibration (e.g. %s)",
-                        len(missing), missing[0])
+        hessians = LayerwiseHessians(self.ft, self.samples, self.names, self.config.device, self._dtype())
+        self._warn_uncalibrated(hessians.layer_of)
         return _Cursor(hessians)
 
     def _first_pass(self) -> None:
@@ -139,6 +160,10 @@ class Contexts:
 
     def context_for(self, e: Entry) -> dict | None:
         ctx = {}
+        seq = self.sequential
+        if seq is not None and e.name in seq.layer_of:
+            ctx["hessian"], ctx["cross"] = seq.moments(e.name)
+            ctx["done"] = lambda delta: seq.done(e.name, delta)
         if self.cursor is not None:
             h = self.cursor.get(e.name)
             if h is not None:
@@ -150,7 +175,7 @@ class Contexts:
         return ctx or None
 
     def close(self) -> None:
-        self.cursor = None
+        self.cursor = self.sequential = None
         if self.spill is not None:
             shutil.rmtree(self.spill, ignore_errors=True)
 

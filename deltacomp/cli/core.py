@@ -35,6 +35,11 @@ from deltacomp.cli import cli, handle_errors
               help="Quantization group along each vector under GPTQ (0 = whole vector).")
 @click.option("--act-order/--no-act-order", default=True, show_default=True, help="GPTQ column order by Hessian.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
+@click.option("--sequential", is_flag=True,
+              help="With --calib: fit each matrix on the inputs of the model compressed so far (later layers "
+                   "absorb earlier errors).")
+@click.option("--seq-damp", type=float, default=1.0, show_default=True,
+              help="--sequential's ridge towards the fine-tune's weight (fraction of mean diag H).")
 @click.option("--allocation", type=click.Choice(["schedule", "optimal"]), default="schedule", show_default=True,
               help="Bits per singular vector: the fixed --schedule, or chosen to minimise the expected error.")
 @click.option("--allocation-bits", default="2,3,4,8", show_default=True, help="Widths --allocation optimal uses.")
@@ -49,8 +54,8 @@ from deltacomp.cli import cli, handle_errors
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
 @handle_errors
 def compress(base, finetuned, output, method, bits, schedule, group_size, refit, include, exclude, device,
-             calib, calib_field, calib_samples, calib_seqlen, gptq_group_size, act_order, damp, allocation,
-             allocation_bits, budget_scope, svd, exact, overwrite, progress):
+             calib, calib_field, calib_samples, calib_seqlen, gptq_group_size, act_order, damp, sequential,
+             seq_damp, allocation, allocation_bits, budget_scope, svd, exact, overwrite, progress):
     """Compress FINETUNED's delta over BASE into a package (folders or Hub repo ids)."""
     from deltacomp.compress import compress as run
     from deltacomp.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressConfig, parse_bits, parse_schedule
@@ -62,7 +67,8 @@ def compress(base, finetuned, output, method, bits, schedule, group_size, refit,
         method=method, bits=bits, schedule=parse_schedule(schedule), group_size=group_size, refit=refit,
         include=tuple(include) or DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE + tuple(exclude), device=device,
         calib=calib, calib_field=calib_field, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-        gptq_group_size=gptq_group_size, act_order=act_order, damp=damp, allocation=allocation,
+        gptq_group_size=gptq_group_size, act_order=act_order, damp=damp, sequential=sequential, seq_damp=seq_damp,
+        allocation=allocation,
         allocation_bits=parse_bits(allocation_bits), budget_scope=budget_scope, svd=svd,
         exact=exact,
     )

@@ -1,0 +1,204 @@
+"""Sequential calibration (``--sequential``): each matrix is fitted on the inputs the *compressed* model gives it.
+
+Plain calibration (:mod:`deltacomp.calib.activations`) weights every matrix by the fine-tune's own inputs, so each
+matrix is compressed as if all the others were exact. Here two streams of hidden states run side by side through
+the blocks, in the order the model calls its linear layers:
+
+- the teacher: the fine-tuned model, giving each layer its inputs ``X_t`` (rows are tokens);
+- the student: the base plus the deltas as already compressed, giving ``X_s``. Within a block, a layer's inputs
+  come after the layers before it (``q, k, v`` -> ``o`` -> ``gate, up`` -> ``down``) have been compressed.
+
+A matrix is then fitted to reproduce the fine-tune's outputs from the student's inputs, shrunk towards the
+fine-tune's weight by ``lam`` (a ridge term: the calibration set is finite and small sets overfit)::
+
+    W* = argmin_W ||X_t W_ft^T - X_s W^T||^2 + N lam ||W - W_ft||^2 = (W_ft C + lam W_ft)(H_s + lam I)^-1
+
+with ``C = X_t^T X_s / N`` and ``H_s = X_s^T X_s / N``, ``lam = seq_damp * mean(diag H_s)``. The delta
+``W* - W_base`` is compressed with GPTQ under ``H_s``: later layers absorb part of the error of earlier ones. When
+nothing upstream is compressed yet (the first layers of block 0), ``X_s = X_t``, ``C = H_s`` and ``W* = W_ft``.
+
+Memory is as for plain calibration plus the second stream (``samples x seqlen x hidden``), one cross moment per
+distinct input and the block's compressed weights; one block is on the device at a time. Each block runs once per
+group of layers sharing an input, per stream, and once more per stream to advance; a forward stops at the layer
+it was run for.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from deltacomp.calib.activations import LayerwiseHessians, _Catcher, _Caught, _load_block
+
+log = logging.getLogger(__name__)
+
+
+def target_delta(base: torch.Tensor, ft: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                 seq_damp: float) -> torch.Tensor:
+    """``W* - W_base`` (m, n) float32 for student moment ``hessian`` (n, n) and cross moment ``cross`` (n, n)."""
+    dev = hessian.device
+    w = ft.to(dev, torch.float64)  # (m, n)
+    h, c = hessian.to(torch.float64), cross.to(dev, torch.float64)
+    lam = seq_damp * float(h.diagonal().mean()) + 1e-30
+    eye = torch.eye(h.shape[0], device=dev, dtype=torch.float64)
+    chol = torch.linalg.cholesky(h + lam * eye)
+    rhs = (c.T @ w.T) + lam * w.T  # (n, m) = (W_ft C + lam W_ft)^T
+    w_star = torch.cholesky_solve(rhs, chol).T  # H_s symmetric: (H_s + lam)^-1 applied on the right
+    return (w_star - base.to(dev, torch.float64)).float()
+
+
+class _StopAt(Exception):
+    pass
+
+
+class SequentialCalibration:
+    """Moments ``(H_s, C)`` per matrix, in the model's call order, following the compression as it goes.
+
+    Use: ``order`` lists the calibrated names in the order they must be compressed; for each, :meth:`moments`
+    gives ``(H_s, C)`` and :meth:`done` takes its compressed delta before the next name is asked for.
+    """
+
+    def __init__(self, ft, base, samples: list[torch.Tensor], wanted: set[str], device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, max_tokens: int = 16384):
+        self.layers = LayerwiseHessians(ft, samples, wanted, device, dtype, max_tokens)
+        self.base, self.device = base, device
+        self.layer_of = self.layers.layer_of
+        self.model = self.layers.model
+        blocks = self.model.get_submodule(self.layers.prefix)
+        self.block = blocks[0]
+        self.teacher = self._embed(blocks)
+        self.student = [(h.clone(), a, k) for h, a, k in self.teacher]
+        self.groups = self._discover_groups()  # [[local names sharing one input], ...] in call order
+        rank = {local: i for i, g in enumerate(self.groups) for local in g}
+        self.order = sorted(self.layer_of, key=lambda n: (self.layer_of[n], rank.get(self.layers.local[n], 1 << 20), n))
+        self.current, self.group, self.cache = -1, -1, {}
+        self.ft_weights: dict[str, torch.Tensor] = {}
+        self.st_weights: dict[str, torch.Tensor] = {}
+
+    def _embed(self, blocks: nn.ModuleList) -> list:
+        store: list = []
+        blocks[0] = _Catcher(store)
+        try:
+            with torch.no_grad():
+                from deltacomp.calib.activations import _batches
+
+                for batch in _batches(self.layers.samples, self.layers.max_tokens):
+                    try:
+                        self.model(input_ids=batch.to(self.device), use_cache=False)
+                    except _Caught:
+                        pass
+        finally:
+            blocks[0] = self.block
+        return store
+
+    def _linear(self, local: str) -> nn.Linear:
+        return self.block.get_submodule(local)
+
+    def _discover_groups(self) -> list[list[str]]:
+        """Locals of block 0's calibrated linears grouped by shared input, in call order."""
+        locals_ = sorted({self.layers.local[n] for n, i in self.layer_of.items()})
+        _load_block(self.block, self.layers.ckpt, self.layers.ckpt_prefix, 0)
+        seen: dict[int, int] = {}
+        held: list[torch.Tensor] = []  # keeps each input alive, so that its address is not reused meanwhile
+        groups: list[list[str]] = []
+
+        def hook(local):
+            def f(module, inputs, output):
+                ptr = inputs[0].data_ptr()
+                if ptr not in seen:
+                    seen[ptr] = len(groups)
+                    groups.append([])
+                    held.append(inputs[0])
+                if local not in groups[seen[ptr]]:
+                    groups[seen[ptr]].append(local)
+            return f
+
+        handles = [self._linear(loc).register_forward_hook(hook(loc)) for loc in locals_
+                   if isinstance(self._linear(loc), nn.Linear)]
+        try:
+            with torch.no_grad():
+                h, a, k = self.teacher[0]
+                self.block(h, *a, **k)
+        finally:
+            for hd in handles:
+                hd.remove()
+        return groups
+
+    def _set(self, weights: dict[str, torch.Tensor]) -> None:
+        for local, w in weights.items():
+            self._linear(local).weight.data = w
+
+    def _capture(self, stream: list, local: str) -> list[torch.Tensor]:
+        """Inputs (tokens, n) of ``local`` per batch of ``stream``, stopping each forward there."""
+        got: list[torch.Tensor] = []
+
+        def hook(module, inputs):
+            x = inputs[0]
+            got.append(x.reshape(-1, x.shape[-1]).float())
+            raise _StopAt
+
+        handle = self._linear(local).register_forward_pre_hook(hook)
+        try:
+            for h, a, k in stream:
+                try:
+                    self.block(h, *a, **k)
+                except _StopAt:
+                    pass
+        finally:
+            handle.remove()
+        return got
+
+    def _advance(self, stream: list, weights: dict[str, torch.Tensor]) -> None:
+        self._set(weights)
+        for j, (h, a, k) in enumerate(stream):
+            out = self.block(h, *a, **k)
+            stream[j] = (out[0] if isinstance(out, (tuple, list)) else out, a, k)
+
+    def _enter_block(self, i: int) -> None:
+        if self.current >= 0:  # finish the previous block: both streams through it
+            self._advance(self.teacher, self.ft_weights)
+            self._advance(self.student, self.st_weights)
+        for j in range(self.current + 1, i):  # blocks with nothing calibrated: the fine-tune's weights in both
+            _load_block(self.block, self.layers.ckpt, self.layers.ckpt_prefix, j)
+            self.ft_weights = {}
+            self._advance(self.teacher, {})
+            self._advance(self.student, {})
+        _load_block(self.block, self.layers.ckpt, self.layers.ckpt_prefix, i)
+        locals_ = {self.layers.local[n] for n, b in self.layer_of.items() if b == i}
+        self.ft_weights = {loc: self._linear(loc).weight.data for loc in locals_}
+        self.st_weights = dict(self.ft_weights)  # replaced by base + compressed delta as they come
+        self.current, self.group, self.cache = i, -1, {}
+
+    @torch.no_grad()
+    def moments(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(H_s, C)`` (n, n) float32 of ``name``, which must come in :attr:`order`."""
+        i, local = self.layer_of[name], self.layers.local[name]
+        if i != self.current:
+            self._enter_block(i)
+        if local not in self.cache:
+            self.cache = {}
+            self._set(self.ft_weights)
+            xt = self._capture(self.teacher, local)
+            self._set(self.st_weights)
+            xs = self._capture(self.student, local)
+            n = xs[0].shape[1]
+            h = torch.zeros(n, n, device=xs[0].device)
+            c = torch.zeros(n, n, device=xs[0].device)
+            tokens = 0
+            for a, b in zip(xt, xs):
+                h.addmm_(b.T, b)
+                c.addmm_(a.T, b)
+                tokens += b.shape[0]
+            moments = (h / tokens, c / tokens)
+            group = next((g for g in self.groups if local in g), [local])
+            self.cache = {loc: moments for loc in group}
+        return self.cache[local]
+
+    @torch.no_grad()
+    def done(self, name: str, delta: torch.Tensor) -> None:
+        """The compressed delta (m, n) of ``name``: the student uses ``base + delta`` from now on."""
+        local = self.layers.local[name]
+        w = self.ft_weights[local]
+        self.st_weights[local] = (self.base.read(name).to(w.device, torch.float32) + delta.to(w.device)).to(w.dtype)
