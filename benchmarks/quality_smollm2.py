@@ -9,7 +9,7 @@
    model) and top-1 agreement of next-token distributions on held-out task dialogues and on HumanEval code (text
    the fine-tune never saw), plus the task's exact match (greedy answer == sorted list, by teacher forcing).
 
-GPU run (see BENCHMARKS.md):  python benchmarks/quality_smollm2.py --gguf G --humaneval H --work /tmp/smol --out $OUT
+GPU run (see BENCHMARKS.md):  python benchmarks/quality_smollm2.py --gguf G --humaneval H --work /tmp/smol --out $OUT [--only RE]
 CPU smoke test:               python benchmarks/quality_smollm2.py --quick --work /tmp/smolq
 """
 
@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -150,8 +151,13 @@ def variants(budgets, calib: Path | None) -> list[tuple[str, dict]]:
             out.append((f"mixed optimal @{bits:g}", {"method": "mixed", "bits": bits, **optimal}))
         if cal:
             out.append((f"mixed calib @{bits:g}", {"method": "mixed", "bits": bits, **cal}))
+        if cal and "sequential" in have:
+            out.append((f"mixed calib+seq @{bits:g}", {"method": "mixed", "bits": bits, **cal, "sequential": True}))
         if cal and optimal:
             out.append((f"mixed calib+optimal @{bits:g}", {"method": "mixed", "bits": bits, **cal, **optimal}))
+            if "sequential" in have:
+                out.append((f"mixed calib+optimal+seq @{bits:g}",
+                            {"method": "mixed", "bits": bits, **cal, **optimal, "sequential": True}))
             if "budget_scope" in have:
                 out.append((f"mixed calib+optimal+model @{bits:g}",
                             {"method": "mixed", "bits": bits, **cal, **optimal, "budget_scope": "model"}))
@@ -177,6 +183,7 @@ def main():
     ap.add_argument("--budgets", default="1.0,0.5")
     ap.add_argument("--eval-examples", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="a tiny CPU smoke run")
+    ap.add_argument("--only", default=None, help="run only the settings whose label matches this regex")
     args = ap.parse_args()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
@@ -215,6 +222,8 @@ def main():
     base_ck, ft_ck = Checkpoint(base), Checkpoint(ft)
     budgets = [float(b) for b in args.budgets.split(",")]
     for label, kw in variants(budgets, calib):
+        if args.only and not re.search(args.only, label):
+            continue
         out = work / "pkg" / label.replace(" ", "_").replace("@", "")
         config = CompressConfig(device=args.device, **kw)
         t0 = time.perf_counter()
