@@ -177,6 +177,7 @@ class StageTimer:
 
 def instrument() -> StageTimer:
     import deltacomp.calib.provider as provider
+    import deltacomp.calib.sequential as sequential
     import deltacomp.io.checkpoint as checkpoint
     import deltacomp.io.sharded_writer as sharded_writer
     import deltacomp.methods.mixed as mixed
@@ -187,6 +188,10 @@ def instrument() -> StageTimer:
     t = StageTimer()
     t.wrap(checkpoint.Checkpoint, "read", "load")
     t.wrap(provider._Cursor, "get", "calibration")
+    t.wrap(sequential.SequentialCalibration, "__init__", "calibration")
+    t.wrap(sequential.SequentialCalibration, "moments", "calibration")
+    t.wrap(sequential.SequentialCalibration, "done", "calibration")
+    t.wrap(sequential, "target_delta", "sequential target")
     t.wrap(provider, "load_calibration", "calibration")
     t.wrap(mixed, "decompose", "svd")
     t.wrap(provider, "decompose", "svd")
@@ -207,7 +212,8 @@ def run_compress(pair: Path, args) -> dict:
     calib = calibration_text(pair / "calib.txt", args.calib_samples * args.calib_seqlen * 2)
     config = CompressConfig(bits=args.bits, device=args.device, calib=None if args.no_calib else str(calib),
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                            allocation=args.allocation, budget_scope=args.budget_scope, svd=args.svd)
+                            allocation=args.allocation, budget_scope=args.budget_scope, svd=args.svd,
+                            sequential=args.sequential)
     timer = instrument()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -325,6 +331,7 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--no-calib", action="store_true")
+    ap.add_argument("--sequential", action="store_true", help="compress --sequential")
     ap.add_argument("--json", help="append the result as a JSON line to this file")
     args = ap.parse_args()
     import logging
