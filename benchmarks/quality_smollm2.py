@@ -9,7 +9,8 @@
    model) and top-1 agreement of next-token distributions on held-out task dialogues and on HumanEval code (text
    the fine-tune never saw), plus the task's exact match (greedy answer == sorted list, by teacher forcing).
 
-GPU run (see BENCHMARKS.md):  python benchmarks/quality_smollm2.py --gguf G --humaneval H --work /tmp/smol --out $OUT [--only RE]
+GPU run (see BENCHMARKS.md):  python benchmarks/quality_smollm2.py --gguf G --humaneval H --work /tmp/smol --out $OUT
+                              (--only RE: only the settings whose label matches)
 CPU smoke test:               python benchmarks/quality_smollm2.py --quick --work /tmp/smolq
 """
 

@@ -157,8 +157,9 @@ def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts:
 
         delta = target_delta(b, f, context["hessian"], context["cross"], config.seq_damp)
     c = method.compress(delta, config, context)  # delta: (m, n) float32
-    if context and "done" in context:
-        context["done"](method.reconstruct(c.tensors, c.info, tuple(delta.shape)))
+    if context and "done" in context:  # --sequential: the student takes the compressed matrix (on the device)
+        parts = {k: t.to(delta.device) for k, t in c.tensors.items()}
+        context["done"](b, method.reconstruct(parts, c.info, tuple(delta.shape)))
     for local, t in c.tensors.items():
         writer.add(tensor_key(e.name, local), t)
     counts["factor_bits"] += c.factor_bits

@@ -34,19 +34,21 @@ def _close(a, b, tol=1e-4):
 def test_an_exact_student_follows_the_teacher(pair, request):
     """Given the true deltas, the student is the fine-tune: C = H_s = the plain Hessian, for every matrix."""
     base, ft, deltas = request.getfixturevalue(pair)
+    b = Checkpoint(base)
     samples = _samples()
     want = _plain(Checkpoint(ft), samples, set(deltas))
-    seq = SequentialCalibration(Checkpoint(ft), Checkpoint(base), samples, set(deltas))
+    seq = SequentialCalibration(Checkpoint(ft), samples, set(deltas))
     assert sorted(seq.order) == sorted(want)
     for name in seq.order:
         h, c = seq.moments(name)
         assert _close(h, want[name]) and _close(c, want[name]), name
-        seq.done(name, deltas[name].float())
+        seq.done(name, b.read(name), deltas[name].float())
 
 
 def test_order_follows_the_calls_and_the_student_moves(llama_pair):
     base, ft, deltas = llama_pair
-    seq = SequentialCalibration(Checkpoint(ft), Checkpoint(base), _samples(), set(deltas))
+    b = Checkpoint(base)
+    seq = SequentialCalibration(Checkpoint(ft), _samples(), set(deltas))
     block0 = [n.split(".layers.0.")[1].split(".")[1] for n in seq.order if ".layers.0." in n]
     assert set(block0[:3]) == {"q_proj", "k_proj", "v_proj"} and block0[3] == "o_proj"
     assert set(block0[4:6]) == {"gate_proj", "up_proj"} and block0[6] == "down_proj"
@@ -55,10 +57,10 @@ def test_order_follows_the_calls_and_the_student_moves(llama_pair):
     first = seq.order[0]
     h, c = seq.moments(first)
     assert torch.allclose(h, c)  # nothing compressed upstream yet
-    seq.done(first, torch.zeros_like(deltas[first]))  # the student keeps the base's q: its o inputs differ
+    seq.done(first, b.read(first), torch.zeros_like(deltas[first]))  # the student keeps the base's q
     for name in seq.order[1:4]:
         h, c = seq.moments(name)
-        seq.done(name, deltas[name].float())
+        seq.done(name, b.read(name), deltas[name].float())
     assert not _close(c, h, 1e-3)
 
 

@@ -106,7 +106,7 @@ class Contexts:
         """The sequential calibration; the calibrated matrices are put in the order the model calls them."""
         from deltacomp.calib.sequential import SequentialCalibration
 
-        seq = SequentialCalibration(self.ft, self.base, self.samples, self.names, self.config.device, self._dtype())
+        seq = SequentialCalibration(self.ft, self.samples, self.names, self.config.device, self._dtype())
         self._warn_uncalibrated(seq.layer_of)
         slots = [i for i, e in enumerate(self.entries) if e.name in seq.layer_of]
         by_name = {e.name: e for e in self.entries}
@@ -163,7 +163,7 @@ class Contexts:
         seq = self.sequential
         if seq is not None and e.name in seq.layer_of:
             ctx["hessian"], ctx["cross"] = seq.moments(e.name)
-            ctx["done"] = lambda delta: seq.done(e.name, delta)
+            ctx["done"] = lambda base, delta: seq.done(e.name, base, delta)
         if self.cursor is not None:
             h = self.cursor.get(e.name)
             if h is not None:

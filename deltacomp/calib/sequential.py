@@ -39,14 +39,13 @@ def target_delta(base: torch.Tensor, ft: torch.Tensor, hessian: torch.Tensor, cr
                  seq_damp: float) -> torch.Tensor:
     """``W* - W_base`` (m, n) float32 for student moment ``hessian`` (n, n) and cross moment ``cross`` (n, n)."""
     dev = hessian.device
-    w = ft.to(dev, torch.float64)  # (m, n)
-    h, c = hessian.to(torch.float64), cross.to(dev, torch.float64)
-    lam = seq_damp * float(h.diagonal().mean()) + 1e-30
-    eye = torch.eye(h.shape[0], device=dev, dtype=torch.float64)
-    chol = torch.linalg.cholesky(h + lam * eye)
+    w = ft.to(dev, torch.float32)  # (m, n)
+    h, c = hessian.float(), cross.to(dev, torch.float32)
+    lam = seq_damp * float(h.diagonal().mean()) + 1e-30  # also bounds the condition number: float32 is enough
+    chol = torch.linalg.cholesky(h + lam * torch.eye(h.shape[0], device=dev))
     rhs = (c.T @ w.T) + lam * w.T  # (n, m) = (W_ft C + lam W_ft)^T
     w_star = torch.cholesky_solve(rhs, chol).T  # H_s symmetric: (H_s + lam)^-1 applied on the right
-    return (w_star - base.to(dev, torch.float64)).float()
+    return w_star - base.to(dev, torch.float32)
 
 
 class _StopAt(Exception):
@@ -60,10 +59,10 @@ class SequentialCalibration:
     gives ``(H_s, C)`` and :meth:`done` takes its compressed delta before the next name is asked for.
     """
 
-    def __init__(self, ft, base, samples: list[torch.Tensor], wanted: set[str], device: str = "cpu",
+    def __init__(self, ft, samples: list[torch.Tensor], wanted: set[str], device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_tokens: int = 16384):
         self.layers = LayerwiseHessians(ft, samples, wanted, device, dtype, max_tokens)
-        self.base, self.device = base, device
+        self.device = device
         self.layer_of = self.layers.layer_of
         self.model = self.layers.model
         blocks = self.model.get_submodule(self.layers.prefix)
@@ -197,8 +196,8 @@ class SequentialCalibration:
         return self.cache[local]
 
     @torch.no_grad()
-    def done(self, name: str, delta: torch.Tensor) -> None:
-        """The compressed delta (m, n) of ``name``: the student uses ``base + delta`` from now on."""
+    def done(self, name: str, base: torch.Tensor, delta: torch.Tensor) -> None:
+        """The base weight and compressed delta (m, n) of ``name``: the student uses ``base + delta`` from now on."""
         local = self.layers.local[name]
         w = self.ft_weights[local]
-        self.st_weights[local] = (self.base.read(name).to(w.device, torch.float32) + delta.to(w.device)).to(w.dtype)
+        self.st_weights[local] = (base.to(w.device, torch.float32) + delta.to(w.device)).to(w.dtype)
