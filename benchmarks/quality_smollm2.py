@@ -281,8 +281,8 @@ def render(results: dict) -> str:
         rows.append([r["model"], _f(r.get("factor_bits_per_entry"), ".3f"), _f(r.get("all_in_bits_per_entry"), ".3f"),
                      _f(cmb, ".2f"), _f(mb, ".1f"), _f(r.get("compress_seconds"), ".1f"),
                      _f(r.get("error", {}).get("global"), ".3f"),
-                     _f(r["ppl"], ".4f"), _f(r["kl"], ".5f"), _f(r["top1"], ".4f"), _f(r.get("exact_match"), ".3f"),
-                     _f(c.get("ppl"), ".3f"), _f(c.get("kl"), ".5f"), _f(c.get("top1"), ".4f")])
+                     _f(r["ppl"], ".4f"), _f(r["kl"], ".3g"), _f(r["top1"], ".4f"), _f(r.get("exact_match"), ".3f"),
+                     _f(c.get("ppl"), ".3f"), _f(c.get("kl"), ".3g"), _f(c.get("top1"), ".4f")])
     t = results["train"]
     lines = [f"fine-tune: {t['steps']} steps x batch {t['batch']}, lr {t['lr']:g}, {t['seconds']:.0f} s, "
              f"loss {t['first_loss']:.3f} -> {t['last_loss']:.4f}",
