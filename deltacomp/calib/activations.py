@@ -204,22 +204,32 @@ class LayerwiseHessians:
     def __iter__(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         if not self.layer_of:
             return
+        store = self.block_inputs()
+        with torch.no_grad():
+            for i in range(max(self.layer_of.values()) + 1):
+                yield from self._run_block(self.block, i, store)
+
+    @property
+    def block(self) -> nn.Module:
+        """The one block object, loaded with each block's weights in turn."""
+        return self.model.get_submodule(self.prefix)[0]
+
+    @torch.no_grad()
+    def block_inputs(self) -> list:
+        """Inputs of block 0 per calibration batch: ``[(hidden, args, kwargs), ...]`` on the device."""
         blocks = self.model.get_submodule(self.prefix)
         block = blocks[0]
         store: list = []
         blocks[0] = _Catcher(store)
         try:
-            with torch.no_grad():
-                for batch in _batches(self.samples, self.max_tokens):
-                    try:
-                        self.model(input_ids=batch.to(self.device), use_cache=False)
-                    except _Caught:
-                        pass
+            for batch in _batches(self.samples, self.max_tokens):
+                try:
+                    self.model(input_ids=batch.to(self.device), use_cache=False)
+                except _Caught:
+                    pass
         finally:
             blocks[0] = block
-        with torch.no_grad():
-            for i in range(max(self.layer_of.values()) + 1):
-                yield from self._run_block(block, i, store)
+        return store
 
     def _run_block(self, block: nn.Module, i: int, store: list):
         _load_block(block, self.ckpt, self.ckpt_prefix, i)

@@ -18,21 +18,18 @@ with ``C = X_t^T X_s / N`` and ``H_s = X_s^T X_s / N``, ``lam = seq_damp * mean(
 nothing upstream is compressed yet (the first layers of block 0), ``X_s = X_t``, ``C = H_s`` and ``W* = W_ft``.
 
 Memory is as for plain calibration plus the second stream (``samples x seqlen x hidden``), one cross moment per
-distinct input and the block's compressed weights; one block is on the device at a time. Each block runs once per
+distinct input, the block's compressed weights and one batch's layer inputs per stream; one block is on the
+device at a time. Each block runs once per
 group of layers sharing an input, per stream, and once more per stream to advance; a forward stops at the layer
 it was run for.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
-from deltacomp.calib.activations import LayerwiseHessians, _Catcher, _Caught, _load_block
-
-log = logging.getLogger(__name__)
+from deltacomp.calib.activations import LayerwiseHessians, _load_block
 
 
 def target_delta(base: torch.Tensor, ft: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
@@ -62,35 +59,16 @@ class SequentialCalibration:
     def __init__(self, ft, samples: list[torch.Tensor], wanted: set[str], device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_tokens: int = 16384):
         self.layers = LayerwiseHessians(ft, samples, wanted, device, dtype, max_tokens)
-        self.device = device
         self.layer_of = self.layers.layer_of
-        self.model = self.layers.model
-        blocks = self.model.get_submodule(self.layers.prefix)
-        self.block = blocks[0]
-        self.teacher = self._embed(blocks)
+        self.block = self.layers.block
+        self.teacher = self.layers.block_inputs()
         self.student = [(h.clone(), a, k) for h, a, k in self.teacher]
         self.groups = self._discover_groups()  # [[local names sharing one input], ...] in call order
         rank = {local: i for i, g in enumerate(self.groups) for local in g}
         self.order = sorted(self.layer_of, key=lambda n: (self.layer_of[n], rank.get(self.layers.local[n], 1 << 20), n))
-        self.current, self.group, self.cache = -1, -1, {}
+        self.current, self.cache = -1, {}
         self.ft_weights: dict[str, torch.Tensor] = {}
         self.st_weights: dict[str, torch.Tensor] = {}
-
-    def _embed(self, blocks: nn.ModuleList) -> list:
-        store: list = []
-        blocks[0] = _Catcher(store)
-        try:
-            with torch.no_grad():
-                from deltacomp.calib.activations import _batches
-
-                for batch in _batches(self.layers.samples, self.layers.max_tokens):
-                    try:
-                        self.model(input_ids=batch.to(self.device), use_cache=False)
-                    except _Caught:
-                        pass
-        finally:
-            blocks[0] = self.block
-        return store
 
     def _linear(self, local: str) -> nn.Linear:
         return self.block.get_submodule(local)
@@ -129,8 +107,9 @@ class SequentialCalibration:
         for local, w in weights.items():
             self._linear(local).weight.data = w
 
-    def _capture(self, stream: list, local: str) -> list[torch.Tensor]:
-        """Inputs (tokens, n) of ``local`` per batch of ``stream``, stopping each forward there."""
+    def _capture(self, item: tuple, local: str, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Input (tokens, n) of ``local`` for one batch ``item`` of a stream, with ``weights``; stops there."""
+        self._set(weights)
         got: list[torch.Tensor] = []
 
         def hook(module, inputs):
@@ -139,15 +118,14 @@ class SequentialCalibration:
             raise _StopAt
 
         handle = self._linear(local).register_forward_pre_hook(hook)
+        h, a, k = item
         try:
-            for h, a, k in stream:
-                try:
-                    self.block(h, *a, **k)
-                except _StopAt:
-                    pass
+            self.block(h, *a, **k)
+        except _StopAt:
+            pass
         finally:
             handle.remove()
-        return got
+        return got[0]
 
     def _advance(self, stream: list, weights: dict[str, torch.Tensor]) -> None:
         self._set(weights)
@@ -168,7 +146,7 @@ class SequentialCalibration:
         locals_ = {self.layers.local[n] for n, b in self.layer_of.items() if b == i}
         self.ft_weights = {loc: self._linear(loc).weight.data for loc in locals_}
         self.st_weights = dict(self.ft_weights)  # replaced by base + compressed delta as they come
-        self.current, self.group, self.cache = i, -1, {}
+        self.current, self.cache = i, {}
 
     @torch.no_grad()
     def moments(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,18 +156,17 @@ class SequentialCalibration:
             self._enter_block(i)
         if local not in self.cache:
             self.cache = {}
-            self._set(self.ft_weights)
-            xt = self._capture(self.teacher, local)
-            self._set(self.st_weights)
-            xs = self._capture(self.student, local)
-            n = xs[0].shape[1]
-            h = torch.zeros(n, n, device=xs[0].device)
-            c = torch.zeros(n, n, device=xs[0].device)
+            h = c = None
             tokens = 0
-            for a, b in zip(xt, xs):
-                h.addmm_(b.T, b)
-                c.addmm_(a.T, b)
-                tokens += b.shape[0]
+            for teacher, student in zip(self.teacher, self.student):  # one batch of each stream at a time
+                xt = self._capture(teacher, local, self.ft_weights)
+                xs = self._capture(student, local, self.st_weights)
+                if h is None:
+                    h = torch.zeros(xs.shape[1], xs.shape[1], device=xs.device)
+                    c = torch.zeros_like(h)
+                h.addmm_(xs.T, xs)
+                c.addmm_(xt.T, xs)
+                tokens += xs.shape[0]
             moments = (h / tokens, c / tokens)
             group = next((g for g in self.groups if local in g), [local])
             self.cache = {loc: moments for loc in group}
