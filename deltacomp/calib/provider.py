@@ -3,6 +3,9 @@
 :func:`open_contexts` is what :func:`deltacomp.compress.compress` calls when ``--calib`` or
 ``--budget-scope model`` is set. Entries are put in natural order (``layers.2`` before ``layers.10``) so that
 the blocks are visited once, in order; the Hessians of a block live only while its matrices are compressed.
+With ``--sequential`` (:mod:`deltacomp.calib.sequential`) the calibrated matrices are further put in the order
+the model calls them, and each context also carries the cross moment and a ``done`` callback that hands the
+compressed matrix back to the student stream.
 
 ``--budget-scope model`` needs a first pass before anything is quantized: every matrix is decomposed (top
 vectors, up to twice the rank its own budget would afford), the expected error of each vector at each width is
