@@ -63,20 +63,17 @@ class SequentialCalibration:
         self.block = self.layers.block
         self.teacher = self.layers.block_inputs()
         self.student = [(h.clone(), a, k) for h, a, k in self.teacher]
+        self._load(0)
         self.groups = self._discover_groups()  # [[local names sharing one input], ...] in call order
         rank = {local: i for i, g in enumerate(self.groups) for local in g}
         self.order = sorted(self.layer_of, key=lambda n: (self.layer_of[n], rank.get(self.layers.local[n], 1 << 20), n))
-        self.current, self.cache = -1, {}
-        self.ft_weights: dict[str, torch.Tensor] = {}
-        self.st_weights: dict[str, torch.Tensor] = {}
 
     def _linear(self, local: str) -> nn.Linear:
         return self.block.get_submodule(local)
 
     def _discover_groups(self) -> list[list[str]]:
-        """Locals of block 0's calibrated linears grouped by shared input, in call order."""
-        locals_ = sorted({self.layers.local[n] for n, i in self.layer_of.items()})
-        _load_block(self.block, self.layers.ckpt, self.layers.ckpt_prefix, 0)
+        """Locals of the calibrated linears grouped by shared input, in block 0's call order (block 0 loaded)."""
+        locals_ = sorted(set(self.layers.local.values()))
         seen: dict[int, int] = {}
         held: list[torch.Tensor] = []  # keeps each input alive, so that its address is not reused meanwhile
         groups: list[list[str]] = []
@@ -133,20 +130,19 @@ class SequentialCalibration:
             out = self.block(h, *a, **k)
             stream[j] = (out[0] if isinstance(out, (tuple, list)) else out, a, k)
 
-    def _enter_block(self, i: int) -> None:
-        if self.current >= 0:  # finish the previous block: both streams through it
-            self._advance(self.teacher, self.ft_weights)
-            self._advance(self.student, self.st_weights)
-        for j in range(self.current + 1, i):  # blocks with nothing calibrated: the fine-tune's weights in both
-            _load_block(self.block, self.layers.ckpt, self.layers.ckpt_prefix, j)
-            self.ft_weights = {}
-            self._advance(self.teacher, {})
-            self._advance(self.student, {})
+    def _load(self, i: int) -> None:
+        """Block i's fine-tuned weights into the one block; its calibrated matrices start as the fine-tune's."""
         _load_block(self.block, self.layers.ckpt, self.layers.ckpt_prefix, i)
         locals_ = {self.layers.local[n] for n, b in self.layer_of.items() if b == i}
         self.ft_weights = {loc: self._linear(loc).weight.data for loc in locals_}
         self.st_weights = dict(self.ft_weights)  # replaced by base + compressed delta as they come
         self.current, self.cache = i, {}
+
+    def _enter_block(self, i: int) -> None:
+        while self.current < i:  # both streams through the current block, then the next one loaded
+            self._advance(self.teacher, self.ft_weights)
+            self._advance(self.student, self.st_weights)
+            self._load(self.current + 1)
 
     @torch.no_grad()
     def moments(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
