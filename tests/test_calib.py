@@ -36,6 +36,19 @@ def test_plain_json_and_chat_files_give_samples(tmp_path):
     assert bytes(tok.decode(chat_samples[0]), "utf-8").startswith(b"<user> ")
 
 
+def test_default_takes_short_records_up_to_the_token_budget():
+    from deltacomp.calib.data import DEFAULT_SAMPLES, DEFAULT_TOKENS
+
+    short = [[i % 7 + 1] * 10 for i in range(3000)]  # 30,000 tokens: all of it fits
+    assert len(make_samples(short, None, None, 512)) == 3000
+    long = [[1] * 4096 for _ in range(200)]  # each cut to 2048 positions: the budget holds exactly 128
+    assert len(make_samples(long, None, None, 2048)) == DEFAULT_TOKENS // 2048 == DEFAULT_SAMPLES
+    huge = [[1] * 8192 for _ in range(200)]  # longer than the budget allows: still the first 128 records
+    assert len(make_samples(huge, None, None, 8192)) == DEFAULT_SAMPLES
+    many = [[1] * 100 for _ in range(5000)]  # 500,000 tokens: the leading records within 262,144 tokens
+    assert len(make_samples(many, None, None, 512)) == DEFAULT_TOKENS // 100
+
+
 def test_make_samples_errors_say_what_was_available():
     with pytest.raises(CalibrationError, match="only 30 tokens, shorter than --calib-seqlen 64"):
         make_samples([[1] * 10, [2] * 19], None, 64, 128, sep=0)

@@ -9,10 +9,13 @@ A calibration file is one of:
 
 Records become samples in one of two ways:
 
-* ``seqlen=None``: one sample per record (truncated to the model's positions), the first ``samples`` of them;
+* ``seqlen=None``: one sample per record (truncated to the model's positions), the first ``samples`` of them.
+  By default, the leading records that fit in :data:`DEFAULT_TOKENS` (the public recipe's 128 windows of 2,048
+  tokens), and never fewer than :data:`DEFAULT_SAMPLES` records: a file of short sentences is used in full
+  rather than cut at 128 of them;
 * ``seqlen=L``: the records are joined (with the tokenizer's EOS/SEP between them) into one token stream cut into
-  non-overlapping L-token windows, ``samples`` of them spread evenly over the stream (the public recipe's
-  windows of general text).
+  non-overlapping L-token windows, ``samples`` of them (default at most :data:`DEFAULT_SAMPLES`) spread evenly
+  over the stream (the public recipe's windows of general text).
 
 Every problem is one :class:`CalibrationError` line naming the file, the line and what was expected.
 """
@@ -30,6 +33,7 @@ from deltacomp.errors import DeltacompError
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 128
+DEFAULT_TOKENS = 128 * 2048
 
 
 class CalibrationError(DeltacompError):
@@ -84,6 +88,17 @@ def tokenize(kind: str, records: list, tokenizer) -> list[list[int]]:
     return [tokenizer(t)["input_ids"] for t in records]
 
 
+def _default_records(token_lists: list[list[int]], max_len: int) -> int:
+    """How many leading records the default takes: those within DEFAULT_TOKENS, at least DEFAULT_SAMPLES."""
+    total = n = 0
+    for t in token_lists:
+        total += min(len(t), max_len)
+        if total > DEFAULT_TOKENS:
+            break
+        n += 1
+    return max(n, min(len(token_lists), DEFAULT_SAMPLES))
+
+
 def make_samples(token_lists: list[list[int]], samples: int | None, seqlen: int | None, max_len: int,
                  sep: int | None = None, source: str = "the calibration file") -> list[torch.Tensor]:
     """Cut token lists into samples (module docstring); returns 1-D int64 tensors."""
@@ -92,7 +107,7 @@ def make_samples(token_lists: list[list[int]], samples: int | None, seqlen: int 
         raise CalibrationError(f"{source} gives no tokens")
     if seqlen is None:
         avail = len(token_lists)
-        n = min(avail, DEFAULT_SAMPLES) if samples is None else samples
+        n = _default_records(token_lists, max_len) if samples is None else samples
         if n > avail:
             raise CalibrationError(f"--calib-samples {samples} asked, but {source} has only {avail} records")
         return [torch.tensor(t[:max_len], dtype=torch.long) for t in token_lists[:n]]

@@ -28,7 +28,9 @@ from deltacomp.cli import cli, handle_errors
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration text (plain text, JSON lines, or chat JSON lines): GPTQ instead of round-to-nearest.")
 @click.option("--calib-field", default="text", show_default=True, help="Text field of JSON-lines calibration data.")
-@click.option("--calib-samples", type=int, default=None, help="Calibration samples [default: all, at most 128].")
+@click.option("--calib-samples", type=int, default=None,
+              help="Calibration samples [default: the records within 128 x 2048 tokens, at least 128; with "
+                   "--calib-seqlen, 128 windows].")
 @click.option("--calib-seqlen", type=int, default=None,
               help="Join the records and cut L-token windows [default: one sample per record].")
 @click.option("--gptq-group-size", type=int, default=128, show_default=True,
