@@ -55,7 +55,7 @@ ACTIONS = (
     "investigate",
 )
 ALERTS = (
-    "HighErrorRate", "KubePodNotReady", "NodeDiskPressure", "TargetDown", "HighLatency", "CPUThrottlingHigh",
+    "HighErrorRate", "KubeContainerWaiting", "NodeDiskPressure", "TargetDown", "HighLatency", "CPUThrottlingHigh",
     "KubeJobFailed", "etcdInsufficientMembers", "PrometheusRuleFailures", "CertificateExpiringSoon",
     "DiskWillFillIn4Hours", "KubeDeploymentReplicasMismatch",
 )

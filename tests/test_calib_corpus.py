@@ -34,6 +34,9 @@ def test_generated_sentences_never_touch_the_held_out_set(corpus_mod):
     for text in generated:
         assert not any(h.lower() in text.lower() for h in HELDOUT_SENTENCES), text
         assert not corpus_mod._trigrams(text) & held_grams, text
+    words = " ".join(generated).lower()
+    for state in ("crashloopbackoff", "imagepullbackoff", "oomkilled", "notready"):  # held-out state words
+        assert state not in words
 
 
 def test_leaks_catches_containment_and_shared_trigrams(corpus_mod):
