@@ -19,9 +19,8 @@ nothing upstream is compressed yet (the first layers of block 0), ``X_s = X_t``,
 
 Memory is as for plain calibration plus the second stream (``samples x seqlen x hidden``), one cross moment per
 distinct input, the block's compressed weights and one batch's layer inputs per stream; one block is on the
-device at a time. Each block runs once per
-group of layers sharing an input, per stream, and once more per stream to advance; a forward stops at the layer
-it was run for.
+device at a time. Each block runs once per group of layers sharing an input, per stream, and once more per
+stream to advance; a forward stops at the layer it was run for.
 """
 
 from __future__ import annotations
@@ -148,8 +147,7 @@ class SequentialCalibration:
     def moments(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(H_s, C)`` (n, n) float32 of ``name``, which must come in :attr:`order`."""
         i, local = self.layer_of[name], self.layers.local[name]
-        if i != self.current:
-            self._enter_block(i)
+        self._enter_block(i)
         if local not in self.cache:
             self.cache = {}
             h = c = None
