@@ -36,12 +36,23 @@ def parse_schedule(text: str) -> tuple[tuple[int, int | None], ...]:
     return tuple(out)
 
 
-def parse_bits(text: str) -> tuple[int, ...]:
-    """``"2,3,4,8"`` -> (2, 3, 4, 8)."""
+def parse_bits(text: str) -> tuple[tuple[int, int], ...]:
+    """Allocation widths: ``"2,3,4,8"`` -> ((2, 2), (3, 3), (4, 4), (8, 8)); ``"U/V"`` gives U's vector U bits
+    and V's vector V bits: ``"2/1,3/2"`` -> ((2, 1), (3, 2)). Sorted by total width, duplicates dropped."""
+    out = set()
     try:
-        return tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+        for part in text.split(","):
+            if part.strip():
+                u, _, v = part.strip().partition("/")
+                out.add((int(u), int(v) if v else int(u)))
     except ValueError:
-        raise DeltacompError(f"bad bit set {text!r}: expected widths like '2,3,4,8'") from None
+        raise DeltacompError(f"bad bit set {text!r}: expected widths like '2,3,4,8' or U/V pairs like '3/2'") from None
+    return tuple(sorted(out, key=lambda w: (w[0] + w[1], w)))
+
+
+def format_bits(widths: tuple[tuple[int, int], ...]) -> str:
+    """The inverse of :func:`parse_bits`."""
+    return ",".join(str(u) if u == v else f"{u}/{v}" for u, v in widths)
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,7 @@ class CompressConfig:
     seq_damp: float = 1.0  # its ridge towards the fine-tune's weight, a fraction of the mean Hessian diagonal
     # bit allocation (deltacomp.quant.allocate)
     allocation: str = "schedule"  # schedule: the fixed groups above | optimal: bits per vector minimising error
-    allocation_bits: tuple[int, ...] = (2, 3, 4, 8)  # widths the optimal allocation chooses from (0 = dropped)
+    allocation_bits: tuple[tuple[int, int], ...] = ((2, 2), (3, 3), (4, 4), (8, 8))  # (U, V) widths to choose from
     budget_scope: str = "matrix"  # matrix: each matrix within its budget | model: the total of all of them
     svd: str = "auto"  # full | randomized | auto (randomized on a GPU when the rank kept is small)
     exact: str = "full"  # changed uncompressed tensors: full (as the fine-tune has them) | fp16-delta
@@ -130,7 +141,7 @@ class CompressConfig:
             raise DeltacompError(f"--budget-scope model is for the mixed method only, not {self.method!r}")
         if not self.allocation_bits:
             raise DeltacompError("the allocation bit set is empty")
-        for bits in self.allocation_bits:
+        for bits in {b for width in self.allocation_bits for b in width}:
             if bits not in SUPPORTED_BITS:
                 raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
         if self.svd not in ("full", "randomized", "auto"):
@@ -142,7 +153,7 @@ class CompressConfig:
         d = asdict(self)
         d["schedule"] = [list(g) for g in self.schedule]
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
-        d["allocation_bits"] = list(self.allocation_bits)
+        d["allocation_bits"] = format_bits(self.allocation_bits)
         d.pop("device")
         d.pop("max_shard_bytes")
         return {"config_version": CONFIG_VERSION, **d}
@@ -153,8 +164,9 @@ class CompressConfig:
         kw = {k: v for k, v in d.items() if k in known}
         if "schedule" in kw:
             kw["schedule"] = tuple((int(b), None if c is None else int(c)) for b, c in kw["schedule"])
-        if "allocation_bits" in kw:
-            kw["allocation_bits"] = tuple(int(b) for b in kw["allocation_bits"])
+        if "allocation_bits" in kw:  # "2,3/2,4" (a list of ints in packages written before U/V widths)
+            text = kw["allocation_bits"]
+            kw["allocation_bits"] = parse_bits(text if isinstance(text, str) else ",".join(map(str, text)))
         for key in ("include", "exclude"):
             if key in kw:
                 kw[key] = tuple(kw[key])

@@ -262,12 +262,19 @@ def error_curve(pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, config: Eva
     return curve
 
 
-def vector_bits(info: dict) -> list[int]:
-    """Bits of each kept singular vector, in singular-value order (fp16 = 16 for low-rank factors)."""
+def vector_bits(info: dict, shape: tuple[int, int] | None = None) -> list[float]:
+    """Bits per entry of each kept singular vector pair, in singular-value order (fp16 = 16 for low-rank
+    factors). A pair with U at b_u and V at b_v bits counts ``(b_u m + b_v n) / (m + n)`` (the mean without
+    ``shape``)."""
     if isinstance(info.get("vector_bits"), list):
         return [int(b) for b in info["vector_bits"]]
     if info.get("groups"):
-        return [g["bits"] for g in info["groups"] for _ in range(g["rank"])]
+        m, n = shape or (1, 1)
+        out = []
+        for g in info["groups"]:
+            bu, bv = g["bits"], g.get("v_bits", g["bits"])
+            out += [bu if bu == bv else (bu * m + bv * n) / (m + n)] * g["rank"]
+        return out
     if info.get("rank"):
         return [16] * int(info["rank"])
     return []
@@ -301,5 +308,7 @@ def spectra(pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, count: int) -> 
     for name in pick_modules(pkg, count):
         delta = ft.read(name).float() - base.read(name).float()  # (m, n)
         s = torch.linalg.svdvals(delta)
-        out[name] = {"singular_values": s.tolist(), "vector_bits": vector_bits(pkg.modules[name].get("info", {}))}
+        rec = pkg.modules[name]
+        bits = vector_bits(rec.get("info", {}), tuple(rec["shape"]))
+        out[name] = {"singular_values": s.tolist(), "vector_bits": bits}
     return out

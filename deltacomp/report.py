@@ -15,11 +15,10 @@ def format_table(headers: list[str], rows: list[list], align: str | None = None)
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-def _bits_text(info: dict) -> str:
-    groups = info.get("groups")
-    if groups:
-        return " ".join(f"{g['bits']}b x{g['rank']}" for g in groups)
-    return ""
+def bits_text(info: dict) -> str:
+    """A package module's bit groups: ``8b x2 3/2b x10`` (U/V where V's width differs from U's)."""
+    return " ".join(f"{g['bits']}{'/' + str(g['v_bits']) if 'v_bits' in g else ''}b x{g['rank']}"
+                    for g in info.get("groups") or [])
 
 
 def module_rows(manifest: dict) -> list[list]:
@@ -29,7 +28,7 @@ def module_rows(manifest: dict) -> list[list]:
         if m["action"] == "compress":
             info = m["info"]
             rank = info.get("rank", "-")
-            rows.append([name, m["method"], shape, rank, _bits_text(info) or "-", m["bytes"],
+            rows.append([name, m["method"], shape, rank, bits_text(info) or "-", m["bytes"],
                          f"{m['factor_bits_per_entry']:.3f}", f"{m['all_in_bits_per_entry']:.3f}"])
         else:
             rows.append([name, m["action"], shape, "-", "-", m.get("bytes", 0), "-", "-"])

@@ -9,11 +9,12 @@ from click.testing import CliRunner
 from conftest import byte_tokenizer
 from conftest import calib_text as _text
 
-from deltacomp.apply import apply
+from deltacomp.apply import apply, reconstruct_delta
 from deltacomp.calib.activations import LayerwiseHessians
 from deltacomp.calib.data import CalibrationError, load_samples, make_samples, read_records
 from deltacomp.cli import cli
 from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.methods.base import get_method
 from deltacomp.package.store import DeltaPackage
 
 
@@ -131,6 +132,7 @@ def test_layerwise_hessians_equal_a_full_forward(pair, auto, request):
 # -- end to end -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pair", ["llama_tok", "bert_tok"])
 @pytest.mark.parametrize("extra", [[], ["--allocation", "optimal"],
+                                   ["--allocation", "optimal", "--allocation-bits", "2/1,3/2,4/2,4,8"],
                                    ["--allocation", "optimal", "--budget-scope", "model"]])
 def test_compress_with_calibration_then_apply(pair, extra, request, tmp_path):
     base, ft, deltas = request.getfixturevalue(pair)
@@ -147,6 +149,13 @@ def test_compress_with_calibration_then_apply(pair, extra, request, tmp_path):
     assert manifest["budget"]["achieved_factor_bits_per_entry"] <= 2.0
     if "--budget-scope" not in extra:
         assert all(m["factor_bits_per_entry"] <= 2.0 for m in mods.values())
+    if "--allocation-bits" in extra:  # U/V widths: stored as chosen, and the factors export multiplies back
+        pkg = DeltaPackage(tmp_path / "pkg")
+        assert any("v_bits" in g for m in mods.values() for g in m["info"]["groups"])
+        for name, m in mods.items():
+            b_factor, a_factor = get_method("mixed").factors(pkg.parts(name), m["info"], tuple(m["shape"]))
+            want = reconstruct_delta(pkg, name)
+            assert float((b_factor @ a_factor - want).abs().max()) <= 1e-5 * float(want.abs().max())
     apply(tmp_path / "pkg", base, tmp_path / "model")
     out, b = Checkpoint(tmp_path / "model"), Checkpoint(base)
     if "--budget-scope" in extra:  # bits move between matrices: each keeps at least one vector

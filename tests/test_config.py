@@ -2,7 +2,7 @@
 
 import pytest
 
-from deltacomp.config import CompressConfig, parse_schedule
+from deltacomp.config import CompressConfig, format_bits, parse_bits, parse_schedule
 from deltacomp.errors import DeltacompError
 
 
@@ -12,7 +12,18 @@ def test_schedule_parsing():
         parse_schedule("8:x")
 
 
+def test_allocation_widths_parsing():
+    assert parse_bits("2,3,4,8") == ((2, 2), (3, 3), (4, 4), (8, 8))
+    assert parse_bits(" 3/2, 2/1,2,3/2 ") == ((2, 1), (2, 2), (3, 2))  # by total width; duplicates dropped
+    assert format_bits(parse_bits("2/1,3,8/4")) == "2/1,3,8/4"
+    for bad in ("3/x", "2,,a", "/2"):
+        with pytest.raises(DeltacompError, match="bad bit set"):
+            parse_bits(bad)
+
+
 @pytest.mark.parametrize("kw, message", [
+    ({"allocation_bits": ((5, 2),)}, "width 5 is not supported"),
+    ({"allocation_bits": ()}, "bit set is empty"),
     ({"bits": 0}, "positive number"),
     ({"bits": float("nan")}, "positive number"),
     ({"bits": 32}, "more than fp16"),
@@ -31,3 +42,11 @@ def test_round_trip_through_a_dict():
     d = c.to_dict()
     assert d["config_version"] == 1
     assert CompressConfig.from_dict(d) == c
+    uv = CompressConfig(allocation="optimal", allocation_bits=parse_bits("2/1,3/2,4"))
+    assert uv.to_dict()["allocation_bits"] == "2/1,3/2,4"
+    assert CompressConfig.from_dict(uv.to_dict()) == uv
+
+
+def test_settings_of_packages_with_a_list_of_widths_still_load():
+    d = {**CompressConfig().to_dict(), "allocation_bits": [2, 3, 4, 8]}
+    assert CompressConfig.from_dict(d).allocation_bits == ((2, 2), (3, 3), (4, 4), (8, 8))

@@ -4,7 +4,7 @@ import torch
 
 from deltacomp.lowrank.svd import svd
 from deltacomp.quant import factors
-from deltacomp.quant.budget import fill_schedule
+from deltacomp.quant.budget import BitGroup, fill_schedule, vector_cost
 
 
 def _delta(m=96, n=160, seed=0):
@@ -35,10 +35,24 @@ def test_stored_tensors_round_trip_exactly():
     u, s, v = svd(delta, sum(g.rank for g in groups))
     fg = factors.quantize_rtn(delta, u, s, v, groups, 16)
     tensors = factors.to_tensors(fg)
-    back = factors.from_tensors(tensors, [g.bits for g in groups], tuple(delta.shape))
+    back = factors.from_tensors(tensors, [(g.bits, g.bits) for g in groups], tuple(delta.shape))
     assert torch.equal(factors.reconstruct(back, 16), factors.reconstruct(fg, 16))
     for a, b in zip(fg, back):
         assert torch.equal(a.u.codes, b.u.codes) and torch.equal(a.v.codes, b.v.codes)
+
+
+def test_uv_widths_round_trip_and_pack_each_factor_at_its_own_width():
+    m, n = 96, 160
+    delta = _delta(m, n, seed=3)
+    groups = [BitGroup(4, 3, 2), BitGroup(3, 5, 1), BitGroup(2, 6)]
+    u, s, v = svd(delta, 14)
+    fg = factors.quantize_rtn(delta, u, s, v, groups, 32)
+    assert [int(g.v.codes.max()) for g in fg] == [3, 1, 3]  # V's codes stay within V's width
+    tensors = factors.to_tensors(fg)
+    back = factors.from_tensors(tensors, [(4, 2), (3, 1), (2, 2)], (m, n))
+    assert torch.equal(factors.reconstruct(back, 32), factors.reconstruct(fg, 32))
+    payload = sum(t.numel() * 32 for k, t in tensors.items() if k.endswith((".u", ".v")))
+    assert payload == sum(g.rank * vector_cost(g.bits, m, n, g.v_bits) for g in groups)
 
 
 def test_packed_payload_matches_the_budget():

@@ -44,7 +44,9 @@ from deltacomp.cli import cli, handle_errors
               help="--sequential's ridge towards the fine-tune's weight (fraction of mean diag H).")
 @click.option("--allocation", type=click.Choice(["schedule", "optimal"]), default="schedule", show_default=True,
               help="Bits per singular vector: the fixed --schedule, or chosen to minimise the expected error.")
-@click.option("--allocation-bits", default="2,3,4,8", show_default=True, help="Widths --allocation optimal uses.")
+@click.option("--allocation-bits", default="2,3,4,8", show_default=True,
+              help="Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector at U "
+                   "bits, V's at V). With --calib, GPTQ absorbs much of V's error, so widths like 3/2 and 2/1 pay.")
 @click.option("--budget-scope", type=click.Choice(["matrix", "model"]), default="matrix", show_default=True,
               help="Budget per matrix, or shared by all compressed matrices (with --allocation optimal).")
 @click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True,

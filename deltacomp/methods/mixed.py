@@ -12,6 +12,11 @@ from deltacomp.quant import allocate, factors
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, vector_cost
 
 
+def widths(info: dict) -> list[tuple[int, int]]:
+    """(U bits, V bits) of each stored group; ``v_bits`` is written only where it differs from ``bits``."""
+    return [(g["bits"], g.get("v_bits", g["bits"])) for g in info["groups"]]
+
+
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
@@ -24,16 +29,16 @@ class Mixed(Method):
             self.allocate(shape, config)
         elif config.budget_scope == "matrix":
             m, n = shape
-            cheapest = min(config.allocation_bits)
-            if vector_cost(cheapest, m, n) > budget_bits(m, n, config.bits):
+            need = min(vector_cost(bu, m, n, bv) for bu, bv in config.allocation_bits)
+            if need > budget_bits(m, n, config.bits):
                 raise BudgetError(
-                    f"a budget of {config.bits:g} bits per entry is too small for one {cheapest}-bit singular "
-                    f"vector of a {m}x{n} matrix (needs at least {vector_cost(cheapest, m, n) / (m * n):.4g})"
+                    f"a budget of {config.bits:g} bits per entry is too small for one singular vector of a {m}x{n} "
+                    f"matrix at the cheapest allocation width (needs at least {need / (m * n):.4g})"
                 )
 
     def compress(self, delta: torch.Tensor, config: CompressConfig, context=None) -> Compressed:
         """``context`` (optional dict): ``hessian`` (n, n) input second moment -> GPTQ instead of round-to-nearest;
-        ``factors`` (u, s, v) and ``bits`` (r,) from a model-scope first pass."""
+        ``factors`` (u, s, v) and ``bits`` (r, 2) widths from a model-scope first pass."""
         ctx = context or {}
         h = ctx.get("hessian")
         m, n = delta.shape
@@ -44,7 +49,9 @@ class Mixed(Method):
         elif config.allocation == "optimal":
             rank = allocate.max_rank(m, n, config.bits, config.allocation_bits)
             u, s, v = decompose(delta, rank, config.device, config.svd)
-            bits = allocate.matrix_bits(u, s, v, config.allocation_bits, group_size, budget_bits(m, n, config.bits), h)
+            gptq_v = (config.act_order, config.damp) if h is not None else None
+            bits = allocate.matrix_bits(u, s, v, config.allocation_bits, group_size, budget_bits(m, n, config.bits),
+                                        h, gptq_v)
         else:
             sched = self.allocate((m, n), config)
             u, s, v = decompose(delta, sum(g.rank for g in sched), config.device, config.svd)
@@ -52,7 +59,7 @@ class Mixed(Method):
         order, runs = allocate.group_by_bits(bits)
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
-        groups = [BitGroup(b, k) for b, k in runs]
+        groups = [BitGroup(bu, k, None if bv == bu else bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
         if h is not None:
             from deltacomp.quant.calibrated import quantize_gptq
@@ -64,7 +71,8 @@ class Mixed(Method):
         factor_bits = sum(bits_of(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {
             "rank": sum(g.rank for g in groups),
-            "groups": [{"bits": g.bits, "rank": g.rank} for g in groups],
+            "groups": [{"bits": g.bits, "rank": g.rank, **({} if g.v_bits is None else {"v_bits": g.v_bits})}
+                       for g in groups],
             "group_size": group_size,
             "allocation": config.allocation,
             "calibrated": h is not None,
@@ -72,14 +80,12 @@ class Mixed(Method):
         return Compressed(tensors, info, factor_bits, sum(bits_of(t) for t in tensors.values()))
 
     def reconstruct(self, tensors, info, shape):
-        bits = [g["bits"] for g in info["groups"]]
-        return factors.reconstruct(factors.from_tensors(tensors, bits, shape), info["group_size"])
+        return factors.reconstruct(factors.from_tensors(tensors, widths(info), shape), info["group_size"])
 
     def factors(self, tensors, info, shape, max_rank=None):
         """B (m, r), A (r, n) of the dequantized groups; sqrt(|S|) on each side, the sign of S on B."""
-        bits = [g["bits"] for g in info["groups"]]
         us, vs = [], []
-        for g in factors.from_tensors(tensors, bits, shape):
+        for g in factors.from_tensors(tensors, widths(info), shape):
             u = g.u.dequantize(info["group_size"])  # (r_g, m)
             v = g.v.dequantize(info["group_size"])  # (r_g, n)
             s = g.s.float()  # (r_g,): may be negative after the least-squares refit

@@ -11,6 +11,7 @@ import torch
 from deltacomp.apply import reconstruct_delta
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.package.store import DeltaPackage
+from deltacomp.report import bits_text
 
 
 def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
@@ -33,10 +34,6 @@ class ModuleError:
         return math.sqrt(self.err_sq / self.norm_sq) if self.norm_sq > 0 else 0.0
 
 
-def _bits_text(info: dict) -> str:
-    return " ".join(f"{g['bits']}b x{g['rank']}" for g in info.get("groups", []))
-
-
 def module_errors(pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint) -> Iterator[ModuleError]:
     """One :class:`ModuleError` per compressed module, one (base, fine-tune, reconstruction) triple at a time."""
     for name, rec in pkg.modules.items():
@@ -45,7 +42,7 @@ def module_errors(pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint) -> Iterat
         delta = ft.read(name).float() - base.read(name).float()  # (m, n)
         err_sq, norm_sq = relative_error(delta, reconstruct_delta(pkg, name))
         info = rec.get("info", {})
-        yield ModuleError(name, tuple(rec["shape"]), info.get("rank"), _bits_text(info), err_sq, norm_sq)
+        yield ModuleError(name, tuple(rec["shape"]), info.get("rank"), bits_text(info), err_sq, norm_sq)
 
 
 def summarise(errors: list[ModuleError]) -> dict:

@@ -3,15 +3,18 @@
 Objective. A matrix ``dW = sum_i s_i u_i v_i^T`` (unit u_i, v_i) acts on inputs x with second moment
 ``H = E[x x^T]`` (the identity without calibration). The expected output error of its compressed form is
 ``E||(dW - dW_hat) x||^2 = tr((dW - dW_hat) H (dW - dW_hat)^T)``. Treating the vectors' errors as independent
-(cross terms vanish to first order), vector i contributes
+(cross terms vanish to first order), vector i with its u at ``b_u`` bits and its v at ``b_v`` contributes
 
-    dropped (0 bits):   e_i(0) = s_i^2 * v_i^T H v_i
-    b bits:             e_i(b) = s_i^2 * (||du_i(b)||^2 * v_i^T H v_i + dv_i(b)^T H dv_i(b))
+    dropped:          e_i(0) = s_i^2 * v_i^T H v_i
+    width (b_u, b_v): e_i(b) = s_i^2 * (||du_i(b_u)||^2 * v_i^T H v_i + dv_i(b_v)^T H dv_i(b_v))
 
-where ``du_i(b), dv_i(b)`` are the measured round-to-nearest errors of u_i and v_i at b bits (in the stored
-format: groups, fp16 parameters). Errors grow with s_i^2, so large singular values earn more bits; with
-calibration, directions the inputs rarely excite (small v^T H v) earn fewer. A vector at b bits costs
-``b * (pad32(m) + pad32(n))`` bits (:func:`deltacomp.quant.budget.vector_cost`).
+where ``du_i, dv_i`` are the measured quantization errors of u_i and v_i in the stored format (groups, fp16
+parameters): round-to-nearest for u, and for v the quantizer the matrix will get, i.e. GPTQ under H with
+calibration (its errors land where the inputs rarely point, so they cost far less than round-to-nearest's;
+one GPTQ sweep measures every width, the rows stacked width after width). Errors grow with s_i^2, so large
+singular values earn more bits; with calibration, directions the inputs rarely excite (small v^T H v) earn
+fewer, and since GPTQ absorbs much of v's error but none of u's, widths with ``b_u > b_v`` can pay. A width
+costs ``b_u * pad32(m) + b_v * pad32(n)`` bits (:func:`deltacomp.quant.budget.vector_cost`).
 
 Solver. Minimise ``sum_i e_i(b_i)`` subject to ``sum_i cost_i(b_i) <= budget`` over all vectors of one matrix
 (``--budget-scope matrix``) or of every compressed matrix at once (``--budget-scope model``: the sum of the
@@ -26,13 +29,15 @@ from __future__ import annotations
 import torch
 
 from deltacomp.errors import BudgetError
-from deltacomp.quant import rtn
+from deltacomp.quant import gptq, rtn
 from deltacomp.quant.budget import budget_bits, vector_cost
 
+Width = tuple[int, int]  # (bits of u, bits of v)
 
-def max_rank(m: int, n: int, bits_per_entry: float, bit_set: tuple[int, ...], share: float = 1.0) -> int:
+
+def max_rank(m: int, n: int, bits_per_entry: float, widths: tuple[Width, ...], share: float = 1.0) -> int:
     """Most vectors the allocation could keep: the budget (times ``share``) spent on the cheapest width."""
-    cheapest = vector_cost(min(bit_set), m, n)
+    cheapest = min(vector_cost(bu, m, n, bv) for bu, bv in widths)
     return max(1, min(min(m, n), int(share * budget_bits(m, n, bits_per_entry) // cheapest)))
 
 
@@ -42,20 +47,37 @@ def _rtn_error(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return x - rtn.dequantize(codes, scale, offset, group_size)
 
 
-def vector_errors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bit_set: tuple[int, ...], group_size: int,
-                  h: torch.Tensor | None = None) -> torch.Tensor:
-    """Expected error of each vector at 0 bits and at each width of ``bit_set``: (r, 1 + len(bit_set)) float64.
+def _v_errors(v: torch.Tensor, bits: list[int], group_size: int, h: torch.Tensor | None,
+              gptq_v: tuple[bool, float] | None) -> dict[int, torch.Tensor]:
+    """``dv^T H dv`` (r,) of every vector at each width: GPTQ (one sweep) when ``gptq_v`` = (act_order, damp)."""
+    r = v.shape[1]
+    swept = [b for b in bits if gptq_v is not None and h is not None and b < 8]  # 8 bits: rounding is enough
+    out = {}
+    if swept:
+        rows = v.T.repeat(len(swept), 1)  # (K r, n)
+        row_bits = torch.tensor(swept, device=v.device).repeat_interleave(r)
+        codes, scale, offset = gptq.gptq_rows(rows, h, row_bits, group_size, *gptq_v)
+        err = rows - rtn.dequantize(codes, scale, offset, group_size)
+        out = dict(zip(swept, (err * (err @ h)).sum(1).split(r)))
+    for b in bits:
+        if b not in out:
+            dv = _rtn_error(v.T, b, group_size)  # (r, n)
+            out[b] = (dv * (dv @ h)).sum(1) if h is not None else dv.pow(2).sum(1)
+    return out
 
-    u (m, r), s (r,), v (n, r) with unit columns; ``h`` (n, n) the input second moment, or None for the identity.
+
+def vector_errors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tuple[Width, ...], group_size: int,
+                  h: torch.Tensor | None = None, gptq_v: tuple[bool, float] | None = None) -> torch.Tensor:
+    """Expected error of each vector dropped and at each width: (r, 1 + len(widths)) float64.
+
+    u (m, r), s (r,), v (n, r) with unit columns; ``h`` (n, n) the input second moment, or None for the identity;
+    ``gptq_v`` = (act_order, damp): v's errors measured under GPTQ with ``h`` (as the matrix will be quantized).
     """
     s2 = s.double() ** 2
     hv = (v * (h @ v)).sum(0).double() if h is not None else torch.ones_like(s2)  # v_i^T H v_i
-    cols = [s2 * hv]
-    for b in bit_set:
-        du = _rtn_error(u.T, b, group_size)  # (r, m)
-        dv = _rtn_error(v.T, b, group_size)  # (r, n)
-        dv_h = (dv * (dv @ h)).sum(1) if h is not None else dv.pow(2).sum(1)
-        cols.append(s2 * (du.pow(2).sum(1).double() * hv + dv_h.double()))
+    du2 = {b: _rtn_error(u.T, b, group_size).pow(2).sum(1).double() for b in sorted({bu for bu, _ in widths})}
+    dv_h = _v_errors(v, sorted({bv for _, bv in widths}), group_size, h, gptq_v)
+    cols = [s2 * hv] + [s2 * (du2[bu] * hv + dv_h[bv].double()) for bu, bv in widths]
     return torch.stack(cols, 1).cpu()
 
 
@@ -120,32 +142,38 @@ def _fill(err: torch.Tensor, cost: torch.Tensor, choice: torch.Tensor, left: flo
         choice[idx] = best_opt[idx]
 
 
-def option_costs(m: int, n: int, bit_set: tuple[int, ...]) -> torch.Tensor:
+def option_costs(m: int, n: int, widths: tuple[Width, ...]) -> torch.Tensor:
     """Bits of one vector of an m x n matrix per option: (K+1,), option 0 (dropped) first."""
-    return torch.tensor([0.0] + [float(vector_cost(b, m, n)) for b in bit_set], dtype=torch.float64)
+    return torch.tensor([0.0] + [float(vector_cost(bu, m, n, bv)) for bu, bv in widths], dtype=torch.float64)
 
 
-def bits_of_options(options: torch.Tensor, bit_set: tuple[int, ...]) -> torch.Tensor:
-    """Option indices -> bit widths (0 for dropped)."""
-    return torch.tensor((0, *bit_set), dtype=torch.long)[options.cpu()]
+def bits_of_options(options: torch.Tensor, widths: tuple[Width, ...]) -> torch.Tensor:
+    """Option indices -> widths (r, 2): (bits of u, bits of v), (0, 0) for dropped."""
+    return torch.tensor(((0, 0), *widths), dtype=torch.long)[options.cpu()]
 
 
-def matrix_bits(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bit_set: tuple[int, ...], group_size: int,
-                budget: float, h: torch.Tensor | None = None) -> torch.Tensor:
-    """Bits (r,) of each vector of one matrix, optimal under ``budget`` bits (module docstring)."""
-    table = vector_errors(u, s, v, bit_set, group_size, h)
-    options = allocate([table], [option_costs(u.shape[0], v.shape[0], bit_set)], budget)[0]
-    return bits_of_options(options, bit_set)
+def matrix_bits(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tuple[Width, ...], group_size: int,
+                budget: float, h: torch.Tensor | None = None, gptq_v: tuple[bool, float] | None = None) -> torch.Tensor:
+    """Widths (r, 2) of each vector of one matrix, optimal under ``budget`` bits (module docstring)."""
+    table = vector_errors(u, s, v, widths, group_size, h, gptq_v)
+    options = allocate([table], [option_costs(u.shape[0], v.shape[0], widths)], budget)[0]
+    return bits_of_options(options, widths)
 
 
-def group_by_bits(bits: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Order of the kept vectors (widest first, stable) and the (bits, count) runs of that order."""
-    keep = (bits > 0).nonzero().squeeze(1)
-    order = keep[torch.argsort(-bits[keep], stable=True)]
-    runs: list[tuple[int, int]] = []
-    for b in bits[order].tolist():
-        if runs and runs[-1][0] == b:
-            runs[-1] = (b, runs[-1][1] + 1)
+def group_by_bits(bits: torch.Tensor) -> tuple[torch.Tensor, list[tuple[Width, int]]]:
+    """Order of the kept vectors (widest first, stable) and the ((u bits, v bits), count) runs of that order.
+
+    ``bits`` is (r, 2) widths, or (r,) when u and v share each width; 0 = dropped.
+    """
+    if bits.dim() == 1:
+        bits = torch.stack([bits, bits], 1)
+    keep = (bits[:, 0] > 0).nonzero().squeeze(1)
+    key = bits[keep, 0] + bits[keep, 1]  # total width, then u's: (3, 2) before (2, 3)
+    order = keep[torch.argsort(-(key * 16 + bits[keep, 0]), stable=True)]
+    runs: list[tuple[Width, int]] = []
+    for bu, bv in bits[order].tolist():
+        if runs and runs[-1][0] == (bu, bv):
+            runs[-1] = ((bu, bv), runs[-1][1] + 1)
         else:
-            runs.append((b, 1))
+            runs.append(((bu, bv), 1))
     return order, runs

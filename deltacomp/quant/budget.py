@@ -1,9 +1,10 @@
 """The one budget definition every method shares, and the fixed-schedule bit allocation.
 
 Budget: ``bits_per_entry`` of each compressed m x n matrix, i.e. ``bits_per_entry * m * n`` bits for its
-packed factors. A singular vector pair quantized at ``b`` bits costs ``b * (pad32(m) + pad32(n))`` bits
-(rows are padded to whole 32-code blocks, see :mod:`deltacomp.quant.packing`), so the packed bytes never
-exceed the budget. Scales, offsets and S are counted separately, in the all-in figure.
+packed factors. A singular vector pair with U's vector at ``b_u`` bits and V's at ``b_v`` costs
+``b_u * pad32(m) + b_v * pad32(n)`` bits (rows are padded to whole 32-code blocks, see
+:mod:`deltacomp.quant.packing`), so the packed bytes never exceed the budget. Scales, offsets and S are counted
+separately, in the all-in figure.
 """
 
 from __future__ import annotations
@@ -19,19 +20,24 @@ DEFAULT_SCHEDULE: tuple[tuple[int, int | None], ...] = ((8, 2), (3, 32), (2, Non
 
 @dataclass(frozen=True)
 class BitGroup:
-    """``rank`` consecutive singular vectors quantized at ``bits``."""
+    """``rank`` consecutive singular vectors, U's at ``bits`` and V's at ``v_bits`` (None: ``bits`` too)."""
 
     bits: int
     rank: int
+    v_bits: int | None = None
+
+    @property
+    def v_width(self) -> int:
+        return self.bits if self.v_bits is None else self.v_bits
 
 
 def budget_bits(m: int, n: int, bits_per_entry: float) -> float:
     return bits_per_entry * m * n
 
 
-def vector_cost(bits: int, m: int, n: int) -> int:
-    """Bits of one packed (u, v) pair at ``bits`` for an m x n matrix."""
-    return bits * (padded_length(m) + padded_length(n))
+def vector_cost(bits: int, m: int, n: int, v_bits: int | None = None) -> int:
+    """Bits of one packed (u, v) pair of an m x n matrix: u at ``bits``, v at ``v_bits`` (default ``bits``)."""
+    return bits * padded_length(m) + (bits if v_bits is None else v_bits) * padded_length(n)
 
 
 def fill_schedule(m: int, n: int, bits_per_entry: float,

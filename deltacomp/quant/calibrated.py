@@ -35,8 +35,9 @@ def quantize_gptq(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torc
     """GPTQ of u (m, r), s (r,), v (n, r) in ``groups`` (consecutive vectors per width) with input moment h (n, n)."""
     dev = u.device
     delta, h = delta.to(dev, torch.float32), h.to(dev, torch.float32)
-    bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in groups]).to(dev)  # (r,)
-    v_codes, v_scale, v_offset = gptq.gptq_rows(v.T, h, bits, group_size, act_order, damp)  # (r, n)
+    bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in groups]).to(dev)  # (r,) U's
+    v_bits = torch.cat([torch.full((g.rank,), g.v_width, dtype=torch.long) for g in groups]).to(dev)  # (r,)
+    v_codes, v_scale, v_offset = gptq.gptq_rows(v.T, h, v_bits, group_size, act_order, damp)  # (r, n)
     v_hat = rtn.dequantize(v_codes, v_scale, v_offset, group_size).T  # (n, r)
     hv = h @ v_hat  # (n, r)
     if refit:
@@ -55,5 +56,5 @@ def quantize_gptq(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torc
         sl = slice(start, start + g.rank)
         start += g.rank
         out.append(FactorGroup(g.bits, QuantRows(u_codes[sl], u_scale[sl], u_offset[sl]),
-                               QuantRows(v_codes[sl], v_scale[sl], v_offset[sl]), _store_s(s[sl])))
+                               QuantRows(v_codes[sl], v_scale[sl], v_offset[sl]), _store_s(s[sl]), g.v_bits))
     return out

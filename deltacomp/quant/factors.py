@@ -1,9 +1,10 @@
 """Quantized SVD factors in bit groups: quantize, refit, reconstruct, and the stored tensor names.
 
 A matrix ``delta (m, n) ~= sum_g U_g diag(S_g) V_g^T`` where group g holds ``r_g`` consecutive singular
-vectors at ``bits_g``. Stored per group g (see :mod:`deltacomp.quant.packing` for the packing layout):
+vectors, U's at ``bits_g`` and V's at ``v_bits_g`` (the same unless the allocation chose otherwise). Stored per
+group g (see :mod:`deltacomp.quant.packing` for the packing layout):
 
-    g{g}.u         int32 (r_g, packed_words(m, bits))   rows of U_g^T, packed
+    g{g}.u         int32 (r_g, packed_words(m, bits))   rows of U_g^T, packed (V_g^T: at v_bits)
     g{g}.u_scale   fp16  (r_g, groups along m)          code * scale + offset
     g{g}.u_offset  fp16  (r_g, groups along m)
     g{g}.v, g{g}.v_scale, g{g}.v_offset                 the same for V_g^T, along n
@@ -34,10 +35,15 @@ class QuantRows:
 
 @dataclass
 class FactorGroup:
-    bits: int
+    bits: int  # U's width
     u: QuantRows  # rows of U_g^T: (r_g, m)
     v: QuantRows  # rows of V_g^T: (r_g, n)
     s: torch.Tensor  # (r_g,)
+    v_bits: int | None = None  # V's width; None: ``bits``
+
+    @property
+    def v_width(self) -> int:
+        return self.bits if self.v_bits is None else self.v_bits
 
 
 def _store_s(s: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,7 @@ def quantize_rtn(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch
     quantized V (it absorbs V's rounding error), U is quantized, then S is refitted given both quantized
     factors. Each refit can only lower ``||delta - U diag(S) V^T||_F`` before the following rounding.
     """
-    vq = [rtn.quantize_rows(vt, g.bits, group_size) for vt, g in zip(_split(v.T, groups), groups)]
+    vq = [rtn.quantize_rows(vt, g.v_width, group_size) for vt, g in zip(_split(v.T, groups), groups)]
     if refit:
         v_hat = torch.cat([rtn.dequantize(*q, group_size) for q in vq], 0).T  # (n, r)
         gram = v_hat.T @ v_hat  # (r, r)
@@ -75,7 +81,7 @@ def quantize_rtn(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch
         s = torch.linalg.solve(a, b)
     out = []
     for g, q_u, q_v, s_g in zip(groups, uq, vq, torch.split(s, [g.rank for g in groups])):
-        out.append(FactorGroup(g.bits, QuantRows(*q_u), QuantRows(*q_v), _store_s(s_g)))
+        out.append(FactorGroup(g.bits, QuantRows(*q_u), QuantRows(*q_v), _store_s(s_g), g.v_bits))
     return out
 
 
@@ -93,21 +99,23 @@ def reconstruct(groups: list[FactorGroup], group_size: int) -> torch.Tensor:
 def to_tensors(groups: list[FactorGroup]) -> dict[str, torch.Tensor]:
     out = {}
     for i, g in enumerate(groups):
-        for side, q in (("u", g.u), ("v", g.v)):
-            out[f"g{i}.{side}"] = packing.pack(q.codes, g.bits)
+        for side, q, bits in (("u", g.u, g.bits), ("v", g.v, g.v_width)):
+            out[f"g{i}.{side}"] = packing.pack(q.codes, bits)
             out[f"g{i}.{side}_scale"] = q.scale
             out[f"g{i}.{side}_offset"] = q.offset
         out[f"g{i}.s"] = g.s
     return out
 
 
-def from_tensors(tensors: dict[str, torch.Tensor], bits: list[int], shape: tuple[int, int]) -> list[FactorGroup]:
+def from_tensors(tensors: dict[str, torch.Tensor], widths: list[tuple[int, int]],
+                 shape: tuple[int, int]) -> list[FactorGroup]:
+    """Groups from stored tensors; ``widths`` holds each group's (U bits, V bits)."""
     m, n = shape
     out = []
-    for i, b in enumerate(bits):
+    for i, (bu, bv) in enumerate(widths):
         rows = {}
-        for side, length in (("u", m), ("v", n)):
+        for side, length, b in (("u", m, bu), ("v", n, bv)):
             codes = packing.unpack(tensors[f"g{i}.{side}"], b, length)
             rows[side] = QuantRows(codes, tensors[f"g{i}.{side}_scale"], tensors[f"g{i}.{side}_offset"])
-        out.append(FactorGroup(b, rows["u"], rows["v"], tensors[f"g{i}.s"]))
+        out.append(FactorGroup(bu, rows["u"], rows["v"], tensors[f"g{i}.s"], None if bv == bu else bv))
     return out
