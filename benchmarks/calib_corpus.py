@@ -1,13 +1,22 @@
-"""A calibration corpus for the MiniLM pair: short SRE-domain sentences (the fine-tune's domain) and short
-everyday ones, made from templates, disjoint from the held-out evaluation sentences.
+"""A calibration corpus for the MiniLM pair: short SRE-domain text (the fine-tune's domain) and short everyday
+sentences, disjoint from the held-out evaluation sentences.
 
 Calibration should look like the text the model will serve. The built-in calibration half has 53 sentences
 (about 500 tokens), fewer than the 1,536 inputs of an FFN matrix, and sequential calibration fits them far
 better than it generalises (held-out 0.998 against 0.9996 on the calibration sentences themselves at 0.25 bit).
-This corpus stands for the in-domain text a user of an SRE embedding model has.
+This corpus stands for the in-domain text a user of an SRE embedding model has. It holds, in order:
 
-No leakage into the evaluation: a generated sentence is dropped when it contains a held-out sentence, or shares
-any three consecutive words (lower-cased) with one (:func:`leaks`). Generation is seeded and deterministic.
+- the 53 built-in calibration sentences;
+- written text (``benchmarks/data``): 2,447 SRE lines (terms, definitions, incident reports, alert titles,
+  runbook steps, on-call questions over Kubernetes, hosts, networks, databases, queues, observability, SLOs,
+  CI/CD, cloud, runtimes and security) and 1,642 everyday sentences on many topics, written without sight of
+  the held-out sentences;
+- sentences from templates (systems, symptoms, actions, alert names and states; people, doings and places).
+
+No leakage into the evaluation: a line is dropped when it contains a held-out sentence, or shares any three
+consecutive words (lower-cased) with one (:func:`leaks`); the held-out sentences' Kubernetes state words
+(CrashLoopBackOff, ImagePullBackOff, OOMKilled, NotReady) appear nowhere. The written files are stored already
+filtered; the template part is seeded and deterministic.
 
     python benchmarks/calib_corpus.py --sre 800 --general 300 -o calib.txt
 """
@@ -127,11 +136,22 @@ def _draw(make: Callable[[random.Random], str], count: int, rng: random.Random, 
     raise ValueError(f"the templates give fewer than {count} distinct sentences")
 
 
-def corpus(sre: int, general: int, seed: int = 0) -> list[str]:
-    """The built-in calibration sentences, then ``sre`` SRE and ``general`` everyday generated ones."""
+DATA = Path(__file__).resolve().parent / "data"
+WRITTEN = ("calib_sre.txt", "calib_everyday.txt")
+
+
+def written() -> list[str]:
+    """The written SRE lines, then the written everyday sentences (``benchmarks/data``)."""
+    return [line for name in WRITTEN for line in (DATA / name).read_text().splitlines() if line.strip()]
+
+
+def corpus(sre: int, general: int, seed: int = 0, with_written: bool = True) -> list[str]:
+    """The built-in calibration sentences, the written text, then ``sre`` SRE and ``general`` everyday sentences
+    from the templates."""
     rng = random.Random(seed)
     seen = set(CALIB_SENTENCES) | set(HELDOUT_SENTENCES)
-    return [*CALIB_SENTENCES, *_draw(_sre, sre, rng, seen), *_draw(_general, general, rng, seen)]
+    drawn = [*_draw(_sre, sre, rng, seen), *_draw(_general, general, rng, seen)]
+    return [*CALIB_SENTENCES, *(written() if with_written else []), *drawn]
 
 
 def write(path: Path, texts: Iterable[str]) -> Path:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from deltacomp.compress import compress
-from deltacomp.config import CompressConfig
+from deltacomp.config import UV_ALLOCATION_BITS, CompressConfig, parse_bits
 from deltacomp.errors import BudgetError
 from deltacomp.evaluate import EvalConfig, evaluate_packages
 from deltacomp.io.checkpoint import Checkpoint
@@ -146,8 +146,9 @@ def variants(budgets, calib: Path | None) -> list[tuple[str, dict]]:
         out += [(f"bitdelta @{bits:g}", {"method": "bitdelta", "bits": bits}),
                 (f"lowrank @{bits:g}", {"method": "lowrank", "bits": bits}),
                 (f"mixed @{bits:g}", {"method": "mixed", "bits": bits})]
-        optimal = {"allocation": "optimal"} if "allocation" in have else None
+        optimal = {"allocation": "optimal", "allocation_bits": parse_bits("2,3,4,8")} if "allocation" in have else None
         cal = {"calib": str(calib)} if "calib" in have and calib is not None else None
+        uv = {"allocation": "optimal", "allocation_bits": parse_bits(UV_ALLOCATION_BITS)} if optimal else None
         if optimal:
             out.append((f"mixed optimal @{bits:g}", {"method": "mixed", "bits": bits, **optimal}))
         if cal:
@@ -159,6 +160,10 @@ def variants(budgets, calib: Path | None) -> list[tuple[str, dict]]:
             if "sequential" in have:
                 out.append((f"mixed calib+optimal+seq @{bits:g}",
                             {"method": "mixed", "bits": bits, **cal, **optimal, "sequential": True}))
+            if uv:
+                out.append((f"mixed calib+optimal U/V @{bits:g}", {"method": "mixed", "bits": bits, **cal, **uv}))
+                out.append((f"mixed calib+optimal+seq U/V @{bits:g}",
+                            {"method": "mixed", "bits": bits, **cal, **uv, "sequential": True}))
             if "budget_scope" in have:
                 out.append((f"mixed calib+optimal+model @{bits:g}",
                             {"method": "mixed", "bits": bits, **cal, **optimal, "budget_scope": "model"}))

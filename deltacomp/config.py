@@ -55,6 +55,12 @@ def format_bits(widths: tuple[tuple[int, int], ...]) -> str:
     return ",".join(str(u) if u == v else f"{u}/{v}" for u, v in widths)
 
 
+# Default widths of --allocation optimal. With calibration, GPTQ absorbs much of V's error and none of U's, so V
+# may take fewer bits (measured: 2.6x lower task KL on the SmolLM2 pair at 1 and 0.5 bit, BENCHMARKS.md).
+PLAIN_ALLOCATION_BITS = "2,3,4,8"
+UV_ALLOCATION_BITS = "2/1,3/1,4/1,2,3/2,4/2,3,4/3,8/4,4,8"
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     method: str = "mixed"
@@ -80,12 +86,16 @@ class CompressConfig:
     seq_damp: float = 1.0  # its ridge towards the fine-tune's weight, a fraction of the mean Hessian diagonal
     # bit allocation (deltacomp.quant.allocate)
     allocation: str = "schedule"  # schedule: the fixed groups above | optimal: bits per vector minimising error
-    allocation_bits: tuple[tuple[int, int], ...] = ((2, 2), (3, 3), (4, 4), (8, 8))  # (U, V) widths to choose from
+    # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib, else 2,3,4,8
+    allocation_bits: tuple[tuple[int, int], ...] | None = None
     budget_scope: str = "matrix"  # matrix: each matrix within its budget | model: the total of all of them
     svd: str = "auto"  # full | randomized | auto (randomized on a GPU when the rank kept is small)
     exact: str = "full"  # changed uncompressed tensors: full (as the fine-tune has them) | fp16-delta
 
     def __post_init__(self):
+        if self.allocation_bits is None:
+            default = UV_ALLOCATION_BITS if self.calib else PLAIN_ALLOCATION_BITS
+            object.__setattr__(self, "allocation_bits", parse_bits(default))
         if not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits) or self.bits <= 0:
             raise DeltacompError(f"--bits must be a positive number of bits per entry, got {self.bits}")
         if self.bits > 16:

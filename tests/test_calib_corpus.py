@@ -24,11 +24,14 @@ def test_corpus_is_deterministic_distinct_and_sized(corpus_mod):
     a = corpus_mod.corpus(200, 50, seed=3)
     assert a == corpus_mod.corpus(200, 50, seed=3)
     assert a != corpus_mod.corpus(200, 50, seed=4)
-    assert len(a) == len(CALIB_SENTENCES) + 250 == len(set(a))
+    written = corpus_mod.written()
+    assert len(written) == 2447 + 1642
+    assert len(a) == len(CALIB_SENTENCES) + len(written) + 250 == len({t.lower() for t in a})
     assert a[: len(CALIB_SENTENCES)] == list(CALIB_SENTENCES)
+    assert len(corpus_mod.corpus(200, 50, with_written=False)) == len(CALIB_SENTENCES) + 250
 
 
-def test_generated_sentences_never_touch_the_held_out_set(corpus_mod):
+def test_generated_and_written_text_never_touch_the_held_out_set(corpus_mod):
     generated = corpus_mod.corpus(800, 300)[len(CALIB_SENTENCES):]
     held_grams = set().union(*(corpus_mod._trigrams(h) for h in HELDOUT_SENTENCES))
     for text in generated:

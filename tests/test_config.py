@@ -2,7 +2,7 @@
 
 import pytest
 
-from deltacomp.config import CompressConfig, format_bits, parse_bits, parse_schedule
+from deltacomp.config import UV_ALLOCATION_BITS, CompressConfig, format_bits, parse_bits, parse_schedule
 from deltacomp.errors import DeltacompError
 
 
@@ -45,6 +45,14 @@ def test_round_trip_through_a_dict():
     uv = CompressConfig(allocation="optimal", allocation_bits=parse_bits("2/1,3/2,4"))
     assert uv.to_dict()["allocation_bits"] == "2/1,3/2,4"
     assert CompressConfig.from_dict(uv.to_dict()) == uv
+
+
+def test_allocation_widths_default_to_u_v_pairs_with_calibration_only():
+    assert CompressConfig().allocation_bits == parse_bits("2,3,4,8")
+    assert CompressConfig(calib="calib.txt").allocation_bits == parse_bits(UV_ALLOCATION_BITS)
+    assert any(u > v for u, v in parse_bits(UV_ALLOCATION_BITS))
+    mine = CompressConfig(calib="calib.txt", allocation_bits=parse_bits("2,3"))
+    assert mine.allocation_bits == ((2, 2), (3, 3))
 
 
 def test_settings_of_packages_with_a_list_of_widths_still_load():

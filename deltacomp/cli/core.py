@@ -44,9 +44,10 @@ from deltacomp.cli import cli, handle_errors
               help="--sequential's ridge towards the fine-tune's weight (fraction of mean diag H).")
 @click.option("--allocation", type=click.Choice(["schedule", "optimal"]), default="schedule", show_default=True,
               help="Bits per singular vector: the fixed --schedule, or chosen to minimise the expected error.")
-@click.option("--allocation-bits", default="2,3,4,8", show_default=True,
+@click.option("--allocation-bits", default=None,
               help="Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector at U "
-                   "bits, V's at V). With --calib, GPTQ absorbs much of V's error, so widths like 3/2 and 2/1 pay.")
+                   "bits, V's at V). GPTQ absorbs much of V's error, so with --calib the default is "
+                   "2/1,3/1,4/1,2,3/2,4/2,3,4/3,8/4,4,8; without, 2,3,4,8.")
 @click.option("--budget-scope", type=click.Choice(["matrix", "model"]), default="matrix", show_default=True,
               help="Budget per matrix, or shared by all compressed matrices (with --allocation optimal).")
 @click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True,
@@ -73,7 +74,7 @@ def compress(base, finetuned, output, method, bits, schedule, group_size, refit,
         calib=calib, calib_field=calib_field, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
         gptq_group_size=gptq_group_size, act_order=act_order, damp=damp, sequential=sequential, seq_damp=seq_damp,
         allocation=allocation,
-        allocation_bits=parse_bits(allocation_bits), budget_scope=budget_scope, svd=svd,
+        allocation_bits=parse_bits(allocation_bits) if allocation_bits else None, budget_scope=budget_scope, svd=svd,
         exact=exact,
     )
     manifest = run(base, finetuned, output, config, overwrite=overwrite, progress=progress)
