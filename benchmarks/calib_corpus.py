@@ -145,13 +145,13 @@ def written() -> list[str]:
     return [line for name in WRITTEN for line in (DATA / name).read_text().splitlines() if line.strip()]
 
 
-def corpus(sre: int, general: int, seed: int = 0, with_written: bool = True) -> list[str]:
+def corpus(sre: int, general: int, seed: int = 0) -> list[str]:
     """The built-in calibration sentences, the written text, then ``sre`` SRE and ``general`` everyday sentences
     from the templates."""
     rng = random.Random(seed)
     seen = set(CALIB_SENTENCES) | set(HELDOUT_SENTENCES)
     drawn = [*_draw(_sre, sre, rng, seen), *_draw(_general, general, rng, seen)]
-    return [*CALIB_SENTENCES, *(written() if with_written else []), *drawn]
+    return [*CALIB_SENTENCES, *written(), *drawn]
 
 
 def write(path: Path, texts: Iterable[str]) -> Path:
