@@ -30,6 +30,7 @@ from deltacomp.quality import causal
 from deltacomp.quality.modules import module_errors, summarise
 from deltacomp.quality.texts import DEFAULT_TEXTS, EVAL_SENTENCES, read_texts
 from deltacomp.quality.weights import WeightSlots, load_model, model_kind, tokenizer_source
+from deltacomp.quant.factors import group_widths
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +272,7 @@ def vector_bits(info: dict, shape: tuple[int, int] | None = None) -> list[float]
     if info.get("groups"):
         m, n = shape or (1, 1)
         out = []
-        for g in info["groups"]:
-            bu, bv = g["bits"], g.get("v_bits", g["bits"])
+        for (bu, bv), g in zip(group_widths(info), info["groups"]):
             out += [bu if bu == bv else (bu * m + bv * n) / (m + n)] * g["rank"]
         return out
     if info.get("rank"):

@@ -28,7 +28,7 @@ def _spent(bits, m, n):
 
 def _groups(bits):
     order, runs = allocate.group_by_bits(bits)
-    return order, [BitGroup(bu, k, None if bv == bu else bv) for (bu, bv), k in runs]
+    return order, [BitGroup(bu, k, bv) for (bu, bv), k in runs]
 
 
 def _reconstruct(delta, u, s, v, bits, group_size=0):

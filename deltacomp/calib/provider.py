@@ -148,8 +148,7 @@ class Contexts:
             gs = cfg.gptq_group_size if h is not None else cfg.group_size
             u, s, v = decompose(delta, allocate.max_rank(m, n, cfg.bits, cfg.allocation_bits, share=2.0),
                                 cfg.device, cfg.svd)
-            gptq_v = (cfg.act_order, cfg.damp) if h is not None else None
-            tables.append(allocate.vector_errors(u, s, v, cfg.allocation_bits, gs, h, gptq_v))
+            tables.append(allocate.vector_errors(u, s, v, cfg.allocation_bits, gs, h, (cfg.act_order, cfg.damp)))
             costs.append(allocate.option_costs(m, n, cfg.allocation_bits))
             save_file({"u": u.half().cpu().contiguous(), "s": s.cpu(), "v": v.half().cpu().contiguous()},
                       str(self.spill / f"{len(names)}.safetensors"))

@@ -12,11 +12,6 @@ from deltacomp.quant import allocate, factors
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, vector_cost
 
 
-def widths(info: dict) -> list[tuple[int, int]]:
-    """(U bits, V bits) of each stored group; ``v_bits`` is written only where it differs from ``bits``."""
-    return [(g["bits"], g.get("v_bits", g["bits"])) for g in info["groups"]]
-
-
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
@@ -49,9 +44,8 @@ class Mixed(Method):
         elif config.allocation == "optimal":
             rank = allocate.max_rank(m, n, config.bits, config.allocation_bits)
             u, s, v = decompose(delta, rank, config.device, config.svd)
-            gptq_v = (config.act_order, config.damp) if h is not None else None
             bits = allocate.matrix_bits(u, s, v, config.allocation_bits, group_size, budget_bits(m, n, config.bits),
-                                        h, gptq_v)
+                                        h, (config.act_order, config.damp))
         else:
             sched = self.allocate((m, n), config)
             u, s, v = decompose(delta, sum(g.rank for g in sched), config.device, config.svd)
@@ -59,7 +53,7 @@ class Mixed(Method):
         order, runs = allocate.group_by_bits(bits)
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
-        groups = [BitGroup(bu, k, None if bv == bu else bv) for (bu, bv), k in runs]
+        groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
         if h is not None:
             from deltacomp.quant.calibrated import quantize_gptq
@@ -71,7 +65,7 @@ class Mixed(Method):
         factor_bits = sum(bits_of(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {
             "rank": sum(g.rank for g in groups),
-            "groups": [{"bits": g.bits, "rank": g.rank, **({} if g.v_bits is None else {"v_bits": g.v_bits})}
+            "groups": [{"bits": g.bits, "rank": g.rank, **({"v_bits": g.v_bits} if g.v_bits != g.bits else {})}
                        for g in groups],
             "group_size": group_size,
             "allocation": config.allocation,
@@ -80,12 +74,12 @@ class Mixed(Method):
         return Compressed(tensors, info, factor_bits, sum(bits_of(t) for t in tensors.values()))
 
     def reconstruct(self, tensors, info, shape):
-        return factors.reconstruct(factors.from_tensors(tensors, widths(info), shape), info["group_size"])
+        return factors.reconstruct(factors.from_tensors(tensors, factors.group_widths(info), shape), info["group_size"])
 
     def factors(self, tensors, info, shape, max_rank=None):
         """B (m, r), A (r, n) of the dequantized groups; sqrt(|S|) on each side, the sign of S on B."""
         us, vs = [], []
-        for g in factors.from_tensors(tensors, widths(info), shape):
+        for g in factors.from_tensors(tensors, factors.group_widths(info), shape):
             u = g.u.dequantize(info["group_size"])  # (r_g, m)
             v = g.v.dequantize(info["group_size"])  # (r_g, n)
             s = g.s.float()  # (r_g,): may be negative after the least-squares refit

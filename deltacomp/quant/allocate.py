@@ -49,21 +49,20 @@ def _rtn_error(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 def _v_errors(v: torch.Tensor, bits: list[int], group_size: int, h: torch.Tensor | None,
               gptq_v: tuple[bool, float] | None) -> dict[int, torch.Tensor]:
-    """``dv^T H dv`` (r,) of every vector at each width: GPTQ (one sweep) when ``gptq_v`` = (act_order, damp)."""
+    """``dv^T H dv`` (r,) of every vector at each width: with ``h`` and ``gptq_v`` = (act_order, damp), GPTQ's
+    errors (one sweep), else round-to-nearest's."""
     r = v.shape[1]
     swept = [b for b in bits if gptq_v is not None and h is not None and b < 8]  # 8 bits: rounding is enough
-    out = {}
+    errs = {}
     if swept:
         rows = v.T.repeat(len(swept), 1)  # (K r, n)
         row_bits = torch.tensor(swept, device=v.device).repeat_interleave(r)
         codes, scale, offset = gptq.gptq_rows(rows, h, row_bits, group_size, *gptq_v)
-        err = rows - rtn.dequantize(codes, scale, offset, group_size)
-        out = dict(zip(swept, (err * (err @ h)).sum(1).split(r)))
+        errs = dict(zip(swept, (rows - rtn.dequantize(codes, scale, offset, group_size)).split(r)))
     for b in bits:
-        if b not in out:
-            dv = _rtn_error(v.T, b, group_size)  # (r, n)
-            out[b] = (dv * (dv @ h)).sum(1) if h is not None else dv.pow(2).sum(1)
-    return out
+        if b not in errs:
+            errs[b] = _rtn_error(v.T, b, group_size)  # (r, n)
+    return {b: (e * (e @ h)).sum(1) if h is not None else e.pow(2).sum(1) for b, e in errs.items()}
 
 
 def vector_errors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tuple[Width, ...], group_size: int,
@@ -71,7 +70,7 @@ def vector_errors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tup
     """Expected error of each vector dropped and at each width: (r, 1 + len(widths)) float64.
 
     u (m, r), s (r,), v (n, r) with unit columns; ``h`` (n, n) the input second moment, or None for the identity;
-    ``gptq_v`` = (act_order, damp): v's errors measured under GPTQ with ``h`` (as the matrix will be quantized).
+    ``gptq_v`` = (act_order, damp): with ``h``, v's errors measured under GPTQ (as the matrix will be quantized).
     """
     s2 = s.double() ** 2
     hv = (v * (h @ v)).sum(0).double() if h is not None else torch.ones_like(s2)  # v_i^T H v_i

@@ -20,15 +20,15 @@ DEFAULT_SCHEDULE: tuple[tuple[int, int | None], ...] = ((8, 2), (3, 32), (2, Non
 
 @dataclass(frozen=True)
 class BitGroup:
-    """``rank`` consecutive singular vectors, U's at ``bits`` and V's at ``v_bits`` (None: ``bits`` too)."""
+    """``rank`` consecutive singular vectors, U's at ``bits`` and V's at ``v_bits`` (not given: ``bits`` too)."""
 
     bits: int
     rank: int
     v_bits: int | None = None
 
-    @property
-    def v_width(self) -> int:
-        return self.bits if self.v_bits is None else self.v_bits
+    def __post_init__(self):
+        if self.v_bits is None:
+            object.__setattr__(self, "v_bits", self.bits)
 
 
 def budget_bits(m: int, n: int, bits_per_entry: float) -> float:

@@ -36,7 +36,7 @@ def quantize_gptq(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torc
     dev = u.device
     delta, h = delta.to(dev, torch.float32), h.to(dev, torch.float32)
     bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in groups]).to(dev)  # (r,) U's
-    v_bits = torch.cat([torch.full((g.rank,), g.v_width, dtype=torch.long) for g in groups]).to(dev)  # (r,)
+    v_bits = torch.cat([torch.full((g.rank,), g.v_bits, dtype=torch.long) for g in groups]).to(dev)  # (r,)
     v_codes, v_scale, v_offset = gptq.gptq_rows(v.T, h, v_bits, group_size, act_order, damp)  # (r, n)
     v_hat = rtn.dequantize(v_codes, v_scale, v_offset, group_size).T  # (n, r)
     hv = h @ v_hat  # (n, r)

@@ -39,11 +39,11 @@ class FactorGroup:
     u: QuantRows  # rows of U_g^T: (r_g, m)
     v: QuantRows  # rows of V_g^T: (r_g, n)
     s: torch.Tensor  # (r_g,)
-    v_bits: int | None = None  # V's width; None: ``bits``
+    v_bits: int | None = None  # V's width; not given: ``bits``
 
-    @property
-    def v_width(self) -> int:
-        return self.bits if self.v_bits is None else self.v_bits
+    def __post_init__(self):
+        if self.v_bits is None:
+            self.v_bits = self.bits
 
 
 def _store_s(s: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def quantize_rtn(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch
     quantized V (it absorbs V's rounding error), U is quantized, then S is refitted given both quantized
     factors. Each refit can only lower ``||delta - U diag(S) V^T||_F`` before the following rounding.
     """
-    vq = [rtn.quantize_rows(vt, g.v_width, group_size) for vt, g in zip(_split(v.T, groups), groups)]
+    vq = [rtn.quantize_rows(vt, g.v_bits, group_size) for vt, g in zip(_split(v.T, groups), groups)]
     if refit:
         v_hat = torch.cat([rtn.dequantize(*q, group_size) for q in vq], 0).T  # (n, r)
         gram = v_hat.T @ v_hat  # (r, r)
@@ -99,7 +99,7 @@ def reconstruct(groups: list[FactorGroup], group_size: int) -> torch.Tensor:
 def to_tensors(groups: list[FactorGroup]) -> dict[str, torch.Tensor]:
     out = {}
     for i, g in enumerate(groups):
-        for side, q, bits in (("u", g.u, g.bits), ("v", g.v, g.v_width)):
+        for side, q, bits in (("u", g.u, g.bits), ("v", g.v, g.v_bits)):
             out[f"g{i}.{side}"] = packing.pack(q.codes, bits)
             out[f"g{i}.{side}_scale"] = q.scale
             out[f"g{i}.{side}_offset"] = q.offset
@@ -117,5 +117,11 @@ def from_tensors(tensors: dict[str, torch.Tensor], widths: list[tuple[int, int]]
         for side, length, b in (("u", m, bu), ("v", n, bv)):
             codes = packing.unpack(tensors[f"g{i}.{side}"], b, length)
             rows[side] = QuantRows(codes, tensors[f"g{i}.{side}_scale"], tensors[f"g{i}.{side}_offset"])
-        out.append(FactorGroup(bu, rows["u"], rows["v"], tensors[f"g{i}.s"], None if bv == bu else bv))
+        out.append(FactorGroup(bu, rows["u"], rows["v"], tensors[f"g{i}.s"], bv))
     return out
+
+
+def group_widths(info: dict) -> list[tuple[int, int]]:
+    """(U bits, V bits) of each group of a package module's ``info``; ``v_bits`` is written only where it
+    differs from ``bits``."""
+    return [(g["bits"], g.get("v_bits", g["bits"])) for g in info["groups"]]
