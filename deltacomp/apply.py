@@ -6,65 +6,15 @@ import logging
 import os
 import shutil
 
-import torch
 from tqdm.auto import tqdm
 
-from deltacomp.errors import MismatchError
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.io.output import atomic_dir, check_output
-from deltacomp.io.safetensors_file import DTYPES
 from deltacomp.io.sharded_writer import DEFAULT_SHARD_BYTES, ShardedWriter
-from deltacomp.methods.base import get_method
-from deltacomp.package.fingerprint import fingerprint
-from deltacomp.package.manifest import FP16_DELTA
+from deltacomp.package.reader import check_base, iter_weights
 from deltacomp.package.store import DeltaPackage
 
 log = logging.getLogger(__name__)
-
-
-def check_base(pkg: DeltaPackage, base: Checkpoint) -> None:
-    want = pkg.manifest["base"]["fingerprint"]
-    got = fingerprint(base)
-    if got != want:
-        raise MismatchError(
-            f"{base.source} is not the base this package was made from (weights fingerprint differs; "
-            f"the package expects {pkg.manifest['base'].get('source', '?')})"
-        )
-
-
-def reconstruct_delta(pkg: DeltaPackage, name: str) -> torch.Tensor:
-    """The float32 delta of a compressed module as the package stores it."""
-    rec = pkg.modules[name]
-    method = get_method(rec["method"])
-    return method.reconstruct(pkg.parts(name), rec["info"], tuple(rec["shape"]))
-
-
-def stored_weight(pkg: DeltaPackage, name: str, base: Checkpoint) -> torch.Tensor:
-    """The fine-tuned tensor of a module stored whole (exact, added, resized), decoding an fp16 delta."""
-    rec = pkg.modules[name]
-    t = pkg.tensor(name)
-    if rec.get("encoding") == FP16_DELTA:
-        return (base.read(name).float() + t.float()).to(DTYPES[rec["dtype"]])
-    return t
-
-
-def iter_weights(pkg: DeltaPackage, base: Checkpoint):
-    """Yield (name, tensor) of the fine-tuned model rebuilt from ``base`` and ``pkg``, one at a time."""
-    modules = pkg.modules
-    for name in base.keys():
-        rec = modules.get(name)
-        if rec is None:
-            yield name, base.read(name)
-        elif rec["action"] == "removed":
-            continue
-        elif rec["action"] == "compress":
-            w = base.read(name)
-            yield name, (w.float() + reconstruct_delta(pkg, name)).to(DTYPES[rec["dtype"]])
-        else:
-            yield name, stored_weight(pkg, name, base)
-    for name, rec in modules.items():
-        if rec["action"] == "added":
-            yield name, pkg.tensor(name)
 
 
 def apply(package: str | os.PathLike, base_src: str | os.PathLike, out: str | os.PathLike,

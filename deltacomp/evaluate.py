@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deltacomp.apply import check_base, iter_weights
+from deltacomp.package.reader import check_base, iter_weights
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError, DeltacompError

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from conftest import byte_tokenizer
 from conftest import calib_text as _text
 
-from deltacomp.apply import apply, reconstruct_delta
+from deltacomp.apply import apply
+from deltacomp.package.reader import reconstruct_delta
 from deltacomp.calib.activations import LayerwiseHessians
 from deltacomp.calib.data import CalibrationError, load_samples, make_samples, read_records
 from deltacomp.cli import cli

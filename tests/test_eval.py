@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deltacomp.apply import reconstruct_delta
+from deltacomp.package.reader import reconstruct_delta
 from deltacomp.cli import cli
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig

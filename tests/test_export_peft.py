@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from deltacomp.apply import apply, reconstruct_delta
+from deltacomp.apply import apply
+from deltacomp.package.reader import reconstruct_delta
 from deltacomp.cli import cli
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from deltacomp.apply import check_base, stored_weight
+from deltacomp.package.reader import check_base, stored_weight
 from deltacomp.errors import DeltacompError
 from deltacomp.export.adapter_plan import AdapterPlan, is_embedding_like, plan_adapter
 from deltacomp.export.lora import truncate

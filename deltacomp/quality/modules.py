@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltacomp.apply import reconstruct_delta
+from deltacomp.package.reader import reconstruct_delta
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.package.store import DeltaPackage
 from deltacomp.report import bits_text

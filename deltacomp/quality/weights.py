@@ -2,7 +2,7 @@
 
 Evaluating the base, the fine-tune and several rebuilt fine-tunes needs only one model: its parameters are
 overwritten from a stream of (checkpoint name, tensor) pairs (a :class:`Checkpoint`'s items, or
-:func:`deltacomp.apply.iter_weights` of a package), so memory stays at one model plus one tensor.
+:func:`deltacomp.package.reader.iter_weights` of a package), so memory stays at one model plus one tensor.
 """
 
 from __future__ import annotations

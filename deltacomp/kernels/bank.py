@@ -1,0 +1,145 @@
+"""The delta bank: the packed factors of one or more deltas on one input, laid out for the dequant-matmul op.
+
+A bank covers P projections that share an input x (one linear layer, or q|k|v, or gate|up) and k deltas. Its
+rank rows j (one per singular vector) are sorted by projection, then by delta, then by bit group. Bank layout 1
+(read by ``cuda/delta_linear.cu`` and by the pure-torch twin in :mod:`deltacomp.kernels.reference`):
+
+    v_words   int32 (W_v,)   row j's packed V row at rows[j, V_WORDS]: packed_words(n, v_bits) words in the
+                             layout of :mod:`deltacomp.quant.packing`, each row padded to a multiple of 4 words
+                             (rows start 16-byte aligned)
+    v_scale   fp16  (G_v,)   row j's (scale, offset) per group of ``group_size`` entries at rows[j, V_PARAMS]
+    v_offset  fp16  (G_v,)
+    u_words, u_scale, u_offset                  the same for U rows, of their projection's out length
+    s         fp32  (J,)     singular values
+    rows      int32 (J, 8)   v_bits, v_word_off, v_param_off, u_bits, u_word_off, u_param_off, delta, group_size
+    projs     int32 (P, 4)   j_start, j_end, out_off, out_len: projection p owns rank rows [j_start, j_end) and
+                             outputs [out_off, out_off + out_len)
+
+The bank holds packed words only (the same bytes as the package plus row padding); it is built once at load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from deltacomp.errors import DeltacompError
+from deltacomp.package.reader import PackedModule, PackedSide
+
+LAYOUT_VERSION = 1
+ROW_FIELDS = 8
+V_BITS, V_WORDS, V_PARAMS, U_BITS, U_WORDS, U_PARAMS, DELTA, GROUP_SIZE = range(ROW_FIELDS)
+TENSORS = ("v_words", "v_scale", "v_offset", "u_words", "u_scale", "u_offset", "s", "rows", "projs")
+ALIGN = 4  # words: rows start on 16-byte boundaries
+
+
+class _Side:
+    """Accumulates one factor's rows: padded words and parameters, with each row's offsets."""
+
+    def __init__(self):
+        self.words, self.scale, self.offset = [], [], []
+        self.n_words = self.n_params = 0
+
+    def add(self, side: PackedSide) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a group's rows; return their word and parameter offsets (r,) each."""
+        r, width = side.words.shape
+        padded = -(-width // ALIGN) * ALIGN
+        self.words.append(torch.nn.functional.pad(side.words, (0, padded - width)).reshape(-1))
+        self.scale.append(side.scale.reshape(-1))
+        self.offset.append(side.offset.reshape(-1))
+        groups = side.scale.shape[1]
+        word_off = self.n_words + torch.arange(r, dtype=torch.int64) * padded
+        param_off = self.n_params + torch.arange(r, dtype=torch.int64) * groups
+        self.n_words += r * padded
+        self.n_params += r * groups
+        return word_off, param_off
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def cat(parts, dtype):
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+        return cat(self.words, torch.int32), cat(self.scale, torch.float16), cat(self.offset, torch.float16)
+
+
+class DeltaBank(torch.nn.Module):
+    """Packed factors of k deltas over P projections of one input; move it with ``.to(device)``."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], in_features: int, out_features: Sequence[int],
+                 num_deltas: int):
+        super().__init__()
+        for name in TENSORS:
+            self.register_buffer(name, tensors[name], persistent=False)
+        self.in_features = in_features
+        self.out_features = tuple(out_features)
+        self.num_deltas = num_deltas
+
+    @classmethod
+    def build(cls, table: Sequence[Sequence[PackedModule | None]], out_features: Sequence[int] | None = None,
+              in_features: int | None = None) -> DeltaBank:
+        """``table[p][d]``: delta d's module on projection p (None where that delta leaves it unchanged).
+
+        ``out_features``/``in_features`` are needed only where a projection has no module at all.
+        """
+        if not table or not table[0]:
+            raise DeltacompError("a delta bank needs at least one projection and one delta")
+        k = len(table[0])
+        mods = [m for row in table for m in row if m is not None]
+        n = in_features if in_features is not None else (mods[0].shape[1] if mods else None)
+        if n is None:
+            raise DeltacompError("a delta bank with no modules needs in_features")
+        outs = []
+        for p, row in enumerate(table):
+            if len(row) != k:
+                raise DeltacompError(f"projection {p} lists {len(row)} deltas; projection 0 lists {k}")
+            m = {mod.shape[0] for mod in row if mod is not None}
+            if out_features is not None:
+                m.add(int(out_features[p]))
+            if len(m) != 1:
+                raise DeltacompError(f"projection {p}: deltas disagree on its output size ({sorted(m)})")
+            outs.append(m.pop())
+        for mod in mods:
+            if mod.shape[1] != n:
+                raise DeltacompError(f"{mod.name}: {mod.shape[1]} input features; the bank's input has {n}")
+        v, u = _Side(), _Side()
+        rows, s, projs = [], [], []
+        out_off = j = 0
+        for p, row in enumerate(table):
+            j_start = j
+            for d, mod in enumerate(row):
+                for g in mod.groups if mod is not None else ():
+                    vw, vp = v.add(g.v)
+                    uw, up = u.add(g.u)
+                    meta = torch.empty(g.rank, ROW_FIELDS, dtype=torch.int64)
+                    meta[:, V_BITS], meta[:, V_WORDS], meta[:, V_PARAMS] = g.v.bits, vw, vp
+                    meta[:, U_BITS], meta[:, U_WORDS], meta[:, U_PARAMS] = g.u.bits, uw, up
+                    meta[:, DELTA], meta[:, GROUP_SIZE] = d, mod.group_size
+                    rows.append(meta)
+                    s.append(g.s.float())
+                    j += g.rank
+            projs.append([j_start, j, out_off, outs[p]])
+            out_off += outs[p]
+        if max(v.n_words, u.n_words, v.n_params, u.n_params) >= 2**31:
+            raise DeltacompError("a delta bank over 2**31 words: split the deltas over several banks")
+        tensors = dict(zip(("v_words", "v_scale", "v_offset"), v.tensors()))
+        tensors.update(zip(("u_words", "u_scale", "u_offset"), u.tensors()))
+        tensors["s"] = torch.cat(s) if s else torch.zeros(0)
+        tensors["rows"] = (torch.cat(rows) if rows else torch.zeros(0, ROW_FIELDS, dtype=torch.int64)).to(torch.int32)
+        tensors["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
+        return cls(tensors, n, outs, k)
+
+    @property
+    def rank(self) -> int:
+        return int(self.s.numel())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the op reads for the factors: packed words, scales, offsets and S."""
+        return sum(getattr(self, t).numel() * getattr(self, t).element_size() for t in TENSORS[:7])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, t) for t in TENSORS)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.num_deltas}, "
+                f"rank={self.rank}, bytes={self.nbytes}")

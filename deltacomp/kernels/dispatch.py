@@ -1,0 +1,51 @@
+"""The one dispatch point of the dequant-matmul op: shapes and gate weights in, ``deltacomp::delta_linear`` out."""
+
+from __future__ import annotations
+
+import torch
+
+from deltacomp.errors import DeltacompError
+from deltacomp.kernels.bank import DeltaBank
+
+
+def gate_weights(rows: int, bank: DeltaBank, weights: torch.Tensor | None, index: torch.Tensor | None,
+                 device) -> torch.Tensor:
+    """(rows, k) float32 weights: given (k,) or (..., k), one-hot from per-row delta ``index``, or all ones."""
+    k = bank.num_deltas
+    if weights is not None and index is not None:
+        raise DeltacompError("give gate weights or delta indices, not both")
+    if index is not None:
+        index = index.reshape(-1).to(device=device, dtype=torch.long)
+        if index.numel() != rows:
+            raise DeltacompError(f"{index.numel()} delta indices for {rows} token rows")
+        return torch.nn.functional.one_hot(index, k).float()
+    if weights is None:
+        return torch.ones(rows, k, device=device)
+    if weights.shape[-1] != k:
+        raise DeltacompError(f"gate weights have {weights.shape[-1]} columns; the bank holds {k} deltas")
+    w = weights.to(device=device, dtype=torch.float32)
+    return w.expand(rows, k) if w.dim() == 1 else w.reshape(rows, k)
+
+
+def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+    """``y + sum_d w_d * dW_d x`` through the packed factors of ``bank``.
+
+    x (..., n); y (..., M) the base output (zeros when None), M = sum of the bank's projection outputs;
+    weights (k,) or (..., k): per-row gate weights over the bank's k deltas; index (...,): each row's delta
+    (multi-tenant); neither: every delta at weight 1. Returns (..., M) in y's dtype (x's when y is None).
+    """
+    n, m = bank.in_features, sum(bank.out_features)
+    if x.shape[-1] != n:
+        raise DeltacompError(f"input has {x.shape[-1]} features; the delta bank expects {n}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n).contiguous()
+    if y is None:
+        y2 = torch.zeros(x2.shape[0], m, dtype=x.dtype, device=x.device)
+    else:
+        if y.shape[:-1] != lead or y.shape[-1] != m:
+            raise DeltacompError(f"base output has shape {list(y.shape)}; expected {[*lead, m]}")
+        y2 = y.reshape(-1, m).contiguous()
+    w = gate_weights(x2.shape[0], bank, weights, index, x.device).contiguous()
+    out = torch.ops.deltacomp.delta_linear(x2.to(y2.dtype), y2, w, *bank.tensors())
+    return out.reshape(*lead, m)

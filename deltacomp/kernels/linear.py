@@ -1,0 +1,134 @@
+"""Linear layers that add packed deltas to their base output, and attaching them to a transformers model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from deltacomp.errors import MismatchError
+from deltacomp.kernels.bank import DeltaBank
+from deltacomp.kernels.dispatch import delta_linear
+from deltacomp.package.manifest import FP16_DELTA
+from deltacomp.package.reader import compressed_names, packed_module
+from deltacomp.package.store import DeltaPackage
+
+log = logging.getLogger(__name__)
+
+
+class DeltaLinear(torch.nn.Module):
+    """``base_layer(x) + sum_d w_d dW_d x`` with the deltas' packed factors (wraps the base as PEFT's LoRA does).
+
+    The weights over the bank's deltas come from ``router(x)`` when set (a gate, (..., k)), else ``weights``
+    ((k,) or None for all ones); ``index`` (per-row delta, multi-tenant) overrides both when set.
+    """
+
+    def __init__(self, base_layer: torch.nn.Module, bank: DeltaBank, weights: torch.Tensor | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.bank = bank
+        self.weights = weights
+        self.router: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.index: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.bank.in_features
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.bank.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.index is not None:
+            return delta_linear(x, self.bank, y, index=self.index)
+        w = self.router(x) if self.router is not None else self.weights
+        return delta_linear(x, self.bank, y, weights=w)
+
+
+def _resolve(model: torch.nn.Module, name: str) -> str | None:
+    """The model's module path of a checkpoint weight name (``x.weight`` -> ``x``), tolerating a model prefix."""
+    from deltacomp.quality.weights import WeightSlots
+
+    key = WeightSlots(model).resolve(name)
+    return key[: -len(".weight")] if key is not None and key.endswith(".weight") else None
+
+
+def _set_module(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def check_same_base(packages: Sequence[DeltaPackage]) -> None:
+    """Every package must have been made from the same base weights (fingerprint in the manifest)."""
+    want = packages[0].manifest["base"]["fingerprint"]
+    for p in packages[1:]:
+        if p.manifest["base"]["fingerprint"] != want:
+            raise MismatchError(f"{p.path} was made from another base than {packages[0].path} "
+                                f"(base fingerprints differ); deltas can only be combined over one base")
+
+
+@torch.no_grad()
+def load_stored(model: torch.nn.Module, pkg: DeltaPackage) -> int:
+    """Copy the tensors ``pkg`` stores whole into ``model`` (which holds the base); fp16 deltas are added."""
+    from deltacomp.quality.weights import WeightSlots
+
+    slots = WeightSlots(model)
+    done = 0
+    for name, rec in pkg.modules.items():
+        if rec["action"] not in ("exact", "resized"):
+            continue
+        key = slots.resolve(name)
+        if key is None:
+            log.warning("%s: stored by %s but not a tensor of the model; skipped", name, pkg.path)
+            continue
+        slot, t = slots.targets[key], pkg.tensor(name)
+        if tuple(slot.shape) != tuple(t.shape):
+            raise MismatchError(f"{name}: {pkg.path} stores shape {list(t.shape)}; the model has {list(slot.shape)}")
+        slot.copy_((slot.float() + t.float()) if rec.get("encoding") == FP16_DELTA else t)
+        done += 1
+    return done
+
+
+def attach(model: torch.nn.Module, packages: Sequence[DeltaPackage | str], weights: torch.Tensor | None = None,
+           stored_from: int | None = 0) -> dict[str, DeltaLinear]:
+    """Wrap every linear layer that the packages compress with a :class:`DeltaLinear` over all their deltas.
+
+    ``model`` holds the base weights; ``weights`` (k,) mixes the deltas (None: each at weight 1). Tensors the
+    packages store whole (norms, embeddings) are taken from package ``stored_from`` (None: keep the base's).
+    Returns the wrapped layers by module path; :func:`detach` undoes the wrapping.
+    """
+    pkgs = [p if isinstance(p, DeltaPackage) else DeltaPackage(p) for p in packages]
+    check_same_base(pkgs)
+    names = sorted({n for p in pkgs for n in compressed_names(p)})
+    device = next(model.parameters()).device
+    wrapped = {}
+    for name in names:
+        path = _resolve(model, name)
+        if path is None:
+            raise MismatchError(f"{name}: a package changes this weight but the model has no such linear layer")
+        layer = model.get_submodule(path)
+        if isinstance(layer, DeltaLinear):
+            raise MismatchError(f"{path} already carries deltas; detach them first")
+        table = [[packed_module(p, name) if name in p.modules and p.modules[name]["action"] == "compress" else None
+                  for p in pkgs]]
+        bank = DeltaBank.build(table)
+        want = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
+        if want != (sum(bank.out_features), bank.in_features):
+            raise MismatchError(f"{name}: the deltas are {sum(bank.out_features)}x{bank.in_features}; the model's "
+                                f"layer is {want[0]}x{want[1]}")
+        wrapped[path] = DeltaLinear(layer, bank.to(device), weights)
+        _set_module(model, path, wrapped[path])
+    if stored_from is not None:
+        load_stored(model, pkgs[stored_from])
+    return wrapped
+
+
+def detach(model: torch.nn.Module) -> int:
+    """Put every :class:`DeltaLinear`'s base layer back; returns how many were removed."""
+    paths = [path for path, mod in model.named_modules() if isinstance(mod, DeltaLinear)]
+    for path in paths:
+        _set_module(model, path, model.get_submodule(path).base_layer)
+    return len(paths)

@@ -1,0 +1,96 @@
+"""Find the compiled CUDA extension: built by ``setup.py``, or built just in time on request.
+
+The outcome is decided once and remembered. A failure never raises at import: it is kept and raised as one
+clear error at the first CUDA call (:func:`extension`), and ``deltacomp doctor`` prints it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltacomp.errors import DeltacompError
+
+log = logging.getLogger(__name__)
+
+JIT_ENV = "DELTACOMP_CUDA_JIT"  # 1: build the extension with torch.utils.cpp_extension.load when it is missing
+SOURCES = ("delta_linear.cu", "binding.cpp")
+CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
+              "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90a,code=sm_90a")
+
+
+@dataclass
+class Status:
+    path: str  # "extension" | "jit" | "twin"
+    reason: str
+    module: object = None
+    error: str | None = None  # set when a build or load failed: raised at the first CUDA call
+
+
+_status: Status | None = None
+
+
+def source_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "cuda"
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load
+
+    src = source_dir()
+    missing = [s for s in SOURCES if not (src / s).is_file()]
+    if missing:
+        raise DeltacompError(f"cannot build the CUDA extension: {', '.join(missing)} not found in {src}")
+    return load(name="deltacomp_cuda_jit", sources=[str(src / s) for s in SOURCES],
+                extra_cuda_cflags=list(CUDA_FLAGS), extra_cflags=["-O3", "-std=c++17"], verbose=False)
+
+
+def status() -> Status:
+    """Which path runs CUDA tensors, and why; decided on first use and remembered."""
+    global _status
+    if _status is not None:
+        return _status
+    try:
+        from deltacomp import _cuda
+
+        _status = Status("extension", "the compiled extension deltacomp._cuda is installed", _cuda)
+    except ModuleNotFoundError:
+        _status = _jit_or_twin()
+    except Exception as e:  # a built extension that does not load (ABI, missing symbol): remember it
+        _status = Status("extension", "deltacomp._cuda is installed but does not load",
+                         error=f"the CUDA extension deltacomp._cuda does not load ({type(e).__name__}: {e}); "
+                               f"rebuild it against this torch")
+    return _status
+
+
+def _jit_or_twin() -> Status:
+    if os.environ.get(JIT_ENV) != "1":
+        return Status("twin", f"the CUDA extension is not built (install with a CUDA toolkit and "
+                              f"--no-build-isolation, or set {JIT_ENV}=1 to build it on first use); "
+                              f"CUDA tensors run through the pure-torch twin")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return Status("twin", f"{JIT_ENV}=1 but no CUDA device is visible")
+        module = _jit_build()
+        return Status("jit", f"built just in time from {source_dir()}", module)
+    except Exception as e:
+        return Status("jit", "the just-in-time build failed",
+                      error=f"building the CUDA extension failed ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+def extension():
+    """The loaded extension module, or None when CUDA tensors run through the twin; a remembered failure raises."""
+    st = status()
+    if st.error:
+        raise DeltacompError(st.error)
+    return st.module
+
+
+def reset() -> None:
+    """Forget the decision (tests, or after building)."""
+    global _status
+    _status = None

@@ -1,0 +1,53 @@
+"""The ``deltacomp::delta_linear`` custom op: schema, fake (meta) kernel, CPU and CUDA kernels, autograd.
+
+Registered through ``torch.library`` so that it traces under ``torch.compile`` and replays in CUDA graphs.
+CPU tensors (and CUDA tensors when the extension is not built) run the pure-torch twin; CUDA tensors run the
+compiled kernel (:mod:`deltacomp.kernels.loader`), which reads the packed words and never dequantizes into memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from deltacomp.kernels import loader
+from deltacomp.kernels.reference import delta_linear_backward, delta_linear_reference
+
+
+@torch.library.custom_op("deltacomp::delta_linear", mutates_args=())
+def delta_linear_op(x: Tensor, y: Tensor, w: Tensor, v_words: Tensor, v_scale: Tensor, v_offset: Tensor,
+                    u_words: Tensor, u_scale: Tensor, u_offset: Tensor, s: Tensor, rows: Tensor,
+                    projs: Tensor) -> Tensor:
+    """y + sum_j ((x @ V_q^T) * S * w[:, delta])_j U_q[j]: x (R, n), y (R, M), w (R, k); bank layout 1."""
+    return delta_linear_reference(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs)
+
+
+@delta_linear_op.register_kernel("cuda")
+def _cuda(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs):
+    ext = loader.extension()
+    args = (x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs)
+    return delta_linear_reference(*args) if ext is None else ext.delta_linear(*args)
+
+
+@delta_linear_op.register_fake
+def _fake(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs):
+    torch._check(x.dim() == 2 and y.dim() == 2 and w.dim() == 2, lambda: "x, y and w must be 2-D")
+    torch._check(x.shape[0] == y.shape[0] and w.shape[0] == x.shape[0],
+                 lambda: f"x, y and w must have the same rows, got {x.shape[0]}, {y.shape[0]}, {w.shape[0]}")
+    return torch.empty_like(y)
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, w, *bank = inputs
+    ctx.save_for_backward(x, w, *bank)
+
+
+def _backward(ctx, grad):
+    x, w, *bank = ctx.saved_tensors
+    need_x, need_y, need_w = ctx.needs_input_grad[:3]
+    grad_x, grad_w = delta_linear_backward(grad, x, w, tuple(bank), need_x, need_w)
+    return (grad_x.to(x.dtype) if need_x else None, grad if need_y else None,
+            grad_w.to(w.dtype) if need_w else None, *([None] * 9))
+
+
+delta_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,81 @@
+"""The pure-torch twin of the dequant-matmul op: the CPU path and the test oracle of the CUDA kernel.
+
+It has the op's signature (bank layout 1, :mod:`deltacomp.kernels.bank`) and computes, per projection p,
+
+    t   = x @ V_p^T                      (R, J_p)  into the rank space
+    c   = t * s * w[:, delta]            (R, J_p)  scaled by S and by each row's gate weight of the row's delta
+    out = y[:, p] + c @ U_p              (R, m_p)
+
+in float32, dequantizing the factors it needs (the CUDA kernel never does; this twin may).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltacomp.kernels.bank import DELTA, GROUP_SIZE, U_BITS, U_PARAMS, U_WORDS, V_BITS, V_PARAMS, V_WORDS
+from deltacomp.quant import packing, rtn
+
+
+def dequantize_rows(words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor,
+                    fields: tuple[int, int, int], length: int) -> torch.Tensor:
+    """Rows of one factor from a bank: (J, 8) row table -> (J, length) float32."""
+    out = torch.empty(rows.shape[0], length, dtype=torch.float32, device=words.device)
+    bits_f, word_f, param_f = fields
+    keys = rows[:, [bits_f, GROUP_SIZE]]
+    for bits, gs in torch.unique(keys, dim=0).tolist():
+        sel = ((keys[:, 0] == bits) & (keys[:, 1] == gs)).nonzero().squeeze(1)
+        width = packing.packed_words(length, bits)
+        groups = rtn.num_groups(length, gs)
+        w_idx = rows[sel, word_f].long()[:, None] + torch.arange(width, device=words.device)
+        p_idx = rows[sel, param_f].long()[:, None] + torch.arange(groups, device=words.device)
+        codes = packing.unpack(words[w_idx], bits, length)
+        out[sel] = rtn.dequantize(codes, scale[p_idx], offset[p_idx], gs)
+    return out
+
+
+def _projections(n: int, v_words, v_scale, v_offset, u_words, u_scale, u_offset, rows, projs):
+    """Per non-empty projection: (j0, j1, out_off, out_len, V_p (J_p, n), U_p (J_p, m_p)) dequantized."""
+    for j0, j1, off, length in projs.tolist():
+        if j1 == j0:
+            continue
+        r = rows[j0:j1]
+        v = dequantize_rows(v_words, v_scale, v_offset, r, (V_BITS, V_WORDS, V_PARAMS), n)
+        u = dequantize_rows(u_words, u_scale, u_offset, r, (U_BITS, U_WORDS, U_PARAMS), length)
+        yield j0, j1, off, length, v, u
+
+
+def delta_linear_reference(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, v_words: torch.Tensor,
+                           v_scale: torch.Tensor, v_offset: torch.Tensor, u_words: torch.Tensor,
+                           u_scale: torch.Tensor, u_offset: torch.Tensor, s: torch.Tensor, rows: torch.Tensor,
+                           projs: torch.Tensor) -> torch.Tensor:
+    """x (R, n), y (R, M), w (R, k) -> y + the deltas' contribution, (R, M) in y's dtype."""
+    xf = x.float()
+    out = y.float().clone()
+    for j0, j1, off, length, v, u in _projections(x.shape[1], v_words, v_scale, v_offset, u_words, u_scale,
+                                                  u_offset, rows, projs):
+        c = (xf @ v.T) * s[j0:j1] * w[:, rows[j0:j1, DELTA].long()]  # (R, J_p)
+        out[:, off:off + length] += c @ u
+    return out.to(y.dtype)
+
+
+def delta_linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bank: tuple[torch.Tensor, ...],
+                          need_x: bool, need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the op's output with respect to x (R, n) and the gate weights w (R, k), float32.
+
+    With gc = grad_p @ U_p^T (R, J_p) and t = x V_p^T: dL/dw[:, d] = sum over d's rows of gc * t * s, and
+    dL/dx = (gc * s * w[:, delta]) @ V_p summed over projections. Used for training gates (not a fast path).
+    """
+    v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs = bank
+    xf, g = x.float(), grad.float()
+    grad_x = torch.zeros_like(xf) if need_x else None
+    grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
+    for j0, j1, off, length, v, u in _projections(x.shape[1], v_words, v_scale, v_offset, u_words, u_scale,
+                                                  u_offset, rows, projs):
+        delta = rows[j0:j1, DELTA].long()
+        gc = (g[:, off:off + length] @ u.T) * s[j0:j1]  # (R, J_p)
+        if need_w:
+            grad_w.index_add_(1, delta, gc * (xf @ v.T))
+        if need_x:
+            grad_x += (gc * w[:, delta]) @ v
+    return grad_x, grad_w
