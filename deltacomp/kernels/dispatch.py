@@ -9,8 +9,8 @@ from deltacomp.kernels.bank import DeltaBank
 
 
 def gate_weights(rows: int, bank: DeltaBank, weights: torch.Tensor | None, index: torch.Tensor | None,
-                 device) -> torch.Tensor:
-    """(rows, k) float32 weights: given (k,) or (..., k), one-hot from per-row delta ``index``, or all ones."""
+                 device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(rows, k) weights: given (k,) or (..., k), one-hot from per-row delta ``index``, or all ones."""
     k = bank.num_deltas
     if weights is not None and index is not None:
         raise DeltacompError("give gate weights or delta indices, not both")
@@ -18,12 +18,12 @@ def gate_weights(rows: int, bank: DeltaBank, weights: torch.Tensor | None, index
         index = index.reshape(-1).to(device=device, dtype=torch.long)
         if index.numel() != rows:
             raise DeltacompError(f"{index.numel()} delta indices for {rows} token rows")
-        return torch.nn.functional.one_hot(index, k).float()
+        return torch.nn.functional.one_hot(index, k).to(dtype)
     if weights is None:
-        return torch.ones(rows, k, device=device)
+        return torch.ones(rows, k, device=device, dtype=dtype)
     if weights.shape[-1] != k:
         raise DeltacompError(f"gate weights have {weights.shape[-1]} columns; the bank holds {k} deltas")
-    w = weights.to(device=device, dtype=torch.float32)
+    w = weights.to(device=device, dtype=dtype)
     return w.expand(rows, k) if w.dim() == 1 else w.reshape(rows, k)
 
 
@@ -46,6 +46,7 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
         if y.shape[:-1] != lead or y.shape[-1] != m:
             raise DeltacompError(f"base output has shape {list(y.shape)}; expected {[*lead, m]}")
         y2 = y.reshape(-1, m).contiguous()
-    w = gate_weights(x2.shape[0], bank, weights, index, x.device).contiguous()
+    wdtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # float32 except for float64 checks
+    w = gate_weights(x2.shape[0], bank, weights, index, x.device, wdtype).contiguous()
     out = torch.ops.deltacomp.delta_linear(x2.to(y2.dtype), y2, w, *bank.tensors())
     return out.reshape(*lead, m)

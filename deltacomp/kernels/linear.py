@@ -50,10 +50,18 @@ class DeltaLinear(torch.nn.Module):
 
 def _resolve(model: torch.nn.Module, name: str) -> str | None:
     """The model's module path of a checkpoint weight name (``x.weight`` -> ``x``), tolerating a model prefix."""
-    from deltacomp.quality.weights import WeightSlots
-
-    key = WeightSlots(model).resolve(name)
-    return key[: -len(".weight")] if key is not None and key.endswith(".weight") else None
+    if not name.endswith(".weight"):
+        return None
+    path = name[: -len(".weight")]
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    head, _, rest = path.partition(".")
+    for cand in (path, f"{prefix}.{path}" if prefix else path, rest if head == prefix else path):
+        try:
+            model.get_submodule(cand)
+            return cand
+        except AttributeError:
+            continue
+    return None
 
 
 def _set_module(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:

@@ -6,7 +6,8 @@ It has the op's signature (bank layout 1, :mod:`deltacomp.kernels.bank`) and com
     c   = t * s * w[:, delta]            (R, J_p)  scaled by S and by each row's gate weight of the row's delta
     out = y[:, p] + c @ U_p              (R, m_p)
 
-in float32, dequantizing the factors it needs (the CUDA kernel never does; this twin may).
+in float32 (float64 for float64 inputs), dequantizing the factors it needs (the CUDA kernel never does; this
+twin may).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def dequantize_rows(words: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     return out
 
 
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _projections(n: int, v_words, v_scale, v_offset, u_words, u_scale, u_offset, rows, projs):
     """Per non-empty projection: (j0, j1, out_off, out_len, V_p (J_p, n), U_p (J_p, m_p)) dequantized."""
     for j0, j1, off, length in projs.tolist():
@@ -50,30 +55,34 @@ def delta_linear_reference(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, v_
                            u_scale: torch.Tensor, u_offset: torch.Tensor, s: torch.Tensor, rows: torch.Tensor,
                            projs: torch.Tensor) -> torch.Tensor:
     """x (R, n), y (R, M), w (R, k) -> y + the deltas' contribution, (R, M) in y's dtype."""
-    xf = x.float()
-    out = y.float().clone()
+    acc = _acc(x)
+    xf = x.to(acc)
+    out = y.to(acc).clone()
     for j0, j1, off, length, v, u in _projections(x.shape[1], v_words, v_scale, v_offset, u_words, u_scale,
                                                   u_offset, rows, projs):
-        c = (xf @ v.T) * s[j0:j1] * w[:, rows[j0:j1, DELTA].long()]  # (R, J_p)
+        v, u = v.to(acc), u.to(acc)
+        c = (xf @ v.T) * s[j0:j1].to(acc) * w[:, rows[j0:j1, DELTA].long()].to(acc)  # (R, J_p)
         out[:, off:off + length] += c @ u
     return out.to(y.dtype)
 
 
 def delta_linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bank: tuple[torch.Tensor, ...],
                           need_x: bool, need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of the op's output with respect to x (R, n) and the gate weights w (R, k), float32.
+    """Gradients of the op's output with respect to x (R, n) and the gate weights w (R, k).
 
     With gc = grad_p @ U_p^T (R, J_p) and t = x V_p^T: dL/dw[:, d] = sum over d's rows of gc * t * s, and
     dL/dx = (gc * s * w[:, delta]) @ V_p summed over projections. Used for training gates (not a fast path).
     """
     v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs = bank
-    xf, g = x.float(), grad.float()
+    acc = _acc(x)
+    xf, g, w = x.to(acc), grad.to(acc), w.to(acc)
     grad_x = torch.zeros_like(xf) if need_x else None
-    grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
+    grad_w = torch.zeros_like(w) if need_w else None
     for j0, j1, off, length, v, u in _projections(x.shape[1], v_words, v_scale, v_offset, u_words, u_scale,
                                                   u_offset, rows, projs):
+        v, u = v.to(acc), u.to(acc)
         delta = rows[j0:j1, DELTA].long()
-        gc = (g[:, off:off + length] @ u.T) * s[j0:j1]  # (R, J_p)
+        gc = (g[:, off:off + length] @ u.T) * s[j0:j1].to(acc)  # (R, J_p)
         if need_w:
             grad_w.index_add_(1, delta, gc * (xf @ v.T))
         if need_x:

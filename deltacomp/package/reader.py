@@ -142,18 +142,10 @@ def _side(name: str, parts: dict, key: str, bits: int, length: int, rank: int, g
     return PackedSide(words, scale, offset, bits, length)
 
 
-def packed_module(pkg: DeltaPackage, name: str) -> PackedModule:
-    """The packed view of a compressed ``mixed`` module, its tensors checked against the manifest."""
-    rec = pkg.modules.get(name)
-    if rec is None or rec.get("action") != "compress":
-        raise PackageError(f"{pkg.path}: {name} is not a compressed module of this package")
-    if rec["method"] != "mixed":
-        raise PackageError(f"{pkg.path}: {name} was compressed with {rec['method']!r}; packed factors exist only "
-                           f"for 'mixed' packages")
-    m, n = (int(d) for d in rec["shape"])
-    info = rec["info"]
+def packed_from_parts(name: str, parts: dict[str, torch.Tensor], info: dict, shape: tuple[int, int]) -> PackedModule:
+    """The packed view of a ``mixed`` module from its stored tensors and manifest ``info``, checked."""
+    m, n = (int(d) for d in shape)
     gs = int(info["group_size"])
-    parts = pkg.parts(name)
     groups = []
     for i, ((bu, bv), g) in enumerate(zip(group_widths(info), info["groups"])):
         r = int(g["rank"])
@@ -163,3 +155,14 @@ def packed_module(pkg: DeltaPackage, name: str) -> PackedModule:
         groups.append(PackedGroup(_side(name, parts, f"g{i}.u", bu, m, r, gs),
                                   _side(name, parts, f"g{i}.v", bv, n, r, gs), s))
     return PackedModule(name, (m, n), gs, tuple(groups))
+
+
+def packed_module(pkg: DeltaPackage, name: str) -> PackedModule:
+    """The packed view of a compressed ``mixed`` module of ``pkg``, its tensors checked against the manifest."""
+    rec = pkg.modules.get(name)
+    if rec is None or rec.get("action") != "compress":
+        raise PackageError(f"{pkg.path}: {name} is not a compressed module of this package")
+    if rec["method"] != "mixed":
+        raise PackageError(f"{pkg.path}: {name} was compressed with {rec['method']!r}; packed factors exist only "
+                           f"for 'mixed' packages")
+    return packed_from_parts(name, pkg.parts(name), rec["info"], tuple(rec["shape"]))

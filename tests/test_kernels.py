@@ -1,0 +1,132 @@
+"""The delta bank and the dequant-matmul op's pure-torch twin (the CPU path and the CUDA kernel's oracle)."""
+
+import pytest
+import torch
+from packed_cases import ALL_WIDTHS, oracle, random_module, rel_err
+
+from deltacomp.errors import DeltacompError, MismatchError
+from deltacomp.kernels import DeltaBank, attach, delta_linear, detach
+from deltacomp.kernels.bank import U_BITS, U_PARAMS, U_WORDS, V_BITS, V_PARAMS, V_WORDS
+from deltacomp.kernels.reference import dequantize_rows
+from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.package.reader import compressed_names, iter_weights, packed_module, reconstruct_delta
+from deltacomp.package.store import DeltaPackage
+from deltacomp.quality.weights import WeightSlots
+
+
+@pytest.mark.parametrize("group_size", [0, 32, 128])
+def test_bank_rows_round_trip_exactly(group_size):
+    mods = [random_module(100, 70, group_size=group_size, seed=s) for s in range(2)]
+    bank = DeltaBank.build([mods])
+    assert bank.rows.shape == (sum(m.rank for m in mods), 8)
+    assert int((bank.rows[:, V_WORDS] % 4).abs().sum()) == 0 and int((bank.rows[:, U_WORDS] % 4).abs().sum()) == 0
+    v = dequantize_rows(bank.v_words, bank.v_scale, bank.v_offset, bank.rows, (V_BITS, V_WORDS, V_PARAMS), 70)
+    u = dequantize_rows(bank.u_words, bank.u_scale, bank.u_offset, bank.rows, (U_BITS, U_WORDS, U_PARAMS), 100)
+    want_u, want_s, want_v = (torch.cat(t) for t in zip(*[(m.factors()[0].T, m.factors()[1], m.factors()[2].T)
+                                                          for m in mods]))
+    assert torch.equal(v, want_v) and torch.equal(u, want_u) and torch.equal(bank.s, want_s)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("group_size", [0, 128])
+def test_twin_matches_dense_product(rows, group_size):
+    g = torch.Generator().manual_seed(rows)
+    table = [[random_module(130, 300, group_size=group_size, seed=1), None, random_module(130, 300, seed=2)],
+             [random_module(64, 300, widths=ALL_WIDTHS[:3], seed=3), random_module(64, 300, seed=4), None]]
+    bank = DeltaBank.build(table)
+    x, y = torch.randn(rows, 300, generator=g), torch.randn(rows, 194, generator=g)
+    w = torch.rand(rows, 3, generator=g)
+    out = delta_linear(x, bank, y, weights=w)
+    assert rel_err(out, oracle(x, y, w, table)) < 1e-6
+
+
+def test_weights_forms_and_multi_tenant():
+    mods = [random_module(48, 40, seed=s) for s in range(3)]
+    bank = DeltaBank.build([mods])
+    x = torch.randn(2, 4, 40)  # (B, T, n): leading dims are kept
+    index = torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])
+    out = delta_linear(x, bank, index=index)
+    assert out.shape == (2, 4, 48)
+    for d in range(3):
+        sel = index == d
+        assert rel_err(out[sel], x[sel] @ mods[d].dense().T) < 1e-6
+    both = delta_linear(x, bank, weights=torch.tensor([0.5, 0.0, 0.25]))
+    want = x @ (0.5 * mods[0].dense() + 0.25 * mods[2].dense()).T
+    assert rel_err(both, want) < 1e-6
+    assert rel_err(delta_linear(x, bank), x @ sum(m.dense() for m in mods).T) < 1e-6
+
+
+def test_dispatch_errors_name_the_numbers():
+    bank = DeltaBank.build([[random_module(48, 40)]])
+    with pytest.raises(DeltacompError, match="41 features; the delta bank expects 40"):
+        delta_linear(torch.randn(3, 41), bank)
+    with pytest.raises(DeltacompError, match="expected \\[3, 48\\]"):
+        delta_linear(torch.randn(3, 40), bank, torch.randn(3, 47))
+    with pytest.raises(DeltacompError, match="2 columns; the bank holds 1"):
+        delta_linear(torch.randn(3, 40), bank, weights=torch.ones(2))
+    with pytest.raises(DeltacompError, match="disagree on its output size"):
+        DeltaBank.build([[random_module(48, 40), random_module(40, 40)]])
+
+
+def test_gradients_match_finite_differences():
+    mods = [random_module(12, 10, widths=ALL_WIDTHS[:3], rank_per_group=2, seed=s) for s in range(2)]
+    bank = DeltaBank.build([mods])
+    x = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: delta_linear(a, bank, b, weights=c), (x, y, w))
+
+
+def test_opcheck():
+    mods = [random_module(40, 36, seed=s) for s in range(2)]
+    bank = DeltaBank.build([mods, [None, random_module(20, 36, widths=ALL_WIDTHS[:5], seed=5)]])
+    x, y, w = torch.randn(4, 36), torch.randn(4, 60), torch.rand(4, 2)
+    torch.library.opcheck(torch.ops.deltacomp.delta_linear.default, (x, y, w, *bank.tensors()))
+
+
+def test_compiles_with_fake_kernel():
+    bank = DeltaBank.build([[random_module(40, 36)]])
+    x, y = torch.randn(4, 36), torch.randn(4, 40)
+    fn = torch.compile(lambda a, b: delta_linear(a, bank, b) * 2, backend="aot_eager", fullgraph=True)
+    assert rel_err(fn(x, y), 2 * delta_linear(x, bank, y)) < 1e-6
+
+
+def test_empty_bank_adds_nothing():
+    bank = DeltaBank.build([[None]], out_features=[8], in_features=5)
+    y = torch.randn(2, 8)
+    assert torch.equal(delta_linear(torch.randn(2, 5), bank, y), y)
+
+
+def test_attach_matches_apply(llama_pair, llama_packages):
+    from transformers import LlamaForCausalLM
+
+    base_dir, _, _ = llama_pair
+    pkg = DeltaPackage(llama_packages(1.0))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    dense = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    WeightSlots(dense).load(iter_weights(pkg, Checkpoint(base_dir)))  # what ``deltacomp apply`` writes
+    wrapped = attach(model, [pkg])
+    assert len(wrapped) == len(compressed_names(pkg))
+    with torch.no_grad():
+        got, want = model(ids).logits, dense(ids).logits
+    assert rel_err(got, want) < 1e-5
+    with pytest.raises(MismatchError, match="already carries deltas"):
+        attach(model, [pkg])
+    assert detach(model) == len(wrapped)
+    WeightSlots(model).load(Checkpoint(base_dir).items())  # detach leaves the stored tensors: put the base's back
+    with torch.no_grad():
+        base_logits = LlamaForCausalLM.from_pretrained(base_dir).eval()(ids).logits
+        assert rel_err(model(ids).logits, base_logits) < 1e-6
+
+
+@pytest.mark.real
+def test_twin_matches_apply_on_minilm(minilm_demo):
+    pkg = DeltaPackage(minilm_demo["dir"] / "package")
+    names = compressed_names(pkg)
+    g = torch.Generator().manual_seed(0)
+    for name in names[:: max(1, len(names) // 6)]:
+        mod = packed_module(pkg, name)
+        x = torch.randn(7, mod.shape[1], generator=g)
+        want = x.double() @ reconstruct_delta(pkg, name).double().T
+        assert rel_err(delta_linear(x, DeltaBank.build([[mod]])), want) < 1e-5, name
