@@ -3,7 +3,9 @@
 The pipeline: the baselines are compressed at the package's budget and settings into a temporary folder; the
 per-module relative errors of every package are streamed (one tensor pair at a time); then one model is loaded
 from the base and its weights swapped in place for the fine-tune (the reference), the base, and each package's
-rebuilt fine-tune (:mod:`deltacomp.quality.weights`), scoring each on the same data.
+rebuilt fine-tune (:mod:`deltacomp.quality.weights`), scoring each on the same data. On CUDA a ``mixed`` package
+is not rebuilt: the model keeps the base weights of its compressed layers and their deltas run from the packed
+factors through the dequant-matmul op (:mod:`deltacomp.kernels`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from deltacomp.package.reader import check_base, iter_weights
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError, DeltacompError
 from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.kernels import attach, detach
 from deltacomp.methods.base import get_method
+from deltacomp.package.reader import check_base, compressed_names, iter_weights
 from deltacomp.package.store import DeltaPackage
 from deltacomp.quality import causal
 from deltacomp.quality.modules import module_errors, summarise
@@ -238,11 +241,18 @@ def evaluate_packages(packages: list[tuple[str, DeltaPackage, float | None]], ba
     slots.load(base.items())
     out_rows = [{"model": "base", **scorer.score(), **probe()}, reference]
     for row, (label, p, _) in zip(rows, packages):
-        log.info("scoring %s", label)
-        required = {n for n, r in p.modules.items() if r["action"] == "compress"}
-        slots.load(iter_weights(p, base), required)
-        row.update(scorer.score())
-        row.update(probe())
+        required = set(compressed_names(p))
+        packed = config.device.startswith("cuda") and all(p.modules[n]["method"] == "mixed" for n in required)
+        log.info("scoring %s (%s)", label, "base weights + packed deltas" if packed else "rebuilt weights")
+        slots.load(iter_weights(p, base, rebuild=not packed), required)
+        if packed:
+            attach(model, [p], stored_from=None)
+        try:
+            row.update(scorer.score())
+            row.update(probe())
+        finally:
+            detach(model)
+        row["path"] = "packed" if packed else "dense"
         out_rows.append(row)
     return {"kind": kind, "data": data_label, "rows": out_rows, "skipped": {}}
 

@@ -66,7 +66,7 @@ def cli(verbose: bool):
 from deltacomp.cli import core, eval  # noqa: E402,F401  (registers the commands)
 
 # isort: split
-from deltacomp.cli import export, hub  # noqa: E402,F401  (export, push, pull)
+from deltacomp.cli import doctor, export, hub  # noqa: E402,F401  (doctor, export, push, pull)
 
 
 def main():

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from deltacomp.package.reader import check_base, stored_weight
 from deltacomp.errors import DeltacompError
 from deltacomp.export.adapter_plan import AdapterPlan, is_embedding_like, plan_adapter
 from deltacomp.export.lora import truncate
@@ -25,6 +24,7 @@ from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.io.output import atomic_dir, check_output
 from deltacomp.io.safetensors_file import DTYPES, SafetensorsWriter
 from deltacomp.methods.base import get_method
+from deltacomp.package.reader import check_base, stored_weight
 from deltacomp.package.store import DeltaPackage
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ clear error at the first CUDA call (:func:`extension`), and ``deltacomp doctor``
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -53,12 +54,12 @@ def status() -> Status:
     if _status is not None:
         return _status
     try:
-        from deltacomp import _cuda
-
-        _status = Status("extension", "the compiled extension deltacomp._cuda is installed", _cuda)
-    except ModuleNotFoundError:
-        _status = _jit_or_twin()
-    except Exception as e:  # a built extension that does not load (ABI, missing symbol): remember it
+        module = importlib.import_module("deltacomp._cuda")
+        _status = Status("extension", "the compiled extension deltacomp._cuda is installed", module)
+    except Exception as e:  # not built: JIT or twin; built but not loading (ABI, missing symbol): remember it
+        if isinstance(e, ModuleNotFoundError) and e.name == "deltacomp._cuda":
+            _status = _jit_or_twin()
+            return _status
         _status = Status("extension", "deltacomp._cuda is installed but does not load",
                          error=f"the CUDA extension deltacomp._cuda does not load ({type(e).__name__}: {e}); "
                                f"rebuild it against this torch")

@@ -53,8 +53,11 @@ def stored_weight(pkg: DeltaPackage, name: str, base: Checkpoint) -> torch.Tenso
     return t
 
 
-def iter_weights(pkg: DeltaPackage, base: Checkpoint):
-    """Yield (name, tensor) of the fine-tuned model rebuilt from ``base`` and ``pkg``, one at a time."""
+def iter_weights(pkg: DeltaPackage, base: Checkpoint, rebuild: bool = True):
+    """Yield (name, tensor) of the fine-tuned model rebuilt from ``base`` and ``pkg``, one at a time.
+
+    ``rebuild=False`` yields the base weight of each compressed module (its delta then runs through the kernels).
+    """
     modules = pkg.modules
     for name in base.keys():
         rec = modules.get(name)
@@ -64,7 +67,7 @@ def iter_weights(pkg: DeltaPackage, base: Checkpoint):
             continue
         elif rec["action"] == "compress":
             w = base.read(name)
-            yield name, (w.float() + reconstruct_delta(pkg, name)).to(DTYPES[rec["dtype"]])
+            yield name, (w.float() + reconstruct_delta(pkg, name)).to(DTYPES[rec["dtype"]]) if rebuild else w
         else:
             yield name, stored_weight(pkg, name, base)
     for name, rec in modules.items():

@@ -1,0 +1,145 @@
+"""The CUDA dequant-matmul kernel against a float64 oracle and the pure-torch twin (skipped without a GPU).
+
+Relative error bounds, against float64 products of the dequantized factors: float32 activations 1e-4, fp16 2e-3,
+bf16 1e-2 (the output is rounded to the activation dtype). Every check draws fresh random inputs; the memory the
+output lands in is filled with NaN first, so an element the kernel does not write fails the check.
+"""
+
+import pytest
+import torch
+from packed_cases import ALL_WIDTHS, oracle, random_module, rel_err
+
+from deltacomp.kernels import DeltaBank, delta_linear, loader
+from deltacomp.kernels.reference import delta_linear_reference
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+SHAPES = [(576, 1535), (1535, 576), (4096, 11008), (11008, 4096), (192, 33)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel():
+    ext = loader.extension()  # raises a remembered build or load failure
+    if ext is None:
+        pytest.skip(f"the CUDA extension is not available: {loader.status().reason}")
+
+
+def _poison(shape, dtype):
+    """Leave freed cached blocks of the output's size filled with NaN: the op's output (allocated next, from the
+    same size class) starts as NaN, so an element the kernel does not write fails the check."""
+    blobs = [torch.full(shape, float("nan"), device="cuda", dtype=dtype) for _ in range(4)]
+    del blobs
+
+
+def _check(table, rows, dtype, weights=None, index=None, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bank = DeltaBank.build(table).to("cuda")
+    n, m = bank.in_features, sum(bank.out_features)
+    x = torch.randn(rows, n, device="cuda", generator=g).to(dtype)
+    y = (torch.randn(rows, m, device="cuda", generator=g) * 0.1).to(dtype)
+    if index is not None:
+        w = torch.nn.functional.one_hot(index.long(), bank.num_deltas).float()
+    else:
+        w = torch.ones(rows, bank.num_deltas, device="cuda") if weights is None else weights.float().expand(rows, -1)
+    w = w.contiguous()
+    _poison((rows, m), dtype)
+    out = torch.ops.deltacomp.delta_linear(x, y, w, *bank.tensors())
+    torch.cuda.synchronize()
+    assert out.dtype == dtype and out.shape == (rows, m)
+    assert torch.isfinite(out).all(), "unwritten or non-finite outputs"
+    assert rel_err(delta_linear(x, bank, y, weights=weights, index=index), out) < 1e-6  # the dispatch point
+    want = oracle(x.cpu(), y.cpu(), w.cpu(), table)
+    err = rel_err(out.cpu(), want)
+    assert err < BOUND[dtype], f"relative error {err:.2e} over the bound {BOUND[dtype]:.0e}"
+    twin = delta_linear_reference(x, y, w, *bank.tensors())
+    assert rel_err(out, twin) < BOUND[dtype]
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("group_size", [0, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_width_one_delta(shape, group_size, dtype):
+    mod = random_module(*shape, widths=ALL_WIDTHS, rank_per_group=4, group_size=group_size, seed=shape[0])
+    for rows in (1, 3, 16, 33, 64):
+        _check([[mod]], rows, dtype, seed=rows)
+
+
+@pytest.mark.parametrize("bits", [(1, 1), (2, 2), (3, 3), (4, 4), (8, 8), (3, 1), (1, 8)])
+def test_single_width_float32(bits):
+    mod = random_module(1000, 777, widths=(bits,), rank_per_group=24, group_size=128, seed=bits[0])
+    for rows in (1, 7, 64):
+        _check([[mod]], rows, torch.float32, seed=rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_projections_and_gated_deltas(dtype):
+    """q|k|v-like projections sharing one input, three deltas, per-row gate weights (some exactly zero)."""
+    n = 1535
+    table = [[random_module(m, n, widths=ALL_WIDTHS[: 4 + p], group_size=gs, seed=10 * p + d) if (p + d) % 4 else None
+              for d, gs in zip(range(3), (0, 128, 0))] for p, m in enumerate((576, 192, 192, 1100))]
+    for rows in (1, 5, 16, 40):
+        w = torch.rand(rows, 3, device="cuda")
+        w[::3, 1] = 0
+        _check(table, rows, dtype, weights=w, seed=rows)
+
+
+def test_multi_tenant_sixteen_deltas():
+    table = [[random_module(576, 576, widths=ALL_WIDTHS[:4], group_size=0, seed=d) for d in range(16)]]
+    for rows in (16, 33):
+        index = torch.randint(0, 16, (rows,), device="cuda")
+        _check(table, rows, torch.bfloat16, index=index, seed=rows)
+
+
+def test_cuda_graph_and_compile():
+    mod = random_module(1024, 768, widths=ALL_WIDTHS, rank_per_group=5, group_size=128)
+    bank = DeltaBank.build([[mod]]).to("cuda")
+    x = torch.randn(8, 768, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    want = delta_linear(x, bank, y)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        delta_linear(x, bank, y)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = delta_linear(x, bank, y)
+    x2 = torch.randn_like(x)
+    x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(static, delta_linear(x2, bank, y)) < 1e-6
+    compiled = torch.compile(lambda a, b: delta_linear(a, bank, b), fullgraph=True)
+    assert rel_err(compiled(x2, y), delta_linear(x2, bank, y)) < 1e-6
+    assert rel_err(want, delta_linear(x2 * 0 + x2, bank, y)) > 0  # the inputs really changed
+
+
+def test_extension_checks_name_the_numbers():
+    mod = random_module(64, 48, widths=ALL_WIDTHS[:3])
+    bank = DeltaBank.build([[mod]]).to("cuda")
+    x = torch.randn(4, 48, device="cuda", dtype=torch.float16)
+    y = torch.randn(5, 64, device="cuda", dtype=torch.float16)
+    w = torch.ones(4, 1, device="cuda")
+    with pytest.raises(RuntimeError, match="5"):
+        torch.ops.deltacomp.delta_linear(x, y, w, *bank.tensors())
+    with pytest.raises(RuntimeError, match="cpu|device"):
+        torch.ops.deltacomp.delta_linear(x, y[:4], w.cpu(), *bank.tensors())
+    with pytest.raises(RuntimeError, match="dtype|Float|Half"):
+        torch.ops.deltacomp.delta_linear(x, y[:4].float(), w, *bank.tensors())
+
+
+def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages):
+    from transformers import LlamaForCausalLM
+
+    from deltacomp.kernels import attach
+    from deltacomp.package.store import DeltaPackage
+
+    base_dir, _, _ = llama_pair
+    pkg = DeltaPackage(llama_packages(1.0))
+    ids = torch.randint(0, 256, (3, 10))
+    cpu = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    gpu = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to("cuda").eval()
+    attach(cpu, [pkg])
+    attach(gpu, [pkg])
+    with torch.no_grad():
+        assert rel_err(gpu(ids.cuda()).logits.float().cpu(), cpu(ids).logits) < 2e-2
