@@ -68,6 +68,8 @@ from deltacomp.cli import core, eval  # noqa: E402,F401  (registers the commands
 # isort: split
 from deltacomp.cli import doctor, export, hub  # noqa: E402,F401  (doctor, export, push, pull)
 
+from deltacomp.cli import fuse  # noqa: E402,F401  # isort: skip  (fuse create, train, generate, eval)
+
 
 def main():
     cli(prog_name="deltacomp")

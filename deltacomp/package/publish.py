@@ -3,7 +3,8 @@
 A push uploads exactly the files the manifest lists, the manifest, an ``eval.json`` when there is one, a
 README model card made for the repo, and optionally a PEFT adapter under ``peft/``; each push is one commit.
 A pull downloads into a hidden folder, checks every file against the manifest's sha256, and only then
-moves it into place: a corrupted or truncated file is named and nothing is left behind.
+moves it into place: a corrupted or truncated file is named and nothing is left behind. A fusion gate folder
+(:mod:`deltacomp.fusion.folder`: ``fusion.json`` with its own files table) is pushed and pulled the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 from deltacomp.errors import PackageError
+from deltacomp.fusion.folder import GATE_CONFIG, GATE_WEIGHTS, is_gate_folder, read_gate
+from deltacomp.fusion.folder import render_card as gate_card
 from deltacomp.io import hub
 from deltacomp.io.output import atomic_dir, check_output
 from deltacomp.package.card import EVAL_FILE, load_eval, render_card
@@ -24,7 +27,8 @@ from deltacomp.package.store import DeltaPackage, sha256_file
 log = logging.getLogger(__name__)
 PEFT_FOLDER = "peft"
 # files a push owns: a new push removes the ones its package lacks (stale shards, an old eval or adapter)
-OWNED = ["delta*.safetensors", "delta*.json", "model/*", f"{PEFT_FOLDER}/*", EVAL_FILE, MANIFEST]
+OWNED = ["delta*.safetensors", "delta*.json", "model/*", f"{PEFT_FOLDER}/*", EVAL_FILE, MANIFEST, GATE_CONFIG,
+         GATE_WEIGHTS]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -60,6 +64,10 @@ def push(package: str | os.PathLike, repo_id: str, private: bool | None = None, 
     ``base_model`` metadata when the package was made from a local folder.
     """
     hub.check_repo_id(repo_id)
+    if is_gate_folder(package):
+        if with_peft or base_model is not None:
+            raise PackageError(f"{package} is a fusion gate; --with-peft and --base-model apply to packages only")
+        return _push_gate(Path(package), repo_id, private, revision, message, progress)
     if base_model is not None:
         hub.check_repo_id(base_model)
     pkg = DeltaPackage(package)  # verifies every file: a corrupt package is never uploaded
@@ -75,6 +83,23 @@ def push(package: str | os.PathLike, repo_id: str, private: bool | None = None, 
         text = message or f"Upload {pkg.manifest['method']} delta package ({len(files)} files) with deltacomp"
         log.info("uploading %d files to %s", len(files), repo_id)
         sha, url = hub.upload(folder, repo_id, private=private, revision=revision, message=text, replace=OWNED,
+                              progress=progress)
+    return {"repo_id": repo_id, "revision": revision or "main", "commit": sha, "url": url, "files": files}
+
+
+def _push_gate(folder: Path, repo_id: str, private, revision, message, progress) -> dict:
+    """Upload a gate folder, verified first: its files table, ``fusion.json`` and a card, as one commit."""
+    doc = read_gate(folder)
+    with tempfile.TemporaryDirectory(prefix="deltacomp-push-") as tmp:
+        staged = Path(tmp) / "repo"
+        staged.mkdir()
+        files = [*doc["files"], GATE_CONFIG]
+        for name in files:
+            _link_or_copy(folder / name, staged / name)
+        (staged / "README.md").write_text(gate_card(doc, repo_id))
+        files.append("README.md")
+        text = message or f"Upload {doc['config'].gate} fusion gate over {len(doc['deltas'])} deltas with deltacomp"
+        sha, url = hub.upload(staged, repo_id, private=private, revision=revision, message=text, replace=OWNED,
                               progress=progress)
     return {"repo_id": repo_id, "revision": revision or "main", "commit": sha, "url": url, "files": files}
 
@@ -98,9 +123,13 @@ def pull(repo: str, out: str | os.PathLike, overwrite: bool = False, progress: b
     check_output(out, overwrite)
     with atomic_dir(out, overwrite) as tmp:
         sha = hub.download(repo, tmp, progress)
-        if not (tmp / MANIFEST).is_file():
-            raise PackageError(f"{repo}: not a deltacomp package (no {MANIFEST} in the repo); nothing was written")
-        manifest = verify_folder(tmp, repo)
-        DeltaPackage(tmp, verify=False)  # the tensor files open: headers consistent with their sizes
+        if is_gate_folder(tmp) and not (tmp / MANIFEST).is_file():
+            method = f"{read_gate(tmp, repo)['config'].gate} gate"  # schema, paths and every file's sha256
+        elif not (tmp / MANIFEST).is_file():
+            raise PackageError(f"{repo}: not a deltacomp package (no {MANIFEST} in the repo) nor a gate (no "
+                               f"{GATE_CONFIG}); nothing was written")
+        else:
+            method = verify_folder(tmp, repo)["method"]
+            DeltaPackage(tmp, verify=False)  # the tensor files open: headers consistent with their sizes
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    return {"repo": repo, "commit": sha, "path": str(out), "files": files, "method": manifest["method"]}
+    return {"repo": repo, "commit": sha, "path": str(out), "files": files, "method": method}

@@ -1,0 +1,78 @@
+"""Tensors a package stores whole (norms, embeddings, biases): the documented rule of a fusion.
+
+Compressed linear layers are mixed per token through ``delta_linear``; a tensor a package stores whole has no
+factors to gate, so it is set once, as a fixed mixture of the deltas' values (:class:`FusionConfig` ``stored``):
+
+* ``mix`` (default): ``base + sum_i c_i (t_i - base)`` with c the gate's static weights (the static gate's,
+  learned or given), or 1/k each for the dynamic gates (token, sentence, topk). A delta that leaves the tensor
+  unchanged contributes 0. Static weights (1, 0) thus give exactly the first package's values.
+* ``base``: the base's values (the deltas' whole-stored changes are dropped).
+* ``i`` (a delta's index): delta i's values.
+
+A package that adds, removes or resizes a tensor (a new vocabulary) cannot be fused over the base's shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from deltacomp.errors import MismatchError
+from deltacomp.package.manifest import FP16_DELTA
+from deltacomp.package.store import DeltaPackage
+from deltacomp.quality.weights import WeightSlots
+
+
+class StoredTensors:
+    """The whole-stored tensors of k packages over the model's base values; ``set(c)`` writes a mixture."""
+
+    def __init__(self, model: torch.nn.Module, packages: Sequence[DeltaPackage]):
+        slots = WeightSlots(model)
+        self.k = len(packages)
+        self.slots: dict[str, torch.Tensor] = {}
+        self.base: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, list[torch.Tensor | None]] = {}
+        for i, pkg in enumerate(packages):
+            for name, rec in pkg.modules.items():
+                if rec["action"] in ("added", "removed", "resized"):
+                    raise MismatchError(f"{pkg.path}: {name} is {rec['action']} (the package changes the "
+                                        f"model's shapes); only deltas over the base's shapes can be fused")
+                if rec["action"] != "exact":
+                    continue
+                key = slots.resolve(name)
+                if key is None:
+                    raise MismatchError(f"{name}: stored by {pkg.path} but not a tensor of the model")
+                slot, t = slots.targets[key], pkg.tensor(name)
+                if tuple(slot.shape) != tuple(t.shape):
+                    raise MismatchError(f"{name}: {pkg.path} stores shape {list(t.shape)}; the model has "
+                                        f"{list(slot.shape)}")
+                if name not in self.slots:
+                    self.slots[name] = slot
+                    self.base[name] = slot.detach().float().clone()
+                    self.deltas[name] = [None] * self.k
+                d = t.float() if rec.get("encoding") == FP16_DELTA else t.float() - self.base[name].cpu()
+                self.deltas[name][i] = d.to(slot.device)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @torch.no_grad()
+    def set(self, coeffs: Sequence[float] | torch.Tensor | None) -> None:
+        """Write ``base + sum_i coeffs[i] * delta_i`` into every slot (None: the base values)."""
+        c = None if coeffs is None else [float(x) for x in coeffs]
+        for name, slot in self.slots.items():
+            value = self.base[name].clone()
+            for ci, d in zip(c or [], self.deltas[name]):
+                if d is not None and ci != 0.0:
+                    value += ci * d
+            slot.copy_(value.to(slot.dtype))
+
+
+def stored_coeffs(rule: str, k: int, static: torch.Tensor | None) -> list[float] | None:
+    """The rule's coefficients over the k deltas (None: the base values); see the module docstring."""
+    if rule == "base":
+        return None
+    if rule == "mix":
+        return [float(x) for x in static] if static is not None else [1.0 / k] * k
+    return [1.0 if i == int(rule) else 0.0 for i in range(k)]
