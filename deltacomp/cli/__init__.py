@@ -69,7 +69,14 @@ from deltacomp.cli import core, eval  # noqa: E402,F401  (registers the commands
 from deltacomp.cli import export, hub  # noqa: E402,F401  (export, push, pull)
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: partial outputs are removed
+
+
 def main():
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm)
     cli(prog_name="deltacomp")
 
 

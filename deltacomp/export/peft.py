@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from deltacomp.package.reader import check_base, stored_weight
 from deltacomp.errors import DeltacompError
 from deltacomp.export.adapter_plan import AdapterPlan, is_embedding_like, plan_adapter
 from deltacomp.export.lora import truncate
@@ -25,6 +24,7 @@ from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.io.output import atomic_dir, check_output
 from deltacomp.io.safetensors_file import DTYPES, SafetensorsWriter
 from deltacomp.methods.base import get_method
+from deltacomp.package.reader import check_base, stored_weight
 from deltacomp.package.store import DeltaPackage
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,8 @@ def export_peft(package: str | os.PathLike, out: str | os.PathLike, base: str | 
     ckpt = Checkpoint(base) if base is not None else None
     if ckpt is not None:
         check_base(pkg, ckpt)
-    check_output(out, overwrite)
+    inputs = (pkg.path, *([ckpt.path] if ckpt is not None else []))
+    check_output(out, overwrite, "adapter", inputs)
     _warn_dropped(plan)
     for name in plan.ignored:
         log.info("%s: a buffer the fine-tune removed; ignored", name)
@@ -182,7 +183,7 @@ def export_peft(package: str | os.PathLike, out: str | os.PathLike, base: str | 
     ranks: dict[str, int] = {}
     cut: dict[str, float] = {}
     full_rank: set[str] = set()
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "adapter", inputs) as tmp:
         writer = SafetensorsWriter(tmp / WEIGHTS_FILE, {"exported_by": "deltacomp"})
         bar = tqdm(plan.lora.items(), total=len(plan.lora), desc="export", unit="module",
                    disable=progress is False if progress is not None else None)
