@@ -61,6 +61,21 @@ PLAIN_ALLOCATION_BITS = "2,3,4,8"
 UV_ALLOCATION_BITS = "2/1,3/1,4/1,2,3/2,4/2,3,4/3,8/4,4,8"
 
 
+def check_device(device: str) -> None:
+    """Refuse a device that is not ``cpu`` or ``cuda[:N]``, or a CUDA device this machine does not have."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise DeltacompError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeltacompError(f"--device {device} was asked for but no CUDA GPU is available")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise DeltacompError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     method: str = "mixed"

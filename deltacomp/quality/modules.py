@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from deltacomp.package.reader import reconstruct_delta
 from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.package.reader import reconstruct_delta
 from deltacomp.package.store import DeltaPackage
 from deltacomp.report import bits_text
 
