@@ -10,12 +10,12 @@ from conftest import byte_tokenizer
 from conftest import calib_text as _text
 
 from deltacomp.apply import apply
-from deltacomp.package.reader import reconstruct_delta
 from deltacomp.calib.activations import LayerwiseHessians
 from deltacomp.calib.data import CalibrationError, load_samples, make_samples, read_records
 from deltacomp.cli import cli
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.methods.base import get_method
+from deltacomp.package.reader import reconstruct_delta
 from deltacomp.package.store import DeltaPackage
 
 

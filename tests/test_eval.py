@@ -6,10 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deltacomp.package.reader import reconstruct_delta
 from deltacomp.cli import cli
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig
+from deltacomp.package.reader import reconstruct_delta
 from deltacomp.package.store import DeltaPackage
 
 

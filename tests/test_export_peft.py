@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from deltacomp.apply import apply
-from deltacomp.package.reader import reconstruct_delta
 from deltacomp.cli import cli
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig
 from deltacomp.export.peft import VLLM_MAX_RANKS, PeftExportConfig, export_peft, vllm_rank
+from deltacomp.package.reader import reconstruct_delta
 from deltacomp.package.store import DeltaPackage
 
 WEIGHT_BOUND = 1e-5  # max |merged - applied| / max |applied|, per tensor
