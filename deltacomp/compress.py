@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from deltacomp import __version__
-from deltacomp.config import CompressConfig, check_device
-from deltacomp.errors import CheckpointError
+from deltacomp.config import DEFAULT_INCLUDE, CompressConfig, check_device
+from deltacomp.errors import CheckpointError, DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
 from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
 from deltacomp.io.output import atomic_dir, check_output
@@ -82,6 +82,9 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     base, ft = Checkpoint(base_src), Checkpoint(ft_src)
     check_compatible(base, ft)
     entries = plan(base, ft, config)
+    if config.include != DEFAULT_INCLUDE and not any(e.action == "compress" for e in entries):
+        raise DeltacompError(f"--include {' '.join(config.include)} matches no 2-D float weight of {ft.source} "
+                             f"(after --exclude); nothing would be compressed")
     method = get_method(config.method)
     for e in entries:
         if e.action == "compress":
@@ -113,6 +116,9 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
                                        context_for(e) if context_for and e.action == "compress" else None)
                 if record is not None:
                     modules[e.name] = record
+            if not modules:
+                raise DeltacompError(f"{ft.source} has the same weights as {base.source}: there is no delta to "
+                                     f"compress")
             names = writer.close()
         except BaseException:
             writer.abort()

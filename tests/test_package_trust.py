@@ -375,3 +375,19 @@ def test_code_executing_pickle_is_refused_in_one_line(tmp_path):
 def test_a_package_opens_and_its_tensors_match(pkg):
     p = DeltaPackage(pkg)
     assert p.file("delta.safetensors") == pkg / "delta.safetensors"
+
+
+# -- silent oddities ------------------------------------------------------------------------------------------------
+def test_identical_models_and_an_include_matching_nothing_are_said(tmp_path, llama_pair):
+    base, ft, _ = llama_pair
+    out = tmp_path / "pkg"
+    assert_clean_failure(run("compress", base, base, "-o", out), "same weights", out=out)
+    assert_clean_failure(run("compress", base, ft, "-o", out, "--include", "nothing_matches"), "--include",
+                         "matches no", out=out)
+
+
+def test_demo_refuses_a_users_folder_before_any_work(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.txt").write_text("mine")
+    assert_clean_failure(run("demo", "-o", tmp_path), "not a previous deltacomp model")
+    assert (tmp_path / "model" / "mine.txt").read_text() == "mine"

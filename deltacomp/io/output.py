@@ -95,17 +95,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(parent: Path, name: str) -> None:
-    """Remove ``.NAME.partial-PID-*`` and ``.NAME.old-PID`` folders in ``parent`` left by dead processes."""
-    pattern = re.compile(rf"^\.{re.escape(name)}\.(?:partial|old)-(\d+)(?:-.*)?$")
+def remove_dead(parent: Path, pattern: re.Pattern) -> None:
+    """Remove the entries of ``parent`` whose name ``pattern`` matches with group 1 the id of a dead process."""
     try:
-        leftovers = [p for p in parent.iterdir() if pattern.match(p.name)]
+        leftovers = [(p, m) for p in parent.iterdir() if (m := pattern.match(p.name))]
     except OSError:
         return
-    for p in leftovers:
-        if not _alive(int(pattern.match(p.name).group(1))):
+    for p, m in leftovers:
+        if not _alive(int(m.group(1))):
             log.warning("removing %s, left by an interrupted run", p)
             shutil.rmtree(p, ignore_errors=True)
+
+
+def clean_stale(parent: Path, name: str) -> None:
+    """Remove ``.NAME.partial-PID-*`` and ``.NAME.old-PID`` folders in ``parent`` left by dead processes."""
+    remove_dead(parent, re.compile(rf"^\.{re.escape(name)}\.(?:partial|old)-(\d+)(?:-.*)?$"))
 
 
 def _umask() -> int:

@@ -57,6 +57,8 @@ def eval_markdown(evaluation) -> str | None:
     """A markdown table of an evaluation: deltacomp eval's result (``rows`` of models), a list of such rows,
     or one flat dict of metrics. None when there is nothing to show."""
     data = evaluation.get("data") if isinstance(evaluation, dict) else None
+    if isinstance(data, str) and data.startswith(("/", "~")):  # a local data file: its name only
+        data = Path(data).name
     rows = evaluation.get("rows") if isinstance(evaluation, dict) and "rows" in evaluation else evaluation
     if isinstance(rows, dict):
         rows = [{"model": "package", **rows}]

@@ -24,7 +24,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 # numbers the report and the model card print; each must be a finite number >= 0
 BUDGET_KEYS = ("bits_per_entry", "achieved_factor_bits_per_entry", "achieved_all_in_bits_per_entry")
-TOTALS_KEYS = ("compressed_modules", "exact_modules", "compressed_entries", "compressed_bytes",
+TOTALS_KEYS = ("compressed_modules", "exact_modules", "removed_modules", "compressed_entries", "compressed_bytes",
                "package_tensor_bytes", "fp16_delta_bytes", "finetuned_weight_bytes", "ratio_vs_fp16_delta",
                "ratio_vs_finetuned")
 
@@ -75,7 +75,7 @@ def _module(name: str, rec, key: str) -> None:
         _fail(f"{key}.action", f"must be one of {', '.join(ACTIONS)}, got {action!r}")
     shape = _shape(rec.get("shape"), f"{key}.shape")
     dtype = rec.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         _fail(f"{key}.dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     encoding = rec.get("encoding")
     if encoding is not None:
@@ -84,7 +84,11 @@ def _module(name: str, rec, key: str) -> None:
         if encoding != FP16_DELTA or action != "exact" or not DTYPES[dtype].is_floating_point:
             _fail(f"{key}.encoding", f"only {FP16_DELTA!r}, on an exact floating-point module, got {encoding!r}")
     if action != "compress":
+        if "bytes" in rec:
+            _number(rec["bytes"], f"{key}.bytes")
         return
+    for k in ("bytes", "factor_bits_per_entry", "all_in_bits_per_entry"):
+        _number(rec.get(k), f"{key}.{k}")
     if len(shape) != 2 or min(shape) < 1 or not DTYPES[dtype].is_floating_point:
         _fail(key, f"a compressed module must be a 2-D float matrix, got {dtype} {list(shape)}")
     try:
