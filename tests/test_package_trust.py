@@ -391,3 +391,22 @@ def test_demo_refuses_a_users_folder_before_any_work(tmp_path):
     (tmp_path / "model" / "mine.txt").write_text("mine")
     assert_clean_failure(run("demo", "-o", tmp_path), "not a previous deltacomp model")
     assert (tmp_path / "model" / "mine.txt").read_text() == "mine"
+
+
+def test_binary_calibration_file_is_refused(tmp_path, llama_tok):
+    base, ft, _ = llama_tok
+    garbage = tmp_path / "calib.txt"
+    garbage.write_bytes(bytes(range(256)) * 64)
+    out = tmp_path / "pkg"
+    assert_clean_failure(run("compress", base, ft, "-o", out, "--calib", garbage), "not UTF-8 text", out=out)
+
+
+def test_one_huge_calibration_line_is_cut_before_tokenizing(tmp_path):
+    from conftest import byte_tokenizer
+
+    from deltacomp.calib.data import load_samples
+
+    line = tmp_path / "calib.txt"
+    line.write_text("word " * 400_000 + "\n")  # 2 MB on one line
+    samples = load_samples(line, byte_tokenizer(), max_len=128)
+    assert len(samples) == 1 and samples[0].numel() == 128
