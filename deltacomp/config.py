@@ -185,6 +185,14 @@ class CompressConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> CompressConfig:
+        """Settings as a manifest records them; malformed ones (an untrusted package's) raise DeltacompError."""
+        try:
+            return cls._from_dict(d)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise DeltacompError(f"settings: malformed ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> CompressConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         if "schedule" in kw:
