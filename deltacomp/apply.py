@@ -8,9 +8,10 @@ import shutil
 
 from tqdm.auto import tqdm
 
-from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
 from deltacomp.io.output import atomic_dir, check_output
 from deltacomp.io.sharded_writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from deltacomp.package.manifest import MODEL_DIR
 from deltacomp.package.reader import check_base, iter_weights
 from deltacomp.package.store import DeltaPackage
 
@@ -20,12 +21,19 @@ log = logging.getLogger(__name__)
 def apply(package: str | os.PathLike, base_src: str | os.PathLike, out: str | os.PathLike,
           overwrite: bool = False, progress: bool | None = None,
           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
-    """Write the rebuilt fine-tuned checkpoint (config, tokenizer files, safetensors) to ``out``."""
+    """Write the rebuilt fine-tuned checkpoint (config, tokenizer files, safetensors) to ``out``.
+
+    Besides the weights, only the config and tokenizer files the manifest lists under ``model/`` are copied
+    (:data:`~deltacomp.io.checkpoint.SIDE_FILES`, each checked to stay inside the package); never code, never
+    weights, never an unlisted file.
+    """
     pkg = DeltaPackage(package)
     base = Checkpoint(base_src)
     check_base(pkg, base)
-    check_output(out, overwrite)
-    with atomic_dir(out, overwrite) as tmp:
+    inputs = (pkg.path, base.path)
+    check_output(out, overwrite, "model", inputs)
+    side = _side_files(pkg)
+    with atomic_dir(out, overwrite, "model", inputs) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
         try:
             n = len(base.keys()) + sum(r["action"] == "added" for r in pkg.modules.values())
@@ -36,7 +44,18 @@ def apply(package: str | os.PathLike, base_src: str | os.PathLike, out: str | os
         except BaseException:
             writer.abort()
             raise
-        model_dir = pkg.path / "model"
-        if model_dir.is_dir():
-            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        for rel in side:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(pkg.file(f"{MODEL_DIR}/{rel}"), tmp / rel)
     return files
+
+
+def _side_files(pkg: DeltaPackage) -> list[str]:
+    """The config and tokenizer files listed under ``model/`` (paths relative to it); others are skipped."""
+    prefix = MODEL_DIR + "/"
+    listed = [f[len(prefix):] for f in pkg.manifest["files"] if f.startswith(prefix)]
+    skipped = [f for f in listed if f not in SIDE_FILES]
+    if skipped:
+        log.warning("%s: not copying %s from model/ (only config and tokenizer files are)", pkg.path,
+                    ", ".join(skipped))
+    return [f for f in listed if f in SIDE_FILES]

@@ -13,22 +13,22 @@ import torch
 from tqdm.auto import tqdm
 
 from deltacomp import __version__
-from deltacomp.config import CompressConfig
-from deltacomp.errors import DeltacompError
+from deltacomp.config import DEFAULT_INCLUDE, CompressConfig, check_device
+from deltacomp.errors import CheckpointError, DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
 from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
 from deltacomp.io.output import atomic_dir, check_output
+from deltacomp.io.paths import hub_cache_root, inside
 from deltacomp.io.prefetch import prefetch
 from deltacomp.io.safetensors_file import DTYPE_NAMES
 from deltacomp.io.sharded_writer import ShardedWriter
 from deltacomp.methods.base import get_method
 from deltacomp.package.card import render_card
-from deltacomp.package.fingerprint import fingerprint
-from deltacomp.package.manifest import FORMAT, FORMAT_VERSION, FP16_DELTA, tensor_key, write_manifest
+from deltacomp.package.fingerprint import FullFingerprint, fingerprint
+from deltacomp.package.manifest import FORMAT, FORMAT_VERSION, FP16_DELTA, MODEL_DIR, tensor_key, write_manifest
 from deltacomp.package.store import sha256_file
 
 log = logging.getLogger(__name__)
-MODEL_DIR = "model"
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -45,8 +45,9 @@ def _numel(shape) -> int:
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy config and tokenizer files of a model folder; return their relative paths."""
     copied = []
+    root = hub_cache_root(src) or src
     for rel in SIDE_FILES:
-        f = src / rel
+        f = inside(src, rel, f"{src}: {rel}", CheckpointError, root) if (src / rel).exists() else src / rel
         if f.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, dst / rel)
@@ -55,11 +56,17 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
 
 
 def _source_info(ckpt: Checkpoint) -> dict:
-    from deltacomp.io.hub import looks_like_repo_id, split_revision
+    """How a manifest names a checkpoint without local paths: its Hub id and revision when it came from the Hub
+    (given as an id, or a folder of the Hub cache), else its folder's name."""
+    from deltacomp.io.hub import looks_like_repo_id, snapshot_repo, split_revision
 
-    info = {"source": ckpt.source, "architecture": ckpt.architecture}
     if not Path(ckpt.source).exists() and looks_like_repo_id(ckpt.source):
-        info["repo_id"], info["revision"] = split_revision(ckpt.source)
+        repo_id, revision = split_revision(ckpt.source)
+        return {"source": ckpt.source, "architecture": ckpt.architecture, "repo_id": repo_id, "revision": revision}
+    info = {"source": Path(ckpt.path).resolve().name, "architecture": ckpt.architecture}
+    cached = snapshot_repo(ckpt.path)
+    if cached is not None:
+        info["repo_id"], info["revision"] = cached
     return info
 
 
@@ -75,13 +82,16 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     base, ft = Checkpoint(base_src), Checkpoint(ft_src)
     check_compatible(base, ft)
     entries = plan(base, ft, config)
+    if config.include != DEFAULT_INCLUDE and not any(e.action == "compress" for e in entries):
+        raise DeltacompError(f"--include {' '.join(config.include)} matches no 2-D float weight of {ft.source} "
+                             f"(after --exclude); nothing would be compressed")
     method = get_method(config.method)
     for e in entries:
         if e.action == "compress":
             method.check_budget(e.shape, config)
-    check_output(out, overwrite)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeltacompError("--device cuda was asked for but no CUDA GPU is available")
+    inputs = (base.path, ft.path)
+    check_output(out, overwrite, "package", inputs)
+    check_device(config.device)
     contexts = None
     if context_for is None:  # calibration / model-scope allocation (deltacomp.calib.provider), read before writing
         from deltacomp.calib.provider import open_contexts
@@ -90,19 +100,25 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
     base_fp = fingerprint(base)
+    full = FullFingerprint()  # fed every base tensor as it streams past
 
     modules: dict[str, dict] = {}
     counts = {"factor_bits": 0, "all_in_bits": 0, "entries": 0, "fp16_delta_bytes": 0}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "package", inputs) as tmp:
         writer = ShardedWriter(tmp, config.max_shard_bytes, prefix="delta")
         try:
             bar = tqdm(prefetch(stream(base, ft, entries)), total=len(entries), desc="compress", unit="tensor",
                        disable=progress is False if progress is not None else None)
             for e, b, f in bar:
+                if b is not None:
+                    full.add(e.name, b)
                 record = _compress_one(e, b, f, method, config, writer, counts,
                                        context_for(e) if context_for and e.action == "compress" else None)
                 if record is not None:
                     modules[e.name] = record
+            if not modules:
+                raise DeltacompError(f"{ft.source} has the same weights as {base.source}: there is no delta to "
+                                     f"compress")
             names = writer.close()
         except BaseException:
             writer.abort()
@@ -113,6 +129,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         index = tmp / "delta.safetensors.index.json"
         files = names + ([index.name] if index.exists() else [])
         side = copy_side_files(ft.path, tmp / MODEL_DIR)
+        base_fp = {"fingerprint": base_fp, "full_fingerprint": full.hexdigest()}
         manifest = _manifest(base, ft, base_fp, config, modules, counts, writer.total_bytes)
         manifest["files"] = {n: sha256_file(tmp / n) for n in files}
         manifest["files"].update({f"{MODEL_DIR}/{r}": sha256_file(tmp / MODEL_DIR / r) for r in side})
@@ -185,7 +202,7 @@ def _manifest(base, ft, base_fp, config, modules, counts, tensor_bytes) -> dict:
         "format_version": FORMAT_VERSION,
         "deltacomp_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "base": {**_source_info(base), "fingerprint": base_fp},
+        "base": {**_source_info(base), **base_fp},
         "finetuned": {**_source_info(ft), "weight_bytes": ft_bytes,
                       "num_params": sum(_numel(ft.shape(k)) for k in ft.keys())},
         "method": config.method,

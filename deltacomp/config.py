@@ -61,6 +61,21 @@ PLAIN_ALLOCATION_BITS = "2,3,4,8"
 UV_ALLOCATION_BITS = "2/1,3/1,4/1,2,3/2,4/2,3,4/3,8/4,4,8"
 
 
+def check_device(device: str) -> None:
+    """Refuse a device that is not ``cpu`` or ``cuda[:N]``, or a CUDA device this machine does not have."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise DeltacompError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeltacompError(f"--device {device} was asked for but no CUDA GPU is available")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise DeltacompError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     method: str = "mixed"
@@ -170,6 +185,14 @@ class CompressConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> CompressConfig:
+        """Settings as a manifest records them; malformed ones (an untrusted package's) raise DeltacompError."""
+        try:
+            return cls._from_dict(d)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise DeltacompError(f"settings: malformed ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> CompressConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         if "schedule" in kw:

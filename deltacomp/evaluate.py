@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from deltacomp.compress import compress
-from deltacomp.config import CompressConfig
+from deltacomp.config import CompressConfig, check_device
 from deltacomp.errors import BudgetError, DeltacompError
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.kernels import attach, detach
@@ -67,6 +67,10 @@ class EvalConfig:
             raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         if self.max_samples is not None and self.max_samples < 1:
             raise DeltacompError(f"--max-samples must be positive, got {self.max_samples}")
+        for key, value in (("--max-length", self.max_length), ("--batch-size", self.batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DeltacompError(f"{key} must be a positive integer, got {value!r}")
+        check_device(self.device)
 
 
 def _package_row(label: str, pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, seconds: float | None,

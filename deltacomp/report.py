@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from deltacomp.package.card import base_label
+
 
 def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
     """A plain-text table; ``align`` is one of l/r per column (default: first left, others right)."""
@@ -42,9 +44,8 @@ def render_inspect(manifest: dict) -> str:
         module_rows(manifest),
         "llrrlrrr",
     )
-    base = manifest["base"]
     summary = [
-        f"method: {manifest['method']}    base: {base.get('repo_id') or base.get('source')}",
+        f"method: {manifest['method']}    base: {base_label(manifest)}",
         f"budget: {b['bits_per_entry']:g} bits/entry asked; achieved {b['achieved_factor_bits_per_entry']:.4f} "
         f"(packed factors), {b['achieved_all_in_bits_per_entry']:.4f} (all-in with scales, offsets, S)",
         f"modules: {t['compressed_modules']} compressed ({t['compressed_entries']:,} entries, "

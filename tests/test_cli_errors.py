@@ -120,8 +120,15 @@ def test_existing_output_needs_overwrite(tmp_path, llama_pair):
     (out / "keep.txt").write_text("mine")
     assert_clean_failure(run("compress", base, ft, "-o", out), "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only a previous output of the same kind: never a user's folder
+    assert_clean_failure(run("compress", base, ft, "-o", out, "--overwrite"), "not a previous deltacomp package")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
     assert run("compress", base, ft, "-o", out, "--overwrite").exit_code == 0
-    assert (out / "deltacomp.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "deltacomp.json").is_file()
+    (out / "extra.txt").write_text("x")  # a previous package may be replaced
+    assert run("compress", base, ft, "-o", out, "--overwrite").exit_code == 0
+    assert not (out / "extra.txt").exists()
 
 
 def test_unwritable_output(tmp_path, llama_pair):

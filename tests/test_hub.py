@@ -273,3 +273,14 @@ def test_compress_takes_hub_ids_online_then_offline_from_the_cache(hub, llama_pa
     r = run("compress", "team/not-cached", "team/tiny-finetuned", "-o", tmp_path / "missing")
     assert_one_line_error(r, "team/not-cached")
     assert_nothing_written(tmp_path, "missing")
+
+
+@pytest.mark.parametrize("listed", ["/etc/hostname", "../../outside.txt"])
+def test_pull_refuses_a_manifest_listing_paths_outside_the_package(hub, packages, tmp_path, listed):
+    assert run("push", packages[1], REPO).exit_code == 0
+    manifest = json.loads((packages[1] / "deltacomp.json").read_text())
+    manifest["files"][listed] = "0" * 64  # would let a package probe whether a local file has a given hash
+    hub.tamper(REPO, "deltacomp.json", json.dumps(manifest).encode())
+    r = run("pull", REPO, "-o", tmp_path / "out")
+    assert_one_line_error(r, listed)
+    assert_nothing_written(tmp_path, "out")

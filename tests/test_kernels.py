@@ -5,10 +5,10 @@ import torch
 from packed_cases import ALL_WIDTHS, oracle, random_module, rel_err
 
 from deltacomp.errors import DeltacompError, MismatchError
+from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.kernels import DeltaBank, attach, delta_linear, detach
 from deltacomp.kernels.bank import U_BITS, U_PARAMS, U_WORDS, V_BITS, V_PARAMS, V_WORDS
 from deltacomp.kernels.reference import dequantize_rows
-from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.package.reader import compressed_names, iter_weights, packed_module, reconstruct_delta
 from deltacomp.package.store import DeltaPackage
 from deltacomp.quality.weights import WeightSlots

@@ -34,6 +34,7 @@ from deltacomp.errors import DeltacompError
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 128
 DEFAULT_TOKENS = 128 * 2048
+CHARS_PER_TOKEN = 64
 
 
 class CalibrationError(DeltacompError):
@@ -45,7 +46,11 @@ def read_records(path: str | os.PathLike, field: str = "text") -> tuple[str, lis
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file {path}: no such file")
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if b"\0" in raw or text.count("\ufffd") > 0.01 * max(len(text), 1):
+        raise CalibrationError(f"calibration file {path} is not UTF-8 text (binary data?)")
+    lines = text.splitlines()
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         raise CalibrationError(f"calibration file {path} is empty")
@@ -78,14 +83,16 @@ def read_records(path: str | os.PathLike, field: str = "text") -> tuple[str, lis
     return kind, records
 
 
-def tokenize(kind: str, records: list, tokenizer) -> list[list[int]]:
-    """Token ids of each record (special tokens as the tokenizer adds them; chat text through its template)."""
+def tokenize(kind: str, records: list, tokenizer, max_chars: int | None = None) -> list[list[int]]:
+    """Token ids of each record (special tokens as the tokenizer adds them; chat text through its template).
+
+    ``max_chars`` cuts each text first (records longer than a sample can hold are not tokenized whole)."""
     if kind == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise CalibrationError("the calibration file is chat JSON lines but the tokenizer has no chat template")
         texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in records]
-        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    return [tokenizer(t)["input_ids"] for t in records]
+        return [tokenizer(t[:max_chars], add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
+    return [tokenizer(t[:max_chars], verbose=False)["input_ids"] for t in records]
 
 
 def _default_records(token_lists: list[list[int]], max_len: int) -> int:
@@ -137,7 +144,9 @@ def load_samples(path: str | os.PathLike, tokenizer, samples: int | None = None,
                  max_len: int = 2048, field: str = "text") -> list[torch.Tensor]:
     """Read, tokenize and cut a calibration file: a list of 1-D token-id tensors."""
     kind, records = read_records(path, field)
-    tokens = tokenize(kind, records, tokenizer)
+    # one sample per record keeps max_len tokens of it: a record is cut at CHARS_PER_TOKEN x that many characters
+    # (a token rarely spans more), so that one huge line is not tokenized whole
+    tokens = tokenize(kind, records, tokenizer, max_len * CHARS_PER_TOKEN if seqlen is None else None)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     out = make_samples(tokens, samples, seqlen, max_len, sep, source=f"calibration file {path}")
     log.info("calibration: %d samples, %d tokens from %s (%s)", len(out), sum(len(t) for t in out), path, kind)

@@ -18,6 +18,7 @@ the calibration forward again rather than keeping every Hessian.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -134,7 +135,10 @@ class Contexts:
 
     def _first_pass(self) -> None:
         cfg = self.config
-        self.spill = Path(tempfile.mkdtemp(prefix="deltacomp-scope-"))
+        from deltacomp.io.output import remove_dead
+
+        remove_dead(Path(tempfile.gettempdir()), re.compile(r"^deltacomp-scope-(\d+)-"))  # spills of killed runs
+        self.spill = Path(tempfile.mkdtemp(prefix=f"deltacomp-scope-{os.getpid()}-"))
         cursor = self._cursor()
         tables, costs, names, total = [], [], [], 0
         todo = [e for e in self.entries if e.action == "compress"]

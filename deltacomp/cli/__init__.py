@@ -71,7 +71,14 @@ from deltacomp.cli import doctor, export, hub  # noqa: E402,F401  (doctor, expor
 from deltacomp.cli import fuse  # noqa: E402,F401  # isort: skip  (fuse create, train, generate, eval)
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: partial outputs are removed
+
+
 def main():
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm)
     cli(prog_name="deltacomp")
 
 

@@ -169,7 +169,8 @@ def export_peft(package: str | os.PathLike, out: str | os.PathLike, base: str | 
     ckpt = Checkpoint(base) if base is not None else None
     if ckpt is not None:
         check_base(pkg, ckpt)
-    check_output(out, overwrite)
+    inputs = (pkg.path, *([ckpt.path] if ckpt is not None else []))
+    check_output(out, overwrite, "adapter", inputs)
     _warn_dropped(plan)
     for name in plan.ignored:
         log.info("%s: a buffer the fine-tune removed; ignored", name)
@@ -182,7 +183,7 @@ def export_peft(package: str | os.PathLike, out: str | os.PathLike, base: str | 
     ranks: dict[str, int] = {}
     cut: dict[str, float] = {}
     full_rank: set[str] = set()
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "adapter", inputs) as tmp:
         writer = SafetensorsWriter(tmp / WEIGHTS_FILE, {"exported_by": "deltacomp"})
         bar = tqdm(plan.lora.items(), total=len(plan.lora), desc="export", unit="module",
                    disable=progress is False if progress is not None else None)

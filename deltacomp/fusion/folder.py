@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 
 from deltacomp import __version__
 from deltacomp.fusion.config import FusionConfig, FusionError
+from deltacomp.io.paths import inside
 from deltacomp.package.store import sha256_file
 
 GATE_CONFIG = "fusion.json"
@@ -43,14 +44,8 @@ def _require(cond: bool, where: str, what: str) -> None:
 
 
 def safe_member(folder: Path, name: object, where: str) -> Path:
-    """``folder / name`` for a plain relative path that stays inside ``folder``; anything else is an error."""
-    _require(isinstance(name, str) and bool(name), where, f"file name {name!r} is not a string")
-    pure = PurePosixPath(name)
-    _require(not pure.is_absolute() and "\\" not in name and all(p not in ("", ".", "..") for p in pure.parts),
-             where, f"file name {name!r} must be a relative path inside the folder")
-    path = folder / Path(*pure.parts)
-    _require(path.resolve().is_relative_to(folder.resolve()), where, f"file {name!r} points outside the folder")
-    return path
+    """``folder / name`` for a plain relative path that stays inside ``folder``; anything else is a FusionError."""
+    return inside(folder, name, where, FusionError)
 
 
 def check_schema(doc: object, where: str) -> dict:

@@ -118,10 +118,11 @@ class FusionModel:
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False) -> dict:
         """Write the gate folder atomically (nothing half-written on error); return its ``fusion.json``."""
-        check_output(folder, overwrite)
+        inputs = [p.path for p in self.deltas.packages]
+        check_output(folder, overwrite, kind="gate", inputs=inputs)
         base = {"source": self.base_source, "fingerprint": self.deltas.fingerprint}
         deltas = [{"source": s, "manifest_sha256": h} for s, h in zip(self.deltas.sources, self.deltas.manifest_sha256)]
-        with atomic_dir(folder, overwrite) as tmp:
+        with atomic_dir(folder, overwrite, kind="gate", inputs=inputs) as tmp:
             doc = write_gate(tmp, self.config, self.gate.state_dict(), base, deltas, self.training)
             (tmp / "README.md").write_text(render_card(doc))
         return doc

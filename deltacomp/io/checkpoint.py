@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from deltacomp.errors import CheckpointError
+from deltacomp.io.paths import hub_cache_root, inside
 from deltacomp.io.safetensors_file import SafetensorsReader
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -55,6 +56,25 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
     raise CheckpointError(f"{source}: no such folder (and not a Hub repo id)")
 
 
+def _load_weights_only(f: Path):
+    """``torch.load`` with ``weights_only`` (never runs pickled code): memory-mapped for the zip format, read
+    whole for the legacy format (which cannot be mapped). Any failure is one line."""
+    import pickle
+
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises many types for a bad pickle/zip; the legacy format cannot be mmapped
+        pass
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{f}: holds pickled objects other than tensors; refused (deltacomp makes "
+                              f"weights-only loads and never runs pickled code: convert it to safetensors)") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{f}: cannot load as a weights-only torch checkpoint ({first})") from None
+
+
 class Checkpoint:
     """The tensors of one model folder, read one at a time."""
 
@@ -85,9 +105,12 @@ class Checkpoint:
         if not cfg.is_file():
             raise CheckpointError(f"{self.path}: not a model folder (no config.json)")
         try:
-            return json.loads(cfg.read_text())
+            config = json.loads(cfg.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{cfg}: unreadable config.json ({e})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg}: config.json must hold a JSON object, got a {type(config).__name__}")
+        return config
 
     def _weight_files(self) -> list[Path]:
         for index_name in (SAFE_INDEX, BIN_INDEX):
@@ -95,29 +118,32 @@ class Checkpoint:
             if index.is_file():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
-                except (OSError, ValueError, KeyError) as e:
-                    raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
-                files = sorted({self.path / f for f in weight_map.values()})
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{index}: unreadable shard index ({type(e).__name__}: {e})") from None
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor -> file")
+                root = hub_cache_root(self.path) or self.path
+                files = sorted({inside(self.path, f, f"{index}: weight_map", CheckpointError, root)
+                                for f in weight_map.values()})
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
                     raise CheckpointError(f"{self.path}: shard(s) named in {index_name} are missing: {missing}")
                 return files
+        root = hub_cache_root(self.path) or self.path
         for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
             files = sorted(self.path.glob(pattern))
             if files:
-                return files
+                return [inside(self.path, f.name, f"{self.path}: weight file", CheckpointError, root) for f in files]
         raise CheckpointError(
             f"{self.path}: not a model folder (no model.safetensors, sharded *.safetensors or pytorch_model*.bin)"
         )
 
     def _load_bin(self, f: Path) -> dict[str, torch.Tensor]:
         if f not in self._bins:
-            try:
-                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # torch raises many types for a bad pickle/zip
-                raise CheckpointError(f"{f}: cannot load as a weights-only torch checkpoint ({e})") from None
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{f}: not a state dict")
+            state = _load_weights_only(f)
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items()):
+                raise CheckpointError(f"{f}: not a state dict of named tensors")
             self._bins[f] = state
         return self._bins[f]
 

@@ -162,6 +162,16 @@ def snapshot(repo: str, kind: str = "model", allow_patterns: list[str] | None = 
     return Path(path)
 
 
+def snapshot_repo(folder: str | os.PathLike) -> tuple[str, str] | None:
+    """(repo id, commit) of a folder that is a Hub cache snapshot (``models--org--name/snapshots/<sha>``)."""
+    real = Path(os.path.realpath(folder))
+    repo = real.parent.parent.name
+    if real.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    parts = repo[len("models--"):].split("--")
+    return ("/".join(parts), real.name) if 1 <= len(parts) <= 2 and all(parts) else None
+
+
 def resolve_revision(repo_id: str, revision: str | None) -> str:
     """The commit sha that ``revision`` (a branch, tag or sha; default main) names now."""
     from huggingface_hub import HfApi

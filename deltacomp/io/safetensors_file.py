@@ -56,6 +56,13 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _whole(x) -> int:
+    """A header size or offset: a non-negative JSON integer (ValueError otherwise)."""
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(x)
+    return x
+
+
 class SafetensorsReader:
     """Lazy reader of one safetensors file: header at open, one tensor per ``read``."""
 
@@ -83,6 +90,8 @@ class SafetensorsReader:
         except (UnicodeDecodeError, ValueError) as e:
             raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ must map names to text)")
         self._data_start = 8 + n
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
@@ -97,8 +106,10 @@ class SafetensorsReader:
     def _parse_entry(self, name: str, entry) -> TensorInfo:
         try:
             dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            if not isinstance(entry["shape"], list) or len(entry["data_offsets"]) != 2:
+                raise TypeError
+            shape = tuple(_whole(s) for s in entry["shape"])
+            begin, end = (_whole(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{self.path}: corrupt safetensors entry for tensor {name!r}") from None
         numel = 1

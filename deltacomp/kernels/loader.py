@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 JIT_ENV = "DELTACOMP_CUDA_JIT"  # 1: build the extension with torch.utils.cpp_extension.load when it is missing
 SOURCES = ("delta_linear.cu", "binding.cpp")
-CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
+# No -std flag: torch's extension builder picks the standard its headers need (C++20 for newer releases);
+# compiling torch's headers under an older standard than torch itself was built with breaks its error paths.
+CUDA_FLAGS = ("-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
               "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90a,code=sm_90a")
 
 
@@ -50,7 +52,7 @@ def _jit_build():
     arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")  # this GPU only: a quicker build
     flags = [f for f in CUDA_FLAGS if not f.startswith("-gencode")] + [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     return load(name="deltacomp_cuda_jit", sources=[str(src / s) for s in SOURCES], extra_cuda_cflags=flags,
-                extra_cflags=["-O3", "-std=c++17"], verbose=False)
+                extra_cflags=["-O3"], verbose=False)
 
 
 def status() -> Status:

@@ -35,6 +35,13 @@ class Method:
     def reconstruct(self, tensors: dict[str, torch.Tensor], info: dict, shape: tuple[int, int]) -> torch.Tensor:
         raise NotImplementedError
 
+    def layout(self, info: dict, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """The tensors a package stores for one ``shape`` (m, n) module with this ``info``: local name ->
+        (shape, allowed dtypes). Checks ``info`` first: a ValueError whose message starts with the key at fault.
+        A method that returns None declares nothing, and its stored tensors are not checked against the manifest.
+        """
+        return None
+
     def factors(self, tensors: dict[str, torch.Tensor], info: dict, shape: tuple[int, int],
                 max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 LoRA factors ``B (m, r), A (r, n)`` with ``B @ A ~= reconstruct(...)``.
@@ -48,6 +55,18 @@ class Method:
         u, s, v = svd(self.reconstruct(tensors, info, shape), max_rank)  # (m, r), (r,), (n, r)
         root = s.sqrt()
         return u * root, (v * root).T
+
+
+def info_int(info, key: str, lo: int, hi: int | None = None, where: str = "") -> int:
+    """``info[key]`` as an int in [lo, hi]; a ValueError naming ``where + key`` otherwise."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{where.rstrip('.') or 'info'}: must be an object, got {type(info).__name__}")
+    v = info.get(key)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{where}{key}: must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{where}{key}: {v} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+    return v
 
 
 METHODS: dict[str, type[Method]] = {}

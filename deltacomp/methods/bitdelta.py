@@ -24,6 +24,10 @@ class BitDelta(Method):
         tensors = {"sign": signs, "scale": scale.reshape(1).float()}
         return Compressed(tensors, {}, bits_of(signs), sum(bits_of(t) for t in tensors.values()))
 
+    def layout(self, info, shape):
+        m, n = shape
+        return {"sign": ((m, packing.packed_words(n, 1)), (torch.int32,)), "scale": ((1,), (torch.float32,))}
+
     def reconstruct(self, tensors, info, shape):
         bits = packing.unpack(tensors["sign"], 1, shape[1]).float()
         return (bits * 2 - 1) * tensors["scale"].float()

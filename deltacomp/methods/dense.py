@@ -13,5 +13,8 @@ class Dense(Method):
         t = delta.to(torch.float16)
         return Compressed({"delta": t}, {}, bits_of(t), bits_of(t))
 
+    def layout(self, info, shape):
+        return {"delta": (tuple(shape), (torch.float16,))}
+
     def reconstruct(self, tensors, info, shape):
         return tensors["delta"].float()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from deltacomp.lowrank.svd import svd
-from deltacomp.methods.base import Compressed, Method, bits_of, register
+from deltacomp.methods.base import Compressed, Method, bits_of, info_int, register
 from deltacomp.quant.budget import lowrank_rank
 
 
@@ -21,6 +23,11 @@ class LowRank(Method):
         tensors = {"a": (v * root).T.contiguous().half(), "b": (u * root).contiguous().half()}  # (r, n), (m, r)
         total = sum(bits_of(t) for t in tensors.values())
         return Compressed(tensors, {"rank": r}, total, total)
+
+    def layout(self, info, shape):
+        m, n = shape
+        r = info_int(info, "rank", 1, min(m, n))
+        return {"a": ((r, n), (torch.float16,)), "b": ((m, r), (torch.float16,))}
 
     def reconstruct(self, tensors, info, shape):
         return tensors["b"].float() @ tensors["a"].float()

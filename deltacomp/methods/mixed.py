@@ -7,8 +7,8 @@ import torch
 from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError
 from deltacomp.lowrank.svd import decompose
-from deltacomp.methods.base import Compressed, Method, bits_of, register
-from deltacomp.quant import allocate, factors
+from deltacomp.methods.base import Compressed, Method, bits_of, info_int, register
+from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, vector_cost
 
 
@@ -72,6 +72,33 @@ class Mixed(Method):
             "calibrated": h is not None,
         }
         return Compressed(tensors, info, factor_bits, sum(bits_of(t) for t in tensors.values()))
+
+    def layout(self, info, shape):
+        m, n = shape
+        gs = info_int(info, "group_size", 0, 1 << 31)
+        groups = info.get("groups")
+        if not isinstance(groups, list) or not groups:
+            raise ValueError(f"groups: must be a non-empty list, got {groups!r}")
+        out, total = {}, 0
+        for i, g in enumerate(groups):
+            at = f"groups[{i}]."
+            r = info_int(g, "rank", 1, min(m, n), at)
+            widths = [info_int(g, "bits", 1, 8, at)]
+            if "v_bits" in g:
+                widths.append(info_int(g, "v_bits", 1, 8, at))
+            for key, b in zip(("bits", "v_bits"), widths):
+                if b not in packing.SUPPORTED_BITS:
+                    raise ValueError(f"{at}{key}: {b} is not a supported width {packing.SUPPORTED_BITS}")
+            bu, bv = widths[0], widths[-1]
+            for side, length, b in (("u", m, bu), ("v", n, bv)):
+                out[f"g{i}.{side}"] = ((r, packing.packed_words(length, b)), (torch.int32,))
+                for part in ("scale", "offset"):
+                    out[f"g{i}.{side}_{part}"] = ((r, rtn.num_groups(length, gs)), (torch.float16,))
+            out[f"g{i}.s"] = ((r,), (torch.float16, torch.float32))
+            total += r
+        if info_int(info, "rank", 1, min(m, n)) != total:
+            raise ValueError(f"rank: {info['rank']} is not the sum of the groups' ranks ({total})")
+        return out
 
     def reconstruct(self, tensors, info, shape):
         return factors.reconstruct(factors.from_tensors(tensors, factors.group_widths(info), shape), info["group_size"])

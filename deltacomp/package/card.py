@@ -57,6 +57,8 @@ def eval_markdown(evaluation) -> str | None:
     """A markdown table of an evaluation: deltacomp eval's result (``rows`` of models), a list of such rows,
     or one flat dict of metrics. None when there is nothing to show."""
     data = evaluation.get("data") if isinstance(evaluation, dict) else None
+    if isinstance(data, str) and data.startswith(("/", "~")):  # a local data file: its name only
+        data = Path(data).name
     rows = evaluation.get("rows") if isinstance(evaluation, dict) and "rows" in evaluation else evaluation
     if isinstance(rows, dict):
         rows = [{"model": "package", **rows}]
@@ -83,6 +85,16 @@ def card_base_model(manifest: dict) -> str | None:
     return manifest["base"].get("repo_id")
 
 
+def base_label(manifest: dict) -> str:
+    """The base as a card shows it: its Hub id, else its folder's name (never a local absolute path, which
+    packages made before deltacomp recorded only names may still hold)."""
+    base = manifest["base"]
+    if base.get("repo_id"):
+        return base["repo_id"]
+    source = str(base.get("source") or "unknown")
+    return Path(source).name if source.startswith(("/", "~", ".")) or "\\" in source else source
+
+
 def render_card(manifest: dict, repo_id: str | None = None, eval_table: str | None = None,
                 evaluation=None, base_model: str | None = None, peft_folder: str | None = None) -> str:
     """The README of a package folder or Hub repo.
@@ -92,7 +104,7 @@ def render_card(manifest: dict, repo_id: str | None = None, eval_table: str | No
     """
     base = manifest["base"]
     base_id = base_model or card_base_model(manifest)
-    shown_base = base_id or base.get("source", "unknown")
+    shown_base = base_id or base_label(manifest)
     totals, budget = manifest["totals"], manifest["budget"]
     tags = ["deltacomp", "delta-compression", f"deltacomp-{manifest['method']}"]
     if peft_folder:

@@ -1,7 +1,12 @@
-"""A fingerprint of base weights, so that a package applied to the wrong base fails clearly.
+"""Fingerprints of base weights, so that a package applied to the wrong base fails clearly.
 
-It hashes every floating-point tensor's name and shape and 64 evenly spaced values rounded to bf16, read
-without loading tensors whole: cheap for a 70B model, and the same for fp32 and bf16 copies of one base.
+Two, both the same for fp32, fp16 and bf16 copies of one base (every value is rounded to bf16 first):
+
+* :func:`fingerprint` (the manifest's ``base.fingerprint``) hashes every floating-point tensor's name and
+  shape and 64 evenly spaced values, read without loading tensors whole: a fast first test, cheap for a
+  70B model, but blind to changes between the samples.
+* :class:`FullFingerprint` (``base.full_fingerprint``) hashes every value of every tensor. It is fed the
+  tensors as they stream past (compress and apply read each base tensor once anyway), in any order.
 """
 
 from __future__ import annotations
@@ -25,3 +30,29 @@ def fingerprint(ckpt: Checkpoint) -> str:
         sample = ckpt.read_sample(name, SAMPLES).to(torch.float32).to(torch.bfloat16)
         h.update(sample.view(torch.int16).numpy().tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    if t.dtype.is_floating_point:
+        t = t if t.dtype == torch.bfloat16 else t.to(torch.bfloat16)
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class FullFingerprint:
+    """sha256 over the name, shape and every value (rounded to bf16 when floating) of each tensor ``add``-ed."""
+
+    def __init__(self):
+        self._digests: dict[str, bytes] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        h = hashlib.sha256(name.encode())
+        h.update(repr(list(t.shape)).encode())
+        h.update(b"float" if t.dtype.is_floating_point else str(t.dtype).encode())
+        h.update(_bytes(t))
+        self._digests[name] = h.digest()
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256()
+        for name in sorted(self._digests):
+            h.update(self._digests[name])
+        return "sha256:" + h.hexdigest()

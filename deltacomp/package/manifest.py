@@ -12,6 +12,8 @@ FORMAT = "deltacomp-delta"
 FORMAT_VERSION = 1
 # ``encoding`` of an exactly stored module whose tensor is its delta in fp16 (``compress --exact fp16-delta``)
 FP16_DELTA = "fp16-delta"
+# the folder of a package holding the fine-tune's config and tokenizer files
+MODEL_DIR = "model"
 REQUIRED = ("format", "format_version", "deltacomp_version", "base", "finetuned", "method", "settings",
             "budget", "modules", "totals", "files")
 
@@ -33,12 +35,9 @@ def read_manifest(folder: Path) -> dict:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise PackageError(f"{path}: manifest lacks {', '.join(missing)}")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise PackageError(
-            f"{path}: package format {manifest['format_version']} is newer than this deltacomp reads "
-            f"({FORMAT_VERSION}); upgrade deltacomp"
-        )
-    return manifest
+    from deltacomp.package.schema import check_manifest
+
+    return check_manifest(manifest, str(path))
 
 
 def tensor_key(module: str, local: str | None) -> str:

@@ -19,7 +19,8 @@ from deltacomp.errors import PackageError
 from deltacomp.fusion.folder import GATE_CONFIG, GATE_WEIGHTS, is_gate_folder, read_gate
 from deltacomp.fusion.folder import render_card as gate_card
 from deltacomp.io import hub
-from deltacomp.io.output import atomic_dir, check_output
+from deltacomp.io.output import atomic_dir, check_output, mark
+from deltacomp.io.paths import inside
 from deltacomp.package.card import EVAL_FILE, load_eval, render_card
 from deltacomp.package.manifest import MANIFEST, read_manifest
 from deltacomp.package.store import DeltaPackage, sha256_file
@@ -43,10 +44,10 @@ def stage(pkg: DeltaPackage, folder: Path, repo_id: str | None = None, base_mode
           peft_folder: str | None = None) -> list[str]:
     """Lay out ``pkg`` for upload in ``folder`` (files, manifest, eval, a card for ``repo_id``); return the paths."""
     names = [*pkg.manifest["files"], MANIFEST]
-    if (pkg.path / EVAL_FILE).is_file():
+    if pkg.file(EVAL_FILE).is_file():
         names.append(EVAL_FILE)
-    for name in names:
-        _link_or_copy(pkg.path / name, folder / name)
+    for name in names:  # each checked inside the package (DeltaPackage.file) and, being relative, inside folder
+        _link_or_copy(pkg.file(name), inside(folder, name, f"{folder}: staging", PackageError))
     evaluation = load_eval(pkg.path, pkg.manifest)
     card = render_card(pkg.manifest, repo_id=repo_id, evaluation=evaluation, base_model=base_model,
                        peft_folder=peft_folder)
@@ -108,7 +109,7 @@ def verify_folder(folder: Path, label: str) -> dict:
     """Check every file the manifest of ``folder`` lists against its sha256; errors name ``label`` and the file."""
     manifest = read_manifest(folder)
     for name, digest in manifest["files"].items():
-        path = folder / name
+        path = inside(folder, name, f"{label}: files", PackageError)
         if not path.is_file():
             raise PackageError(f"{label}: package file {name} is missing")
         if sha256_file(path) != digest:
@@ -120,11 +121,12 @@ def pull(repo: str, out: str | os.PathLike, overwrite: bool = False, progress: b
     """Download the package ``repo`` (``org/name[@revision]``) into ``out``, verified; return repo, commit, files."""
     repo_id, _ = hub.split_revision(repo)
     hub.check_repo_id(repo_id)
-    check_output(out, overwrite)
-    with atomic_dir(out, overwrite) as tmp:
+    check_output(out, overwrite, ("package", "gate"))
+    with atomic_dir(out, overwrite, ("package", "gate")) as tmp:
         sha = hub.download(repo, tmp, progress)
         if is_gate_folder(tmp) and not (tmp / MANIFEST).is_file():
             method = f"{read_gate(tmp, repo)['config'].gate} gate"  # schema, paths and every file's sha256
+            mark(tmp, "gate")
         elif not (tmp / MANIFEST).is_file():
             raise PackageError(f"{repo}: not a deltacomp package (no {MANIFEST} in the repo) nor a gate (no "
                                f"{GATE_CONFIG}); nothing was written")

@@ -1,0 +1,302 @@
+"""Speed of the dequant-matmul op on Llama-2-7B decode-step shapes (run on one GPU; prints tables).
+
+The deltas: for each of a layer's seven linear shapes (q, k, v, o 4096x4096; gate, up 11008x4096; down
+4096x11008), the delta of ``benchmarks/compress_7b_speed.py``'s pair (decaying spectrum ``s_i ~ i^-0.8``, 1% of
+an N(0, 0.02) weight's norm), compressed by deltacomp's default ``mixed`` method at 1 bit per entry. That layer's
+packed factors are copied to 32 layers at distinct addresses (the same bytes; nothing is shared or cached), and
+the base weights are 224 distinct bf16 matrices (12.95 GB), so neither fits in the 60 MB L2.
+
+Every figure is the median over ``--repeats`` timings (CUDA events) of a CUDA graph that replays one whole decode
+step (224 matrices, or 32 layers x 4 fused launches), after warm-up, with the step's input rotated among 8 buffers.
+
+    python benchmarks/kernel_speed.py [--rows 1,8,32] [--layers 32] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from deltacomp.config import CompressConfig
+from deltacomp.kernels import DeltaBank, delta_linear, status
+from deltacomp.kernels.bank import TENSORS
+from deltacomp.methods.base import get_method
+from deltacomp.package.reader import packed_from_parts
+from deltacomp.quant import packing
+
+H, F = 4096, 11008  # hidden, intermediate
+SHAPES = {"q": (H, H), "k": (H, H), "v": (H, H), "o": (H, H), "gate": (F, H), "up": (F, H), "down": (H, F)}
+FUSED = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # projections that share an input
+DT = torch.bfloat16
+ROTATE = 8
+
+
+def make_delta(m: int, n: int, g: torch.Generator) -> torch.Tensor:
+    base_norm = 0.02 * (m * n) ** 0.5
+    r = min(m, n)
+    s = torch.arange(1, r + 1, device="cuda", dtype=torch.float32) ** -0.8
+    a = torch.randn(m, r, device="cuda", generator=g) / m**0.5
+    b = torch.randn(n, r, device="cuda", generator=g) / n**0.5
+    delta = (a * s) @ b.T
+    return delta * (0.01 * base_norm / delta.norm())
+
+
+def compress_layer(bits: float = 1.0):
+    """One layer's seven deltas as packed modules (deltacomp's default mixed method)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    method, config = get_method("mixed"), CompressConfig(bits=bits, device="cuda")
+    mods = {}
+    for name, (m, n) in SHAPES.items():
+        c = method.compress(make_delta(m, n, g), config)
+        mods[name] = packed_from_parts(name, c.tensors, c.info, (m, n))
+    return mods
+
+
+def time_graph(fn, repeats: int, inner: int = 5) -> float:
+    """Median milliseconds of one call of ``fn`` (captured once in a CUDA graph, replayed)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / inner)
+    return statistics.median(times)
+
+
+class Step:
+    """Rotating inputs: each call of a step function reads the next of ROTATE input buffers."""
+
+    def __init__(self, rows: int, width: int):
+        self.xs = [torch.randn(rows, width, device="cuda", dtype=DT) for _ in range(ROTATE)]
+        self.i = 0
+
+    def next(self) -> torch.Tensor:
+        self.i = (self.i + 1) % ROTATE
+        return self.xs[self.i]
+
+
+def bench(args) -> dict:
+    torch.manual_seed(0)
+    layer = compress_layer(args.bits)
+    L = args.layers
+    base = [{k: torch.randn(m, n, device="cuda", dtype=DT) * 0.02 for k, (m, n) in SHAPES.items()} for _ in range(L)]
+    single = [{k: DeltaBank.build([[mod]]).to("cuda") for k, mod in layer.items()}]
+    fused = [[DeltaBank.build([[layer[p]] for p in group]).to("cuda") for group in FUSED]]
+    for _ in range(L - 1):  # the same bytes at distinct addresses
+        single.append({k: _clone(b) for k, b in single[0].items()})
+        fused.append([_clone(b) for b in fused[0]])
+    base_bytes = sum(w.numel() * 2 for lw in base for w in lw.values())
+    delta_bytes = sum(b.nbytes for lw in single for b in lw.values())
+    results = {"kernel_path": status().path, "base_bytes": base_bytes, "delta_bytes": delta_bytes, "rows": {}}
+    lora_ranks = {"lora16": 16, "lora_same_bytes": _same_bytes_rank(delta_bytes, L)}
+    for rows in args.rows:
+        results["rows"][rows] = step_times(rows, base, single, fused, lora_ranks, args.repeats)
+    results["lora_same_bytes_rank"] = lora_ranks["lora_same_bytes"]
+    results["multi_tenant"] = multi_tenant(layer, args)
+    results["widths"] = widths(args)
+    return results
+
+
+def step_times(rows: int, base, single, fused, lora_ranks: dict, repeats: int) -> dict:
+    """Milliseconds of one decode step: base matmuls, deltas alone (7 or 4 fused launches a layer), base + delta,
+    and fp16 LoRAs done with torch matmuls."""
+    xh, xf = Step(rows, H), Step(rows, F)
+
+    def x_for(k):
+        return xf.xs[xf.i] if k == "down" else xh.xs[xh.i]
+
+    def base_step():
+        xh.next(), xf.next()
+        for lw in base:
+            for k, w in lw.items():
+                x_for(k) @ w.T
+
+    def delta_step():
+        xh.next(), xf.next()
+        for lw in single:
+            for k, b in lw.items():
+                delta_linear(x_for(k), b)
+
+    def fused_step():
+        xh.next(), xf.next()
+        for lw in fused:
+            for group, b in zip(FUSED, lw):
+                delta_linear(x_for(group[0]), b)
+
+    def base_plus_delta():
+        xh.next(), xf.next()
+        for lw, lb in zip(base, single):
+            for k, w in lw.items():
+                x = x_for(k)
+                delta_linear(x, lb[k], x @ w.T)
+
+    r = {"base": time_graph(base_step, repeats), "delta": time_graph(delta_step, repeats),
+         "delta_fused": time_graph(fused_step, repeats), "base+delta": time_graph(base_plus_delta, repeats)}
+    r["dense_delta"] = r["base"]  # a dense bf16 delta is the base's 224 bf16 matmuls again: same shapes, bytes
+
+    def lora_time(rank: int) -> float:
+        factors = [{k: (torch.randn(rank, n, device="cuda", dtype=DT), torch.randn(m, rank, device="cuda", dtype=DT))
+                    for k, (m, n) in SHAPES.items()} for _ in range(len(base))]
+
+        def lora_step():
+            xh.next(), xf.next()
+            for lw in factors:
+                for k, (a, b) in lw.items():
+                    (x_for(k) @ a.T) @ b.T
+
+        return time_graph(lora_step, repeats)
+
+    r.update({label: lora_time(rank) for label, rank in lora_ranks.items()})
+    return r
+
+
+def _clone(bank: DeltaBank) -> DeltaBank:
+    """The same bank at new addresses."""
+    return DeltaBank({k: t.clone() for k, t in zip(TENSORS, bank.tensors())}, bank.in_features, bank.out_features,
+                     bank.num_deltas)
+
+
+def _same_bytes_rank(delta_bytes: int, layers: int) -> int:
+    """fp16 LoRA rank whose factors over the seven shapes take the packed deltas' bytes."""
+    per_rank = 2 * sum(m + n for m, n in SHAPES.values()) * layers
+    return max(1, round(delta_bytes / per_rank))
+
+
+def multi_tenant(layer, args, tenants: int = 16) -> dict:
+    """16 rows, each with its own delta (16 distinct copies), one launch per matrix vs 16 separate calls."""
+    first = {k: DeltaBank.build([[layer[k]] * tenants]).to("cuda") for k in SHAPES}
+    banks = [{k: _clone(b) for k, b in first.items()} for _ in range(args.layers)]
+    first = {k: DeltaBank.build([[layer[k]]]).to("cuda") for k in SHAPES}
+    one = [{k: _clone(b) for k, b in first.items()} for _ in range(args.layers * tenants)]
+    xh, xi = Step(tenants, H), Step(tenants, F)
+    index = torch.arange(tenants, device="cuda")
+
+    def x_for(k):
+        return xi.xs[xi.i] if k == "down" else xh.xs[xh.i]
+
+    def batched():
+        xh.next(), xi.next()
+        for lw in banks:
+            for k, b in lw.items():
+                delta_linear(x_for(k), b, index=index)
+
+    def separate():
+        xh.next(), xi.next()
+        for layer_i in range(args.layers):
+            for t in range(tenants):
+                for k, b in one[layer_i * tenants + t].items():
+                    delta_linear(x_for(k)[t:t + 1], b)
+
+    bytes_used = sum(b.nbytes for lw in one for b in lw.values())
+    return {"tenants": tenants, "bytes": bytes_used, "batched": time_graph(batched, args.repeats, inner=1),
+            "separate": time_graph(separate, args.repeats, inner=1)}
+
+
+def widths(args) -> dict:
+    """Achieved bandwidth of one width at a time: eight 11008x4096 modules (4 bits per entry each, 180 MB in all),
+    every vector at that width, 1 row."""
+    out = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for bits in (2, 3, 4, 8):
+        rank = round(4 * F * H / (bits * (F + H)))
+        tensors, info = _uniform(F, H, rank, bits, g)
+        first = DeltaBank.build([[packed_from_parts("w", tensors, info, (F, H))]])
+        banks = [_clone(first) for _ in range(8)]
+        ms = _time_banks(banks, args.repeats)
+        nbytes = sum(b.nbytes for b in banks)
+        out[bits] = {"rank": rank, "bytes": nbytes, "ms": ms, "GBps": nbytes / ms / 1e6}
+    return out
+
+
+def _time_banks(banks: list[DeltaBank], repeats: int) -> float:
+    step = Step(1, H)
+
+    def run():
+        x = step.next()
+        for b in banks:
+            delta_linear(x, b)
+
+    return time_graph(run, repeats, inner=2)
+
+
+def _uniform(m: int, n: int, rank: int, bits: int, g: torch.Generator):
+    """Stored tensors of one bit group of random codes (on the GPU)."""
+    def param(value):
+        return torch.full((rank, 1), value, dtype=torch.float16, device="cuda")
+
+    t = {"g0.u": packing.pack(torch.randint(0, 1 << bits, (rank, m), generator=g, device="cuda"), bits),
+         "g0.v": packing.pack(torch.randint(0, 1 << bits, (rank, n), generator=g, device="cuda"), bits),
+         "g0.u_scale": param(1e-2), "g0.u_offset": param(-1e-2 * (1 << bits) / 2),
+         "g0.v_scale": param(1e-2), "g0.v_offset": param(-1e-2 * (1 << bits) / 2),
+         "g0.s": torch.rand(rank, generator=g, device="cuda").half()}
+    return t, {"group_size": 0, "groups": [{"bits": bits, "rank": rank}]}
+
+
+def render(res: dict) -> str:
+    from deltacomp.report import format_table
+
+    gb = res["delta_bytes"] / 1e9
+    lines = [f"kernel path: {res['kernel_path']}; packed deltas {gb:.3f} GB, base {res['base_bytes'] / 1e9:.2f} GB", ""]
+    rows = []
+    for n, r in res["rows"].items():
+        base_bw = res["base_bytes"] / r["base"] / 1e6
+        bw = res["delta_bytes"] / r["delta"] / 1e6
+        bwf = res["delta_bytes"] / r["delta_fused"] / 1e6
+        rows.append([n, f"{r['base']:.3f}", f"{r['delta']:.3f} ({bw:.0f} GB/s, {bw / base_bw:.0%})",
+                     f"{r['delta_fused']:.3f} ({bwf:.0f} GB/s, {bwf / base_bw:.0%})",
+                     f"{r['dense_delta'] / r['delta_fused']:.1f}x",
+                     f"{r['lora16']:.3f}", f"{r['lora_same_bytes']:.3f}",
+                     f"{r['base+delta']:.3f} ({r['base+delta'] / r['base']:.3f}x)"])
+    lines.append(format_table(
+        ["rows", "base ms", "delta ms, 7 launches/layer (bw, % of base bw)", "delta ms, 4 fused/layer",
+         "dense bf16 delta / fused", "LoRA r16 ms", f"LoRA r{res['lora_same_bytes_rank']} ms", "base+delta ms"],
+        rows))
+    mt = res["multi_tenant"]
+    floor = mt["bytes"] / (res["base_bytes"] / res["rows"][min(res["rows"])]["base"] / 1e3) / 1e3  # ms at base bw
+    lines += ["", f"multi-tenant: {mt['tenants']} rows, each its own delta ({mt['bytes'] / 1e9:.2f} GB): "
+              f"one launch per matrix {mt['batched']:.3f} ms ({mt['batched'] / floor:.2f}x the byte floor at the "
+              f"base's bandwidth, {floor:.3f} ms); {mt['tenants']} separate calls {mt['separate']:.3f} ms"]
+    lines += ["", format_table(["bits", "rank", "MB", "ms", "GB/s"],
+                               [[b, w["rank"], f"{w['bytes'] / 1e6:.1f}", f"{w['ms']:.3f}", f"{w['GBps']:.0f}"]
+                                for b, w in res["widths"].items()])]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="1,8,32")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--bits", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    args.rows = [int(r) for r in args.rows.split(",")]
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU")
+    res = bench(args)
+    print(render(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
