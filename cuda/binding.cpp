@@ -1,0 +1,144 @@
+// torch binding of the delta bank dequant-matmul (kernels and launcher in delta_linear.cu).
+//
+//   delta_linear(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs) -> out
+//
+// x (R, n) and y (R, M): float16, bfloat16 or float32 (the same); w (R, k) float32; the bank in layout 1
+// (deltacomp/kernels/bank.py). out = y + the deltas' contribution, a new (R, M) tensor of y's dtype.
+// Everything must be contiguous and on x's CUDA device. The op launches on the current stream, never synchronises and
+// never reads device memory on the host, so it can be captured in a CUDA graph.
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+namespace deltacomp {
+size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms);
+cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* out, int64_t R, int64_t n, int64_t M,
+                                const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
+                                const void* v_offset, const int32_t* u_words, const void* u_scale,
+                                const void* u_offset, const float* s, const int32_t* rows, int64_t J,
+                                const int32_t* projs, int64_t P, float* workspace, int num_sms, cudaStream_t stream);
+}  // namespace deltacomp
+
+namespace {
+
+constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
+
+// Messages are built from strings only: numbers go through std::to_string. (Inserting an integer into the message
+// stream from a just-in-time built extension was seen to crash inside libstdc++'s number formatting on a CUDA 13
+// image, which would turn every failed check into a segmentation fault.)
+std::string num(int64_t v) { return std::to_string(v); }
+std::string shape(const torch::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + num(t.size(d));
+  return out + "]";
+}
+std::string device_name(const torch::Tensor& t) { return t.device().str(); }
+
+// Contiguous, on x's device, of the given dtype and number of dimensions.
+void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype, int64_t dim,
+                  const torch::Device& device) {
+  TORCH_CHECK(t.device() == device, "delta_linear: ", name, " is on ", device_name(t), " but x is on ", device.str());
+  TORCH_CHECK(t.scalar_type() == dtype, "delta_linear: ", name, " must have dtype ", c10::toString(dtype), ", got ",
+              c10::toString(t.scalar_type()));
+  TORCH_CHECK(t.dim() == dim, "delta_linear: ", name, " must be ", num(dim), "-D, got shape ", shape(t));
+  TORCH_CHECK(t.is_contiguous(), "delta_linear: ", name, " must be contiguous (shape ", shape(t), ")");
+  TORCH_CHECK(t.numel() <= kMaxInt, "delta_linear: ", name, " has ", num(t.numel()),
+              " elements; at most 2**31 - 1 are supported");
+}
+
+// The kernels read packed words with 16-byte loads from 16-byte aligned rows.
+void check_aligned(const torch::Tensor& t, const char* name) {
+  const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr());
+  TORCH_CHECK(addr % 16 == 0, "delta_linear: ", name, " must start on a 16-byte boundary (storage offset ",
+              num(t.storage_offset()), " elements)");
+}
+
+int dtype_code(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32: return 0;
+    case torch::kFloat16: return 1;
+    case torch::kBFloat16: return 2;
+    default: return -1;
+  }
+}
+
+}  // namespace
+
+torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& w,
+                                const torch::Tensor& v_words, const torch::Tensor& v_scale,
+                                const torch::Tensor& v_offset, const torch::Tensor& u_words,
+                                const torch::Tensor& u_scale, const torch::Tensor& u_offset, const torch::Tensor& s,
+                                const torch::Tensor& rows, const torch::Tensor& projs) {
+  TORCH_CHECK(x.is_cuda(), "delta_linear: x must be a CUDA tensor, got one on ", device_name(x));
+  const torch::Device device = x.device();
+  const int dtype = dtype_code(x.scalar_type());
+  TORCH_CHECK(dtype >= 0, "delta_linear: x must be float16, bfloat16 or float32, got ", c10::toString(x.scalar_type()));
+  TORCH_CHECK(x.dim() == 2, "delta_linear: x must be 2-D (R, n), got shape ", shape(x));
+  TORCH_CHECK(y.dim() == 2, "delta_linear: y must be 2-D (R, M), got shape ", shape(y));
+  TORCH_CHECK(y.size(0) == x.size(0), "delta_linear: y has ", num(y.size(0)), " rows but x has ", num(x.size(0)));
+  check_tensor(x, "x", x.scalar_type(), 2, device);
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "delta_linear: y has dtype ", c10::toString(y.scalar_type()),
+              " but x has ", c10::toString(x.scalar_type()));
+  check_tensor(y, "y", x.scalar_type(), 2, device);
+  check_tensor(w, "w", torch::kFloat32, 2, device);
+  TORCH_CHECK(w.size(0) == x.size(0), "delta_linear: w has ", num(w.size(0)), " rows but x has ", num(x.size(0)));
+
+  check_tensor(rows, "rows", torch::kInt32, 2, device);
+  TORCH_CHECK(rows.size(1) == 8, "delta_linear: rows must be (J, 8), got shape ", shape(rows));
+  check_tensor(projs, "projs", torch::kInt32, 2, device);
+  TORCH_CHECK(projs.size(1) == 4, "delta_linear: projs must be (P, 4), got shape ", shape(projs));
+  const int64_t J = rows.size(0), P = projs.size(0);
+  check_tensor(s, "s", torch::kFloat32, 1, device);
+  TORCH_CHECK(s.size(0) == J, "delta_linear: s has ", num(s.size(0)), " values but rows has ", num(J),
+              " rank rows");
+  check_tensor(v_words, "v_words", torch::kInt32, 1, device);
+  check_tensor(u_words, "u_words", torch::kInt32, 1, device);
+  check_aligned(v_words, "v_words");
+  check_aligned(u_words, "u_words");
+  check_tensor(v_scale, "v_scale", torch::kFloat16, 1, device);
+  check_tensor(v_offset, "v_offset", torch::kFloat16, 1, device);
+  check_tensor(u_scale, "u_scale", torch::kFloat16, 1, device);
+  check_tensor(u_offset, "u_offset", torch::kFloat16, 1, device);
+  TORCH_CHECK(v_scale.numel() == v_offset.numel(), "delta_linear: v_scale has ", num(v_scale.numel()),
+              " values but v_offset has ", num(v_offset.numel()));
+  TORCH_CHECK(u_scale.numel() == u_offset.numel(), "delta_linear: u_scale has ", num(u_scale.numel()),
+              " values but u_offset has ", num(u_offset.numel()));
+
+  const int64_t R = x.size(0), n = x.size(1), M = y.size(1), K = w.size(1);
+  TORCH_CHECK(P > 0 || M == 0, "delta_linear: projs is empty but y has ", num(M), " columns to cover");
+  TORCH_CHECK(R <= 65535 * 16, "delta_linear: x has ", num(R), " rows; at most ", num(65535 * 16),
+              " are supported");
+
+  c10::cuda::CUDAGuard guard(device);
+  torch::Tensor out = torch::empty_like(y);
+  if (R == 0 || M == 0) return out;
+
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, num_sms);
+  torch::Tensor workspace =
+      torch::empty({static_cast<int64_t>(floats > 0 ? floats : 1)}, x.options().dtype(torch::kFloat32));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaError_t err = deltacomp::delta_linear_launch(
+      dtype, x.data_ptr(), y.data_ptr(), out.data_ptr(), R, n, M, w.data_ptr<float>(), K,
+      v_words.data_ptr<int32_t>(), v_scale.data_ptr(), v_offset.data_ptr(), u_words.data_ptr<int32_t>(),
+      u_scale.data_ptr(), u_offset.data_ptr(), s.data_ptr<float>(), rows.data_ptr<int32_t>(), J,
+      projs.data_ptr<int32_t>(), P, workspace.data_ptr<float>(), num_sms, stream);
+  TORCH_CHECK(err == cudaSuccess, "delta_linear: kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Dequant-matmul of packed low-rank deltas (bank layout 1)";
+  m.def("delta_linear", &delta_linear_cuda,
+        "out = y + sum_j (x @ V_j) * s_j * w[:, delta_j] * U_j per projection, reading bit-packed factors",
+        py::arg("x"), py::arg("y"), py::arg("w"), py::arg("v_words"), py::arg("v_scale"), py::arg("v_offset"),
+        py::arg("u_words"), py::arg("u_scale"), py::arg("u_offset"), py::arg("s"), py::arg("rows"),
+        py::arg("projs"));
+  m.def("layout_version", [] { return 1; }, "The bank layout the kernels read");
+}

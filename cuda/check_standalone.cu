@@ -1,0 +1,592 @@
+// Standalone compile check and self-test of delta_linear.cu, without torch.
+//
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o check_delta_linear \
+//        cuda/check_standalone.cu
+//   ./check_delta_linear           correctness sweep against a float64 CPU reference (needs a GPU)
+//   ./check_delta_linear --bench   timings on Llama-7B-shaped banks
+//
+// Banks are built here exactly as bank layout 1 describes (rows padded to 4 words, codes packed as in
+// deltacomp/quant/packing.py). Before every launch the output and the workspace are filled with NaN, so an output
+// the kernels do not write, or a workspace value they read without writing, fails the check. In the multi-tenant
+// cases the scales and offsets of deltas that no token row uses are NaN, so reading them into the result fails too.
+
+#include "delta_linear.cu"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#define CHECK_CUDA(call)                                                                        \
+  do {                                                                                          \
+    const cudaError_t e_ = (call);                                                              \
+    if (e_ != cudaSuccess) {                                                                    \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+namespace {
+
+using deltacomp::delta_linear_launch;
+using deltacomp::delta_linear_workspace_floats;
+
+uint16_t half_bits(float v) {
+  const __half h = __float2half_rn(v);
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  return b;
+}
+float half_value(uint16_t b) {
+  __half h;
+  std::memcpy(&h, &b, 2);
+  return __half2float(h);
+}
+
+// Packs one row of codes as deltacomp/quant/packing.py does (blocks of 32 codes in `bits` words).
+void pack_row(const std::vector<int>& codes, int bits, std::vector<int32_t>& out) {
+  const int nblk = (static_cast<int>(codes.size()) + 31) / 32;
+  for (int b = 0; b < nblk; ++b) {
+    uint32_t w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int q = 0; q < 32; ++q) {
+      const int k = b * 32 + q;
+      const uint32_t c = k < static_cast<int>(codes.size()) ? static_cast<uint32_t>(codes[k]) : 0u;
+      const int pos = bits * q, wi = pos / 32, sh = pos % 32;
+      w[wi] |= c << sh;
+      if (sh + bits > 32) w[wi + 1] |= c >> (32 - sh);
+    }
+    for (int i = 0; i < bits; ++i) out.push_back(static_cast<int32_t>(w[i]));
+  }
+}
+
+struct Group {  // rank rows of one (projection, delta) with the same widths
+  int vbits, ubits, rank;
+};
+
+struct Bank {
+  int n = 0, K = 0, M = 0;
+  std::vector<int> out_len;
+  std::vector<int32_t> v_words, u_words, rows, projs;
+  std::vector<uint16_t> v_scale, v_offset, u_scale, u_offset;
+  std::vector<float> s;
+  std::vector<std::vector<double>> V, U;  // dequantized rows, for the reference
+  std::vector<int> delta;                 // per rank row
+  size_t packed_bytes = 0;
+};
+
+// Appends one quantized row (codes, per-group fp16 scale/offset) to a factor; returns (word offset, param offset).
+void add_row(std::mt19937& rng, int len, int bits, int gs, std::vector<int32_t>& words, std::vector<uint16_t>& sc,
+             std::vector<uint16_t>& of, std::vector<double>& dense, int& woff, int& poff) {
+  std::uniform_int_distribution<int> code(0, (1 << bits) - 1);
+  std::uniform_real_distribution<float> u01(0.f, 1.f);
+  std::vector<int> codes(len);
+  for (int& c : codes) c = code(rng);
+  while (words.size() % 4) words.push_back(0);
+  woff = static_cast<int>(words.size());
+  pack_row(codes, bits, words);
+  poff = static_cast<int>(sc.size());
+  const int groups = gs <= 0 ? 1 : (len + gs - 1) / gs;
+  for (int g = 0; g < groups; ++g) {
+    const float range = 0.05f + 0.1f * u01(rng);
+    const float scale = range / static_cast<float>((1 << bits) - 1);
+    sc.push_back(half_bits(scale));
+    of.push_back(half_bits(-0.5f * range + 0.02f * (u01(rng) - 0.5f)));
+  }
+  dense.resize(len);
+  for (int k = 0; k < len; ++k) {
+    const int g = gs <= 0 ? 0 : k / gs;
+    dense[k] = static_cast<double>(codes[k]) * half_value(sc[poff + g]) + half_value(of[poff + g]);
+  }
+}
+
+// table[p][d]: the width groups of delta d on projection p (empty: the delta leaves p unchanged).
+Bank build_bank(int n, const std::vector<int>& out_len, int K, const std::vector<std::vector<std::vector<Group>>>& table,
+                const std::vector<int>& gs_of_delta, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u01(0.f, 1.f);
+  Bank b;
+  b.n = n, b.K = K, b.out_len = out_len;
+  int out_off = 0;
+  for (size_t p = 0; p < out_len.size(); ++p) {
+    const int j_start = static_cast<int>(b.s.size());
+    for (int d = 0; d < K; ++d) {
+      for (const Group& g : table[p][d]) {
+        for (int i = 0; i < g.rank; ++i) {
+          int vw, vp, uw, up;
+          std::vector<double> vd, ud;
+          add_row(rng, n, g.vbits, gs_of_delta[d], b.v_words, b.v_scale, b.v_offset, vd, vw, vp);
+          add_row(rng, out_len[p], g.ubits, gs_of_delta[d], b.u_words, b.u_scale, b.u_offset, ud, uw, up);
+          b.rows.insert(b.rows.end(), {g.vbits, vw, vp, g.ubits, uw, up, d, gs_of_delta[d]});
+          b.s.push_back(0.5f + 2.f * u01(rng));
+          b.V.push_back(std::move(vd));
+          b.U.push_back(std::move(ud));
+          b.delta.push_back(d);
+        }
+      }
+    }
+    b.projs.insert(b.projs.end(), {j_start, static_cast<int>(b.s.size()), out_off, out_len[p]});
+    out_off += out_len[p];
+  }
+  b.M = out_off;
+  while (b.v_words.size() % 4) b.v_words.push_back(0);  // tensor length a multiple of 4
+  while (b.u_words.size() % 4) b.u_words.push_back(0);
+  b.packed_bytes = 4 * (b.v_words.size() + b.u_words.size()) + 2 * (b.v_scale.size() + b.v_offset.size() +
+                                                                    b.u_scale.size() + b.u_offset.size());
+  return b;
+}
+
+template <typename T>
+T* to_device(const std::vector<T>& v) {
+  T* p = nullptr;
+  // Exact sizes (at least one element), so that compute-sanitizer sees reads past the bank's end.
+  CHECK_CUDA(cudaMalloc(&p, std::max<size_t>(1, v.size()) * sizeof(T)));
+  if (!v.empty()) CHECK_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+struct DeviceBank {
+  int32_t *v_words, *u_words, *rows, *projs;
+  uint16_t *v_scale, *v_offset, *u_scale, *u_offset;
+  float* s;
+  explicit DeviceBank(const Bank& b)
+      : v_words(to_device(b.v_words)), u_words(to_device(b.u_words)), rows(to_device(b.rows)),
+        projs(to_device(b.projs)), v_scale(to_device(b.v_scale)), v_offset(to_device(b.v_offset)),
+        u_scale(to_device(b.u_scale)), u_offset(to_device(b.u_offset)), s(to_device(b.s)) {}
+  ~DeviceBank() {
+    for (void* p : {static_cast<void*>(v_words), static_cast<void*>(u_words), static_cast<void*>(rows),
+                    static_cast<void*>(projs), static_cast<void*>(v_scale), static_cast<void*>(v_offset),
+                    static_cast<void*>(u_scale), static_cast<void*>(u_offset), static_cast<void*>(s)})
+      cudaFree(p);
+  }
+};
+
+// Activation storage: 0 float32, 1 float16, 2 bfloat16. Values are rounded to the dtype on the host so the reference
+// sees exactly what the kernel reads.
+std::vector<uint8_t> encode(const std::vector<float>& v, int dtype, std::vector<double>& rounded) {
+  const size_t es = dtype == 0 ? 4 : 2;
+  std::vector<uint8_t> out(v.size() * es);
+  rounded.resize(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (dtype == 0) {
+      std::memcpy(&out[4 * i], &v[i], 4);
+      rounded[i] = v[i];
+    } else if (dtype == 1) {
+      const __half h = __float2half_rn(v[i]);
+      std::memcpy(&out[2 * i], &h, 2);
+      rounded[i] = __half2float(h);
+    } else {
+      const __nv_bfloat16 h = __float2bfloat16_rn(v[i]);
+      std::memcpy(&out[2 * i], &h, 2);
+      rounded[i] = __bfloat162float(h);
+    }
+  }
+  return out;
+}
+double decode(const uint8_t* p, int dtype) {
+  if (dtype == 0) {
+    float f;
+    std::memcpy(&f, p, 4);
+    return f;
+  }
+  if (dtype == 1) {
+    __half h;
+    std::memcpy(&h, p, 2);
+    return __half2float(h);
+  }
+  __nv_bfloat16 h;
+  std::memcpy(&h, p, 2);
+  return __bfloat162float(h);
+}
+
+int g_sms = 0;
+int g_failures = 0;
+
+struct RunResult {
+  double rel_err = 0;      // ||out - ref|| / ||ref - y||, the error on the delta's contribution
+  bool finite = true;
+  float ms = 0;
+};
+
+// Runs the op once (or `iters` times for timing) and compares with the float64 reference.
+RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w, uint32_t seed, float y_scale,
+                   int iters = 0, bool graph = false) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> xf(static_cast<size_t>(R) * b.n), yf(static_cast<size_t>(R) * b.M);
+  for (float& v : xf) v = nd(rng);
+  for (float& v : yf) v = y_scale * nd(rng);
+  std::vector<double> xr, yr;
+  const std::vector<uint8_t> xb = encode(xf, dtype, xr), yb = encode(yf, dtype, yr);
+  const size_t es = dtype == 0 ? 4 : 2;
+
+  DeviceBank db(b);
+  uint8_t* dx = to_device(xb);
+  uint8_t* dy = to_device(yb);
+  float* dw = to_device(w);
+  uint8_t* dout = nullptr;
+  CHECK_CUDA(cudaMalloc(&dout, std::max<size_t>(1, yb.size())));
+  const size_t ws = delta_linear_workspace_floats(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
+                                                  static_cast<int64_t>(b.out_len.size()), g_sms);
+  float* dws = nullptr;
+  CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(1, ws) * sizeof(float)));
+  CHECK_CUDA(cudaMemset(dws, 0xff, std::max<size_t>(1, ws) * sizeof(float)));  // NaN
+  CHECK_CUDA(cudaMemset(dout, 0xff, std::max<size_t>(1, yb.size())));           // NaN in every dtype
+
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreate(&stream));
+  auto launch = [&]() {
+    const cudaError_t e = delta_linear_launch(
+        dtype, dx, dy, dout, R, b.n, b.M, dw, b.K, db.v_words, db.v_scale, db.v_offset, db.u_words, db.u_scale,
+        db.u_offset, db.s, db.rows, static_cast<int64_t>(b.s.size()), db.projs,
+        static_cast<int64_t>(b.out_len.size()), dws, g_sms, stream);
+    if (e != cudaSuccess) {
+      std::fprintf(stderr, "launch failed: %s\n", cudaGetErrorString(e));
+      std::exit(2);
+    }
+  };
+  RunResult res;
+  if (graph) {  // the op must be capturable: no synchronisation, no host reads
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    launch();
+    CHECK_CUDA(cudaStreamEndCapture(stream, &g));
+    CHECK_CUDA(cudaGraphInstantiate(&ge, g, 0));
+    CHECK_CUDA(cudaGraphLaunch(ge, stream));
+    CHECK_CUDA(cudaStreamSynchronize(stream));
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+  } else {
+    launch();
+  }
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  CHECK_CUDA(cudaGetLastError());
+  if (iters > 0) {
+    cudaEvent_t e0, e1;
+    CHECK_CUDA(cudaEventCreate(&e0));
+    CHECK_CUDA(cudaEventCreate(&e1));
+    for (int i = 0; i < 5; ++i) launch();
+    CHECK_CUDA(cudaEventRecord(e0, stream));
+    for (int i = 0; i < iters; ++i) launch();
+    CHECK_CUDA(cudaEventRecord(e1, stream));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    CHECK_CUDA(cudaEventElapsedTime(&res.ms, e0, e1));
+    res.ms /= iters;
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+  }
+  std::vector<uint8_t> ob(yb.size());
+  if (!ob.empty()) CHECK_CUDA(cudaMemcpy(ob.data(), dout, ob.size(), cudaMemcpyDeviceToHost));
+
+  // float64 reference: t = x V^T, c = t * s * w[:, delta], out = y + c U (per projection).
+  const int J = static_cast<int>(b.s.size());
+  std::vector<double> ref(yr);
+  for (int pj = 0; pj < static_cast<int>(b.out_len.size()); ++pj) {
+    const int j0 = b.projs[4 * pj], j1 = b.projs[4 * pj + 1], off = b.projs[4 * pj + 2], len = b.projs[4 * pj + 3];
+    for (int r = 0; r < R; ++r) {
+      for (int j = j0; j < j1 && j < J; ++j) {
+        const double wt = w[static_cast<size_t>(r) * b.K + b.delta[j]];
+        if (wt == 0.0) continue;
+        double t = 0;
+        for (int k = 0; k < b.n; ++k) t += xr[static_cast<size_t>(r) * b.n + k] * b.V[j][k];
+        const double c = t * b.s[j] * wt;
+        for (int i = 0; i < len; ++i) ref[static_cast<size_t>(r) * b.M + off + i] += c * b.U[j][i];
+      }
+    }
+  }
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double o = decode(&ob[i * es], dtype);
+    if (!std::isfinite(o)) res.finite = false;
+    num += (o - ref[i]) * (o - ref[i]);
+    den += (ref[i] - yr[i]) * (ref[i] - yr[i]);
+  }
+  res.rel_err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+
+  cudaStreamDestroy(stream);
+  cudaFree(dx), cudaFree(dy), cudaFree(dw), cudaFree(dout), cudaFree(dws);
+  return res;
+}
+
+const char* dtype_name(int d) { return d == 0 ? "f32" : d == 1 ? "f16" : "bf16"; }
+
+// Error bounds on the delta's contribution, relative: fp32 accumulation, or the output's rounding to fp16 / bf16
+// (y is kept small against the contribution in these checks).
+double bound(int dtype) { return dtype == 0 ? 2e-5 : dtype == 1 ? 2e-3 : 1.5e-2; }
+
+void report(const char* what, const Bank& b, int R, int dtype, const RunResult& r) {
+  const bool ok = r.finite && r.rel_err < bound(dtype);
+  if (!ok) ++g_failures;
+  std::printf("%-4s %-44s n=%-5d M=%-5d J=%-4zu R=%-2d %-4s rel_err=%.2e%s\n", ok ? "ok" : "FAIL", what, b.n, b.M,
+              b.s.size(), R, dtype_name(dtype), r.rel_err, r.finite ? "" : " (non-finite outputs)");
+}
+
+std::vector<float> dense_weights(int R, int K, uint32_t seed, bool some_zero) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u01(0.25f, 1.25f);
+  std::vector<float> w(static_cast<size_t>(R) * K);
+  for (int r = 0; r < R; ++r)
+    for (int d = 0; d < K; ++d) w[static_cast<size_t>(r) * K + d] = (some_zero && (r + d) % 3 == 0) ? 0.f : u01(rng);
+  return w;
+}
+
+void correctness() {
+  const int widths[5] = {1, 2, 3, 4, 8};
+  std::vector<Group> all_pairs;  // every (V bits, U bits) pair, 2 rank rows each
+  for (int vb : widths)
+    for (int ub : widths) all_pairs.push_back({vb, ub, 2});
+
+  // 1. One delta, one projection, every width pair; ragged lengths, every group size, many row counts and dtypes.
+  struct Shape { int n, m; };
+  const Shape shapes[] = {{576, 1535}, {1535, 576}, {33, 192}, {4096, 4096}, {200, 1}, {1, 200}};
+  const int gss[] = {0, 128, 32, 96};
+  const int Rs[] = {1, 2, 3, 4, 5, 8, 16, 17, 33, 64};
+  int si = 0;
+  for (const Shape& sh : shapes) {
+    for (int gs : gss) {
+      const Bank b = build_bank(sh.n, {sh.m}, 1, {{all_pairs}}, {gs}, 100 + si);
+      for (int R : Rs) {
+        const int dtype = (si + R) % 3;
+        const RunResult r = run_case(b, R, dtype, dense_weights(R, 1, R, false), 7 * R + si, 0.01f);
+        char what[96];
+        std::snprintf(what, sizeof what, "all width pairs, gs=%d", gs);
+        report(what, b, R, dtype, r);
+      }
+      ++si;
+    }
+  }
+
+  // 2. Fused projections sharing x, three deltas with different group sizes, some weights zero, one empty projection
+  //    and a delta missing from some projections.
+  {
+    std::vector<std::vector<std::vector<Group>>> table(4, std::vector<std::vector<Group>>(3));
+    table[0][0] = {{8, 8, 2}, {3, 3, 5}, {2, 2, 40}};
+    table[0][2] = {{4, 4, 3}, {2, 1, 20}};
+    table[1][1] = {{1, 1, 33}};
+    table[3][0] = {{3, 2, 7}, {2, 2, 30}};
+    table[3][1] = {{8, 4, 1}, {4, 8, 2}, {1, 2, 9}};
+    table[3][2] = {{2, 3, 17}};
+    const Bank b = build_bank(1535, {576, 192, 192, 1100}, 3, table, {0, 128, 32}, 7);
+    for (int R : {1, 5, 16, 40, 64})
+      for (int dtype = 0; dtype < 3; ++dtype)
+        report("fused projections, 3 deltas, zero weights", b, R, dtype,
+               run_case(b, R, dtype, dense_weights(R, 3, R + dtype, true), 11 * R + dtype, 0.01f));
+  }
+
+  // 3. Multi-tenant: 16 deltas in one bank, one-hot weights; the deltas no row uses have NaN scales and offsets.
+  {
+    std::vector<std::vector<std::vector<Group>>> table(2, std::vector<std::vector<Group>>(16));
+    for (int d = 0; d < 16; ++d) {
+      table[0][d] = {{8, 8, 1}, {3, 3, 4}, {2, 2, 27}};
+      table[1][d] = {{4, 2, 3}, {2, 2, 13}};
+    }
+    std::vector<int> gsd(16);
+    for (int d = 0; d < 16; ++d) gsd[d] = d % 2 ? 128 : 0;
+    Bank b = build_bank(576, {576, 1000}, 16, table, gsd, 99);
+    for (int R : {1, 3, 16, 33}) {
+      std::mt19937 rng(R);
+      std::vector<float> w(static_cast<size_t>(R) * 16, 0.f);
+      std::vector<bool> used(16, false);
+      for (int r = 0; r < R; ++r) {
+        const int d = static_cast<int>(rng() % 5) * 3;  // deltas 0, 3, 6, 9, 12 only
+        w[static_cast<size_t>(r) * 16 + d] = 1.f;
+        used[d] = true;
+      }
+      Bank bp = b;
+      for (size_t j = 0; j < bp.s.size(); ++j) {
+        if (used[bp.delta[j]]) continue;
+        const int* row = &bp.rows[8 * j];
+        const int vg = row[7] <= 0 ? 1 : (bp.n + row[7] - 1) / row[7];
+        for (int g = 0; g < vg; ++g) bp.v_scale[row[2] + g] = bp.v_offset[row[2] + g] = 0x7e00;
+        int plen = 0;
+        for (size_t p = 0; p < bp.out_len.size(); ++p)
+          if (static_cast<int>(j) >= bp.projs[4 * p] && static_cast<int>(j) < bp.projs[4 * p + 1]) plen = bp.out_len[p];
+        const int ug = row[7] <= 0 ? 1 : (plen + row[7] - 1) / row[7];
+        for (int g = 0; g < ug; ++g) bp.u_scale[row[5] + g] = bp.u_offset[row[5] + g] = 0x7e00;
+      }
+      for (int dtype : {2, 0}) report("16 deltas, one-hot, unused deltas NaN", bp, R, dtype,
+                                      run_case(bp, R, dtype, w, 5 * R + dtype, 0.01f));
+    }
+  }
+
+  // 4. Empty bank (J = 0): out = y. Compared against y itself.
+  {
+    std::vector<std::vector<std::vector<Group>>> table(2, std::vector<std::vector<Group>>(1));
+    const Bank b = build_bank(100, {64, 37}, 1, table, {0}, 3);
+    for (int dtype = 0; dtype < 3; ++dtype) {
+      const RunResult r = run_case(b, 3, dtype, dense_weights(3, 1, 1, false), 1, 1.f);
+      const bool ok = r.finite && r.rel_err == 0.0;
+      if (!ok) ++g_failures;
+      std::printf("%-4s empty bank: out == y (%s) err=%.2e\n", ok ? "ok" : "FAIL", dtype_name(dtype), r.rel_err);
+    }
+  }
+
+  // 5. CUDA graph capture and replay, Llama-sized shapes at 1 and 16 rows.
+  {
+    std::vector<std::vector<std::vector<Group>>> table(1, std::vector<std::vector<Group>>(1));
+    table[0][0] = {{8, 8, 2}, {3, 3, 32}, {2, 2, 222}};
+    const Bank b = build_bank(11008, {4096}, 1, table, {128}, 5);
+    for (int R : {1, 16}) report("graph-captured, down_proj shape", b, R, 2,
+                                 run_case(b, R, 2, dense_weights(R, 1, R, false), R, 0.01f, 0, true));
+  }
+}
+
+// Llama-7B-shaped banks: about 1 bit per weight entry (2 rank rows at 8 bits, 32 at 3 bits, the rest at 2 bits).
+std::vector<Group> llama_groups(int m, int n) {
+  const double entries = static_cast<double>(m) * n;
+  const double per_rank2 = 2.0 * (m + n);  // bits per 2-bit rank row
+  const double budget = entries - 2 * 8.0 * (m + n) - 32 * 3.0 * (m + n);
+  const int r2 = std::max(0, static_cast<int>(budget / per_rank2));
+  return {{8, 8, 2}, {3, 3, 32}, {2, 2, r2}};
+}
+
+void bench() {
+  struct Case { const char* name; int n; std::vector<int> outs; int deltas; };
+  const Case cases[] = {
+      {"q|k|v 3x4096x4096", 4096, {4096, 4096, 4096}, 1},
+      {"o 4096x4096", 4096, {4096}, 1},
+      {"gate|up 2x11008x4096", 4096, {11008, 11008}, 1},
+      {"down 4096x11008", 11008, {4096}, 1},
+      {"q|k|v, 16 deltas", 4096, {4096, 4096, 4096}, 16},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::vector<std::vector<Group>>> table(c.outs.size(), std::vector<std::vector<Group>>(c.deltas));
+    for (size_t p = 0; p < c.outs.size(); ++p)
+      for (int d = 0; d < c.deltas; ++d) table[p][d] = llama_groups(c.outs[p], c.n);
+    const Bank b = build_bank(c.n, c.outs, c.deltas, table, std::vector<int>(c.deltas, 128), 1);
+    const double per_delta = static_cast<double>(b.packed_bytes) / c.deltas;
+    for (int R : {1, 4, 16, 64}) {
+      std::vector<float> w(static_cast<size_t>(R) * c.deltas, 0.f);
+      for (int r = 0; r < R; ++r) w[static_cast<size_t>(r) * c.deltas + (c.deltas > 1 ? r % c.deltas : 0)] = 1.f;
+      const int used = std::min(R, c.deltas);
+      const RunResult r = run_case(b, R, 2, w, R, 0.01f, 50);
+      const double bytes = per_delta * used;
+      const bool ok = r.finite && r.rel_err < bound(2);
+      if (!ok) ++g_failures;
+      std::printf("%-4s %-24s R=%-2d deltas used=%-2d %7.1f us  packed %6.2f MB read  %6.0f GB/s  rel_err=%.1e\n",
+                  ok ? "ok" : "FAIL", c.name, R, used, 1e3 * r.ms, bytes / 1e6, bytes / (r.ms * 1e-3) / 1e9,
+                  r.rel_err);
+    }
+  }
+}
+
+__global__ void empty_kernel() {}
+
+// Times each kernel of the op separately (same plan as delta_linear_launch), plus an empty launch and a CUDA graph
+// replay of the whole op, on the Llama-shaped q|k|v bank (float16 activations).
+void stages(int only_r) {
+  using namespace deltacomp;
+  std::vector<std::vector<std::vector<Group>>> table(3, std::vector<std::vector<Group>>(1));
+  for (int p = 0; p < 3; ++p) table[p][0] = llama_groups(4096, 4096);
+  const Bank b = build_bank(4096, {4096, 4096, 4096}, 1, table, {128}, 1);
+  DeviceBank db(b);
+  const int J = static_cast<int>(b.s.size()), P = 3;
+  cudaStream_t st;
+  CHECK_CUDA(cudaStreamCreate(&st));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  auto time_it = [&](auto&& fn) {
+    for (int i = 0; i < 5; ++i) fn();
+    CHECK_CUDA(cudaEventRecord(e0, st));
+    for (int i = 0; i < 100; ++i) fn();
+    CHECK_CUDA(cudaEventRecord(e1, st));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    CHECK_CUDA(cudaGetLastError());
+    return 1e3f * ms / 100;
+  };
+  std::printf("empty kernel launch: %.2f us\n", time_it([&] { empty_kernel<<<1, 32, 0, st>>>(); }));
+  for (int R : {1, 4, 16, 64}) {
+    if (only_r > 0 && R != only_r) continue;
+    std::vector<__half> x(static_cast<size_t>(R) * b.n, __float2half(0.1f)), y(static_cast<size_t>(R) * b.M);
+    std::vector<float> w(R, 1.f);
+    __half* dx = to_device(x);
+    __half* dy = to_device(y);
+    __half* dout = to_device(y);
+    float* dw = to_device(w);
+    const Plan p = make_plan(R, b.n, b.M, J, P, g_sms);
+    float* ws = nullptr;
+    CHECK_CUDA(cudaMalloc(&ws, p.total * sizeof(float)));
+    const auto* vs = reinterpret_cast<const __half*>(db.v_scale);
+    const auto* vo = reinterpret_cast<const __half*>(db.v_offset);
+    const auto* us = reinterpret_cast<const __half*>(db.u_scale);
+    const auto* uo = reinterpret_cast<const __half*>(db.u_offset);
+    auto full = [&] {
+      delta_linear_launch(1, dx, dy, dout, R, b.n, b.M, dw, 1, db.v_words, vs, vo, db.u_words, us, uo, db.s, db.rows,
+                          J, db.projs, P, ws, g_sms, st);
+    };
+    int* counters = reinterpret_cast<int*>(ws + p.counter_off);
+    ShrinkArgs sa{dx,       R,       b.n, dw,     1,      db.v_words,       vs,       vo,         db.s,
+                  db.rows,  J,       p.ntiles,    p.kb_cta, p.ktb, ws + p.sw_off, ws + p.tpart_off, counters,
+                  p.ncounters};
+    ExpandArgs ea{dy,   dout,      ws + p.part_off, counters,         R,    b.M,      db.u_words, us, uo,
+                  db.rows, db.projs, P,            J,                ws + p.sw_off, ws + p.tpart_off, p.ks, p.ntiles,
+                  p.nsplit};
+    const dim3 g1(p.groups, p.ks, p.ntiles), g2(p.slots, p.nsplit, p.ntiles);
+    auto s1 = [&] {
+      switch (p.r_tile) {
+        case 1: shrink_kernel<__half, 1><<<g1, kThreads, p.shrink_smem, st>>>(sa); break;
+        case 4: shrink_kernel<__half, 4><<<g1, kThreads, p.shrink_smem, st>>>(sa); break;
+        default: shrink_kernel<__half, 16><<<g1, kThreads, p.shrink_smem, st>>>(sa); break;
+      }
+    };
+    auto s2 = [&] {
+      switch (p.r_tile) {
+        case 1: expand_kernel<__half, 1><<<g2, kThreads, 0, st>>>(ea); break;
+        case 4: expand_kernel<__half, 4><<<g2, kThreads, 0, st>>>(ea); break;
+        default: expand_kernel<__half, 16><<<g2, kThreads, 0, st>>>(ea); break;
+      }
+    };
+    full();
+    CHECK_CUDA(cudaStreamSynchronize(st));
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CHECK_CUDA(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    full();
+    CHECK_CUDA(cudaStreamEndCapture(st, &g));
+    CHECK_CUDA(cudaGraphInstantiate(&ge, g, 0));
+    std::printf("R=%-2d r_tile=%-2d stage1 grid (%d,%d,%d) smem %zu | stage2 grid (%d,%d,%d) | full %.1f us, graph %.1f us,"
+                " shrink %.1f us, shrink+expand %.1f us\n",
+                R, p.r_tile, p.groups, p.ks, p.ntiles, p.shrink_smem, p.slots, p.nsplit, p.ntiles, time_it(full),
+                time_it([&] { CHECK_CUDA(cudaGraphLaunch(ge, st)); }), time_it(s1), time_it([&] { s1(); s2(); }));
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+    cudaFree(dx), cudaFree(dy), cudaFree(dout), cudaFree(dw), cudaFree(ws);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev) !=
+                                                cudaSuccess) {
+    std::printf("no CUDA device: compile check only\n");
+    return 0;
+  }
+  const bool do_bench = argc > 1 && std::string(argv[1]) == "--bench";
+  const bool do_quick = argc > 1 && std::string(argv[1]) == "--quick";
+  if (do_quick) {  // small cases only (for compute-sanitizer)
+    std::vector<Group> pairs;
+    for (int vb : {1, 2, 3, 4, 8})
+      for (int ub : {1, 2, 3, 4, 8}) pairs.push_back({vb, ub, 1});
+    for (int R : {1, 3, 16, 17}) {
+      const Bank b = build_bank(70, {45}, 1, {{pairs}}, {32}, R);
+      report("quick", b, R, R % 3, run_case(b, R, R % 3, dense_weights(R, 1, R, false), R, 0.01f));
+    }
+  } else if (do_bench) {
+    bench();
+  } else if (argc > 1 && std::string(argv[1]) == "--stages") {
+    stages(argc > 2 ? std::atoi(argv[2]) : 0);
+  } else {
+    correctness();
+  }
+  std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "passed", g_failures);
+  return g_failures ? 1 : 0;
+}

@@ -1,0 +1,951 @@
+// Dequant-matmul of a delta bank (bank layout 1, see deltacomp/kernels/bank.py and README.md here):
+//
+//   t[r, j]   = sum_k x[r, k] * V[j, k]                                   stage 1 ("shrink")
+//   c[r, j]   = t[r, j] * s[j] * w[r, delta(j)]
+//   out[r, o] = y[r, o] + sum_{j in proj p} c[r, j] * U[j, o - out_off(p)]  stage 2 ("expand")
+//
+// V and U rows are bit-packed codes (1, 2, 3, 4 or 8 bits; quant/packing.py) with fp16 (scale, offset) per group;
+// they are decoded in registers and never written out dequantized. Accumulation is fp32 throughout.
+//
+// This file has no torch dependency: binding.cpp calls delta_linear_workspace_floats() and delta_linear_launch().
+//
+// Launch sequence (both on the caller's stream; no host synchronisation, no device-to-host reads):
+//   1. shrink_kernel  grid (ceil(J / 32), KS, row tiles): 8 warps x 4 rank rows per CTA, each CTA one slice of the K
+//                     (input) dimension. Writes sw[j][r] = s[j] * w[r, delta(j)] (K slice 0 only) and the partial dot
+//                     products tpart[ks][j][r] of active rank rows; zeroes stage 2's split counters.
+//   2. expand_kernel  grid (output slots, NS, row tiles): each CTA owns W2 outputs of one projection and one slice of
+//                     that projection's rank rows; c = sw * sum_ks tpart is formed as rank rows are staged. With NS == 1
+//                     it writes out = y + acc; otherwise each split stores an fp32 partial tile and the last split of a
+//                     tile to finish (atomic count) writes out = y + the partials summed in split order.
+//
+// A rank row is "active" for a row tile when w[r, delta(j)] != 0 for some row r of the tile. Inactive rows are never
+// read in either stage (their packed words, scales and offsets stay untouched), which is what makes a one-hot w over
+// many deltas cost only the bytes of the deltas in use.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace deltacomp {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+constexpr int kRowsPerWarp = 4;                       // stage 1: rank rows per warp, sharing each x load
+constexpr int kRowsPerCta = kWarps * kRowsPerWarp;    // stage 1: rank rows per CTA
+constexpr int kShrinkSmemFloats = 48 * 1024 / 4;      // stage 1 dynamic shared memory budget (no opt-in needed)
+constexpr int kMaxSplits = 16;                        // stage 2: most rank-row slices per projection
+
+// ------------------------------------------------------------------------------------------------------------------
+// Tiling parameters, shared by host planning and device code. R_TILE is the number of token rows per tile
+// (1, 2, 4, 8 or 16).
+// ------------------------------------------------------------------------------------------------------------------
+
+// Floats per shared-memory access of x (float, float2 or float4).
+__host__ __device__ constexpr int vec_width(int r_tile) { return r_tile < 4 ? r_tile : 4; }
+// Stage 1: codes per lane and pass (a lane decodes one "unit" of this many consecutive codes of a 32-code block).
+__host__ __device__ constexpr int shrink_opl(int r_tile) { return r_tile >= 16 ? 16 : 32; }
+// Stage 2: outputs per lane; R_TILE x OPL fp32 accumulators per lane (16 for R_TILE 1, else 64).
+__host__ __device__ constexpr int expand_opl(int r_tile) { return r_tile <= 1 ? 16 : r_tile <= 2 ? 32 : 64 / r_tile; }
+// Stage 1 x tile in shared memory: one unit holds OPL codes x R_TILE rows as (R_TILE / VW) runs of OPL vectors,
+// plus one vector of padding so that the 32 lanes (reading unit z = lane at the same code) hit distinct banks.
+__host__ __device__ constexpr int unit_floats(int r_tile) {
+  return (r_tile / vec_width(r_tile) * shrink_opl(r_tile) + 1) * vec_width(r_tile);
+}
+__host__ __device__ constexpr int block_floats(int r_tile) { return 32 / shrink_opl(r_tile) * unit_floats(r_tile); }
+
+// Resident CTAs per SM that the register allocation must allow (at most 65536 / (256 * n) registers per thread; with
+// these values ptxas spills at most one 4-byte slot in any instantiation). The host plans about this many CTAs per SM
+// for each stage.
+__host__ __device__ constexpr int shrink_min_ctas(int r_tile) { return r_tile <= 2 ? 3 : 2; }
+__host__ __device__ constexpr int expand_min_ctas(int r_tile) { return r_tile <= 1 ? 3 : 2; }
+
+__host__ __device__ constexpr int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+__host__ __device__ constexpr int ilog2(int v) { return v <= 1 ? 0 : 1 + ilog2(v / 2); }
+
+// int32 words a lane reads to get OPL consecutive codes of one block (aligned to OPL codes).
+template <int BITS, int OPL>
+__host__ __device__ constexpr int lane_words() {
+  return OPL == 32 ? BITS : (BITS == 3 ? 2 : (BITS * OPL >= 32 ? BITS * OPL / 32 : 1));
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Scalar access (torch builds with __CUDA_NO_HALF_OPERATORS__ and friends: intrinsics only)
+// ------------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float load_f32(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float load_f32(const __half* p) {
+  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+__device__ __forceinline__ float load_f32(const __nv_bfloat16* p) {
+  return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+__device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f32(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_f32(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+template <int V>
+__device__ __forceinline__ void load_vec(const float* p, float (&v)[V]) {  // p aligned to V floats (V = 1, 2, 4k)
+  if constexpr (V == 1) {
+    v[0] = *p;
+  } else if constexpr (V == 2) {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    v[0] = t.x, v[1] = t.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      const float4 t = *reinterpret_cast<const float4*>(p + i);
+      v[i] = t.x, v[i + 1] = t.y, v[i + 2] = t.z, v[i + 3] = t.w;
+    }
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void store_vec(float* p, const float (&v)[V]) {
+  if constexpr (V == 1) {
+    *p = v[0];
+  } else if constexpr (V == 2) {
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+  }
+}
+
+__device__ __forceinline__ bool valid_bits(int b) { return b == 1 || b == 2 || b == 3 || b == 4 || b == 8; }
+
+// (scale, offset) group of code k, through a packed group size gp: log2(gs) for a power-of-two gs, 31 for gs == 0
+// (one group per row; k < 2^31), else -gs (a division).
+__device__ __forceinline__ int group_code(int gs) {
+  if (gs <= 0) return 31;
+  return (gs & (gs - 1)) == 0 ? __ffs(gs) - 1 : -gs;
+}
+__device__ __forceinline__ int group_index(int k, int gp) { return gp >= 0 ? k >> gp : k / -gp; }
+
+// ------------------------------------------------------------------------------------------------------------------
+// Decoding
+//
+// A code is turned into a float without an int->float conversion: placed in the top BITS mantissa bits of 1.0f it
+// reads as u = 1 + code / 2^BITS, and value = code * scale + offset = u * (scale * 2^BITS) + (offset - scale * 2^BITS)
+// is one FMA. scale * 2^BITS is exact; offset - scale * 2^BITS carries one fp32 rounding of the operands' size.
+// ------------------------------------------------------------------------------------------------------------------
+
+template <int BITS>
+__device__ __forceinline__ void load_params(const __half* scale, const __half* offset, int idx, float& mul,
+                                            float& add) {
+  const float sc = load_f32(scale + idx);
+  const float of = load_f32(offset + idx);
+  mul = sc * static_cast<float>(1 << BITS);
+  add = of - mul;
+}
+
+// The fp16 (scale, offset) pair idx as one word (scale in the low half), and its expansion into (mul, add) above.
+__device__ __forceinline__ uint32_t load_param_pair(const __half* scale, const __half* offset, int idx) {
+  return __ldg(reinterpret_cast<const unsigned short*>(scale) + idx) |
+         static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(offset) + idx)) << 16;
+}
+template <int BITS>
+__device__ __forceinline__ void expand_param_pair(uint32_t pair, float& mul, float& add) {
+  mul = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xffffu))) * static_cast<float>(1 << BITS);
+  add = __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16))) - mul;
+}
+
+// Bits [pos, pos + BITS) of the little-endian stream v[] as 1 + code / 2^BITS. pos is a compile-time constant after
+// unrolling, so the word index and shifts fold away: one shift (or funnel shift) and one LOP3 per code.
+template <int BITS, int NV>
+__device__ __forceinline__ float unit_code(const uint32_t (&v)[NV], int pos) {
+  constexpr int kZ = 23 - BITS;  // code lands in mantissa bits [kZ, 23)
+  constexpr uint32_t kMask = ((1u << BITS) - 1u) << kZ;
+  const int wi = pos >> 5, sh = pos & 31;
+  uint32_t t;
+  if (sh + BITS <= 32 || wi + 1 >= NV) {
+    t = sh >= kZ ? (v[wi] >> (sh - kZ)) : (v[wi] << (kZ - sh));
+  } else {
+    t = __funnelshift_r(v[wi], v[wi + 1], sh - kZ);  // straddles words wi / wi + 1 (3-bit codes 10 and 21)
+  }
+  return __uint_as_float((t & kMask) | 0x3f800000u);
+}
+
+// Loads the raw words holding codes [q0, q0 + OPL) of one packed block (blk points at the block's first word): NW
+// words from word (BITS * q0) / 32 of the block; a word past the block's end reads as zero (3-bit lanes only).
+// q0 is a multiple of OPL. Vector loads rely on 16-byte aligned row starts (bank layout 1).
+template <int BITS, int OPL>
+__device__ __forceinline__ void load_lane_words(const int32_t* __restrict__ blk, int q0,
+                                                uint32_t (&v)[lane_words<BITS, OPL>()]) {
+  constexpr int NW = lane_words<BITS, OPL>();
+  if constexpr (OPL == 32) {  // the whole block: BITS words at word offset bi * BITS of the row
+    if constexpr (BITS == 1) {
+      v[0] = static_cast<uint32_t>(__ldg(blk));
+    } else if constexpr (BITS == 2) {
+      const int2 t = __ldg(reinterpret_cast<const int2*>(blk));
+      v[0] = t.x, v[1] = t.y;
+    } else if constexpr (BITS == 3) {  // 12-byte blocks are only 4-byte aligned
+      v[0] = __ldg(blk), v[1] = __ldg(blk + 1), v[2] = __ldg(blk + 2);
+    } else {
+#pragma unroll
+      for (int i = 0; i < NW; i += 4) {
+        const int4 t = __ldg(reinterpret_cast<const int4*>(blk + i));
+        v[i] = t.x, v[i + 1] = t.y, v[i + 2] = t.z, v[i + 3] = t.w;
+      }
+    }
+  } else if constexpr (BITS == 3) {  // 3 * OPL bits from bit 3 * q0: at most two words, the second maybe absent
+    const int ws = (3 * q0) >> 5;
+    v[0] = __ldg(blk + ws);
+    v[1] = ws + 1 < 3 ? static_cast<uint32_t>(__ldg(blk + ws + 1)) : 0u;
+  } else {  // power-of-two width: the lane's bits are NW aligned words, or a part of one word
+    const int ws = (BITS * q0) >> 5;
+    if constexpr (NW == 1) {
+      v[0] = static_cast<uint32_t>(__ldg(blk + ws));
+    } else if constexpr (NW == 2) {
+      const int2 t = __ldg(reinterpret_cast<const int2*>(blk + ws));
+      v[0] = t.x, v[1] = t.y;
+    } else {
+      static_assert(NW == 4, "unexpected lane word count");
+      const int4 t = __ldg(reinterpret_cast<const int4*>(blk + ws));
+      v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+    }
+  }
+}
+
+// Shifts the words of load_lane_words so that code q0 + e starts at stream bit BITS * e of v[].
+template <int BITS, int OPL>
+__device__ __forceinline__ void align_lane_words(uint32_t (&v)[lane_words<BITS, OPL>()], int q0) {
+  if constexpr (OPL < 32 && BITS == 3) {
+    const int s0 = (3 * q0) & 31;
+    v[0] = __funnelshift_r(v[0], v[1], s0);
+    v[1] >>= s0;
+  } else if constexpr (OPL < 32 && BITS * OPL < 32) {
+    v[0] >>= (BITS * q0) & 31;
+  }
+}
+
+// Runtime-width form of load_lane_words for the first unit of a tile, requested before x is staged: rows whose lane
+// needs at most 2 words (1 and 2 bits, and 3 bits with half-block lanes; wider rows are left to the loop).
+// Returns whether the words were loaded.
+template <int OPL>
+__device__ __forceinline__ bool prefetch_lane_words(const int32_t* __restrict__ blk, int bits, int q0,
+                                                    uint32_t (&v)[2]) {
+  const int nw = OPL == 32 ? bits : (bits == 3 ? 2 : (bits * OPL >= 32 ? bits * OPL / 32 : 1));
+  if (nw > 2) return false;
+  const int ws = OPL == 32 ? 0 : (bits * q0) >> 5;
+  v[0] = __ldg(blk + ws);
+  v[1] = nw > 1 && ws + 1 < bits ? static_cast<uint32_t>(__ldg(blk + ws + 1)) : 0u;
+  return true;
+}
+
+// Sums NV per-lane values over the warp with a halving exchange (NV power of two). Afterwards, for NV >= 32, lane l
+// holds the totals of values [l * NV / 32, (l + 1) * NV / 32) in v[0 .. NV / 32); for NV < 32, every lane holds the
+// total of value l >> (5 - log2 NV) in v[0].
+template <int LEN, int M, int NV>
+__device__ __forceinline__ void warp_reduce_scatter(float (&v)[NV], int lane) {
+  if constexpr (M >= 1) {
+    if constexpr (LEN > 1) {
+      constexpr int kHalf = LEN / 2;
+      const bool upper = (lane & M) != 0;
+#pragma unroll
+      for (int i = 0; i < kHalf; ++i) {
+        const float send = upper ? v[i] : v[i + kHalf];
+        const float keep = upper ? v[i + kHalf] : v[i];
+        v[i] = keep + __shfl_xor_sync(kFullMask, send, M);
+      }
+      warp_reduce_scatter<kHalf, M / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(kFullMask, v[0], M);
+      warp_reduce_scatter<1, M / 2>(v, lane);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Stage 1: shrink
+// ------------------------------------------------------------------------------------------------------------------
+
+struct ShrinkArgs {
+  const void* x;             // (R, n) scalar_t
+  int R, n;
+  const float* w;            // (R, K) gate weights
+  int K;
+  const int32_t* words;      // v_words
+  const __half* scale;       // v_scale
+  const __half* offset;      // v_offset
+  const float* s;            // (J,)
+  const int32_t* rows;       // (J, 8)
+  int J;
+  int ntiles;                // row tiles
+  int kb_cta;                // 32-code blocks of K per CTA (a multiple of shrink_opl)
+  int ktb;                   // blocks per shared-memory x tile (a multiple of shrink_opl, <= kb_cta)
+  float* sw;                 // (ntiles, J, R_TILE): s[j] * w[r, delta(j)], 0 for rows past R or invalid rank rows
+  float* tpart;              // (KS, ntiles, J, R_TILE): partial sum_k x[r, k] * V[j, k]; written for active rows only
+  int* counters;             // the expand stage's split counters, zeroed here
+  int ncounters;
+};
+
+struct RowRef {  // one rank row's packed data: word offset, parameter offset, packed group size (group_code)
+  int woff, poff, gp;
+};
+
+// Copies x[r0 .. r0 + R_TILE, 32 kb0 .. 32 (kb0 + nunits * OPL / 32)) into shared memory as float, zero beyond R
+// and n. Layout: unit z (OPL codes) at z * unit_floats; within it run h (rows h*VW .. h*VW+VW) then code e, one
+// VW-vector each. Consecutive threads take consecutive codes: coalesced global reads, conflict-free stores.
+template <typename scalar_t, int R_TILE>
+__device__ __forceinline__ void stage_x_tile(float* __restrict__ xs, const scalar_t* __restrict__ x, int R, int n,
+                                             int r0, int kb0, int nunits) {
+  constexpr int VW = vec_width(R_TILE), H = R_TILE / VW, OPL = shrink_opl(R_TILE), UF = unit_floats(R_TILE);
+  const int total = nunits * H * OPL;
+  const int k0 = kb0 * 32;
+  for (int t = threadIdx.x; t < total; t += kThreads) {
+    const int e = t % OPL, h = (t / OPL) % H, z = t / (OPL * H);
+    const int k = k0 + z * OPL + e;
+    float v[VW];
+#pragma unroll
+    for (int i = 0; i < VW; ++i) {
+      const int r = r0 + h * VW + i;
+      v[i] = (r < R && k < n) ? load_f32(x + static_cast<size_t>(r) * n + k) : 0.f;
+    }
+    store_vec<VW>(xs + z * UF + (h * OPL + e) * VW, v);
+  }
+}
+
+// The first unit (z = lane) of a tile for the first width class of the warp's rows, requested before x is staged so
+// that the packed words and the x tile are in flight together: raw words and the fp16 (scale, offset) pair.
+template <int NJ>
+struct Prefetch {
+  uint32_t raw[NJ][2];
+  uint32_t params[NJ];  // fp16 scale (low half) and offset (high half)
+  bool valid;           // false for classes whose lanes need more than 2 words (loaded in the loop)
+};
+
+// One x tile for the rank rows of `mask` (a subset of the warp's NJ rows, all of width BITS): lane takes units
+// z = lane, lane + 32, ... (unit = OPL codes of block kb0 + z / (32 / OPL)), decodes its codes of each row and
+// accumulates acc[jj * R_TILE + r]. Rows outside the mask read nothing and add exact zeros. With use_pre, the first
+// unit's words and parameters come from `pre`.
+template <int BITS, int NJ, int R_TILE>
+__device__ __forceinline__ void shrink_tile(float (&acc)[NJ * R_TILE], const RowRef (&rr)[NJ], unsigned mask,
+                                            const int32_t* __restrict__ words, const __half* __restrict__ scale,
+                                            const __half* __restrict__ offset, const float* __restrict__ xs, int kb0,
+                                            int nunits, int lane, const Prefetch<NJ>& pre, bool use_pre) {
+  constexpr int VW = vec_width(R_TILE), H = R_TILE / VW, OPL = shrink_opl(R_TILE), UF = unit_floats(R_TILE);
+  constexpr int NU = 32 / OPL, NW = lane_words<BITS, OPL>();
+  use_pre = use_pre && NW <= 2 && pre.valid;
+#pragma unroll 1
+  for (int z = lane; z < nunits; z += 32) {
+    const int gb = kb0 + z / NU;   // block of the row
+    const int q0 = (z % NU) * OPL;  // first code of the unit within the block
+    uint32_t wv[NJ][NW];
+    float mul[NJ], add[NJ];
+#pragma unroll
+    for (int jj = 0; jj < NJ; ++jj) {
+      if (((mask >> jj) & 1u) == 0u) {
+#pragma unroll
+        for (int q = 0; q < NW; ++q) wv[jj][q] = 0u;
+        mul[jj] = add[jj] = 0.f;
+      } else if (use_pre) {
+#pragma unroll
+        for (int q = 0; q < NW; ++q) wv[jj][q] = pre.raw[jj][q < 2 ? q : 0];
+        expand_param_pair<BITS>(pre.params[jj], mul[jj], add[jj]);
+      } else {
+        load_lane_words<BITS, OPL>(words + rr[jj].woff + gb * BITS, q0, wv[jj]);
+        load_params<BITS>(scale, offset, rr[jj].poff + group_index(gb * 32, rr[jj].gp), mul[jj],
+                          add[jj]);
+      }
+      align_lane_words<BITS, OPL>(wv[jj], q0);
+    }
+    use_pre = false;
+    const float* xu = xs + z * UF;
+#pragma unroll
+    for (int e = 0; e < OPL; ++e) {
+      float val[NJ];
+#pragma unroll
+      for (int jj = 0; jj < NJ; ++jj) val[jj] = __fmaf_rn(unit_code<BITS>(wv[jj], BITS * e), mul[jj], add[jj]);
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        float xv[VW];
+        load_vec<VW>(xu + (h * OPL + e) * VW, xv);
+#pragma unroll
+        for (int i = 0; i < VW; ++i)
+#pragma unroll
+          for (int jj = 0; jj < NJ; ++jj)
+            acc[jj * R_TILE + h * VW + i] = __fmaf_rn(val[jj], xv[i], acc[jj * R_TILE + h * VW + i]);
+      }
+    }
+  }
+}
+
+template <int NJ, int R_TILE>
+__device__ __forceinline__ void shrink_tile_any(int bits, float (&acc)[NJ * R_TILE], const RowRef (&rr)[NJ],
+                                                unsigned mask, const ShrinkArgs& a, const float* xs, int kb0,
+                                                int nunits, int lane, const Prefetch<NJ>& pre, bool use_pre) {
+#define DELTACOMP_TILE(B) \
+  shrink_tile<B, NJ, R_TILE>(acc, rr, mask, a.words, a.scale, a.offset, xs, kb0, nunits, lane, pre, use_pre)
+  switch (bits) {
+    case 1: DELTACOMP_TILE(1); break;
+    case 2: DELTACOMP_TILE(2); break;
+    case 3: DELTACOMP_TILE(3); break;
+    case 4: DELTACOMP_TILE(4); break;
+    case 8: DELTACOMP_TILE(8); break;
+    default: break;
+  }
+#undef DELTACOMP_TILE
+}
+
+// Rows of `todo` with the width of its lowest row (one pass over a tile serves them all).
+template <int NJ>
+__device__ __forceinline__ unsigned width_class(unsigned todo, const int (&rbits)[NJ], int bits) {
+  unsigned mask = 0u;
+#pragma unroll
+  for (int jj = 0; jj < NJ; ++jj)
+    if (((todo >> jj) & 1u) && rbits[jj] == bits) mask |= 1u << jj;
+  return mask;
+}
+
+// grid (ceil(J / kRowsPerCta), KS, ntiles), block kThreads, dynamic shared memory ktb * block_floats(R_TILE) floats.
+// Warp w of CTA (gx, ks, rt) owns rank rows j = (gx * kWarps + w) * 4 + [0, 4), token rows rt * R_TILE + [0, R_TILE)
+// and K blocks [ks * kb_cta, (ks + 1) * kb_cta). Lane l < 4 keeps row jbase + l's metadata; others read it by shuffle.
+template <typename scalar_t, int R_TILE>
+__global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kernel(const ShrinkArgs a) {
+  extern __shared__ float4 shrink_smem[];
+  float* xs = reinterpret_cast<float*>(shrink_smem);
+  const scalar_t* x = static_cast<const scalar_t*>(a.x);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int ks = blockIdx.y, rt = blockIdx.z, r0 = rt * R_TILE;
+  const int jbase = (blockIdx.x * kWarps + warp) * kRowsPerWarp;
+
+  // Zero the expand stage's split counters (it runs after this kernel on the same stream).
+  {
+    const size_t cta = blockIdx.x + static_cast<size_t>(gridDim.x) * (blockIdx.y + static_cast<size_t>(gridDim.y) *
+                                                                                        blockIdx.z);
+    const size_t stride = static_cast<size_t>(gridDim.x) * gridDim.y * gridDim.z * kThreads;
+    for (size_t i = cta * kThreads + threadIdx.x; i < static_cast<size_t>(a.ncounters); i += stride) a.counters[i] = 0;
+  }
+
+  // Row metadata (lanes 0..3); invalid rows (past J, unknown width, delta out of range) get bits = 0.
+  int m_bits = 0, m_woff = 0, m_poff = 0, m_delta = 0, m_gs = 0;
+  if (lane < kRowsPerWarp && jbase + lane < a.J) {
+    const int32_t* rw = a.rows + static_cast<size_t>(jbase + lane) * 8;
+    m_bits = __ldg(rw + 0), m_woff = __ldg(rw + 1), m_poff = __ldg(rw + 2), m_delta = __ldg(rw + 6);
+    m_gs = __ldg(rw + 7);
+    if (!valid_bits(m_bits) || m_delta < 0 || m_delta >= a.K) m_bits = 0;
+  }
+  const int m_gp = group_code(m_gs);
+
+  // Activity per rank row (bit jj): some token row of the tile has a non-zero weight for the row's delta.
+  // The K slice 0 CTA also writes sw for every rank row it owns (the expand stage reads it for all rows).
+  unsigned act = 0;
+#pragma unroll
+  for (int jj = 0; jj < kRowsPerWarp; ++jj) {
+    const int bits = __shfl_sync(kFullMask, m_bits, jj);
+    const int delta = __shfl_sync(kFullMask, m_delta, jj);
+    const int j = jbase + jj;
+    float wt = 0.f;
+    if (bits != 0 && lane < R_TILE && r0 + lane < a.R) wt = __ldg(a.w + static_cast<size_t>(r0 + lane) * a.K + delta);
+    if (__ballot_sync(kFullMask, wt != 0.f) != 0u) act |= 1u << jj;
+    if (ks == 0 && j < a.J && lane < R_TILE)
+      a.sw[(static_cast<size_t>(rt) * a.J + j) * R_TILE + lane] = bits != 0 ? wt * __ldg(a.s + j) : 0.f;
+  }
+  if (__syncthreads_or(act != 0u) == 0) return;  // nothing active in this CTA: read no packed words, no x
+
+  // The warp's rows, gathered from lanes 0..3. The active rows fall into width classes; each class is one pass over a
+  // tile with all its rows sharing every x load (usually a single class of four).
+  RowRef rr[kRowsPerWarp];
+  int rbits[kRowsPerWarp];
+#pragma unroll
+  for (int jj = 0; jj < kRowsPerWarp; ++jj) {
+    rr[jj].woff = __shfl_sync(kFullMask, m_woff, jj);
+    rr[jj].poff = __shfl_sync(kFullMask, m_poff, jj);
+    rr[jj].gp = __shfl_sync(kFullMask, m_gp, jj);
+    rbits[jj] = __shfl_sync(kFullMask, m_bits, jj);
+  }
+  const int bits0 = act != 0u ? __shfl_sync(kFullMask, m_bits, __ffs(act) - 1) : 0;
+  const unsigned mask0 = width_class(act, rbits, bits0);
+
+  constexpr int NV = kRowsPerWarp * R_TILE;
+  float acc[NV];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) acc[i] = 0.f;
+
+  constexpr int OPL = shrink_opl(R_TILE), NU = 32 / OPL;  // codes per unit, units per block
+  const int nblk = (a.n + 31) >> 5;
+  const int kbeg = ks * a.kb_cta, kend = min(nblk, kbeg + a.kb_cta);
+  for (int kb0 = kbeg; kb0 < kend; kb0 += a.ktb) {
+    const int nunits = min(a.ktb, kend - kb0) * NU;
+    Prefetch<kRowsPerWarp> pre;
+    pre.valid = false;
+    if (lane < nunits) {
+      const int gb = kb0 + lane / NU, q0 = (lane % NU) * OPL;
+#pragma unroll
+      for (int jj = 0; jj < kRowsPerWarp; ++jj) {
+        pre.params[jj] = 0u;
+        if ((mask0 >> jj) & 1u) {
+          pre.valid = prefetch_lane_words<OPL>(a.words + rr[jj].woff + gb * bits0, bits0, q0, pre.raw[jj]);
+          if (pre.valid) {
+            const int gi = rr[jj].poff + group_index(gb * 32, rr[jj].gp);
+            pre.params[jj] = load_param_pair(a.scale, a.offset, gi);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the previous tile is no longer read
+    stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kb0, nunits);
+    __syncthreads();
+    bool use_pre = true;
+    for (unsigned todo = act; todo != 0u; use_pre = false) {
+      const int bits = __shfl_sync(kFullMask, m_bits, __ffs(todo) - 1);
+      const unsigned mask = width_class(todo, rbits, bits);
+      shrink_tile_any<kRowsPerWarp, R_TILE>(bits, acc, rr, mask, a, xs, kb0, nunits, lane, pre, use_pre);
+      todo &= ~mask;
+    }
+  }
+  if (act == 0u) return;
+
+  // Warp totals, then one store per (rank row, token row) of active rows: tpart[ks][rt][j][r].
+  warp_reduce_scatter<NV, 16>(acc, lane);
+  constexpr int PER = NV >= 32 ? NV / 32 : 1;
+  float* dst = a.tpart + (static_cast<size_t>(ks) * a.ntiles + rt) * a.J * R_TILE;
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int idx = NV >= 32 ? lane * PER + i : lane >> (5 - ilog2(NV));
+    const bool owner = NV >= 32 || (lane & (32 / NV - 1)) == 0;
+    const int jj = idx / R_TILE, r = idx % R_TILE;
+    if (owner && ((act >> jj) & 1u)) dst[static_cast<size_t>(jbase + jj) * R_TILE + r] = acc[i];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Stage 2: expand
+// ------------------------------------------------------------------------------------------------------------------
+
+struct ExpandArgs {
+  const void* y;             // (R, M) scalar_t
+  void* out;                 // (R, M) scalar_t
+  float* part;               // (nsplit, R, M) fp32 partials, used when nsplit > 1
+  int* counters;             // (ntiles, slots) finished splits per output tile, zeroed by stage 1
+  int R, M;
+  const int32_t* words;      // u_words
+  const __half* scale;       // u_scale
+  const __half* offset;      // u_offset
+  const int32_t* rows;       // (J, 8)
+  const int32_t* projs;      // (P, 4)
+  int P, J;
+  const float* sw;           // (ntiles, J, R_TILE), from stage 1
+  const float* tpart;        // (KS, ntiles, J, R_TILE), from stage 1
+  int ks, ntiles, nsplit;
+};
+
+// Floats per rank row in a warp's staged c values (padded so that 8 lanes storing float4s hit distinct banks).
+__host__ __device__ constexpr int c_pitch(int r_tile) { return r_tile >= 8 ? r_tile + 4 : r_tile; }
+
+// Shared memory of the expand stage: first each warp's staged c values (32 rank rows x c_pitch), then, after a barrier,
+// the cross-warp reduction (4 warps x R_TILE * OPL values x 32 lanes) and the CTA's output tile.
+__host__ __device__ constexpr int expand_smem_floats(int r_tile) {
+  return kWarps * 32 * c_pitch(r_tile) > kWarps / 2 * r_tile * expand_opl(r_tile) * 32
+             ? kWarps * 32 * c_pitch(r_tile)
+             : kWarps / 2 * r_tile * expand_opl(r_tile) * 32;
+}
+
+// Rank rows whose words a lane requests at once in the expand stage (bounded by the registers left next to the
+// R_TILE x OPL accumulators).
+__host__ __device__ constexpr int expand_run_max(int nw, int r_tile) {
+  return clamp_int((r_tile >= 8 ? 8 : 16) / nw, 1, 8);
+}
+
+// Descriptor of a staged rank row, held by lane (j - jb) of the warp and read by shuffle.
+struct RowDesc {
+  int bits, woff, poff, gp;  // bits = 0: skip the row; gp: group_code of the group size
+};
+
+// A run of up to JB consecutive staged rank rows of the same width starting at staged row i (n rows available): all
+// their words are requested before any is decoded, so JB loads per lane are in flight. Returns the rows consumed.
+template <int BITS, int R_TILE, int OPL>
+__device__ __forceinline__ int expand_run(float (&acc)[R_TILE * OPL], const RowDesc& d, const float* cw, int i, int n,
+                                          const ExpandArgs& a, bool has, int bi, int q0) {
+  constexpr int NW = lane_words<BITS, OPL>(), CP = c_pitch(R_TILE);
+  constexpr int JB = expand_run_max(NW, R_TILE);
+  const int nn = min(n, JB);
+  uint32_t wv[JB][NW], pair[JB];
+#pragma unroll
+  for (int b = 0; b < JB; ++b) {
+    const int src = b < nn ? i + b : i;
+    const int woff = __shfl_sync(kFullMask, d.woff, src), poff = __shfl_sync(kFullMask, d.poff, src);
+    const int gp = __shfl_sync(kFullMask, d.gp, src);
+#pragma unroll
+    for (int q = 0; q < NW; ++q) wv[b][q] = 0u;
+    pair[b] = 0u;
+    if (b < nn && has) {
+      load_lane_words<BITS, OPL>(a.words + woff + bi * BITS, q0, wv[b]);
+      pair[b] = load_param_pair(a.scale, a.offset, poff + group_index(bi * 32, gp));
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < JB; ++b) {
+    if (b < nn) {
+      align_lane_words<BITS, OPL>(wv[b], q0);
+      float mul, add;
+      expand_param_pair<BITS>(pair[b], mul, add);
+      float cr[R_TILE];
+      load_vec<R_TILE>(cw + (i + b) * CP, cr);
+#pragma unroll
+      for (int e = 0; e < OPL; ++e) {
+        const float val = __fmaf_rn(unit_code<BITS>(wv[b], BITS * e), mul, add);
+#pragma unroll
+        for (int r = 0; r < R_TILE; ++r) acc[r * OPL + e] = __fmaf_rn(cr[r], val, acc[r * OPL + e]);
+      }
+    }
+  }
+  return nn;
+}
+
+// Number of consecutive set bits of m from bit i on.
+__device__ __forceinline__ int run_length(unsigned m, int i) {
+  const unsigned rest = ~(m >> i);
+  return rest == 0u ? 32 - i : __ffs(rest) - 1;
+}
+
+// grid (slots, nsplit, ntiles), block kThreads. Slot s is the s-th W2-output slice counting over the projections in
+// order (slots past the last slice exit). The CTA owns outputs [o0, o0 + W2) of its projection (lane l: outputs
+// l * OPL + [0, OPL), inside one 32-code block), token rows rt * R_TILE + [0, R_TILE) and split `split` of the
+// projection's rank rows. Each warp walks its own contiguous share of those rank rows without block-wide barriers:
+// 32 descriptors at a time (lane t loads rank row jb + t: metadata, c = sw * sum_ks tpart), then runs of equal width.
+// The 8 warps' tiles are summed through shared memory at the end. With nsplit > 1 each split stores an fp32 partial
+// tile; the last split to finish a tile (counted with an atomic) adds the partials in split order and writes out.
+template <typename scalar_t, int R_TILE>
+__global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kernel(const ExpandArgs a) {
+  constexpr int OPL = expand_opl(R_TILE), W2 = 32 * OPL, NACC = R_TILE * OPL, CP = c_pitch(R_TILE);
+  __shared__ __align__(16) float smem[expand_smem_floats(R_TILE)];
+  __shared__ int is_last;
+
+  // Locate (projection, slice) of this slot; out lengths are read 8 at a time so that the loads overlap.
+  int slot = blockIdx.x, p = 0, olen = 0;
+  bool found = false;
+  for (int p0 = 0; p0 < a.P && !found; p0 += 8) {
+    int len[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) len[q] = p0 + q < a.P ? __ldg(a.projs + 4 * (p0 + q) + 3) : 0;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int ns = len[q] > 0 ? (len[q] + W2 - 1) / W2 : 0;
+      if (!found && p0 + q < a.P) {
+        if (slot < ns) {
+          found = true, p = p0 + q, olen = len[q];
+        } else {
+          slot -= ns;
+        }
+      }
+    }
+  }
+  if (!found) return;
+  const int j_start = max(0, __ldg(a.projs + 4 * p + 0)), j_end = min(a.J, __ldg(a.projs + 4 * p + 1));
+  const int out_off = __ldg(a.projs + 4 * p + 2);
+  const int o0 = slot * W2;  // first output of the slice, within the projection
+  const int split = blockIdx.y, rt = blockIdx.z, r0 = rt * R_TILE;
+
+  // This CTA's rank rows (split `split` of the projection's), and this warp's share of them.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int jp = max(0, j_end - j_start);
+  const int chunk = (jp + a.nsplit - 1) / a.nsplit;
+  const int js = j_start + split * chunk, je = min(j_end, js + chunk);
+  const int per = max(0, je - js + kWarps - 1) / kWarps;
+  const int wlo = js + warp * per, whi = min(je, wlo + per);
+
+  const int oi = o0 + lane * OPL;  // this lane's first output within the projection
+  const bool has = oi < olen;
+  const int bi = oi >> 5, q0 = oi & 31;
+
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+
+  float* cw = smem + warp * 32 * CP;  // this warp's staged c values
+  for (int jb = wlo; jb < whi; jb += 32) {
+    const int nb = min(32, whi - jb);
+    RowDesc d{0, 0, 0, 31};
+    if (lane < nb) {
+      const int j = jb + lane;
+      const int32_t* rw = a.rows + static_cast<size_t>(j) * 8;
+      const int ub = __ldg(rw + 3);
+      d.woff = __ldg(rw + 4), d.poff = __ldg(rw + 5), d.gp = group_code(__ldg(rw + 7));
+      // c[r] = sw[r] * sum_ks tpart[ks][r], a vector of up to 4 token rows at a time (few live registers).
+      constexpr int V = vec_width(R_TILE);
+      const float* swp = a.sw + (static_cast<size_t>(rt) * a.J + j) * R_TILE;
+      bool any = false;
+#pragma unroll
+      for (int r = 0; r < R_TILE; r += V) {
+        float sv[V];
+        load_vec<V>(swp + r, sv);
+#pragma unroll
+        for (int q = 0; q < V; ++q) any = any || sv[q] != 0.f;
+      }
+      d.bits = any && valid_bits(ub) ? ub : 0;  // inactive rows: tpart was never written, c is not used
+#pragma unroll
+      for (int r = 0; r < R_TILE; r += V) {
+        float sv[V], tv[V];
+        load_vec<V>(swp + r, sv);
+#pragma unroll
+        for (int q = 0; q < V; ++q) tv[q] = 0.f;
+        for (int k = 0; k < a.ks && d.bits != 0; ++k) {
+          float pv[V];
+          load_vec<V>(a.tpart + ((static_cast<size_t>(k) * a.ntiles + rt) * a.J + j) * R_TILE + r, pv);
+#pragma unroll
+          for (int q = 0; q < V; ++q) tv[q] += pv[q];
+        }
+#pragma unroll
+        for (int q = 0; q < V; ++q) sv[q] = d.bits != 0 ? sv[q] * tv[q] : 0.f;
+        store_vec<V>(cw + lane * CP + r, sv);
+      }
+    }
+    __syncwarp();
+    const unsigned skip = __ballot_sync(kFullMask, d.bits == 0);
+    int i = 0;
+    while (i < nb) {
+      if ((skip >> i) & 1u) {
+        i += run_length(skip, i);
+        continue;
+      }
+      const int bits = __shfl_sync(kFullMask, d.bits, i);
+      const int n = run_length(__ballot_sync(kFullMask, d.bits == bits), i);
+      switch (bits) {
+        case 1: i += expand_run<1, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+        case 2: i += expand_run<2, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+        case 3: i += expand_run<3, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+        case 4: i += expand_run<4, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+        default: i += expand_run<8, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+      }
+    }
+    __syncwarp();  // cw is restaged next round
+  }
+  __syncthreads();  // the staging area becomes the reduction buffer
+
+  // Sum the 8 warps' tiles: warps [h, 2h) hand theirs to warps [0, h) through shared memory (layout [w][e][lane]).
+  float* red = smem;
+#pragma unroll
+  for (int h = kWarps / 2; h >= 1; h /= 2) {
+    if (warp >= h && warp < 2 * h) {
+#pragma unroll
+      for (int e = 0; e < NACC; ++e) red[((warp - h) * NACC + e) * 32 + lane] = acc[e];
+    }
+    __syncthreads();
+    if (warp < h) {
+#pragma unroll
+      for (int e = 0; e < NACC; ++e) acc[e] += red[(warp * NACC + e) * 32 + lane];
+    }
+    __syncthreads();
+  }
+
+  // Warp 0 holds the totals; stage them as [r][i + i / 32] (the padding keeps lanes on distinct banks) and write the
+  // tile with consecutive threads on consecutive outputs.
+  constexpr int kRowPitch = W2 + W2 / 32;
+  float* tile = smem;
+  if (warp == 0) {
+#pragma unroll
+    for (int r = 0; r < R_TILE; ++r)
+#pragma unroll
+      for (int e = 0; e < OPL; ++e) {
+        const int i = lane * OPL + e;
+        tile[r * kRowPitch + i + (i >> 5)] = acc[r * OPL + e];
+      }
+  }
+  __syncthreads();
+  const scalar_t* y = static_cast<const scalar_t*>(a.y);
+  scalar_t* out = static_cast<scalar_t*>(a.out);
+  const size_t plane = static_cast<size_t>(a.R) * a.M;
+  if (a.nsplit == 1) {
+    for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
+      const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
+      if (row >= a.R || o >= olen) continue;
+      const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
+      store_f32(out + m, load_f32(y + m) + tile[r * kRowPitch + i + (i >> 5)]);
+    }
+    return;
+  }
+  for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
+    const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
+    if (row >= a.R || o >= olen) continue;
+    a.part[split * plane + static_cast<size_t>(row) * a.M + out_off + o] = tile[r * kRowPitch + i + (i >> 5)];
+  }
+  __threadfence();  // the partial tile is visible device-wide before the count says so
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(a.counters + rt * gridDim.x + blockIdx.x, 1) == a.nsplit - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  // Sum the partials in split order, 8 splits' loads in flight per output (from L2: written by other CTAs).
+  for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
+    const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
+    if (row >= a.R || o >= olen) continue;
+    const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
+    const float yv = load_f32(y + m);
+    float v = 0.f;
+    for (int s0 = 0; s0 < a.nsplit; s0 += 8) {
+      float pv[8];
+#pragma unroll
+      for (int q = 0; q < 8; ++q) pv[q] = s0 + q < a.nsplit ? __ldcg(a.part + (s0 + q) * plane + m) : 0.f;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) v += pv[q];
+    }
+    store_f32(out + m, yv + v);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Host planning and launch
+// ------------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+struct Plan {
+  int r_tile = 1, ntiles = 0;
+  // stage 1
+  int groups = 0, ks = 1, kb_cta = 0, ktb = 0;
+  size_t shrink_smem = 0;
+  // stage 2
+  int slots = 0, nsplit = 1;
+  // workspace, in floats (the counters are int32 in the same buffer)
+  size_t sw_off = 0, tpart_off = 0, part_off = 0, counter_off = 0, total = 0;
+  int ncounters = 0;
+};
+
+Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
+  Plan p;
+  p.r_tile = R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : R <= 8 ? 8 : 16;
+  p.ntiles = static_cast<int>(ceil_div<int64_t>(R, p.r_tile));
+  const int64_t sms = num_sms > 0 ? num_sms : 1;
+
+  // Stage 1: K is split over CTAs until they fill the GPU once (shrink_min_ctas per SM), keeping whole warp passes
+  // per CTA.
+  const int64_t target1 = sms * shrink_min_ctas(p.r_tile);
+  const int64_t nblk = ceil_div<int64_t>(n, 32);
+  const int pass = shrink_opl(p.r_tile);  // blocks per warp pass (32 lanes x OPL codes)
+  const int ktb_max = (kShrinkSmemFloats / block_floats(p.r_tile)) / pass * pass;
+  p.groups = static_cast<int>(ceil_div<int64_t>(J, kRowsPerCta));
+  if (nblk > 0) {
+    const int64_t base = static_cast<int64_t>(p.groups) * p.ntiles;
+    int64_t ks = base > 0 ? ceil_div<int64_t>(target1, base) : 1;
+    ks = ks < 1 ? 1 : ks;
+    int64_t ks_max = nblk / pass > 1 ? nblk / pass : 1;
+    ks_max = ks_max < 65535 ? ks_max : 65535;  // grid.y
+    ks = ks > ks_max ? ks_max : ks;
+    const int64_t kb_cta = ceil_div<int64_t>(ceil_div<int64_t>(nblk, ks), pass) * pass;
+    p.kb_cta = static_cast<int>(kb_cta);
+    p.ks = static_cast<int>(ceil_div<int64_t>(nblk, kb_cta));
+    p.ktb = p.kb_cta < ktb_max ? p.kb_cta : ktb_max;
+  }
+  p.shrink_smem = static_cast<size_t>(p.ktb) * block_floats(p.r_tile) * sizeof(float);
+
+  // Stage 2: split each projection's rank rows over CTAs while the output tiles alone do not fill the GPU once.
+  // Without rank rows there is no stage 1 to zero the split counters: no split then.
+  const int64_t target2 = sms * expand_min_ctas(p.r_tile);
+  const int w2 = 32 * expand_opl(p.r_tile);
+  const int64_t tiles = ceil_div<int64_t>(M, w2);
+  p.slots = static_cast<int>(tiles + P);  // >= sum over projections of ceil(out_len / w2)
+  int64_t nsplit = tiles * p.ntiles > 0 ? ceil_div<int64_t>(target2, tiles * p.ntiles) : 1;
+  const int64_t rows_per_proj = P > 0 ? ceil_div<int64_t>(J, P) : 0;
+  int64_t cap = rows_per_proj / 32;  // keep at least ~32 rank rows per CTA
+  cap = cap < 1 ? 1 : (cap > kMaxSplits ? kMaxSplits : cap);
+  nsplit = nsplit < 1 ? 1 : (nsplit > cap ? cap : nsplit);
+  p.nsplit = J > 0 ? static_cast<int>(nsplit) : 1;
+
+  // Workspace: sw, tpart, partials, counters; each region starts on a 16-byte boundary.
+  const auto round4 = [](size_t v) { return (v + 3) / 4 * 4; };
+  const size_t per_tile = static_cast<size_t>(p.ntiles) * static_cast<size_t>(J) * p.r_tile;
+  p.ncounters = p.nsplit > 1 ? p.slots * p.ntiles : 0;
+  p.sw_off = 0;
+  p.tpart_off = round4(per_tile);
+  p.part_off = p.tpart_off + round4(per_tile * p.ks);
+  p.counter_off = p.part_off + round4(p.nsplit > 1 ? static_cast<size_t>(p.nsplit) * R * M : 0);
+  p.total = p.counter_off + round4(static_cast<size_t>(p.ncounters));
+  return p;
+}
+
+template <typename scalar_t, int R_TILE>
+cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out, int R, int n, int M, const float* w,
+                         int K, const int32_t* v_words, const __half* v_scale, const __half* v_offset,
+                         const int32_t* u_words, const __half* u_scale, const __half* u_offset, const float* s,
+                         const int32_t* rows, int J, const int32_t* projs, int P, float* workspace,
+                         cudaStream_t stream) {
+  float* sw = workspace + p.sw_off;
+  float* tpart = workspace + p.tpart_off;
+  float* part = workspace + p.part_off;
+  int* counters = reinterpret_cast<int*>(workspace + p.counter_off);
+  if (J > 0) {
+    ShrinkArgs sa{x,  R,     n,    w,      K,         v_words, v_scale, v_offset, s,
+                  rows, J, p.ntiles, p.kb_cta, p.ktb, sw,      tpart,   counters, p.ncounters};
+    const dim3 grid(p.groups, p.ks, p.ntiles);
+    shrink_kernel<scalar_t, R_TILE><<<grid, kThreads, p.shrink_smem, stream>>>(sa);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  ExpandArgs ea{y,     out,      part, counters, R,  M,  u_words, u_scale,  u_offset,
+                rows,  projs,    P,    J,        sw, tpart, p.ks, p.ntiles, p.nsplit};
+  const dim3 grid(p.slots, p.nsplit, p.ntiles);
+  expand_kernel<scalar_t, R_TILE><<<grid, kThreads, 0, stream>>>(ea);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t launch_typed(const Plan& p, const void* x, const void* y, void* out, int R, int n, int M, const float* w,
+                         int K, const int32_t* v_words, const __half* v_scale, const __half* v_offset,
+                         const int32_t* u_words, const __half* u_scale, const __half* u_offset, const float* s,
+                         const int32_t* rows, int J, const int32_t* projs, int P, float* workspace,
+                         cudaStream_t stream) {
+#define DELTACOMP_LAUNCH(RT)                                                                                         \
+  return launch_tiled<scalar_t, RT>(p, x, y, out, R, n, M, w, K, v_words, v_scale, v_offset, u_words, u_scale,     \
+                                    u_offset, s, rows, J, projs, P, workspace, stream)
+  switch (p.r_tile) {
+    case 1: DELTACOMP_LAUNCH(1);
+    case 2: DELTACOMP_LAUNCH(2);
+    case 4: DELTACOMP_LAUNCH(4);
+    case 8: DELTACOMP_LAUNCH(8);
+    default: DELTACOMP_LAUNCH(16);
+  }
+#undef DELTACOMP_LAUNCH
+}
+
+}  // namespace
+
+// fp32 workspace (in floats) that delta_linear_launch needs for these shapes; num_sms as in the launch.
+size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
+  if (R <= 0 || M <= 0) return 0;
+  return make_plan(R, n, M, J, P, num_sms).total;
+}
+
+// out (R, M) = y + the bank's contribution, for x (R, n), y (R, M) of `dtype` (0 float32, 1 float16, 2 bfloat16),
+// w (R, K) float32, the bank tensors of layout 1, and a workspace of delta_linear_workspace_floats() floats.
+// All pointers are device pointers of the current device; sizes must fit in int32 (binding.cpp checks).
+// Enqueues 1 or 2 kernels on `stream`; returns the first launch error.
+cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* out, int64_t R, int64_t n, int64_t M,
+                                const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
+                                const void* v_offset, const int32_t* u_words, const void* u_scale,
+                                const void* u_offset, const float* s, const int32_t* rows, int64_t J,
+                                const int32_t* projs, int64_t P, float* workspace, int num_sms, cudaStream_t stream) {
+  if (R <= 0 || M <= 0) return cudaSuccess;
+  const Plan p = make_plan(R, n, M, J, P, num_sms);
+  const auto* vs = static_cast<const __half*>(v_scale);
+  const auto* vo = static_cast<const __half*>(v_offset);
+  const auto* us = static_cast<const __half*>(u_scale);
+  const auto* uo = static_cast<const __half*>(u_offset);
+  const int iR = static_cast<int>(R), in = static_cast<int>(n), iM = static_cast<int>(M), iK = static_cast<int>(K);
+  const int iJ = static_cast<int>(J), iP = static_cast<int>(P);
+  switch (dtype) {
+    case 0:
+      return launch_typed<float>(p, x, y, out, iR, in, iM, w, iK, v_words, vs, vo, u_words, us, uo, s, rows, iJ,
+                                 projs, iP, workspace, stream);
+    case 1:
+      return launch_typed<__half>(p, x, y, out, iR, in, iM, w, iK, v_words, vs, vo, u_words, us, uo, s, rows, iJ,
+                                  projs, iP, workspace, stream);
+    case 2:
+      return launch_typed<__nv_bfloat16>(p, x, y, out, iR, in, iM, w, iK, v_words, vs, vo, u_words, us, uo, s, rows,
+                                         iJ, projs, iP, workspace, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace deltacomp
