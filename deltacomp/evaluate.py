@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from deltacomp.compress import compress
 from deltacomp.config import CompressConfig, check_device
 from deltacomp.errors import BudgetError, DeltacompError
 from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.io.output import scratch_dir
 from deltacomp.kernels import attach, detach
 from deltacomp.methods.base import get_method
 from deltacomp.package.reader import check_base, compressed_names, iter_weights
@@ -201,7 +201,7 @@ def evaluate(package: str | os.PathLike, base_src: str | os.PathLike, ft_src: st
     pkg = DeltaPackage(package)
     base, ft = Checkpoint(base_src), Checkpoint(ft_src)
     check_base(pkg, base)
-    with tempfile.TemporaryDirectory(prefix="deltacomp-eval-") as tmp:
+    with scratch_dir("eval") as tmp:
         log.info("compressing the baselines: %s", ", ".join(config.compare) or "none")
         baselines, skipped = _compress_baselines(pkg, base, ft, config.compare, Path(tmp), config.device)
         packages = [(f"{package_label(pkg.manifest)} (package)", pkg, None)]

@@ -333,6 +333,22 @@ def test_symlinked_output_permissions_and_stale_leftovers(tmp_path, llama_pair, 
     assert (real.stat().st_mode & 0o777) == (0o777 & ~mask)
 
 
+def test_scratch_folders_of_killed_runs_are_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    from deltacomp.io.output import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / "deltacomp-eval-999999999-x"  # an eval killed with SIGKILL (no such pid)
+    mine = tmp_path / f"deltacomp-eval-{os.getpid()}-y"
+    other = tmp_path / "deltacomp-push-999999999-z"
+    for d in (dead, mine, other):
+        d.mkdir()
+    with scratch_dir("eval") as tmp:
+        assert tmp.is_dir() and tmp.name.startswith(f"deltacomp-eval-{os.getpid()}-")
+    assert not dead.exists() and mine.exists() and other.exists() and not tmp.exists()
+
+
 def test_sigterm_unwinds_like_ctrl_c():
     from deltacomp.cli import _sigterm
 

@@ -118,6 +118,14 @@ def clean_stale(parent: Path, name: str) -> None:
     remove_dead(parent, re.compile(rf"^\.{re.escape(name)}\.(?:partial|old)-(\d+)(?:-.*)?$"))
 
 
+@contextmanager
+def scratch_dir(label: str) -> Iterator[Path]:
+    """A temporary folder ``deltacomp-LABEL-PID-*`` for one run, removed after it; those of killed runs go first."""
+    remove_dead(Path(tempfile.gettempdir()), re.compile(rf"^deltacomp-{re.escape(label)}-(\d+)-"))
+    with tempfile.TemporaryDirectory(prefix=f"deltacomp-{label}-{os.getpid()}-") as tmp:
+        yield Path(tmp)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from deltacomp.errors import PackageError
 from deltacomp.fusion.folder import GATE_CONFIG, GATE_WEIGHTS, is_gate_folder, read_gate
 from deltacomp.fusion.folder import render_card as gate_card
 from deltacomp.io import hub
-from deltacomp.io.output import atomic_dir, check_output, mark
+from deltacomp.io.output import atomic_dir, check_output, mark, scratch_dir
 from deltacomp.io.paths import inside
 from deltacomp.package.card import EVAL_FILE, load_eval, render_card
 from deltacomp.package.manifest import MANIFEST, read_manifest
@@ -72,7 +71,7 @@ def push(package: str | os.PathLike, repo_id: str, private: bool | None = None, 
     if base_model is not None:
         hub.check_repo_id(base_model)
     pkg = DeltaPackage(package)  # verifies every file: a corrupt package is never uploaded
-    with tempfile.TemporaryDirectory(prefix="deltacomp-push-") as tmp:
+    with scratch_dir("push") as tmp:
         folder = Path(tmp) / "repo"
         folder.mkdir()
         files = stage(pkg, folder, repo_id, base_model, PEFT_FOLDER if with_peft else None)
@@ -91,7 +90,7 @@ def push(package: str | os.PathLike, repo_id: str, private: bool | None = None, 
 def _push_gate(folder: Path, repo_id: str, private, revision, message, progress) -> dict:
     """Upload a gate folder, verified first: its files table, ``fusion.json`` and a card, as one commit."""
     doc = read_gate(folder)
-    with tempfile.TemporaryDirectory(prefix="deltacomp-push-") as tmp:
+    with scratch_dir("push") as tmp:
         staged = Path(tmp) / "repo"
         staged.mkdir()
         files = [*doc["files"], GATE_CONFIG]
