@@ -18,7 +18,7 @@ from deltacomp.config import DEFAULT_INCLUDE, CompressConfig, check_device
 from deltacomp.errors import CheckpointError, DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
 from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
-from deltacomp.io.output import atomic_dir, check_output
+from deltacomp.io.output import atomic_dir, check_output, mark
 from deltacomp.io.paths import hub_cache_root, inside
 from deltacomp.io.prefetch import prefetch
 from deltacomp.io.safetensors_file import DTYPE_NAMES
@@ -31,6 +31,7 @@ from deltacomp.package.manifest import (
     FORMAT,
     FORMAT_VERSION,
     FP16_DELTA,
+    MANIFEST,
     MODEL_DIR,
     tensor_key,
     write_manifest,
@@ -156,16 +157,21 @@ def _write_all_in(folder: Path, manifest: dict) -> None:
     the totals change the two files' lengths, so repeat until the count they state is the count on disk."""
     t = manifest["totals"]
     kinds = t["bytes_by_kind"]
+    mark(folder, "package")  # atomic_dir writes the same marker file at the end: count it now
     for _ in range(8):
         write_manifest(folder, manifest)
         (folder / "README.md").write_text(render_card(manifest))
         total = _folder_bytes(folder)
         if total == t["package_bytes"]:
             return
+        if total < t["package_bytes"]:  # a digit fewer than last time: pad the manifest (JSON whitespace)
+            with open(folder / MANIFEST, "a") as fh:
+                fh.write(" " * (t["package_bytes"] - total))
+            return
         t["package_bytes"] = total
         kinds["metadata"] = total - sum(v for k, v in kinds.items() if k != "metadata")
-        t["ratio_vs_fp16_delta"] = t["fp16_delta_bytes"] / total
-        t["ratio_vs_finetuned"] = t["finetuned_weight_bytes"] / total
+        t["ratio_vs_fp16_delta"] = round(t["fp16_delta_bytes"] / total, 4)
+        t["ratio_vs_finetuned"] = round(t["finetuned_weight_bytes"] / total, 4)
     log.warning("%s: the manifest's package_bytes did not settle; it is off by a few bytes", folder)
 
 
