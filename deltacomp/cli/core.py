@@ -13,8 +13,8 @@ from deltacomp.cli import cli, handle_errors, verbose_option
 @click.argument("base")
 @click.argument("finetuned")
 @click.option("-o", "--output", required=True, help="Package folder to write.")
-@click.option("--method", type=click.Choice(["mixed", "lowrank", "bitdelta", "dense"]), default="mixed",
-              show_default=True, help="Compression method of every compressed matrix.")
+@click.option("--method", default="mixed", show_default=True, metavar="[mixed|lowrank|bitdelta|dense]",
+              help="Compression method of every compressed matrix.")
 @click.option("--bits", type=float, default=1.0, show_default=True,
               help="Budget: bits per delta entry of each compressed matrix (1.0 = 1/16 of fp16).")
 @click.option("--budget", "budget_kind", type=click.Choice(["factors", "all-in"]), default="factors",
@@ -33,8 +33,7 @@ from deltacomp.cli import cli, handle_errors, verbose_option
               help="Least-squares refit of U and S after quantizing V.")
 @click.option("--include", multiple=True, help="Regex of tensor names to compress (repeatable; replaces the default).")
 @click.option("--exclude", multiple=True, help="Regex of names never compressed (repeatable; adds to the default).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", *(f"cuda:{i}" for i in range(8))]), default="cpu",
-              show_default=True, help="Where the SVD runs.")
+@click.option("--device", default="cpu", show_default=True, metavar="[cpu|cuda|cuda:N]", help="Where the SVD runs.")
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration text (plain text, JSON lines, or chat JSON lines): GPTQ instead of round-to-nearest.")
 @click.option("--calib-field", default="text", show_default=True, help="Text field of JSON-lines calibration data.")
