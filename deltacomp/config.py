@@ -12,6 +12,11 @@ from deltacomp.quant.packing import SUPPORTED_BITS
 
 CONFIG_VERSION = 1
 
+# Token tables and output heads (vocabulary x hidden): word/position embeddings of BERT, Llama's embed_tokens
+# (tied or not to lm_head), GPT-2's wte/wpe, T5's shared. Their rows are tokens; see CompressConfig.rows_energy.
+EMBEDDING_PATTERN = (r"(^|\.)(word_embeddings|position_embeddings|embed_tokens|embed_positions|wte|wpe|shared|"
+                     r"lm_head|embed_out)\.weight$")
+
 # Linear layers inside transformer blocks, for Llama/Mistral/Qwen (q/k/v/o, gate/up/down), BERT
 # (query/key/value/dense), GPT-2/NeoX/Falcon/Phi fused names and MoE experts.
 DEFAULT_INCLUDE = (
@@ -20,8 +25,11 @@ DEFAULT_INCLUDE = (
     r"query|key|value|dense|query_key_value|dense_h_to_4h|dense_4h_to_h|"
     r"c_attn|c_proj|c_fc|fc1|fc2|out_proj|w1|w2|w3|wq|wk|wv|wo|Wqkv"
     r")\.weight$",
+    EMBEDDING_PATTERN,
 )
-DEFAULT_EXCLUDE = (r"embed", r"lm_head", r"norm", r"LayerNorm", r"router|\.gate\.weight$")
+DEFAULT_EXCLUDE = (r"norm", r"LayerNorm", r"router|\.gate\.weight$")
+# packages written before embeddings were compressed by default excluded these too
+LEGACY_EXCLUDE = (r"embed", r"lm_head", *DEFAULT_EXCLUDE)
 
 
 def parse_schedule(text: str) -> tuple[tuple[int, int | None], ...]:
@@ -105,7 +113,13 @@ class CompressConfig:
     allocation_bits: tuple[tuple[int, int], ...] | None = None
     budget_scope: str = "matrix"  # matrix: each matrix within its budget | model: the total of all of them
     svd: str = "auto"  # full | randomized | auto (randomized on a GPU when the rank kept is small)
-    exact: str = "full"  # changed uncompressed tensors: full (as the fine-tune has them) | fp16-delta
+    # changed uncompressed tensors (norms, biases): fp16-delta (their delta in fp16 where that rebuilds the
+    # fine-tune within fp16's rounding of the delta, else stored whole) | full (as the fine-tune has them)
+    exact: str = "fp16-delta"
+    # a vocabulary matrix (EMBEDDING_PATTERN) keeps only the rows that hold this fraction of its delta's energy
+    # (squared norm), compressed at the whole matrix's budget, when they are at most half its rows; 1 = every row
+    rows_energy: float = 0.999
+    budget: str = "factors"  # what --bits limits: factors (packed U, V) | all-in (also scales, offsets and S)
 
     def __post_init__(self):
         if self.allocation_bits is None:
@@ -171,6 +185,12 @@ class CompressConfig:
                 raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
         if self.svd not in ("full", "randomized", "auto"):
             raise DeltacompError(f"--svd must be full, randomized or auto, got {self.svd!r}")
+        if not (isinstance(self.rows_energy, (int, float)) and 0 < self.rows_energy <= 1):
+            raise DeltacompError(f"--rows-energy must be in (0, 1], got {self.rows_energy!r}")
+        if self.budget not in ("factors", "all-in"):
+            raise DeltacompError(f"--budget must be factors or all-in, got {self.budget!r}")
+        if self.budget == "all-in" and self.method != "mixed":
+            raise DeltacompError(f"--budget all-in is for the mixed method only, not {self.method!r}")
         if self.exact not in ("full", "fp16-delta"):
             raise DeltacompError(f"--exact must be full or fp16-delta, got {self.exact!r}")
 

@@ -30,6 +30,8 @@ def module_rows(manifest: dict) -> list[list]:
         if m["action"] == "compress":
             info = m["info"]
             rank = info.get("rank", "-")
+            if "rows" in m:
+                shape += f" ({m['rows']} rows)"
             rows.append([name, m["method"], shape, rank, bits_text(info) or "-", m["bytes"],
                          f"{m['factor_bits_per_entry']:.3f}", f"{m['all_in_bits_per_entry']:.3f}"])
         else:
@@ -37,24 +39,54 @@ def module_rows(manifest: dict) -> list[list]:
     return rows
 
 
-def render_inspect(manifest: dict) -> str:
+def mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+KIND_LABELS = {"matrices": "compressed matrices", "embeddings": "embeddings / lm_head", "norms_biases":
+               "norms and biases", "other": "other tensors", "metadata": "metadata (manifest, card, config, "
+               "tokenizer, headers)"}
+
+
+def size_lines(manifest: dict) -> list[str]:
+    """The package's size, every file counted, against the fp16 delta and the fine-tune, and by kind."""
+    t = manifest["totals"]
+    if "package_bytes" not in t:  # packages of format 1 counted tensors only
+        return [f"package tensors: {t['package_tensor_bytes']:,} bytes",
+                f"ratio vs fp16 delta: {t['ratio_vs_fp16_delta']:.2f}x    ratio vs fine-tuned checkpoint "
+                f"({t['finetuned_weight_bytes']:,} bytes): {t['ratio_vs_finetuned']:.2f}x"]
+    total = t["package_bytes"]
+    lines = [f"package: {mb(total)} ({total:,} bytes, every file), {t['ratio_vs_fp16_delta']:.1f}x smaller than "
+             f"the fp16 delta ({mb(t['fp16_delta_bytes'])}), {t['ratio_vs_finetuned']:.1f}x smaller than the "
+             f"fine-tuned weights ({mb(t['finetuned_weight_bytes'])})"]
+    kinds = t.get("bytes_by_kind", {})
+    lines += [f"  {KIND_LABELS.get(k, k):<56} {mb(v):>9}  {100 * v / max(total, 1):5.1f}%"
+              for k, v in kinds.items() if v]
+    return lines
+
+
+def render_summary(manifest: dict) -> str:
     t, b = manifest["totals"], manifest["budget"]
+    scope = manifest.get("settings", {}).get("budget", "factors")
+    summary = [
+        f"method: {manifest['method']}    base: {base_label(manifest)}",
+        f"budget: {b['bits_per_entry']:g} bits/entry asked ({scope}); achieved "
+        f"{b['achieved_factor_bits_per_entry']:.4f} (packed factors), {b['achieved_all_in_bits_per_entry']:.4f} "
+        f"(all-in with scales, offsets, S)",
+        f"modules: {t['compressed_modules']} compressed ({t['compressed_entries']:,} entries, "
+        f"{t['compressed_bytes']:,} bytes), {t['exact_modules']} stored exactly, {t['removed_modules']} removed",
+        *size_lines(manifest),
+    ]
+    return "\n".join(summary)
+
+
+def render_inspect(manifest: dict, modules: bool = True) -> str:
+    """The summary, after the per-module table when ``modules``."""
+    if not modules:
+        return render_summary(manifest)
     table = format_table(
         ["module", "method", "shape", "rank", "bits", "bytes", "bits/entry", "all-in"],
         module_rows(manifest),
         "llrrlrrr",
     )
-    summary = [
-        f"method: {manifest['method']}    base: {base_label(manifest)}",
-        f"budget: {b['bits_per_entry']:g} bits/entry asked; achieved {b['achieved_factor_bits_per_entry']:.4f} "
-        f"(packed factors), {b['achieved_all_in_bits_per_entry']:.4f} (all-in with scales, offsets, S)",
-        f"modules: {t['compressed_modules']} compressed ({t['compressed_entries']:,} entries, "
-        f"{t['compressed_bytes']:,} bytes), {t['exact_modules']} stored exactly, {t['removed_modules']} removed",
-        f"package tensors: {t['package_tensor_bytes']:,} bytes",
-        f"ratio vs fp16 delta: {t['ratio_vs_fp16_delta']:.2f}x    "
-        f"ratio vs fine-tuned checkpoint ({t['finetuned_weight_bytes']:,} bytes): {t['ratio_vs_finetuned']:.2f}x",
-    ]
-    if t["compressed_entries"]:
-        ratio = 2 * t["compressed_entries"] / max(t["compressed_bytes"], 1)
-        summary.append(f"compressed matrices alone: {ratio:.2f}x smaller than their fp16 delta")
-    return table + "\n\n" + "\n".join(summary)
+    return table + "\n\n" + render_summary(manifest)

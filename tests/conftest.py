@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltacomp.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressConfig
+from deltacomp.config import DEFAULT_INCLUDE, LEGACY_EXCLUDE, CompressConfig
 from deltacomp.extract import is_compressible
 
 DELTA_RANK = 4
@@ -49,7 +49,8 @@ def finetune_like(model, seed: int = 1, rank: int = DELTA_RANK, scale: float = 0
     Returns the low-rank deltas added, by tensor name.
     """
     g = torch.Generator().manual_seed(seed)
-    config = CompressConfig(include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE)
+    # the block matrices only (embeddings stay as they are; tests of compressed embeddings change them themselves)
+    config = CompressConfig(include=DEFAULT_INCLUDE, exclude=LEGACY_EXCLUDE)
     added = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -107,7 +108,8 @@ def bert_pair(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_packages(llama_pair, tmp_path_factory):
     """``llama_packages(bits)``: the tiny Llama pair compressed at ``bits`` (default settings otherwise), made
-    once per session and shared: read it, or copy it before changing it."""
+    once per session and shared: read it, or copy it before changing it. Norms are stored whole
+    (``exact="full"``), as the fine-tune has them, so that tests of stored tensors see their own dtype."""
     from deltacomp.compress import compress
 
     made = {}
@@ -116,7 +118,7 @@ def llama_packages(llama_pair, tmp_path_factory):
         if bits not in made:
             base, ft, _ = llama_pair
             made[bits] = tmp_path_factory.mktemp(f"llama_pkg_{bits:g}") / "pkg"
-            compress(base, ft, made[bits], CompressConfig(bits=bits), progress=False)
+            compress(base, ft, made[bits], CompressConfig(bits=bits, exact="full"), progress=False)
         return made[bits]
 
     return package

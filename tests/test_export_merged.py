@@ -33,5 +33,5 @@ def test_merged_export_needs_a_base_and_refuses_peft_options(llama_pair, tmp_pat
     assert r.exit_code == 1 and "--format merged needs --base BASE" in r.output
     r = CliRunner().invoke(cli, ["export", str(tmp_path / "pkg"), "--format", "merged", "--base", str(base),
                                  "--max-rank", "4", "-o", str(tmp_path / "m")])
-    assert r.exit_code == 1 and "--max-rank only apply to --format peft" in r.output
+    assert r.exit_code == 1 and "--max-rank only applies to --format peft" in r.output
     assert not (tmp_path / "m").exists()

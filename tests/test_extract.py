@@ -28,8 +28,8 @@ def _ckpt(folder, tensors, model_type="llama"):
     ("transformer.h.1.attn.c_attn.weight", True),  # GPT-2
     ("model.layers.0.block_sparse_moe.experts.3.w1.weight", True),  # Mixtral experts
     ("model.layers.0.block_sparse_moe.gate.weight", False),  # the router stays exact
-    ("model.embed_tokens.weight", False),
-    ("lm_head.weight", False),
+    ("model.embed_tokens.weight", True),  # token tables are compressed too (row-sparse when that is smaller)
+    ("lm_head.weight", True),
     ("model.layers.0.input_layernorm.weight", False),
     ("model.layers.0.self_attn.q_proj.bias", False),
 ])

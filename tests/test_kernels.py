@@ -123,7 +123,7 @@ def test_attach_matches_apply(llama_pair, llama_packages):
 @pytest.mark.real
 def test_twin_matches_apply_on_minilm(minilm_demo):
     pkg = DeltaPackage(minilm_demo["dir"] / "package")
-    names = compressed_names(pkg)
+    names = [n for n in compressed_names(pkg) if "rows" not in pkg.modules[n]]  # row-sparse: no packed view
     g = torch.Generator().manual_seed(0)
     for name in names[:: max(1, len(names) // 6)]:
         mod = packed_module(pkg, name)

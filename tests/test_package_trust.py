@@ -405,7 +405,8 @@ def test_identical_models_and_an_include_matching_nothing_are_said(tmp_path, lla
 def test_demo_refuses_a_users_folder_before_any_work(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "mine.txt").write_text("mine")
-    assert_clean_failure(run("demo", "-o", tmp_path), "not a previous deltacomp model")
+    assert_clean_failure(run("demo", "-o", tmp_path), "already exists")
+    assert_clean_failure(run("demo", "-o", tmp_path, "--overwrite"), "not a previous deltacomp model")
     assert (tmp_path / "model" / "mine.txt").read_text() == "mine"
 
 

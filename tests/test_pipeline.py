@@ -25,7 +25,7 @@ def _delta_error(ft_dir, out_dir, deltas):
 def test_known_rank_delta_round_trips(pair, request, tmp_path):
     base, ft, deltas = request.getfixturevalue(pair)
     # a rank-4 delta fits entirely in 8-bit vectors at this budget: recovered to 8-bit precision
-    config = CompressConfig(bits=2.0, schedule=((8, 4), (2, None)))
+    config = CompressConfig(bits=2.0, schedule=((8, 4), (2, None)), exact="full")
     manifest = compress(base, ft, tmp_path / "pkg", config)
     compressed = [n for n, m in manifest["modules"].items() if m["action"] == "compress"]
     assert sorted(compressed) == sorted(deltas)
@@ -91,7 +91,7 @@ def test_manifest_and_card(llama_sharded_pair, tmp_path):
     manifest = compress(base, ft, tmp_path / "pkg", config)
     pkg = DeltaPackage(tmp_path / "pkg")
     assert pkg.manifest == manifest
-    assert manifest["format_version"] == 1 and manifest["settings"]["bits"] == 1.0
+    assert manifest["format_version"] == 2 and manifest["settings"]["bits"] == 1.0
     assert manifest["base"]["fingerprint"].startswith("sha256:")
     shards = [f for f in manifest["files"] if f.endswith(".safetensors")]
     assert len(shards) > 1 and "delta.safetensors.index.json" in manifest["files"]
@@ -100,7 +100,7 @@ def test_manifest_and_card(llama_sharded_pair, tmp_path):
     card = (tmp_path / "pkg" / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: deltacomp" in card
     text = CliRunner().invoke(cli, ["inspect", str(tmp_path / "pkg")]).output
-    assert "model.layers.0.self_attn.q_proj.weight" in text and "ratio vs fp16 delta" in text
+    assert "model.layers.0.self_attn.q_proj.weight" in text and "smaller than the fp16 delta" in text
 
 
 def test_progress_bar_on_request(llama_pair, tmp_path):
@@ -133,8 +133,8 @@ def test_exact_tensors_as_fp16_deltas(bert_pair, tmp_path):
     from transformers import AutoModel
 
     base, ft, _ = bert_pair
-    full = compress(base, ft, tmp_path / "full", CompressConfig())
-    half = compress(base, ft, tmp_path / "half", CompressConfig(exact="fp16-delta"))
+    full = compress(base, ft, tmp_path / "full", CompressConfig(exact="full"))
+    half = compress(base, ft, tmp_path / "half", CompressConfig())  # fp16-delta is the default
     exact = [n for n, m in half["modules"].items() if m["action"] == "exact"]
     assert exact and all(half["modules"][n]["encoding"] == "fp16-delta" for n in exact)
     assert sum(half["modules"][n]["bytes"] for n in exact) * 2 == sum(full["modules"][n]["bytes"] for n in exact)

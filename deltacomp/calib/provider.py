@@ -33,6 +33,7 @@ from deltacomp.extract import Entry, stream
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.lowrank.svd import decompose
 from deltacomp.quant import allocate
+from deltacomp.quant.budget import overhead_bits
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ class Contexts:
             u, s, v = decompose(delta, allocate.max_rank(m, n, cfg.bits, cfg.allocation_bits, share=2.0),
                                 cfg.device, cfg.svd)
             tables.append(allocate.vector_errors(u, s, v, cfg.allocation_bits, gs, h, (cfg.act_order, cfg.damp)))
-            costs.append(allocate.option_costs(m, n, cfg.allocation_bits))
+            extra = overhead_bits(m, n, gs) if cfg.budget == "all-in" else 0  # --budget all-in
+            costs.append(allocate.option_costs(m, n, cfg.allocation_bits, extra))
             save_file({"u": u.half().cpu().contiguous(), "s": s.cpu(), "v": v.half().cpu().contiguous()},
                       str(self.spill / f"{len(names)}.safetensors"))
             names.append(e.name)

@@ -50,6 +50,18 @@ class _Formatter(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+def _verbose_callback(ctx, param, value):
+    if value:  # the group has set up the handler already; a subcommand's -v only lowers the level
+        logging.getLogger("deltacomp").setLevel(logging.INFO)
+    return value
+
+
+def verbose_option(fn):
+    """``-v/--verbose`` on a subcommand too (``deltacomp compress ... -v``): log details, show per-module tables."""
+    return click.option("-v", "--verbose", is_flag=True, callback=_verbose_callback,
+                        help="Log progress details (and, where a command has one, show the per-module table).")(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deltacomp")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")

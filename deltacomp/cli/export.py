@@ -42,7 +42,8 @@ def export(package, fmt, output, base, max_rank, target, dtype, modules_to_save,
         peft_only = [o for o, v in (("--max-rank", max_rank), ("--target", target != "peft"),
                                     ("--dtype", dtype != "auto")) if v]
         if peft_only:
-            raise DeltacompError(f"{', '.join(peft_only)} only apply to --format peft")
+            verb = "applies" if len(peft_only) == 1 else "apply"
+            raise DeltacompError(f"{', '.join(peft_only)} only {verb} to --format peft")
         files = export_merged(package, base, output, overwrite=overwrite, progress=progress)
         summary = {"path": output, "format": "merged", "files": files}
         click.echo(json.dumps(summary, indent=2) if as_json else f"wrote {output} ({', '.join(files)})")

@@ -95,7 +95,7 @@ def create(base, deltas, gate, weights, allow_negative, top_k, top_p, temperatur
 @click.option("--data", required=True, help="Training data: prompt/answer JSON lines, chat JSON lines or text.")
 @click.option("--epochs", type=int, default=TC.epochs, show_default=True)
 @click.option("--lr", type=float, default=TC.lr, show_default=True)
-@click.option("--batch-size", type=int, default=TC.batch_size, show_default=True)
+@click.option("--batch-size", type=int, default=TC.batch_size, show_default=True, help="Examples per step.")
 @click.option("--holdout", type=float, default=TC.holdout, show_default=True,
               help="Fraction of the examples kept out of training and scored at the end.")
 @click.option("--max-length", type=int, default=TC.max_length, show_default=True, help="Tokens per example.")
@@ -177,7 +177,7 @@ def generate(gate_folder, base, deltas, device, load_in_4bit, load_in_8bit, prom
 @fuse.command("eval")
 @_load_options
 @click.option("--data", required=True, help="Prompt/answer JSON lines, chat JSON lines or text.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples scored per forward pass.")
 @click.option("--exact/--no-exact", default=True, show_default=True, help="Also score exact match (generates).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @handle_errors

@@ -1,6 +1,7 @@
 """Decide where each tensor of a package goes in a LoRA adapter, from the manifest alone (and the base's names).
 
-    compressed weight of module M      -> LoRA factors on M (a target module)
+    compressed weight of module M      -> LoRA factors on M (a target module); of an embedding table or head
+                                          (or stored row-sparse): M under ``modules_to_save``, rebuilt
     changed bias of a target module M  -> ``lora_B.bias`` of M (the delta; the config then sets ``lora_bias``)
     any other changed tensor of M      -> M under ``modules_to_save``: M's full state (fine-tuned values for
                                           what changed, the base's for the rest)
@@ -63,13 +64,15 @@ def plan_adapter(modules: dict[str, dict], full_modules: bool = True, lora_only:
         if rec["action"] != "compress":
             continue
         module, param = split_name(name)
+        if is_embedding_like(module) or "rows" in rec:
+            continue  # a token table: its rebuilt weight goes where a stored one would (below)
         if param != "weight" or len(rec["shape"]) != 2:
             refused.append(f"{name} (compressed, but not the 2-D weight of a linear layer)")
             continue
         plan.lora[module] = name
     for name, rec in modules.items():
         action = rec["action"]
-        if action == "compress":
+        if action == "compress" and plan.lora.get(split_name(name)[0]) == name:
             continue
         module, param = split_name(name)
         if action == "removed":

@@ -56,7 +56,7 @@ class FusionModel:
         self.deltas, self.config, self.base_source = deltas, config, base_source
         self.device = next(model.parameters()).device
         self.stored = StoredTensors(model, deltas.packages)  # resolved by name before the layers are wrapped
-        self.layers = attach(model, deltas.packages, stored_from=None)
+        self.layers = attach(model, deltas.packages, stored_from=None, dense_from=None)
         self.sites = Sites(model)
         self.gate: Gate = get_gate(config.gate)(self.sites, config).to(self.device).eval()
         self.gate.attach()

@@ -79,6 +79,37 @@ def check_same_base(packages: Sequence[DeltaPackage]) -> None:
 
 
 @torch.no_grad()
+def merge_dense(model: torch.nn.Module, pkg: DeltaPackage, names: Sequence[str]) -> int:
+    """Add the rebuilt deltas of ``pkg``'s compressed modules ``names`` to ``model``'s weights (which hold the base):
+    the path of a compressed embedding, or a row-sparse lm_head, which no packed linear layer carries."""
+    from deltacomp.package.reader import reconstruct_delta
+    from deltacomp.quality.weights import WeightSlots
+
+    slots = WeightSlots(model)
+    done = 0
+    for name in names:
+        key = slots.resolve(name)
+        if key is None:
+            log.warning("%s: compressed by %s but not a tensor of the model; skipped", name, pkg.path)
+            continue
+        slot, delta = slots.targets[key], reconstruct_delta(pkg, name)
+        if tuple(slot.shape) != tuple(delta.shape):
+            raise MismatchError(f"{name}: {pkg.path} stores shape {list(delta.shape)}; the model has "
+                                f"{list(slot.shape)}")
+        slot.copy_(slot.float() + delta.to(slot.device))
+        done += 1
+    return done
+
+
+def _packable(model: torch.nn.Module, pkgs: Sequence[DeltaPackage], name: str) -> bool:
+    """Whether a packed linear layer carries ``name``'s deltas: a linear layer's weight, row-sparse in no package."""
+    path = _resolve(model, name)
+    if path is None or not hasattr(model.get_submodule(path), "in_features"):  # nn.Linear, bnb, DeltaLinear
+        return False
+    return not any(name in p.modules and "rows" in p.modules[name] for p in pkgs)
+
+
+@torch.no_grad()
 def load_stored(model: torch.nn.Module, pkg: DeltaPackage) -> int:
     """Copy the tensors ``pkg`` stores whole into ``model`` (which holds the base); fp16 deltas are added."""
     from deltacomp.quality.weights import WeightSlots
@@ -101,18 +132,27 @@ def load_stored(model: torch.nn.Module, pkg: DeltaPackage) -> int:
 
 
 def attach(model: torch.nn.Module, packages: Sequence[DeltaPackage | str], weights: torch.Tensor | None = None,
-           stored_from: int | None = 0) -> dict[str, DeltaLinear]:
+           stored_from: int | None = 0, dense_from: int | None = 0) -> dict[str, DeltaLinear]:
     """Wrap every linear layer that the packages compress with a :class:`DeltaLinear` over all their deltas.
 
     ``model`` holds the base weights; ``weights`` (k,) mixes the deltas (None: each at weight 1). Tensors the
-    packages store whole (norms, embeddings) are taken from package ``stored_from`` (None: keep the base's).
-    Returns the wrapped layers by module path; :func:`detach` undoes the wrapping.
+    packages store whole (norms, biases) are taken from package ``stored_from`` (None: keep the base's).
+    A compressed module no linear layer holds (an embedding table) or stored row-sparse (a vocabulary head) is
+    not wrapped: package ``dense_from``'s rebuilt delta is added to the model's weight (None: keep the base's),
+    as a stored tensor is. Returns the wrapped layers by module path; :func:`detach` undoes the wrapping (not
+    the weights loaded or merged).
     """
     pkgs = [p if isinstance(p, DeltaPackage) else DeltaPackage(p) for p in packages]
     check_same_base(pkgs)
-    names = sorted({n for p in pkgs for n in compressed_names(p)})
+    every = sorted({n for p in pkgs for n in compressed_names(p)})
+    names = [n for n in every if _packable(model, pkgs, n)]
+    dense = [n for n in every if n not in names and _resolve(model, n) is not None]
+    if dense:
+        log.info("not wrapped (no linear layer, or row-sparse): %s", ", ".join(dense))
     device = next(model.parameters()).device
     wrapped = {}
+    for name in (n for n in every if _resolve(model, n) is None):
+        raise MismatchError(f"{name}: a package changes this weight but the model has no such linear layer")
     for name in names:
         path = _resolve(model, name)
         if path is None:
@@ -131,6 +171,8 @@ def attach(model: torch.nn.Module, packages: Sequence[DeltaPackage | str], weigh
         _set_module(model, path, wrapped[path])
     if stored_from is not None:
         load_stored(model, pkgs[stored_from])
+    if dense_from is not None:
+        merge_dense(model, pkgs[dense_from], [n for n in dense if n in compressed_names(pkgs[dense_from])])
     return wrapped
 
 

@@ -9,22 +9,29 @@ from deltacomp.errors import BudgetError
 from deltacomp.lowrank.svd import decompose
 from deltacomp.methods.base import Compressed, Method, bits_of, info_int, register
 from deltacomp.quant import allocate, factors, packing, rtn
-from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, vector_cost
+from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 
 
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
 
-    def allocate(self, shape: tuple[int, int], config: CompressConfig) -> list[BitGroup]:
-        return fill_schedule(shape[0], shape[1], config.bits, config.schedule)
+    @staticmethod
+    def overhead(shape: tuple[int, int], config: CompressConfig, group_size: int) -> int:
+        """Bits each vector pair costs besides its codes under ``--budget all-in`` (0 under ``factors``)."""
+        return overhead_bits(shape[0], shape[1], group_size) if config.budget == "all-in" else 0
+
+    def allocate(self, shape: tuple[int, int], config: CompressConfig, group_size: int | None = None) -> list[BitGroup]:
+        gs = config.group_size if group_size is None else group_size
+        return fill_schedule(shape[0], shape[1], config.bits, config.schedule, self.overhead(shape, config, gs))
 
     def check_budget(self, shape, config):
         if config.allocation == "schedule":
             self.allocate(shape, config)
         elif config.budget_scope == "matrix":
             m, n = shape
-            need = min(vector_cost(bu, m, n, bv) for bu, bv in config.allocation_bits)
+            extra = self.overhead(shape, config, config.group_size)
+            need = min(vector_cost(bu, m, n, bv, extra) for bu, bv in config.allocation_bits)
             if need > budget_bits(m, n, config.bits):
                 raise BudgetError(
                     f"a budget of {config.bits:g} bits per entry is too small for one singular vector of a {m}x{n} "
@@ -42,12 +49,13 @@ class Mixed(Method):
             u, s, v = ctx["factors"]  # (m, r), (r,), (n, r)
             bits = ctx["bits"]
         elif config.allocation == "optimal":
-            rank = allocate.max_rank(m, n, config.bits, config.allocation_bits)
+            extra = self.overhead((m, n), config, group_size)
+            rank = allocate.max_rank(m, n, config.bits, config.allocation_bits, overhead=extra)
             u, s, v = decompose(delta, rank, config.device, config.svd)
             bits = allocate.matrix_bits(u, s, v, config.allocation_bits, group_size, budget_bits(m, n, config.bits),
-                                        h, (config.act_order, config.damp))
+                                        h, (config.act_order, config.damp), extra)
         else:
-            sched = self.allocate((m, n), config)
+            sched = self.allocate((m, n), config, group_size)
             u, s, v = decompose(delta, sum(g.rank for g in sched), config.device, config.svd)
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)

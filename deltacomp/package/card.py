@@ -128,6 +128,7 @@ def render_card(manifest: dict, repo_id: str | None = None, eval_table: str | No
         f"| compressed matrices | {totals['compressed_modules']} ({totals['compressed_entries']:,} entries) |",
         f"| tensors stored exactly | {totals['exact_modules']} |",
         f"| package tensors | {_size(totals['package_tensor_bytes'])} |",
+        *([f"| package, every file | {_size(totals['package_bytes'])} |"] if "package_bytes" in totals else []),
         f"| fp16 delta | {_size(totals['fp16_delta_bytes'])} |",
         f"| fine-tuned checkpoint | {_size(totals['finetuned_weight_bytes'])} |",
         f"| ratio vs the fp16 delta | {totals['ratio_vs_fp16_delta']:.2f}x |",

@@ -9,7 +9,11 @@ from deltacomp.errors import PackageError
 
 MANIFEST = "deltacomp.json"
 FORMAT = "deltacomp-delta"
-FORMAT_VERSION = 1
+# 2: a compressed vocabulary matrix may store only some rows (``rows``); totals count every file
+FORMAT_VERSION = 2
+# the lines of ``totals.bytes_by_kind``: compressed matrices, embeddings/lm_head (compressed or stored),
+# norms and biases, other stored tensors, and metadata (manifest, card, config and tokenizer files, headers)
+BYTE_KINDS = ("matrices", "embeddings", "norms_biases", "other", "metadata")
 # ``encoding`` of an exactly stored module whose tensor is its delta in fp16 (``compress --exact fp16-delta``)
 FP16_DELTA = "fp16-delta"
 # the folder of a package holding the fine-tune's config and tokenizer files

@@ -19,9 +19,11 @@ from deltacomp.io.safetensors_file import DTYPES
 from deltacomp.methods.base import get_method
 from deltacomp.package.fingerprint import FullFingerprint, fingerprint
 from deltacomp.package.manifest import FP16_DELTA
+from deltacomp.package.schema import stored_shape
 from deltacomp.package.store import DeltaPackage
 from deltacomp.quant import packing, rtn
 from deltacomp.quant.factors import group_widths
+from deltacomp.rows import check_rows, scatter_rows
 
 log = logging.getLogger(__name__)
 # a stored delta larger than this many times its weight's largest entry (or 1) is corrupt, not a fine-tune
@@ -76,10 +78,24 @@ def _finite(pkg: DeltaPackage, name: str, t: torch.Tensor, what: str) -> torch.T
 
 
 def reconstruct_delta(pkg: DeltaPackage, name: str) -> torch.Tensor:
-    """The float32 delta of a compressed module as the package stores it (finite, checked)."""
+    """The float32 delta of a compressed module as the package stores it (finite, checked); a row-sparse module's
+    kept rows are put back in place, zeros elsewhere."""
     rec = pkg.modules[name]
     method = get_method(rec["method"])
-    return _finite(pkg, name, method.reconstruct(pkg.parts(name), rec["info"], tuple(rec["shape"])), "rebuilt delta")
+    parts = pkg.parts(name)
+    rows = parts.pop("rows", None)
+    if "rows" in rec:
+        why = "is missing" if rows is None else check_rows(rows, rec["rows"], rec["shape"][0])
+        if why:
+            raise PackageError(f"{pkg.path}: modules.{name}: the stored rows {why}")
+    delta = method.reconstruct(parts, rec["info"], stored_shape(rec))
+    if rows is not None:
+        delta = scatter_rows(delta, rows, rec["shape"][0])
+    return _finite(pkg, name, delta, "rebuilt delta")
+
+
+def is_row_sparse(pkg: DeltaPackage, name: str) -> bool:
+    return "rows" in pkg.modules[name]
 
 
 def _rebuilt(pkg: DeltaPackage, name: str, w: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,8 +108,11 @@ def _rebuilt(pkg: DeltaPackage, name: str, w: torch.Tensor, delta: torch.Tensor,
 
 
 def stored_weight(pkg: DeltaPackage, name: str, base: Checkpoint) -> torch.Tensor:
-    """The fine-tuned tensor of a module stored whole (exact, added, resized), decoding an fp16 delta."""
+    """The fine-tuned tensor of a module stored whole (exact, added, resized), decoding an fp16 delta; of a
+    compressed module, its base weight plus the rebuilt delta."""
     rec = pkg.modules[name]
+    if rec["action"] == "compress":
+        return _rebuilt(pkg, name, base.read(name), reconstruct_delta(pkg, name), DTYPES[rec["dtype"]])
     t = pkg.tensor(name)
     if rec.get("encoding") == FP16_DELTA:
         return _rebuilt(pkg, name, base.read(name), t.float(), DTYPES[rec["dtype"]])
@@ -228,4 +247,7 @@ def packed_module(pkg: DeltaPackage, name: str) -> PackedModule:
     if rec["method"] != "mixed":
         raise PackageError(f"{pkg.path}: {name} was compressed with {rec['method']!r}; packed factors exist only "
                            f"for 'mixed' packages")
+    if "rows" in rec:
+        raise PackageError(f"{pkg.path}: {name} stores {rec['rows']} of its {rec['shape'][0]} rows; a row-sparse "
+                           f"delta has no packed linear view (rebuild it with reconstruct_delta)")
     return packed_from_parts(name, pkg.parts(name), rec["info"], tuple(rec["shape"]))

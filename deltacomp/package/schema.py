@@ -96,10 +96,20 @@ def _module(name: str, rec, key: str) -> None:
     except DeltacompError as e:
         _fail(f"{key}.method", str(e))
     info = _obj(rec.get("info"), f"{key}.info")
+    if "rows" in rec:
+        rows = rec["rows"]
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= shape[0]:
+            _fail(f"{key}.rows", f"must be an integer in [1, {shape[0]}] (rows kept of the delta), got {rows!r}")
     try:
-        method.layout(info, shape)
+        method.layout(info, stored_shape(rec))
     except ValueError as e:
         raise _Bad(f"{key}.info.{e}") from None
+
+
+def stored_shape(rec: dict) -> tuple[int, ...]:
+    """The shape of the matrix a compressed module's method stores: (rows kept, n) for a row-sparse module."""
+    shape = tuple(rec["shape"])
+    return (rec["rows"], *shape[1:]) if "rows" in rec else shape
 
 
 def _check(manifest: dict) -> None:
@@ -127,6 +137,10 @@ def _check(manifest: dict) -> None:
     for group, keys, name in ((budget, BUDGET_KEYS, "budget"), (totals, TOTALS_KEYS, "totals")):
         for k in keys:
             _number(group.get(k), f"{name}.{k}")
+    if "package_bytes" in totals:  # packages of format 2 on
+        _number(totals["package_bytes"], "totals.package_bytes")
+    for k, v in _obj(totals.get("bytes_by_kind", {}), "totals.bytes_by_kind").items():
+        _number(v, f"totals.bytes_by_kind.{k}")
     files = _obj(manifest["files"], "files")
     for rel, digest in files.items():
         try:
@@ -167,10 +181,12 @@ def expected_tensors(manifest: dict) -> dict[str, tuple[tuple[int, ...], tuple[t
         if rec["action"] != "compress":
             out[name] = (shape, (torch.float16,) if rec.get("encoding") == FP16_DELTA else (dtype,))
             continue
-        layout = get_method(rec["method"]).layout(rec["info"], shape)
+        layout = get_method(rec["method"]).layout(rec["info"], stored_shape(rec))
         if layout is None:
             out[name + "/"] = None
             continue
+        if "rows" in rec:
+            out[tensor_key(name, "rows")] = ((rec["rows"],), (torch.int32,))
         for local, want in layout.items():
             out[tensor_key(name, local)] = want
     return out

@@ -35,9 +35,10 @@ from deltacomp.quant.budget import budget_bits, vector_cost
 Width = tuple[int, int]  # (bits of u, bits of v)
 
 
-def max_rank(m: int, n: int, bits_per_entry: float, widths: tuple[Width, ...], share: float = 1.0) -> int:
+def max_rank(m: int, n: int, bits_per_entry: float, widths: tuple[Width, ...], share: float = 1.0,
+             overhead: int = 0) -> int:
     """Most vectors the allocation could keep: the budget (times ``share``) spent on the cheapest width."""
-    cheapest = min(vector_cost(bu, m, n, bv) for bu, bv in widths)
+    cheapest = min(vector_cost(bu, m, n, bv, overhead) for bu, bv in widths)
     return max(1, min(min(m, n), int(share * budget_bits(m, n, bits_per_entry) // cheapest)))
 
 
@@ -141,9 +142,9 @@ def _fill(err: torch.Tensor, cost: torch.Tensor, choice: torch.Tensor, left: flo
         choice[idx] = best_opt[idx]
 
 
-def option_costs(m: int, n: int, widths: tuple[Width, ...]) -> torch.Tensor:
+def option_costs(m: int, n: int, widths: tuple[Width, ...], overhead: int = 0) -> torch.Tensor:
     """Bits of one vector of an m x n matrix per option: (K+1,), option 0 (dropped) first."""
-    return torch.tensor([0.0] + [float(vector_cost(bu, m, n, bv)) for bu, bv in widths], dtype=torch.float64)
+    return torch.tensor([0.0] + [float(vector_cost(bu, m, n, bv, overhead)) for bu, bv in widths], dtype=torch.float64)
 
 
 def bits_of_options(options: torch.Tensor, widths: tuple[Width, ...]) -> torch.Tensor:
@@ -152,10 +153,12 @@ def bits_of_options(options: torch.Tensor, widths: tuple[Width, ...]) -> torch.T
 
 
 def matrix_bits(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tuple[Width, ...], group_size: int,
-                budget: float, h: torch.Tensor | None = None, gptq_v: tuple[bool, float] | None = None) -> torch.Tensor:
-    """Widths (r, 2) of each vector of one matrix, optimal under ``budget`` bits (module docstring)."""
+                budget: float, h: torch.Tensor | None = None, gptq_v: tuple[bool, float] | None = None,
+                overhead: int = 0) -> torch.Tensor:
+    """Widths (r, 2) of each vector of one matrix, optimal under ``budget`` bits (module docstring); each kept
+    vector also costs ``overhead`` bits (an all-in budget)."""
     table = vector_errors(u, s, v, widths, group_size, h, gptq_v)
-    options = allocate([table], [option_costs(u.shape[0], v.shape[0], widths)], budget)[0]
+    options = allocate([table], [option_costs(u.shape[0], v.shape[0], widths, overhead)], budget)[0]
     return bits_of_options(options, widths)
 
 

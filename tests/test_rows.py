@@ -1,0 +1,133 @@
+"""Row-sparse vocabulary deltas: selection, round trip through a package, kernels, PEFT export, all-in totals."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deltacomp.cli import cli
+from deltacomp.compress import compress
+from deltacomp.config import CompressConfig
+from deltacomp.errors import PackageError
+from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.package.store import DeltaPackage
+from deltacomp.rows import check_rows, scatter_rows, select_rows
+
+
+def test_select_rows_keeps_the_rows_that_moved():
+    d = torch.randn(100, 8) * 1e-5
+    d[[3, 50, 97]] = torch.randn(3, 8)
+    rows = select_rows(d, 0.999)
+    assert rows.tolist() == [3, 50, 97]
+    assert torch.equal(scatter_rows(d[rows], rows, 100)[rows], d[rows])
+    assert select_rows(torch.randn(100, 8), 0.999) is None  # every row moved: dense
+    assert select_rows(d, 1.0) is None
+    assert check_rows(torch.tensor([1, 1], dtype=torch.int32), 2, 10) == "must be strictly increasing"
+    assert "outside" in check_rows(torch.tensor([1, 10], dtype=torch.int32), 2, 10)
+
+
+@pytest.fixture(scope="module")
+def sparse_embedding_pair(llama_pair, tmp_path_factory):
+    """The tiny Llama pair with a few embedding rows and lm_head rows changed (a fine-tune's token tables)."""
+    from safetensors.torch import load_file, save_file
+
+    base, ft, _ = llama_pair
+    out = tmp_path_factory.mktemp("sparse_emb") / "ft"
+    import shutil
+
+    shutil.copytree(ft, out)
+    files = sorted(out.glob("*.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for f in files:
+        sd = load_file(f)
+        for k in sd:
+            if k.endswith(("embed_tokens.weight", "lm_head.weight")):
+                sd[k] = sd[k].clone()
+                sd[k][torch.arange(5, 40, 7)] += 0.05 * torch.randn(5, sd[k].shape[1], generator=g)
+        save_file(sd, f, metadata={"format": "pt"})
+    return base, out
+
+
+def test_embeddings_are_compressed_row_sparse_and_rebuilt(sparse_embedding_pair, tmp_path):
+    from deltacomp.package.reader import reconstruct_delta
+
+    base, ft = sparse_embedding_pair
+    m = compress(base, ft, tmp_path / "pkg", CompressConfig(), progress=False)
+    b, f = Checkpoint(base), Checkpoint(ft)
+    pkg = DeltaPackage(tmp_path / "pkg")
+    names = [n for n in m["modules"] if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert names
+    for name in names:
+        rec = m["modules"][name]
+        assert rec["action"] == "compress" and rec["rows"] == 5
+        delta = f.read(name).float() - b.read(name).float()
+        got = reconstruct_delta(pkg, name)
+        assert float((got - delta).norm() / delta.norm()) < 0.2  # 5 rows: 2 vectors at 8 bits, 3 at 3
+    files = sum(p.stat().st_size for p in (tmp_path / "pkg").rglob("*") if p.is_file())
+    assert m["totals"]["package_bytes"] == files == sum(m["totals"]["bytes_by_kind"].values())
+    assert m["totals"]["bytes_by_kind"]["embeddings"] > 0
+
+
+def test_forged_rows_are_refused(sparse_embedding_pair, tmp_path):
+    base, ft = sparse_embedding_pair
+    compress(base, ft, tmp_path / "pkg", CompressConfig(), progress=False)
+    path = tmp_path / "pkg" / "deltacomp.json"
+    manifest = json.loads(path.read_text())
+    name = next(n for n, r in manifest["modules"].items() if "rows" in r)
+    manifest["modules"][name]["rows"] = 10**9
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match="rows"):
+        DeltaPackage(tmp_path / "pkg")
+
+
+def test_attach_merges_the_embedding_delta_and_wraps_linears(sparse_embedding_pair, tmp_path):
+    """kernels.attach wraps only linear layers; an embedding's (or a row-sparse head's) delta is rebuilt dense
+    into the model's weight."""
+    from transformers import AutoModelForCausalLM
+
+    from deltacomp.kernels import DeltaLinear, attach
+    from deltacomp.package.reader import reconstruct_delta
+
+    base, ft = sparse_embedding_pair
+    compress(base, ft, tmp_path / "pkg", CompressConfig(), progress=False)
+    pkg = DeltaPackage(tmp_path / "pkg")
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    emb = model.get_input_embeddings().weight.detach().clone()
+    wrapped = attach(model, [pkg])
+    assert wrapped and all(isinstance(model.get_submodule(p), DeltaLinear) for p in wrapped)
+    assert not any("embed" in p or "lm_head" in p for p in wrapped)
+    want = emb + reconstruct_delta(pkg, "model.embed_tokens.weight")
+    assert torch.allclose(model.get_input_embeddings().weight, want)
+
+
+def test_peft_export_puts_the_embedding_under_modules_to_save(sparse_embedding_pair, tmp_path):
+    base, ft = sparse_embedding_pair
+    compress(base, ft, tmp_path / "pkg", CompressConfig(), progress=False)
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "pkg"), "--base", str(base), "-o", str(tmp_path / "ad")])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert "model.embed_tokens" in cfg["modules_to_save"]
+
+
+def test_all_in_budget_counts_scales_and_s(llama_pair, tmp_path):
+    base, ft, _ = llama_pair
+    m = compress(base, ft, tmp_path / "pkg", CompressConfig(budget="all-in"), progress=False)
+    assert m["budget"]["achieved_all_in_bits_per_entry"] <= 1.0
+    for rec in m["modules"].values():
+        if rec["action"] == "compress":
+            assert rec["all_in_bits_per_entry"] <= 1.0
+
+
+def test_cli_papercuts(llama_pair, tmp_path):
+    base, ft, _ = llama_pair
+    help_text = CliRunner().invoke(cli, ["compress", "--help"]).output
+    assert "[mixed|lowrank|bitdelta|dense]" in help_text and "--budget [factors|all-in]" in help_text
+    assert "[float32|bfloat16|float16]" in CliRunner().invoke(cli, ["eval", "--help"]).output
+    assert "Texts scored per forward pass" in CliRunner().invoke(cli, ["eval", "--help"]).output
+    assert "Replace package/ and model/" in CliRunner().invoke(cli, ["demo", "--help"]).output
+    r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "p"), "-v"])
+    assert r.exit_code == 0, r.output
+    assert "bits/entry" in r.output  # the per-module table with -v after the subcommand
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "p")])
+    assert "every file" in r.output and "norms and biases" in r.output
