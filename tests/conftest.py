@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,42 @@ from deltacomp.config import DEFAULT_INCLUDE, LEGACY_EXCLUDE, CompressConfig
 from deltacomp.extract import is_compressible
 
 DELTA_RANK = 4
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Torch on one thread: tiny models run fastest so (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A loopback Hub (tests/hub_server.py) that the real huggingface_hub client talks to, with a good token set."""
+    import huggingface_hub.constants as constants
+    from hub_server import BAD_TOKEN, TOKEN, HubServer
+
+    server = HubServer(good_tokens=(TOKEN,), bad_tokens=(BAD_TOKEN,)).start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)  # read by deltacomp.io.hub at each call
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # no token file from the machine running the tests
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True)

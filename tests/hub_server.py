@@ -43,6 +43,10 @@ class Repo:
         return self.commits.get(sha)
 
 
+TOKEN = "hf_good_TOKEN_3f9a1c"
+BAD_TOKEN = "hf_revoked_TOKEN_77e2b0"
+
+
 class HubServer:
     """``with HubServer() as hub: ...``; ``hub.url`` is the endpoint; ``hub.requests`` logs (method, path)."""
 

@@ -7,12 +7,7 @@ from deltacomp.fusion import FusionModel
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'deltacomp[fusion]')")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7, 64]])

@@ -5,18 +5,11 @@ import json
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from deltacomp.cli import cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ from a letter in a-h and then falls from a letter in s-z (``mix:c`` -> ``defg,wv
 on the token, which only a per-token gate can follow.
 """
 
-import contextlib
 import random
 
 import pytest
 import torch
+from conftest import single_thread
 
 from deltacomp.fusion import Example, FusionModel, TrainConfig
 from deltacomp.fusion.evaluate import encode, loss
@@ -20,21 +20,7 @@ L = "abcdefghijklmnopqrstuvwxyz"
 FAST = TrainConfig(epochs=3, lr=5e-2, batch_size=8, holdout=0.0)
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_up(c: str, n: int) -> str:
@@ -90,7 +76,7 @@ def skills(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fusion_skills")
     tok = byte_tokenizer()
-    with one_thread():
+    with single_thread():
         torch.manual_seed(0)
         base = LlamaForCausalLM(_tiny_llama_config())
         _fit(base, tok, lambda r: Example(r.choice(["up:", "dn:", "mix:", "cp:"]) + (c := r.choice(L)), c * 6),

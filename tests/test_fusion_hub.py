@@ -3,39 +3,16 @@
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
-from hub_server import HubServer
 
 from deltacomp.cli import cli
 from deltacomp.fusion import FusionModel
 
-TOKEN = "hf_good_TOKEN_3f9a1c"
 REPO = "team/tiny-gate"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    import huggingface_hub.constants as constants
-
-    server = HubServer(good_tokens=(TOKEN,), bad_tokens=()).start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

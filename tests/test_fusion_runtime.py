@@ -13,14 +13,9 @@ from deltacomp.fusion.data import batches, encode
 from deltacomp.fusion.folder import GATE_CONFIG, read_gate, safe_member
 from deltacomp.fusion.gates.sentence import top_p_weights
 from deltacomp.fusion.gates.topk import topk_weights
+from deltacomp.package.store import DeltaPackage
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +230,34 @@ def test_variants_nest(tok_packages):
         assert torch.allclose(slot, base_value + d0)
         assert fm.sites.sites[0].layer.weights.tolist() == [1.0, 0.0]
     assert fm.sites.sites[0].layer.router is not None
+
+
+def test_a_compressed_embedding_follows_the_stored_rule(llama_tok, tmp_path):
+    """An embedding table no linear layer holds: its compressed delta is rebuilt and mixed like a stored tensor,
+    so static weights (1, 0) still give ``deltacomp apply``'s embedding."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from deltacomp.apply import apply
+    from deltacomp.compress import compress
+    from deltacomp.config import CompressConfig
+
+    base, ft, _ = llama_tok
+    shutil.copytree(ft, tmp_path / "ft")
+    weights = load_file(tmp_path / "ft" / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    rows = torch.arange(0, 256, 4)  # a quarter of the vocabulary moves, with a rank-2 change
+    change = torch.randn(len(rows), 2, generator=g) @ torch.randn(2, 64, generator=g) * 0.05
+    weights["model.embed_tokens.weight"][rows] += change
+    save_file(weights, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
+    compress(base, tmp_path / "ft", tmp_path / "pkg", CompressConfig(bits=8.0, schedule=((8, None),)), progress=False)
+    assert DeltaPackage(tmp_path / "pkg").modules["model.embed_tokens.weight"]["action"] == "compress"
+    apply(tmp_path / "pkg", base, tmp_path / "applied", progress=False)
+    applied = AutoModelForCausalLM.from_pretrained(tmp_path / "applied", dtype=torch.float32).eval()
+    shutil.copytree(tmp_path / "pkg", tmp_path / "pkg2")
+    fm = FusionModel.from_packages(base, [tmp_path / "pkg", tmp_path / "pkg2"], gate="static", weights=(1.0, 0.0))
+    assert "model.embed_tokens.weight" in fm.stored.slots
+    embed = fm.model.get_input_embeddings().weight
+    assert _rel(embed, applied.get_input_embeddings().weight) < 1e-6
+    with torch.no_grad():
+        assert _rel(fm.forward(IDS), applied(input_ids=IDS).logits) < 1e-3

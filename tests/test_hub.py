@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hub_server import HubServer
+from hub_server import BAD_TOKEN, TOKEN
 
 from deltacomp.apply import apply
 from deltacomp.cli import cli
@@ -14,26 +14,8 @@ from deltacomp.compress import compress
 from deltacomp.config import CompressConfig
 from deltacomp.io.checkpoint import Checkpoint
 
-TOKEN = "hf_good_TOKEN_3f9a1c"
-BAD_TOKEN = "hf_revoked_TOKEN_77e2b0"
 REPO = "team/tiny-delta"
 
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    import huggingface_hub.constants as constants
-
-    server = HubServer(good_tokens=(TOKEN,), bad_tokens=(BAD_TOKEN,)).start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)  # read by deltacomp.io.hub at each call
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    # no token file from the machine running the tests
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
-"""Tensors a package stores whole (norms, embeddings, biases): the documented rule of a fusion.
+"""Tensors a package stores whole (norms, biases), and compressed ones no linear layer holds (an embedding table,
+a row-sparse vocabulary head): the documented rule of a fusion.
 
-Compressed linear layers are mixed per token through ``delta_linear``; a tensor a package stores whole has no
-factors to gate, so it is set once, as a fixed mixture of the deltas' values (:class:`FusionConfig` ``stored``):
+Compressed linear layers are mixed per token through ``delta_linear``; the other tensors have no factors to gate,
+so they are set once, as a fixed mixture of the deltas' values (:class:`FusionConfig` ``stored``; a compressed
+one's delta is rebuilt from its factors):
 
 * ``mix`` (default): ``base + sum_i c_i (t_i - base)`` with c the gate's static weights (the static gate's,
   learned or given), or 1/k each for the dynamic gates (token, sentence, topk). A delta that leaves the tensor
@@ -19,7 +21,9 @@ from collections.abc import Sequence
 import torch
 
 from deltacomp.errors import MismatchError
+from deltacomp.kernels.linear import packable
 from deltacomp.package.manifest import FP16_DELTA
+from deltacomp.package.reader import reconstruct_delta
 from deltacomp.package.store import DeltaPackage
 from deltacomp.quality.weights import WeightSlots
 
@@ -38,12 +42,14 @@ class StoredTensors:
                 if rec["action"] in ("added", "removed", "resized"):
                     raise MismatchError(f"{pkg.path}: {name} is {rec['action']} (the package changes the "
                                         f"model's shapes); only deltas over the base's shapes can be fused")
-                if rec["action"] != "exact":
+                compressed = rec["action"] == "compress"
+                if not (rec["action"] == "exact" or compressed and not packable(model, packages, name)):
                     continue
                 key = slots.resolve(name)
                 if key is None:
                     raise MismatchError(f"{name}: stored by {pkg.path} but not a tensor of the model")
-                slot, t = slots.targets[key], pkg.tensor(name)
+                slot = slots.targets[key]
+                t = reconstruct_delta(pkg, name) if compressed else pkg.tensor(name)
                 if tuple(slot.shape) != tuple(t.shape):
                     raise MismatchError(f"{name}: {pkg.path} stores shape {list(t.shape)}; the model has "
                                         f"{list(slot.shape)}")
@@ -51,7 +57,8 @@ class StoredTensors:
                     self.slots[name] = slot
                     self.base[name] = slot.detach().float().clone()
                     self.deltas[name] = [None] * self.k
-                d = t.float() if rec.get("encoding") == FP16_DELTA else t.float() - self.base[name].cpu()
+                is_delta = compressed or rec.get("encoding") == FP16_DELTA
+                d = t.float() if is_delta else t.float() - self.base[name].cpu()
                 self.deltas[name][i] = d.to(slot.device)
 
     def __len__(self) -> int:

@@ -101,7 +101,7 @@ def merge_dense(model: torch.nn.Module, pkg: DeltaPackage, names: Sequence[str])
     return done
 
 
-def _packable(model: torch.nn.Module, pkgs: Sequence[DeltaPackage], name: str) -> bool:
+def packable(model: torch.nn.Module, pkgs: Sequence[DeltaPackage], name: str) -> bool:
     """Whether a packed linear layer carries ``name``'s deltas: a linear layer's weight, row-sparse in no package."""
     path = _resolve(model, name)
     if path is None or not hasattr(model.get_submodule(path), "in_features"):  # nn.Linear, bnb, DeltaLinear
@@ -145,7 +145,7 @@ def attach(model: torch.nn.Module, packages: Sequence[DeltaPackage | str], weigh
     pkgs = [p if isinstance(p, DeltaPackage) else DeltaPackage(p) for p in packages]
     check_same_base(pkgs)
     every = sorted({n for p in pkgs for n in compressed_names(p)})
-    names = [n for n in every if _packable(model, pkgs, n)]
+    names = [n for n in every if packable(model, pkgs, n)]
     dense = [n for n in every if n not in names and _resolve(model, n) is not None]
     if dense:
         log.info("not wrapped (no linear layer, or row-sparse): %s", ", ".join(dense))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltacomp.config import CompressConfig
-from deltacomp.errors import DeltacompError
+from deltacomp.registry import Registry
 
 
 @dataclass
@@ -69,20 +69,8 @@ def info_int(info, key: str, lo: int, hi: int | None = None, where: str = "") ->
     return v
 
 
-METHODS: dict[str, type[Method]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a method available under ``name``."""
-
-    def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return deco
+METHODS = Registry("method")
+register = METHODS.register  # class decorator: make a method available under a name
 
 
 def bits_of(t: torch.Tensor) -> int:
@@ -92,6 +80,4 @@ def bits_of(t: torch.Tensor) -> int:
 def get_method(name: str) -> Method:
     import deltacomp.methods  # noqa: F401  (fills the registry)
 
-    if name not in METHODS:
-        raise DeltacompError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name]()
+    return METHODS.lookup(name)()

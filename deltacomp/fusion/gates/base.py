@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from deltacomp.errors import DeltacompError
 from deltacomp.fusion.sites import Sites
+from deltacomp.registry import Registry
 
 
 class Gate(torch.nn.Module):
@@ -62,23 +62,6 @@ class Gate(torch.nn.Module):
         return None
 
 
-GATES: dict[str, type[Gate]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a gate available under ``name``."""
-
-    def deco(cls: type[Gate]) -> type[Gate]:
-        if name in GATES:
-            raise ValueError(f"gate {name!r} registered twice")
-        cls.name = name
-        GATES[name] = cls
-        return cls
-
-    return deco
-
-
-def get_gate(name: str) -> type[Gate]:
-    if name not in GATES:
-        raise DeltacompError(f"unknown gate {name!r}; known gates: {', '.join(sorted(GATES))}")
-    return GATES[name]
+GATES = Registry("gate")
+register = GATES.register  # class decorator: make a gate available under a name
+get_gate = GATES.lookup
