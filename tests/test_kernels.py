@@ -86,6 +86,7 @@ def test_opcheck():
 
 def test_compiles_with_fake_kernel():
     bank = DeltaBank.build([[random_module(40, 36)]])
+    bank.cache_factors = False  # through the custom op (its fake kernel traces), not the CPU shortcut
     x, y = torch.randn(4, 36), torch.randn(4, 40)
     fn = torch.compile(lambda a, b: delta_linear(a, bank, b) * 2, backend="aot_eager", fullgraph=True)
     assert rel_err(fn(x, y), 2 * delta_linear(x, bank, y)) < 1e-6
@@ -130,3 +131,17 @@ def test_twin_matches_apply_on_minilm(minilm_demo):
         x = torch.randn(7, mod.shape[1], generator=g)
         want = x.double() @ reconstruct_delta(pkg, name).double().T
         assert rel_err(delta_linear(x, DeltaBank.build([[mod]])), want) < 1e-5, name
+
+
+def test_cpu_path_keeps_dequantized_factors_and_matches_the_op():
+    mods = [random_module(50, 40, seed=s) for s in range(2)]
+    bank = DeltaBank.build([mods, [None, random_module(30, 40, widths=ALL_WIDTHS[:4], seed=9)]])
+    x, y, w = torch.randn(6, 40), torch.randn(6, 80), torch.rand(6, 2)
+    got = delta_linear(x, bank, y, weights=w)
+    cached = bank.dequantized()
+    assert bank.dequantized() is cached  # made once
+    assert rel_err(got, torch.ops.deltacomp.delta_linear(x, y, w, *bank.tensors())) < 1e-6
+    bank.cache_factors = False
+    assert rel_err(delta_linear(x, bank, y, weights=w), got) < 1e-6
+    bank.to(torch.float32)  # any move or cast drops the kept factors
+    assert bank._factors is None

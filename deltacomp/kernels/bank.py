@@ -73,6 +73,24 @@ class DeltaBank(torch.nn.Module):
         self.in_features = in_features
         self.out_features = tuple(out_features)
         self.num_deltas = num_deltas
+        self.cache_factors = True  # off the GPU: dequantize once and keep the float factors (see dequantized)
+        self._factors: list[tuple] | None = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._factors = None  # moved or cast: dequantize again on the new device
+        return super()._apply(fn, *args, **kwargs)
+
+    def dequantized(self) -> list[tuple]:
+        """The factors as float32, per projection (:func:`deltacomp.kernels.reference.projections`), made once.
+
+        The CPU path keeps them: r (m + n) floats per module instead of r (m + n) codes, traded for not unpacking
+        the words at every call. The CUDA kernel never uses them.
+        """
+        from deltacomp.kernels.reference import projections
+
+        if self._factors is None:
+            self._factors = projections(self.in_features, *self.tensors()[:6], self.rows, self.projs)
+        return self._factors
 
     @classmethod
     def build(cls, table: Sequence[Sequence[PackedModule | None]], out_features: Sequence[int] | None = None,

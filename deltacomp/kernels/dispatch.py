@@ -6,6 +6,7 @@ import torch
 
 from deltacomp.errors import DeltacompError
 from deltacomp.kernels.bank import DeltaBank
+from deltacomp.kernels.reference import delta_linear_factors
 
 
 def gate_weights(rows: int, bank: DeltaBank, weights: torch.Tensor | None, index: torch.Tensor | None,
@@ -48,5 +49,8 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
         y2 = y.reshape(-1, m).contiguous()
     wdtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # float32 except for float64 checks
     w = gate_weights(x2.shape[0], bank, weights, index, x.device, wdtype).contiguous()
-    out = torch.ops.deltacomp.delta_linear(x2.to(y2.dtype), y2, w, *bank.tensors())
+    if not x.is_cuda and bank.cache_factors:  # CPU: the twin's arithmetic on factors dequantized once
+        out = delta_linear_factors(x2.to(y2.dtype), y2, w, bank.dequantized(), bank.s, bank.rows)
+    else:
+        out = torch.ops.deltacomp.delta_linear(x2.to(y2.dtype), y2, w, *bank.tensors())
     return out.reshape(*lead, m)

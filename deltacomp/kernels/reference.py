@@ -39,15 +39,30 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _projections(n: int, v_words, v_scale, v_offset, u_words, u_scale, u_offset, rows, projs):
-    """Per non-empty projection: (j0, j1, out_off, out_len, V_p (J_p, n), U_p (J_p, m_p)) dequantized."""
+def projections(n: int, v_words, v_scale, v_offset, u_words, u_scale, u_offset, rows, projs) -> list[tuple]:
+    """Per non-empty projection: (j0, j1, out_off, out_len, V_p (J_p, n), U_p (J_p, m_p)) dequantized, float32."""
+    out = []
     for j0, j1, off, length in projs.tolist():
         if j1 == j0:
             continue
         r = rows[j0:j1]
         v = dequantize_rows(v_words, v_scale, v_offset, r, (V_BITS, V_WORDS, V_PARAMS), n)
         u = dequantize_rows(u_words, u_scale, u_offset, r, (U_BITS, U_WORDS, U_PARAMS), length)
-        yield j0, j1, off, length, v, u
+        out.append((j0, j1, off, length, v, u))
+    return out
+
+
+def delta_linear_factors(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, parts: list[tuple], s: torch.Tensor,
+                         rows: torch.Tensor) -> torch.Tensor:
+    """The op's arithmetic on factors dequantized beforehand (:func:`projections`), in plain torch operations."""
+    acc = _acc(x)
+    xf = x.to(acc)
+    out = y.to(acc).clone()
+    for j0, j1, off, length, v, u in parts:
+        v, u = v.to(acc), u.to(acc)
+        c = (xf @ v.T) * s[j0:j1].to(acc) * w[:, rows[j0:j1, DELTA].long()].to(acc)  # (R, J_p)
+        out[:, off:off + length] = out[:, off:off + length] + c @ u
+    return out.to(y.dtype)
 
 
 def delta_linear_reference(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, v_words: torch.Tensor,
@@ -55,15 +70,8 @@ def delta_linear_reference(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, v_
                            u_scale: torch.Tensor, u_offset: torch.Tensor, s: torch.Tensor, rows: torch.Tensor,
                            projs: torch.Tensor) -> torch.Tensor:
     """x (R, n), y (R, M), w (R, k) -> y + the deltas' contribution, (R, M) in y's dtype."""
-    acc = _acc(x)
-    xf = x.to(acc)
-    out = y.to(acc).clone()
-    for j0, j1, off, length, v, u in _projections(x.shape[1], v_words, v_scale, v_offset, u_words, u_scale,
-                                                  u_offset, rows, projs):
-        v, u = v.to(acc), u.to(acc)
-        c = (xf @ v.T) * s[j0:j1].to(acc) * w[:, rows[j0:j1, DELTA].long()].to(acc)  # (R, J_p)
-        out[:, off:off + length] += c @ u
-    return out.to(y.dtype)
+    parts = projections(x.shape[1], v_words, v_scale, v_offset, u_words, u_scale, u_offset, rows, projs)
+    return delta_linear_factors(x, y, w, parts, s, rows)
 
 
 def delta_linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bank: tuple[torch.Tensor, ...],
@@ -78,8 +86,8 @@ def delta_linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     xf, g, w = x.to(acc), grad.to(acc), w.to(acc)
     grad_x = torch.zeros_like(xf) if need_x else None
     grad_w = torch.zeros_like(w) if need_w else None
-    for j0, j1, off, length, v, u in _projections(x.shape[1], v_words, v_scale, v_offset, u_words, u_scale,
-                                                  u_offset, rows, projs):
+    for j0, j1, off, length, v, u in projections(x.shape[1], v_words, v_scale, v_offset, u_words, u_scale,
+                                                 u_offset, rows, projs):
         v, u = v.to(acc), u.to(acc)
         delta = rows[j0:j1, DELTA].long()
         gc = (g[:, off:off + length] @ u.T) * s[j0:j1].to(acc)  # (R, J_p)
