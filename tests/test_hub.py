@@ -266,3 +266,17 @@ def test_pull_refuses_a_manifest_listing_paths_outside_the_package(hub, packages
     r = run("pull", REPO, "-o", tmp_path / "out")
     assert_one_line_error(r, listed)
     assert_nothing_written(tmp_path, "out")
+
+
+def test_pull_keeps_only_the_files_a_package_consists_of(hub, packages, tmp_path):
+    a, _ = packages
+    assert run("push", a, REPO).exit_code == 0
+    main = hub.repos[REPO].branches["main"]
+    hub.commit(REPO, "main", {"evil.py": b"import os\n", "model/extra.bin": b"x" * 10}, [], "add unlisted files")
+    assert hub.repos[REPO].branches["main"] != main
+    r = run("pull", REPO, "-o", tmp_path / "pulled")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "pulled" / "evil.py").exists() and not (tmp_path / "pulled" / "model" / "extra.bin").exists()
+    pulled, local = files_of(tmp_path / "pulled"), files_of(a)
+    pulled.pop("README.md"), local.pop("README.md")
+    assert pulled == local

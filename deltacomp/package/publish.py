@@ -18,7 +18,7 @@ from deltacomp.errors import PackageError
 from deltacomp.fusion.folder import GATE_CONFIG, GATE_WEIGHTS, is_gate_folder, read_gate
 from deltacomp.fusion.folder import render_card as gate_card
 from deltacomp.io import hub
-from deltacomp.io.output import atomic_dir, check_output, mark, scratch_dir
+from deltacomp.io.output import MARKER, atomic_dir, check_output, mark, scratch_dir
 from deltacomp.io.paths import inside
 from deltacomp.package.card import EVAL_FILE, load_eval, render_card
 from deltacomp.package.manifest import MANIFEST, read_manifest
@@ -26,6 +26,7 @@ from deltacomp.package.store import DeltaPackage, sha256_file
 
 log = logging.getLogger(__name__)
 PEFT_FOLDER = "peft"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")  # what push --with-peft puts there
 # files a push owns: a new push removes the ones its package lacks (stale shards, an old eval or adapter)
 OWNED = ["delta*.safetensors", "delta*.json", "model/*", f"{PEFT_FOLDER}/*", EVAL_FILE, MANIFEST, GATE_CONFIG,
          GATE_WEIGHTS]
@@ -116,6 +117,19 @@ def verify_folder(folder: Path, label: str) -> dict:
     return manifest
 
 
+def _keep_only(folder: Path, keep: set[str], label: str) -> None:
+    """Remove what a pulled repo holds beyond the files a deltacomp package or gate consists of."""
+    extra = [p for p in folder.rglob("*") if p.is_file() and str(p.relative_to(folder)) not in keep]
+    if extra:
+        log.warning("%s: left out %d file(s) the package does not list: %s", label, len(extra),
+                    ", ".join(sorted(str(p.relative_to(folder)) for p in extra)[:8]))
+    for p in extra:
+        p.unlink()
+    for d in sorted((d for d in folder.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+
+
 def pull(repo: str, out: str | os.PathLike, overwrite: bool = False, progress: bool | None = None) -> dict:
     """Download the package ``repo`` (``org/name[@revision]``) into ``out``, verified; return repo, commit, files."""
     repo_id, _ = hub.split_revision(repo)
@@ -124,13 +138,17 @@ def pull(repo: str, out: str | os.PathLike, overwrite: bool = False, progress: b
     with atomic_dir(out, overwrite, ("package", "gate")) as tmp:
         sha = hub.download(repo, tmp, progress)
         if is_gate_folder(tmp) and not (tmp / MANIFEST).is_file():
-            method = f"{read_gate(tmp, repo)['config'].gate} gate"  # schema, paths and every file's sha256
+            doc = read_gate(tmp, repo)  # schema, paths and every file's sha256
+            method, listed = f"{doc['config'].gate} gate", [*doc["files"], GATE_CONFIG]
             mark(tmp, "gate")
         elif not (tmp / MANIFEST).is_file():
             raise PackageError(f"{repo}: not a deltacomp package (no {MANIFEST} in the repo) nor a gate (no "
                                f"{GATE_CONFIG}); nothing was written")
         else:
-            method = verify_folder(tmp, repo)["method"]
+            manifest = verify_folder(tmp, repo)
             DeltaPackage(tmp, verify=False)  # the tensor files open: headers consistent with their sizes
+            method = manifest["method"]
+            listed = [*manifest["files"], MANIFEST, EVAL_FILE, *(f"{PEFT_FOLDER}/{f}" for f in PEFT_FILES)]
+        _keep_only(tmp, {*listed, "README.md", MARKER}, repo)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     return {"repo": repo, "commit": sha, "path": str(out), "files": files, "method": method}
