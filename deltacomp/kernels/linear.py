@@ -11,7 +11,7 @@ from deltacomp.errors import MismatchError
 from deltacomp.kernels.bank import DeltaBank
 from deltacomp.kernels.dispatch import delta_linear
 from deltacomp.package.manifest import FP16_DELTA
-from deltacomp.package.reader import compressed_names, packed_module
+from deltacomp.package.reader import compressed_names, packed_module, reconstruct_delta
 from deltacomp.package.store import DeltaPackage
 
 log = logging.getLogger(__name__)
@@ -78,26 +78,32 @@ def check_same_base(packages: Sequence[DeltaPackage]) -> None:
                                 f"(base fingerprints differ); deltas can only be combined over one base")
 
 
+def _target(slots, name: str, shape: tuple, pkg: DeltaPackage) -> torch.Tensor | None:
+    """The model's tensor for checkpoint name ``name`` (None, with a warning, when it has none), shape-checked."""
+    key = slots.resolve(name)
+    if key is None:
+        log.warning("%s: changed by %s but not a tensor of the model; skipped", name, pkg.path)
+        return None
+    slot = slots.targets[key]
+    if tuple(slot.shape) != tuple(shape):
+        raise MismatchError(f"{name}: {pkg.path} stores shape {list(shape)}; the model has {list(slot.shape)}")
+    return slot
+
+
 @torch.no_grad()
 def merge_dense(model: torch.nn.Module, pkg: DeltaPackage, names: Sequence[str]) -> int:
     """Add the rebuilt deltas of ``pkg``'s compressed modules ``names`` to ``model``'s weights (which hold the base):
     the path of a compressed embedding, or a row-sparse lm_head, which no packed linear layer carries."""
-    from deltacomp.package.reader import reconstruct_delta
     from deltacomp.quality.weights import WeightSlots
 
     slots = WeightSlots(model)
     done = 0
     for name in names:
-        key = slots.resolve(name)
-        if key is None:
-            log.warning("%s: compressed by %s but not a tensor of the model; skipped", name, pkg.path)
-            continue
-        slot, delta = slots.targets[key], reconstruct_delta(pkg, name)
-        if tuple(slot.shape) != tuple(delta.shape):
-            raise MismatchError(f"{name}: {pkg.path} stores shape {list(delta.shape)}; the model has "
-                                f"{list(slot.shape)}")
-        slot.copy_(slot.float() + delta.to(slot.device))
-        done += 1
+        delta = reconstruct_delta(pkg, name)
+        slot = _target(slots, name, delta.shape, pkg)
+        if slot is not None:
+            slot.copy_(slot.float() + delta.to(slot.device))
+            done += 1
     return done
 
 
@@ -119,15 +125,11 @@ def load_stored(model: torch.nn.Module, pkg: DeltaPackage) -> int:
     for name, rec in pkg.modules.items():
         if rec["action"] not in ("exact", "resized"):
             continue
-        key = slots.resolve(name)
-        if key is None:
-            log.warning("%s: stored by %s but not a tensor of the model; skipped", name, pkg.path)
-            continue
-        slot, t = slots.targets[key], pkg.tensor(name)
-        if tuple(slot.shape) != tuple(t.shape):
-            raise MismatchError(f"{name}: {pkg.path} stores shape {list(t.shape)}; the model has {list(slot.shape)}")
-        slot.copy_((slot.float() + t.float()) if rec.get("encoding") == FP16_DELTA else t)
-        done += 1
+        t = pkg.tensor(name)
+        slot = _target(slots, name, t.shape, pkg)
+        if slot is not None:
+            slot.copy_((slot.float() + t.float()) if rec.get("encoding") == FP16_DELTA else t)
+            done += 1
     return done
 
 
@@ -149,14 +151,13 @@ def attach(model: torch.nn.Module, packages: Sequence[DeltaPackage | str], weigh
     dense = [n for n in every if n not in names and _resolve(model, n) is not None]
     if dense:
         log.info("not wrapped (no linear layer, or row-sparse): %s", ", ".join(dense))
+    missing = [n for n in every if _resolve(model, n) is None]
+    if missing:
+        raise MismatchError(f"{missing[0]}: a package changes this weight but the model has no such layer")
     device = next(model.parameters()).device
     wrapped = {}
-    for name in (n for n in every if _resolve(model, n) is None):
-        raise MismatchError(f"{name}: a package changes this weight but the model has no such linear layer")
     for name in names:
         path = _resolve(model, name)
-        if path is None:
-            raise MismatchError(f"{name}: a package changes this weight but the model has no such linear layer")
         layer = model.get_submodule(path)
         if isinstance(layer, DeltaLinear):
             raise MismatchError(f"{path} already carries deltas; detach them first")
