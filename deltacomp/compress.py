@@ -107,7 +107,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     if context_for is None:  # calibration / model-scope allocation (deltacomp.calib.provider), read before writing
         from deltacomp.calib.provider import open_contexts
 
-        contexts = open_contexts(base, ft, entries, config)
+        contexts = open_contexts(base, ft, entries, config, method)
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
     base_fp = fingerprint(base)

@@ -144,7 +144,7 @@ def test_gptq_measured_v_errors_are_below_round_to_nearest():
 def test_uv_widths_beat_equal_widths_on_the_calibrated_output_error(bits_per_entry):
     """GPTQ absorbs much of V's error and none of U's: spending fewer bits on V keeps more vectors, and the
     calibrated output error ``||(delta - delta_hat) X^T||`` falls."""
-    from deltacomp.quant.calibrated import quantize_gptq
+    from deltacomp.quant.factors import quantize_gptq
 
     m, n = 256, 256
     delta, x, h = _calibrated_case(m, n)

@@ -31,9 +31,8 @@ from deltacomp.config import CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, stream
 from deltacomp.io.checkpoint import Checkpoint
-from deltacomp.lowrank.svd import decompose
 from deltacomp.quant import allocate
-from deltacomp.quant.budget import overhead_bits
+from deltacomp.stages import timed
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,7 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+@timed("calibration")
 def load_calibration(config: CompressConfig, ft: Checkpoint, base: Checkpoint) -> list[torch.Tensor]:
     """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none)."""
     from transformers import AutoTokenizer
@@ -69,6 +69,7 @@ class _Cursor:
         self.it = iter(hessians)
         self.layer, self.current = -1, {}
 
+    @timed("calibration")
     def get(self, name: str) -> torch.Tensor | None:
         want = self.layer_of.get(name)
         if want is None:
@@ -83,8 +84,8 @@ class _Cursor:
 
 
 class Contexts:
-    def __init__(self, base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig):
-        self.base, self.ft, self.config = base, ft, config
+    def __init__(self, base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig, method):
+        self.base, self.ft, self.config, self.method = base, ft, config, method
         self.entries = sorted(entries, key=lambda e: natural_key(e.name))
         self.names = {e.name for e in self.entries if e.action == "compress"}
         self.samples = load_calibration(config, ft, base) if config.calib else None
@@ -148,14 +149,11 @@ class Contexts:
             h = cursor.get(e.name) if cursor else None
             if not bool(delta.any()):
                 continue
-            m, n = delta.shape
-            total += m * n
-            gs = cfg.gptq_group_size if h is not None else cfg.group_size
-            u, s, v = decompose(delta, allocate.max_rank(m, n, cfg.bits, cfg.allocation_bits, share=2.0),
-                                cfg.device, cfg.svd)
-            tables.append(allocate.vector_errors(u, s, v, cfg.allocation_bits, gs, h, (cfg.act_order, cfg.damp)))
-            extra = overhead_bits(m, n, gs) if cfg.budget == "all-in" else 0  # --budget all-in
-            costs.append(allocate.option_costs(m, n, cfg.allocation_bits, extra))
+            total += delta.numel()
+            c = self.method.candidates(delta, cfg, h, share=2.0)
+            tables.append(c.errors)
+            costs.append(c.costs)
+            u, s, v = c.u, c.s, c.v
             save_file({"u": u.half().cpu().contiguous(), "s": s.cpu(), "v": v.half().cpu().contiguous()},
                       str(self.spill / f"{len(names)}.safetensors"))
             names.append(e.name)
@@ -189,8 +187,9 @@ class Contexts:
             shutil.rmtree(self.spill, ignore_errors=True)
 
 
-def open_contexts(base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig) -> Contexts | None:
+def open_contexts(base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig,
+                  method) -> Contexts | None:
     """The contexts ``config`` needs, or None when it needs none (no calibration, per-matrix budget)."""
     if config.calib is None and config.budget_scope == "matrix":
         return None
-    return Contexts(base, ft, entries, config)
+    return Contexts(base, ft, entries, config, method)

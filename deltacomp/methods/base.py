@@ -50,11 +50,12 @@ class Method:
         then left to the caller). The default, for full-rank methods, is the truncated SVD of the
         reconstruction at rank ``max_rank``, with sqrt(S) on each side.
         """
+        from deltacomp.lowrank.lora import balance
         from deltacomp.lowrank.svd import svd
 
-        u, s, v = svd(self.reconstruct(tensors, info, shape), max_rank)  # (m, r), (r,), (n, r)
-        root = s.sqrt()
-        return u * root, (v * root).T
+        delta = self.reconstruct(tensors, info, shape)
+        u, s, v = svd(delta, max_rank, "cpu", "full")  # (m, r), (r,), (n, r)
+        return balance(u, s, v)
 
 
 def info_int(info, key: str, lo: int, hi: int | None = None, where: str = "") -> int:

@@ -6,7 +6,8 @@ import torch
 
 from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError
-from deltacomp.lowrank.svd import decompose
+from deltacomp.lowrank.lora import balance
+from deltacomp.lowrank.svd import svd
 from deltacomp.methods.base import Compressed, Method, bits_of, info_int, register
 from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
@@ -24,6 +25,15 @@ class Mixed(Method):
     def allocate(self, shape: tuple[int, int], config: CompressConfig, group_size: int | None = None) -> list[BitGroup]:
         gs = config.group_size if group_size is None else group_size
         return fill_schedule(shape[0], shape[1], config.bits, config.schedule, self.overhead(shape, config, gs))
+
+    def candidates(self, delta: torch.Tensor, config: CompressConfig, h: torch.Tensor | None = None,
+                   share: float = 1.0) -> allocate.Candidates:
+        """What ``--allocation optimal`` chooses from for ``delta (m, n)``, calibrated by ``h (n, n)`` if given;
+        ``share`` > 1 keeps more vectors than the matrix's own budget affords (the model-scope first pass)."""
+        group_size = config.gptq_group_size if h is not None else config.group_size
+        return allocate.candidates(delta, config.bits, config.allocation_bits, group_size, h,
+                                   (config.act_order, config.damp), self.overhead(delta.shape, config, group_size),
+                                   share, config.device, config.svd)
 
     def check_budget(self, shape, config):
         if config.allocation == "schedule":
@@ -49,26 +59,19 @@ class Mixed(Method):
             u, s, v = ctx["factors"]  # (m, r), (r,), (n, r)
             bits = ctx["bits"]
         elif config.allocation == "optimal":
-            extra = self.overhead((m, n), config, group_size)
-            rank = allocate.max_rank(m, n, config.bits, config.allocation_bits, overhead=extra)
-            u, s, v = decompose(delta, rank, config.device, config.svd)
-            bits = allocate.matrix_bits(u, s, v, config.allocation_bits, group_size, budget_bits(m, n, config.bits),
-                                        h, (config.act_order, config.damp), extra)
+            c = self.candidates(delta, config, h)
+            u, s, v = c.u, c.s, c.v
+            bits = allocate.choose(c, config.allocation_bits, budget_bits(m, n, config.bits))
         else:
             sched = self.allocate((m, n), config, group_size)
-            u, s, v = decompose(delta, sum(g.rank for g in sched), config.device, config.svd)
+            u, s, v = svd(delta, sum(g.rank for g in sched), config.device, config.svd)
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
-        if h is not None:
-            from deltacomp.quant.calibrated import quantize_gptq
-
-            fg = quantize_gptq(delta, u, s, v, groups, h, group_size, config.act_order, config.damp, config.refit)
-        else:
-            fg = factors.quantize_rtn(delta, u, s, v, groups, group_size, config.refit)
+        fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h, config.act_order, config.damp)
         tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
         factor_bits = sum(bits_of(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {
@@ -117,8 +120,7 @@ class Mixed(Method):
         for g in factors.from_tensors(tensors, factors.group_widths(info), shape):
             u = g.u.dequantize(info["group_size"])  # (r_g, m)
             v = g.v.dequantize(info["group_size"])  # (r_g, n)
-            s = g.s.float()  # (r_g,): may be negative after the least-squares refit
-            root = s.abs().sqrt()
-            us.append(u.T * (root * torch.sign(s)))
-            vs.append(v * root[:, None])
+            b, a = balance(u.T, g.s.float(), v.T)  # S may be negative after the least-squares refit
+            us.append(b)
+            vs.append(a)
         return torch.cat(us, 1), torch.cat(vs, 0)

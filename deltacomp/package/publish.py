@@ -22,7 +22,7 @@ from deltacomp.io.output import atomic_dir, check_output, mark, scratch_dir
 from deltacomp.io.paths import inside
 from deltacomp.package.card import EVAL_FILE, load_eval, render_card
 from deltacomp.package.manifest import MANIFEST, read_manifest
-from deltacomp.package.store import DeltaPackage, sha256_file
+from deltacomp.package.store import DeltaPackage, verify_files
 
 log = logging.getLogger(__name__)
 PEFT_FOLDER = "peft"
@@ -107,12 +107,7 @@ def _push_gate(folder: Path, repo_id: str, private, revision, message, progress)
 def verify_folder(folder: Path, label: str) -> dict:
     """Check every file the manifest of ``folder`` lists against its sha256; errors name ``label`` and the file."""
     manifest = read_manifest(folder)
-    for name, digest in manifest["files"].items():
-        path = inside(folder, name, f"{label}: files", PackageError)
-        if not path.is_file():
-            raise PackageError(f"{label}: package file {name} is missing")
-        if sha256_file(path) != digest:
-            raise PackageError(f"{label}: {name} is corrupt or truncated (sha256 does not match the manifest)")
+    verify_files(folder, manifest["files"], label)
     return manifest
 
 
