@@ -159,7 +159,7 @@ class Contexts:
             names.append(e.name)
         if not names:
             return
-        options = allocate.allocate(tables, costs, cfg.bits * total)
+        options = allocate.solve(tables, costs, cfg.bits * total)
         self.bits = {n: allocate.bits_of_options(o, cfg.allocation_bits) for n, o in zip(names, options)}
         self.index = {n: i for i, n in enumerate(names)}
         log.info("model-scope allocation over %d matrices: %d vectors kept", len(names),

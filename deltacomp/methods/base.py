@@ -74,7 +74,7 @@ METHODS = Registry("method")
 register = METHODS.register  # class decorator: make a method available under a name
 
 
-def bits_of(t: torch.Tensor) -> int:
+def stored_bits(t: torch.Tensor) -> int:
     return t.numel() * t.element_size() * 8
 
 

@@ -6,7 +6,7 @@ import torch
 
 from deltacomp.lowrank.lora import balance
 from deltacomp.lowrank.svd import svd
-from deltacomp.methods.base import Compressed, Method, bits_of, info_int, register
+from deltacomp.methods.base import Compressed, Method, info_int, register, stored_bits
 from deltacomp.quant.budget import lowrank_rank
 
 
@@ -21,7 +21,7 @@ class LowRank(Method):
         r = lowrank_rank(delta.shape[0], delta.shape[1], config.bits)
         b, a = balance(*svd(delta, r, config.device, "full"))  # (m, r), (r, n)
         tensors = {"a": a.contiguous().half().cpu(), "b": b.contiguous().half().cpu()}
-        total = sum(bits_of(t) for t in tensors.values())
+        total = sum(stored_bits(t) for t in tensors.values())
         return Compressed(tensors, {"rank": r}, total, total)
 
     def layout(self, info, shape):

@@ -8,7 +8,7 @@ from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError
 from deltacomp.lowrank.lora import balance
 from deltacomp.lowrank.svd import svd
-from deltacomp.methods.base import Compressed, Method, bits_of, info_int, register
+from deltacomp.methods.base import Compressed, Method, info_int, register, stored_bits
 from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 
@@ -22,7 +22,9 @@ class Mixed(Method):
         """Bits each vector pair costs besides its codes under ``--budget all-in`` (0 under ``factors``)."""
         return overhead_bits(shape[0], shape[1], group_size) if config.budget == "all-in" else 0
 
-    def allocate(self, shape: tuple[int, int], config: CompressConfig, group_size: int | None = None) -> list[BitGroup]:
+    def schedule_groups(self, shape: tuple[int, int], config: CompressConfig,
+                        group_size: int | None = None) -> list[BitGroup]:
+        """The fixed ``--schedule`` filled under the budget of one ``shape`` matrix."""
         gs = config.group_size if group_size is None else group_size
         return fill_schedule(shape[0], shape[1], config.bits, config.schedule, self.overhead(shape, config, gs))
 
@@ -37,7 +39,7 @@ class Mixed(Method):
 
     def check_budget(self, shape, config):
         if config.allocation == "schedule":
-            self.allocate(shape, config)
+            self.schedule_groups(shape, config)
         elif config.budget_scope == "matrix":
             m, n = shape
             extra = self.overhead(shape, config, config.group_size)
@@ -63,7 +65,7 @@ class Mixed(Method):
             u, s, v = c.u, c.s, c.v
             bits = allocate.choose(c, config.allocation_bits, budget_bits(m, n, config.bits))
         else:
-            sched = self.allocate((m, n), config, group_size)
+            sched = self.schedule_groups((m, n), config, group_size)
             u, s, v = svd(delta, sum(g.rank for g in sched), config.device, config.svd)
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
@@ -73,7 +75,7 @@ class Mixed(Method):
         delta = delta.to(u.device)
         fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h, config.act_order, config.damp)
         tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
-        factor_bits = sum(bits_of(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
+        factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {
             "rank": sum(g.rank for g in groups),
             "groups": [{"bits": g.bits, "rank": g.rank, **({"v_bits": g.v_bits} if g.v_bits != g.bits else {})}
@@ -82,7 +84,7 @@ class Mixed(Method):
             "allocation": config.allocation,
             "calibrated": h is not None,
         }
-        return Compressed(tensors, info, factor_bits, sum(bits_of(t) for t in tensors.values()))
+        return Compressed(tensors, info, factor_bits, sum(stored_bits(t) for t in tensors.values()))
 
     def layout(self, info, shape):
         m, n = shape

@@ -87,7 +87,7 @@ def vector_errors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tup
 
 
 @timed("allocation")
-def allocate(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float,
+def solve(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float,
              keep_first: bool = True) -> list[torch.Tensor]:
     """Option index (0 = dropped, k = the k-th width) of every vector, per matrix.
 
@@ -164,7 +164,7 @@ def matrix_bits(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tuple
     """Widths (r, 2) of each vector of one matrix, optimal under ``budget`` bits (module docstring); each kept
     vector also costs ``overhead`` bits (an all-in budget)."""
     table = vector_errors(u, s, v, widths, group_size, h, gptq_v)
-    options = allocate([table], [option_costs(u.shape[0], v.shape[0], widths, overhead)], budget)[0]
+    options = solve([table], [option_costs(u.shape[0], v.shape[0], widths, overhead)], budget)[0]
     return bits_of_options(options, widths)
 
 
@@ -193,7 +193,7 @@ def candidates(delta: torch.Tensor, bits_per_entry: float, widths: tuple[Width, 
 
 def choose(c: Candidates, widths: tuple[Width, ...], budget: float) -> torch.Tensor:
     """Widths (r, 2) of the candidates of one matrix, optimal under ``budget`` bits."""
-    return bits_of_options(allocate([c.errors], [c.costs], budget)[0], widths)
+    return bits_of_options(solve([c.errors], [c.costs], budget)[0], widths)
 
 
 def group_by_bits(bits: torch.Tensor) -> tuple[torch.Tensor, list[tuple[Width, int]]]:
