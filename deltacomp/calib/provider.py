@@ -4,8 +4,8 @@
 ``--budget-scope model`` is set. Entries are put in natural order (``layers.2`` before ``layers.10``) so that
 the blocks are visited once, in order; the Hessians of a block live only while its matrices are compressed.
 With ``--sequential`` (:mod:`deltacomp.calib.sequential`) the calibrated matrices are further put in the order
-the model calls them, and each context also carries the cross moment and a ``done`` callback that hands the
-compressed matrix back to the student stream.
+the model calls them, and each context (:class:`deltacomp.calib.context.MatrixContext`) also carries the target
+delta fitted to the student's inputs and a hook that hands the compressed matrix back to the student stream.
 
 ``--budget-scope model`` needs a first pass before anything is quantized: every matrix is decomposed (top
 vectors, up to twice the rank its own budget would afford), the expected error of each vector at each width is
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from deltacomp.calib.context import MatrixContext, ScopePlan
 from deltacomp.config import CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, stream
@@ -165,21 +166,30 @@ class Contexts:
         log.info("model-scope allocation over %d matrices: %d vectors kept", len(names),
                  sum(int((b > 0).sum()) for b in self.bits.values()))
 
-    def context_for(self, e: Entry) -> dict | None:
-        ctx = {}
+    def context_for(self, e: Entry) -> MatrixContext | None:
+        """The context of the compressed matrix ``e``; asked for in the order of :attr:`entries`."""
+        hessian = target = compressed = plan = None
         seq = self.sequential
         if seq is not None and e.name in seq.layer_of:
-            ctx["hessian"], ctx["cross"] = seq.moments(e.name)
-            ctx["done"] = lambda base, delta: seq.done(e.name, base, delta)
+            from deltacomp.calib.sequential import target_delta
+
+            hessian, cross = seq.moments(e.name)
+            damp = self.config.seq_damp
+
+            def target(base, ft, h=hessian, c=cross):
+                return target_delta(base, ft, h, c, damp)
+
+            def compressed(base, delta, name=e.name):
+                seq.done(name, base, delta)
+
         if self.cursor is not None:
-            h = self.cursor.get(e.name)
-            if h is not None:
-                ctx["hessian"] = h
+            hessian = self.cursor.get(e.name)
         if e.name in self.bits:
             t = load_file(str(self.spill / f"{self.index[e.name]}.safetensors"), device=self.config.device)
-            ctx["factors"] = (t["u"].float(), t["s"].float(), t["v"].float())
-            ctx["bits"] = self.bits[e.name]
-        return ctx or None
+            plan = ScopePlan(t["u"].float(), t["s"].float(), t["v"].float(), self.bits[e.name])
+        if hessian is None and target is None and plan is None:
+            return None
+        return MatrixContext(hessian, target, compressed, plan)
 
     def close(self) -> None:
         self.cursor = self.sequential = None

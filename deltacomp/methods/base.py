@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltacomp.calib.context import MatrixContext
 from deltacomp.config import CompressConfig
 from deltacomp.registry import Registry
 
@@ -29,7 +30,9 @@ class Method:
     def check_budget(self, shape: tuple[int, int], config: CompressConfig) -> None:
         """Raise BudgetError if the budget cannot cover a matrix of ``shape``; default: any budget works."""
 
-    def compress(self, delta: torch.Tensor, config: CompressConfig, context=None) -> Compressed:
+    def compress(self, delta: torch.Tensor, config: CompressConfig,
+                 context: MatrixContext | None = None) -> Compressed:
+        """Compress one float32 (m, n) delta; ``context`` holds what calibration gives (see MatrixContext)."""
         raise NotImplementedError
 
     def reconstruct(self, tensors: dict[str, torch.Tensor], info: dict, shape: tuple[int, int]) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from deltacomp.calib.context import MatrixContext
 from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError
 from deltacomp.lowrank.lora import balance
@@ -50,16 +51,15 @@ class Mixed(Method):
                     f"matrix at the cheapest allocation width (needs at least {need / (m * n):.4g})"
                 )
 
-    def compress(self, delta: torch.Tensor, config: CompressConfig, context=None) -> Compressed:
-        """``context`` (optional dict): ``hessian`` (n, n) input second moment -> GPTQ instead of round-to-nearest;
-        ``factors`` (u, s, v) and ``bits`` (r, 2) widths from a model-scope first pass."""
-        ctx = context or {}
-        h = ctx.get("hessian")
+    def compress(self, delta: torch.Tensor, config: CompressConfig, context: MatrixContext | None = None) -> Compressed:
+        """``context``: its ``hessian`` (n, n) turns round-to-nearest into GPTQ; its ``plan`` gives the factors and
+        widths of a model-scope allocation."""
+        h = context.hessian if context is not None else None
+        plan = context.plan if context is not None else None
         m, n = delta.shape
         group_size = config.gptq_group_size if h is not None else config.group_size
-        if ctx.get("factors") is not None:
-            u, s, v = ctx["factors"]  # (m, r), (r,), (n, r)
-            bits = ctx["bits"]
+        if plan is not None:
+            u, s, v, bits = plan.u, plan.s, plan.v, plan.widths  # (m, r), (r,), (n, r), (r, 2)
         elif config.allocation == "optimal":
             c = self.candidates(delta, config, h)
             u, s, v = c.u, c.s, c.v
