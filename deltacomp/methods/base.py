@@ -8,6 +8,7 @@ import torch
 
 from deltacomp.calib.context import MatrixContext
 from deltacomp.config import CompressConfig
+from deltacomp.errors import DeltacompError
 from deltacomp.registry import Registry
 
 
@@ -26,6 +27,20 @@ class Method:
 
     name: str = ""
     exact_factors: bool = False  # True when ``factors`` returns the stored delta exactly (a low-rank method)
+
+    # the settings beyond the budget that this method reads; any other left at a non-default value is refused
+    uses: frozenset[str] = frozenset()
+
+    def check_config(self, config: CompressConfig) -> None:
+        """Refuse settings this method does not use (a DeltacompError naming the setting and the method)."""
+        refused = (("calib", config.calib is not None, "--calib is used by the {users} method only, not by {me!r}"),
+                   ("budget_scope", config.budget_scope != "matrix",
+                    "--budget-scope model is for the {users} method only, not {me!r}"),
+                   ("budget", config.budget != "factors", "--budget all-in is for the {users} method only, not {me!r}"))
+        for key, given, message in refused:
+            if given and key not in self.uses:
+                users = " and ".join(sorted(n for n, cls in METHODS.items() if key in cls.uses)) or "no"
+                raise DeltacompError(message.format(users=users, me=self.name))
 
     def check_budget(self, shape: tuple[int, int], config: CompressConfig) -> None:
         """Raise BudgetError if the budget cannot cover a matrix of ``shape``; default: any budget works."""

@@ -17,6 +17,7 @@ from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhea
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
+    uses = frozenset({"calib", "budget_scope", "budget"})
 
     @staticmethod
     def overhead(shape: tuple[int, int], config: CompressConfig, group_size: int) -> int:
