@@ -117,12 +117,150 @@ def _allocation_bits(text):
     return parse_bits(text) if text else None
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What is compressed: name patterns, the smallest side, vocabulary rows, the form of exact tensors."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    min_dim: int
+    exact: str
+    rows_energy: float
+
+    def __post_init__(self):
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise DeltacompError(f"bad pattern {pattern!r}: {e}") from None
+        if not (isinstance(self.rows_energy, (int, float)) and 0 < self.rows_energy <= 1):
+            raise DeltacompError(f"--rows-energy must be in (0, 1], got {self.rows_energy!r}")
+        if self.exact not in ("full", "fp16-delta"):
+            raise DeltacompError(f"--exact must be full or fp16-delta, got {self.exact!r}")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """The method, its budget, and how the factors are found and quantized without calibration."""
+
+    method: str
+    bits: float
+    budget: str
+    schedule: tuple[tuple[int, int | None], ...]
+    group_size: int
+    refit: bool
+    svd: str
+
+    def __post_init__(self):
+        if not _number(self.bits) or self.bits <= 0:
+            raise DeltacompError(f"--bits must be a positive number of bits per entry, got {self.bits}")
+        if self.bits > 16:
+            raise DeltacompError(f"--bits {self.bits} is more than fp16 (16 bits per entry); nothing to compress")
+        if self.budget not in ("factors", "all-in"):
+            raise DeltacompError(f"--budget must be factors or all-in, got {self.budget!r}")
+        if not self.schedule:
+            raise DeltacompError("the bit schedule is empty")
+        for bits, count in self.schedule:
+            if bits not in SUPPORTED_BITS:
+                raise DeltacompError(f"schedule bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
+            if count is not None and count < 1:
+                raise DeltacompError(f"schedule count must be positive, got {bits}:{count}")
+        if self.group_size < 0:
+            raise DeltacompError(f"--group-size must be >= 0 (0 = one group per vector), got {self.group_size}")
+        if self.svd not in ("full", "randomized", "auto"):
+            raise DeltacompError(f"--svd must be full, randomized or auto, got {self.svd!r}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration text and GPTQ (:mod:`deltacomp.calib`); ``calib`` None: no calibration."""
+
+    calib: str | None
+    calib_field: str
+    calib_samples: int | None
+    calib_seqlen: int | None
+    gptq_group_size: int
+    act_order: bool
+    damp: float
+    sequential: bool
+    seq_damp: float
+
+    def __post_init__(self):
+        for name, value, low in (("--calib-samples", self.calib_samples, 1), ("--calib-seqlen", self.calib_seqlen, 2)):
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise DeltacompError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.gptq_group_size < 0:
+            raise DeltacompError(f"--gptq-group-size must be >= 0 (0 = whole vector), got {self.gptq_group_size}")
+        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
+            raise DeltacompError(f"--damp must be in (0, 1] (a fraction of the mean Hessian diagonal), got {self.damp}")
+        if not self.calib_field:
+            raise DeltacompError("--calib-field must name a JSON field")
+        if self.sequential and self.calib is None:
+            raise DeltacompError("--sequential follows the compressed model on calibration text: give --calib")
+        if not (_number(self.seq_damp) and self.seq_damp > 0):
+            raise DeltacompError(f"--seq-damp must be a positive fraction of the mean Hessian diagonal, "
+                                 f"got {self.seq_damp}")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Bits per singular vector (:mod:`deltacomp.quant.allocate`): the fixed schedule or the optimal choice."""
+
+    allocation: str
+    allocation_bits: tuple[tuple[int, int], ...]
+    budget_scope: str
+
+    def __post_init__(self):
+        if self.allocation not in ("schedule", "optimal"):
+            raise DeltacompError(f"--allocation must be schedule or optimal, got {self.allocation!r}")
+        if self.budget_scope not in ("matrix", "model"):
+            raise DeltacompError(f"--budget-scope must be matrix or model, got {self.budget_scope!r}")
+        if self.budget_scope == "model" and self.allocation != "optimal":
+            raise DeltacompError("--budget-scope model shares one budget across matrices: use --allocation optimal")
+        if not self.allocation_bits:
+            raise DeltacompError("the allocation bit set is empty")
+        for bits in {b for width in self.allocation_bits for b in width}:
+            if bits not in SUPPORTED_BITS:
+                raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where the work runs and how the package's tensors are sharded (not recorded in the manifest)."""
+
+    device: str
+    max_shard_bytes: int
+
+    def __post_init__(self):
+        if not isinstance(self.device, str) or (self.device != "cpu" and not self.device.startswith("cuda")):
+            raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class Groups:
+    selection: Selection
+    quantization: Quantization
+    calibration: Calibration
+    allocation: Allocation
+    output: Output
+
+
+GROUP_TYPES = {"selection": Selection, "quantization": Quantization, "calibration": Calibration,
+               "allocation": Allocation, "output": Output}
+
+
 @dataclass(frozen=True)
 class CompressConfig:
-    """Everything ``deltacomp compress`` is told. Each field belongs to a group (``group_fields``): selection
-    (what is compressed), quantization, calibration, allocation (bits per vector under the budget), output.
-    The method and its budget are common to all. Each group is validated on construction, and the method then
-    refuses the settings it does not use (:meth:`deltacomp.methods.base.Method.check_config`)."""
+    """Everything ``deltacomp compress`` is told, flat as the manifest records it and as callers write it.
+
+    Each field belongs to a group, a small frozen config that checks its own settings on construction
+    (:attr:`groups`: :class:`Selection`, :class:`Quantization`, :class:`Calibration`, :class:`Allocation`,
+    :class:`Output`); the method then refuses the settings it does not use
+    (:meth:`deltacomp.methods.base.Method.check_config`)."""
 
     method: str = setting("mixed", "quantization", "Compression method of every compressed matrix.",
                           metavar="[mixed|lowrank|bitdelta|dense]")
@@ -209,71 +347,19 @@ class CompressConfig:
         if self.allocation_bits is None:
             default = UV_ALLOCATION_BITS if self.calib else PLAIN_ALLOCATION_BITS
             object.__setattr__(self, "allocation_bits", parse_bits(default))
-        if not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits) or self.bits <= 0:
-            raise DeltacompError(f"--bits must be a positive number of bits per entry, got {self.bits}")
-        if self.bits > 16:
-            raise DeltacompError(f"--bits {self.bits} is more than fp16 (16 bits per entry); nothing to compress")
-        if not self.schedule:
-            raise DeltacompError("the bit schedule is empty")
-        for bits, count in self.schedule:
-            if bits not in SUPPORTED_BITS:
-                raise DeltacompError(f"schedule bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
-            if count is not None and count < 1:
-                raise DeltacompError(f"schedule count must be positive, got {bits}:{count}")
-        if self.group_size < 0:
-            raise DeltacompError(f"--group-size must be >= 0 (0 = one group per vector), got {self.group_size}")
-        for pattern in (*self.include, *self.exclude):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise DeltacompError(f"bad pattern {pattern!r}: {e}") from None
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
-        self._check_calibration()
-        self._check_allocation()
+        parts = {g: GROUP_TYPES[g](**{n: getattr(self, n) for n in self.group_fields(g)}) for g in GROUPS}
+        object.__setattr__(self, "_groups", Groups(**parts))  # each group checks its own settings
+        if self.sequential and self.budget_scope == "model":
+            raise DeltacompError("--sequential compresses matrices one after another; it cannot share a "
+                                 "--budget-scope model allocation, which is fixed before any is compressed")
         from deltacomp.methods.base import get_method  # the method refuses the settings it does not use
 
         get_method(self.method).check_config(self)
 
-    def _check_calibration(self):
-        for name, value, low in (("--calib-samples", self.calib_samples, 1), ("--calib-seqlen", self.calib_seqlen, 2)):
-            if value is not None and (not isinstance(value, int) or value < low):
-                raise DeltacompError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.gptq_group_size < 0:
-            raise DeltacompError(f"--gptq-group-size must be >= 0 (0 = whole vector), got {self.gptq_group_size}")
-        if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
-            raise DeltacompError(f"--damp must be in (0, 1] (a fraction of the mean Hessian diagonal), got {self.damp}")
-        if not self.calib_field:
-            raise DeltacompError("--calib-field must name a JSON field")
-        if self.sequential and self.calib is None:
-            raise DeltacompError("--sequential follows the compressed model on calibration text: give --calib")
-        if self.sequential and self.budget_scope == "model":
-            raise DeltacompError("--sequential compresses matrices one after another; it cannot share a "
-                                 "--budget-scope model allocation, which is fixed before any is compressed")
-        if not (isinstance(self.seq_damp, (int, float)) and math.isfinite(self.seq_damp) and self.seq_damp > 0):
-            raise DeltacompError(f"--seq-damp must be a positive fraction of the mean Hessian diagonal, "
-                                 f"got {self.seq_damp}")
-
-    def _check_allocation(self):
-        if self.allocation not in ("schedule", "optimal"):
-            raise DeltacompError(f"--allocation must be schedule or optimal, got {self.allocation!r}")
-        if self.budget_scope not in ("matrix", "model"):
-            raise DeltacompError(f"--budget-scope must be matrix or model, got {self.budget_scope!r}")
-        if self.budget_scope == "model" and self.allocation != "optimal":
-            raise DeltacompError("--budget-scope model shares one budget across matrices: use --allocation optimal")
-        if not self.allocation_bits:
-            raise DeltacompError("the allocation bit set is empty")
-        for bits in {b for width in self.allocation_bits for b in width}:
-            if bits not in SUPPORTED_BITS:
-                raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
-        if self.svd not in ("full", "randomized", "auto"):
-            raise DeltacompError(f"--svd must be full, randomized or auto, got {self.svd!r}")
-        if not (isinstance(self.rows_energy, (int, float)) and 0 < self.rows_energy <= 1):
-            raise DeltacompError(f"--rows-energy must be in (0, 1], got {self.rows_energy!r}")
-        if self.budget not in ("factors", "all-in"):
-            raise DeltacompError(f"--budget must be factors or all-in, got {self.budget!r}")
-        if self.exact not in ("full", "fp16-delta"):
-            raise DeltacompError(f"--exact must be full or fp16-delta, got {self.exact!r}")
+    @property
+    def groups(self) -> Groups:
+        """The settings by group, as small frozen configs: ``config.groups.calibration.damp``."""
+        return self._groups
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -40,3 +40,14 @@ def test_a_method_refuses_the_settings_it_does_not_use(method, setting):
     with pytest.raises(DeltacompError, match=f"mixed method only, not (by )?'{method}'"):
         CompressConfig(method=method, **setting)
     CompressConfig(method="mixed", **setting)
+
+
+def test_the_groups_are_frozen_configs_that_check_their_own_settings():
+    config = CompressConfig(calib="x.txt", damp=0.05)
+    assert config.groups.calibration.damp == 0.05 and config.groups.quantization.method == "mixed"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.groups.calibration.damp = 0.1
+    with pytest.raises(DeltacompError, match="--damp must be in"):
+        dataclasses.replace(config.groups.calibration, damp=2.0)
+    with pytest.raises(DeltacompError, match="use --allocation optimal"):
+        dataclasses.replace(config.groups.allocation, budget_scope="model")

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltacomp.calib.context import MatrixContext, ScopePlan
-from deltacomp.config import CompressConfig
+from deltacomp.config import Calibration, CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, stream
 from deltacomp.io.checkpoint import Checkpoint
@@ -43,7 +43,7 @@ def natural_key(name: str) -> list:
 
 
 @timed("calibration")
-def load_calibration(config: CompressConfig, ft: Checkpoint, base: Checkpoint) -> list[torch.Tensor]:
+def load_calibration(config: Calibration, ft: Checkpoint, base: Checkpoint) -> list[torch.Tensor]:
     """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none)."""
     from transformers import AutoTokenizer
 
@@ -89,7 +89,7 @@ class Contexts:
         self.base, self.ft, self.config, self.method = base, ft, config, method
         self.entries = sorted(entries, key=lambda e: natural_key(e.name))
         self.names = {e.name for e in self.entries if e.action == "compress"}
-        self.samples = load_calibration(config, ft, base) if config.calib else None
+        self.samples = load_calibration(config.groups.calibration, ft, base) if config.calib else None
         self.bits: dict[str, torch.Tensor] = {}
         self.spill: Path | None = None
         self.sequential = None
