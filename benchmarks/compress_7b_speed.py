@@ -149,76 +149,42 @@ class StageTimer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    def wrap(self, owner, attr: str, stage: str, generator: bool = False):
-        fn = getattr(owner, attr)
-        timer = self
+    def enter(self, stage: str) -> None:  # deltacomp.stages listener
+        import threading
 
-        def timed(*args, **kwargs):
-            import threading
+        main = threading.get_ident() == self.main  # reads ahead in the prefetch thread overlap the rest
+        if main:
+            self._sync()
+        self.stack.append([stage if main else stage + " (prefetch thread, overlapped)", time.perf_counter(), 0.0])
 
-            main = threading.get_ident() == timer.main  # reads ahead in the prefetch thread overlap the rest
-            if main:
-                timer._sync()
-            timer.stack.append([stage if main else stage + " (prefetch thread, overlapped)", time.perf_counter(), 0.0])
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if main:
-                    timer._sync()
-                name, start, child = timer.stack.pop()
-                took = time.perf_counter() - start
-                timer.total[name] += took - child
-                timer.calls[name] += 1
-                if timer.stack:
-                    timer.stack[-1][2] += took
+    def exit(self, stage: str) -> None:
+        import threading
 
-        setattr(owner, attr, timed)
-
-
-def instrument() -> StageTimer:
-    import deltacomp.calib.provider as provider
-    import deltacomp.calib.sequential as sequential
-    import deltacomp.io.checkpoint as checkpoint
-    import deltacomp.io.sharded_writer as sharded_writer
-    import deltacomp.methods.mixed as mixed
-    import deltacomp.quant.allocate as allocate
-    import deltacomp.quant.calibrated as calibrated
-    import deltacomp.quant.factors as factors
-
-    t = StageTimer()
-    t.wrap(checkpoint.Checkpoint, "read", "load")
-    t.wrap(provider._Cursor, "get", "calibration")
-    t.wrap(sequential.SequentialCalibration, "__init__", "calibration")
-    t.wrap(sequential.SequentialCalibration, "moments", "calibration")
-    t.wrap(sequential.SequentialCalibration, "done", "calibration")
-    t.wrap(sequential, "target_delta", "sequential target")
-    t.wrap(provider, "load_calibration", "calibration")
-    t.wrap(mixed, "decompose", "svd")
-    t.wrap(provider, "decompose", "svd")
-    t.wrap(allocate, "vector_errors", "allocation")
-    t.wrap(allocate, "allocate", "allocation")
-    t.wrap(calibrated, "quantize_gptq", "gptq")
-    t.wrap(factors, "quantize_rtn", "rtn")
-    t.wrap(factors, "to_tensors", "pack")
-    t.wrap(sharded_writer.ShardedWriter, "add", "write")
-    t.wrap(sharded_writer.ShardedWriter, "close", "write")
-    return t
+        if threading.get_ident() == self.main:
+            self._sync()
+        name, start, child = self.stack.pop()
+        took = time.perf_counter() - start
+        self.total[name] += took - child
+        self.calls[name] += 1
+        if self.stack:
+            self.stack[-1][2] += took
 
 
 def run_compress(pair: Path, args) -> dict:
     from deltacomp.compress import compress
     from deltacomp.config import CompressConfig
+    from deltacomp.stages import observe
 
     calib = calibration_text(pair / "calib.txt", args.calib_samples * args.calib_seqlen * 2)
     config = CompressConfig(bits=args.bits, device=args.device, calib=None if args.no_calib else str(calib),
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                             allocation=args.allocation, budget_scope=args.budget_scope, svd=args.svd,
                             sequential=args.sequential)
-    timer = instrument()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    manifest = compress(pair / "base", pair / "finetuned", pair / "pkg", config, overwrite=True, progress=False)
+    with observe(StageTimer()) as timer:
+        manifest = compress(pair / "base", pair / "finetuned", pair / "pkg", config, overwrite=True, progress=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     total = time.perf_counter() - t0

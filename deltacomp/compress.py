@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltacomp import __version__
+from deltacomp.calib.context import MatrixContext
 from deltacomp.config import DEFAULT_INCLUDE, CompressConfig, check_device
 from deltacomp.errors import CheckpointError, DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
@@ -83,7 +84,7 @@ def _source_info(ckpt: Checkpoint) -> dict:
 
 def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | os.PathLike,
              config: CompressConfig, overwrite: bool = False, progress: bool | None = None,
-             context_for: Callable[[Entry], object] | None = None) -> dict:
+             context_for: Callable[[Entry], MatrixContext | None] | None = None) -> dict:
     """Write the delta package of ``ft_src`` over ``base_src`` to ``out``; return its manifest.
 
     Everything is checked before the first byte is written (inputs, budget against every matrix, the
@@ -107,7 +108,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     if context_for is None:  # calibration / model-scope allocation (deltacomp.calib.provider), read before writing
         from deltacomp.calib.provider import open_contexts
 
-        contexts = open_contexts(base, ft, entries, config)
+        contexts = open_contexts(base, ft, entries, config, method)
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
     base_fp = fingerprint(base)
@@ -194,7 +195,8 @@ def _exact_form(f: torch.Tensor, delta: torch.Tensor | None, mode: str) -> torch
     return half if err <= FP16_DELTA_TOLERANCE * float(delta.abs().max()) else f
 
 
-def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts: dict, context) -> dict | None:
+def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts: dict,
+                  context: MatrixContext | None) -> dict | None:
     record = {"action": e.action, "shape": list(e.shape), "dtype": DTYPE_NAMES[e.dtype]}
     if e.action == "removed":
         return record
@@ -215,12 +217,10 @@ def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts:
         writer.add(e.name, stored)
         encoding = {} if stored is f else {"encoding": FP16_DELTA}
         return {**record, **encoding, "bytes": _nbytes(stored)}
-    if context and "cross" in context:  # --sequential: the delta that best serves the compressed model's inputs
-        from deltacomp.calib.sequential import target_delta
-
-        delta = target_delta(b, f, context["hessian"], context["cross"], config.seq_damp)
+    if context is not None and context.target is not None:  # e.g. the delta serving the compressed model's inputs
+        delta = context.target(b, f)
     rows = None
-    if is_vocab_matrix(e.name) and not (context and "factors" in context):
+    if is_vocab_matrix(e.name) and not (context is not None and context.plan is not None):
         rows = select_rows(delta, config.rows_energy)  # (k,) or None: the rows of the tokens that moved
     if rows is not None:  # the kept rows as a (k, n) matrix, at the whole matrix's budget (fp16 at most)
         m = delta.shape[0]
@@ -230,9 +230,9 @@ def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts:
         c.total_bits += 32 * rows.numel()
     else:
         c = method.compress(delta, config, context)  # delta: (m, n) float32
-    if context and "done" in context:  # --sequential: the student takes the compressed matrix (on the device)
+    if context is not None and context.compressed is not None:  # e.g. the student stream takes the matrix
         parts = {k: t.to(delta.device) for k, t in c.tensors.items()}
-        context["done"](b, method.reconstruct(parts, c.info, tuple(delta.shape)))
+        context.compressed(b, method.reconstruct(parts, c.info, tuple(delta.shape)))
     for local, t in c.tensors.items():
         writer.add(tensor_key(e.name, local), t)
     counts["factor_bits"] += c.factor_bits

@@ -84,51 +84,84 @@ def check_device(device: str) -> None:
         raise DeltacompError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+def format_schedule(schedule: tuple[tuple[int, int | None], ...]) -> str:
+    """The inverse of :func:`parse_schedule`."""
+    return ",".join(str(b) if c is None else f"{b}:{c}" for b, c in schedule)
+
+
+GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
+
+
+def setting(default, group: str, help: str | None = None, *, flag: str | None = None, type=None,
+            choices: tuple[str, ...] | None = None, metavar: str | None = None, shown=None, parse=None,
+            multiple: bool = False, is_flag: bool = False, cli: bool = True):
+    """A :class:`CompressConfig` field and, unless ``cli`` is false, its ``deltacomp compress`` option: the default
+    lives here once. ``shown`` is the option's default as typed (when it differs from the field's value, e.g. a
+    schedule as text); ``parse`` turns the option's value into the field's."""
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+    meta = {"group": group, "cli": cli, "help": help, "flag": flag, "type": type, "choices": choices,
+            "metavar": metavar, "shown": shown, "parse": parse, "multiple": multiple, "is_flag": is_flag}
+    return field(default=default, metadata=meta)
+
+
+def _include(values) -> tuple[str, ...]:
+    return tuple(values) or DEFAULT_INCLUDE
+
+
+def _exclude(values) -> tuple[str, ...]:
+    return DEFAULT_EXCLUDE + tuple(values)
+
+
+def _allocation_bits(text):
+    return parse_bits(text) if text else None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
-class CompressConfig:
-    method: str = "mixed"
-    bits: float = 1.0  # budget: bits per delta entry of each compressed matrix (1.0 = 1/16 of fp16)
-    schedule: tuple[tuple[int, int | None], ...] = DEFAULT_SCHEDULE
-    group_size: int = 0  # quantization group along each singular vector; 0 = one group per vector
-    refit: bool = True  # least-squares refit of U and S after quantizing V (no calibration needed)
-    include: tuple[str, ...] = DEFAULT_INCLUDE
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
-    min_dim: int = 16  # matrices with a smaller side are stored exactly
-    device: str = "cpu"
-    max_shard_bytes: int = 2 * 1024**3
-    extra: dict = field(default_factory=dict)  # method-specific settings added by later stages
-    # calibration (deltacomp.calib): layer inputs of the fine-tuned model on this text turn RTN into GPTQ
-    calib: str | None = None  # plain text, JSON lines with a text field, or chat JSON lines ("messages")
-    calib_field: str = "text"  # the text field of JSON lines
-    calib_samples: int | None = None  # None: every record / window, at most 128
-    calib_seqlen: int | None = None  # None: one sample per record; L: records joined and cut into L-token windows
-    gptq_group_size: int = 128  # quantization group along each singular vector under GPTQ (0 = whole vector)
-    act_order: bool = True  # GPTQ visits columns in order of decreasing Hessian diagonal
-    damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
-    sequential: bool = False  # fit each matrix on the compressed model's inputs (deltacomp.calib.sequential)
-    seq_damp: float = 1.0  # its ridge towards the fine-tune's weight, a fraction of the mean Hessian diagonal
-    # bit allocation (deltacomp.quant.allocate)
-    allocation: str = "schedule"  # schedule: the fixed groups above | optimal: bits per vector minimising error
-    # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib, else 2,3,4,8
-    allocation_bits: tuple[tuple[int, int], ...] | None = None
-    budget_scope: str = "matrix"  # matrix: each matrix within its budget | model: the total of all of them
-    svd: str = "auto"  # full | randomized | auto (randomized on a GPU when the rank kept is small)
-    # changed uncompressed tensors (norms, biases): fp16-delta (their delta in fp16 where that rebuilds the
-    # fine-tune within fp16's rounding of the delta, else stored whole) | full (as the fine-tune has them)
-    exact: str = "fp16-delta"
-    # a vocabulary matrix (EMBEDDING_PATTERN) keeps only the rows that hold this fraction of its delta's energy
-    # (squared norm), compressed at the whole matrix's budget, when they are at most half its rows; 1 = every row
-    rows_energy: float = 0.999
-    budget: str = "factors"  # what --bits limits: factors (packed U, V) | all-in (also scales, offsets and S)
+class Selection:
+    """What is compressed: name patterns, the smallest side, vocabulary rows, the form of exact tensors."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    min_dim: int
+    exact: str
+    rows_energy: float
 
     def __post_init__(self):
-        if self.allocation_bits is None:
-            default = UV_ALLOCATION_BITS if self.calib else PLAIN_ALLOCATION_BITS
-            object.__setattr__(self, "allocation_bits", parse_bits(default))
-        if not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits) or self.bits <= 0:
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise DeltacompError(f"bad pattern {pattern!r}: {e}") from None
+        if not (isinstance(self.rows_energy, (int, float)) and 0 < self.rows_energy <= 1):
+            raise DeltacompError(f"--rows-energy must be in (0, 1], got {self.rows_energy!r}")
+        if self.exact not in ("full", "fp16-delta"):
+            raise DeltacompError(f"--exact must be full or fp16-delta, got {self.exact!r}")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """The method, its budget, and how the factors are found and quantized without calibration."""
+
+    method: str
+    bits: float
+    budget: str
+    schedule: tuple[tuple[int, int | None], ...]
+    group_size: int
+    refit: bool
+    svd: str
+
+    def __post_init__(self):
+        if not _number(self.bits) or self.bits <= 0:
             raise DeltacompError(f"--bits must be a positive number of bits per entry, got {self.bits}")
         if self.bits > 16:
             raise DeltacompError(f"--bits {self.bits} is more than fp16 (16 bits per entry); nothing to compress")
+        if self.budget not in ("factors", "all-in"):
+            raise DeltacompError(f"--budget must be factors or all-in, got {self.budget!r}")
         if not self.schedule:
             raise DeltacompError("the bit schedule is empty")
         for bits, count in self.schedule:
@@ -138,17 +171,25 @@ class CompressConfig:
                 raise DeltacompError(f"schedule count must be positive, got {bits}:{count}")
         if self.group_size < 0:
             raise DeltacompError(f"--group-size must be >= 0 (0 = one group per vector), got {self.group_size}")
-        for pattern in (*self.include, *self.exclude):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise DeltacompError(f"bad pattern {pattern!r}: {e}") from None
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
-        self._check_calibration()
-        self._check_allocation()
+        if self.svd not in ("full", "randomized", "auto"):
+            raise DeltacompError(f"--svd must be full, randomized or auto, got {self.svd!r}")
 
-    def _check_calibration(self):
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration text and GPTQ (:mod:`deltacomp.calib`); ``calib`` None: no calibration."""
+
+    calib: str | None
+    calib_field: str
+    calib_samples: int | None
+    calib_seqlen: int | None
+    gptq_group_size: int
+    act_order: bool
+    damp: float
+    sequential: bool
+    seq_damp: float
+
+    def __post_init__(self):
         for name, value, low in (("--calib-samples", self.calib_samples, 1), ("--calib-seqlen", self.calib_seqlen, 2)):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise DeltacompError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -158,41 +199,167 @@ class CompressConfig:
             raise DeltacompError(f"--damp must be in (0, 1] (a fraction of the mean Hessian diagonal), got {self.damp}")
         if not self.calib_field:
             raise DeltacompError("--calib-field must name a JSON field")
-        if self.calib is not None and self.method != "mixed":
-            raise DeltacompError(f"--calib is used by the mixed method only, not by {self.method!r}")
         if self.sequential and self.calib is None:
             raise DeltacompError("--sequential follows the compressed model on calibration text: give --calib")
-        if self.sequential and self.budget_scope == "model":
-            raise DeltacompError("--sequential compresses matrices one after another; it cannot share a "
-                                 "--budget-scope model allocation, which is fixed before any is compressed")
-        if not (isinstance(self.seq_damp, (int, float)) and math.isfinite(self.seq_damp) and self.seq_damp > 0):
+        if not (_number(self.seq_damp) and self.seq_damp > 0):
             raise DeltacompError(f"--seq-damp must be a positive fraction of the mean Hessian diagonal, "
                                  f"got {self.seq_damp}")
 
-    def _check_allocation(self):
+
+@dataclass(frozen=True)
+class Allocation:
+    """Bits per singular vector (:mod:`deltacomp.quant.allocate`): the fixed schedule or the optimal choice."""
+
+    allocation: str
+    allocation_bits: tuple[tuple[int, int], ...]
+    budget_scope: str
+
+    def __post_init__(self):
         if self.allocation not in ("schedule", "optimal"):
             raise DeltacompError(f"--allocation must be schedule or optimal, got {self.allocation!r}")
         if self.budget_scope not in ("matrix", "model"):
             raise DeltacompError(f"--budget-scope must be matrix or model, got {self.budget_scope!r}")
         if self.budget_scope == "model" and self.allocation != "optimal":
             raise DeltacompError("--budget-scope model shares one budget across matrices: use --allocation optimal")
-        if self.budget_scope == "model" and self.method != "mixed":
-            raise DeltacompError(f"--budget-scope model is for the mixed method only, not {self.method!r}")
         if not self.allocation_bits:
             raise DeltacompError("the allocation bit set is empty")
         for bits in {b for width in self.allocation_bits for b in width}:
             if bits not in SUPPORTED_BITS:
                 raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
-        if self.svd not in ("full", "randomized", "auto"):
-            raise DeltacompError(f"--svd must be full, randomized or auto, got {self.svd!r}")
-        if not (isinstance(self.rows_energy, (int, float)) and 0 < self.rows_energy <= 1):
-            raise DeltacompError(f"--rows-energy must be in (0, 1], got {self.rows_energy!r}")
-        if self.budget not in ("factors", "all-in"):
-            raise DeltacompError(f"--budget must be factors or all-in, got {self.budget!r}")
-        if self.budget == "all-in" and self.method != "mixed":
-            raise DeltacompError(f"--budget all-in is for the mixed method only, not {self.method!r}")
-        if self.exact not in ("full", "fp16-delta"):
-            raise DeltacompError(f"--exact must be full or fp16-delta, got {self.exact!r}")
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where the work runs and how the package's tensors are sharded (not recorded in the manifest)."""
+
+    device: str
+    max_shard_bytes: int
+
+    def __post_init__(self):
+        if not isinstance(self.device, str) or (self.device != "cpu" and not self.device.startswith("cuda")):
+            raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class Groups:
+    selection: Selection
+    quantization: Quantization
+    calibration: Calibration
+    allocation: Allocation
+    output: Output
+
+
+GROUP_TYPES = {"selection": Selection, "quantization": Quantization, "calibration": Calibration,
+               "allocation": Allocation, "output": Output}
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything ``deltacomp compress`` is told, flat as the manifest records it and as callers write it.
+
+    Each field belongs to a group, a small frozen config that checks its own settings on construction
+    (:attr:`groups`: :class:`Selection`, :class:`Quantization`, :class:`Calibration`, :class:`Allocation`,
+    :class:`Output`); the method then refuses the settings it does not use
+    (:meth:`deltacomp.methods.base.Method.check_config`)."""
+
+    method: str = setting("mixed", "quantization", "Compression method of every compressed matrix.",
+                          metavar="[mixed|lowrank|bitdelta|dense]")
+    bits: float = setting(1.0, "quantization",
+                          "Budget: bits per delta entry of each compressed matrix (1.0 = 1/16 of fp16).")
+    schedule: tuple[tuple[int, int | None], ...] = setting(
+        DEFAULT_SCHEDULE, "quantization", "Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT.",
+        shown=format_schedule(DEFAULT_SCHEDULE), parse=parse_schedule)
+    group_size: int = setting(0, "quantization",
+                              "Quantization group along each singular vector (0 = one group per vector).")
+    refit: bool = setting(True, "quantization", "Least-squares refit of U and S after quantizing V.",
+                          flag="--refit/--no-refit")
+    include: tuple[str, ...] = setting(DEFAULT_INCLUDE, "selection",
+                                       "Regex of tensor names to compress (repeatable; replaces the default).",
+                                       multiple=True, parse=_include)
+    exclude: tuple[str, ...] = setting(DEFAULT_EXCLUDE, "selection",
+                                       "Regex of names never compressed (repeatable; adds to the default).",
+                                       multiple=True, parse=_exclude)
+    min_dim: int = setting(16, "selection", cli=False)  # matrices with a smaller side are stored exactly
+    device: str = setting("cpu", "output", "Where the SVD runs.", metavar="[cpu|cuda|cuda:N]")
+    max_shard_bytes: int = setting(2 * 1024**3, "output", cli=False)
+    # calibration (deltacomp.calib): layer inputs of the fine-tuned model on this text turn RTN into GPTQ
+    calib: str | None = setting(None, "calibration", "Calibration text (plain text, JSON lines, or chat JSON lines): "
+                                "GPTQ instead of round-to-nearest.", type="path")
+    calib_field: str = setting("text", "calibration", "Text field of JSON-lines calibration data.")
+    calib_samples: int | None = setting(
+        None, "calibration", "Calibration samples [default: the records within 128 x 2048 tokens, at least 128; "
+        "with --calib-seqlen, 128 windows].", type=int)
+    calib_seqlen: int | None = setting(None, "calibration", "Join the records and cut L-token windows [default: one "
+                                       "sample per record].", type=int)
+    gptq_group_size: int = setting(128, "calibration",
+                                   "Quantization group along each vector under GPTQ (0 = whole vector).")
+    act_order: bool = setting(True, "calibration", "GPTQ column order by Hessian.", flag="--act-order/--no-act-order")
+    damp: float = setting(0.01, "calibration", "GPTQ damping (fraction of mean diag H).")
+    sequential: bool = setting(False, "calibration", "With --calib: fit each matrix on the inputs of the model "
+                               "compressed so far (later layers absorb earlier errors).", is_flag=True)
+    seq_damp: float = setting(1.0, "calibration",
+                              "--sequential's ridge towards the fine-tune's weight (fraction of mean diag H).")
+    # bit allocation (deltacomp.quant.allocate)
+    allocation: str = setting("schedule", "allocation", "Bits per singular vector: the fixed --schedule, or chosen "
+                              "to minimise the expected error.", choices=("schedule", "optimal"))
+    # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib, else 2,3,4,8
+    allocation_bits: tuple[tuple[int, int], ...] | None = setting(
+        None, "allocation", "Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector "
+        "at U bits, V's at V). GPTQ absorbs much of V's error, so with --calib the default is "
+        f"{UV_ALLOCATION_BITS}; without, {PLAIN_ALLOCATION_BITS}.", type=str, parse=_allocation_bits)
+    budget_scope: str = setting("matrix", "allocation", "Budget per matrix, or shared by all compressed matrices "
+                                "(with --allocation optimal).", choices=("matrix", "model"))
+    svd: str = setting("auto", "quantization", "SVD algorithm (auto: randomized on a GPU when few vectors are kept).",
+                       choices=("auto", "full", "randomized"))
+    # changed uncompressed tensors (norms, biases): fp16-delta (their delta in fp16 where that rebuilds the
+    # fine-tune within fp16's rounding of the delta, else stored whole) | full (as the fine-tune has them)
+    exact: str = setting("fp16-delta", "selection", "Changed tensors that are not compressed (norms, biases): their "
+                         "delta in fp16 where that rebuilds the fine-tune within fp16's rounding of the delta (else "
+                         "whole), or as the fine-tune has them.", choices=("fp16-delta", "full"))
+    # a vocabulary matrix (EMBEDDING_PATTERN) keeps only the rows that hold this fraction of its delta's energy
+    # (squared norm), compressed at the whole matrix's budget, when they are at most half its rows; 1 = every row
+    rows_energy: float = setting(0.999, "selection", "An embedding or lm_head keeps the rows holding this share of "
+                                 "its delta's energy (the tokens the fine-tune moved), compressed at the whole "
+                                 "matrix's budget; 1 = every row.")
+    # what --bits limits: factors (packed U, V) | all-in (also scales, offsets and S)
+    budget: str = setting("factors", "quantization", "What --bits limits: the packed factors (the published "
+                          "convention, so results compare), or all-in, also each vector's scales, offsets and S "
+                          "(mixed only). The package's total bytes, every file counted, are reported either way.",
+                          choices=("factors", "all-in"))
+
+    @classmethod
+    def group_fields(cls, group: str) -> list[str]:
+        """The names of the fields of one group (:data:`GROUPS`)."""
+        return [f.name for f in fields(cls) if f.metadata.get("group") == group]
+
+    @classmethod
+    def from_options(cls, **options) -> CompressConfig:
+        """A config from ``deltacomp compress``'s option values (as :func:`deltacomp.cli.options.config_options`
+        declares them): each value goes through its field's ``parse``."""
+        kw = {}
+        for f in fields(cls):
+            if f.name in options:
+                parse = f.metadata.get("parse")
+                kw[f.name] = parse(options[f.name]) if parse else options[f.name]
+        return cls(**kw)
+
+    def __post_init__(self):
+        if self.allocation_bits is None:
+            default = UV_ALLOCATION_BITS if self.calib else PLAIN_ALLOCATION_BITS
+            object.__setattr__(self, "allocation_bits", parse_bits(default))
+        parts = {g: GROUP_TYPES[g](**{n: getattr(self, n) for n in self.group_fields(g)}) for g in GROUPS}
+        object.__setattr__(self, "_groups", Groups(**parts))  # each group checks its own settings
+        if self.sequential and self.budget_scope == "model":
+            raise DeltacompError("--sequential compresses matrices one after another; it cannot share a "
+                                 "--budget-scope model allocation, which is fixed before any is compressed")
+        from deltacomp.methods.base import get_method  # the method refuses the settings it does not use
+
+        get_method(self.method).check_config(self)
+
+    @property
+    def groups(self) -> Groups:
+        """The settings by group, as small frozen configs: ``config.groups.calibration.damp``."""
+        return self._groups
 
     def to_dict(self) -> dict:
         d = asdict(self)

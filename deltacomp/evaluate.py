@@ -30,6 +30,7 @@ from deltacomp.methods.base import get_method
 from deltacomp.package.reader import check_base, compressed_names, iter_weights
 from deltacomp.package.store import DeltaPackage
 from deltacomp.quality import causal
+from deltacomp.quality.encoder import mean_pool
 from deltacomp.quality.modules import module_errors, summarise
 from deltacomp.quality.texts import DEFAULT_TEXTS, EVAL_SENTENCES, read_texts
 from deltacomp.quality.weights import WeightSlots, load_model, model_kind, tokenizer_source
@@ -176,9 +177,7 @@ class _Scorer:
                              max_length=self.config.max_length, return_tensors="pt").to(self.config.device)
             with torch.no_grad():
                 hidden = self.model(**batch).last_hidden_state.float()  # (B, T, d)
-            mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+            chunks.append(mean_pool(hidden, batch["attention_mask"]).cpu())
         return torch.cat(chunks)  # (N, d)
 
     def reference(self) -> dict:

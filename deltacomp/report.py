@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deltacomp.package.card import base_label
+from deltacomp.package.manifest import bits_text
 
 
 def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
@@ -15,12 +16,6 @@ def format_table(headers: list[str], rows: list[list], align: str | None = None)
         return "  ".join(v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(values, widths, align)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
-
-
-def bits_text(info: dict) -> str:
-    """A package module's bit groups: ``8b x2 3/2b x10`` (U/V where V's width differs from U's)."""
-    return " ".join(f"{g['bits']}{'/' + str(g['v_bits']) if 'v_bits' in g else ''}b x{g['rank']}"
-                    for g in info.get("groups") or [])
 
 
 def module_rows(manifest: dict) -> list[list]:

@@ -1,10 +1,11 @@
 """A loopback Hugging Face Hub for tests: enough of the Hub's HTTP API for the real huggingface_hub client.
 
-Routes (model repos, ``org/name`` ids; REFERENCE.md section 7): create a repo, create a branch, preupload
-(every file ``regular``: contents travel in the commit), commit (ndjson), repo info at a revision, the file
-tree, and ``HEAD``/``GET`` of ``/{repo}/resolve/{rev}/{path}``. Every commit gets its own sha; old commits stay
-readable by sha. Tokens listed in ``bad_tokens`` get a 401; writes need a token; a private repo is a 404
-(``RepoNotFound``) to anyone without a good token, as on the Hub. Repos live in memory.
+Routes (model repos, ``org/name`` ids; the client reaches them through ``HF_ENDPOINT``, so the real
+``create_repo``, ``upload_folder``, ``hf_hub_download`` and ``snapshot_download`` run): create a repo, create a
+branch, preupload (every file ``regular``: contents travel in the commit), commit (ndjson), repo info at a
+revision, the file tree, and ``HEAD``/``GET`` of ``/{repo}/resolve/{rev}/{path}``. Every commit gets its own sha;
+old commits stay readable by sha. Tokens listed in ``bad_tokens`` get a 401; writes need a token; a private repo is
+a 404 (``RepoNotFound``) to anyone without a good token, as on the Hub. Repos live in memory.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def test_model_scope_shares_one_budget_and_keeps_every_matrix():
         tables.append(allocate.vector_errors(u, s, vh.T, BITS, 0))
         costs.append(allocate.option_costs(m, n, BITS))
         total += m * n
-    options = allocate.allocate(tables, costs, 1.0 * total)
+    options = allocate.solve(tables, costs, 1.0 * total)
     spent = sum(float(c[o].sum()) for c, o in zip(costs, options))
     assert spent <= 1.0 * total
     assert all(int(o[0]) > 0 for o in options)
@@ -106,7 +106,7 @@ def test_model_scope_shares_one_budget_and_keeps_every_matrix():
 def test_too_small_a_budget_is_a_clear_error():
     table = torch.ones(4, 5)
     with pytest.raises(BudgetError, match="cannot keep one vector of each of 2 matrices"):
-        allocate.allocate([table, table], [allocate.option_costs(64, 64, BITS)] * 2, 10.0)
+        allocate.solve([table, table], [allocate.option_costs(64, 64, BITS)] * 2, 10.0)
 
 
 def test_group_by_bits_orders_widest_first_and_drops_zeros():
@@ -144,7 +144,7 @@ def test_gptq_measured_v_errors_are_below_round_to_nearest():
 def test_uv_widths_beat_equal_widths_on_the_calibrated_output_error(bits_per_entry):
     """GPTQ absorbs much of V's error and none of U's: spending fewer bits on V keeps more vectors, and the
     calibrated output error ``||(delta - delta_hat) X^T||`` falls."""
-    from deltacomp.quant.calibrated import quantize_gptq
+    from deltacomp.quant.factors import quantize_gptq
 
     m, n = 256, 256
     delta, x, h = _calibrated_case(m, n)

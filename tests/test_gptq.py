@@ -6,7 +6,7 @@ import torch
 
 from deltacomp.quant import factors, gptq, rtn
 from deltacomp.quant.budget import BitGroup
-from deltacomp.quant.calibrated import quantize_gptq
+from deltacomp.quant.factors import quantize_gptq
 
 
 def _inputs(n, tokens=2048, seed=0):

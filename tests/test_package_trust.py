@@ -17,8 +17,8 @@ from deltacomp.cli import cli
 from deltacomp.errors import CheckpointError, MismatchError, OutputError, PackageError
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.io.output import atomic_dir
-from deltacomp.package.publish import verify_folder
 from deltacomp.package.store import DeltaPackage
+from deltacomp.publish import verify_folder
 
 COMPRESSED = "model.layers.0.self_attn.q_proj.weight"
 EXACT = "model.layers.0.input_layernorm.weight"

@@ -4,8 +4,8 @@
 ``--budget-scope model`` is set. Entries are put in natural order (``layers.2`` before ``layers.10``) so that
 the blocks are visited once, in order; the Hessians of a block live only while its matrices are compressed.
 With ``--sequential`` (:mod:`deltacomp.calib.sequential`) the calibrated matrices are further put in the order
-the model calls them, and each context also carries the cross moment and a ``done`` callback that hands the
-compressed matrix back to the student stream.
+the model calls them, and each context (:class:`deltacomp.calib.context.MatrixContext`) also carries the target
+delta fitted to the student's inputs and a hook that hands the compressed matrix back to the student stream.
 
 ``--budget-scope model`` needs a first pass before anything is quantized: every matrix is decomposed (top
 vectors, up to twice the rank its own budget would afford), the expected error of each vector at each width is
@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltacomp.config import CompressConfig
+from deltacomp.calib.context import MatrixContext, ScopePlan
+from deltacomp.config import Calibration, CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, stream
 from deltacomp.io.checkpoint import Checkpoint
-from deltacomp.lowrank.svd import decompose
 from deltacomp.quant import allocate
-from deltacomp.quant.budget import overhead_bits
+from deltacomp.stages import timed
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def load_calibration(config: CompressConfig, ft: Checkpoint, base: Checkpoint) -> list[torch.Tensor]:
+@timed("calibration")
+def load_calibration(config: Calibration, ft: Checkpoint, base: Checkpoint) -> list[torch.Tensor]:
     """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none)."""
     from transformers import AutoTokenizer
 
@@ -69,6 +70,7 @@ class _Cursor:
         self.it = iter(hessians)
         self.layer, self.current = -1, {}
 
+    @timed("calibration")
     def get(self, name: str) -> torch.Tensor | None:
         want = self.layer_of.get(name)
         if want is None:
@@ -83,11 +85,11 @@ class _Cursor:
 
 
 class Contexts:
-    def __init__(self, base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig):
-        self.base, self.ft, self.config = base, ft, config
+    def __init__(self, base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig, method):
+        self.base, self.ft, self.config, self.method = base, ft, config, method
         self.entries = sorted(entries, key=lambda e: natural_key(e.name))
         self.names = {e.name for e in self.entries if e.action == "compress"}
-        self.samples = load_calibration(config, ft, base) if config.calib else None
+        self.samples = load_calibration(config.groups.calibration, ft, base) if config.calib else None
         self.bits: dict[str, torch.Tensor] = {}
         self.spill: Path | None = None
         self.sequential = None
@@ -148,40 +150,46 @@ class Contexts:
             h = cursor.get(e.name) if cursor else None
             if not bool(delta.any()):
                 continue
-            m, n = delta.shape
-            total += m * n
-            gs = cfg.gptq_group_size if h is not None else cfg.group_size
-            u, s, v = decompose(delta, allocate.max_rank(m, n, cfg.bits, cfg.allocation_bits, share=2.0),
-                                cfg.device, cfg.svd)
-            tables.append(allocate.vector_errors(u, s, v, cfg.allocation_bits, gs, h, (cfg.act_order, cfg.damp)))
-            extra = overhead_bits(m, n, gs) if cfg.budget == "all-in" else 0  # --budget all-in
-            costs.append(allocate.option_costs(m, n, cfg.allocation_bits, extra))
+            total += delta.numel()
+            c = self.method.candidates(delta, cfg, h, share=2.0)
+            tables.append(c.errors)
+            costs.append(c.costs)
+            u, s, v = c.u, c.s, c.v
             save_file({"u": u.half().cpu().contiguous(), "s": s.cpu(), "v": v.half().cpu().contiguous()},
                       str(self.spill / f"{len(names)}.safetensors"))
             names.append(e.name)
         if not names:
             return
-        options = allocate.allocate(tables, costs, cfg.bits * total)
+        options = allocate.solve(tables, costs, cfg.bits * total)
         self.bits = {n: allocate.bits_of_options(o, cfg.allocation_bits) for n, o in zip(names, options)}
         self.index = {n: i for i, n in enumerate(names)}
         log.info("model-scope allocation over %d matrices: %d vectors kept", len(names),
                  sum(int((b > 0).sum()) for b in self.bits.values()))
 
-    def context_for(self, e: Entry) -> dict | None:
-        ctx = {}
+    def context_for(self, e: Entry) -> MatrixContext | None:
+        """The context of the compressed matrix ``e``; asked for in the order of :attr:`entries`."""
+        hessian = target = compressed = plan = None
         seq = self.sequential
         if seq is not None and e.name in seq.layer_of:
-            ctx["hessian"], ctx["cross"] = seq.moments(e.name)
-            ctx["done"] = lambda base, delta: seq.done(e.name, base, delta)
+            from deltacomp.calib.sequential import target_delta
+
+            hessian, cross = seq.moments(e.name)
+            damp = self.config.seq_damp
+
+            def target(base, ft, h=hessian, c=cross):
+                return target_delta(base, ft, h, c, damp)
+
+            def compressed(base, delta, name=e.name):
+                seq.done(name, base, delta)
+
         if self.cursor is not None:
-            h = self.cursor.get(e.name)
-            if h is not None:
-                ctx["hessian"] = h
+            hessian = self.cursor.get(e.name)
         if e.name in self.bits:
             t = load_file(str(self.spill / f"{self.index[e.name]}.safetensors"), device=self.config.device)
-            ctx["factors"] = (t["u"].float(), t["s"].float(), t["v"].float())
-            ctx["bits"] = self.bits[e.name]
-        return ctx or None
+            plan = ScopePlan(t["u"].float(), t["s"].float(), t["v"].float(), self.bits[e.name])
+        if hessian is None and target is None and plan is None:
+            return None
+        return MatrixContext(hessian, target, compressed, plan)
 
     def close(self) -> None:
         self.cursor = self.sequential = None
@@ -189,8 +197,9 @@ class Contexts:
             shutil.rmtree(self.spill, ignore_errors=True)
 
 
-def open_contexts(base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig) -> Contexts | None:
+def open_contexts(base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig,
+                  method) -> Contexts | None:
     """The contexts ``config`` needs, or None when it needs none (no calibration, per-matrix budget)."""
     if config.calib is None and config.budget_scope == "matrix":
         return None
-    return Contexts(base, ft, entries, config)
+    return Contexts(base, ft, entries, config, method)

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from deltacomp.calib.activations import LayerwiseHessians, _load_block
+from deltacomp.stages import timed
 
 
+@timed("sequential target")
 def target_delta(base: torch.Tensor, ft: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
                  seq_damp: float) -> torch.Tensor:
     """``W* - W_base`` (m, n) float32 for student moment ``hessian`` (n, n) and cross moment ``cross`` (n, n)."""
@@ -55,6 +57,7 @@ class SequentialCalibration:
     gives ``(H_s, C)`` and :meth:`done` takes its compressed delta before the next name is asked for.
     """
 
+    @timed("calibration")
     def __init__(self, ft, samples: list[torch.Tensor], wanted: set[str], device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_tokens: int = 16384):
         self.layers = LayerwiseHessians(ft, samples, wanted, device, dtype, max_tokens)
@@ -144,6 +147,7 @@ class SequentialCalibration:
             self._load(self.current + 1)
 
     @torch.no_grad()
+    @timed("calibration")
     def moments(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(H_s, C)`` (n, n) float32 of ``name``, which must come in :attr:`order`."""
         i, local = self.layer_of[name], self.layers.local[name]
@@ -167,6 +171,7 @@ class SequentialCalibration:
         return self.cache[local]
 
     @torch.no_grad()
+    @timed("calibration")
     def done(self, name: str, base: torch.Tensor, delta: torch.Tensor) -> None:
         """The base weight and compressed delta (m, n) of ``name``: the student uses ``base + delta`` from now on."""
         local = self.layers.local[name]

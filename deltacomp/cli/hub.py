@@ -29,17 +29,27 @@ from deltacomp.errors import DeltacompError
 @handle_errors
 def push(package, repo_id, private, revision, with_peft, base, max_rank, base_model, message, progress, as_json):
     """Upload PACKAGE (folder or Hub id) to the Hub repo REPO_ID with a generated model card."""
-    from deltacomp.package.publish import push as run
+    from deltacomp.publish import PEFT_FOLDER
+    from deltacomp.publish import push as run
 
-    peft_config = None
-    if with_peft:
-        from deltacomp.export.peft import PeftExportConfig
+    if not with_peft:
+        if max_rank is not None or base is not None:
+            raise DeltacompError("--max-rank and --base only apply with --with-peft")
+        result = run(package, repo_id, private=private, revision=revision, base_model=base_model, message=message,
+                     progress=progress)
+    else:
+        from deltacomp.export.peft import PeftExportConfig, export_peft
+        from deltacomp.fusion.folder import is_gate_folder
+        from deltacomp.io.hub import check_repo_id
+        from deltacomp.io.output import scratch_dir
 
-        peft_config = PeftExportConfig(max_rank=max_rank)
-    elif max_rank is not None or base is not None:
-        raise DeltacompError("--max-rank and --base only apply with --with-peft")
-    result = run(package, repo_id, private=private, revision=revision, with_peft=with_peft, base=base,
-                 peft_config=peft_config, base_model=base_model, message=message, progress=progress)
+        check_repo_id(repo_id)
+        if is_gate_folder(package):
+            raise DeltacompError(f"{package} is a fusion gate; --with-peft and --base-model apply to packages only")
+        with scratch_dir("push-peft") as tmp:
+            export_peft(package, tmp / PEFT_FOLDER, base, PeftExportConfig(max_rank=max_rank), progress=False)
+            result = run(package, repo_id, private=private, revision=revision, attach={PEFT_FOLDER: tmp / PEFT_FOLDER},
+                         base_model=base_model, message=message, progress=progress)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -57,7 +67,7 @@ def push(package, repo_id, private, revision, with_peft, base, max_rank, base_mo
 @handle_errors
 def pull(repo, output, overwrite, progress, as_json):
     """Download the package REPO (org/name[@revision]) into a folder, checking every file's sha256."""
-    from deltacomp.package.publish import pull as run
+    from deltacomp.publish import pull as run
 
     result = run(repo, output, overwrite=overwrite, progress=progress)
     if as_json:

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from deltacomp.errors import DeltacompError
 from deltacomp.export.adapter_plan import AdapterPlan, is_embedding_like, plan_adapter
-from deltacomp.export.lora import truncate
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.io.output import atomic_dir, check_output
 from deltacomp.io.safetensors_file import DTYPES, SafetensorsWriter
+from deltacomp.lowrank.lora import truncate
 from deltacomp.methods.base import get_method
 from deltacomp.package.reader import check_base, stored_weight
 from deltacomp.package.store import DeltaPackage

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from deltacomp.errors import CheckpointError
-from deltacomp.io.paths import hub_cache_root, inside
+from deltacomp.io.paths import hub_cache_root, inside, resolve_folder
 from deltacomp.io.safetensors_file import SafetensorsReader
+from deltacomp.stages import timed
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -44,16 +45,7 @@ SIDE_FILES = (
 
 def resolve_model_path(source: str | os.PathLike) -> Path:
     """A local model folder for ``source``: the folder itself, or a Hub snapshot for a repo id."""
-    path = Path(source)
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{source}: not a folder (expected a model folder with config.json)")
-        return path
-    from deltacomp.io.hub import looks_like_repo_id, snapshot
-
-    if looks_like_repo_id(str(source)):
-        return snapshot(str(source), kind="model")
-    raise CheckpointError(f"{source}: no such folder (and not a Hub repo id)")
+    return resolve_folder(source, "model", CheckpointError, "folder")
 
 
 def _load_weights_only(f: Path):
@@ -166,6 +158,7 @@ class Checkpoint:
             return self._readers[f].tensors[name].dtype
         return self._bins[f][name].dtype
 
+    @timed("load")
     def read(self, name: str) -> torch.Tensor:
         f = self._where[name]
         if f in self._readers:

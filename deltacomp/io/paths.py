@@ -58,3 +58,19 @@ def contains(outer: Path, inner: Path) -> bool:
     """Whether ``inner`` is ``outer`` or lies under it (both resolved)."""
     outer, inner = Path(os.path.realpath(outer)), Path(os.path.realpath(inner))
     return inner == outer or outer in inner.parents
+
+
+def resolve_folder(source: str | os.PathLike, kind: str, error: type[DeltacompError], what: str) -> Path:
+    """A local folder for ``source``: the folder itself, or a Hub snapshot when it is a repo id
+    (``org/name[@revision]``). ``kind`` is ``model`` (weights, config and tokenizer files are fetched) or
+    ``package`` (fetched whole); ``what`` names the folder in ``error``'s message."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise error(f"{source}: not a {what}")
+        return path
+    from deltacomp.io.hub import looks_like_repo_id, snapshot
+
+    if looks_like_repo_id(str(source)):
+        return snapshot(str(source), kind=kind)
+    raise error(f"{source}: no such {what} (and not a Hub repo id)")

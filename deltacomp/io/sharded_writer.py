@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from deltacomp.io.safetensors_file import SafetensorsWriter
+from deltacomp.stages import timed
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
@@ -30,6 +31,7 @@ class ShardedWriter:
         self._writer: SafetensorsWriter | None = None
         self.total_bytes = 0
 
+    @timed("write")
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         if self._writer is None or (self._writer.nbytes and self._writer.nbytes + size > self.max_shard_bytes):
@@ -46,6 +48,7 @@ class ShardedWriter:
         self._writer = SafetensorsWriter(path, self.metadata)
         self._shards.append((path, []))
 
+    @timed("write")
     def close(self) -> list[str]:
         """Finish the files; return their final names."""
         if self._writer is None:

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import torch
 
-
-def svd(delta: torch.Tensor, rank: int | None = None, device: str = "cpu"):
-    """``delta (m, n) ~= U diag(S) V^T``; returns U (m, r), S (r,), V (n, r) in float32 on the CPU.
-
-    Singular values come in descending order. ``rank`` truncates (None keeps min(m, n)). The
-    decomposition runs in float32 on ``device``.
-    """
-    d = delta.to(device=device, dtype=torch.float32)
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    r = s.shape[0] if rank is None else min(rank, s.shape[0])
-    return u[:, :r].cpu(), s[:r].cpu(), vh[:r].T.cpu()
+from deltacomp.stages import timed
 
 
-def decompose(delta: torch.Tensor, rank: int, device: str = "cpu", method: str = "auto", niter: int = 4):
-    """Top-``rank`` SVD ``U (m, r), S (r,), V (n, r)`` in float32, left on ``device``.
+@timed("svd")
+def svd(delta: torch.Tensor, rank: int | None = None, device: str = "cpu", method: str = "auto", niter: int = 4):
+    """Top-``rank`` SVD ``delta (m, n) ~= U diag(S) V^T``: U (m, r), S (r,), V (n, r) in float32, left on ``device``
+    (the caller moves what it stores). Singular values descending; ``rank`` None keeps min(m, n).
 
     ``method``: ``full`` (torch.linalg.svd), ``randomized`` (Halko et al.: a range finder with ``niter`` power
     iterations and oversampling, then an exact SVD of the small projection), or ``auto``: randomized on a GPU
     when ``rank`` is at most half of min(m, n), full otherwise.
     """
     d = delta.to(device=device, dtype=torch.float32)
-    k = min(rank, min(d.shape))
+    k = min(d.shape) if rank is None else min(rank, min(d.shape))
     if method == "auto":
         method = "randomized" if d.is_cuda and k <= min(d.shape) // 2 else "full"
     if method == "full":

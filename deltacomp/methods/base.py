@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltacomp.calib.context import MatrixContext
 from deltacomp.config import CompressConfig
+from deltacomp.errors import DeltacompError
 from deltacomp.registry import Registry
 
 
@@ -26,10 +28,26 @@ class Method:
     name: str = ""
     exact_factors: bool = False  # True when ``factors`` returns the stored delta exactly (a low-rank method)
 
+    # the settings beyond the budget that this method reads; any other left at a non-default value is refused
+    uses: frozenset[str] = frozenset()
+
+    def check_config(self, config: CompressConfig) -> None:
+        """Refuse settings this method does not use (a DeltacompError naming the setting and the method)."""
+        refused = (("calib", config.calib is not None, "--calib is used by the {users} method only, not by {me!r}"),
+                   ("budget_scope", config.budget_scope != "matrix",
+                    "--budget-scope model is for the {users} method only, not {me!r}"),
+                   ("budget", config.budget != "factors", "--budget all-in is for the {users} method only, not {me!r}"))
+        for key, given, message in refused:
+            if given and key not in self.uses:
+                users = " and ".join(sorted(n for n, cls in METHODS.items() if key in cls.uses)) or "no"
+                raise DeltacompError(message.format(users=users, me=self.name))
+
     def check_budget(self, shape: tuple[int, int], config: CompressConfig) -> None:
         """Raise BudgetError if the budget cannot cover a matrix of ``shape``; default: any budget works."""
 
-    def compress(self, delta: torch.Tensor, config: CompressConfig, context=None) -> Compressed:
+    def compress(self, delta: torch.Tensor, config: CompressConfig,
+                 context: MatrixContext | None = None) -> Compressed:
+        """Compress one float32 (m, n) delta; ``context`` holds what calibration gives (see MatrixContext)."""
         raise NotImplementedError
 
     def reconstruct(self, tensors: dict[str, torch.Tensor], info: dict, shape: tuple[int, int]) -> torch.Tensor:
@@ -50,11 +68,12 @@ class Method:
         then left to the caller). The default, for full-rank methods, is the truncated SVD of the
         reconstruction at rank ``max_rank``, with sqrt(S) on each side.
         """
+        from deltacomp.lowrank.lora import balance
         from deltacomp.lowrank.svd import svd
 
-        u, s, v = svd(self.reconstruct(tensors, info, shape), max_rank)  # (m, r), (r,), (n, r)
-        root = s.sqrt()
-        return u * root, (v * root).T
+        delta = self.reconstruct(tensors, info, shape)
+        u, s, v = svd(delta, max_rank, "cpu", "full")  # (m, r), (r,), (n, r)
+        return balance(u, s, v)
 
 
 def info_int(info, key: str, lo: int, hi: int | None = None, where: str = "") -> int:
@@ -73,7 +92,7 @@ METHODS = Registry("method")
 register = METHODS.register  # class decorator: make a method available under a name
 
 
-def bits_of(t: torch.Tensor) -> int:
+def stored_bits(t: torch.Tensor) -> int:
     return t.numel() * t.element_size() * 8
 
 

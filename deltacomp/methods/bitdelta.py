@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from deltacomp.errors import BudgetError
-from deltacomp.methods.base import Compressed, Method, bits_of, register
+from deltacomp.methods.base import Compressed, Method, register, stored_bits
 from deltacomp.quant import packing
 
 
@@ -22,7 +22,7 @@ class BitDelta(Method):
         scale = delta.abs().mean()  # the L2-optimal scale for sign(delta)
         signs = packing.pack((delta >= 0).to(torch.uint8), 1)  # (m, packed_words(n, 1))
         tensors = {"sign": signs, "scale": scale.reshape(1).float()}
-        return Compressed(tensors, {}, bits_of(signs), sum(bits_of(t) for t in tensors.values()))
+        return Compressed(tensors, {}, stored_bits(signs), sum(stored_bits(t) for t in tensors.values()))
 
     def layout(self, info, shape):
         m, n = shape

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from deltacomp.methods.base import Compressed, Method, bits_of, register
+from deltacomp.methods.base import Compressed, Method, register, stored_bits
 
 
 @register("dense")
 class Dense(Method):
     def compress(self, delta, config, context=None):
         t = delta.to(torch.float16)
-        return Compressed({"delta": t}, {}, bits_of(t), bits_of(t))
+        return Compressed({"delta": t}, {}, stored_bits(t), stored_bits(t))
 
     def layout(self, info, shape):
         return {"delta": (tuple(shape), (torch.float16,))}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from deltacomp.lowrank.lora import balance
 from deltacomp.lowrank.svd import svd
-from deltacomp.methods.base import Compressed, Method, bits_of, info_int, register
+from deltacomp.methods.base import Compressed, Method, info_int, register, stored_bits
 from deltacomp.quant.budget import lowrank_rank
 
 
@@ -18,10 +19,9 @@ class LowRank(Method):
 
     def compress(self, delta, config, context=None):
         r = lowrank_rank(delta.shape[0], delta.shape[1], config.bits)
-        u, s, v = svd(delta, r, config.device)
-        root = s.sqrt()
-        tensors = {"a": (v * root).T.contiguous().half(), "b": (u * root).contiguous().half()}  # (r, n), (m, r)
-        total = sum(bits_of(t) for t in tensors.values())
+        b, a = balance(*svd(delta, r, config.device, "full"))  # (m, r), (r, n)
+        tensors = {"a": a.contiguous().half().cpu(), "b": b.contiguous().half().cpu()}
+        total = sum(stored_bits(t) for t in tensors.values())
         return Compressed(tensors, {"rank": r}, total, total)
 
     def layout(self, info, shape):

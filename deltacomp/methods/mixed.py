@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from deltacomp.calib.context import MatrixContext
 from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError
-from deltacomp.lowrank.svd import decompose
-from deltacomp.methods.base import Compressed, Method, bits_of, info_int, register
+from deltacomp.lowrank.lora import balance
+from deltacomp.lowrank.svd import svd
+from deltacomp.methods.base import Compressed, Method, info_int, register, stored_bits
 from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 
@@ -15,19 +17,31 @@ from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhea
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
+    uses = frozenset({"calib", "budget_scope", "budget"})
 
     @staticmethod
     def overhead(shape: tuple[int, int], config: CompressConfig, group_size: int) -> int:
         """Bits each vector pair costs besides its codes under ``--budget all-in`` (0 under ``factors``)."""
         return overhead_bits(shape[0], shape[1], group_size) if config.budget == "all-in" else 0
 
-    def allocate(self, shape: tuple[int, int], config: CompressConfig, group_size: int | None = None) -> list[BitGroup]:
+    def schedule_groups(self, shape: tuple[int, int], config: CompressConfig,
+                        group_size: int | None = None) -> list[BitGroup]:
+        """The fixed ``--schedule`` filled under the budget of one ``shape`` matrix."""
         gs = config.group_size if group_size is None else group_size
         return fill_schedule(shape[0], shape[1], config.bits, config.schedule, self.overhead(shape, config, gs))
 
+    def candidates(self, delta: torch.Tensor, config: CompressConfig, h: torch.Tensor | None = None,
+                   share: float = 1.0) -> allocate.Candidates:
+        """What ``--allocation optimal`` chooses from for ``delta (m, n)``, calibrated by ``h (n, n)`` if given;
+        ``share`` > 1 keeps more vectors than the matrix's own budget affords (the model-scope first pass)."""
+        group_size = config.gptq_group_size if h is not None else config.group_size
+        return allocate.candidates(delta, config.bits, config.allocation_bits, group_size, h,
+                                   (config.act_order, config.damp), self.overhead(delta.shape, config, group_size),
+                                   share, config.device, config.svd)
+
     def check_budget(self, shape, config):
         if config.allocation == "schedule":
-            self.allocate(shape, config)
+            self.schedule_groups(shape, config)
         elif config.budget_scope == "matrix":
             m, n = shape
             extra = self.overhead(shape, config, config.group_size)
@@ -38,39 +52,31 @@ class Mixed(Method):
                     f"matrix at the cheapest allocation width (needs at least {need / (m * n):.4g})"
                 )
 
-    def compress(self, delta: torch.Tensor, config: CompressConfig, context=None) -> Compressed:
-        """``context`` (optional dict): ``hessian`` (n, n) input second moment -> GPTQ instead of round-to-nearest;
-        ``factors`` (u, s, v) and ``bits`` (r, 2) widths from a model-scope first pass."""
-        ctx = context or {}
-        h = ctx.get("hessian")
+    def compress(self, delta: torch.Tensor, config: CompressConfig, context: MatrixContext | None = None) -> Compressed:
+        """``context``: its ``hessian`` (n, n) turns round-to-nearest into GPTQ; its ``plan`` gives the factors and
+        widths of a model-scope allocation."""
+        h = context.hessian if context is not None else None
+        plan = context.plan if context is not None else None
         m, n = delta.shape
         group_size = config.gptq_group_size if h is not None else config.group_size
-        if ctx.get("factors") is not None:
-            u, s, v = ctx["factors"]  # (m, r), (r,), (n, r)
-            bits = ctx["bits"]
+        if plan is not None:
+            u, s, v, bits = plan.u, plan.s, plan.v, plan.widths  # (m, r), (r,), (n, r), (r, 2)
         elif config.allocation == "optimal":
-            extra = self.overhead((m, n), config, group_size)
-            rank = allocate.max_rank(m, n, config.bits, config.allocation_bits, overhead=extra)
-            u, s, v = decompose(delta, rank, config.device, config.svd)
-            bits = allocate.matrix_bits(u, s, v, config.allocation_bits, group_size, budget_bits(m, n, config.bits),
-                                        h, (config.act_order, config.damp), extra)
+            c = self.candidates(delta, config, h)
+            u, s, v = c.u, c.s, c.v
+            bits = allocate.choose(c, config.allocation_bits, budget_bits(m, n, config.bits))
         else:
-            sched = self.allocate((m, n), config, group_size)
-            u, s, v = decompose(delta, sum(g.rank for g in sched), config.device, config.svd)
+            sched = self.schedule_groups((m, n), config, group_size)
+            u, s, v = svd(delta, sum(g.rank for g in sched), config.device, config.svd)
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
-        if h is not None:
-            from deltacomp.quant.calibrated import quantize_gptq
-
-            fg = quantize_gptq(delta, u, s, v, groups, h, group_size, config.act_order, config.damp, config.refit)
-        else:
-            fg = factors.quantize_rtn(delta, u, s, v, groups, group_size, config.refit)
+        fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h, config.act_order, config.damp)
         tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
-        factor_bits = sum(bits_of(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
+        factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {
             "rank": sum(g.rank for g in groups),
             "groups": [{"bits": g.bits, "rank": g.rank, **({"v_bits": g.v_bits} if g.v_bits != g.bits else {})}
@@ -79,7 +85,7 @@ class Mixed(Method):
             "allocation": config.allocation,
             "calibrated": h is not None,
         }
-        return Compressed(tensors, info, factor_bits, sum(bits_of(t) for t in tensors.values()))
+        return Compressed(tensors, info, factor_bits, sum(stored_bits(t) for t in tensors.values()))
 
     def layout(self, info, shape):
         m, n = shape
@@ -117,8 +123,7 @@ class Mixed(Method):
         for g in factors.from_tensors(tensors, factors.group_widths(info), shape):
             u = g.u.dequantize(info["group_size"])  # (r_g, m)
             v = g.v.dequantize(info["group_size"])  # (r_g, n)
-            s = g.s.float()  # (r_g,): may be negative after the least-squares refit
-            root = s.abs().sqrt()
-            us.append(u.T * (root * torch.sign(s)))
-            vs.append(v * root[:, None])
+            b, a = balance(u.T, g.s.float(), v.T)  # S may be negative after the least-squares refit
+            us.append(b)
+            vs.append(a)
         return torch.cat(us, 1), torch.cat(vs, 0)

@@ -44,6 +44,12 @@ def read_manifest(folder: Path) -> dict:
     return check_manifest(manifest, str(path))
 
 
+def bits_text(info: dict) -> str:
+    """A package module's bit groups: ``8b x2 3/2b x10`` (U/V where V's width differs from U's)."""
+    return " ".join(f"{g['bits']}{'/' + str(g['v_bits']) if 'v_bits' in g else ''}b x{g['rank']}"
+                    for g in info.get("groups") or [])
+
+
 def tensor_key(module: str, local: str | None) -> str:
     """Name of a stored tensor: ``module/local`` for a compressed module's parts, ``module`` for full tensors."""
     return module if local is None else f"{module}/{local}"

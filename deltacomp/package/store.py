@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from deltacomp.errors import CheckpointError, PackageError
-from deltacomp.io.paths import hub_cache_root, inside
+from deltacomp.io.paths import hub_cache_root, inside, resolve_folder
 from deltacomp.io.safetensors_file import SafetensorsReader
 from deltacomp.package.manifest import read_manifest, tensor_key
 from deltacomp.package.schema import check_tensors
@@ -26,14 +26,22 @@ def sha256_file(path: Path) -> str:
 
 
 def resolve_package_path(source: str | os.PathLike) -> Path:
-    path = Path(source)
-    if path.exists():
-        return path
-    from deltacomp.io.hub import looks_like_repo_id, snapshot
+    """A local package folder for ``source``: the folder itself, or a Hub snapshot for a repo id."""
+    return resolve_folder(source, "package", PackageError, "package folder")
 
-    if looks_like_repo_id(str(source)):
-        return snapshot(str(source), kind="package", allow_patterns=None)
-    raise PackageError(f"{source}: no such package folder (and not a Hub repo id)")
+
+def verify_files(folder: Path, files: dict[str, str], label: str | None = None, root: Path | None = None) -> None:
+    """Check every file of ``files`` (path relative to ``folder`` -> sha256) and name the first that differs.
+
+    Errors name the file's path, or with ``label`` (a Hub repo a download came from) the label and the name.
+    """
+    for name, digest in files.items():
+        path = inside(folder, name, f"{label or folder}: files", PackageError, root)
+        if not path.is_file():
+            raise PackageError(f"{label or folder}: package file {name} is missing")
+        if sha256_file(path) != digest:
+            where = f"{label}: {name} is" if label else f"{path}:"
+            raise PackageError(f"{where} corrupt or truncated (sha256 does not match the manifest)")
 
 
 class DeltaPackage:
@@ -46,8 +54,6 @@ class DeltaPackage:
 
     def __init__(self, source: str | os.PathLike, verify: bool = True):
         self.path = resolve_package_path(source)
-        if not self.path.is_dir():
-            raise PackageError(f"{source}: not a package folder")
         self._root = hub_cache_root(self.path) or self.path
         self.manifest = read_manifest(self.path)
         if verify:
@@ -76,12 +82,7 @@ class DeltaPackage:
 
     def verify(self) -> None:
         """Check every file the manifest lists against its sha256; name the first that differs."""
-        for fname, digest in self.manifest["files"].items():
-            path = self.file(fname)
-            if not path.is_file():
-                raise PackageError(f"{self.path}: package file {fname} is missing")
-            if sha256_file(path) != digest:
-                raise PackageError(f"{path}: corrupt or truncated (sha256 does not match the manifest)")
+        verify_files(self.path, self.manifest["files"], root=self._root)
 
     @property
     def modules(self) -> dict[str, dict]:

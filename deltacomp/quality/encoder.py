@@ -51,8 +51,12 @@ def load(model_dir: str | os.PathLike):
 def embed(tok, model, sentences) -> torch.Tensor:
     """(N, d) unit vectors: attention-masked mean of the last hidden states."""
     batch = tok(list(sentences), padding=True, truncation=True, return_tensors="pt")
-    hidden = model(**batch).last_hidden_state  # (N, T, d)
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
+    return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, d) unit vectors: the mean of ``hidden (B, T, d)`` over the tokens ``attention_mask (B, T)`` keeps."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.package.manifest import bits_text
 from deltacomp.package.reader import reconstruct_delta
 from deltacomp.package.store import DeltaPackage
-from deltacomp.report import bits_text
 
 
 def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:

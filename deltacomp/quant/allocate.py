@@ -26,11 +26,15 @@ best error drop per bit. The result never exceeds the budget.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from deltacomp.errors import BudgetError
+from deltacomp.lowrank.svd import svd
 from deltacomp.quant import gptq, rtn
 from deltacomp.quant.budget import budget_bits, vector_cost
+from deltacomp.stages import timed
 
 Width = tuple[int, int]  # (bits of u, bits of v)
 
@@ -66,6 +70,7 @@ def _v_errors(v: torch.Tensor, bits: list[int], group_size: int, h: torch.Tensor
     return {b: (e * (e @ h)).sum(1) if h is not None else e.pow(2).sum(1) for b, e in errs.items()}
 
 
+@timed("allocation")
 def vector_errors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tuple[Width, ...], group_size: int,
                   h: torch.Tensor | None = None, gptq_v: tuple[bool, float] | None = None) -> torch.Tensor:
     """Expected error of each vector dropped and at each width: (r, 1 + len(widths)) float64.
@@ -81,7 +86,8 @@ def vector_errors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tup
     return torch.stack(cols, 1).cpu()
 
 
-def allocate(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float,
+@timed("allocation")
+def solve(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float,
              keep_first: bool = True) -> list[torch.Tensor]:
     """Option index (0 = dropped, k = the k-th width) of every vector, per matrix.
 
@@ -158,8 +164,36 @@ def matrix_bits(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tuple
     """Widths (r, 2) of each vector of one matrix, optimal under ``budget`` bits (module docstring); each kept
     vector also costs ``overhead`` bits (an all-in budget)."""
     table = vector_errors(u, s, v, widths, group_size, h, gptq_v)
-    options = allocate([table], [option_costs(u.shape[0], v.shape[0], widths, overhead)], budget)[0]
+    options = solve([table], [option_costs(u.shape[0], v.shape[0], widths, overhead)], budget)[0]
     return bits_of_options(options, widths)
+
+
+@dataclass
+class Candidates:
+    """One matrix's top singular vectors with the expected error and the cost of each at each width."""
+
+    u: torch.Tensor  # (m, r)
+    s: torch.Tensor  # (r,)
+    v: torch.Tensor  # (n, r)
+    errors: torch.Tensor  # (r, widths): :func:`vector_errors`
+    costs: torch.Tensor  # (widths,): :func:`option_costs`
+
+
+def candidates(delta: torch.Tensor, bits_per_entry: float, widths: tuple[Width, ...], group_size: int,
+               h: torch.Tensor | None = None, gptq_v: tuple[bool, float] | None = None, overhead: int = 0,
+               share: float = 1.0, device: str = "cpu", svd_method: str = "auto") -> Candidates:
+    """What an allocation chooses from for ``delta (m, n)``: the top :func:`max_rank` vectors (``share`` times the
+    matrix's own budget: a model-scope allocation may give a matrix more than its share), their errors and costs.
+    Both the per-matrix allocation and the model-scope first pass start here."""
+    m, n = delta.shape
+    u, s, v = svd(delta, max_rank(m, n, bits_per_entry, widths, share, overhead), device, svd_method)
+    return Candidates(u, s, v, vector_errors(u, s, v, widths, group_size, h, gptq_v),
+                      option_costs(m, n, widths, overhead))
+
+
+def choose(c: Candidates, widths: tuple[Width, ...], budget: float) -> torch.Tensor:
+    """Widths (r, 2) of the candidates of one matrix, optimal under ``budget`` bits."""
+    return bits_of_options(solve([c.errors], [c.costs], budget)[0], widths)
 
 
 def group_by_bits(bits: torch.Tensor) -> tuple[torch.Tensor, list[tuple[Width, int]]]:

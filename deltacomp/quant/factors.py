@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from deltacomp.quant import packing, rtn
+from deltacomp.quant import gptq, packing, rtn
 from deltacomp.quant.budget import BitGroup
+from deltacomp.stages import stage, timed
 
 
 @dataclass
@@ -56,33 +57,90 @@ def _split(x: torch.Tensor, groups: list[BitGroup]) -> list[torch.Tensor]:
     return list(torch.split(x, [g.rank for g in groups], dim=0))
 
 
-def quantize_rtn(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                 groups: list[BitGroup], group_size: int, refit: bool = True) -> list[FactorGroup]:
-    """Round-to-nearest quantization of truncated SVD factors u (m, r), s (r,), v (n, r).
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a + torch.eye(a.shape[0], device=a.device, dtype=a.dtype) * (1e-6 * float(a.diagonal().mean()) + 1e-30)
+    return torch.linalg.solve(a, b)
 
-    With ``refit``: after V is quantized, U diag(S) is refitted by least squares to ``delta`` given the
-    quantized V (it absorbs V's rounding error), U is quantized, then S is refitted given both quantized
-    factors. Each refit can only lower ``||delta - U diag(S) V^T||_F`` before the following rounding.
+
+def _rtn_rows(x: torch.Tensor, groups: list[BitGroup], side: str, group_size: int):
+    """Round-to-nearest of ``x (r, L)``, a row per vector at its group's width (U's or V's)."""
+    parts = [rtn.quantize_rows(rows, g.bits if side == "u" else g.v_bits, group_size)
+             for rows, g in zip(_split(x, groups), groups)]
+    return tuple(torch.cat(p, 0) for p in zip(*parts))
+
+
+def _widths(groups: list[BitGroup], side: str, device) -> torch.Tensor:
+    return torch.cat([torch.full((g.rank,), g.bits if side == "u" else g.v_bits, dtype=torch.long)
+                      for g in groups]).to(device)  # (r,)
+
+
+def quantize(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, groups: list[BitGroup],
+             group_size: int, refit: bool = True, h: torch.Tensor | None = None, act_order: bool = True,
+             damp: float = 0.01) -> list[FactorGroup]:
+    """Quantize truncated SVD factors u (m, r), s (r,), v (n, r) in ``groups`` (consecutive vectors per width).
+
+    Without ``h``: round-to-nearest. With ``h`` (n, n), the layer's input second moment ``X^T X / N``: GPTQ, as
+    in Delta-CoMe, where every least-squares fit below is measured on the calibration inputs (``H = I`` is the
+    plain case):
+
+    1. V first: the rows of ``V^T (r, n)``, each at its vector's width (GPTQ: Hessian H).
+    2. With ``refit``, U diag(S) is refitted to the delta given the quantized V:
+       ``argmin_B ||(delta - B V_q^T) X^T||`` = ``delta H V_q (V_q^T H V_q)^-1`` (it absorbs V's rounding error).
+    3. Then U (GPTQ: the "weight" is ``U (m, r)``, its inputs ``Y = X V_q diag(S)``, so its Hessian is
+       ``diag(S) V_q^T H V_q diag(S)`` (r, r)).
+    4. With ``refit``, S is refitted given both quantized factors: ``argmin_s ||(delta - U_q diag(s) V_q^T) X^T||``.
+
+    Each refit can only lower the (weighted) error before the following rounding. Everything runs in float32 on
+    the device of ``u``.
     """
-    vq = [rtn.quantize_rows(vt, g.v_bits, group_size) for vt, g in zip(_split(v.T, groups), groups)]
+    with stage("rtn" if h is None else "gptq"):
+        return _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp)
+
+
+def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp) -> list[FactorGroup]:
+    dev = u.device
+    delta = delta.to(dev, torch.float32)
+    if h is None:
+        v_q = _rtn_rows(v.T, groups, "v", group_size)  # (r, n) codes, scale, offset
+    else:
+        h = h.to(dev, torch.float32)
+        v_q = gptq.gptq_rows(v.T, h, _widths(groups, "v", dev), group_size, act_order, damp)
+    v_hat = rtn.dequantize(*v_q, group_size).T  # (n, r)
+    hv = v_hat if h is None else h @ v_hat  # (n, r)
     if refit:
-        v_hat = torch.cat([rtn.dequantize(*q, group_size) for q in vq], 0).T  # (n, r)
-        gram = v_hat.T @ v_hat  # (r, r)
-        gram += torch.eye(gram.shape[0], device=gram.device) * (1e-6 * gram.diagonal().mean())
-        us = torch.linalg.solve(gram, v_hat.T @ delta.T).T  # (m, r): argmin_X ||delta - X v_hat^T||
-        s = us.norm(dim=0)
-        u = us / torch.where(s > 0, s, torch.ones_like(s))
-    uq = [rtn.quantize_rows(ut, g.bits, group_size) for ut, g in zip(_split(u.T, groups), groups)]
+        b = _solve(v_hat.T @ hv, hv.T @ delta.T).T  # (m, r) = delta H V_q (V_q^T H V_q)^-1
+        s = b.norm(dim=0)
+        u = b / torch.where(s > 0, s, torch.ones_like(s))
+    if h is None:
+        u_q = _rtn_rows(u.T, groups, "u", group_size)  # (r, m)
+    else:
+        h_u = (v_hat.T @ hv) * s[:, None] * s[None, :]  # (r, r): Y^T Y / N with Y = X V_q diag(S)
+        u_q = gptq.gptq_columns(u, h_u, _widths(groups, "u", dev), group_size, act_order, damp)
     if refit:
-        u_hat = torch.cat([rtn.dequantize(*q, group_size) for q in uq], 0).T  # (m, r)
-        a = (u_hat.T @ u_hat) * (v_hat.T @ v_hat)  # (r, r)
-        b = ((u_hat.T @ delta) * v_hat.T).sum(1)  # b_i = u_i^T delta v_i
-        a += torch.eye(a.shape[0], device=a.device) * (1e-6 * a.diagonal().mean())
-        s = torch.linalg.solve(a, b)
-    out = []
-    for g, q_u, q_v, s_g in zip(groups, uq, vq, torch.split(s, [g.rank for g in groups])):
-        out.append(FactorGroup(g.bits, QuantRows(*q_u), QuantRows(*q_v), _store_s(s_g), g.v_bits))
+        u_hat = rtn.dequantize(*u_q, group_size).T  # (m, r)
+        a = (u_hat.T @ u_hat) * (v_hat.T @ hv)  # (r, r): A_ij = (u_i . u_j) (v_i^T H v_j)
+        rhs = ((u_hat.T @ delta) * hv.T).sum(1)  # b_i = u_i^T delta H v_i
+        s = _solve(a, rhs)
+    out, start = [], 0
+    for g in groups:
+        sl = slice(start, start + g.rank)
+        start += g.rank
+        out.append(FactorGroup(g.bits, QuantRows(*(t[sl] for t in u_q)), QuantRows(*(t[sl] for t in v_q)),
+                               _store_s(s[sl]), g.v_bits))
     return out
+
+
+def quantize_rtn(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, groups: list[BitGroup],
+                 group_size: int, refit: bool = True) -> list[FactorGroup]:
+    """Round-to-nearest quantization of the factors: :func:`quantize` without calibration."""
+    return quantize(delta, u, s, v, groups, group_size, refit)
+
+
+def quantize_gptq(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, groups: list[BitGroup],
+                  h: torch.Tensor, group_size: int, act_order: bool = True, damp: float = 0.01,
+                  refit: bool = True) -> list[FactorGroup]:
+    """GPTQ of the factors with input moment ``h (n, n)``: :func:`quantize` calibrated."""
+    return quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp)
 
 
 def reconstruct(groups: list[FactorGroup], group_size: int) -> torch.Tensor:
@@ -96,6 +154,7 @@ def reconstruct(groups: list[FactorGroup], group_size: int) -> torch.Tensor:
     return total
 
 
+@timed("pack")
 def to_tensors(groups: list[FactorGroup]) -> dict[str, torch.Tensor]:
     out = {}
     for i, g in enumerate(groups):

@@ -127,10 +127,8 @@ def _params(x: torch.Tensor, bits: torch.Tensor, group_size: int):
     offset = torch.empty_like(scale)
     for b in bits.unique().tolist():
         idx = (bits == b).nonzero().squeeze(1)
-        s, o = rtn.fit(x[idx], int(b), group_size)
-        scale[idx], offset[idx] = s.to(torch.float16), o.to(torch.float16)
-    tiny = torch.finfo(torch.float16).tiny
-    return torch.where(scale.float() > 0, scale, torch.full_like(scale, tiny)), offset
+        scale[idx], offset[idx] = rtn.stored_params(*rtn.fit(x[idx], int(b), group_size))
+    return scale, offset
 
 
 def gptq_rows(w: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, group_size: int, act_order: bool = True,

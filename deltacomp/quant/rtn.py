@@ -86,9 +86,13 @@ def quantize_rows(x: torch.Tensor, bits: int, group_size: int, param_dtype=torch
 
     Returns (codes uint8 (R, L), scale (R, G), offset (R, G)) with scale/offset in ``param_dtype``.
     """
-    scale, offset = fit(x, bits, group_size)
-    scale = scale.to(param_dtype)
-    offset = offset.to(param_dtype)
-    tiny = torch.finfo(param_dtype).tiny
-    scale = torch.where(scale.float() > 0, scale, torch.full_like(scale, tiny))
+    scale, offset = stored_params(*fit(x, bits, group_size), param_dtype)
     return quantize(x, scale.float(), offset.float(), bits, group_size), scale, offset
+
+
+def stored_params(scale: torch.Tensor, offset: torch.Tensor, dtype=torch.float16):
+    """Scale and offset rounded to the stored ``dtype``; a scale that rounds to zero becomes the smallest normal
+    one (a constant group then keeps its codes at 0 and its value in the offset)."""
+    scale, offset = scale.to(dtype), offset.to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    return torch.where(scale.float() > 0, scale, torch.full_like(scale, tiny)), offset

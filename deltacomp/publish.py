@@ -1,7 +1,8 @@
 """Share packages on the Hub: ``push`` a verified package with a generated card, ``pull`` one back, verified.
 
 A push uploads exactly the files the manifest lists, the manifest, an ``eval.json`` when there is one, a
-README model card made for the repo, and optionally a PEFT adapter under ``peft/``; each push is one commit.
+README model card made for the repo, and optionally a PEFT adapter under ``peft/`` (built by the caller); each
+push is one commit.
 A pull downloads into a hidden folder, checks every file against the manifest's sha256, and only then
 moves it into place: a corrupted or truncated file is named and nothing is left behind. A fusion gate folder
 (:mod:`deltacomp.fusion.folder`: ``fusion.json`` with its own files table) is pushed and pulled the same way.
@@ -22,7 +23,7 @@ from deltacomp.io.output import MARKER, atomic_dir, check_output, mark, scratch_
 from deltacomp.io.paths import inside
 from deltacomp.package.card import EVAL_FILE, load_eval, render_card
 from deltacomp.package.manifest import MANIFEST, read_manifest
-from deltacomp.package.store import DeltaPackage, sha256_file
+from deltacomp.package.store import DeltaPackage, verify_files
 
 log = logging.getLogger(__name__)
 PEFT_FOLDER = "peft"
@@ -56,17 +57,18 @@ def stage(pkg: DeltaPackage, folder: Path, repo_id: str | None = None, base_mode
 
 
 def push(package: str | os.PathLike, repo_id: str, private: bool | None = None, revision: str | None = None,
-         with_peft: bool = False, base: str | os.PathLike | None = None, peft_config=None,
-         base_model: str | None = None, message: str | None = None, progress: bool | None = None) -> dict:
+         attach: dict[str, Path] | None = None, base_model: str | None = None, message: str | None = None,
+         progress: bool | None = None) -> dict:
     """Upload ``package`` (folder or Hub id) to ``repo_id`` as one commit; return repo, revision, commit and url.
 
-    ``with_peft`` also exports the package as a PEFT LoRA adapter into ``peft/`` (``base`` and
-    ``peft_config`` as for :func:`deltacomp.export.peft.export_peft`). ``base_model`` sets the card's
-    ``base_model`` metadata when the package was made from a local folder.
+    ``attach`` maps a folder of the repo to a local folder uploaded with the package (``peft/``: the package
+    exported as a PEFT LoRA adapter, which ``deltacomp push --with-peft`` builds first); the card links it.
+    ``base_model`` sets the card's ``base_model`` metadata when the package was made from a local folder.
     """
     hub.check_repo_id(repo_id)
+    attach = attach or {}
     if is_gate_folder(package):
-        if with_peft or base_model is not None:
+        if attach or base_model is not None:
             raise PackageError(f"{package} is a fusion gate; --with-peft and --base-model apply to packages only")
         return _push_gate(Path(package), repo_id, private, revision, message, progress)
     if base_model is not None:
@@ -75,12 +77,12 @@ def push(package: str | os.PathLike, repo_id: str, private: bool | None = None, 
     with scratch_dir("push") as tmp:
         folder = Path(tmp) / "repo"
         folder.mkdir()
-        files = stage(pkg, folder, repo_id, base_model, PEFT_FOLDER if with_peft else None)
-        if with_peft:
-            from deltacomp.export.peft import PeftExportConfig, export_peft
-
-            export_peft(pkg.path, folder / PEFT_FOLDER, base, peft_config or PeftExportConfig(), progress=False)
-            files += [f"{PEFT_FOLDER}/{p.name}" for p in sorted((folder / PEFT_FOLDER).iterdir())]
+        files = stage(pkg, folder, repo_id, base_model, PEFT_FOLDER if PEFT_FOLDER in attach else None)
+        for name, src in attach.items():
+            dst = inside(folder, name, f"{folder}: staging", PackageError)
+            for p in sorted(Path(src).iterdir()):
+                _link_or_copy(p, dst / p.name)
+                files.append(f"{name}/{p.name}")
         text = message or f"Upload {pkg.manifest['method']} delta package ({len(files)} files) with deltacomp"
         log.info("uploading %d files to %s", len(files), repo_id)
         sha, url = hub.upload(folder, repo_id, private=private, revision=revision, message=text, replace=OWNED,
@@ -108,12 +110,7 @@ def _push_gate(folder: Path, repo_id: str, private, revision, message, progress)
 def verify_folder(folder: Path, label: str) -> dict:
     """Check every file the manifest of ``folder`` lists against its sha256; errors name ``label`` and the file."""
     manifest = read_manifest(folder)
-    for name, digest in manifest["files"].items():
-        path = inside(folder, name, f"{label}: files", PackageError)
-        if not path.is_file():
-            raise PackageError(f"{label}: package file {name} is missing")
-        if sha256_file(path) != digest:
-            raise PackageError(f"{label}: {name} is corrupt or truncated (sha256 does not match the manifest)")
+    verify_files(folder, manifest["files"], label)
     return manifest
 
 
