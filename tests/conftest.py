@@ -15,6 +15,15 @@ from deltacomp.extract import is_compressible
 DELTA_RANK = 4
 
 
+def assert_one_line_error(r, *words):
+    """A CLI result that failed with exit 1 and one line starting ``error:`` that holds every one of ``words``."""
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
 @contextlib.contextmanager
 def single_thread():
     """Torch on one thread: tiny models run fastest so (and do not fight other processes for cores)."""

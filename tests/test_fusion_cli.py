@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import assert_one_line_error
 
 from deltacomp.cli import cli
 
@@ -38,14 +39,6 @@ def fuse_setup(llama_tok, tmp_path_factory):
 
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_one_line_error(r, *words):
-    assert r.exit_code == 1, r.output
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def assert_nothing_written(folder):

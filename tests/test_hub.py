@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import assert_one_line_error
 from hub_server import BAD_TOKEN, TOKEN
 
 from deltacomp.apply import apply
@@ -39,14 +40,6 @@ def run(*args):
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_one_line_error(r, *words):
-    assert r.exit_code == 1, r.output
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def assert_nothing_written(parent: Path, name: str):

@@ -24,6 +24,7 @@ import torch
 
 from deltacomp import __version__
 from deltacomp.fusion.config import FusionConfig, FusionError
+from deltacomp.io.jsonfile import read_json
 from deltacomp.io.paths import inside
 from deltacomp.package.store import sha256_file
 
@@ -83,13 +84,8 @@ def read_gate(folder: str | os.PathLike, label: str | None = None, verify: bool 
     """Read and validate ``folder/fusion.json``; check every listed file's sha256 (errors name ``label``)."""
     folder = Path(folder)
     where = label or str(folder)
-    path = folder / GATE_CONFIG
-    if not path.is_file():
-        raise FusionError(f"{where}: not a gate folder (no {GATE_CONFIG})")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FusionError(f"{where}: unreadable {GATE_CONFIG} ({e})") from None
+    doc = read_json(folder / GATE_CONFIG, FusionError, f"{where}: not a gate folder (no {GATE_CONFIG})", where,
+                    GATE_CONFIG)
     doc = check_schema(doc, f"{where}/{GATE_CONFIG}")
     if verify:
         for name, digest in doc["files"].items():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from deltacomp.errors import CheckpointError
+from deltacomp.io.jsonfile import read_json
 from deltacomp.io.paths import hub_cache_root, inside, resolve_folder
 from deltacomp.io.safetensors_file import SafetensorsReader
 from deltacomp.stages import timed
@@ -94,12 +95,8 @@ class Checkpoint:
 
     def _read_config(self) -> dict:
         cfg = self.path / "config.json"
-        if not cfg.is_file():
-            raise CheckpointError(f"{self.path}: not a model folder (no config.json)")
-        try:
-            config = json.loads(cfg.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{cfg}: unreadable config.json ({e})") from None
+        config = read_json(cfg, CheckpointError, f"{self.path}: not a model folder (no config.json)", str(cfg),
+                           "config.json")
         if not isinstance(config, dict):
             raise CheckpointError(f"{cfg}: config.json must hold a JSON object, got a {type(config).__name__}")
         return config

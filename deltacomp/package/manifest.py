@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from deltacomp.errors import PackageError
+from deltacomp.io.jsonfile import read_json
 
 MANIFEST = "deltacomp.json"
 FORMAT = "deltacomp-delta"
@@ -28,12 +29,8 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    if not path.is_file():
-        raise PackageError(f"{folder}: not a deltacomp package (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PackageError(f"{path}: unreadable manifest ({e})") from None
+    manifest = read_json(path, PackageError, f"{folder}: not a deltacomp package (no {MANIFEST})", str(path),
+                         "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PackageError(f"{path}: not a deltacomp manifest")
     missing = [k for k in REQUIRED if k not in manifest]
