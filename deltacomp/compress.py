@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from deltacomp import __version__
+from deltacomp import __version__, distributed
 from deltacomp.calib.context import MatrixContext
 from deltacomp.config import DEFAULT_INCLUDE, CompressConfig, check_device
 from deltacomp.errors import CheckpointError, DeltacompError
@@ -38,6 +38,7 @@ from deltacomp.package.manifest import (
     write_manifest,
 )
 from deltacomp.package.store import sha256_file
+from deltacomp.resume import FOLDER, ResultStore
 from deltacomp.rows import is_vocab_matrix, select_rows
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,17 @@ def _source_info(ckpt: Checkpoint) -> dict:
 
 def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | os.PathLike,
              config: CompressConfig, overwrite: bool = False, progress: bool | None = None,
-             context_for: Callable[[Entry], MatrixContext | None] | None = None) -> dict:
+             context_for: Callable[[Entry], MatrixContext | None] | None = None, resume: bool = False) -> dict:
     """Write the delta package of ``ft_src`` over ``base_src`` to ``out``; return its manifest.
 
     Everything is checked before the first byte is written (inputs, budget against every matrix, the
     output path); the package is built in a hidden folder and renamed into place when complete.
     ``context_for(entry)`` may supply per-module data to the method (calibration statistics).
+
+    Each compressed matrix's result is kept in the hidden folder as soon as it is done (:mod:`deltacomp.resume`);
+    an interrupted run leaves them there, and ``resume`` takes them up instead of compressing them again.
+    Under ``torchrun`` (:mod:`deltacomp.distributed`) the matrices are shared among the ranks and rank 0 writes
+    the package, the same as one process writes; every rank returns its manifest.
     """
     base, ft = Checkpoint(base_src), Checkpoint(ft_src)
     check_compatible(base, ft)
@@ -104,48 +110,128 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     inputs = (base.path, ft.path)
     check_output(out, overwrite, "package", inputs)
     check_device(config.device)
+    world = distributed.world(config.device)
+    config = dataclasses.replace(config, device=world.device(config.device))  # the device is not in the manifest
+    owner = _owners(entries, config, world, context_for is not None)
+    mine = {e.name for e in entries if owner.get(e.name) == world.rank}
     contexts = None
-    if context_for is None:  # calibration / model-scope allocation (deltacomp.calib.provider), read before writing
+    if context_for is None and (world.is_main or mine):  # calibration / model-scope allocation, read before writing
         from deltacomp.calib.provider import open_contexts
 
         contexts = open_contexts(base, ft, entries, config, method)
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
-    base_fp = fingerprint(base)
-    full = FullFingerprint()  # fed every base tensor as it streams past
+    replay = contexts is not None and contexts.sequential is not None  # a resumed matrix still feeds the student
+    identity = {"deltacomp_version": __version__, "settings": config.to_dict(),
+                "inputs": [str(Path(p).resolve()) for p in inputs], "compressed": sorted(owner)}
+    try:
+        if not world.is_main:
+            store = ResultStore(world.broadcast(None))
+            error = _share(base, ft, entries, mine, method, config, store, context_for, replay, progress=False)
+            world.check_all(error)
+            return world.broadcast(None)
+        with atomic_dir(out, overwrite, "package", inputs, keep=FOLDER, resume=resume) as tmp:
+            store = ResultStore(tmp / FOLDER)
+            kept = store.start(identity)
+            if kept:
+                log.info("%d finished matrices taken up from the interrupted run", kept)
+            world.broadcast(str(store.folder))
+            error = _share(base, ft, entries, mine, method, config, store, context_for, replay, progress)
+            world.check_all(error)
+            manifest = _assemble(base, ft, entries, config, tmp, store, progress)
+    finally:
+        if contexts is not None:
+            contexts.close()
+    return world.broadcast(manifest)
 
+
+def _owners(entries: list[Entry], config: CompressConfig, world: distributed.World, given: bool) -> dict[str, int]:
+    """The rank that compresses each compressed matrix: shared by size, or all on rank 0 where the matrices depend
+    on each other (``--sequential``, ``--budget-scope model``) or the caller gives the contexts."""
+    names = {e.name: _numel(e.shape) for e in entries if e.action == "compress"}
+    if world.size == 1 or config.sequential or config.budget_scope == "model" or given:
+        return dict.fromkeys(names, 0)
+    return distributed.assign(names, world.size)
+
+
+def _share(base, ft, entries, mine, method, config, store: ResultStore, context_for, replay: bool,
+           progress: bool | None) -> BaseException | None:
+    """Compress this rank's matrices (in the order of ``entries``) that ``store`` lacks, keeping each result there;
+    return the error that stopped it (an interruption is raised, not returned)."""
+    todo = [e for e in entries if e.name in mine and (replay or not store.has(e.name))]
+    try:
+        bar = tqdm(prefetch(stream(base, ft, todo)), total=len(todo), desc="compress", unit="matrix",
+                   disable=progress is False if progress is not None else None)
+        for e, b, f in bar:
+            context = context_for(e) if context_for else None
+            if store.has(e.name):  # resumed: the student stream takes the matrix as it was compressed
+                _replay(e, b, store, method, context, config.device)
+                continue
+            record, tensors, counts = _compress_one(e, b, f, method, config, context)
+            store.save(e.name, tensors, {"record": record, "counts": counts,
+                                         "base_digest": FullFingerprint.digest(e.name, b).hex()})
+    except Exception as err:  # handed to the other ranks, then raised
+        return err
+    return None
+
+
+def _replay(e: Entry, b: torch.Tensor, store: ResultStore, method, context: MatrixContext | None,
+            device: str) -> None:
+    if context is None or context.compressed is None:
+        return
+    tensors, meta = store.load(e.name)
+    record = meta["record"]
+    if record is not None:
+        parts = {k.removeprefix(tensor_key(e.name, "")): t.to(device) for k, t in tensors.items()}
+        delta = method.reconstruct(parts, record["info"], tuple(e.shape))
+        context.compressed(b, delta)
+
+
+def _assemble(base, ft, entries, config, tmp: Path, store: ResultStore, progress: bool | None) -> dict:
+    """Write the package into ``tmp`` in the order of ``entries``: compressed matrices from ``store``, the other
+    tensors as they stream past; return the manifest."""
+    base_fp = fingerprint(base)
+    full = FullFingerprint()  # fed every base tensor (a compressed matrix's digest comes with its result)
     modules: dict[str, dict] = {}
     counts = {"factor_bits": 0, "all_in_bits": 0, "entries": 0, "fp16_delta_bytes": 0}
-    with atomic_dir(out, overwrite, "package", inputs) as tmp:
-        writer = ShardedWriter(tmp, config.max_shard_bytes, prefix="delta")
-        try:
-            bar = tqdm(prefetch(stream(base, ft, entries)), total=len(entries), desc="compress", unit="tensor",
-                       disable=progress is False if progress is not None else None)
-            for e, b, f in bar:
+    writer = ShardedWriter(tmp, config.max_shard_bytes, prefix="delta")
+    try:
+        rest = [e for e in entries if e.action != "compress"]
+        read = prefetch(stream(base, ft, rest))
+        bar = tqdm(entries, desc="write", unit="tensor", disable=progress is False if progress is not None else None)
+        for e in bar:
+            if e.action == "compress":
+                tensors, meta = store.load(e.name)
+                record = meta["record"]
+                full.add_digest(e.name, bytes.fromhex(meta["base_digest"]))
+                done = meta["counts"]
+            else:
+                _, b, f = next(read)
                 if b is not None:
                     full.add(e.name, b)
-                record = _compress_one(e, b, f, method, config, writer, counts,
-                                       context_for(e) if context_for and e.action == "compress" else None)
-                if record is not None:
-                    modules[e.name] = record
-            if not modules:
-                raise DeltacompError(f"{ft.source} has the same weights as {base.source}: there is no delta to "
-                                     f"compress")
-            names = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            if contexts is not None:
-                contexts.close()
-        index = tmp / "delta.safetensors.index.json"
-        files = names + ([index.name] if index.exists() else [])
-        side = copy_side_files(ft.path, tmp / MODEL_DIR)
-        base_fp = {"fingerprint": base_fp, "full_fingerprint": full.hexdigest()}
-        manifest = _manifest(base, ft, base_fp, config, modules, counts, writer.total_bytes)
-        manifest["files"] = {n: sha256_file(tmp / n) for n in files}
-        manifest["files"].update({f"{MODEL_DIR}/{r}": sha256_file(tmp / MODEL_DIR / r) for r in side})
-        _write_all_in(tmp, manifest)
+                record, tensors, done = _compress_one(e, b, f, None, config, None)
+            for local, t in tensors.items():
+                writer.add(local, t)
+            for k, v in done.items():
+                counts[k] += v
+            if record is not None:
+                modules[e.name] = record
+        if not modules:
+            raise DeltacompError(f"{ft.source} has the same weights as {base.source}: there is no delta to "
+                                 f"compress")
+        names = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    shutil.rmtree(store.folder)
+    index = tmp / "delta.safetensors.index.json"
+    files = names + ([index.name] if index.exists() else [])
+    side = copy_side_files(ft.path, tmp / MODEL_DIR)
+    base_fp = {"fingerprint": base_fp, "full_fingerprint": full.hexdigest()}
+    manifest = _manifest(base, ft, base_fp, config, modules, counts, writer.total_bytes)
+    manifest["files"] = {n: sha256_file(tmp / n) for n in files}
+    manifest["files"].update({f"{MODEL_DIR}/{r}": sha256_file(tmp / MODEL_DIR / r) for r in side})
+    _write_all_in(tmp, manifest)
     return manifest
 
 
@@ -195,28 +281,26 @@ def _exact_form(f: torch.Tensor, delta: torch.Tensor | None, mode: str) -> torch
     return half if err <= FP16_DELTA_TOLERANCE * float(delta.abs().max()) else f
 
 
-def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts: dict,
-                  context: MatrixContext | None) -> dict | None:
+def _compress_one(e: Entry, b, f, method, config, context: MatrixContext | None
+                  ) -> tuple[dict | None, dict[str, torch.Tensor], dict[str, int]]:
+    """One tensor pair -> (its manifest record or None when unchanged, the tensors stored under their package
+    keys in order, its additions to the byte and bit counts)."""
     record = {"action": e.action, "shape": list(e.shape), "dtype": DTYPE_NAMES[e.dtype]}
     if e.action == "removed":
-        return record
+        return record, {}, {}
     if e.action in ("added", "resized"):
-        writer.add(e.name, f)
-        counts["fp16_delta_bytes"] += 2 * f.numel()
-        return {**record, "bytes": _nbytes(f)}
+        return {**record, "bytes": _nbytes(f)}, {e.name: f}, {"fp16_delta_bytes": 2 * f.numel()}
     if f.dtype.is_floating_point:
         dev = config.device if e.action == "compress" else "cpu"  # the delta of a compressed matrix on its device
         delta = f.to(dev).float() - b.to(dev).float()
         if not bool(delta.any()):
-            return None
+            return None, {}, {}
     elif torch.equal(b, f):
-        return None
-    counts["fp16_delta_bytes"] += 2 * f.numel()
+        return None, {}, {}
     if e.action == "exact":
         stored = _exact_form(f, delta if f.dtype.is_floating_point else None, config.exact)
-        writer.add(e.name, stored)
         encoding = {} if stored is f else {"encoding": FP16_DELTA}
-        return {**record, **encoding, "bytes": _nbytes(stored)}
+        return {**record, **encoding, "bytes": _nbytes(stored)}, {e.name: stored}, {"fp16_delta_bytes": 2 * f.numel()}
     if context is not None and context.target is not None:  # e.g. the delta serving the compressed model's inputs
         delta = context.target(b, f)
     rows = None
@@ -233,11 +317,9 @@ def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts:
     if context is not None and context.compressed is not None:  # e.g. the student stream takes the matrix
         parts = {k: t.to(delta.device) for k, t in c.tensors.items()}
         context.compressed(b, method.reconstruct(parts, c.info, tuple(delta.shape)))
-    for local, t in c.tensors.items():
-        writer.add(tensor_key(e.name, local), t)
-    counts["factor_bits"] += c.factor_bits
-    counts["all_in_bits"] += c.total_bits
-    counts["entries"] += delta.numel()
+    tensors = {tensor_key(e.name, local): t for local, t in c.tensors.items()}
+    counts = {"factor_bits": c.factor_bits, "all_in_bits": c.total_bits, "entries": delta.numel(),
+              "fp16_delta_bytes": 2 * f.numel()}
     return {
         **record,
         "method": method.name,
@@ -247,7 +329,7 @@ def _compress_one(e: Entry, b, f, method, config, writer: ShardedWriter, counts:
         "bytes": c.total_bits // 8,
         "factor_bits_per_entry": c.factor_bits / delta.numel(),
         "all_in_bits_per_entry": c.total_bits / delta.numel(),
-    }
+    }, tensors, counts
 
 
 def module_kind(name: str, rec: dict) -> str:
@@ -257,6 +339,13 @@ def module_kind(name: str, rec: dict) -> str:
     if rec["action"] == "compress":
         return "matrices"
     return "norms_biases" if len(rec["shape"]) == 1 else "other"
+
+
+def _created() -> str:
+    """Now, or ``SOURCE_DATE_EPOCH`` when set (reproducible builds: two runs then give the same bytes)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch else _dt.datetime.now(_dt.timezone.utc)
+    return when.isoformat(timespec="seconds")
 
 
 def _manifest(base, ft, base_fp, config, modules, counts, tensor_bytes) -> dict:
@@ -270,7 +359,7 @@ def _manifest(base, ft, base_fp, config, modules, counts, tensor_bytes) -> dict:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "deltacomp_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _created(),
         "base": {**_source_info(base), **base_fp},
         "finetuned": {**_source_info(ft), "weight_bytes": ft_bytes,
                       "num_params": sum(_numel(ft.shape(k)) for k in ft.keys())},

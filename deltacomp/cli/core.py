@@ -22,20 +22,27 @@ COMPRESS_OPTIONS = ["method", "bits", "budget", "rows_energy", "schedule", "grou
 @click.option("-o", "--output", required=True, help="Package folder to write.")
 @config_options(CompressConfig, COMPRESS_OPTIONS)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command from the matrices "
+              "it finished (without it, they are removed).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
 @verbose_option
 @handle_errors
-def compress(base, finetuned, output, overwrite, progress, verbose, **settings):
-    """Compress FINETUNED's delta over BASE into a package (folders or Hub repo ids)."""
+def compress(base, finetuned, output, overwrite, resume, progress, verbose, **settings):
+    """Compress FINETUNED's delta over BASE into a package (folders or Hub repo ids).
+
+    Under torchrun (torchrun --nproc-per-node N -m deltacomp.cli compress ...) the matrices are shared among the
+    processes and rank 0 writes the package."""
     from deltacomp.compress import compress as run
+    from deltacomp.distributed import is_main_process
     from deltacomp.methods.base import get_method
     from deltacomp.report import render_inspect
 
     get_method(settings["method"])
     config = CompressConfig.from_options(**settings)
-    manifest = run(base, finetuned, output, config, overwrite=overwrite, progress=progress)
-    click.echo(render_inspect(manifest, modules=verbose))
-    click.echo(f"wrote {output}")
+    manifest = run(base, finetuned, output, config, overwrite=overwrite, progress=progress, resume=resume)
+    if is_main_process():
+        click.echo(render_inspect(manifest, modules=verbose))
+        click.echo(f"wrote {output}")
 
 
 @cli.command()

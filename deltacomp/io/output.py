@@ -8,7 +8,8 @@ Rules, checked before any work and again just before the final rename:
 * ``--overwrite`` replaces only an empty folder or a previous deltacomp output of the same kind (recognised
   by the marker file :data:`MARKER` it leaves, or for a package by its manifest);
 * a symlinked output is followed: its target is what gets written;
-* leftovers of killed runs (partial folders, moved-away old outputs) whose process is gone are removed;
+* leftovers of killed runs (partial folders, moved-away old outputs) whose process is gone are removed; finished
+  work an interrupted run kept for a resume (``atomic_dir``'s ``keep``) is reported as it goes, or taken over;
 * outputs get the permissions of a plain ``mkdir`` (the umask's), not ``mkdtemp``'s 0700.
 """
 
@@ -113,9 +114,32 @@ def remove_dead(parent: Path, pattern: re.Pattern) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def clean_stale(parent: Path, name: str) -> None:
-    """Remove ``.NAME.partial-PID-*`` and ``.NAME.old-PID`` folders in ``parent`` left by dead processes."""
-    remove_dead(parent, re.compile(rf"^\.{re.escape(name)}\.(?:partial|old)-(\d+)(?:-.*)?$"))
+def _stale_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(name)}\.(?:partial|old)-(\d+)(?:-.*)?$")
+
+
+def clean_stale(parent: Path, name: str, keep: str | None = None) -> None:
+    """Remove ``.NAME.partial-PID-*`` and ``.NAME.old-PID`` folders in ``parent`` left by dead processes; a partial
+    holding work kept for a resume (its ``keep`` subfolder) is reported with what it held."""
+    if keep is not None:
+        for p in _kept(parent, name, keep):
+            if _alive(int(_stale_pattern(name).match(p.name).group(1))):
+                continue
+            n = sum(1 for f in (p / keep).iterdir() if not f.name.startswith("."))
+            log.warning("%s: an interrupted run left %d file(s) of finished work; removing them (the same command "
+                        "with --resume continues from them instead)", p, n)
+    remove_dead(parent, _stale_pattern(name))
+
+
+def _kept(parent: Path, name: str, keep: str) -> list[Path]:
+    """Partial folders of dead runs for ``name`` that hold a ``keep`` subfolder, newest first."""
+    pattern = _stale_pattern(name)
+    try:
+        found = [p for p in parent.iterdir() if (m := pattern.match(p.name)) and ".partial-" in p.name
+                 and (int(m.group(1)) == os.getpid() or not _alive(int(m.group(1)))) and (p / keep).is_dir()]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: (p / keep).stat().st_mtime, reverse=True)
 
 
 @contextmanager
@@ -134,20 +158,30 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = False, kind: str | tuple[str, ...] | None = None,
-               inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+               inputs: Iterable[str | os.PathLike] = (), keep: str | None = None,
+               resume: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; on success it replaces ``dest``, on failure it is removed.
 
     ``kind`` marks the output (and limits ``overwrite`` to outputs of that kind; of several kinds, the body writes
     the :data:`MARKER` of the one it made, else the first is marked); ``inputs`` are never replaced.
+
+    ``keep`` names a subfolder of finished work that outlives an interruption (Ctrl-C, SIGTERM through the CLI, or
+    a kill): the partial folder then stays, holding it alone. With ``resume``, the newest such subfolder of an
+    interrupted run for ``dest`` is moved into the new folder before the body runs; without, it is reported and
+    removed with the rest of the dead run's partial folder.
     """
     inputs = list(inputs)
     dest = check_output(dest, overwrite, kind, inputs)
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(parent, dest.name)
+        adopt = _kept(parent, dest.name, keep)[:1] if keep is not None and resume else []
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=parent))
         tmp.chmod(0o777 & ~_umask())
+        for old in adopt:
+            log.info("resuming from %s", old / keep)
+            (old / keep).rename(tmp / keep)
+        clean_stale(parent, dest.name, keep)
     except OSError as e:
         raise OutputError(f"{dest}: cannot write here ({e.strerror or e})") from None
     try:
@@ -158,6 +192,20 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False, kind: str | tup
             check_output(dest, overwrite, kind, inputs)
         except OutputError as e:
             raise OutputError(f"{e}; it changed while this run worked, so this run's output was discarded") from None
+    except KeyboardInterrupt:
+        if keep is not None and (tmp / keep).is_dir():
+            for p in tmp.iterdir():
+                if p.name == keep:
+                    continue
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            log.warning("interrupted: the finished work stays in %s; the same command with --resume continues "
+                        "from it", tmp / keep)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -44,12 +44,20 @@ class FullFingerprint:
     def __init__(self):
         self._digests: dict[str, bytes] = {}
 
-    def add(self, name: str, t: torch.Tensor) -> None:
+    @staticmethod
+    def digest(name: str, t: torch.Tensor) -> bytes:
+        """What :meth:`add` records of one tensor (a rank computes it where it reads the tensor)."""
         h = hashlib.sha256(name.encode())
         h.update(repr(list(t.shape)).encode())
         h.update(b"float" if t.dtype.is_floating_point else str(t.dtype).encode())
         h.update(_bytes(t))
-        self._digests[name] = h.digest()
+        return h.digest()
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        self._digests[name] = self.digest(name, t)
+
+    def add_digest(self, name: str, digest: bytes) -> None:
+        self._digests[name] = digest
 
     def hexdigest(self) -> str:
         h = hashlib.sha256()
