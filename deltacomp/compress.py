@@ -19,7 +19,7 @@ from deltacomp.config import DEFAULT_INCLUDE, CompressConfig, check_device
 from deltacomp.errors import CheckpointError, DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
 from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
-from deltacomp.io.output import atomic_dir, check_output, mark
+from deltacomp.io.output import atomic_dir, check_output, kept_work, mark
 from deltacomp.io.paths import hub_cache_root, inside
 from deltacomp.io.prefetch import prefetch
 from deltacomp.io.safetensors_file import DTYPE_NAMES
@@ -124,6 +124,8 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     replay = contexts is not None and contexts.sequential is not None  # a resumed matrix still feeds the student
     identity = {"deltacomp_version": __version__, "settings": config.to_dict(),
                 "inputs": [str(Path(p).resolve()) for p in inputs], "compressed": sorted(owner)}
+    if resume and world.is_main and (kept := kept_work(out, FOLDER)) is not None:
+        ResultStore(kept).check(identity)  # before the work is taken up: a wrong command leaves it in place
     try:
         if not world.is_main:
             store = ResultStore(world.broadcast(None))

@@ -42,19 +42,24 @@ class ResultStore:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
 
+    def check(self, identity: dict) -> None:
+        """Refuse results made with another ``identity`` than this run's."""
+        path = self.folder / SETTINGS
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            kept = None
+        if kept != json.loads(json.dumps(identity)):
+            raise DeltacompError(f"--resume: the interrupted run in {self.folder.parent} used other settings or "
+                                 f"inputs than this command; run the same command again, or drop --resume to "
+                                 f"start afresh")
+
     def start(self, identity: dict) -> int:
         """Record ``identity`` (JSON-able) or check it against results already here; return their count."""
         self.folder.mkdir(exist_ok=True)
         path = self.folder / SETTINGS
         if path.exists():
-            try:
-                kept = json.loads(path.read_text())
-            except ValueError:
-                kept = None
-            if kept != json.loads(json.dumps(identity)):
-                raise DeltacompError(f"--resume: the interrupted run in {self.folder.parent} used other settings or "
-                                     f"inputs than this command; run the same command again, or drop --resume to "
-                                     f"start afresh")
+            self.check(identity)
         else:
             tmp = self.folder / f".{SETTINGS}.tmp"
             tmp.write_text(json.dumps(identity, indent=1) + "\n")

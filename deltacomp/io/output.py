@@ -156,6 +156,13 @@ def _umask() -> int:
     return mask
 
 
+def kept_work(dest: str | os.PathLike, keep: str) -> Path | None:
+    """The ``keep`` subfolder that :func:`atomic_dir` with ``resume`` would take up for ``dest``, or None."""
+    dest = _real(dest)
+    found = _kept(dest.parent if str(dest.parent) else Path("."), dest.name, keep)
+    return found[0] / keep if found else None
+
+
 @contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = False, kind: str | tuple[str, ...] | None = None,
                inputs: Iterable[str | os.PathLike] = (), keep: str | None = None,
