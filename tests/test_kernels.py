@@ -145,3 +145,46 @@ def test_cpu_path_keeps_dequantized_factors_and_matches_the_op():
     assert rel_err(delta_linear(x, bank, y, weights=w), got) < 1e-6
     bank.to(torch.float32)  # any move or cast drops the kept factors
     assert bank._factors is None
+
+
+def test_loader_remembers_why_and_raises_at_the_first_cuda_call(monkeypatch):
+    import types
+
+    from deltacomp.kernels import loader
+
+    monkeypatch.setattr(loader, "_status", None)
+    monkeypatch.delenv(loader.JIT_ENV, raising=False)
+    st = loader.status()
+    assert st.path == "twin" and "not built" in st.reason and loader.extension() is None
+    assert loader.status() is st  # decided once
+
+    old = types.SimpleNamespace(layout_version=lambda: 0, delta_linear=None)
+    monkeypatch.setattr(loader, "_status", None)
+    monkeypatch.setattr(loader.importlib, "import_module", lambda name: old)
+    assert loader.status().path == "extension"  # found: no error at import or status time
+    with pytest.raises(DeltacompError, match="reads bank layout 0; this deltacomp lays out layout 1"):
+        loader.extension()
+
+    def broken(name):
+        raise ImportError("undefined symbol: _ZN3c10")
+
+    monkeypatch.setattr(loader, "_status", None)
+    monkeypatch.setattr(loader.importlib, "import_module", broken)
+    with pytest.raises(DeltacompError, match="does not load .*undefined symbol.*rebuild"):
+        loader.extension()
+
+
+def test_doctor_reports_the_kernel_path():
+    import json
+
+    from click.testing import CliRunner
+
+    from deltacomp.cli import cli
+
+    r = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["kernel_path"] in ("extension", "jit", "twin") and report["kernel_reason"]
+    assert report["torch"] and "cuda_available" in report
+    text = CliRunner().invoke(cli, ["doctor"]).output
+    assert "kernel path:" in text and "GPUs:" in text

@@ -72,10 +72,11 @@ def status() -> Status:
     except Exception as e:  # not built: JIT or twin; built but not loading (ABI, missing symbol): remember it
         if isinstance(e, ModuleNotFoundError) and e.name == "deltacomp._cuda":
             _status = _jit_or_twin()
-            return _status
-        _status = Status("extension", "deltacomp._cuda is installed but does not load",
-                         error=f"the CUDA extension deltacomp._cuda does not load ({type(e).__name__}: {e}); "
-                               f"rebuild it against this torch")
+        else:
+            _status = Status("extension", "deltacomp._cuda is installed but does not load",
+                             error=f"the CUDA extension deltacomp._cuda does not load ({type(e).__name__}: {e}); "
+                                   f"rebuild it against this torch")
+    _status = _check_layout(_status)
     return _status
 
 
@@ -96,15 +97,19 @@ def _jit_or_twin() -> Status:
                       error=f"building the CUDA extension failed ({type(e).__name__}: {str(e).splitlines()[0]})")
 
 
+def _check_layout(st: Status) -> Status:
+    """A loaded extension must read the bank layout this deltacomp writes; otherwise remember why not."""
+    from deltacomp.kernels.bank import LAYOUT_VERSION
+
+    if st.module is not None and st.module.layout_version() != LAYOUT_VERSION:
+        st.error = (f"the CUDA extension reads bank layout {st.module.layout_version()}; this deltacomp lays out "
+                    f"layout {LAYOUT_VERSION}: rebuild the extension")
+    return st
+
+
 def extension():
     """The loaded extension module, or None when CUDA tensors run through the twin; a remembered failure raises."""
     st = status()
     if st.error:
         raise DeltacompError(st.error)
     return st.module
-
-
-def reset() -> None:
-    """Forget the decision (tests, or after building)."""
-    global _status
-    _status = None
