@@ -64,14 +64,12 @@ class EvalConfig:
             get_method(m)
         if self.dtype not in DTYPES:
             raise DeltacompError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        check_device(self.device)
         if self.max_samples is not None and self.max_samples < 1:
             raise DeltacompError(f"--max-samples must be positive, got {self.max_samples}")
         for key, value in (("--max-length", self.max_length), ("--batch-size", self.batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DeltacompError(f"{key} must be a positive integer, got {value!r}")
-        check_device(self.device)
 
 
 def _package_row(label: str, pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, seconds: float | None,

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from deltacomp.config import check_device
 from deltacomp.fusion.config import FusionError
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.quality.weights import model_kind
@@ -45,10 +46,7 @@ def load_base(base: Checkpoint, device: str = "cpu", dtype: torch.dtype | None =
     """(kind, model) with ``model`` in eval mode and frozen; kind is ``causal`` or ``encoder``."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    if device != "cpu" and not device.startswith("cuda"):
-        raise FusionError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FusionError("--device cuda was asked for but no CUDA GPU is available")
+    check_device(device)
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     kind = model_kind(base.config)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel

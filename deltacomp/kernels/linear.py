@@ -107,9 +107,11 @@ def merge_dense(model: torch.nn.Module, pkg: DeltaPackage, names: Sequence[str])
     return done
 
 
-def packable(model: torch.nn.Module, pkgs: Sequence[DeltaPackage], name: str) -> bool:
-    """Whether a packed linear layer carries ``name``'s deltas: a linear layer's weight, row-sparse in no package."""
-    path = _resolve(model, name)
+def packable(model: torch.nn.Module, pkgs: Sequence[DeltaPackage], name: str, path: str | None = None) -> bool:
+    """Whether a packed linear layer carries ``name``'s deltas: a linear layer's weight, row-sparse in no package.
+
+    ``path``: the model's module path of ``name`` when the caller has resolved it already."""
+    path = _resolve(model, name) if path is None else path
     if path is None or not hasattr(model.get_submodule(path), "in_features"):  # nn.Linear, bnb, DeltaLinear
         return False
     return not any(name in p.modules and "rows" in p.modules[name] for p in pkgs)
@@ -147,17 +149,18 @@ def attach(model: torch.nn.Module, packages: Sequence[DeltaPackage | str], weigh
     pkgs = [p if isinstance(p, DeltaPackage) else DeltaPackage(p) for p in packages]
     check_same_base(pkgs)
     every = sorted({n for p in pkgs for n in compressed_names(p)})
-    names = [n for n in every if packable(model, pkgs, n)]
-    dense = [n for n in every if n not in names and _resolve(model, n) is not None]
-    if dense:
-        log.info("not wrapped (no linear layer, or row-sparse): %s", ", ".join(dense))
-    missing = [n for n in every if _resolve(model, n) is None]
+    paths = {n: _resolve(model, n) for n in every}
+    missing = [n for n, path in paths.items() if path is None]
     if missing:
         raise MismatchError(f"{missing[0]}: a package changes this weight but the model has no such layer")
+    names = [n for n in every if packable(model, pkgs, n, paths[n])]
+    dense = sorted(set(every) - set(names))
+    if dense:
+        log.info("not wrapped (no linear layer, or row-sparse): %s", ", ".join(dense))
     device = next(model.parameters()).device
     wrapped = {}
     for name in names:
-        path = _resolve(model, name)
+        path = paths[name]
         layer = model.get_submodule(path)
         if isinstance(layer, DeltaLinear):
             raise MismatchError(f"{path} already carries deltas; detach them first")
@@ -173,7 +176,8 @@ def attach(model: torch.nn.Module, packages: Sequence[DeltaPackage | str], weigh
     if stored_from is not None:
         load_stored(model, pkgs[stored_from])
     if dense_from is not None:
-        merge_dense(model, pkgs[dense_from], [n for n in dense if n in compressed_names(pkgs[dense_from])])
+        own = set(compressed_names(pkgs[dense_from]))
+        merge_dense(model, pkgs[dense_from], [n for n in dense if n in own])
     return wrapped
 
 
