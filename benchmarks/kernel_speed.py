@@ -9,7 +9,7 @@ the base weights are 224 distinct bf16 matrices (12.95 GB), so neither fits in t
 Every figure is the median over ``--repeats`` timings (CUDA events) of a CUDA graph that replays one whole decode
 step (224 matrices, or 32 layers x 4 fused launches), after warm-up, with the step's input rotated among 8 buffers.
 
-    python benchmarks/kernel_speed.py [--rows 1,8,32] [--layers 32] [--json out.json]
+    python benchmarks/kernel_speed.py [--rows 1,8,32] [--layers 32] [--parts widths,tenants] [--json out.json]
     python benchmarks/kernel_speed.py --render out.json      # the tables of an earlier run
 """
 
@@ -115,10 +115,12 @@ def bench(args) -> dict:
         _save(results, args)
     del base, single, fused
     torch.cuda.empty_cache()
-    results["widths"] = widths(args)
-    _save(results, args)
-    results["multi_tenant"] = multi_tenant(layer, args)
-    _save(results, args)
+    if "widths" in args.parts:
+        results["widths"] = widths(args)
+        _save(results, args)
+    if "tenants" in args.parts:
+        results["multi_tenant"] = multi_tenant(layer, args)
+        _save(results, args)
     return results
 
 
@@ -282,9 +284,10 @@ def render(res: dict) -> str:
         ["rows", "base ms", "delta ms, 7 launches/layer (bw, % of base bw)", "delta ms, 4 fused/layer",
          "dense bf16 delta / fused", "LoRA r16 ms", f"LoRA r{res['lora_same_bytes_rank']} ms", "base+delta ms"],
         rows))
-    lines += ["", format_table(["bits", "rank", "MB", "ms", "GB/s"],
-                               [[b, w["rank"], f"{w['bytes'] / 1e6:.1f}", f"{w['ms']:.3f}", f"{w['GBps']:.0f}"]
-                                for b, w in res.get("widths", {}).items()])]
+    if res.get("widths"):
+        lines += ["", format_table(["bits", "rank", "MB", "ms", "GB/s"],
+                                   [[b, w["rank"], f"{w['bytes'] / 1e6:.1f}", f"{w['ms']:.3f}", f"{w['GBps']:.0f}"]
+                                    for b, w in res["widths"].items()])]
     if "multi_tenant" not in res:
         return "\n".join(lines)
     mt = res["multi_tenant"]
@@ -302,6 +305,7 @@ def main():
     ap.add_argument("--bits", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--parts", default="widths,tenants", help="Tables after the decode steps: widths, tenants.")
     ap.add_argument("--render", default=None, help="Print the tables of a JSON written by an earlier run.")
     args = ap.parse_args()
     if args.render:

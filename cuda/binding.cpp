@@ -1,9 +1,12 @@
 // torch binding of the delta bank dequant-matmul (kernels and launcher in delta_linear.cu).
 //
-//   delta_linear(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs) -> out
+//   delta_linear(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, row_tile) -> out
 //
 // x (R, n) and y (R, M): float16, bfloat16 or float32 (the same); w (R, k) float32; the bank in layout 1
-// (deltacomp/kernels/bank.py). out = y + the deltas' contribution, a new (R, M) tensor of y's dtype.
+// (deltacomp/kernels/bank.py). out = y + the deltas' contribution, a new (R, M) tensor of y's dtype. row_tile caps
+// the kernels' token-row tile (0: chosen by the row count; 1 for a multi-tenant batch, where each row has its own
+// delta). On compute capability 9.0 and later the kernels use programmatic dependent launch unless the environment
+// sets DELTACOMP_CUDA_PDL=0.
 // Everything must be contiguous and on x's CUDA device. The op launches on the current stream, never synchronises and
 // never reads device memory on the host, so it can be captured in a CUDA graph.
 
@@ -13,16 +16,19 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 
 namespace deltacomp {
-size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms);
+size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
+                                     int64_t row_tile);
 cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* out, int64_t R, int64_t n, int64_t M,
                                 const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
                                 const void* v_offset, const int32_t* u_words, const void* u_scale,
-                                const void* u_offset, const float* s, const int32_t* rows, int64_t J,
-                                const int32_t* projs, int64_t P, float* workspace, int num_sms, cudaStream_t stream);
+                                const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
+                                const int32_t* rows, int64_t J, const int32_t* projs, int64_t P, float* workspace,
+                                int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream);
 }  // namespace deltacomp
 
 namespace {
@@ -74,7 +80,7 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
                                 const torch::Tensor& v_words, const torch::Tensor& v_scale,
                                 const torch::Tensor& v_offset, const torch::Tensor& u_words,
                                 const torch::Tensor& u_scale, const torch::Tensor& u_offset, const torch::Tensor& s,
-                                const torch::Tensor& rows, const torch::Tensor& projs) {
+                                const torch::Tensor& rows, const torch::Tensor& projs, int64_t row_tile) {
   TORCH_CHECK(x.is_cuda(), "delta_linear: x must be a CUDA tensor, got one on ", device_name(x));
   const torch::Device device = x.device();
   const int dtype = dtype_code(x.scalar_type());
@@ -112,23 +118,30 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
 
   const int64_t R = x.size(0), n = x.size(1), M = y.size(1), K = w.size(1);
   TORCH_CHECK(P > 0 || M == 0, "delta_linear: projs is empty but y has ", num(M), " columns to cover");
-  TORCH_CHECK(R <= 65535 * 16, "delta_linear: x has ", num(R), " rows; at most ", num(65535 * 16),
-              " are supported");
+  TORCH_CHECK(row_tile >= 0, "delta_linear: row_tile must be 0 (automatic) or positive, got ", num(row_tile));
+  int64_t tile = 16;  // the largest row tile the kernels may use (grid.z holds at most 65535 tiles)
+  while (row_tile > 0 && tile > row_tile) tile /= 2;
+  TORCH_CHECK(R <= 65535 * tile, "delta_linear: x has ", num(R), " rows; at most ", num(65535 * tile),
+              " are supported with row_tile ", num(row_tile));
 
   c10::cuda::CUDAGuard guard(device);
   torch::Tensor out = torch::empty_like(y);
   if (R == 0 || M == 0) return out;
 
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, num_sms);
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const int num_sms = props->multiProcessorCount;
+  const char* pdl_env = std::getenv("DELTACOMP_CUDA_PDL");
+  const bool pdl = props->major >= 9 && !(pdl_env != nullptr && std::string(pdl_env) == "0");
+  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, num_sms, row_tile);
   torch::Tensor workspace =
       torch::empty({static_cast<int64_t>(floats > 0 ? floats : 1)}, x.options().dtype(torch::kFloat32));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = deltacomp::delta_linear_launch(
       dtype, x.data_ptr(), y.data_ptr(), out.data_ptr(), R, n, M, w.data_ptr<float>(), K,
       v_words.data_ptr<int32_t>(), v_scale.data_ptr(), v_offset.data_ptr(), u_words.data_ptr<int32_t>(),
-      u_scale.data_ptr(), u_offset.data_ptr(), s.data_ptr<float>(), rows.data_ptr<int32_t>(), J,
-      projs.data_ptr<int32_t>(), P, workspace.data_ptr<float>(), num_sms, stream);
+      u_scale.data_ptr(), u_offset.data_ptr(), u_words.numel(), u_scale.numel(), s.data_ptr<float>(),
+      rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(), P, workspace.data_ptr<float>(), num_sms, row_tile, pdl,
+      stream);
   TORCH_CHECK(err == cudaSuccess, "delta_linear: kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -139,6 +152,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = y + sum_j (x @ V_j) * s_j * w[:, delta_j] * U_j per projection, reading bit-packed factors",
         py::arg("x"), py::arg("y"), py::arg("w"), py::arg("v_words"), py::arg("v_scale"), py::arg("v_offset"),
         py::arg("u_words"), py::arg("u_scale"), py::arg("u_offset"), py::arg("s"), py::arg("rows"),
-        py::arg("projs"));
+        py::arg("projs"), py::arg("row_tile") = 0);
   m.def("layout_version", [] { return 1; }, "The bank layout the kernels read");
+  m.def("op_version", [] { return 2; }, "The op's argument list: 2 adds row_tile");
 }

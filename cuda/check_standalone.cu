@@ -203,6 +203,7 @@ double decode(const uint8_t* p, int dtype) {
 }
 
 int g_sms = 0;
+bool g_pdl = false;  // programmatic dependent launch: on from compute capability 9.0 (--no-pdl turns it off)
 int g_failures = 0;
 
 struct RunResult {
@@ -213,7 +214,7 @@ struct RunResult {
 
 // Runs the op once (or `iters` times for timing) and compares with the float64 reference.
 RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w, uint32_t seed, float y_scale,
-                   int iters = 0, bool graph = false) {
+                   int iters = 0, bool graph = false, int row_tile = 0) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<float> xf(static_cast<size_t>(R) * b.n), yf(static_cast<size_t>(R) * b.M);
@@ -230,7 +231,7 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   uint8_t* dout = nullptr;
   CHECK_CUDA(cudaMalloc(&dout, std::max<size_t>(1, yb.size())));
   const size_t ws = delta_linear_workspace_floats(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
-                                                  static_cast<int64_t>(b.out_len.size()), g_sms);
+                                                  static_cast<int64_t>(b.out_len.size()), g_sms, row_tile);
   float* dws = nullptr;
   CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(1, ws) * sizeof(float)));
   CHECK_CUDA(cudaMemset(dws, 0xff, std::max<size_t>(1, ws) * sizeof(float)));  // NaN
@@ -241,8 +242,9 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   auto launch = [&]() {
     const cudaError_t e = delta_linear_launch(
         dtype, dx, dy, dout, R, b.n, b.M, dw, b.K, db.v_words, db.v_scale, db.v_offset, db.u_words, db.u_scale,
-        db.u_offset, db.s, db.rows, static_cast<int64_t>(b.s.size()), db.projs,
-        static_cast<int64_t>(b.out_len.size()), dws, g_sms, stream);
+        db.u_offset, static_cast<int64_t>(b.u_words.size()), static_cast<int64_t>(b.u_scale.size()), db.s, db.rows,
+        static_cast<int64_t>(b.s.size()), db.projs, static_cast<int64_t>(b.out_len.size()), dws, g_sms, row_tile,
+        g_pdl, stream);
     if (e != cudaSuccess) {
       std::fprintf(stderr, "launch failed: %s\n", cudaGetErrorString(e));
       std::exit(2);
@@ -410,6 +412,8 @@ void correctness() {
       }
       for (int dtype : {2, 0}) report("16 deltas, one-hot, unused deltas NaN", bp, R, dtype,
                                       run_case(bp, R, dtype, w, 5 * R + dtype, 0.01f));
+      report("16 deltas, one-hot, row tiles of 1", bp, R, 2, run_case(bp, R, 2, w, 3 * R, 0.01f, 0, true, 1));
+      report("16 deltas, one-hot, row tiles of 4", bp, R, 1, run_case(bp, R, 1, w, 3 * R + 1, 0.01f, 0, false, 4));
     }
   }
 
@@ -510,7 +514,7 @@ void stages(int only_r) {
     __half* dy = to_device(y);
     __half* dout = to_device(y);
     float* dw = to_device(w);
-    const Plan p = make_plan(R, b.n, b.M, J, P, g_sms);
+    const Plan p = make_plan(R, b.n, b.M, J, P, g_sms, 0);
     float* ws = nullptr;
     CHECK_CUDA(cudaMalloc(&ws, p.total * sizeof(float)));
     const auto* vs = reinterpret_cast<const __half*>(db.v_scale);
@@ -518,13 +522,15 @@ void stages(int only_r) {
     const auto* us = reinterpret_cast<const __half*>(db.u_scale);
     const auto* uo = reinterpret_cast<const __half*>(db.u_offset);
     auto full = [&] {
-      delta_linear_launch(1, dx, dy, dout, R, b.n, b.M, dw, 1, db.v_words, vs, vo, db.u_words, us, uo, db.s, db.rows,
-                          J, db.projs, P, ws, g_sms, st);
+      delta_linear_launch(1, dx, dy, dout, R, b.n, b.M, dw, 1, db.v_words, vs, vo, db.u_words, us, uo,
+                          static_cast<int64_t>(b.u_words.size()), static_cast<int64_t>(b.u_scale.size()), db.s,
+                          db.rows, J, db.projs, P, ws, g_sms, 0, g_pdl, st);
     };
     int* counters = reinterpret_cast<int*>(ws + p.counter_off);
     ShrinkArgs sa{dx,       R,       b.n, dw,     1,      db.v_words,       vs,       vo,         db.s,
                   db.rows,  J,       p.ntiles,    p.kb_cta, p.ktb, ws + p.sw_off, ws + p.tpart_off, counters,
-                  p.ncounters};
+                  p.ncounters, db.u_words, us, uo, static_cast<int>(b.u_words.size()),
+                  static_cast<int>(b.u_scale.size())};
     ExpandArgs ea{dy,   dout,      ws + p.part_off, counters,         R,    b.M,      db.u_words, us, uo,
                   db.rows, db.projs, P,            J,                ws + p.sw_off, ws + p.tpart_off, p.ks, p.ntiles,
                   p.nsplit};
@@ -570,6 +576,12 @@ int main(int argc, char** argv) {
     std::printf("no CUDA device: compile check only\n");
     return 0;
   }
+  int major = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  g_pdl = major >= 9;
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--no-pdl") g_pdl = false;
+  std::printf("programmatic dependent launch: %s\n", g_pdl ? "on" : "off");
   const bool do_bench = argc > 1 && std::string(argv[1]) == "--bench";
   const bool do_quick = argc > 1 && std::string(argv[1]) == "--quick";
   if (do_quick) {  // small cases only (for compute-sanitizer)

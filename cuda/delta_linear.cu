@@ -17,10 +17,15 @@
 //                     that projection's rank rows; c = sw * sum_ks tpart is formed as rank rows are staged. With NS == 1
 //                     it writes out = y + acc; otherwise each split stores an fp32 partial tile and the last split of a
 //                     tile to finish (atomic count) writes out = y + the partials summed in split order.
+// On sm_90 both are launched with programmatic dependent launch: each kernel's prologue (the bank's metadata, its
+// first packed words and, with a single delta, stage 1 asking L2 for all of stage 2's factor) overlaps the tail of
+// the kernel ahead of it, and nothing produced by an earlier kernel is read before griddepcontrol.wait.
 //
 // A rank row is "active" for a row tile when w[r, delta(j)] != 0 for some row r of the tile. Inactive rows are never
 // read in either stage (their packed words, scales and offsets stay untouched), which is what makes a one-hot w over
-// many deltas cost only the bytes of the deltas in use.
+// many deltas cost only the bytes of the deltas in use. Token rows are tiled by 1 to 16 (by the row count, capped by
+// the caller's row_tile): a multi-tenant batch (each row its own delta) asks for tiles of one row, so that each tile
+// reads and computes only its own delta.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -118,6 +123,36 @@ __device__ __forceinline__ void store_vec(float* p, const float (&v)[V]) {
 }
 
 __device__ __forceinline__ bool valid_bits(int b) { return b == 1 || b == 2 || b == 3 || b == 4 || b == 8; }
+
+// ------------------------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90): both kernels are launched allowed to start before the kernel ahead of them
+// in the stream has finished. Before wait_prior_grids() a kernel reads only the bank (immutable); everything written
+// by earlier kernels (x, y, w, stage 1's output) and every write of its own comes after. allow_next_grid() lets the
+// next kernel be scheduled once every CTA of this one has started. On older GPUs both are no-ops and the launches
+// are ordinary stream-ordered launches.
+// ------------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void wait_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asks L2 to fetch share `part` of `parts` equal shares of [p, p + bytes) (128-byte lines), one line per thread and
+// pass: no registers are held and nothing waits for the data.
+__device__ __forceinline__ void prefetch_share_l2(const void* p, size_t bytes, size_t part, size_t parts) {
+  const size_t lines = (bytes + 127) / 128, per = (lines + parts - 1) / parts;
+  const size_t lo = part * per, hi = lo + per < lines ? lo + per : lines;
+  const char* base = static_cast<const char*>(p);
+  for (size_t l = lo + threadIdx.x; l < hi; l += kThreads)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + l * 128));
+}
 
 // (scale, offset) group of code k, through a packed group size gp: log2(gs) for a power-of-two gs, 31 for gs == 0
 // (one group per row; k < 2^31), else -gs (a division).
@@ -283,6 +318,10 @@ struct ShrinkArgs {
   float* tpart;              // (KS, ntiles, J, R_TILE): partial sum_k x[r, k] * V[j, k]; written for active rows only
   int* counters;             // the expand stage's split counters, zeroed here
   int ncounters;
+  const int32_t* u_words;    // stage 2's factor, prefetched into L2 here when K == 1
+  const __half* u_scale;
+  const __half* u_offset;
+  int u_nwords, u_nparams;
 };
 
 struct RowRef {  // one rank row's packed data: word offset, parameter offset, packed group size (group_code)
@@ -403,26 +442,43 @@ __device__ __forceinline__ unsigned width_class(unsigned todo, const int (&rbits
   return mask;
 }
 
+// The first unit (z = lane) of the tile at block kb0 for the rows of `mask` (all of width `bits`), into `pre`.
+template <int NJ, int OPL>
+__device__ __forceinline__ void prefetch_first_unit(Prefetch<NJ>& pre, const ShrinkArgs& a, const RowRef (&rr)[NJ],
+                                                    unsigned mask, int bits, int kb0, int nunits, int lane) {
+  pre.valid = false;
+  if (lane >= nunits) return;
+  const int gb = kb0 + lane / (32 / OPL), q0 = (lane % (32 / OPL)) * OPL;
+#pragma unroll
+  for (int jj = 0; jj < NJ; ++jj) {
+    pre.params[jj] = 0u;
+    if ((mask >> jj) & 1u) {
+      pre.valid = prefetch_lane_words<OPL>(a.words + rr[jj].woff + gb * bits, bits, q0, pre.raw[jj]);
+      if (pre.valid) pre.params[jj] = load_param_pair(a.scale, a.offset, rr[jj].poff + group_index(gb * 32, rr[jj].gp));
+    }
+  }
+}
+
 // grid (ceil(J / kRowsPerCta), KS, ntiles), block kThreads, dynamic shared memory ktb * block_floats(R_TILE) floats.
 // Warp w of CTA (gx, ks, rt) owns rank rows j = (gx * kWarps + w) * 4 + [0, 4), token rows rt * R_TILE + [0, R_TILE)
 // and K blocks [ks * kb_cta, (ks + 1) * kb_cta). Lane l < 4 keeps row jbase + l's metadata; others read it by shuffle.
+//
+// Before waiting for the kernels ahead of it, the CTA reads its rows' metadata and, with a single delta (K == 1, so
+// every valid row is active unless all its weights are zero), requests the first unit of packed words and asks L2
+// for its share of stage 2's factor.
 template <typename scalar_t, int R_TILE>
 __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kernel(const ShrinkArgs a) {
   extern __shared__ float4 shrink_smem[];
   float* xs = reinterpret_cast<float*>(shrink_smem);
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
+  allow_next_grid();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int ks = blockIdx.y, rt = blockIdx.z, r0 = rt * R_TILE;
   const int jbase = (blockIdx.x * kWarps + warp) * kRowsPerWarp;
-
-  // Zero the expand stage's split counters (it runs after this kernel on the same stream).
-  {
-    const size_t cta = blockIdx.x + static_cast<size_t>(gridDim.x) * (blockIdx.y + static_cast<size_t>(gridDim.y) *
-                                                                                        blockIdx.z);
-    const size_t stride = static_cast<size_t>(gridDim.x) * gridDim.y * gridDim.z * kThreads;
-    for (size_t i = cta * kThreads + threadIdx.x; i < static_cast<size_t>(a.ncounters); i += stride) a.counters[i] = 0;
-  }
+  const size_t cta = blockIdx.x + static_cast<size_t>(gridDim.x) * (blockIdx.y + static_cast<size_t>(gridDim.y) *
+                                                                                      blockIdx.z);
+  const size_t ctas = static_cast<size_t>(gridDim.x) * gridDim.y * gridDim.z;
 
   // Row metadata (lanes 0..3); invalid rows (past J, unknown width, delta out of range) get bits = 0.
   int m_bits = 0, m_woff = 0, m_poff = 0, m_delta = 0, m_gs = 0;
@@ -434,62 +490,73 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   }
   const int m_gp = group_code(m_gs);
 
-  // Activity per rank row (bit jj): some token row of the tile has a non-zero weight for the row's delta.
-  // The K slice 0 CTA also writes sw for every rank row it owns (the expand stage reads it for all rows).
-  unsigned act = 0;
-#pragma unroll
-  for (int jj = 0; jj < kRowsPerWarp; ++jj) {
-    const int bits = __shfl_sync(kFullMask, m_bits, jj);
-    const int delta = __shfl_sync(kFullMask, m_delta, jj);
-    const int j = jbase + jj;
-    float wt = 0.f;
-    if (bits != 0 && lane < R_TILE && r0 + lane < a.R) wt = __ldg(a.w + static_cast<size_t>(r0 + lane) * a.K + delta);
-    if (__ballot_sync(kFullMask, wt != 0.f) != 0u) act |= 1u << jj;
-    if (ks == 0 && j < a.J && lane < R_TILE)
-      a.sw[(static_cast<size_t>(rt) * a.J + j) * R_TILE + lane] = bits != 0 ? wt * __ldg(a.s + j) : 0.f;
-  }
-  if (__syncthreads_or(act != 0u) == 0) return;  // nothing active in this CTA: read no packed words, no x
-
   // The warp's rows, gathered from lanes 0..3. The active rows fall into width classes; each class is one pass over a
   // tile with all its rows sharing every x load (usually a single class of four).
   RowRef rr[kRowsPerWarp];
   int rbits[kRowsPerWarp];
+  unsigned valid = 0u;
 #pragma unroll
   for (int jj = 0; jj < kRowsPerWarp; ++jj) {
     rr[jj].woff = __shfl_sync(kFullMask, m_woff, jj);
     rr[jj].poff = __shfl_sync(kFullMask, m_poff, jj);
     rr[jj].gp = __shfl_sync(kFullMask, m_gp, jj);
     rbits[jj] = __shfl_sync(kFullMask, m_bits, jj);
+    if (rbits[jj] != 0) valid |= 1u << jj;
   }
+
+  constexpr int OPL = shrink_opl(R_TILE), NU = 32 / OPL;  // codes per unit, units per block
+  const int nblk = (a.n + 31) >> 5;
+  const int kbeg = ks * a.kb_cta, kend = min(nblk, kbeg + a.kb_cta);
+  // One delta: the active rows are the valid rows, or none. The first unit is requested early only for small row
+  // tiles, where the registers it holds across the wait are free (16-row tiles would spill).
+  const bool early = R_TILE <= 4 && a.K == 1;
+  Prefetch<kRowsPerWarp> pre;
+  pre.valid = false;
+  if (a.K == 1) {
+    prefetch_share_l2(a.u_words, static_cast<size_t>(a.u_nwords) * 4, cta, ctas);
+    prefetch_share_l2(a.u_scale, static_cast<size_t>(a.u_nparams) * 2, cta, ctas);
+    prefetch_share_l2(a.u_offset, static_cast<size_t>(a.u_nparams) * 2, cta, ctas);
+  }
+  if (early) {
+    if (valid != 0u && kbeg < kend) {
+      const int bits0 = __shfl_sync(kFullMask, m_bits, __ffs(valid) - 1);
+      prefetch_first_unit<kRowsPerWarp, OPL>(pre, a, rr, width_class(valid, rbits, bits0), bits0, kbeg,
+                                             min(a.ktb, kend - kbeg) * NU, lane);
+    }
+  }
+  wait_prior_grids();
+
+  // Zero the expand stage's split counters (it runs after this kernel on the same stream).
+  for (size_t i = cta * kThreads + threadIdx.x; i < static_cast<size_t>(a.ncounters); i += ctas * kThreads)
+    a.counters[i] = 0;
+
+  // Activity per rank row (bit jj): some token row of the tile has a non-zero weight for the row's delta.
+  // The K slice 0 CTA also writes sw for every rank row it owns (the expand stage reads it for all rows).
+  unsigned act = 0;
+#pragma unroll
+  for (int jj = 0; jj < kRowsPerWarp; ++jj) {
+    const int delta = __shfl_sync(kFullMask, m_delta, jj);
+    const int j = jbase + jj;
+    float wt = 0.f;
+    if (rbits[jj] != 0 && lane < R_TILE && r0 + lane < a.R)
+      wt = __ldg(a.w + static_cast<size_t>(r0 + lane) * a.K + delta);
+    if (__ballot_sync(kFullMask, wt != 0.f) != 0u) act |= 1u << jj;
+    if (ks == 0 && j < a.J && lane < R_TILE)
+      a.sw[(static_cast<size_t>(rt) * a.J + j) * R_TILE + lane] = rbits[jj] != 0 ? wt * __ldg(a.s + j) : 0.f;
+  }
+  if (__syncthreads_or(act != 0u) == 0) return;  // nothing active in this CTA: read no x (and, K > 1, no words)
+
   const int bits0 = act != 0u ? __shfl_sync(kFullMask, m_bits, __ffs(act) - 1) : 0;
-  const unsigned mask0 = width_class(act, rbits, bits0);
+  const unsigned mask0 = width_class(act, rbits, bits0);  // with K == 1: act == valid, so `pre` holds this class
 
   constexpr int NV = kRowsPerWarp * R_TILE;
   float acc[NV];
 #pragma unroll
   for (int i = 0; i < NV; ++i) acc[i] = 0.f;
 
-  constexpr int OPL = shrink_opl(R_TILE), NU = 32 / OPL;  // codes per unit, units per block
-  const int nblk = (a.n + 31) >> 5;
-  const int kbeg = ks * a.kb_cta, kend = min(nblk, kbeg + a.kb_cta);
   for (int kb0 = kbeg; kb0 < kend; kb0 += a.ktb) {
     const int nunits = min(a.ktb, kend - kb0) * NU;
-    Prefetch<kRowsPerWarp> pre;
-    pre.valid = false;
-    if (lane < nunits) {
-      const int gb = kb0 + lane / NU, q0 = (lane % NU) * OPL;
-#pragma unroll
-      for (int jj = 0; jj < kRowsPerWarp; ++jj) {
-        pre.params[jj] = 0u;
-        if ((mask0 >> jj) & 1u) {
-          pre.valid = prefetch_lane_words<OPL>(a.words + rr[jj].woff + gb * bits0, bits0, q0, pre.raw[jj]);
-          if (pre.valid) {
-            const int gi = rr[jj].poff + group_index(gb * 32, rr[jj].gp);
-            pre.params[jj] = load_param_pair(a.scale, a.offset, gi);
-          }
-        }
-      }
-    }
+    if (!early || kb0 != kbeg) prefetch_first_unit<kRowsPerWarp, OPL>(pre, a, rr, mask0, bits0, kb0, nunits, lane);
     __syncthreads();  // the previous tile is no longer read
     stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kb0, nunits);
     __syncthreads();
@@ -618,8 +685,9 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
   constexpr int OPL = expand_opl(R_TILE), W2 = 32 * OPL, NACC = R_TILE * OPL, CP = c_pitch(R_TILE);
   __shared__ __align__(16) float smem[expand_smem_floats(R_TILE)];
   __shared__ int is_last;
+  allow_next_grid();
 
-  // Locate (projection, slice) of this slot; out lengths are read 8 at a time so that the loads overlap.
+  // Locate (projection, slice) of this slot (the bank only: before waiting for stage 1); out lengths are read 8 at a time so that the loads overlap.
   int slot = blockIdx.x, p = 0, olen = 0;
   bool found = false;
   for (int p0 = 0; p0 < a.P && !found; p0 += 8) {
@@ -659,6 +727,7 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
   float acc[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+  wait_prior_grids();  // stage 1's sw and tpart, y, and this kernel's own writes come after
 
   float* cw = smem + warp * 32 * CP;  // this warp's staged c values
   for (int jb = wlo; jb < whi; jb += 32) {
@@ -812,9 +881,11 @@ struct Plan {
   int ncounters = 0;
 };
 
-Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
+// row_tile: the largest row tile the caller allows (0: no limit; otherwise rounded down to 1, 2, 4, 8 or 16).
+Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms, int64_t row_tile) {
   Plan p;
   p.r_tile = R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : R <= 8 ? 8 : 16;
+  while (row_tile > 0 && p.r_tile > row_tile) p.r_tile /= 2;
   p.ntiles = static_cast<int>(ceil_div<int64_t>(R, p.r_tile));
   const int64_t sms = num_sms > 0 ? num_sms : 1;
 
@@ -864,87 +935,107 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
   return p;
 }
 
+// Launches `kernel` on `stream`; with `pdl`, allowed to start before the kernel ahead of it finishes (sm_90).
+template <typename Args>
+cudaError_t launch_kernel(void (*kernel)(Args), dim3 grid, size_t smem, bool pdl, cudaStream_t stream,
+                          const Args& args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args);
+}
+
+struct Bank {  // the bank tensors of layout 1 (device pointers) and their sizes
+  const int32_t* v_words;
+  const __half *v_scale, *v_offset;
+  const int32_t* u_words;
+  const __half *u_scale, *u_offset;
+  const float* s;
+  const int32_t *rows, *projs;
+  int J, P, u_nwords, u_nparams;
+};
+
 template <typename scalar_t, int R_TILE>
 cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out, int R, int n, int M, const float* w,
-                         int K, const int32_t* v_words, const __half* v_scale, const __half* v_offset,
-                         const int32_t* u_words, const __half* u_scale, const __half* u_offset, const float* s,
-                         const int32_t* rows, int J, const int32_t* projs, int P, float* workspace,
-                         cudaStream_t stream) {
+                         int K, const Bank& b, float* workspace, bool pdl, cudaStream_t stream) {
   float* sw = workspace + p.sw_off;
   float* tpart = workspace + p.tpart_off;
   float* part = workspace + p.part_off;
   int* counters = reinterpret_cast<int*>(workspace + p.counter_off);
-  if (J > 0) {
-    ShrinkArgs sa{x,  R,     n,    w,      K,         v_words, v_scale, v_offset, s,
-                  rows, J, p.ntiles, p.kb_cta, p.ktb, sw,      tpart,   counters, p.ncounters};
-    const dim3 grid(p.groups, p.ks, p.ntiles);
-    shrink_kernel<scalar_t, R_TILE><<<grid, kThreads, p.shrink_smem, stream>>>(sa);
-    const cudaError_t err = cudaGetLastError();
+  if (b.J > 0) {
+    const ShrinkArgs sa{x,        R,         n,       w,          K,        b.v_words,   b.v_scale,
+                        b.v_offset, b.s,     b.rows,  b.J,        p.ntiles, p.kb_cta,    p.ktb,
+                        sw,       tpart,     counters, p.ncounters, b.u_words, b.u_scale, b.u_offset,
+                        b.u_nwords, b.u_nparams};
+    const cudaError_t err = launch_kernel(shrink_kernel<scalar_t, R_TILE>, dim3(p.groups, p.ks, p.ntiles),
+                                          p.shrink_smem, pdl, stream, sa);
     if (err != cudaSuccess) return err;
   }
-  ExpandArgs ea{y,     out,      part, counters, R,  M,  u_words, u_scale,  u_offset,
-                rows,  projs,    P,    J,        sw, tpart, p.ks, p.ntiles, p.nsplit};
-  const dim3 grid(p.slots, p.nsplit, p.ntiles);
-  expand_kernel<scalar_t, R_TILE><<<grid, kThreads, 0, stream>>>(ea);
-  return cudaGetLastError();
+  const ExpandArgs ea{y,      out,   part, counters, R,     M,    b.u_words, b.u_scale, b.u_offset,
+                      b.rows, b.projs, b.P, b.J,     sw,    tpart, p.ks,      p.ntiles,  p.nsplit};
+  return launch_kernel(expand_kernel<scalar_t, R_TILE>, dim3(p.slots, p.nsplit, p.ntiles), 0, pdl, stream, ea);
 }
 
 template <typename scalar_t>
 cudaError_t launch_typed(const Plan& p, const void* x, const void* y, void* out, int R, int n, int M, const float* w,
-                         int K, const int32_t* v_words, const __half* v_scale, const __half* v_offset,
-                         const int32_t* u_words, const __half* u_scale, const __half* u_offset, const float* s,
-                         const int32_t* rows, int J, const int32_t* projs, int P, float* workspace,
-                         cudaStream_t stream) {
-#define DELTACOMP_LAUNCH(RT)                                                                                         \
-  return launch_tiled<scalar_t, RT>(p, x, y, out, R, n, M, w, K, v_words, v_scale, v_offset, u_words, u_scale,     \
-                                    u_offset, s, rows, J, projs, P, workspace, stream)
+                         int K, const Bank& b, float* workspace, bool pdl, cudaStream_t stream) {
   switch (p.r_tile) {
-    case 1: DELTACOMP_LAUNCH(1);
-    case 2: DELTACOMP_LAUNCH(2);
-    case 4: DELTACOMP_LAUNCH(4);
-    case 8: DELTACOMP_LAUNCH(8);
-    default: DELTACOMP_LAUNCH(16);
+    case 1: return launch_tiled<scalar_t, 1>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
+    case 2: return launch_tiled<scalar_t, 2>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
+    case 4: return launch_tiled<scalar_t, 4>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
+    case 8: return launch_tiled<scalar_t, 8>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
+    default: return launch_tiled<scalar_t, 16>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
   }
-#undef DELTACOMP_LAUNCH
 }
 
 }  // namespace
 
-// fp32 workspace (in floats) that delta_linear_launch needs for these shapes; num_sms as in the launch.
-size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
+// fp32 workspace (in floats) that delta_linear_launch needs for these shapes; num_sms and row_tile as in the launch.
+size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
+                                     int64_t row_tile) {
   if (R <= 0 || M <= 0) return 0;
-  return make_plan(R, n, M, J, P, num_sms).total;
+  return make_plan(R, n, M, J, P, num_sms, row_tile).total;
 }
 
 // out (R, M) = y + the bank's contribution, for x (R, n), y (R, M) of `dtype` (0 float32, 1 float16, 2 bfloat16),
-// w (R, K) float32, the bank tensors of layout 1, and a workspace of delta_linear_workspace_floats() floats.
-// All pointers are device pointers of the current device; sizes must fit in int32 (binding.cpp checks).
-// Enqueues 1 or 2 kernels on `stream`; returns the first launch error.
+// w (R, K) float32, the bank tensors of layout 1 (u_nwords and u_nparams: the lengths of u_words and u_scale), and a
+// workspace of delta_linear_workspace_floats() floats. row_tile caps the token-row tile (0: none); pdl launches with
+// programmatic dependent launch (sm_90 and later). All pointers are device pointers of the current device; sizes
+// must fit in int32 (binding.cpp checks). Enqueues 1 or 2 kernels on `stream`; returns the first launch error.
 cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* out, int64_t R, int64_t n, int64_t M,
                                 const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
                                 const void* v_offset, const int32_t* u_words, const void* u_scale,
-                                const void* u_offset, const float* s, const int32_t* rows, int64_t J,
-                                const int32_t* projs, int64_t P, float* workspace, int num_sms, cudaStream_t stream) {
+                                const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
+                                const int32_t* rows, int64_t J, const int32_t* projs, int64_t P, float* workspace,
+                                int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream) {
   if (R <= 0 || M <= 0) return cudaSuccess;
-  const Plan p = make_plan(R, n, M, J, P, num_sms);
-  const auto* vs = static_cast<const __half*>(v_scale);
-  const auto* vo = static_cast<const __half*>(v_offset);
-  const auto* us = static_cast<const __half*>(u_scale);
-  const auto* uo = static_cast<const __half*>(u_offset);
+  const Plan p = make_plan(R, n, M, J, P, num_sms, row_tile);
+  const Bank b{v_words,
+               static_cast<const __half*>(v_scale),
+               static_cast<const __half*>(v_offset),
+               u_words,
+               static_cast<const __half*>(u_scale),
+               static_cast<const __half*>(u_offset),
+               s,
+               rows,
+               projs,
+               static_cast<int>(J),
+               static_cast<int>(P),
+               static_cast<int>(u_nwords),
+               static_cast<int>(u_nparams)};
   const int iR = static_cast<int>(R), in = static_cast<int>(n), iM = static_cast<int>(M), iK = static_cast<int>(K);
-  const int iJ = static_cast<int>(J), iP = static_cast<int>(P);
   switch (dtype) {
-    case 0:
-      return launch_typed<float>(p, x, y, out, iR, in, iM, w, iK, v_words, vs, vo, u_words, us, uo, s, rows, iJ,
-                                 projs, iP, workspace, stream);
-    case 1:
-      return launch_typed<__half>(p, x, y, out, iR, in, iM, w, iK, v_words, vs, vo, u_words, us, uo, s, rows, iJ,
-                                  projs, iP, workspace, stream);
-    case 2:
-      return launch_typed<__nv_bfloat16>(p, x, y, out, iR, in, iM, w, iK, v_words, vs, vo, u_words, us, uo, s, rows,
-                                         iJ, projs, iP, workspace, stream);
-    default:
-      return cudaErrorInvalidValue;
+    case 0: return launch_typed<float>(p, x, y, out, iR, in, iM, w, iK, b, workspace, pdl, stream);
+    case 1: return launch_typed<__half>(p, x, y, out, iR, in, iM, w, iK, b, workspace, pdl, stream);
+    case 2: return launch_typed<__nv_bfloat16>(p, x, y, out, iR, in, iM, w, iK, b, workspace, pdl, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 

@@ -165,6 +165,12 @@ def test_loader_remembers_why_and_raises_at_the_first_cuda_call(monkeypatch):
     with pytest.raises(DeltacompError, match="reads bank layout 0; this deltacomp lays out layout 1"):
         loader.extension()
 
+    stale = types.SimpleNamespace(layout_version=lambda: 1, delta_linear=None)  # built before op_version existed
+    monkeypatch.setattr(loader, "_status", None)
+    monkeypatch.setattr(loader.importlib, "import_module", lambda name: stale)
+    with pytest.raises(DeltacompError, match="older sources than this deltacomp: rebuild"):
+        loader.extension()
+
     def broken(name):
         raise ImportError("undefined symbol: _ZN3c10")
 

@@ -31,7 +31,7 @@ def _poison(shape, dtype):
     del blobs
 
 
-def _check(table, rows, dtype, weights=None, index=None, seed=0):
+def _check(table, rows, dtype, weights=None, index=None, seed=0, row_tile=None):
     g = torch.Generator(device="cuda").manual_seed(seed)
     bank = DeltaBank.build(table).to("cuda")
     n, m = bank.in_features, sum(bank.out_features)
@@ -43,11 +43,13 @@ def _check(table, rows, dtype, weights=None, index=None, seed=0):
         w = torch.ones(rows, bank.num_deltas, device="cuda") if weights is None else weights.float().expand(rows, -1)
     w = w.contiguous()
     _poison((rows, m), dtype)
-    out = torch.ops.deltacomp.delta_linear(x, y, w, *bank.tensors())
+    dispatch_tile = 1 if index is not None else 0  # what the dispatch point asks for
+    out = torch.ops.deltacomp.delta_linear(x, y, w, *bank.tensors(), dispatch_tile if row_tile is None else row_tile)
     torch.cuda.synchronize()
     assert out.dtype == dtype and out.shape == (rows, m)
     assert torch.isfinite(out).all(), "unwritten or non-finite outputs"
-    assert rel_err(delta_linear(x, bank, y, weights=weights, index=index), out) < 1e-6  # the dispatch point
+    if row_tile is None:
+        assert rel_err(delta_linear(x, bank, y, weights=weights, index=index), out) < 1e-6  # the dispatch point
     want = oracle(x.cpu(), y.cpu(), w.cpu(), table)
     err = rel_err(out.cpu(), want)
     assert err < BOUND[dtype], f"relative error {err:.2e} over the bound {BOUND[dtype]:.0e}"
@@ -83,6 +85,16 @@ def test_fused_projections_and_gated_deltas(dtype):
         w = torch.rand(rows, 3, device="cuda")
         w[::3, 1] = 0
         _check(table, rows, dtype, weights=w, seed=rows)
+
+
+@pytest.mark.parametrize("row_tile", [1, 2, 4, 8, 5])
+def test_row_tile_cap_changes_the_split_not_the_result(row_tile):
+    table = [[random_module(700, 576, widths=ALL_WIDTHS, rank_per_group=3, group_size=gs, seed=d) for d, gs in
+              enumerate((0, 128, 0))]]
+    for rows in (3, 16, 33):
+        w = torch.rand(rows, 3, device="cuda")
+        w[1::2, 2] = 0
+        _check(table, rows, torch.float16, weights=w, seed=rows, row_tile=row_tile)
 
 
 def test_multi_tenant_sixteen_deltas():

@@ -75,10 +75,27 @@ class DeltaBank(torch.nn.Module):
         self.num_deltas = num_deltas
         self.cache_factors = True  # off the GPU: dequantize once and keep the float factors (see dequantized)
         self._factors: list[tuple] | None = None
+        self._ones: dict[tuple, torch.Tensor] = {}
 
     def _apply(self, fn, *args, **kwargs):
         self._factors = None  # moved or cast: dequantize again on the new device
+        self._ones = {}
         return super()._apply(fn, *args, **kwargs)
+
+    def unit_weights(self, rows: int, device, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, k) gate weights of 1, made once per shape and kept (a call then launches no fill).
+
+        Not kept while a CUDA graph is being captured: a tensor filled inside a capture holds its values only when
+        the graph replays.
+        """
+        key = (rows, torch.device(device), dtype)
+        ones = self._ones.get(key)
+        if ones is None:
+            ones = torch.ones(rows, self.num_deltas, device=device, dtype=dtype)
+            capturing = ones.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not capturing and len(self._ones) < 64:
+                self._ones[key] = ones
+        return ones
 
     def dequantized(self) -> list[tuple]:
         """The factors as float32, per projection (:func:`deltacomp.kernels.reference.projections`), made once.

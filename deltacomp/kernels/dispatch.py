@@ -21,7 +21,7 @@ def gate_weights(rows: int, bank: DeltaBank, weights: torch.Tensor | None, index
             raise DeltacompError(f"{index.numel()} delta indices for {rows} token rows")
         return torch.nn.functional.one_hot(index, k).to(dtype)
     if weights is None:
-        return torch.ones(rows, k, device=device, dtype=dtype)
+        return bank.unit_weights(rows, device, dtype)
     if weights.shape[-1] != k:
         raise DeltacompError(f"gate weights have {weights.shape[-1]} columns; the bank holds {k} deltas")
     w = weights.to(device=device, dtype=dtype)
@@ -51,6 +51,7 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
     w = gate_weights(x2.shape[0], bank, weights, index, x.device, wdtype).contiguous()
     if not x.is_cuda and bank.cache_factors:  # CPU: the twin's arithmetic on factors dequantized once
         out = delta_linear_factors(x2.to(y2.dtype), y2, w, bank.dequantized(), bank.s, bank.rows)
-    else:
-        out = torch.ops.deltacomp.delta_linear(x2.to(y2.dtype), y2, w, *bank.tensors())
+    else:  # one row per tenant: each row tile reads only its own delta
+        row_tile = 1 if index is not None else 0
+        out = torch.ops.deltacomp.delta_linear(x2.to(y2.dtype), y2, w, *bank.tensors(), row_tile)
     return out.reshape(*lead, m)

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 JIT_ENV = "DELTACOMP_CUDA_JIT"  # 1: build the extension with torch.utils.cpp_extension.load when it is missing
 SOURCES = ("delta_linear.cu", "binding.cpp")
+OP_VERSION = 2  # the binding's argument list (cuda/binding.cpp's op_version)
 CUDA_FLAGS = ("-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
               "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90a,code=sm_90a")
 
@@ -101,9 +102,13 @@ def _check_layout(st: Status) -> Status:
     """A loaded extension must read the bank layout this deltacomp writes; otherwise remember why not."""
     from deltacomp.kernels.bank import LAYOUT_VERSION
 
-    if st.module is not None and st.module.layout_version() != LAYOUT_VERSION:
+    if st.module is None:
+        return st
+    if st.module.layout_version() != LAYOUT_VERSION:
         st.error = (f"the CUDA extension reads bank layout {st.module.layout_version()}; this deltacomp lays out "
                     f"layout {LAYOUT_VERSION}: rebuild the extension")
+    elif getattr(st.module, "op_version", lambda: 1)() != OP_VERSION:
+        st.error = "the CUDA extension was built from older sources than this deltacomp: rebuild the extension"
     return st
 
 
