@@ -226,7 +226,8 @@ def _runner(fm, model, base: Path, device: str, kw: dict):
     return run
 
 
-def speed(base: Path, pkgs: list[Path], args) -> dict:
+def speed(base: Path, pkgs: list[Path], args, results: dict, save) -> dict:
+    """Fills ``results`` with decode rates per configuration, calling ``save()`` after each."""
     from deltacomp.fusion.loading import load_base
     from deltacomp.io.checkpoint import Checkpoint
 
@@ -240,7 +241,6 @@ def speed(base: Path, pkgs: list[Path], args) -> dict:
     }
     modes = {"generate": {}} if args.no_compile else {"generate": {}, "static cache (compiled)":
                                                        {"cache_implementation": "static"}}
-    results = {}
     for name, spec in configs.items():
         if spec is None:
             _, model = load_base(Checkpoint(base), args.device)
@@ -262,6 +262,7 @@ def speed(base: Path, pkgs: list[Path], args) -> dict:
         del fm, model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+        save()
     return results
 
 
@@ -335,11 +336,17 @@ def main():
                "data": {"gate": len(data["gate"]), "test": len(data["test"])}, "finetunes": finetunes,
                "package_bytes": [sum(p.stat().st_size for p in pkg.glob("*.safetensors")) for pkg in pkgs]}
         res["quality"] = quality(base, pkgs, data, args)
-        res["speed"] = speed(base, pkgs, args)
+        _save(res, args)
+        res["speed"] = {}
+        speed(base, pkgs, args, res["speed"], lambda: _save(res, args))
     finally:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
     print(render(res))
+
+
+def _save(res: dict, args) -> None:
+    """Write what is measured so far (a run stopped during the speed tables keeps the quality table)."""
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))
 

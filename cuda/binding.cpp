@@ -1,8 +1,9 @@
 // torch binding of the delta bank dequant-matmul (kernels and launcher in delta_linear.cu).
 //
-//   delta_linear(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, row_tile) -> out
+//   delta_linear(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans, row_tile)
+//     -> out
 //
-// x (R, n) and y (R, M): float16, bfloat16 or float32 (the same); w (R, k) float32; the bank in layout 1
+// x (R, n) and y (R, M): float16, bfloat16 or float32 (the same); w (R, k) float32; the bank in layout 2
 // (deltacomp/kernels/bank.py). out = y + the deltas' contribution, a new (R, M) tensor of y's dtype. row_tile caps
 // the kernels' token-row tile (0: chosen by the row count; 1 for a multi-tenant batch, where each row has its own
 // delta). On compute capability 9.0 and later the kernels use programmatic dependent launch unless the environment
@@ -27,8 +28,8 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
                                 const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
                                 const void* v_offset, const int32_t* u_words, const void* u_scale,
                                 const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
-                                const int32_t* rows, int64_t J, const int32_t* projs, int64_t P, float* workspace,
-                                int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream);
+                                const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
+                                float* workspace, int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream);
 }  // namespace deltacomp
 
 namespace {
@@ -80,7 +81,8 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
                                 const torch::Tensor& v_words, const torch::Tensor& v_scale,
                                 const torch::Tensor& v_offset, const torch::Tensor& u_words,
                                 const torch::Tensor& u_scale, const torch::Tensor& u_offset, const torch::Tensor& s,
-                                const torch::Tensor& rows, const torch::Tensor& projs, int64_t row_tile) {
+                                const torch::Tensor& rows, const torch::Tensor& projs, const torch::Tensor& spans,
+                                int64_t row_tile) {
   TORCH_CHECK(x.is_cuda(), "delta_linear: x must be a CUDA tensor, got one on ", device_name(x));
   const torch::Device device = x.device();
   const int dtype = dtype_code(x.scalar_type());
@@ -100,6 +102,10 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
   check_tensor(projs, "projs", torch::kInt32, 2, device);
   TORCH_CHECK(projs.size(1) == 4, "delta_linear: projs must be (P, 4), got shape ", shape(projs));
   const int64_t J = rows.size(0), P = projs.size(0);
+  check_tensor(spans, "spans", torch::kInt32, 2, device);
+  TORCH_CHECK(spans.size(0) == P && spans.size(1) == w.size(1) + 1, "delta_linear: spans must be (P, k + 1) = (",
+              num(P), ", ", num(w.size(1) + 1), ") for ", num(P), " projections and ", num(w.size(1)),
+              " deltas, got shape ", shape(spans));
   check_tensor(s, "s", torch::kFloat32, 1, device);
   TORCH_CHECK(s.size(0) == J, "delta_linear: s has ", num(s.size(0)), " values but rows has ", num(J),
               " rank rows");
@@ -140,19 +146,19 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
       dtype, x.data_ptr(), y.data_ptr(), out.data_ptr(), R, n, M, w.data_ptr<float>(), K,
       v_words.data_ptr<int32_t>(), v_scale.data_ptr(), v_offset.data_ptr(), u_words.data_ptr<int32_t>(),
       u_scale.data_ptr(), u_offset.data_ptr(), u_words.numel(), u_scale.numel(), s.data_ptr<float>(),
-      rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(), P, workspace.data_ptr<float>(), num_sms, row_tile, pdl,
-      stream);
+      rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(), spans.data_ptr<int32_t>(), P,
+      workspace.data_ptr<float>(), num_sms, row_tile, pdl, stream);
   TORCH_CHECK(err == cudaSuccess, "delta_linear: kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Dequant-matmul of packed low-rank deltas (bank layout 1)";
+  m.doc() = "Dequant-matmul of packed low-rank deltas (bank layout 2)";
   m.def("delta_linear", &delta_linear_cuda,
         "out = y + sum_j (x @ V_j) * s_j * w[:, delta_j] * U_j per projection, reading bit-packed factors",
         py::arg("x"), py::arg("y"), py::arg("w"), py::arg("v_words"), py::arg("v_scale"), py::arg("v_offset"),
         py::arg("u_words"), py::arg("u_scale"), py::arg("u_offset"), py::arg("s"), py::arg("rows"),
-        py::arg("projs"), py::arg("row_tile") = 0);
-  m.def("layout_version", [] { return 1; }, "The bank layout the kernels read");
-  m.def("op_version", [] { return 2; }, "The op's argument list: 2 adds row_tile");
+        py::arg("projs"), py::arg("spans"), py::arg("row_tile") = 0);
+  m.def("layout_version", [] { return 2; }, "The bank layout the kernels read");
+  m.def("op_version", [] { return 2; }, "The op's argument list: 2 adds spans and row_tile");
 }

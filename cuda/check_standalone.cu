@@ -5,7 +5,7 @@
 //   ./check_delta_linear           correctness sweep against a float64 CPU reference (needs a GPU)
 //   ./check_delta_linear --bench   timings on Llama-7B-shaped banks
 //
-// Banks are built here exactly as bank layout 1 describes (rows padded to 4 words, codes packed as in
+// Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
 // deltacomp/quant/packing.py). Before every launch the output and the workspace are filled with NaN, so an output
 // the kernels do not write, or a workspace value they read without writing, fails the check. In the multi-tenant
 // cases the scales and offsets of deltas that no token row uses are NaN, so reading them into the result fails too.
@@ -70,7 +70,7 @@ struct Group {  // rank rows of one (projection, delta) with the same widths
 struct Bank {
   int n = 0, K = 0, M = 0;
   std::vector<int> out_len;
-  std::vector<int32_t> v_words, u_words, rows, projs;
+  std::vector<int32_t> v_words, u_words, rows, projs, spans;
   std::vector<uint16_t> v_scale, v_offset, u_scale, u_offset;
   std::vector<float> s;
   std::vector<std::vector<double>> V, U;  // dequantized rows, for the reference
@@ -114,6 +114,7 @@ Bank build_bank(int n, const std::vector<int>& out_len, int K, const std::vector
   for (size_t p = 0; p < out_len.size(); ++p) {
     const int j_start = static_cast<int>(b.s.size());
     for (int d = 0; d < K; ++d) {
+      b.spans.push_back(static_cast<int>(b.s.size()));
       for (const Group& g : table[p][d]) {
         for (int i = 0; i < g.rank; ++i) {
           int vw, vp, uw, up;
@@ -128,6 +129,7 @@ Bank build_bank(int n, const std::vector<int>& out_len, int K, const std::vector
         }
       }
     }
+    b.spans.push_back(static_cast<int>(b.s.size()));
     b.projs.insert(b.projs.end(), {j_start, static_cast<int>(b.s.size()), out_off, out_len[p]});
     out_off += out_len[p];
   }
@@ -149,16 +151,16 @@ T* to_device(const std::vector<T>& v) {
 }
 
 struct DeviceBank {
-  int32_t *v_words, *u_words, *rows, *projs;
+  int32_t *v_words, *u_words, *rows, *projs, *spans;
   uint16_t *v_scale, *v_offset, *u_scale, *u_offset;
   float* s;
   explicit DeviceBank(const Bank& b)
       : v_words(to_device(b.v_words)), u_words(to_device(b.u_words)), rows(to_device(b.rows)),
-        projs(to_device(b.projs)), v_scale(to_device(b.v_scale)), v_offset(to_device(b.v_offset)),
+        projs(to_device(b.projs)), spans(to_device(b.spans)), v_scale(to_device(b.v_scale)), v_offset(to_device(b.v_offset)),
         u_scale(to_device(b.u_scale)), u_offset(to_device(b.u_offset)), s(to_device(b.s)) {}
   ~DeviceBank() {
     for (void* p : {static_cast<void*>(v_words), static_cast<void*>(u_words), static_cast<void*>(rows),
-                    static_cast<void*>(projs), static_cast<void*>(v_scale), static_cast<void*>(v_offset),
+                    static_cast<void*>(projs), static_cast<void*>(spans), static_cast<void*>(v_scale), static_cast<void*>(v_offset),
                     static_cast<void*>(u_scale), static_cast<void*>(u_offset), static_cast<void*>(s)})
       cudaFree(p);
   }
@@ -243,8 +245,8 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
     const cudaError_t e = delta_linear_launch(
         dtype, dx, dy, dout, R, b.n, b.M, dw, b.K, db.v_words, db.v_scale, db.v_offset, db.u_words, db.u_scale,
         db.u_offset, static_cast<int64_t>(b.u_words.size()), static_cast<int64_t>(b.u_scale.size()), db.s, db.rows,
-        static_cast<int64_t>(b.s.size()), db.projs, static_cast<int64_t>(b.out_len.size()), dws, g_sms, row_tile,
-        g_pdl, stream);
+        static_cast<int64_t>(b.s.size()), db.projs, db.spans, static_cast<int64_t>(b.out_len.size()), dws, g_sms,
+        row_tile, g_pdl, stream);
     if (e != cudaSuccess) {
       std::fprintf(stderr, "launch failed: %s\n", cudaGetErrorString(e));
       std::exit(2);
@@ -524,16 +526,16 @@ void stages(int only_r) {
     auto full = [&] {
       delta_linear_launch(1, dx, dy, dout, R, b.n, b.M, dw, 1, db.v_words, vs, vo, db.u_words, us, uo,
                           static_cast<int64_t>(b.u_words.size()), static_cast<int64_t>(b.u_scale.size()), db.s,
-                          db.rows, J, db.projs, P, ws, g_sms, 0, g_pdl, st);
+                          db.rows, J, db.projs, db.spans, P, ws, g_sms, 0, g_pdl, st);
     };
     int* counters = reinterpret_cast<int*>(ws + p.counter_off);
     ShrinkArgs sa{dx,       R,       b.n, dw,     1,      db.v_words,       vs,       vo,         db.s,
                   db.rows,  J,       p.ntiles,    p.kb_cta, p.ktb, ws + p.sw_off, ws + p.tpart_off, counters,
                   p.ncounters, db.u_words, us, uo, static_cast<int>(b.u_words.size()),
                   static_cast<int>(b.u_scale.size())};
-    ExpandArgs ea{dy,   dout,      ws + p.part_off, counters,         R,    b.M,      db.u_words, us, uo,
-                  db.rows, db.projs, P,            J,                ws + p.sw_off, ws + p.tpart_off, p.ks, p.ntiles,
-                  p.nsplit};
+    ExpandArgs ea{dy,      dout,     ws + p.part_off, counters, R,  b.M,          db.u_words,       us,   uo,
+                  db.rows, db.projs, db.spans,        dw,       P,  J,            1,                ws + p.sw_off,
+                  ws + p.tpart_off, p.ks, p.ntiles, p.nsplit};
     const dim3 g1(p.groups, p.ks, p.ntiles), g2(p.slots, p.nsplit, p.ntiles);
     auto s1 = [&] {
       switch (p.r_tile) {

@@ -1,4 +1,4 @@
-// Dequant-matmul of a delta bank (bank layout 1, see deltacomp/kernels/bank.py and README.md here):
+// Dequant-matmul of a delta bank (bank layout 2, see deltacomp/kernels/bank.py and README.md here):
 //
 //   t[r, j]   = sum_k x[r, k] * V[j, k]                                   stage 1 ("shrink")
 //   c[r, j]   = t[r, j] * s[j] * w[r, delta(j)]
@@ -208,7 +208,7 @@ __device__ __forceinline__ float unit_code(const uint32_t (&v)[NV], int pos) {
 
 // Loads the raw words holding codes [q0, q0 + OPL) of one packed block (blk points at the block's first word): NW
 // words from word (BITS * q0) / 32 of the block; a word past the block's end reads as zero (3-bit lanes only).
-// q0 is a multiple of OPL. Vector loads rely on 16-byte aligned row starts (bank layout 1).
+// q0 is a multiple of OPL. Vector loads rely on 16-byte aligned row starts (bank layout 2).
 template <int BITS, int OPL>
 __device__ __forceinline__ void load_lane_words(const int32_t* __restrict__ blk, int q0,
                                                 uint32_t (&v)[lane_words<BITS, OPL>()]) {
@@ -337,7 +337,8 @@ __device__ __forceinline__ void stage_x_tile(float* __restrict__ xs, const scala
   constexpr int VW = vec_width(R_TILE), H = R_TILE / VW, OPL = shrink_opl(R_TILE), UF = unit_floats(R_TILE);
   const int total = nunits * H * OPL;
   const int k0 = kb0 * 32;
-  for (int t = threadIdx.x; t < total; t += kThreads) {
+#pragma unroll(R_TILE <= 4 ? 4 : 1)
+  for (int t = threadIdx.x; t < total; t += kThreads) {  // small tiles: several iterations' loads in flight at once
     const int e = t % OPL, h = (t / OPL) % H, z = t / (OPL * H);
     const int k = k0 + z * OPL + e;
     float v[VW];
@@ -525,6 +526,8 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
     }
   }
   wait_prior_grids();
+  if (early && kbeg < kend)  // the first x tile is read while the weights below are (the barrier after them publishes it)
+    stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kbeg, min(a.ktb, kend - kbeg) * NU);
 
   // Zero the expand stage's split counters (it runs after this kernel on the same stream).
   for (size_t i = cta * kThreads + threadIdx.x; i < static_cast<size_t>(a.ncounters); i += ctas * kThreads)
@@ -556,10 +559,12 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
 
   for (int kb0 = kbeg; kb0 < kend; kb0 += a.ktb) {
     const int nunits = min(a.ktb, kend - kb0) * NU;
-    if (!early || kb0 != kbeg) prefetch_first_unit<kRowsPerWarp, OPL>(pre, a, rr, mask0, bits0, kb0, nunits, lane);
-    __syncthreads();  // the previous tile is no longer read
-    stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kb0, nunits);
-    __syncthreads();
+    if (!early || kb0 != kbeg) {  // (else the words and the x tile were requested before the weights)
+      prefetch_first_unit<kRowsPerWarp, OPL>(pre, a, rr, mask0, bits0, kb0, nunits, lane);
+      __syncthreads();  // the previous tile is no longer read
+      stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kb0, nunits);
+      __syncthreads();
+    }
     bool use_pre = true;
     for (unsigned todo = act; todo != 0u; use_pre = false) {
       const int bits = __shfl_sync(kFullMask, m_bits, __ffs(todo) - 1);
@@ -598,7 +603,9 @@ struct ExpandArgs {
   const __half* offset;      // u_offset
   const int32_t* rows;       // (J, 8)
   const int32_t* projs;      // (P, 4)
-  int P, J;
+  const int32_t* spans;      // (P, K + 1): delta d's rank rows in projection p are [spans[p][d], spans[p][d + 1])
+  const float* w;            // (R, K) gate weights
+  int P, J, K;
   const float* sw;           // (ntiles, J, R_TILE), from stage 1
   const float* tpart;        // (KS, ntiles, J, R_TILE), from stage 1
   int ks, ntiles, nsplit;
@@ -687,7 +694,8 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
   __shared__ int is_last;
   allow_next_grid();
 
-  // Locate (projection, slice) of this slot (the bank only: before waiting for stage 1); out lengths are read 8 at a time so that the loads overlap.
+  // Locate (projection, slice) of this slot (the bank only: before waiting for stage 1); out lengths are read 8 at a
+  // time so that the loads overlap.
   int slot = blockIdx.x, p = 0, olen = 0;
   bool found = false;
   for (int p0 = 0; p0 < a.P && !found; p0 += 8) {
@@ -712,14 +720,7 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
   const int o0 = slot * W2;  // first output of the slice, within the projection
   const int split = blockIdx.y, rt = blockIdx.z, r0 = rt * R_TILE;
 
-  // This CTA's rank rows (split `split` of the projection's), and this warp's share of them.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int jp = max(0, j_end - j_start);
-  const int chunk = (jp + a.nsplit - 1) / a.nsplit;
-  const int js = j_start + split * chunk, je = min(j_end, js + chunk);
-  const int per = max(0, je - js + kWarps - 1) / kWarps;
-  const int wlo = js + warp * per, whi = min(je, wlo + per);
-
   const int oi = o0 + lane * OPL;  // this lane's first output within the projection
   const bool has = oi < olen;
   const int bi = oi >> 5, q0 = oi & 31;
@@ -727,65 +728,96 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
   float acc[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
-  wait_prior_grids();  // stage 1's sw and tpart, y, and this kernel's own writes come after
+  wait_prior_grids();  // stage 1's sw and tpart, y, w, and this kernel's own writes come after
 
   float* cw = smem + warp * 32 * CP;  // this warp's staged c values
-  for (int jb = wlo; jb < whi; jb += 32) {
-    const int nb = min(32, whi - jb);
-    RowDesc d{0, 0, 0, 31};
-    if (lane < nb) {
-      const int j = jb + lane;
-      const int32_t* rw = a.rows + static_cast<size_t>(j) * 8;
-      const int ub = __ldg(rw + 3);
-      d.woff = __ldg(rw + 4), d.poff = __ldg(rw + 5), d.gp = group_code(__ldg(rw + 7));
-      // c[r] = sw[r] * sum_ks tpart[ks][r], a vector of up to 4 token rows at a time (few live registers).
-      constexpr int V = vec_width(R_TILE);
-      const float* swp = a.sw + (static_cast<size_t>(rt) * a.J + j) * R_TILE;
-      bool any = false;
+  // Rank rows [lo, hi) of the projection: this CTA's split of them, and of that this warp's contiguous share.
+  auto walk = [&](int lo, int hi) {
+    const int chunk = (hi - lo + a.nsplit - 1) / a.nsplit;
+    const int js = lo + split * chunk, je = min(hi, js + chunk);
+    const int per = (max(0, je - js) + kWarps - 1) / kWarps;
+    const int wlo = js + warp * per, whi = min(je, wlo + per);
+    for (int jb = wlo; jb < whi; jb += 32) {
+      const int nb = min(32, whi - jb);
+      RowDesc d{0, 0, 0, 31};
+      if (lane < nb) {
+        const int j = jb + lane;
+        const int32_t* rw = a.rows + static_cast<size_t>(j) * 8;
+        const int ub = __ldg(rw + 3);
+        d.woff = __ldg(rw + 4), d.poff = __ldg(rw + 5), d.gp = group_code(__ldg(rw + 7));
+        // c[r] = sw[r] * sum_ks tpart[ks][r], a vector of up to 4 token rows at a time (few live registers).
+        constexpr int V = vec_width(R_TILE);
+        const float* swp = a.sw + (static_cast<size_t>(rt) * a.J + j) * R_TILE;
+        bool any = false;
 #pragma unroll
-      for (int r = 0; r < R_TILE; r += V) {
-        float sv[V];
-        load_vec<V>(swp + r, sv);
+        for (int r = 0; r < R_TILE; r += V) {
+          float sv[V];
+          load_vec<V>(swp + r, sv);
 #pragma unroll
-        for (int q = 0; q < V; ++q) any = any || sv[q] != 0.f;
-      }
-      d.bits = any && valid_bits(ub) ? ub : 0;  // inactive rows: tpart was never written, c is not used
-#pragma unroll
-      for (int r = 0; r < R_TILE; r += V) {
-        float sv[V], tv[V];
-        load_vec<V>(swp + r, sv);
-#pragma unroll
-        for (int q = 0; q < V; ++q) tv[q] = 0.f;
-        for (int k = 0; k < a.ks && d.bits != 0; ++k) {
-          float pv[V];
-          load_vec<V>(a.tpart + ((static_cast<size_t>(k) * a.ntiles + rt) * a.J + j) * R_TILE + r, pv);
-#pragma unroll
-          for (int q = 0; q < V; ++q) tv[q] += pv[q];
+          for (int q = 0; q < V; ++q) any = any || sv[q] != 0.f;
         }
+        d.bits = any && valid_bits(ub) ? ub : 0;  // inactive rows: tpart was never written, c is not used
 #pragma unroll
-        for (int q = 0; q < V; ++q) sv[q] = d.bits != 0 ? sv[q] * tv[q] : 0.f;
-        store_vec<V>(cw + lane * CP + r, sv);
+        for (int r = 0; r < R_TILE; r += V) {
+          float sv[V], tv[V];
+          load_vec<V>(swp + r, sv);
+#pragma unroll
+          for (int q = 0; q < V; ++q) tv[q] = 0.f;
+#pragma unroll 4
+          for (int k = 0; k < a.ks; ++k) {
+            float pv[V];
+            if (d.bits != 0) {
+              load_vec<V>(a.tpart + ((static_cast<size_t>(k) * a.ntiles + rt) * a.J + j) * R_TILE + r, pv);
+            } else {
+#pragma unroll
+              for (int q = 0; q < V; ++q) pv[q] = 0.f;
+            }
+#pragma unroll
+            for (int q = 0; q < V; ++q) tv[q] += pv[q];
+          }
+#pragma unroll
+          for (int q = 0; q < V; ++q) sv[q] = d.bits != 0 ? sv[q] * tv[q] : 0.f;
+          store_vec<V>(cw + lane * CP + r, sv);
+        }
       }
+      __syncwarp();
+      const unsigned skip = __ballot_sync(kFullMask, d.bits == 0);
+      int i = 0;
+      while (i < nb) {
+        if ((skip >> i) & 1u) {
+          i += run_length(skip, i);
+          continue;
+        }
+        const int bits = __shfl_sync(kFullMask, d.bits, i);
+        const int n = run_length(__ballot_sync(kFullMask, d.bits == bits), i);
+        switch (bits) {
+          case 1: i += expand_run<1, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+          case 2: i += expand_run<2, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+          case 3: i += expand_run<3, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+          case 4: i += expand_run<4, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+          default: i += expand_run<8, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
+        }
+      }
+      __syncwarp();  // cw is restaged next round
     }
-    __syncwarp();
-    const unsigned skip = __ballot_sync(kFullMask, d.bits == 0);
-    int i = 0;
-    while (i < nb) {
-      if ((skip >> i) & 1u) {
-        i += run_length(skip, i);
-        continue;
-      }
-      const int bits = __shfl_sync(kFullMask, d.bits, i);
-      const int n = run_length(__ballot_sync(kFullMask, d.bits == bits), i);
-      switch (bits) {
-        case 1: i += expand_run<1, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
-        case 2: i += expand_run<2, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
-        case 3: i += expand_run<3, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
-        case 4: i += expand_run<4, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
-        default: i += expand_run<8, R_TILE, OPL>(acc, d, cw, i, n, a, has, bi, q0); break;
-      }
+  };
+  // With several deltas, only the rows of deltas that some token row of the tile weighs: the others' rows are never
+  // visited. One delta: the projection's rows (a row whose weights are all zero is skipped by its sw).
+  const int32_t* spans = a.spans + static_cast<size_t>(p) * (a.K + 1);
+  for (int d0 = 0; d0 < a.K; d0 += 32) {
+    const int dl = d0 + lane;
+    int lo = j_start, hi = j_end;
+    bool on = a.K == 1;
+    if (dl < a.K && a.K > 1) {
+      lo = max(j_start, __ldg(spans + dl)), hi = min(j_end, __ldg(spans + dl + 1));
+#pragma unroll
+      for (int r = 0; r < R_TILE; ++r)
+        if (r0 + r < a.R && __ldg(a.w + static_cast<size_t>(r0 + r) * a.K + dl) != 0.f) on = true;
     }
-    __syncwarp();  // cw is restaged next round
+    for (unsigned m = __ballot_sync(kFullMask, on && dl < a.K && hi > lo); m != 0u; m &= m - 1u) {
+      const int l = __ffs(m) - 1;
+      walk(__shfl_sync(kFullMask, lo, l), __shfl_sync(kFullMask, hi, l));
+    }
   }
   __syncthreads();  // the staging area becomes the reduction buffer
 
@@ -952,13 +984,13 @@ cudaError_t launch_kernel(void (*kernel)(Args), dim3 grid, size_t smem, bool pdl
   return cudaLaunchKernelEx(&cfg, kernel, args);
 }
 
-struct Bank {  // the bank tensors of layout 1 (device pointers) and their sizes
+struct Bank {  // the bank tensors of layout 2 (device pointers) and their sizes
   const int32_t* v_words;
   const __half *v_scale, *v_offset;
   const int32_t* u_words;
   const __half *u_scale, *u_offset;
   const float* s;
-  const int32_t *rows, *projs;
+  const int32_t *rows, *projs, *spans;
   int J, P, u_nwords, u_nparams;
 };
 
@@ -978,8 +1010,9 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
                                           p.shrink_smem, pdl, stream, sa);
     if (err != cudaSuccess) return err;
   }
-  const ExpandArgs ea{y,      out,   part, counters, R,     M,    b.u_words, b.u_scale, b.u_offset,
-                      b.rows, b.projs, b.P, b.J,     sw,    tpart, p.ks,      p.ntiles,  p.nsplit};
+  const ExpandArgs ea{y,       out,    part, counters, R,  M,     b.u_words, b.u_scale, b.u_offset, b.rows,
+                      b.projs, b.spans, w,  b.P,      b.J, K,    sw,        tpart,     p.ks,       p.ntiles,
+                      p.nsplit};
   return launch_kernel(expand_kernel<scalar_t, R_TILE>, dim3(p.slots, p.nsplit, p.ntiles), 0, pdl, stream, ea);
 }
 
@@ -1005,7 +1038,7 @@ size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J,
 }
 
 // out (R, M) = y + the bank's contribution, for x (R, n), y (R, M) of `dtype` (0 float32, 1 float16, 2 bfloat16),
-// w (R, K) float32, the bank tensors of layout 1 (u_nwords and u_nparams: the lengths of u_words and u_scale), and a
+// w (R, K) float32, the bank tensors of layout 2 (u_nwords and u_nparams: the lengths of u_words and u_scale), and a
 // workspace of delta_linear_workspace_floats() floats. row_tile caps the token-row tile (0: none); pdl launches with
 // programmatic dependent launch (sm_90 and later). All pointers are device pointers of the current device; sizes
 // must fit in int32 (binding.cpp checks). Enqueues 1 or 2 kernels on `stream`; returns the first launch error.
@@ -1013,8 +1046,8 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
                                 const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
                                 const void* v_offset, const int32_t* u_words, const void* u_scale,
                                 const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
-                                const int32_t* rows, int64_t J, const int32_t* projs, int64_t P, float* workspace,
-                                int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream) {
+                                const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
+                                float* workspace, int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream) {
   if (R <= 0 || M <= 0) return cudaSuccess;
   const Plan p = make_plan(R, n, M, J, P, num_sms, row_tile);
   const Bank b{v_words,
@@ -1026,6 +1059,7 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
                s,
                rows,
                projs,
+               spans,
                static_cast<int>(J),
                static_cast<int>(P),
                static_cast<int>(u_nwords),

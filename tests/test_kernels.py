@@ -7,7 +7,7 @@ from packed_cases import ALL_WIDTHS, oracle, random_module, rel_err
 from deltacomp.errors import DeltacompError, MismatchError
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.kernels import DeltaBank, attach, delta_linear, detach
-from deltacomp.kernels.bank import U_BITS, U_PARAMS, U_WORDS, V_BITS, V_PARAMS, V_WORDS
+from deltacomp.kernels.bank import DELTA, U_BITS, U_PARAMS, U_WORDS, V_BITS, V_PARAMS, V_WORDS
 from deltacomp.kernels.reference import dequantize_rows
 from deltacomp.package.reader import compressed_names, iter_weights, packed_module, reconstruct_delta
 from deltacomp.package.store import DeltaPackage
@@ -25,6 +25,19 @@ def test_bank_rows_round_trip_exactly(group_size):
     want_u, want_s, want_v = (torch.cat(t) for t in zip(*[(m.factors()[0].T, m.factors()[1], m.factors()[2].T)
                                                           for m in mods]))
     assert torch.equal(v, want_v) and torch.equal(u, want_u) and torch.equal(bank.s, want_s)
+
+
+def test_bank_spans_index_each_deltas_rows():
+    table = [[random_module(130, 300, seed=1), None, random_module(130, 300, seed=2)],
+             [None, random_module(64, 300, seed=4), random_module(64, 300, seed=5)]]
+    bank = DeltaBank.build(table)
+    assert bank.spans.shape == (2, 4)
+    for p, (j0, j1, _, _) in enumerate(bank.projs.tolist()):
+        spans = bank.spans[p].tolist()
+        assert spans[0] == j0 and spans[-1] == j1 and spans == sorted(spans)
+        for d in range(3):
+            assert bank.rows[spans[d]:spans[d + 1], DELTA].eq(d).all()
+            assert spans[d + 1] - spans[d] == (table[p][d].rank if table[p][d] is not None else 0)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 33])
@@ -162,10 +175,10 @@ def test_loader_remembers_why_and_raises_at_the_first_cuda_call(monkeypatch):
     monkeypatch.setattr(loader, "_status", None)
     monkeypatch.setattr(loader.importlib, "import_module", lambda name: old)
     assert loader.status().path == "extension"  # found: no error at import or status time
-    with pytest.raises(DeltacompError, match="reads bank layout 0; this deltacomp lays out layout 1"):
+    with pytest.raises(DeltacompError, match="reads bank layout 0; this deltacomp lays out layout 2"):
         loader.extension()
 
-    stale = types.SimpleNamespace(layout_version=lambda: 1, delta_linear=None)  # built before op_version existed
+    stale = types.SimpleNamespace(layout_version=lambda: 2, delta_linear=None)  # built before op_version existed
     monkeypatch.setattr(loader, "_status", None)
     monkeypatch.setattr(loader.importlib, "import_module", lambda name: stale)
     with pytest.raises(DeltacompError, match="older sources than this deltacomp: rebuild"):

@@ -1,7 +1,7 @@
 """The delta bank: the packed factors of one or more deltas on one input, laid out for the dequant-matmul op.
 
 A bank covers P projections that share an input x (one linear layer, or q|k|v, or gate|up) and k deltas. Its
-rank rows j (one per singular vector) are sorted by projection, then by delta, then by bit group. Bank layout 1
+rank rows j (one per singular vector) are sorted by projection, then by delta, then by bit group. Bank layout 2
 (read by ``cuda/delta_linear.cu`` and by the pure-torch twin in :mod:`deltacomp.kernels.reference`):
 
     v_words   int32 (W_v,)   row j's packed V row at rows[j, V_WORDS]: packed_words(n, v_bits) words in the
@@ -14,6 +14,8 @@ rank rows j (one per singular vector) are sorted by projection, then by delta, t
     rows      int32 (J, 8)   v_bits, v_word_off, v_param_off, u_bits, u_word_off, u_param_off, delta, group_size
     projs     int32 (P, 4)   j_start, j_end, out_off, out_len: projection p owns rank rows [j_start, j_end) and
                              outputs [out_off, out_off + out_len)
+    spans     int32 (P, k+1) delta d's rank rows in projection p are [spans[p, d], spans[p, d + 1]): the kernel
+                             visits only the rows of deltas that a row tile weighs (layout 2 added this table)
 
 The bank holds packed words only (the same bytes as the package plus row padding); it is built once at load.
 """
@@ -27,10 +29,10 @@ import torch
 from deltacomp.errors import DeltacompError
 from deltacomp.package.reader import PackedModule, PackedSide
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 ROW_FIELDS = 8
 V_BITS, V_WORDS, V_PARAMS, U_BITS, U_WORDS, U_PARAMS, DELTA, GROUP_SIZE = range(ROW_FIELDS)
-TENSORS = ("v_words", "v_scale", "v_offset", "u_words", "u_scale", "u_offset", "s", "rows", "projs")
+TENSORS = ("v_words", "v_scale", "v_offset", "u_words", "u_scale", "u_offset", "s", "rows", "projs", "spans")
 ALIGN = 4  # words: rows start on 16-byte boundaries
 
 
@@ -137,11 +139,13 @@ class DeltaBank(torch.nn.Module):
             if mod.shape[1] != n:
                 raise DeltacompError(f"{mod.name}: {mod.shape[1]} input features; the bank's input has {n}")
         v, u = _Side(), _Side()
-        rows, s, projs = [], [], []
+        rows, s, projs, spans = [], [], [], []
         out_off = j = 0
         for p, row in enumerate(table):
             j_start = j
+            spans.append([])
             for d, mod in enumerate(row):
+                spans[-1].append(j)
                 for g in mod.groups if mod is not None else ():
                     vw, vp = v.add(g.v)
                     uw, up = u.add(g.u)
@@ -152,6 +156,7 @@ class DeltaBank(torch.nn.Module):
                     rows.append(meta)
                     s.append(g.s.float())
                     j += g.rank
+            spans[-1].append(j)
             projs.append([j_start, j, out_off, outs[p]])
             out_off += outs[p]
         if max(v.n_words, u.n_words, v.n_params, u.n_params) >= 2**31:
@@ -161,6 +166,7 @@ class DeltaBank(torch.nn.Module):
         tensors["s"] = torch.cat(s) if s else torch.zeros(0)
         tensors["rows"] = (torch.cat(rows) if rows else torch.zeros(0, ROW_FIELDS, dtype=torch.int64)).to(torch.int32)
         tensors["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
+        tensors["spans"] = torch.tensor(spans, dtype=torch.int32).reshape(-1, k + 1)
         return cls(tensors, n, outs, k)
 
     @property

@@ -17,18 +17,19 @@ from deltacomp.kernels.reference import delta_linear_backward, delta_linear_refe
 @torch.library.custom_op("deltacomp::delta_linear", mutates_args=())
 def delta_linear_op(x: Tensor, y: Tensor, w: Tensor, v_words: Tensor, v_scale: Tensor, v_offset: Tensor,
                     u_words: Tensor, u_scale: Tensor, u_offset: Tensor, s: Tensor, rows: Tensor,
-                    projs: Tensor, row_tile: int = 0) -> Tensor:
-    """y + sum_j ((x @ V_q^T) * S * w[:, delta])_j U_q[j]: x (R, n), y (R, M), w (R, k); bank layout 1.
+                    projs: Tensor, spans: Tensor, row_tile: int = 0) -> Tensor:
+    """y + sum_j ((x @ V_q^T) * S * w[:, delta])_j U_q[j]: x (R, n), y (R, M), w (R, k); bank layout 2.
 
     row_tile caps how many token rows the CUDA kernel tiles together (0: by the row count); it changes the work
     split, never the result. A multi-tenant batch passes 1, so that each row reads only its own delta.
     """
-    return delta_linear_reference(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs)
+    return delta_linear_reference(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs,
+                                  spans)
 
 
 @delta_linear_op.register_kernel("cuda")
-def _cuda(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, row_tile=0):
-    args = (x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs)
+def _cuda(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans, row_tile=0):
+    args = (x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans)
     if x.dtype == torch.float64:  # the kernel computes in fp32; float64 (gradient checks) runs the twin
         return delta_linear_reference(*args)
     ext = loader.extension()
@@ -36,7 +37,7 @@ def _cuda(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, ro
 
 
 @delta_linear_op.register_fake
-def _fake(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, row_tile=0):
+def _fake(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans, row_tile=0):
     torch._check(x.dim() == 2 and y.dim() == 2 and w.dim() == 2, lambda: "x, y and w must be 2-D")
     torch._check(x.shape[0] == y.shape[0] and w.shape[0] == x.shape[0],
                  lambda: f"x, y and w must have the same rows, got {x.shape[0]}, {y.shape[0]}, {w.shape[0]}")
@@ -53,7 +54,7 @@ def _backward(ctx, grad):
     need_x, need_y, need_w = ctx.needs_input_grad[:3]
     grad_x, grad_w = delta_linear_backward(grad, x, w, tuple(bank), need_x, need_w)
     return (grad_x.to(x.dtype) if need_x else None, grad if need_y else None,
-            grad_w.to(w.dtype) if need_w else None, *([None] * 10))
+            grad_w.to(w.dtype) if need_w else None, *([None] * 11))
 
 
 delta_linear_op.register_autograd(_backward, setup_context=_setup_context)

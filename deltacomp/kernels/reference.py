@@ -1,6 +1,6 @@
 """The pure-torch twin of the dequant-matmul op: the CPU path and the test oracle of the CUDA kernel.
 
-It has the op's signature (bank layout 1, :mod:`deltacomp.kernels.bank`) and computes, per projection p,
+It has the op's signature (bank layout 2, :mod:`deltacomp.kernels.bank`) and computes, per projection p,
 
     t   = x @ V_p^T                      (R, J_p)  into the rank space
     c   = t * s * w[:, delta]            (R, J_p)  scaled by S and by each row's gate weight of the row's delta
@@ -68,8 +68,11 @@ def delta_linear_factors(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, part
 def delta_linear_reference(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, v_words: torch.Tensor,
                            v_scale: torch.Tensor, v_offset: torch.Tensor, u_words: torch.Tensor,
                            u_scale: torch.Tensor, u_offset: torch.Tensor, s: torch.Tensor, rows: torch.Tensor,
-                           projs: torch.Tensor) -> torch.Tensor:
-    """x (R, n), y (R, M), w (R, k) -> y + the deltas' contribution, (R, M) in y's dtype."""
+                           projs: torch.Tensor, spans: torch.Tensor | None = None) -> torch.Tensor:
+    """x (R, n), y (R, M), w (R, k) -> y + the deltas' contribution, (R, M) in y's dtype.
+
+    ``spans`` (where each delta's rows lie) only lets the CUDA kernel skip deltas; the twin reads each row's delta.
+    """
     parts = projections(x.shape[1], v_words, v_scale, v_offset, u_words, u_scale, u_offset, rows, projs)
     return delta_linear_factors(x, y, w, parts, s, rows)
 
@@ -81,7 +84,7 @@ def delta_linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     With gc = grad_p @ U_p^T (R, J_p) and t = x V_p^T: dL/dw[:, d] = sum over d's rows of gc * t * s, and
     dL/dx = (gc * s * w[:, delta]) @ V_p summed over projections. Used for training gates (not a fast path).
     """
-    v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs = bank
+    v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs = bank[:9]
     acc = _acc(x)
     xf, g, w = x.to(acc), grad.to(acc), w.to(acc)
     grad_x = torch.zeros_like(xf) if need_x else None
