@@ -11,9 +11,10 @@ from conftest import calib_text as _text
 
 from deltacomp.apply import apply
 from deltacomp.calib.activations import LayerwiseHessians
-from deltacomp.calib.data import CalibrationError, load_samples, make_samples, read_records
+from deltacomp.calib.data import CalibrationError, load_samples, make_samples
 from deltacomp.cli import cli
 from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.io.text_records import Chat, Text, read_records
 from deltacomp.methods.base import get_method
 from deltacomp.package.reader import reconstruct_delta
 from deltacomp.package.store import DeltaPackage
@@ -27,9 +28,9 @@ def test_plain_json_and_chat_files_give_samples(tmp_path):
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(lines)))
     chat = [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}]} for t in lines]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chat))
-    assert read_records(tmp_path / "a.txt")[0] == "text"
-    assert read_records(tmp_path / "b.jsonl", "body")[0] == "json"
-    assert read_records(tmp_path / "c.jsonl")[0] == "chat"
+    assert {type(r) for r in read_records(tmp_path / "a.txt")} == {Text}
+    assert {type(r) for r in read_records(tmp_path / "b.jsonl", "body")} == {Text}
+    assert {type(r) for r in read_records(tmp_path / "c.jsonl")} == {Chat}
     per_record = load_samples(tmp_path / "a.txt", tok)
     assert len(per_record) == 24 and all(len(s) == len(lines[0].encode()) for s in per_record[:1])
     windows = load_samples(tmp_path / "b.jsonl", tok, samples=5, seqlen=64, field="body")

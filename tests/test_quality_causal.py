@@ -128,10 +128,11 @@ def test_read_texts_formats(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "no such data file"),
-    ("\n\n  \n", "holds no text"),
-    ('{"text": "a"}\nnot json\n', "not a JSON line"),
-    ('{"label": 1}\n', "none of the text fields"),
+    (None, "data file .*d.txt: no such file"),
+    ("\n\n  \n", "data file .*d.txt is empty"),
+    ('{"text": ""}\n', "data file .*d.jsonl holds no text"),
+    ('{"text": "a"}\nnot json\n', "d.jsonl line 2: not valid JSON"),
+    ('{"label": 1}\n', "d.jsonl line 1: no field 'text' and no 'messages' \\(fields: label\\)"),
 ])
 def test_read_texts_errors(tmp_path, content, message):
     path = tmp_path / ("d.jsonl" if content and "{" in content else "d.txt")
