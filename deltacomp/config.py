@@ -259,8 +259,9 @@ class CompressConfig:
 
     Each field belongs to a group, a small frozen config that checks its own settings on construction
     (:attr:`groups`: :class:`Selection`, :class:`Quantization`, :class:`Calibration`, :class:`Allocation`,
-    :class:`Output`); the method then refuses the settings it does not use
-    (:meth:`deltacomp.methods.base.Method.check_config`)."""
+    :class:`Output`). The rules of a method are the method's: it refuses the settings it does not use when it is
+    chosen for a config (:func:`deltacomp.methods.base.method_for`, the first thing a compression does), so this
+    module knows no method."""
 
     method: str = setting("mixed", "quantization", "Compression method of every compressed matrix.",
                           metavar="[mixed|lowrank|bitdelta|dense]")
@@ -352,9 +353,6 @@ class CompressConfig:
         if self.sequential and self.budget_scope == "model":
             raise DeltacompError("--sequential compresses matrices one after another; it cannot share a "
                                  "--budget-scope model allocation, which is fixed before any is compressed")
-        from deltacomp.methods.base import get_method  # the method refuses the settings it does not use
-
-        get_method(self.method).check_config(self)
 
     @property
     def groups(self) -> Groups:

@@ -93,9 +93,10 @@ def test_bad_calibration_input_is_one_clear_line(case, llama_tok, tmp_path):
 def test_calib_with_another_method_is_refused():
     from deltacomp.config import CompressConfig
     from deltacomp.errors import DeltacompError
+    from deltacomp.methods import method_for
 
     with pytest.raises(DeltacompError, match="mixed method only"):
-        CompressConfig(method="lowrank", calib="x.txt")
+        method_for(CompressConfig(method="lowrank", calib="x.txt"))
     with pytest.raises(DeltacompError, match="use --allocation optimal"):
         CompressConfig(budget_scope="model")
 
