@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from deltacomp import __version__, distributed
 from deltacomp.calib.context import MatrixContext
-from deltacomp.config import DEFAULT_INCLUDE, CompressConfig, check_device
+from deltacomp.config import DEFAULT_INCLUDE, CompressConfig
 from deltacomp.errors import CheckpointError, DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
 from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
@@ -110,7 +110,6 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
             method.check_budget(e.shape, config)
     inputs = (base.path, ft.path)
     check_output(out, overwrite, "package", inputs)
-    check_device(config.device)
     world = distributed.world(config.device)
     config = dataclasses.replace(config, device=world.device(config.device))  # the device is not in the manifest
     owner = _owners(entries, config, world, context_for is not None)

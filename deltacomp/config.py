@@ -236,8 +236,7 @@ class Output:
     max_shard_bytes: int
 
     def __post_init__(self):
-        if not isinstance(self.device, str) or (self.device != "cpu" and not self.device.startswith("cuda")):
-            raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
