@@ -11,10 +11,10 @@ from conftest import calib_text as _text
 
 from deltacomp.apply import apply
 from deltacomp.calib.activations import LayerwiseHessians
-from deltacomp.calib.data import CalibrationError, load_samples, make_samples
+from deltacomp.calib.data import CalibrationError, load_samples, make_samples, tokenize
 from deltacomp.cli import cli
 from deltacomp.io.checkpoint import Checkpoint
-from deltacomp.io.text_records import Chat, Text, read_records
+from deltacomp.io.text_records import Chat, PromptAnswer, Text, read_records
 from deltacomp.methods.base import get_method
 from deltacomp.package.reader import reconstruct_delta
 from deltacomp.package.store import DeltaPackage
@@ -37,6 +37,17 @@ def test_plain_json_and_chat_files_give_samples(tmp_path):
     assert len(windows) == 5 and all(s.shape == (64,) for s in windows)
     chat_samples = load_samples(tmp_path / "c.jsonl", tok, samples=3)
     assert bytes(tok.decode(chat_samples[0]), "utf-8").startswith(b"<user> ")
+
+
+def test_each_record_is_tokenized_by_its_kind():
+    tok = byte_tokenizer()
+    chat = Chat(({"role": "user", "content": "hi"},), 3)
+    got = tokenize([Text("ab"), PromptAnswer("q: ", "yes"), chat], tok)
+    assert got == [tok("ab")["input_ids"], tok("q: yes")["input_ids"], tok("<user> hi\n")["input_ids"]]
+    tok.chat_template = None
+    with pytest.raises(CalibrationError, match="^calibration file c.jsonl line 3: a conversation, but the tokenizer "
+                                              "has no chat template$"):
+        tokenize([chat], tok, source="calibration file c.jsonl")
 
 
 def test_default_takes_short_records_up_to_the_token_budget():
