@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from deltacomp import __version__, distributed
 from deltacomp.calib.context import MatrixContext
-from deltacomp.config import DEFAULT_INCLUDE, CompressConfig, check_device
+from deltacomp.config import DEFAULT_INCLUDE, CompressConfig
 from deltacomp.errors import CheckpointError, DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
 from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
@@ -24,7 +24,7 @@ from deltacomp.io.paths import hub_cache_root, inside
 from deltacomp.io.prefetch import prefetch
 from deltacomp.io.safetensors_file import DTYPE_NAMES
 from deltacomp.io.sharded_writer import ShardedWriter
-from deltacomp.methods.base import get_method
+from deltacomp.methods.base import method_for
 from deltacomp.package.card import render_card
 from deltacomp.package.fingerprint import FullFingerprint, fingerprint
 from deltacomp.package.manifest import (
@@ -88,8 +88,9 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
              context_for: Callable[[Entry], MatrixContext | None] | None = None, resume: bool = False) -> dict:
     """Write the delta package of ``ft_src`` over ``base_src`` to ``out``; return its manifest.
 
-    Everything is checked before the first byte is written (inputs, budget against every matrix, the
-    output path); the package is built in a hidden folder and renamed into place when complete.
+    Everything is checked before the first byte is written (the settings against the method, inputs, budget
+    against every matrix, the output path); the package is built in a hidden folder and renamed into place when
+    complete.
     ``context_for(entry)`` may supply per-module data to the method (calibration statistics).
 
     Each compressed matrix's result is kept in the hidden folder as soon as it is done (:mod:`deltacomp.resume`);
@@ -97,19 +98,18 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     Under ``torchrun`` (:mod:`deltacomp.distributed`) the matrices are shared among the ranks and rank 0 writes
     the package, the same as one process writes; every rank returns its manifest.
     """
+    method = method_for(config)
     base, ft = Checkpoint(base_src), Checkpoint(ft_src)
     check_compatible(base, ft)
     entries = plan(base, ft, config)
     if config.include != DEFAULT_INCLUDE and not any(e.action == "compress" for e in entries):
         raise DeltacompError(f"--include {' '.join(config.include)} matches no 2-D float weight of {ft.source} "
                              f"(after --exclude); nothing would be compressed")
-    method = get_method(config.method)
     for e in entries:
         if e.action == "compress":
             method.check_budget(e.shape, config)
     inputs = (base.path, ft.path)
     check_output(out, overwrite, "package", inputs)
-    check_device(config.device)
     world = distributed.world(config.device)
     config = dataclasses.replace(config, device=world.device(config.device))  # the device is not in the manifest
     owner = _owners(entries, config, world, context_for is not None)

@@ -236,8 +236,7 @@ class Output:
     max_shard_bytes: int
 
     def __post_init__(self):
-        if not isinstance(self.device, str) or (self.device != "cpu" and not self.device.startswith("cuda")):
-            raise DeltacompError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -259,8 +258,9 @@ class CompressConfig:
 
     Each field belongs to a group, a small frozen config that checks its own settings on construction
     (:attr:`groups`: :class:`Selection`, :class:`Quantization`, :class:`Calibration`, :class:`Allocation`,
-    :class:`Output`); the method then refuses the settings it does not use
-    (:meth:`deltacomp.methods.base.Method.check_config`)."""
+    :class:`Output`). The rules of a method are the method's: it refuses the settings it does not use when it is
+    chosen for a config (:func:`deltacomp.methods.base.method_for`, the first thing a compression does), so this
+    module knows no method."""
 
     method: str = setting("mixed", "quantization", "Compression method of every compressed matrix.",
                           metavar="[mixed|lowrank|bitdelta|dense]")
@@ -352,9 +352,6 @@ class CompressConfig:
         if self.sequential and self.budget_scope == "model":
             raise DeltacompError("--sequential compresses matrices one after another; it cannot share a "
                                  "--budget-scope model allocation, which is fixed before any is compressed")
-        from deltacomp.methods.base import get_method  # the method refuses the settings it does not use
-
-        get_method(self.method).check_config(self)
 
     @property
     def groups(self) -> Groups:

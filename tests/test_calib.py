@@ -11,9 +11,10 @@ from conftest import calib_text as _text
 
 from deltacomp.apply import apply
 from deltacomp.calib.activations import LayerwiseHessians
-from deltacomp.calib.data import CalibrationError, load_samples, make_samples, read_records
+from deltacomp.calib.data import CalibrationError, load_samples, make_samples, tokenize
 from deltacomp.cli import cli
 from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.io.text_records import Chat, PromptAnswer, Text, read_records
 from deltacomp.methods.base import get_method
 from deltacomp.package.reader import reconstruct_delta
 from deltacomp.package.store import DeltaPackage
@@ -27,15 +28,26 @@ def test_plain_json_and_chat_files_give_samples(tmp_path):
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(lines)))
     chat = [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}]} for t in lines]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chat))
-    assert read_records(tmp_path / "a.txt")[0] == "text"
-    assert read_records(tmp_path / "b.jsonl", "body")[0] == "json"
-    assert read_records(tmp_path / "c.jsonl")[0] == "chat"
+    assert {type(r) for r in read_records(tmp_path / "a.txt")} == {Text}
+    assert {type(r) for r in read_records(tmp_path / "b.jsonl", "body")} == {Text}
+    assert {type(r) for r in read_records(tmp_path / "c.jsonl")} == {Chat}
     per_record = load_samples(tmp_path / "a.txt", tok)
     assert len(per_record) == 24 and all(len(s) == len(lines[0].encode()) for s in per_record[:1])
     windows = load_samples(tmp_path / "b.jsonl", tok, samples=5, seqlen=64, field="body")
     assert len(windows) == 5 and all(s.shape == (64,) for s in windows)
     chat_samples = load_samples(tmp_path / "c.jsonl", tok, samples=3)
     assert bytes(tok.decode(chat_samples[0]), "utf-8").startswith(b"<user> ")
+
+
+def test_each_record_is_tokenized_by_its_kind():
+    tok = byte_tokenizer()
+    chat = Chat(({"role": "user", "content": "hi"},), 3)
+    got = tokenize([Text("ab"), PromptAnswer("q: ", "yes"), chat], tok)
+    assert got == [tok("ab")["input_ids"], tok("q: yes")["input_ids"], tok("<user> hi\n")["input_ids"]]
+    tok.chat_template = None
+    with pytest.raises(CalibrationError, match="^calibration file c.jsonl line 3: a conversation, but the tokenizer "
+                                              "has no chat template$"):
+        tokenize([chat], tok, source="calibration file c.jsonl")
 
 
 def test_default_takes_short_records_up_to_the_token_budget():
@@ -92,9 +104,10 @@ def test_bad_calibration_input_is_one_clear_line(case, llama_tok, tmp_path):
 def test_calib_with_another_method_is_refused():
     from deltacomp.config import CompressConfig
     from deltacomp.errors import DeltacompError
+    from deltacomp.methods import method_for
 
     with pytest.raises(DeltacompError, match="mixed method only"):
-        CompressConfig(method="lowrank", calib="x.txt")
+        method_for(CompressConfig(method="lowrank", calib="x.txt"))
     with pytest.raises(DeltacompError, match="use --allocation optimal"):
         CompressConfig(budget_scope="model")
 

@@ -7,6 +7,7 @@ import pytest
 from deltacomp.cli.core import COMPRESS_OPTIONS, compress
 from deltacomp.config import GROUPS, CompressConfig, format_schedule, parse_schedule
 from deltacomp.errors import DeltacompError
+from deltacomp.methods import method_for
 
 
 def test_every_option_default_is_the_fields():
@@ -38,8 +39,16 @@ def test_every_field_has_a_group():
                                      {"budget_scope": "model", "allocation": "optimal"}])
 def test_a_method_refuses_the_settings_it_does_not_use(method, setting):
     with pytest.raises(DeltacompError, match=f"mixed method only, not (by )?'{method}'"):
-        CompressConfig(method=method, **setting)
-    CompressConfig(method="mixed", **setting)
+        method_for(CompressConfig(method=method, **setting))
+    assert method_for(CompressConfig(method="mixed", **setting)).name == "mixed"
+
+
+def test_compress_checks_the_settings_against_the_method_before_reading_anything(tmp_path):
+    from deltacomp.compress import compress as run
+
+    with pytest.raises(DeltacompError, match="mixed method only, not by 'lowrank'"):
+        run(tmp_path / "no-base", tmp_path / "no-ft", tmp_path / "pkg", CompressConfig(method="lowrank", calib="x"))
+    assert not (tmp_path / "pkg").exists()
 
 
 def test_the_groups_are_frozen_configs_that_check_their_own_settings():

@@ -31,6 +31,7 @@ def test_allocation_widths_parsing():
     ({"group_size": -1}, "group-size"),
     ({"include": ("(",)}, "bad pattern"),
     ({"device": "tpu"}, "cpu or cuda"),
+    ({"device": "cuda:99"}, "--device cuda:99"),  # the one device check: this machine has no such GPU
 ])
 def test_bad_settings_are_refused(kw, message):
     with pytest.raises(DeltacompError, match=message):

@@ -101,7 +101,7 @@ def test_eval_errors_are_one_clear_line(llama_pair, bert_pair, llama_package, by
     cases = [
         ((llama_package, "--base", bert_pair[0], "--finetuned", ft), "is not the base this package was made from"),
         ((llama_package, "--base", base, "--finetuned", ft, "--tokenizer", byte_tokenizer, "--data",
-          tmp_path / "missing.txt"), "no such data file"),
+          tmp_path / "missing.txt"), "missing.txt: no such file"),
         ((llama_package, "--base", base, "--finetuned", ft, "--compare", "lowrank,zip"), "unknown method 'zip'"),
         ((llama_package, "--base", base, "--finetuned", ft), "no tokenizer files"),
         ((tmp_path / "nope", "--base", base, "--finetuned", ft), "no such package folder"),

@@ -1,5 +1,6 @@
-"""The package's import graph, read from the source: no loop between its folders, and no library module that
-imports a renderer (``report.py``) or a command (``cli/``)."""
+"""The package's import graph, read from the source (imports inside functions included): no loop between its
+folders and top-level modules, and no library module that imports a renderer (``report.py``) or a command
+(``cli/``)."""
 
 import ast
 from pathlib import Path
@@ -19,10 +20,14 @@ def module_name(path: Path) -> str:
 
 def imports_of(path: Path) -> set[str]:
     """Every ``deltacomp`` module ``path`` imports, at the top or inside a function."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return imports_in(path.read_text(), module_name(path), path.name == "__init__.py", str(path))
+
+
+def imports_in(source: str, name: str, is_package: bool = False, filename: str = "<source>") -> set[str]:
+    """Every ``deltacomp`` module that the source of module ``name`` imports, wherever the import stands."""
+    package = name if is_package else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -46,17 +51,19 @@ def room(module: str) -> str:
     return ".".join(parts[:2]) if len(parts) > 1 else module
 
 
-def is_folder(name: str) -> bool:
-    return (ROOT.parent / Path(*name.split(".")) / "__init__.py").is_file()
-
-
-def test_no_loop_between_folders():
+def room_edges(g: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Which rooms import which (the package's ``__init__``, ``deltacomp`` itself, is no room)."""
     edges: dict[str, set[str]] = {}
-    for mod, deps in graph().items():
+    for mod, deps in g.items():
         for dep in deps:
             a, b = room(mod), room(dep)
-            if a != b and dep != "deltacomp":
+            if a != b and "deltacomp" not in (mod, dep):
                 edges.setdefault(a, set()).add(b)
+    return edges
+
+
+def loops(edges: dict[str, set[str]]) -> list[str]:
+    """Each loop of rooms once, as ``a -> b -> a`` starting from its first room in sorted order."""
 
     def path(start, goal, seen):
         for nxt in sorted(edges.get(start, ())):
@@ -69,13 +76,30 @@ def test_no_loop_between_folders():
                     return [start, *rest]
         return None
 
-    loops = []
+    found, covered = [], set()
     for a in sorted(edges):
-        if is_folder(a):
+        if a not in covered:
             cycle = path(a, a, set())
-            if cycle and all(is_folder(r) for r in cycle):
-                loops.append(" -> ".join(cycle))
-    assert not loops, "folders import each other in a loop:\n" + "\n".join(loops)
+            if cycle:
+                covered.update(cycle)
+                found.append(" -> ".join(cycle))
+    return found
+
+
+def test_no_loop_between_rooms():
+    """Folders and top-level modules (``config.py``) import each other in one direction only, lazy imports too."""
+    found = loops(room_edges(graph()))
+    assert not found, "rooms import each other in a loop:\n" + "\n".join(found)
+
+
+def test_a_lazy_import_counts_and_its_loop_is_caught():
+    source = "import torch\n\ndef check(config):\n    from deltacomp.methods.base import get_method\n"
+    deps = imports_in(source, "deltacomp.config")
+    assert deps == {"deltacomp.methods.base", "deltacomp.methods.base.get_method"}
+    g = {"deltacomp.config": deps, "deltacomp.methods.base": {"deltacomp.config", "deltacomp.quant.rtn"},
+         "deltacomp.quant.rtn": set()}
+    assert loops(room_edges(g)) == ["deltacomp.config -> deltacomp.methods -> deltacomp.config"]
+    assert "deltacomp.calib.sequential" in graph()["deltacomp.calib.provider"]  # imported inside a method
 
 
 def test_library_modules_import_no_renderer_or_command():

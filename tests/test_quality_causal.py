@@ -128,10 +128,11 @@ def test_read_texts_formats(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "no such data file"),
-    ("\n\n  \n", "holds no text"),
-    ('{"text": "a"}\nnot json\n', "not a JSON line"),
-    ('{"label": 1}\n', "none of the text fields"),
+    (None, "data file .*d.txt: no such file"),
+    ("\n\n  \n", "data file .*d.txt is empty"),
+    ('{"text": ""}\n', "data file .*d.jsonl holds no text"),
+    ('{"text": "a"}\nnot json\n', "d.jsonl line 2: not valid JSON"),
+    ('{"label": 1}\n', "d.jsonl line 1: no field 'text' and no 'messages' \\(fields: label\\)"),
 ])
 def test_read_texts_errors(tmp_path, content, message):
     path = tmp_path / ("d.jsonl" if content and "{" in content else "d.txt")
@@ -157,3 +158,29 @@ def test_model_kind():
     assert model_kind({"architectures": ["BertModel"]}) == "encoder"
     assert model_kind({"model_type": "llama"}) == "causal"  # a config written without architectures (GGUF)
     assert model_kind({"model_type": "bert"}) == "encoder"
+
+
+def test_weight_slots_find_a_name_with_or_without_the_model_prefix_and_check_its_shape():
+    from deltacomp.errors import MismatchError
+    from deltacomp.quality.weights import WeightSlots
+
+    class Tiny(torch.nn.Module):
+        base_model_prefix = "model"
+
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(3, 2)
+
+    tiny = Tiny()
+    slots = WeightSlots(tiny)
+    assert slots.slot("weight", (2, 3)) is tiny.model.weight
+    assert slots.slot("model.weight", torch.Size([2, 3]), "pkg") is tiny.model.weight
+    assert slots.slot("lm_head.weight", (2, 3)) is None
+    with pytest.raises(MismatchError, match=r"^weight: shape \[3, 3\] \(in pkg\) does not fit the model's \[2, 3\]$"):
+        slots.slot("weight", (3, 3), "pkg")
+    assert slots.load([("bias", torch.ones(2)), ("other.bias", torch.ones(2))]) == 1
+    assert tiny.model.bias.tolist() == [1.0, 1.0]
+    with pytest.raises(MismatchError, match=r"^bias: shape \[5\] does not fit the model's \[2\]$"):
+        slots.load([("bias", torch.ones(5))])
+    with pytest.raises(MismatchError, match="the model has no such weight"):
+        slots.load([("other.bias", torch.ones(2))], required={"other.bias"})

@@ -1,11 +1,9 @@
 """Calibration text -> token samples.
 
-A calibration file is one of:
-
-* plain text: every non-empty line is a record;
-* JSON lines with a text field (``field``, default ``"text"``): every line is a record;
-* chat JSON lines: every line has a ``messages`` list (``{"role", "content"}``), rendered with the tokenizer's
-  chat template.
+A calibration file is read by :func:`deltacomp.io.text_records.read_records`: plain text (a record per
+non-blank line), or JSON lines of texts (the ``field`` of each object, default ``"text"``), prompts with their
+answers (the prompt followed by the answer), and conversations (``messages``, rendered with the tokenizer's chat
+template).
 
 Records become samples in one of two ways:
 
@@ -22,14 +20,13 @@ Every problem is one :class:`CalibrationError` line naming the file, the line an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 
 import torch
 
 from deltacomp.errors import DeltacompError
+from deltacomp.io.text_records import Chat, Record, Text, read_records
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 128
@@ -41,58 +38,24 @@ class CalibrationError(DeltacompError):
     """Calibration text that cannot give the samples asked for."""
 
 
-def read_records(path: str | os.PathLike, field: str = "text") -> tuple[str, list]:
-    """``(kind, records)``: kind is ``text``, ``json`` or ``chat``; records are strings or message lists."""
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"calibration file {path}: no such file")
-    raw = path.read_bytes()
-    text = raw.decode("utf-8", errors="replace")
-    if b"\0" in raw or text.count("\ufffd") > 0.01 * max(len(text), 1):
-        raise CalibrationError(f"calibration file {path} is not UTF-8 text (binary data?)")
-    lines = text.splitlines()
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    if not numbered:
-        raise CalibrationError(f"calibration file {path} is empty")
-    if path.suffix not in (".jsonl", ".json", ".ndjson") and not numbered[0][1].lstrip().startswith("{"):
-        return "text", [line for _, line in numbered]
-    kind, records = None, []
-    for no, line in numbered:
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise CalibrationError(f"calibration file {path} line {no}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict):
-            got = type(obj).__name__
-            raise CalibrationError(f"calibration file {path} line {no}: expected a JSON object, got {got}")
-        if field in obj:
-            if not isinstance(obj[field], str):
-                raise CalibrationError(f"calibration file {path} line {no}: field {field!r} is not a string")
-            kind, record = kind or "json", obj[field]
-        elif "messages" in obj:
-            if not isinstance(obj["messages"], list) or not all(isinstance(m, dict) for m in obj["messages"]):
-                raise CalibrationError(f"calibration file {path} line {no}: 'messages' must be a list of objects")
-            kind, record = kind or "chat", obj["messages"]
-        else:
-            have = ", ".join(sorted(obj)) or "none"
-            raise CalibrationError(
-                f"calibration file {path} line {no}: no field {field!r} and no 'messages' (fields: {have}); "
-                "name the text field with --calib-field"
-            )
-        records.append(record)
-    return kind, records
-
-
-def tokenize(kind: str, records: list, tokenizer, max_chars: int | None = None) -> list[list[int]]:
-    """Token ids of each record (special tokens as the tokenizer adds them; chat text through its template).
+def tokenize(records: list[Record], tokenizer, max_chars: int | None = None,
+             source: str = "the calibration file") -> list[list[int]]:
+    """Token ids of each record (special tokens as the tokenizer adds them): a text as it is, a prompt followed by
+    its answer, a conversation through the tokenizer's chat template.
 
     ``max_chars`` cuts each text first (records longer than a sample can hold are not tokenized whole)."""
-    if kind == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise CalibrationError("the calibration file is chat JSON lines but the tokenizer has no chat template")
-        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in records]
-        return [tokenizer(t[:max_chars], add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
-    return [tokenizer(t[:max_chars], verbose=False)["input_ids"] for t in records]
+    out = []
+    for r in records:
+        if isinstance(r, Chat):
+            if not getattr(tokenizer, "chat_template", None):
+                raise CalibrationError(f"{source} line {r.line}: a conversation, but the tokenizer has no chat "
+                                       "template")
+            text = tokenizer.apply_chat_template(list(r.messages), tokenize=False)
+            out.append(tokenizer(text[:max_chars], add_special_tokens=False, verbose=False)["input_ids"])
+        else:
+            text = r.text if isinstance(r, Text) else r.prompt + r.answer
+            out.append(tokenizer(text[:max_chars], verbose=False)["input_ids"])
+    return out
 
 
 def _default_records(token_lists: list[list[int]], max_len: int) -> int:
@@ -143,11 +106,13 @@ def make_samples(token_lists: list[list[int]], samples: int | None, seqlen: int 
 def load_samples(path: str | os.PathLike, tokenizer, samples: int | None = None, seqlen: int | None = None,
                  max_len: int = 2048, field: str = "text") -> list[torch.Tensor]:
     """Read, tokenize and cut a calibration file: a list of 1-D token-id tensors."""
-    kind, records = read_records(path, field)
+    records = read_records(path, field, "lines", "calibration file", CalibrationError)
     # one sample per record keeps max_len tokens of it: a record is cut at CHARS_PER_TOKEN x that many characters
     # (a token rarely spans more), so that one huge line is not tokenized whole
-    tokens = tokenize(kind, records, tokenizer, max_len * CHARS_PER_TOKEN if seqlen is None else None)
+    source = f"calibration file {path}"
+    tokens = tokenize(records, tokenizer, max_len * CHARS_PER_TOKEN if seqlen is None else None, source)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    out = make_samples(tokens, samples, seqlen, max_len, sep, source=f"calibration file {path}")
-    log.info("calibration: %d samples, %d tokens from %s (%s)", len(out), sum(len(t) for t in out), path, kind)
+    out = make_samples(tokens, samples, seqlen, max_len, sep, source=source)
+    kinds = ", ".join(sorted({type(r).__name__ for r in records}))
+    log.info("calibration: %d samples, %d tokens from %s (%s)", len(out), sum(len(t) for t in out), path, kinds)
     return out

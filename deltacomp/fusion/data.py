@@ -1,9 +1,11 @@
-"""Training and evaluation data of a fusion: prompt/answer examples read from the calibration formats.
+"""Training and evaluation data of a fusion: prompt/answer examples of a data file's records
+(:func:`deltacomp.io.text_records.read_records`).
 
-``--data`` is one of:
+``--data`` holds, one record a line:
 
-* JSON lines with ``prompt`` and ``answer`` strings (and optionally ``task``: the index of the delta the example
-  belongs to, used by the sentence router and the topk routing loss);
+* JSON objects with ``prompt`` and ``answer`` strings (the answer may be named ``response``, ``completion`` or
+  ``output``) and optionally ``task``, the index of the delta the example belongs to (used by the sentence router
+  and the topk routing loss);
 * chat JSON lines (``messages``): the last assistant turn is the answer, everything before it (rendered with the
   tokenizer's chat template) the prompt;
 * plain text or JSON lines with a text field: the whole record is scored, with no prompt and no exact match.
@@ -13,16 +15,14 @@ The loss of an example is the mean next-token loss over its answer tokens (over 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from deltacomp.calib.data import CalibrationError, read_records
 from deltacomp.fusion.config import FusionError
+from deltacomp.io.text_records import Chat, PromptAnswer, read_records
 
 
 @dataclass(frozen=True)
@@ -30,25 +30,6 @@ class Example:
     prompt: str
     answer: str = ""  # empty: the prompt is plain text, scored whole
     task: int | None = None  # the delta this example belongs to, when known
-
-
-def _prompt_answer(path: Path, lines: list[tuple[int, str]]) -> list[Example]:
-    out = []
-    for no, line in lines:
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise FusionError(f"data file {path} line {no}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("answer"),
-                                                                                                 str):
-            raise FusionError(f"data file {path} line {no}: expected an object with string fields 'prompt' and "
-                              f"'answer' (as on line {lines[0][0]})")
-        task = obj.get("task")
-        if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task < 0):
-            raise FusionError(f"data file {path} line {no}: 'task' must be a delta index (an integer >= 0), "
-                              f"got {task!r}")
-        out.append(Example(obj["prompt"], obj["answer"], task))
-    return out
 
 
 def _chat(messages: list[dict], tokenizer, where: str) -> Example:
@@ -67,29 +48,17 @@ def _chat(messages: list[dict], tokenizer, where: str) -> Example:
 
 
 def read_examples(path: str | os.PathLike, tokenizer, field: str = "text") -> list[Example]:
-    """Every record of ``path`` as an :class:`Example` (module docstring); one clear error per problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FusionError(f"data file {path}: no such file")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-    if not lines:
-        raise FusionError(f"data file {path} is empty")
-    first = lines[0][1].lstrip()
-    if first.startswith("{"):
-        try:
-            head = json.loads(first)
-        except ValueError:
-            head = None
-        if isinstance(head, dict) and "prompt" in head and "answer" in head:
-            return _prompt_answer(path, lines)
-    try:
-        kind, records = read_records(path, field)
-    except CalibrationError as e:
-        raise FusionError(str(e).replace("calibration file", "data file")) from None
-    if kind == "chat":
-        return [_chat(m, tokenizer, f"data file {path} record {i + 1}") for i, m in enumerate(records)]
-    return [Example(r) for r in records]
+    """Every record of ``path`` (:func:`deltacomp.io.text_records.read_records`, plain text by line) as an
+    :class:`Example` (module docstring); one clear error per problem."""
+    out = []
+    for r in read_records(path, field, "lines", "data file", FusionError):
+        if isinstance(r, PromptAnswer):
+            out.append(Example(r.prompt, r.answer, r.task))
+        elif isinstance(r, Chat):
+            out.append(_chat(list(r.messages), tokenizer, f"data file {path} line {r.line}"))
+        else:
+            out.append(Example(r.text))
+    return out
 
 
 # -- tokens ----------------------------------------------------------------------------------------------------------

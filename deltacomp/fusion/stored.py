@@ -45,14 +45,10 @@ class StoredTensors:
                 compressed = rec["action"] == "compress"
                 if not (rec["action"] == "exact" or compressed and not packable(model, packages, name)):
                     continue
-                key = slots.resolve(name)
-                if key is None:
-                    raise MismatchError(f"{name}: stored by {pkg.path} but not a tensor of the model")
-                slot = slots.targets[key]
                 t = reconstruct_delta(pkg, name) if compressed else pkg.tensor(name)
-                if tuple(slot.shape) != tuple(t.shape):
-                    raise MismatchError(f"{name}: {pkg.path} stores shape {list(t.shape)}; the model has "
-                                        f"{list(slot.shape)}")
+                slot = slots.slot(name, t.shape, pkg.path)
+                if slot is None:
+                    raise MismatchError(f"{name}: stored by {pkg.path} but not a tensor of the model")
                 if name not in self.slots:
                     self.slots[name] = slot
                     self.base[name] = slot.detach().float().clone()

@@ -80,13 +80,9 @@ def check_same_base(packages: Sequence[DeltaPackage]) -> None:
 
 def _target(slots, name: str, shape: tuple, pkg: DeltaPackage) -> torch.Tensor | None:
     """The model's tensor for checkpoint name ``name`` (None, with a warning, when it has none), shape-checked."""
-    key = slots.resolve(name)
-    if key is None:
+    slot = slots.slot(name, shape, pkg.path)
+    if slot is None:
         log.warning("%s: changed by %s but not a tensor of the model; skipped", name, pkg.path)
-        return None
-    slot = slots.targets[key]
-    if tuple(slot.shape) != tuple(shape):
-        raise MismatchError(f"{name}: {pkg.path} stores shape {list(shape)}; the model has {list(slot.shape)}")
     return slot
 
 

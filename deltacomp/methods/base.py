@@ -100,3 +100,11 @@ def get_method(name: str) -> Method:
     import deltacomp.methods  # noqa: F401  (fills the registry)
 
     return METHODS.lookup(name)()
+
+
+def method_for(config: CompressConfig) -> Method:
+    """The method ``config`` names, once it has checked the settings (an unknown name lists the known methods;
+    a setting the method does not use is refused, :meth:`Method.check_config`)."""
+    method = get_method(config.method)
+    method.check_config(config)
+    return method

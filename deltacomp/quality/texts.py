@@ -1,12 +1,11 @@
-"""Evaluation text: built-in sets (used when no data file is given) and the data-file reader."""
+"""Evaluation text: built-in sets (used when no data file is given) and the texts of a data file's records."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from deltacomp.errors import DeltacompError
+from deltacomp.io.text_records import PromptAnswer, Record, Text, read_records
 
 # Short prose and code for causal LMs: the default of `deltacomp eval` on a decoder.
 DEFAULT_TEXTS = (
@@ -114,42 +113,21 @@ EVAL_SENTENCES = _interleave(SRE_SENTENCES, GENERAL_SENTENCES)
 CALIB_SENTENCES = SRE_SENTENCES[::2] + GENERAL_SENTENCES[::2]
 HELDOUT_SENTENCES = SRE_SENTENCES[1::2] + GENERAL_SENTENCES[1::2]
 
-TEXT_FIELDS = ("text", "content", "prompt", "completion", "response", "output")
-
-
-def _record_text(rec, where: str) -> str:
-    if isinstance(rec, str):
-        return rec
-    if isinstance(rec, dict):
-        if isinstance(rec.get("messages"), list):
-            return "\n".join(str(m.get("content", "")) for m in rec["messages"] if isinstance(m, dict))
-        parts = [str(rec[k]) for k in TEXT_FIELDS if isinstance(rec.get(k), str)]
-        if parts:
-            return "\n".join(parts)
-    raise DeltacompError(f"{where}: a JSON record with none of the text fields {', '.join(TEXT_FIELDS)} or messages")
+def record_text(record: Record) -> str:
+    """The text of an evaluation record: a text as it is, a prompt and its answer, or a conversation's messages,
+    each on its own line."""
+    if isinstance(record, Text):
+        return record.text
+    if isinstance(record, PromptAnswer):
+        return f"{record.prompt}\n{record.answer}"
+    return "\n".join(m["content"] for m in record.messages)
 
 
 def read_texts(path: str | os.PathLike, max_samples: int | None = None) -> list[str]:
-    """Samples of a data file: JSON lines (a text field, prompt/response, or chat messages), else plain text
-    split into paragraphs at blank lines (or into lines when it has no blank lines)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DeltacompError(f"{path}: no such data file")
-    raw = p.read_text(encoding="utf-8", errors="replace")
-    if p.suffix in (".jsonl", ".json"):
-        texts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise DeltacompError(f"{path}:{i}: not a JSON line ({e})") from None
-            texts.append(_record_text(rec, f"{path}:{i}"))
-    else:
-        blocks = [b.strip() for b in raw.split("\n\n")]
-        texts = blocks if len([b for b in blocks if b]) > 1 else raw.splitlines()
-    texts = [t.strip() for t in texts if t.strip()]
+    """The texts of an evaluation data file (:func:`deltacomp.io.text_records.read_records`): a plain text file by
+    paragraph (a paragraph is one scored text; by line when it has no blank lines), JSON lines by record."""
+    texts = [record_text(r).strip() for r in read_records(path, split="paragraphs")]
+    texts = [t for t in texts if t]
     if not texts:
-        raise DeltacompError(f"{path}: the data file holds no text")
+        raise DeltacompError(f"data file {path} holds no text")
     return texts[:max_samples] if max_samples else texts

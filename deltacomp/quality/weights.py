@@ -78,20 +78,29 @@ class WeightSlots:
             return f"{self.prefix}.{name}"
         return None
 
+    def slot(self, name: str, shape: tuple[int, ...], source: object = None) -> torch.Tensor | None:
+        """The model's tensor for checkpoint name ``name`` (None when the model has none), which must have
+        ``shape``: else a MismatchError naming ``source`` (what holds the tensor: a package folder), when given."""
+        key = self.resolve(name)
+        if key is None:
+            return None
+        slot = self.targets[key]
+        if tuple(slot.shape) != tuple(shape):
+            where = f" (in {source})" if source is not None else ""
+            raise MismatchError(f"{name}: shape {list(shape)}{where} does not fit the model's {list(slot.shape)}")
+        return slot
+
     @torch.no_grad()
     def load(self, named: Iterable[tuple[str, torch.Tensor]], required: set[str] = frozenset()) -> int:
         """Copy each tensor into its slot; names in ``required`` must have one. Returns how many were copied."""
         copied = 0
         for name, t in named:
-            key = self.resolve(name)
-            if key is None:
+            slot = self.slot(name, t.shape)
+            if slot is None:
                 if name in required:
                     raise MismatchError(f"{name}: the package changes this tensor but the model has no such weight")
                 log.debug("%s: not a weight of the model; skipped", name)
                 continue
-            slot = self.targets[key]
-            if tuple(slot.shape) != tuple(t.shape):
-                raise MismatchError(f"{name}: shape {list(t.shape)} does not fit the model's {list(slot.shape)}")
             slot.copy_(t.to(slot.dtype))
             copied += 1
         return copied
