@@ -4,7 +4,9 @@ SmolLM2-135M ties its input and output embeddings (49152 x 576), about 28M of it
 fine-tune given, two packages at the default budget are written and scored with ``deltacomp.evaluate``:
 
 - ``default``: ``deltacomp compress`` with no options (the embedding's changed rows are compressed too);
-- ``embedding whole``: the same, with ``--exclude embed_tokens`` (the embedding's delta stored whole in fp16).
+- ``embedding whole``: the same, with ``--exclude embed_tokens`` (the embedding's delta stored whole in fp16);
+- two allocation settings that move bits between matrices (``--allocation optimal``, and with ``--budget-scope
+  model`` one budget shared by every matrix).
 
 Scores: all-in package bytes, and KL(fine-tune || rebuilt model) per token, perplexity and top-1 agreement on
 the evaluation's built-in texts (generic text the fine-tunes never saw). The issue's goal: the default package at
@@ -30,7 +32,9 @@ from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.package.store import DeltaPackage
 from deltacomp.report import format_table
 
-SETTINGS = (("default", {}), ("embedding whole", {"exclude": ("embed_tokens",)}))
+SETTINGS = (("default", {}), ("embedding whole", {"exclude": ("embed_tokens",)}),
+            ("--allocation optimal", {"allocation": "optimal"}),
+            ("--budget-scope model --allocation optimal", {"budget_scope": "model", "allocation": "optimal"}))
 
 
 def measure(base: Path, tuned: Path, work: Path, device: str) -> list[dict]:

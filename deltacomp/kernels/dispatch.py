@@ -49,7 +49,10 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
         y2 = y.reshape(-1, m).contiguous()
     wdtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # float32 except for float64 checks
     w = gate_weights(x2.shape[0], bank, weights, index, x.device, wdtype).contiguous()
-    if not x.is_cuda and bank.cache_factors:  # CPU: the twin's arithmetic on factors dequantized once
+    # CPU, and training (gradients wanted): the twin's arithmetic on factors dequantized once and kept, which
+    # autograd differentiates directly; the kernel serves inference.
+    grads = torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad or y2.requires_grad)
+    if bank.cache_factors and (grads or not x.is_cuda):
         out = delta_linear_factors(x2.to(y2.dtype), y2, w, bank.dequantized(), bank.s, bank.rows)
     else:  # one row per tenant: each row tile reads only its own delta
         row_tile = 1 if index is not None else 0
