@@ -152,7 +152,7 @@ def package(base: Path, ft: Path, out: Path, args) -> Path:
 
 # -- quality -------------------------------------------------------------------------------------------------------
 def quality(base: Path, pkgs: list[Path], data: dict, args) -> dict:
-    tc = TrainConfig(epochs=args.epochs, lr=args.gate_lr, batch_size=4, holdout=0.0, seed=0)
+    tc = TrainConfig(epochs=args.epochs, lr=args.gate_lr, batch_size=args.gate_batch, holdout=0.0, seed=0)
     rows = {}
 
     def score(name: str, fm, weights="gate"):
@@ -306,6 +306,7 @@ def main():
     ap.add_argument("--test-examples", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--gate-lr", type=float, default=1e-3)
+    ap.add_argument("--gate-batch", type=int, default=16, help="Gate training batch (examples per step).")
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
@@ -316,7 +317,7 @@ def main():
         args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
         args.steps, args.batch, args.lr, args.bits = 40, 32, 3e-3, 8.0
-        args.gate_examples, args.test_examples, args.epochs, args.gate_lr = 48, 16, 3, 3e-2
+        args.gate_examples, args.test_examples, args.epochs, args.gate_lr, args.gate_batch = 48, 16, 3, 3e-2, 4
         args.new_tokens, args.repeats, args.no_compile = 8, 1, True
         torch.set_num_threads(1)
     args.batches = [int(b) for b in str(args.batches).split(",")]
