@@ -27,8 +27,8 @@ from deltacomp.config import CompressConfig
 from deltacomp.kernels import DeltaBank, delta_linear, status
 from deltacomp.kernels.bank import TENSORS
 from deltacomp.methods.base import get_method
-from deltacomp.package.reader import packed_from_parts
 from deltacomp.quant import packing
+from deltacomp.quant.packed import packed_from_parts
 
 H, F = 4096, 11008  # hidden, intermediate
 SHAPES = {"q": (H, H), "k": (H, H), "v": (H, H), "o": (H, H), "gate": (F, H), "up": (F, H), "down": (H, F)}

@@ -34,7 +34,7 @@ from deltacomp.quality.encoder import mean_pool
 from deltacomp.quality.modules import module_errors, summarise
 from deltacomp.quality.texts import DEFAULT_TEXTS, EVAL_SENTENCES, read_texts
 from deltacomp.quality.weights import WeightSlots, load_model, model_kind, tokenizer_source
-from deltacomp.quant.factors import group_widths
+from deltacomp.quant.packed import group_widths
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from deltacomp.package.reader import PackedModule, packed_from_parts
 from deltacomp.quant import factors
 from deltacomp.quant.budget import BitGroup
+from deltacomp.quant.packed import PackedModule, packed_from_parts
 
 ALL_WIDTHS = ((8, 8), (4, 3), (3, 3), (2, 1), (1, 2), (2, 2), (1, 1), (4, 4), (8, 4), (3, 2))
 

@@ -3,8 +3,9 @@
 import torch
 
 from deltacomp.lowrank.svd import svd
-from deltacomp.quant import factors
+from deltacomp.quant import factors, packing
 from deltacomp.quant.budget import BitGroup, fill_schedule, vector_cost
+from deltacomp.quant.packed import packed_from_parts
 
 
 def _delta(m=96, n=160, seed=0):
@@ -29,16 +30,24 @@ def test_refit_lowers_the_error():
     assert _rel(refit, delta) < 0.5
 
 
+def _packed(tensors, groups, group_size, shape):
+    """The packed view of stored tensors, with the manifest info that describes them."""
+    info = {"group_size": group_size, "groups": [{"bits": g.bits, "rank": g.rank, "v_bits": g.v_bits or g.bits}
+                                                 for g in groups]}
+    return packed_from_parts("m", tensors, info, shape)
+
+
 def test_stored_tensors_round_trip_exactly():
     delta = _delta(seed=1)
     groups = fill_schedule(*delta.shape, 1.0)
     u, s, v = svd(delta, sum(g.rank for g in groups))
     fg = factors.quantize_rtn(delta, u, s, v, groups, 16)
     tensors = factors.to_tensors(fg)
-    back = factors.from_tensors(tensors, [(g.bits, g.bits) for g in groups], tuple(delta.shape))
-    assert torch.equal(factors.reconstruct(back, 16), factors.reconstruct(fg, 16))
-    for a, b in zip(fg, back):
-        assert torch.equal(a.u.codes, b.u.codes) and torch.equal(a.v.codes, b.v.codes)
+    back = _packed(tensors, groups, 16, tuple(delta.shape))
+    assert torch.equal(back.dense(), factors.reconstruct(fg, 16))
+    for a, b in zip(fg, back.groups):
+        assert torch.equal(a.u.codes, packing.unpack(b.u.words, b.u.bits, b.u.length))
+        assert torch.equal(a.v.codes, packing.unpack(b.v.words, b.v.bits, b.v.length))
 
 
 def test_uv_widths_round_trip_and_pack_each_factor_at_its_own_width():
@@ -49,8 +58,9 @@ def test_uv_widths_round_trip_and_pack_each_factor_at_its_own_width():
     fg = factors.quantize_rtn(delta, u, s, v, groups, 32)
     assert [int(g.v.codes.max()) for g in fg] == [3, 1, 3]  # V's codes stay within V's width
     tensors = factors.to_tensors(fg)
-    back = factors.from_tensors(tensors, [(4, 2), (3, 1), (2, 2)], (m, n))
-    assert torch.equal(factors.reconstruct(back, 32), factors.reconstruct(fg, 32))
+    back = _packed(tensors, groups, 32, (m, n))
+    assert [(g.u.bits, g.v.bits) for g in back.groups] == [(4, 2), (3, 1), (2, 2)]
+    assert torch.equal(back.dense(), factors.reconstruct(fg, 32))
     payload = sum(t.numel() * 32 for k, t in tensors.items() if k.endswith((".u", ".v")))
     assert payload == sum(g.rank * vector_cost(g.bits, m, n, g.v_bits) for g in groups)
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from deltacomp.errors import DeltacompError
-from deltacomp.package.reader import PackedModule, PackedSide
+from deltacomp.quant.packed import PackedModule, PackedSide
 
 LAYOUT_VERSION = 2
 ROW_FIELDS = 8

@@ -12,6 +12,7 @@ from deltacomp.lowrank.svd import svd
 from deltacomp.methods.base import Compressed, Method, info_int, register, stored_bits
 from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
+from deltacomp.quant.packed import packed_from_parts
 
 
 @register("mixed")
@@ -115,15 +116,9 @@ class Mixed(Method):
         return out
 
     def reconstruct(self, tensors, info, shape):
-        return factors.reconstruct(factors.from_tensors(tensors, factors.group_widths(info), shape), info["group_size"])
+        return packed_from_parts(self.name, tensors, info, shape).dense()
 
     def factors(self, tensors, info, shape, max_rank=None):
         """B (m, r), A (r, n) of the dequantized groups; sqrt(|S|) on each side, the sign of S on B."""
-        us, vs = [], []
-        for g in factors.from_tensors(tensors, factors.group_widths(info), shape):
-            u = g.u.dequantize(info["group_size"])  # (r_g, m)
-            v = g.v.dequantize(info["group_size"])  # (r_g, n)
-            b, a = balance(u.T, g.s.float(), v.T)  # S may be negative after the least-squares refit
-            us.append(b)
-            vs.append(a)
-        return torch.cat(us, 1), torch.cat(vs, 0)
+        u, s, v = packed_from_parts(self.name, tensors, info, shape).factors()
+        return balance(u, s, v)  # S may be negative after the least-squares refit

@@ -164,23 +164,3 @@ def to_tensors(groups: list[FactorGroup]) -> dict[str, torch.Tensor]:
             out[f"g{i}.{side}_offset"] = q.offset
         out[f"g{i}.s"] = g.s
     return out
-
-
-def from_tensors(tensors: dict[str, torch.Tensor], widths: list[tuple[int, int]],
-                 shape: tuple[int, int]) -> list[FactorGroup]:
-    """Groups from stored tensors; ``widths`` holds each group's (U bits, V bits)."""
-    m, n = shape
-    out = []
-    for i, (bu, bv) in enumerate(widths):
-        rows = {}
-        for side, length, b in (("u", m, bu), ("v", n, bv)):
-            codes = packing.unpack(tensors[f"g{i}.{side}"], b, length)
-            rows[side] = QuantRows(codes, tensors[f"g{i}.{side}_scale"], tensors[f"g{i}.{side}_offset"])
-        out.append(FactorGroup(bu, rows["u"], rows["v"], tensors[f"g{i}.s"], bv))
-    return out
-
-
-def group_widths(info: dict) -> list[tuple[int, int]]:
-    """(U bits, V bits) of each group of a package module's ``info``; ``v_bits`` is written only where it
-    differs from ``bits``."""
-    return [(g["bits"], g.get("v_bits", g["bits"])) for g in info["groups"]]
