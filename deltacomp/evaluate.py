@@ -93,10 +93,6 @@ def _package_row(label: str, pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint
     return row
 
 
-# Settings only the mixed method takes, and their neutral values for the baselines.
-MIXED_ONLY = {"calib": None, "allocation": "schedule", "budget_scope": "matrix"}
-
-
 def baseline_config(pkg: DeltaPackage, method: str, bits: float | None = None, device: str = "cpu") -> CompressConfig:
     """The package's own settings with another method (and budget): a like-for-like baseline.
 
@@ -108,9 +104,9 @@ def baseline_config(pkg: DeltaPackage, method: str, bits: float | None = None, d
     if bits is not None:
         kw["bits"] = bits
     calib = getattr(settings, "calib", None)
-    if method != "mixed":
-        kw.update({k: v for k, v in MIXED_ONLY.items() if hasattr(settings, k)})
-    elif calib and not Path(calib).is_file():
+    neutral = get_method(method).neutral_settings()  # what the method does not read
+    kw.update(neutral)
+    if "calib" not in neutral and calib and not Path(calib).is_file():
         log.warning("the package's calibration file %s is gone; the %s baseline is uncalibrated", calib, method)
         kw["calib"] = None
     return dataclasses.replace(settings, **kw)

@@ -22,25 +22,36 @@ class Compressed:
     total_bits: int = 0  # all-in: factors plus scales, offsets, S
 
 
+# Settings only some methods read: the value that means "not used", and the refusal when a method that does not
+# read one is given another value.
+METHOD_SETTINGS = {
+    "calib": (None, "--calib is used by the {users} method only, not by {me!r}"),
+    "budget_scope": ("matrix", "--budget-scope model is for the {users} method only, not {me!r}"),
+    "budget": ("factors", "--budget all-in is for the {users} method only, not {me!r}"),
+    "allocation": ("schedule", "--allocation optimal is for the {users} method only, not {me!r}"),
+}
+
+
 class Method:
     """A compression method: ``compress`` a float32 (m, n) delta; ``reconstruct`` it from the stored form."""
 
     name: str = ""
     exact_factors: bool = False  # True when ``factors`` returns the stored delta exactly (a low-rank method)
 
-    # the settings beyond the budget that this method reads; any other left at a non-default value is refused
+    # the settings of METHOD_SETTINGS that this method reads; any other left at a non-neutral value is refused
     uses: frozenset[str] = frozenset()
 
     def check_config(self, config: CompressConfig) -> None:
         """Refuse settings this method does not use (a DeltacompError naming the setting and the method)."""
-        refused = (("calib", config.calib is not None, "--calib is used by the {users} method only, not by {me!r}"),
-                   ("budget_scope", config.budget_scope != "matrix",
-                    "--budget-scope model is for the {users} method only, not {me!r}"),
-                   ("budget", config.budget != "factors", "--budget all-in is for the {users} method only, not {me!r}"))
-        for key, given, message in refused:
-            if given and key not in self.uses:
+        for key, (neutral, message) in METHOD_SETTINGS.items():
+            if getattr(config, key) != neutral and key not in self.uses:
                 users = " and ".join(sorted(n for n, cls in METHODS.items() if key in cls.uses)) or "no"
                 raise DeltacompError(message.format(users=users, me=self.name))
+
+    def neutral_settings(self) -> dict:
+        """The settings this method does not read, at their neutral values (a baseline of another method's
+        package takes these)."""
+        return {key: neutral for key, (neutral, _) in METHOD_SETTINGS.items() if key not in self.uses}
 
     def check_budget(self, shape: tuple[int, int], config: CompressConfig) -> None:
         """Raise BudgetError if the budget cannot cover a matrix of ``shape``; default: any budget works."""

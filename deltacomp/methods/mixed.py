@@ -18,7 +18,7 @@ from deltacomp.quant.packed import packed_from_parts
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
-    uses = frozenset({"calib", "budget_scope", "budget"})
+    uses = frozenset({"calib", "budget_scope", "budget", "allocation"})
 
     @staticmethod
     def overhead(shape: tuple[int, int], config: CompressConfig, group_size: int) -> int:
