@@ -7,7 +7,7 @@ import pytest
 from deltacomp.cli.core import COMPRESS_OPTIONS, compress
 from deltacomp.config import GROUPS, CompressConfig, format_schedule, parse_schedule
 from deltacomp.errors import DeltacompError
-from deltacomp.methods import method_for
+from deltacomp.methods import get_method, method_for
 
 
 def test_every_option_default_is_the_fields():
@@ -36,11 +36,12 @@ def test_every_field_has_a_group():
 
 @pytest.mark.parametrize("method", ["lowrank", "bitdelta", "dense"])
 @pytest.mark.parametrize("setting", [{"calib": "x.txt"}, {"budget": "all-in"},
-                                     {"budget_scope": "model", "allocation": "optimal"}])
+                                     {"budget_scope": "model", "allocation": "optimal"}, {"allocation": "optimal"}])
 def test_a_method_refuses_the_settings_it_does_not_use(method, setting):
     with pytest.raises(DeltacompError, match=f"mixed method only, not (by )?'{method}'"):
         method_for(CompressConfig(method=method, **setting))
     assert method_for(CompressConfig(method="mixed", **setting)).name == "mixed"
+    assert not set(get_method(method).neutral_settings()).isdisjoint(setting)  # a baseline resets it
 
 
 def test_compress_checks_the_settings_against_the_method_before_reading_anything(tmp_path):
