@@ -16,11 +16,10 @@ from tqdm.auto import tqdm
 from deltacomp import __version__, distributed
 from deltacomp.calib.context import MatrixContext
 from deltacomp.config import DEFAULT_INCLUDE, CompressConfig
-from deltacomp.errors import CheckpointError, DeltacompError
+from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
-from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint
+from deltacomp.io.checkpoint import SIDE_FILES, Checkpoint, side_file
 from deltacomp.io.output import atomic_dir, check_output, kept_work, mark
-from deltacomp.io.paths import hub_cache_root, inside
 from deltacomp.io.prefetch import prefetch
 from deltacomp.io.safetensors_file import DTYPE_NAMES
 from deltacomp.io.sharded_writer import ShardedWriter
@@ -55,17 +54,22 @@ def _numel(shape) -> int:
     return n
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy config and tokenizer files of a model folder; return their relative paths."""
-    copied = []
-    root = hub_cache_root(src) or src
+def copy_side_files(src: Path, dst: Path, base: Path) -> tuple[list[str], dict[str, str]]:
+    """Copy the fine-tune's config and tokenizer files into ``dst``, except those byte-identical to the base's:
+    (copied relative paths, {relative path: sha256} of the files the base supplies)."""
+    copied, from_base = [], {}
     for rel in SIDE_FILES:
-        f = inside(src, rel, f"{src}: {rel}", CheckpointError, root) if (src / rel).exists() else src / rel
-        if f.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst / rel)
-            copied.append(rel)
-    return copied
+        f = side_file(src, rel)
+        if f is None:
+            continue
+        digest, twin = sha256_file(f), side_file(base, rel)
+        if twin is not None and sha256_file(twin) == digest:
+            from_base[rel] = digest
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst / rel)
+        copied.append(rel)
+    return copied, from_base
 
 
 def _source_info(ckpt: Checkpoint) -> dict:
@@ -228,11 +232,12 @@ def _assemble(base, ft, entries, config, tmp: Path, store: ResultStore, progress
     shutil.rmtree(store.folder)
     index = tmp / "delta.safetensors.index.json"
     files = names + ([index.name] if index.exists() else [])
-    side = copy_side_files(ft.path, tmp / MODEL_DIR)
+    side, from_base = copy_side_files(Path(ft.path), tmp / MODEL_DIR, Path(base.path))
     base_fp = {"fingerprint": base_fp, "full_fingerprint": full.hexdigest()}
     manifest = _manifest(base, ft, base_fp, config, modules, counts, writer.total_bytes)
     manifest["files"] = {n: sha256_file(tmp / n) for n in files}
     manifest["files"].update({f"{MODEL_DIR}/{r}": sha256_file(tmp / MODEL_DIR / r) for r in side})
+    manifest["base_files"] = from_base  # the fine-tune's side files that are the base's, byte for byte
     _write_all_in(tmp, manifest)
     return manifest
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def save_pair(tmp: Path, build, shard: str | None = None, seed: int = 0):
     base.save_pretrained(base_dir, **kw)
     deltas = finetune_like(base)
     base.save_pretrained(ft_dir, **kw)
+    config = json.loads((ft_dir / "config.json").read_text())  # a fine-tune's config differs (its other side
+    config["finetuned_from"] = "base"                            # files, e.g. generation_config.json, do not)
+    (ft_dir / "config.json").write_text(json.dumps(config, indent=2))
     return base_dir, ft_dir, deltas
 
 

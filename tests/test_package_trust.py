@@ -125,10 +125,28 @@ def test_shard_index_is_confined_and_must_be_an_object(tmp_path, llama_sharded_p
     assert_clean_failure(run("compress", base, llama_sharded_pair[1], "-o", out), "shard index", out=out)
 
 
+def test_side_files_equal_to_the_base_come_from_the_base_checked(pkg, tmp_path, llama_pair):
+    base, ft = llama_pair[0], llama_pair[1]
+    assert "generation_config.json" in manifest_of(pkg)["base_files"]
+    assert not (pkg / "model" / "generation_config.json").exists()
+    out = tmp_path / "out"
+    assert run("apply", pkg, "--base", base, "-o", out).exit_code == 0
+    for rel in ("generation_config.json", "config.json"):
+        assert (out / rel).read_bytes() == (ft / rel).read_bytes()
+    other = shutil.copytree(base, tmp_path / "base2")  # the same weights, another generation config
+    (other / "generation_config.json").write_text('{"temperature": 0.1}')
+    assert_clean_failure(run("apply", pkg, "--base", other, "-o", tmp_path / "o2"), "generation_config.json",
+                         "relies on the base's", out=tmp_path / "o2")
+    (other / "generation_config.json").unlink()
+    assert_clean_failure(run("apply", pkg, "--base", other, "-o", tmp_path / "o3"), "does not have",
+                         out=tmp_path / "o3")
+
+
 def test_apply_copies_only_listed_side_files(pkg, tmp_path, llama_pair):
     base = llama_pair[0]
     honest = tmp_path / "honest"
     apply(pkg, base, honest, progress=False)
+    (pkg / "model").mkdir(exist_ok=True)
     shutil.copyfile(base / "model.safetensors", pkg / "model" / "model.safetensors")  # unlisted: the base itself
     (pkg / "model" / "evil.py").write_text("import os\n")
     (tmp_path / "target.txt").write_text("secret")
@@ -148,6 +166,9 @@ def test_apply_copies_only_listed_side_files(pkg, tmp_path, llama_pair):
 @pytest.mark.parametrize("edit, key", [
     (lambda m: m.__setitem__("format_version", "1"), "format_version"),
     (lambda m: m.__setitem__("format_version", None), "format_version"),
+    (lambda m: m.__setitem__("base_files", {"../../etc/passwd": "0" * 64}), "base_files"),
+    (lambda m: m.__setitem__("base_files", {"config.json": "zz"}), "base_files"),
+    (lambda m: m.__setitem__("base_files", []), "base_files"),
     (lambda m: m.__setitem__("files", list(m["files"])), "files"),
     (lambda m: m.__setitem__("modules", list(m["modules"])), "modules"),
     (lambda m: m["modules"][COMPRESSED].__setitem__("shape", [64, -1]), f"modules.{COMPRESSED}.shape"),

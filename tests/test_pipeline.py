@@ -91,11 +91,13 @@ def test_manifest_and_card(llama_sharded_pair, tmp_path):
     manifest = compress(base, ft, tmp_path / "pkg", config)
     pkg = DeltaPackage(tmp_path / "pkg")
     assert pkg.manifest == manifest
-    assert manifest["format_version"] == 2 and manifest["settings"]["bits"] == 1.0
+    assert manifest["format_version"] == 3 and manifest["settings"]["bits"] == 1.0
     assert manifest["base"]["fingerprint"].startswith("sha256:")
     shards = [f for f in manifest["files"] if f.endswith(".safetensors")]
     assert len(shards) > 1 and "delta.safetensors.index.json" in manifest["files"]
-    assert "model/config.json" in manifest["files"]
+    assert "model/config.json" in manifest["files"]  # differs from the base's: stored
+    assert "generation_config.json" in manifest["base_files"]  # the base's, byte for byte: not stored
+    assert "model/generation_config.json" not in manifest["files"]
     assert manifest["totals"]["ratio_vs_finetuned"] > 1
     card = (tmp_path / "pkg" / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: deltacomp" in card

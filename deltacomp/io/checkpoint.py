@@ -44,6 +44,13 @@ SIDE_FILES = (
 )
 
 
+def side_file(folder: Path, rel: str) -> Path | None:
+    """A model folder's config or tokenizer file ``rel`` (inside the folder, or its Hub cache), or None."""
+    root = hub_cache_root(folder) or folder
+    f = inside(folder, rel, f"{folder}: {rel}", CheckpointError, root) if (folder / rel).exists() else folder / rel
+    return f if f.is_file() else None
+
+
 def resolve_model_path(source: str | os.PathLike) -> Path:
     """A local model folder for ``source``: the folder itself, or a Hub snapshot for a repo id."""
     return resolve_folder(source, "model", CheckpointError, "folder")

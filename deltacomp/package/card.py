@@ -166,7 +166,8 @@ def render_card(manifest: dict, repo_id: str | None = None, eval_table: str | No
         ]
     lines += [
         "The package holds `deltacomp.json` (manifest with per-module ranks and bits, the base fingerprint and",
-        "file checksums), packed factors in safetensors, and the fine-tune's config and tokenizer under `model/`.",
+        "file checksums), packed factors in safetensors, and under `model/` the fine-tune's config and tokenizer",
+        "files that differ from the base's (the others are taken from the base, checked by sha256).",
         "",
     ]
     return "\n".join(lines)

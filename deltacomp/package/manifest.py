@@ -11,13 +11,15 @@ from deltacomp.io.jsonfile import read_json
 MANIFEST = "deltacomp.json"
 FORMAT = "deltacomp-delta"
 # 2: a compressed vocabulary matrix may store only some rows (``rows``); totals count every file
-FORMAT_VERSION = 2
+# 3: the fine-tune's config and tokenizer files that equal the base's are not stored: ``base_files`` lists them
+#    (relative path -> sha256) and apply copies them from the base
+FORMAT_VERSION = 3
 # the lines of ``totals.bytes_by_kind``: compressed matrices, embeddings/lm_head (compressed or stored),
 # norms and biases, other stored tensors, and metadata (manifest, card, config and tokenizer files, headers)
 BYTE_KINDS = ("matrices", "embeddings", "norms_biases", "other", "metadata")
 # ``encoding`` of an exactly stored module whose tensor is its delta in fp16 (``compress --exact fp16-delta``)
 FP16_DELTA = "fp16-delta"
-# the folder of a package holding the fine-tune's config and tokenizer files
+# the folder of a package holding the fine-tune's config and tokenizer files (those that differ from the base's)
 MODEL_DIR = "model"
 REQUIRED = ("format", "format_version", "deltacomp_version", "base", "finetuned", "method", "settings",
             "budget", "modules", "totals", "files")

@@ -14,6 +14,7 @@ import re
 import torch
 
 from deltacomp.errors import DeltacompError, PackageError
+from deltacomp.io.checkpoint import SIDE_FILES
 from deltacomp.io.paths import check_relative
 from deltacomp.io.safetensors_file import DTYPES
 
@@ -151,6 +152,11 @@ def _check(manifest: dict) -> None:
             _fail(f"files[{rel!r}]", "the manifest and the card are not package files")
         if not isinstance(digest, str) or not _SHA256.match(digest):
             _fail(f"files[{rel!r}]", f"must be a sha256 of 64 lower-case hex digits, got {digest!r}")
+    for rel, digest in _obj(manifest.get("base_files", {}), "base_files").items():
+        if rel not in SIDE_FILES:
+            _fail(f"base_files[{rel!r}]", "only config and tokenizer files can come from the base")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            _fail(f"base_files[{rel!r}]", f"must be a sha256 of 64 lower-case hex digits, got {digest!r}")
     modules = _obj(manifest["modules"], "modules")
     for name, rec in modules.items():
         if not name or "/" in name:
