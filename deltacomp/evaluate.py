@@ -231,7 +231,9 @@ def evaluate_packages(packages: list[tuple[str, DeltaPackage, float | None]], ba
     """Rows for the base, the fine-tune and each (label, package, compress seconds) on the same data.
 
     ``probes`` maps a name to ``fn(tok, model) -> dict``, run on every model with its weights in place (a task
-    metric such as exact match); its results join the row under that name.
+    metric such as exact match); its results join the row under that name. A probe measured against the fine-tune
+    (:class:`deltacomp.quality.causal.BatchScorer`) has ``reference(tok, model)``, called on the fine-tune before
+    any other model, and ``score(tok, model)``, called on each other model.
     """
     for _, p, _ in packages:
         check_base(p, base)
@@ -248,11 +250,17 @@ def evaluate_packages(packages: list[tuple[str, DeltaPackage, float | None]], ba
     slots = WeightSlots(model)
     scorer = _Scorer(kind, tok, model, texts, config)
 
-    def probe() -> dict:
-        return {name: fn(tok, model) for name, fn in (probes or {}).items()}
+    def probe(reference: bool = False) -> dict:
+        out = {}
+        for name, fn in (probes or {}).items():
+            if hasattr(fn, "reference"):
+                out[name] = fn.reference(tok, model) if reference else fn.score(tok, model)
+            else:
+                out[name] = fn(tok, model)
+        return out
 
     slots.load(ft.items())
-    reference = {"model": "fine-tuned", **scorer.reference(), **probe()}
+    reference = {"model": "fine-tuned", **scorer.reference(), **probe(reference=True)}
     slots.load(base.items())
     out_rows = [{"model": "base", **scorer.score(), **probe()}, reference]
     for row, (label, p, _) in zip(rows, packages):
