@@ -42,8 +42,10 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -188,12 +190,12 @@ def score(base: Path, pair: dict, packages: list, args, generic: list[str]) -> d
 
 
 def versus_reference(result: dict) -> None:
-    """Each row's answer KL as a ratio to the reference row's (None where there is no reference row)."""
+    """Each package row's answer KL as a ratio to the reference row's (None where there is no reference row)."""
     rows = {r["model"]: r for r in result["rows"]}
     ref = rows.get(REFERENCE, {}).get("answer", {}).get("kl")
     for r in result["rows"]:
-        kl = r["answer"]["kl"]
-        r["answer"]["vs_reference"] = kl / ref if ref else None
+        if "method" in r:
+            r["answer"]["vs_reference"] = r["answer"]["kl"] / ref if ref else None
 
 
 def run_pair_budget(base: Path, pair: dict, bits: float, settings, args, work: Path) -> dict:
@@ -215,6 +217,44 @@ def base_model(args, work: Path) -> Path:
     if args.smoke:
         return folder if (folder / "config.json").is_file() else tiny_llama(folder, hidden=128, intermediate=256)
     return smollm2(folder, args.gguf)
+
+
+def run_parallel(args, argv: list[str]) -> dict:
+    """The pairs split over ``args.jobs`` processes of this script (one GPU serves them all: a 135M model leaves it
+    mostly idle), each writing its own JSON; their results merged."""
+    t_start = time.perf_counter()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base_model(args, work)  # made once, before the processes that read it start
+    names = [n.strip() for n in args.pairs.split(",") if n.strip()]
+    keep = []  # argv without --pairs, --out and --jobs (and their values)
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--pairs", "--out", "--jobs"):
+            skip = True
+        elif not a.startswith(("--pairs=", "--out=", "--jobs=")):
+            keep.append(a)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    parts, running = [], []
+    for i, name in enumerate(names):
+        out, logfile = work / f"part-{name}.json", work / f"part-{name}.log"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *keep, "--work", str(work), "--pairs", name,
+               "--out", str(out)]
+        with open(logfile, "w") as f:
+            running.append((name, logfile, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env)))
+        if len(running) == args.jobs or i == len(names) - 1:
+            for name_, log_, out_, proc in running:
+                if proc.wait() != 0:
+                    tail = "".join(open(log_).readlines()[-20:])
+                    raise SystemExit(f"pair {name_} failed (exit {proc.returncode}); the end of {log_}:\n{tail}")
+                parts.append(json.loads(out_.read_text()))
+                log.info("pair %s done", name_)
+            running = []
+    results = merge(parts)
+    results["seconds"] = time.perf_counter() - t_start
+    return results
 
 
 def run(args) -> dict:
@@ -352,6 +392,9 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--train", type=int, default=None, help=f"Training examples per pair ({RECIPE['train']}).")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--keep-packages", action="store_true", help="Keep the packages in --work after scoring.")
+    ap.add_argument("--jobs", type=int, default=1, help="Run the pairs in this many processes at once (each pair's "
+                    "log in --work/part-PAIR.log).")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.render:
         results = merge([json.loads(Path(p).read_text()) for p in args.render])
@@ -376,7 +419,7 @@ def main(argv=None) -> dict | None:
     temp = None if args.work else tempfile.mkdtemp(prefix="quality-suite-")
     args.work = args.work or temp
     try:
-        results = run(args)
+        results = run_parallel(args, argv) if args.jobs > 1 and "," in args.pairs else run(args)
     finally:
         torch.set_num_threads(threads)
         if temp:

@@ -45,16 +45,17 @@ def test_extra_settings_parse(suite):
 
 
 def test_smoke_runs_every_stage(suite, tmp_path, capsys):
+    """Two pairs in two processes (``--jobs``), each through every stage, merged into one JSON and its tables."""
     out = tmp_path / "suite.json"
-    args = ["--smoke", "--work", str(tmp_path / "work"), "--pairs", "instruct", "--budgets", "1,0.25",
-            "--extra", "no refit: refit=false", "--out", str(out)]
+    args = ["--smoke", "--work", str(tmp_path / "work"), "--pairs", "instruct,arith", "--jobs", "2",
+            "--budgets", "1,0.25", "--extra", "no refit: refit=false", "--out", str(out)]
     results = suite.main(args)
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
-    assert set(saved["budgets"]) == {"1", "0.25"} and set(saved["pairs"]) == {"instruct"}
+    assert set(saved["budgets"]) == {"1", "0.25"} and set(saved["pairs"]) == {"instruct", "arith"}
     labels = ["default", "reference", "lowrank", "bitdelta", "calib task 4", "calib task 8", "calib task 16",
               "calib generic", "no refit"]
-    for name in ("instruct",):
+    for name in ("instruct", "arith"):
         info = saved["pairs"][name]
         assert info["heldout"] == 8 and info["train"]["last_loss"] < info["train"]["first_loss"]
         one = saved["budgets"]["1"][name]
