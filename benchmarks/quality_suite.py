@@ -185,7 +185,7 @@ def score(base: Path, pair: dict, packages: list, args, generic: list[str]) -> d
     probes = {"answer": BatchScorer(answer_batches(pair["heldout"], pair["pad"], args.eval_batch), device=args.device),
               "exact_match": exact_match_probe(pair["heldout"], pair["pad"], args.device, args.eval_batch)}
     config = EvalConfig(texts=tuple(generic), compare=(), reference=False, device=args.device,
-                        batch_size=args.eval_batch, max_length=256)
+                        batch_size=args.eval_batch, max_length=256, packed=False)  # every row the same way: rebuilt
     return evaluate_packages(packages, Checkpoint(base), Checkpoint(pair["finetuned"]), config, probes)
 
 

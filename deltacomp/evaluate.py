@@ -61,6 +61,7 @@ class EvalConfig:
     spectra: int = 0  # singular-value spectra (and bits per vector) of this many modules
     tokenizer: str | None = None  # folder of the tokenizer; None = the base's, else the fine-tune's
     module_errors: bool = True  # stream the per-module relative errors of every package
+    packed: bool = True  # on CUDA, run mixed packages from their packed factors; False: every package rebuilt
 
     def __post_init__(self):
         for m in self.compare:
@@ -265,7 +266,8 @@ def evaluate_packages(packages: list[tuple[str, DeltaPackage, float | None]], ba
     out_rows = [{"model": "base", **scorer.score(), **probe()}, reference]
     for row, (label, p, _) in zip(rows, packages):
         required = set(compressed_names(p))
-        packed = config.device.startswith("cuda") and all(p.modules[n]["method"] == "mixed" for n in required)
+        packed = (config.packed and config.device.startswith("cuda")
+                  and all(p.modules[n]["method"] == "mixed" for n in required))
         log.info("scoring %s (%s)", label, "base weights + packed deltas" if packed else "rebuilt weights")
         slots.load(iter_weights(p, base, rebuild=not packed), required)
         if packed:
