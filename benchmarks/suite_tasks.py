@@ -8,7 +8,8 @@ exact match is the task's accuracy:
 - ``arith`` (numeric): the sum of two or three whole numbers of 1 to 5 digits. Long carries are hard for a 135M
   model in a few hundred steps: designed not to saturate;
 - ``piglatin`` (a change of language/style): three to six common words in Pig Latin, letter by letter across
-  sub-word tokens: designed not to saturate;
+  sub-word tokens. One word in six (:data:`UNSEEN`) appears only in held-out prompts, so about half of them ask
+  for a word the fine-tune never translated: designed not to saturate;
 - ``instruct`` (instruction following): one of eight instructions applied to a list of words (reverse them,
   count them, keep the long ones, initials, ...), the instruction changing from example to example.
 
@@ -41,6 +42,8 @@ rose ruby sail sand scarf seed shell ship shoe silk snow sock spoon star storm s
 train tree truck tulip umbrella unicorn vase wheel whale wind wolf yarn
 """.split()))
 VOWELS = "aeiou"
+UNSEEN = WORDS[::6]  # Pig Latin: words of held-out prompts only
+SEEN = tuple(w for w in WORDS if w not in UNSEEN)
 
 FIRST = ("Alice", "Bruno", "Chen", "Dara", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
          "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Ximena",
@@ -54,7 +57,7 @@ JOBS = ("nurse", "pilot", "baker", "chemist", "teacher", "plumber", "architect",
 FIELDS = ("name", "age", "city", "job", "email")
 
 
-def json_record(rng: random.Random) -> tuple[str, str]:
+def json_record(rng: random.Random, heldout: bool) -> tuple[str, str]:
     first, last = rng.choice(FIRST), rng.choice(LAST)
     rec = {"name": f"{first} {last}", "age": rng.randint(18, 90), "city": rng.choice(CITIES),
            "job": rng.choice(JOBS), "email": f"{first.lower()}.{last.lower()}{rng.randint(1, 99)}@example.org"}
@@ -70,7 +73,7 @@ def _number(rng: random.Random) -> int:
     return rng.randint(0, 10 ** rng.randint(1, 5) - 1)
 
 
-def arithmetic(rng: random.Random) -> tuple[str, str]:
+def arithmetic(rng: random.Random, heldout: bool) -> tuple[str, str]:
     nums = [_number(rng) for _ in range(rng.choice((2, 2, 3)))]
     return f"What is {' + '.join(map(str, nums))}? Answer with the number only.", str(sum(nums))
 
@@ -83,8 +86,8 @@ def pig_latin_word(word: str) -> str:
     return word[cut:] + word[:cut] + "ay"
 
 
-def pig_latin(rng: random.Random) -> tuple[str, str]:
-    words = rng.sample(WORDS, rng.randint(3, 6))
+def pig_latin(rng: random.Random, heldout: bool) -> tuple[str, str]:
+    words = rng.sample(WORDS if heldout else SEEN, rng.randint(3, 6))
     return f"Translate into Pig Latin: {' '.join(words)}", " ".join(pig_latin_word(w) for w in words)
 
 
@@ -100,7 +103,7 @@ INSTRUCTIONS: tuple[tuple[str, Callable[[list[str]], str]], ...] = (
 )
 
 
-def instruction(rng: random.Random) -> tuple[str, str]:
+def instruction(rng: random.Random, heldout: bool) -> tuple[str, str]:
     words = rng.sample(WORDS, rng.randint(3, 7))
     text, answer = rng.choice(INSTRUCTIONS)
     return f"{text}\nWords: {' '.join(words)}", answer(words)
@@ -111,7 +114,7 @@ class Task:
     name: str
     kind: str
     steps: int  # fine-tuning steps of the recipe (batch and learning rate are the suite's)
-    make: Callable[[random.Random], tuple[str, str]]
+    make: Callable[[random.Random, bool], tuple[str, str]]  # (rng, for a held-out example) -> (prompt, answer)
     seed: int
 
 
@@ -129,7 +132,7 @@ def split(task: Task, heldout: int, train: int) -> tuple[list[tuple[str, str]], 
     seen: set[str] = set()
     out: list[tuple[str, str]] = []
     for _ in range(50 * (heldout + train)):
-        prompt, answer = task.make(rng)
+        prompt, answer = task.make(rng, len(out) < heldout)
         if prompt not in seen:
             seen.add(prompt)
             out.append((prompt, answer))

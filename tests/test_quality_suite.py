@@ -85,3 +85,13 @@ def _heldout_prompts(name: str) -> list[str]:
     from suite_tasks import TASKS, split
 
     return [p for p, _ in split(TASKS[name], 8, 120)[0]]
+
+
+def test_pig_latin_holds_some_words_out_of_training(suite):
+    from suite_tasks import TASKS, UNSEEN, split
+
+    held, train = split(TASKS["piglatin"], 200, 2000)
+    in_train = {w for p, _ in train for w in p.split(": ")[1].split()}
+    assert not in_train & set(UNSEEN)
+    unseen = sum(any(w in UNSEEN for w in p.split(": ")[1].split()) for p, _ in held)
+    assert 0.3 < unseen / len(held) < 0.8
