@@ -28,13 +28,13 @@ and no ``gguf`` package, and a call carries at most 64 MiB: carry the ``gguf`` w
 ``pip install --no-deps --target /tmp/suite/py`` and join the parts into /tmp/suite/smol.gguf. Then, with
 ``PYTHONPATH=.:/tmp/suite/py``, one call per stage; every call reuses what ``--work`` holds (the float32 base, each
 finished fine-tune: its ``train.json``) and makes what is missing, so a call on a fresh machine redoes the base and
-the fine-tunes (a few minutes) given the GGUF. ``--jobs 4`` runs the four pairs in four processes on the one GPU:
+the fine-tunes (a few minutes) given the GGUF. ``--jobs N`` runs the work in N processes on the one GPU (a 135M
+model leaves it mostly idle), and ``--split-settings`` gives each pair's calibrated settings processes of their own.
+With ``S="python benchmarks/quality_suite.py --gguf /tmp/suite/smol.gguf --work /tmp/suite"``:
 
-    python benchmarks/quality_suite.py --gguf /tmp/suite/smol.gguf --work /tmp/suite --finetune-only --jobs 4 \
-        --out $OUT/finetunes.json                                                  # base + 4 fine-tunes, scored
-    python benchmarks/quality_suite.py --gguf /tmp/suite/smol.gguf --work /tmp/suite --budgets 1 --jobs 4 \
-        --out $OUT/b1.json                                                         # then 0.5, then 0.25
-    python benchmarks/quality_suite.py --render finetunes.json b1.json b05.json b025.json     # the tables again
+    $S --finetune-only --jobs 4 --out $OUT/finetunes.json       # the base and the 4 fine-tunes, scored alone
+    $S --budgets 1 --jobs 8 --split-settings --out $OUT/b1.json  # one call per budget: then 0.5, then 0.25
+    python benchmarks/quality_suite.py --render finetunes.json b1.json b05.json b025.json   # the tables again
 
 A budget that does not fit in one call: ``--pairs json,arith`` and ``--pairs piglatin,instruct`` in two calls, or
 fewer settings (``--settings REGEX``). Each pair's log: ``--work/part-PAIR.log``; compress seconds per setting are in
@@ -112,9 +112,10 @@ def parse_extra(text: str) -> tuple[str, dict]:
     return label.strip(), kw
 
 
-def chosen_settings(args) -> list[tuple[str, dict]]:
+def chosen_settings(args, every: bool = False) -> list[tuple[str, dict]]:
+    """The settings this run compares (``every``: before ``--settings`` picks some)."""
     out = [*settings_for(args.calib_sizes), *(parse_extra(e) for e in args.extra)]
-    if args.settings:
+    if args.settings and not every:
         out = [(label, kw) for label, kw in out if label == REFERENCE or re.search(args.settings, label)]
     return out
 
@@ -207,7 +208,7 @@ def versus_reference(result: dict) -> None:
 
 
 def run_pair_budget(base: Path, pair: dict, bits: float, settings, args, work: Path) -> dict:
-    out = work / pair["name"] / f"packages-{bits:g}"
+    out = work / pair["name"] / f"packages-{bits:g}-{os.getpid()}"  # this process's: others may run beside it
     packages, skipped = compress_all(base, pair, bits, settings, args, out)
     result = score(base, pair, packages, args, generic_text(args.smoke)[1])
     versus_reference(result)
@@ -227,42 +228,67 @@ def base_model(args, work: Path) -> Path:
     return smollm2(folder, args.gguf)
 
 
+def _without(argv: list[str], options: tuple[str, ...], flags: tuple[str, ...] = ()) -> list[str]:
+    """``argv`` less the given options (with their values) and flags."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif a not in flags and not a.startswith(tuple(f"{o}=" for o in options)):
+            out.append(a)
+    return out
+
+
+def _spawn(units: list[tuple[str, list[str]]], jobs: int, work: Path) -> list[dict]:
+    """Run this script once per (name, arguments) unit, ``jobs`` at a time; the JSON results in unit order."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+    results: dict[int, dict] = {}
+    running: dict[int, tuple] = {}
+    todo = list(enumerate(units))
+    while todo or running:
+        while todo and len(running) < jobs:
+            i, (unit, extra) = todo.pop(0)
+            out, logfile = work / f"part-{unit}.json", work / f"part-{unit}.log"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *extra, "--out", str(out)]
+            with open(logfile, "w") as f:
+                running[i] = (unit, logfile, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env))
+        time.sleep(0.5)
+        for i, (unit, logfile, out, proc) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[i]
+            if proc.returncode != 0:
+                for _, _, _, other in running.values():
+                    other.terminate()
+                tail = "".join(logfile.read_text().splitlines(keepends=True)[-20:])
+                raise SystemExit(f"{unit} failed (exit {proc.returncode}); the end of {logfile}:\n{tail}")
+            results[i] = json.loads(out.read_text())
+            log.info("%s done", unit)
+    return [results[i] for i in sorted(results)]
+
+
 def run_parallel(args, argv: list[str]) -> dict:
-    """The pairs split over ``args.jobs`` processes of this script (one GPU serves them all: a 135M model leaves it
-    mostly idle), each writing its own JSON; their results merged."""
+    """The work split over ``args.jobs`` processes of this script at a time (one GPU serves them all: a 135M model
+    leaves it mostly idle), each writing its own JSON; their results merged. A unit of work is a pair, or with
+    ``--split-settings`` a pair's uncalibrated or calibrated settings (the reference made in both), after a first
+    round that makes the fine-tunes."""
     t_start = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base_model(args, work)  # made once, before the processes that read it start
+    keep = [*_without(argv, ("--pairs", "--out", "--jobs", "--work"), ("--split-settings",)), "--work", str(work)]
     names = [n.strip() for n in args.pairs.split(",") if n.strip()]
-    keep = []  # argv without --pairs, --out and --jobs (and their values)
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--pairs", "--out", "--jobs"):
-            skip = True
-        elif not a.startswith(("--pairs=", "--out=", "--jobs=")):
-            keep.append(a)
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
-    parts, running = [], []
-    for i, name in enumerate(names):
-        out, logfile = work / f"part-{name}.json", work / f"part-{name}.log"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *keep, "--work", str(work), "--pairs", name,
-               "--out", str(out)]
-        with open(logfile, "w") as f:
-            running.append((name, logfile, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env)))
-        if len(running) == args.jobs or i == len(names) - 1:
-            for name_, log_, out_, proc in running:
-                if proc.wait() != 0:
-                    tail = "".join(open(log_).readlines()[-20:])
-                    raise SystemExit(f"pair {name_} failed (exit {proc.returncode}); the end of {log_}:\n{tail}")
-                parts.append(json.loads(out_.read_text()))
-                log.info("pair %s done", name_)
-            running = []
-    results = merge(parts)
-    results["seconds"] = time.perf_counter() - t_start
-    return results
+    chunks = [("", [])]
+    if args.split_settings and not args.finetune_only and not args.settings:
+        chunks = [("-plain", ["--settings", "^(?!calib)"]), ("-calib", ["--settings", "^calib"])]
+        missing = [n for n in names if not (work / n / "finetuned" / "train.json").is_file()]
+        _spawn([(f"{n}-finetune", [*keep, "--pairs", n, "--finetune-only"]) for n in missing], args.jobs, work)
+    units = [(f"{n}{tag}", [*keep, "--pairs", n, *extra]) for n in names for tag, extra in chunks]
+    merged = merge(_spawn(units, args.jobs, work))
+    merged["seconds"] = time.perf_counter() - t_start
+    return merged
 
 
 def run(args) -> dict:
@@ -278,7 +304,8 @@ def run(args) -> dict:
     settings = chosen_settings(args)
     results = {"settings": {"device": args.device, "smoke": args.smoke, "batch": args.batch, "lr": args.lr,
                             "heldout": args.heldout, "train_examples": args.train,
-                            "compared": {label: kw for label, kw in settings}},
+                            "compared": {label: kw for label, kw in settings},
+                            "order": [label for label, _ in chosen_settings(args, every=True)]},
                "pairs": {}, "budgets": {}}
     pairs = []
     for n in names:
@@ -307,13 +334,30 @@ def _f(x, spec: str) -> str:
 
 
 def merge(parts: list[dict]) -> dict:
-    """Results of several calls (budgets or pairs split over calls) as one."""
-    out = {"settings": parts[0]["settings"], "pairs": {}, "budgets": {}, "seconds": 0.0}
+    """Results of several calls or processes (budgets, pairs or settings split among them) as one: a pair's rows
+    at one budget from several parts are joined (the first part's row of a model kept), in the settings' order."""
+    order = ["base", "fine-tuned", *parts[0]["settings"]["order"]]
+
+    def rank(label: str) -> int:
+        return order.index(label) if label in order else len(order)
+
+    compared = {k: v for p in parts for k, v in p["settings"]["compared"].items()}
+    out = {"settings": dict(parts[0]["settings"], compared=dict(sorted(compared.items(), key=lambda kv: rank(kv[0])))),
+           "pairs": {}, "budgets": {}, "seconds": 0.0}
     for p in parts:
         out["pairs"].update(p["pairs"])
-        for bits, by_pair in p["budgets"].items():
-            out["budgets"].setdefault(bits, {}).update(by_pair)
         out["seconds"] += p.get("seconds", 0.0)
+        for bits, by_pair in p["budgets"].items():
+            here = out["budgets"].setdefault(bits, {})
+            for name, result in by_pair.items():
+                if name not in here:
+                    here[name] = result
+                    continue
+                have = {r["model"] for r in here[name]["rows"]}
+                rows = here[name]["rows"] + [r for r in result["rows"] if r["model"] not in have]
+                here[name]["rows"] = sorted(rows, key=lambda r: rank(r["model"]))
+                here[name]["skipped"].update(result.get("skipped", {}))
+                versus_reference(here[name])
     return out
 
 
@@ -400,8 +444,10 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--train", type=int, default=None, help=f"Training examples per pair ({RECIPE['train']}).")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--keep-packages", action="store_true", help="Keep the packages in --work after scoring.")
-    ap.add_argument("--jobs", type=int, default=1, help="Run the pairs in this many processes at once (each pair's "
+    ap.add_argument("--jobs", type=int, default=1, help="Run the pairs in this many processes at once (each one's "
                     "log in --work/part-PAIR.log).")
+    ap.add_argument("--split-settings", action="store_true", help="With --jobs: a pair's calibrated settings in a "
+                    "process of their own.")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.render:
@@ -427,7 +473,8 @@ def main(argv=None) -> dict | None:
     temp = None if args.work else tempfile.mkdtemp(prefix="quality-suite-")
     args.work = args.work or temp
     try:
-        results = run_parallel(args, argv) if args.jobs > 1 and "," in args.pairs else run(args)
+        parallel = args.jobs > 1 and ("," in args.pairs or args.split_settings)
+        results = run_parallel(args, argv) if parallel else run(args)
     finally:
         torch.set_num_threads(threads)
         if temp:

@@ -45,17 +45,18 @@ def test_extra_settings_parse(suite):
 
 
 def test_smoke_runs_every_stage(suite, tmp_path, capsys):
-    """Two pairs in two processes (``--jobs``), each through every stage, merged into one JSON and its tables."""
+    """A pair through every stage in processes of this script (``--jobs``; the fine-tune first, then the uncalibrated
+    and the calibrated settings apart), merged into one JSON and its tables."""
     out = tmp_path / "suite.json"
-    args = ["--smoke", "--work", str(tmp_path / "work"), "--pairs", "instruct,arith", "--jobs", "2",
+    args = ["--smoke", "--work", str(tmp_path / "work"), "--pairs", "instruct", "--jobs", "2", "--split-settings",
             "--budgets", "1,0.25", "--extra", "no refit: refit=false", "--out", str(out)]
     results = suite.main(args)
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
-    assert set(saved["budgets"]) == {"1", "0.25"} and set(saved["pairs"]) == {"instruct", "arith"}
+    assert set(saved["budgets"]) == {"1", "0.25"} and set(saved["pairs"]) == {"instruct"}
     labels = ["default", "reference", "lowrank", "bitdelta", "calib task 4", "calib task 8", "calib task 16",
               "calib generic", "no refit"]
-    for name in ("instruct", "arith"):
+    for name in ("instruct",):
         info = saved["pairs"][name]
         assert info["heldout"] == 8 and info["train"]["last_loss"] < info["train"]["first_loss"]
         one = saved["budgets"]["1"][name]
@@ -76,6 +77,7 @@ def test_smoke_runs_every_stage(suite, tmp_path, capsys):
         calib = (tmp_path / "work" / name / "calib_task16.jsonl").read_text().splitlines()
         assert len(calib) == 16 and not any(json.dumps(json.loads(c)["messages"][0]["content"]) in held for c in calib)
     assert results["budgets"].keys() == saved["budgets"].keys()
+    assert list(saved["settings"]["compared"]) == labels  # both processes' settings
     assert "== 1 bit per entry ==" in printed and "summary at 0.25 bits per entry" in printed
     assert suite.main(["--render", str(out)]) == saved
     assert capsys.readouterr().out == printed
