@@ -31,7 +31,8 @@ def _f(x, spec: str) -> str:
 def merge(parts: list[dict]) -> dict:
     """Results of several calls or processes (budgets, pairs or settings split among them) as one: a pair's rows
     at one budget from several parts are joined (the first part's row of a model kept), in the settings' order."""
-    order = ["base", "fine-tuned", *parts[0]["settings"]["order"]]
+    first = parts[0]["settings"]
+    order = ["base", "fine-tuned", *first.get("order", first["compared"])]
 
     def rank(label: str) -> int:
         return order.index(label) if label in order else len(order)
