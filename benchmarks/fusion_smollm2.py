@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from decoder_finetune import smollm2, tiny_llama
 
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig
@@ -73,35 +74,11 @@ def datasets(seed: int, n_gate: int, n_test: int) -> dict:
 
 
 # -- models --------------------------------------------------------------------------------------------------------
-def byte_tokenizer():
-    """A byte-level tokenizer of 256 ids for the smoke model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0], pad_token=alphabet[0])
-
-
 def base_folder(args, work: Path) -> Path:
     folder = work / "base"
     if (folder / "config.json").is_file():
         return folder
-    if args.smoke:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=False)
-        LlamaForCausalLM(config).save_pretrained(folder)
-        byte_tokenizer().save_pretrained(folder)
-        return folder
-    from deltacomp.material import fetch, gguf_to_folder
-
-    return gguf_to_folder(args.gguf, folder) if args.gguf else fetch("smollm2")
+    return tiny_llama(folder) if args.smoke else smollm2(folder, args.gguf)
 
 
 def finetune(base: Path, out: Path, examples: list[Example], args, seed: int) -> dict:

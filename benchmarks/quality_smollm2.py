@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from decoder_finetune import encode, exact_match_probe, finetune, smollm2
 
 from deltacomp.compress import compress
 from deltacomp.config import UV_ALLOCATION_BITS, CompressConfig, parse_bits
@@ -46,96 +47,9 @@ def task_example(rng: random.Random) -> tuple[str, str]:
     return PROMPT.format(", ".join(map(str, nums))), ", ".join(map(str, sorted(nums)))
 
 
-def encode(tok, prompt: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of the whole dialogue and where the answer starts."""
-    user = [{"role": "user", "content": prompt}]
-    head = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full = tok.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
-    ids = tok(full, add_special_tokens=False)["input_ids"]
-    return ids, len(tok(head, add_special_tokens=False)["input_ids"])
-
-
-def collate(items, pad_id: int):
-    """items of (ids, answer start) -> input_ids, attention_mask, labels (-100 outside the answer): (B, T)."""
-    width = max(len(ids) for ids, _ in items)
-    ids = torch.full((len(items), width), pad_id)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), width), -100)
-    for i, (seq, start) in enumerate(items):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, :len(seq)] = 1
-        labels[i, start:len(seq)] = torch.tensor(seq[start:])
-    return ids, mask, labels
-
-
-def exact_match_probe(items, pad_id: int, device: str, batch_size: int = 64):
-    """fn(tok, model) -> fraction of answers whose every token is the model's greedy choice (teacher forcing)."""
-
-    @torch.no_grad()
-    def probe(tok, model) -> float:
-        right = 0
-        for i in range(0, len(items), batch_size):
-            ids, mask, labels = (t.to(device) for t in collate(items[i:i + batch_size], pad_id))
-            pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)  # (B, T-1)
-            target = labels[:, 1:]
-            ok = (pred == target) | (target == -100)
-            right += int(ok.all(-1).sum())
-        return right / len(items)
-
-    return probe
-
-
 # -- stages ---------------------------------------------------------------------------------------------------------
 def base_folder(args) -> Path:
-    if args.base:
-        return Path(args.base)
-    folder = Path(args.work) / "base"
-    if not (folder / "config.json").is_file():
-        from deltacomp.material import fetch, gguf_to_folder
-
-        t0 = time.perf_counter()
-        if args.gguf:
-            gguf_to_folder(args.gguf, folder)
-        else:
-            return fetch("smollm2")
-        log.info("GGUF -> float32 folder in %.1f s", time.perf_counter() - t0)
-    return folder
-
-
-def finetune(base: Path, out: Path, train, args) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if (out / "config.json").is_file():
-        log.info("fine-tune exists at %s; reused", out)
-        return json.loads((out / "train.json").read_text())
-    tok = AutoTokenizer.from_pretrained(base)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(args.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    rng = random.Random(1)
-    t0, losses = time.perf_counter(), []
-    for step in range(args.steps):
-        ids, mask, labels = (t.to(args.device) for t in collate(rng.sample(train, args.batch), tok.pad_token_id))
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if step % 50 == 0 or step == args.steps - 1:
-            log.info("step %d loss %.4f", step, losses[-1])
-    seconds = time.perf_counter() - t0
-    model.eval().save_pretrained(out)
-    tok.save_pretrained(out)
-    info = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seconds": seconds,
-            "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
-    (out / "train.json").write_text(json.dumps(info))
-    return info
+    return Path(args.base) if args.base else smollm2(Path(args.work) / "base", args.gguf)
 
 
 def variants(budgets, calib: Path | None) -> list[tuple[str, dict]]:
@@ -193,7 +107,7 @@ def main():
     args = ap.parse_args()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    for name in ("quality_smollm2", "deltacomp"):
+    for name in ("quality_smollm2", "decoder_finetune", "deltacomp"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
     if args.quick:
@@ -221,7 +135,7 @@ def main():
     calib = write_jsonl(work / "calib.jsonl", [tok.decode(ids) for ids, _ in train[:128]])
 
     ft = work / "finetuned"
-    train_info = finetune(base, ft, train, args)
+    train_info = finetune(base, ft, train, args.steps, args.batch, args.lr, args.device)
     log.info("fine-tune: %s", train_info)
 
     results, packages, skipped = {"train": train_info}, [], {}

@@ -263,7 +263,7 @@ class CompressConfig:
     module knows no method."""
 
     method: str = setting("mixed", "quantization", "Compression method of every compressed matrix.",
-                          metavar="[mixed|lowrank|bitdelta|dense]")
+                          metavar="[mixed|reference|lowrank|bitdelta|dense]")
     bits: float = setting(1.0, "quantization",
                           "Budget: bits per delta entry of each compressed matrix (1.0 = 1/16 of fp16).")
     schedule: tuple[tuple[int, int | None], ...] = setting(

@@ -1,6 +1,7 @@
 """``deltacomp eval``: how close a package's rebuilt model is to the fine-tune, next to the baselines.
 
-The pipeline: the baselines are compressed at the package's budget and settings into a temporary folder; the
+The pipeline: the baselines (the plain reference first, see :mod:`deltacomp.methods.reference`) are compressed at
+the package's budget and settings into a temporary folder; the
 per-module relative errors of every package are streamed (one tensor pair at a time); then one model is loaded
 from the base and its weights swapped in place for the fine-tune (the reference), the base, and each package's
 rebuilt fine-tune (:mod:`deltacomp.quality.weights`), scoring each on the same data. On CUDA a ``mixed`` package
@@ -39,6 +40,7 @@ from deltacomp.quant.packed import group_widths
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPARE = ("lowrank", "bitdelta", "mixed")
+REFERENCE = "reference"  # the plain reference method: every report has its row, and each package's ratio to it
 CURVE_BUDGETS = (0.25, 0.5, 1.0, 2.0)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +48,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(frozen=True)
 class EvalConfig:
     compare: tuple[str, ...] = DEFAULT_COMPARE  # baselines compressed at the package's budget
+    reference: bool = True  # also the plain reference at the package's budget (first, whatever ``compare`` says)
     data: str | None = None  # data file; None = ``texts``, else the built-in texts (causal) or sentences (encoder)
     texts: tuple[str, ...] | None = None  # samples given directly (library use)
     max_samples: int | None = None
@@ -58,6 +61,7 @@ class EvalConfig:
     spectra: int = 0  # singular-value spectra (and bits per vector) of this many modules
     tokenizer: str | None = None  # folder of the tokenizer; None = the base's, else the fine-tune's
     module_errors: bool = True  # stream the per-module relative errors of every package
+    packed: bool = True  # on CUDA, run mixed packages from their packed factors; False: every package rebuilt
 
     def __post_init__(self):
         for m in self.compare:
@@ -188,19 +192,30 @@ class _Scorer:
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "samples": len(self.texts)}
 
 
+def baseline_methods(config: EvalConfig) -> tuple[str, ...]:
+    """The methods compressed beside the package: the plain reference first (unless switched off), then
+    ``compare``, each once."""
+    first = (REFERENCE,) if config.reference else ()
+    return tuple(dict.fromkeys((*first, *config.compare)))
+
+
 def evaluate(package: str | os.PathLike, base_src: str | os.PathLike, ft_src: str | os.PathLike,
              config: EvalConfig = EvalConfig()) -> dict:
-    """The quality report of ``package``: one row per model (base, fine-tune, package, baselines)."""
+    """The quality report of ``package``: one row per model (base, fine-tune, package, baselines), each package
+    row with its ratio to the plain reference's row (:func:`versus`)."""
     pkg = DeltaPackage(package)
     base, ft = Checkpoint(base_src), Checkpoint(ft_src)
     check_base(pkg, base)
+    methods = baseline_methods(config)
     with scratch_dir("eval") as tmp:
-        log.info("compressing the baselines: %s", ", ".join(config.compare) or "none")
-        baselines, skipped = _compress_baselines(pkg, base, ft, config.compare, Path(tmp), config.device)
-        packages = [(f"{package_label(pkg.manifest)} (package)", pkg, None)]
+        log.info("compressing the baselines: %s", ", ".join(methods) or "none")
+        baselines, skipped = _compress_baselines(pkg, base, ft, methods, Path(tmp), config.device)
+        own = f"{package_label(pkg.manifest)} (package)"
+        packages = [(own, pkg, None)]
         packages += [(method, p, s) for method, p, s in baselines]
         result = evaluate_packages(packages, base, ft, config)
         result["package"], result["skipped"] = str(pkg.path), skipped
+        versus(result, (own if pkg.manifest["method"] == REFERENCE else REFERENCE) if config.reference else None)
         if config.plot_budgets:
             result["curve"] = error_curve(pkg, base, ft, config, Path(tmp) / "curve")
     if config.spectra:
@@ -213,7 +228,9 @@ def evaluate_packages(packages: list[tuple[str, DeltaPackage, float | None]], ba
     """Rows for the base, the fine-tune and each (label, package, compress seconds) on the same data.
 
     ``probes`` maps a name to ``fn(tok, model) -> dict``, run on every model with its weights in place (a task
-    metric such as exact match); its results join the row under that name.
+    metric such as exact match); its results join the row under that name. A probe measured against the fine-tune
+    (:class:`deltacomp.quality.causal.BatchScorer`) has ``reference(tok, model)``, called on the fine-tune before
+    any other model, and ``score(tok, model)``, called on each other model.
     """
     for _, p, _ in packages:
         check_base(p, base)
@@ -230,16 +247,23 @@ def evaluate_packages(packages: list[tuple[str, DeltaPackage, float | None]], ba
     slots = WeightSlots(model)
     scorer = _Scorer(kind, tok, model, texts, config)
 
-    def probe() -> dict:
-        return {name: fn(tok, model) for name, fn in (probes or {}).items()}
+    def probe(reference: bool = False) -> dict:
+        out = {}
+        for name, fn in (probes or {}).items():
+            if hasattr(fn, "reference"):
+                out[name] = fn.reference(tok, model) if reference else fn.score(tok, model)
+            else:
+                out[name] = fn(tok, model)
+        return out
 
     slots.load(ft.items())
-    reference = {"model": "fine-tuned", **scorer.reference(), **probe()}
+    reference = {"model": "fine-tuned", **scorer.reference(), **probe(reference=True)}
     slots.load(base.items())
     out_rows = [{"model": "base", **scorer.score(), **probe()}, reference]
     for row, (label, p, _) in zip(rows, packages):
         required = set(compressed_names(p))
-        packed = config.device.startswith("cuda") and all(p.modules[n]["method"] == "mixed" for n in required)
+        packed = (config.packed and config.device.startswith("cuda")
+                  and all(p.modules[n]["method"] == "mixed" for n in required))
         log.info("scoring %s (%s)", label, "base weights + packed deltas" if packed else "rebuilt weights")
         slots.load(iter_weights(p, base, rebuild=not packed), required)
         if packed:
@@ -251,7 +275,29 @@ def evaluate_packages(packages: list[tuple[str, DeltaPackage, float | None]], ba
             detach(model)
         row["path"] = "packed" if packed else "dense"
         out_rows.append(row)
-    return {"kind": kind, "data": data_label, "rows": out_rows, "skipped": {}}
+    unit = "tokens" if kind == "causal" else "sentences"
+    scored = {"unit": unit, "count": reference["tokens" if kind == "causal" else "samples"]}
+    return {"kind": kind, "data": data_label, "scored": scored, "rows": out_rows, "skipped": {}}
+
+
+def gap(row: dict) -> float | None:
+    """How far a row is from the fine-tune by its kind's main measure: KL(fine-tune || model) for a causal LM, one
+    minus the mean cosine for an encoder."""
+    if "kl" in row:
+        return row["kl"]
+    return 1.0 - row["cos_mean"] if "cos_mean" in row else None
+
+
+def versus(result: dict, label: str | None) -> None:
+    """Set ``result["reference"]`` to ``label`` and each package row's ``vs_reference``: its :func:`gap` over the
+    row ``label``'s (None where either is missing, as when the reference was not made, or the reference's is 0)."""
+    rows = {r["model"]: r for r in result["rows"]}
+    ref = gap(rows[label]) if label in rows else None
+    result["reference"] = label if label in rows else None
+    for r in result["rows"]:
+        if "method" in r:  # a package row
+            g = gap(r)
+            r["vs_reference"] = g / ref if g is not None and ref else None
 
 
 def error_curve(pkg: DeltaPackage, base: Checkpoint, ft: Checkpoint, config: EvalConfig, workdir: Path) -> dict:

@@ -34,7 +34,7 @@ def test_every_field_has_a_group():
     assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(CompressConfig))
 
 
-@pytest.mark.parametrize("method", ["lowrank", "bitdelta", "dense"])
+@pytest.mark.parametrize("method", ["reference", "lowrank", "bitdelta", "dense"])
 @pytest.mark.parametrize("setting", [{"calib": "x.txt"}, {"budget": "all-in"},
                                      {"budget_scope": "model", "allocation": "optimal"}, {"allocation": "optimal"}])
 def test_a_method_refuses_the_settings_it_does_not_use(method, setting):

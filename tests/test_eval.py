@@ -49,10 +49,20 @@ def test_eval_causal_tiny_llama(llama_pair, llama_package, byte_tokenizer, tmp_p
               "--save-json", saved)
     assert r.exit_code == 0, r.output
     rows = _rows(r.stdout)
-    assert set(rows) == {"base", "fine-tuned", "mixed (package)", "lowrank", "bitdelta"}
-    assert json.loads(saved.read_text())["rows"][2]["model"] == "mixed (package)"
+    assert set(rows) == {"base", "fine-tuned", "mixed (package)", "reference", "lowrank", "bitdelta"}
+    result = json.loads(saved.read_text())
+    assert result["rows"][2]["model"] == "mixed (package)" and result["rows"][3]["model"] == "reference"
     ref = rows["fine-tuned"]
     assert ref["kl"] == 0.0 and ref["top1"] == 1.0 and ref["tokens"] > 1000
+    # the tokens scored, once for the report; every model is scored on the same ones
+    assert result["scored"] == {"unit": "tokens", "count": ref["tokens"]}
+    assert {r["tokens"] for r in result["rows"]} == {ref["tokens"]}
+    # the plain reference's row, and each package's KL as a ratio to its
+    assert result["reference"] == "reference" and rows["reference"]["method"] == "reference"
+    assert rows["reference"]["vs_reference"] == 1.0
+    for label in ("mixed (package)", "lowrank", "bitdelta"):
+        assert rows[label]["vs_reference"] == pytest.approx(rows[label]["kl"] / rows["reference"]["kl"])
+    assert "vs_reference" not in rows["base"] and "vs_reference" not in rows["fine-tuned"]
     mixed, low = rows["mixed (package)"], rows["lowrank"]
     # the tiny fine-tune's deltas have rank 4: mixed precision keeps them at 1 bit, fp16 low-rank (rank 2) cannot
     assert mixed["error"]["global"] < 0.3 < low["error"]["global"]
@@ -76,7 +86,9 @@ def test_eval_table_data_file_and_plots(llama_pair, llama_package, byte_tokenize
     r = _eval(llama_package, "--base", base, "--finetuned", ft, "--tokenizer", byte_tokenizer, "--data", data,
               "--compare", "lowrank", "--plot", plots, "--plot-budgets", "0.5,1", "--modules")
     assert r.exit_code == 0, r.output
-    assert "data.txt (2 samples)" in r.output and "KL(ft||model)" in r.output
+    assert "data.txt (2 samples)" in r.output and "KL(ft||model)" in r.output and "KL / reference" in r.output
+    assert "tokens (every next token of every sample) scored per model" in r.output
+    assert "reference: the plain reference" in r.output  # not named in --compare, reported all the same
     assert "lowrank" in r.output and "bitdelta" not in r.output
     assert "model.layers.1.self_attn.q_proj.weight" in r.output  # --modules
     for name in ("spectra.png", "bits.png", "error_vs_budget.png"):
@@ -89,11 +101,34 @@ def test_eval_encoder_tiny_bert(bert_pair, byte_tokenizer, tmp_path):
     compress(base, ft, pkg, CompressConfig(bits=0.5), progress=False)
     r = _eval(pkg, "--base", base, "--finetuned", ft, "--tokenizer", byte_tokenizer, "--json")
     assert r.exit_code == 0, r.output
-    rows = _rows(r.stdout)
-    assert "bitdelta" not in rows and "bitdelta" in json.loads(r.stdout)["skipped"]  # 1 bit > a 0.5 budget
+    rows, result = _rows(r.stdout), json.loads(r.stdout)
+    assert "bitdelta" not in rows and "bitdelta" in result["skipped"]  # 1 bit > a 0.5 budget
     assert rows["fine-tuned"]["cos_mean"] == 1.0
     assert rows["mixed (package)"]["cos_mean"] > rows["base"]["cos_mean"]
     assert rows["mixed (package)"]["samples"] >= 100
+    assert result["scored"] == {"unit": "sentences", "count": rows["mixed (package)"]["samples"]}
+    gap = 1 - rows["mixed (package)"]["cos_mean"], 1 - rows["reference"]["cos_mean"]
+    assert rows["mixed (package)"]["vs_reference"] == pytest.approx(gap[0] / gap[1])
+
+
+def test_eval_of_a_reference_package_takes_its_row_as_the_reference(llama_pair, byte_tokenizer, tmp_path):
+    base, ft, _ = llama_pair
+    compress(base, ft, tmp_path / "pkg", CompressConfig(method="reference", bits=1.0), progress=False)
+    r = _eval(tmp_path / "pkg", "--base", base, "--finetuned", ft, "--tokenizer", byte_tokenizer, "--compare", "none",
+              "--max-samples", "4", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert [row["model"] for row in result["rows"]] == ["base", "fine-tuned", "reference (package)"]
+    assert result["reference"] == "reference (package)" and result["rows"][2]["vs_reference"] == 1.0
+
+
+def test_the_reference_comes_first_and_once_unless_switched_off():
+    from deltacomp.evaluate import EvalConfig, baseline_methods
+
+    assert baseline_methods(EvalConfig()) == ("reference", "lowrank", "bitdelta", "mixed")
+    assert baseline_methods(EvalConfig(compare=("mixed", "reference"))) == ("reference", "mixed")
+    assert baseline_methods(EvalConfig(compare=("lowrank",), reference=False)) == ("lowrank",)
+    assert baseline_methods(EvalConfig(compare=(), reference=False)) == ()
 
 
 def test_eval_errors_are_one_clear_line(llama_pair, bert_pair, llama_package, byte_tokenizer, tmp_path):
@@ -141,6 +176,12 @@ def test_baselines_drop_the_settings_only_mixed_takes(tmp_path):
     pkg = SimpleNamespace(manifest={"settings": settings})
     low = baseline_config(pkg, "lowrank")
     assert low.method == "lowrank" and low.calib is None and low.allocation == "schedule"
+    ref = baseline_config(pkg, "reference")
+    assert ref.method == "reference" and ref.calib is None and ref.bits == 1.0
+    all_in = SimpleNamespace(manifest={"settings": CompressConfig(budget="all-in").to_dict()})
+    for method in ("reference", "lowrank", "bitdelta"):  # they take no all-in budget: the factor budget
+        assert baseline_config(all_in, method).budget == "factors"
+    assert baseline_config(all_in, "mixed").budget == "all-in"
     mixed = baseline_config(pkg, "mixed", bits=0.5)
     assert mixed.calib == str(calib) and mixed.allocation == "optimal" and mixed.bits == 0.5
     calib.unlink()

@@ -24,7 +24,7 @@ def _rel(method, delta, bits):
     return float((hat - delta).norm() / delta.norm()), c
 
 
-@pytest.mark.parametrize("method", ["mixed", "lowrank", "bitdelta"])
+@pytest.mark.parametrize("method", ["mixed", "reference", "lowrank", "bitdelta"])
 def test_budgeted_methods_stay_within_the_budget(method):
     delta = _delta()
     _, c = _rel(method, delta, 1.0)
@@ -59,5 +59,5 @@ def test_budget_errors():
         get_method("bitdelta").check_budget((64, 64), CompressConfig(bits=0.5))
     with pytest.raises(BudgetError, match="too small"):
         get_method("mixed").check_budget((64, 64), CompressConfig(bits=0.01))
-    with pytest.raises(DeltacompError, match="known methods: bitdelta, dense, lowrank, mixed"):
+    with pytest.raises(DeltacompError, match="known methods: bitdelta, dense, lowrank, mixed, reference"):
         get_method("nope")

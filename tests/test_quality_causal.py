@@ -184,3 +184,18 @@ def test_weight_slots_find_a_name_with_or_without_the_model_prefix_and_check_its
         slots.load([("bias", torch.ones(5))])
     with pytest.raises(MismatchError, match="the model has no such weight"):
         slots.load([("other.bias", torch.ones(2))], required={"other.bias"})
+
+
+def test_answer_batches_score_only_the_answers_and_a_probe_scores_against_its_reference():
+    items = [([5, 6, 7, 8, 9], 3), ([1, 2], 1), ([3, 4, 5, 6], 2)]
+    batches = causal.answer_batches(items, pad_id=0, batch_size=2)
+    assert [b.labels.tolist() for b in batches] == [[8, 9, 2], [5, 6]]
+    assert batches[0].positions.tolist() == [[0, 2], [0, 3], [1, 0]]  # position t predicts token t + 1
+    probe = causal.BatchScorer(batches, k=256)
+    with pytest.raises(RuntimeError, match="score the reference model first"):
+        probe.score(None, _Bigram(0))
+    assert probe.reference(None, _Bigram(0))["tokens"] == 5
+    assert probe.score(None, _Bigram(0))["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert probe.score(None, _Bigram(1))["kl"] > 0.1
+    with pytest.raises(ValueError, match="answer must start inside"):
+        causal.answer_batches([([1, 2], 2)], pad_id=0)

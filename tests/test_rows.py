@@ -122,7 +122,7 @@ def test_all_in_budget_counts_scales_and_s(llama_pair, tmp_path):
 def test_cli_papercuts(llama_pair, tmp_path):
     base, ft, _ = llama_pair
     help_text = CliRunner().invoke(cli, ["compress", "--help"]).output
-    assert "[mixed|lowrank|bitdelta|dense]" in help_text and "--budget [factors|all-in]" in help_text
+    assert "[mixed|reference|lowrank|bitdelta|dense]" in help_text and "--budget [factors|all-in]" in help_text
     assert "[float32|bfloat16|float16]" in CliRunner().invoke(cli, ["eval", "--help"]).output
     assert "Texts scored per forward pass" in CliRunner().invoke(cli, ["eval", "--help"]).output
     assert "Replace package/ and model/" in CliRunner().invoke(cli, ["demo", "--help"]).output

@@ -23,7 +23,8 @@ def render(result: dict, modules: bool = False) -> str:
 
     causal = result["kind"] == "causal"
     quality = ["ppl", "KL(ft||model)", "top-1"] if causal else ["cos mean", "cos min"]
-    headers = ["model", "bits/entry", "all-in", "MB", "rel.err mean", "rel.err global", *quality]
+    ratio = "KL / reference" if causal else "(1 - cos) / reference"
+    headers = ["model", "bits/entry", "all-in", "MB", "rel.err mean", "rel.err global", *quality, ratio]
     rows = []
     for r in result["rows"]:
         err = r.get("error", {})
@@ -32,11 +33,15 @@ def render(result: dict, modules: bool = False) -> str:
         mb = r["package_bytes"] / 1e6 if "package_bytes" in r else None
         rows.append([r["model"], _num(r.get("factor_bits_per_entry"), ".3f"),
                      _num(r.get("all_in_bits_per_entry"), ".3f"), _num(mb, ".2f"),
-                     _num(err.get("mean"), ".4f"), _num(err.get("global"), ".4f"), *q])
-    what = "tokens" if causal else "samples"
-    n = result["rows"][0].get(what, 0)
-    text = [f"data: {result['data']}, {n} {what} scored; agreement is with the fine-tune", "",
-            format_table(headers, rows)]
+                     _num(err.get("mean"), ".4f"), _num(err.get("global"), ".4f"), *q,
+                     _num(r.get("vs_reference"), ".3f")])
+    scored = result["scored"]
+    what = "tokens (every next token of every sample)" if causal else "sentences"
+    text = [f"data: {result['data']}; {scored['count']:,} {what} scored per model; agreement is with the fine-tune",
+            "", format_table(headers, rows)]
+    if result.get("reference"):
+        text.append(f"{result['reference']}: the plain reference (exact SVD, the same bit schedule, min-max "
+                    f"round-to-nearest per singular vector, no refit, no calibration) at the package's budget")
     for method, reason in result.get("skipped", {}).items():
         text.append(f"{method}: skipped ({reason})")
     if modules:
@@ -56,6 +61,9 @@ def render(result: dict, modules: bool = False) -> str:
 @click.option("--data", default=None, help="Text file (paragraphs or lines) or JSON lines; default: built-in text.")
 @click.option("--compare", default="lowrank,bitdelta,mixed", show_default=True,
               help="Baselines compressed at the package's budget and settings ('' or none for no baselines).")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also compress the plain reference method at the package's budget (whatever --compare says) and "
+                   "give each package's KL (encoders: 1 - cosine) as a ratio to its.")
 @click.option("--max-samples", type=int, default=None, help="Use at most this many samples of the data.")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per sample.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Texts scored per forward pass.")
@@ -71,8 +79,8 @@ def render(result: dict, modules: bool = False) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--save-json", default=None, help="Also write the JSON result to this file.")
 @handle_errors
-def eval_(package, base, finetuned, data, compare, max_samples, max_length, batch_size, device, dtype, plot_dir,
-          plot_budgets, tokenizer, show_modules, as_json, save_json):
+def eval_(package, base, finetuned, data, compare, reference, max_samples, max_length, batch_size, device, dtype,
+          plot_dir, plot_budgets, tokenizer, show_modules, as_json, save_json):
     """Measure how close PACKAGE's rebuilt model is to FINETUNED, next to baselines at the same budget."""
     from deltacomp.errors import DeltacompError
     from deltacomp.evaluate import EvalConfig, evaluate
@@ -82,7 +90,7 @@ def eval_(package, base, finetuned, data, compare, max_samples, max_length, batc
         budgets = tuple(float(b) for b in plot_budgets.split(",") if b.strip()) if plot_dir else ()
     except ValueError:
         raise DeltacompError(f"--plot-budgets must be numbers separated by commas, got {plot_budgets!r}") from None
-    config = EvalConfig(compare=methods, data=data, max_samples=max_samples, max_length=max_length,
+    config = EvalConfig(compare=methods, reference=reference, data=data, max_samples=max_samples, max_length=max_length,
                         batch_size=batch_size, device=device, dtype=dtype, plot_budgets=budgets,
                         spectra=4 if plot_dir else 0, tokenizer=tokenizer)
     from transformers.utils import logging as hf_logging

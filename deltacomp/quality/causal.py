@@ -97,6 +97,28 @@ def make_batches(tok, texts, max_length: int = 256, batch_size: int = 8) -> list
     return batches
 
 
+def answer_batches(items, pad_id: int, batch_size: int = 32) -> list[Batch]:
+    """Batches of whole dialogues that score only their answers: ``items`` of (token ids, answer start) (the
+    answer is ``ids[start:]``, ``start >= 1``); the positions ``start - 1 .. len - 2`` predict its tokens."""
+    batches = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        rows, cols = [], []
+        for r, (seq, start) in enumerate(chunk):
+            if not 1 <= start < len(seq):
+                raise ValueError(f"item {i + r}: the answer must start inside the sequence (1 <= {start} < {len(seq)})")
+            ids[r, :len(seq)], mask[r, :len(seq)] = torch.tensor(seq), 1
+            rows += [r] * (len(seq) - start)
+            cols += range(start - 1, len(seq) - 1)
+        rows, cols = torch.tensor(rows), torch.tensor(cols)  # (N,), (N,)
+        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, ids[rows, cols + 1],
+                             torch.stack([rows, cols], dim=1)))
+    return batches
+
+
 @torch.no_grad()
 def scored_logits(model, batch: Batch, device: str = "cpu") -> torch.Tensor:
     """(N, V) float32 logits at the batch's scored positions."""
@@ -143,3 +165,22 @@ def score(model, batches: list[Batch], ref: Reference, device: str = "cpu") -> d
         count += b.labels.numel()
     n = max(count, 1)
     return {"ppl": perplexity(nll, count), "nll": nll / n, "kl": kl / n, "top1": agree / n, "tokens": count}
+
+
+class BatchScorer:
+    """Scores models on fixed batches against a reference model, as a probe of
+    :func:`deltacomp.evaluate.evaluate_packages`: ``reference(tok, model)`` once, with the reference's weights in
+    place, then ``score(tok, model)`` for each other model. Both return the metrics of :func:`score`."""
+
+    def __init__(self, batches: list[Batch], k: int = DEFAULT_TOP_K, device: str = "cpu"):
+        self.batches, self.k, self.device = batches, k, device
+        self.ref: Reference | None = None
+
+    def reference(self, tok, model) -> dict:
+        self.ref = score_reference(model, self.batches, self.k, self.device)
+        return dict(self.ref.metrics)
+
+    def score(self, tok, model) -> dict:
+        if self.ref is None:
+            raise RuntimeError("BatchScorer.score before reference: score the reference model first")
+        return score(model, self.batches, self.ref, self.device)

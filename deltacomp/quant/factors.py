@@ -62,9 +62,9 @@ def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(a, b)
 
 
-def _rtn_rows(x: torch.Tensor, groups: list[BitGroup], side: str, group_size: int):
+def _rtn_rows(x: torch.Tensor, groups: list[BitGroup], side: str, group_size: int, clip: bool):
     """Round-to-nearest of ``x (r, L)``, a row per vector at its group's width (U's or V's)."""
-    parts = [rtn.quantize_rows(rows, g.bits if side == "u" else g.v_bits, group_size)
+    parts = [rtn.quantize_rows(rows, g.bits if side == "u" else g.v_bits, group_size, clip=clip)
              for rows, g in zip(_split(x, groups), groups)]
     return tuple(torch.cat(p, 0) for p in zip(*parts))
 
@@ -76,7 +76,7 @@ def _widths(groups: list[BitGroup], side: str, device) -> torch.Tensor:
 
 def quantize(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, groups: list[BitGroup],
              group_size: int, refit: bool = True, h: torch.Tensor | None = None, act_order: bool = True,
-             damp: float = 0.01) -> list[FactorGroup]:
+             damp: float = 0.01, clip: bool = True) -> list[FactorGroup]:
     """Quantize truncated SVD factors u (m, r), s (r,), v (n, r) in ``groups`` (consecutive vectors per width).
 
     Without ``h``: round-to-nearest. With ``h`` (n, n), the layer's input second moment ``X^T X / N``: GPTQ, as
@@ -90,18 +90,19 @@ def quantize(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Ten
        ``diag(S) V_q^T H V_q diag(S)`` (r, r)).
     4. With ``refit``, S is refitted given both quantized factors: ``argmin_s ||(delta - U_q diag(s) V_q^T) X^T||``.
 
-    Each refit can only lower the (weighted) error before the following rounding. Everything runs in float32 on
-    the device of ``u``.
+    Each refit can only lower the (weighted) error before the following rounding. ``clip`` (round-to-nearest only)
+    takes the MSE-best clipped range of each vector (:func:`deltacomp.quant.rtn.fit`), else its min-max range.
+    Everything runs in float32 on the device of ``u``.
     """
     with stage("rtn" if h is None else "gptq"):
-        return _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp)
+        return _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip)
 
 
-def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp) -> list[FactorGroup]:
+def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip) -> list[FactorGroup]:
     dev = u.device
     delta = delta.to(dev, torch.float32)
     if h is None:
-        v_q = _rtn_rows(v.T, groups, "v", group_size)  # (r, n) codes, scale, offset
+        v_q = _rtn_rows(v.T, groups, "v", group_size, clip)  # (r, n) codes, scale, offset
     else:
         h = h.to(dev, torch.float32)
         v_q = gptq.gptq_rows(v.T, h, _widths(groups, "v", dev), group_size, act_order, damp)
@@ -112,7 +113,7 @@ def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp) -> 
         s = b.norm(dim=0)
         u = b / torch.where(s > 0, s, torch.ones_like(s))
     if h is None:
-        u_q = _rtn_rows(u.T, groups, "u", group_size)  # (r, m)
+        u_q = _rtn_rows(u.T, groups, "u", group_size, clip)  # (r, m)
     else:
         h_u = (v_hat.T @ hv) * s[:, None] * s[None, :]  # (r, r): Y^T Y / N with Y = X V_q diag(S)
         u_q = gptq.gptq_columns(u, h_u, _widths(groups, "u", dev), group_size, act_order, damp)

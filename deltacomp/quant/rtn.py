@@ -81,12 +81,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, g
     return codes.float() * expand(scale.float(), length, group_size) + expand(offset.float(), length, group_size)
 
 
-def quantize_rows(x: torch.Tensor, bits: int, group_size: int, param_dtype=torch.float16):
-    """Fit and quantize; parameters are rounded to ``param_dtype`` first so the stored ones are exact.
+def quantize_rows(x: torch.Tensor, bits: int, group_size: int, param_dtype=torch.float16, clip: bool = True):
+    """Fit (``clip`` as in :func:`fit`) and quantize; parameters are rounded to ``param_dtype`` first so the stored
+    ones are exact.
 
     Returns (codes uint8 (R, L), scale (R, G), offset (R, G)) with scale/offset in ``param_dtype``.
     """
-    scale, offset = stored_params(*fit(x, bits, group_size), param_dtype)
+    scale, offset = stored_params(*fit(x, bits, group_size, clip), param_dtype)
     return quantize(x, scale.float(), offset.float(), bits, group_size), scale, offset
 
 
