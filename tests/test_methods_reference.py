@@ -5,6 +5,7 @@ import torch
 
 from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError, DeltacompError
+from deltacomp.methods import method_for
 from deltacomp.methods.base import get_method
 from deltacomp.quant.budget import fill_schedule
 
@@ -85,9 +86,11 @@ def test_reference_error_is_within_the_min_max_bound():
 
 def test_reference_reads_only_the_budget_and_the_schedule():
     with pytest.raises(DeltacompError, match="mixed method only, not by 'reference'"):
-        CompressConfig(method="reference", calib="calib.txt")
+        method_for(CompressConfig(method="reference", calib="calib.txt"))
     with pytest.raises(DeltacompError, match="mixed method only, not 'reference'"):
-        CompressConfig(method="reference", allocation="optimal", budget_scope="model")
+        method_for(CompressConfig(method="reference", allocation="optimal", budget_scope="model"))
+    with pytest.raises(DeltacompError, match="mixed method only, not 'reference'"):
+        method_for(CompressConfig(method="reference", allocation="optimal"))
     delta = _delta()
     plain, _ = _compress(delta, 1.0)
     asked, _ = _compress(delta, 1.0, group_size=32, refit=False)  # a mixed setting: no effect
