@@ -158,6 +158,9 @@ def test_cpu_path_keeps_dequantized_factors_and_matches_the_op():
     assert rel_err(delta_linear(x, bank, y, weights=w), got) < 1e-6
     bank.to(torch.float32)  # any move or cast drops the kept factors
     assert bank._factors is None
+    bank.dequantized()
+    bank.release_factors()
+    assert bank._factors is None
 
 
 def test_loader_remembers_why_and_raises_at_the_first_cuda_call(monkeypatch):

@@ -106,6 +106,9 @@ def train_gate(fm, examples, config: TrainConfig, progress: bool | None = None) 
         bar.close()
         gate.eval()
         opt.zero_grad(set_to_none=True)
+        if fm.device.type == "cuda":  # the float factors training used; inference runs the packed kernel
+            for site in fm.sites:
+                site.layer.bank.release_factors()
     fm.apply_stored()  # a learned static gate moves the whole-stored tensors with it
     summary = {"examples": len(train), "heldout_examples": len(held), "steps": total, "epoch_loss": history,
                "heldout_loss": loss(fm, held, config.batch_size) if held else None, "config": config.to_dict()}

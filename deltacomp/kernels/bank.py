@@ -99,11 +99,16 @@ class DeltaBank(torch.nn.Module):
                 self._ones[key] = ones
         return ones
 
+    def release_factors(self) -> None:
+        """Drop the kept float factors (:meth:`dequantized`); the next call that needs them makes them again."""
+        self._factors = None
+
     def dequantized(self) -> list[tuple]:
         """The factors as float32, per projection (:func:`deltacomp.kernels.reference.projections`), made once.
 
         The CPU path keeps them: r (m + n) floats per module instead of r (m + n) codes, traded for not unpacking
-        the words at every call. The CUDA kernel never uses them.
+        the words at every call. The CUDA kernel never uses them; training a gate does (on any device), and
+        ``train_gate`` releases them when it ends.
         """
         from deltacomp.kernels.reference import projections
 
