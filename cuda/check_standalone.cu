@@ -156,12 +156,14 @@ struct DeviceBank {
   float* s;
   explicit DeviceBank(const Bank& b)
       : v_words(to_device(b.v_words)), u_words(to_device(b.u_words)), rows(to_device(b.rows)),
-        projs(to_device(b.projs)), spans(to_device(b.spans)), v_scale(to_device(b.v_scale)), v_offset(to_device(b.v_offset)),
-        u_scale(to_device(b.u_scale)), u_offset(to_device(b.u_offset)), s(to_device(b.s)) {}
+        projs(to_device(b.projs)), spans(to_device(b.spans)), v_scale(to_device(b.v_scale)),
+        v_offset(to_device(b.v_offset)), u_scale(to_device(b.u_scale)), u_offset(to_device(b.u_offset)),
+        s(to_device(b.s)) {}
   ~DeviceBank() {
     for (void* p : {static_cast<void*>(v_words), static_cast<void*>(u_words), static_cast<void*>(rows),
-                    static_cast<void*>(projs), static_cast<void*>(spans), static_cast<void*>(v_scale), static_cast<void*>(v_offset),
-                    static_cast<void*>(u_scale), static_cast<void*>(u_offset), static_cast<void*>(s)})
+                    static_cast<void*>(projs), static_cast<void*>(spans), static_cast<void*>(v_scale),
+                    static_cast<void*>(v_offset), static_cast<void*>(u_scale), static_cast<void*>(u_offset),
+                    static_cast<void*>(s)})
       cudaFree(p);
   }
 };

@@ -526,7 +526,8 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
     }
   }
   wait_prior_grids();
-  if (early && kbeg < kend)  // the first x tile is read while the weights below are (the barrier after them publishes it)
+  // The first x tile is read while the weights below are; the barrier after them publishes it.
+  if (early && kbeg < kend)
     stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kbeg, min(a.ktb, kend - kbeg) * NU);
 
   // Zero the expand stage's split counters (it runs after this kernel on the same stream).
