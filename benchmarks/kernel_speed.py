@@ -95,6 +95,21 @@ class Step:
         return self.xs[self.i]
 
 
+class LayerInputs:
+    """A layer's two inputs, rotated together: rows of hidden width (q, k, v, o, gate, up) and of the intermediate
+    width (down)."""
+
+    def __init__(self, rows: int):
+        self.hidden, self.inter = Step(rows, H), Step(rows, F)
+
+    def next(self) -> None:
+        self.hidden.next(), self.inter.next()
+
+    def x(self, k: str) -> torch.Tensor:
+        step = self.inter if k == "down" else self.hidden
+        return step.xs[step.i]
+
+
 def bench(args) -> dict:
     torch.manual_seed(0)
     layer = compress_layer(args.bits)
@@ -133,31 +148,29 @@ def _save(results: dict, args) -> None:
 def step_times(rows: int, base, single, fused, lora_ranks: dict, repeats: int) -> dict:
     """Milliseconds of one decode step: base matmuls, deltas alone (7 or 4 fused launches a layer), base + delta,
     and fp16 LoRAs done with torch matmuls."""
-    xh, xf = Step(rows, H), Step(rows, F)
-
-    def x_for(k):
-        return xf.xs[xf.i] if k == "down" else xh.xs[xh.i]
+    inputs = LayerInputs(rows)
+    x_for = inputs.x
 
     def base_step():
-        xh.next(), xf.next()
+        inputs.next()
         for lw in base:
             for k, w in lw.items():
                 x_for(k) @ w.T
 
     def delta_step():
-        xh.next(), xf.next()
+        inputs.next()
         for lw in single:
             for k, b in lw.items():
                 delta_linear(x_for(k), b)
 
     def fused_step():
-        xh.next(), xf.next()
+        inputs.next()
         for lw in fused:
             for group, b in zip(FUSED, lw):
                 delta_linear(x_for(group[0]), b)
 
     def base_plus_delta():
-        xh.next(), xf.next()
+        inputs.next()
         for lw, lb in zip(base, single):
             for k, w in lw.items():
                 x = x_for(k)
@@ -172,7 +185,7 @@ def step_times(rows: int, base, single, fused, lora_ranks: dict, repeats: int) -
                     for k, (m, n) in SHAPES.items()} for _ in range(len(base))]
 
         def lora_step():
-            xh.next(), xf.next()
+            inputs.next()
             for lw in factors:
                 for k, (a, b) in lw.items():
                     (x_for(k) @ a.T) @ b.T
@@ -201,20 +214,18 @@ def multi_tenant(layer, args, tenants: int = 16) -> dict:
     banks = [{k: _clone(b) for k, b in first.items()} for _ in range(args.layers)]
     first = {k: DeltaBank.build([[layer[k]]]).to("cuda") for k in SHAPES}
     one = [{k: _clone(b) for k, b in first.items()} for _ in range(args.layers * tenants)]
-    xh, xi = Step(tenants, H), Step(tenants, F)
+    inputs = LayerInputs(tenants)
+    x_for = inputs.x
     index = torch.arange(tenants, device="cuda")
 
-    def x_for(k):
-        return xi.xs[xi.i] if k == "down" else xh.xs[xh.i]
-
     def batched():
-        xh.next(), xi.next()
+        inputs.next()
         for lw in banks:
             for k, b in lw.items():
                 delta_linear(x_for(k), b, index=index)
 
     def separate():
-        xh.next(), xi.next()
+        inputs.next()
         for layer_i in range(args.layers):
             for t in range(tenants):
                 for k, b in one[layer_i * tenants + t].items():

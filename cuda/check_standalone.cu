@@ -141,6 +141,20 @@ Bank build_bank(int n, const std::vector<int>& out_len, int K, const std::vector
   return b;
 }
 
+// The launches `fn` enqueues on `stream`, captured into an instantiated graph (the op must be capturable: no
+// synchronisation, no host reads). The caller destroys it.
+template <typename F>
+cudaGraphExec_t capture(cudaStream_t stream, F&& fn) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  fn();
+  CHECK_CUDA(cudaStreamEndCapture(stream, &g));
+  CHECK_CUDA(cudaGraphInstantiate(&ge, g, 0));
+  CHECK_CUDA(cudaGraphDestroy(g));
+  return ge;
+}
+
 template <typename T>
 T* to_device(const std::vector<T>& v) {
   T* p = nullptr;
@@ -255,17 +269,11 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
     }
   };
   RunResult res;
-  if (graph) {  // the op must be capturable: no synchronisation, no host reads
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    launch();
-    CHECK_CUDA(cudaStreamEndCapture(stream, &g));
-    CHECK_CUDA(cudaGraphInstantiate(&ge, g, 0));
+  if (graph) {
+    const cudaGraphExec_t ge = capture(stream, launch);
     CHECK_CUDA(cudaGraphLaunch(ge, stream));
     CHECK_CUDA(cudaStreamSynchronize(stream));
     cudaGraphExecDestroy(ge);
-    cudaGraphDestroy(g);
   } else {
     launch();
   }
@@ -555,18 +563,12 @@ void stages(int only_r) {
     };
     full();
     CHECK_CUDA(cudaStreamSynchronize(st));
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CHECK_CUDA(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    full();
-    CHECK_CUDA(cudaStreamEndCapture(st, &g));
-    CHECK_CUDA(cudaGraphInstantiate(&ge, g, 0));
+    const cudaGraphExec_t ge = capture(st, full);
     std::printf("R=%-2d r_tile=%-2d stage1 grid (%d,%d,%d) smem %zu | stage2 grid (%d,%d,%d) | full %.1f us, graph %.1f us,"
                 " shrink %.1f us, shrink+expand %.1f us\n",
                 R, p.r_tile, p.groups, p.ks, p.ntiles, p.shrink_smem, p.slots, p.nsplit, p.ntiles, time_it(full),
                 time_it([&] { CHECK_CUDA(cudaGraphLaunch(ge, st)); }), time_it(s1), time_it([&] { s1(); s2(); }));
     cudaGraphExecDestroy(ge);
-    cudaGraphDestroy(g);
     cudaFree(dx), cudaFree(dy), cudaFree(dout), cudaFree(dw), cudaFree(ws);
   }
 }
