@@ -249,13 +249,17 @@ def _f(x, spec=".4f"):
 
 
 def render(res: dict) -> str:
-    q = res["quality"]
-    out = [f"held-out composite examples: {res['data']['test']} (gates trained on {res['data']['gate']})", "",
-           format_table(["model", "loss", "exact match"],
-                        [[k, _f(v["loss"]), _f(v["exact_match"], ".3f")] for k, v in q["rows"].items()]), "",
-           f"sentence router: {q['router_accuracy']:.3f} accuracy on {q['router_examples']} held-out single-skill "
-           f"prompts", ""]
-    sp = res["speed"]
+    out = []
+    if "quality" in res:
+        q = res["quality"]
+        out = [f"held-out composite examples: {res['data']['test']} (gates trained on {res['data']['gate']})", "",
+               format_table(["model", "loss", "exact match"],
+                            [[k, _f(v["loss"]), _f(v["exact_match"], ".3f")] for k, v in q["rows"].items()]), "",
+               f"sentence router: {q['router_accuracy']:.3f} accuracy on {q['router_examples']} held-out "
+               f"single-skill prompts", ""]
+    sp = res.get("speed")
+    if not sp:
+        return "\n".join(out)
     cols = sorted({k for v in sp.values() for k in v if not k.endswith("error")},
                   key=lambda k: (k.split(", ")[0] != "generate", int(k.rsplit(" ", 1)[1])))
     base = sp.get("base only", {})
@@ -289,6 +293,9 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="Only the plain generate figures.")
+    ap.add_argument("--parts", default="quality,speed",
+                    help="What to measure after the fine-tunes and packages: quality, speed (a run split over two "
+                         "calls keeps --work and --out; each part replaces only its own results).")
     args = ap.parse_args()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -298,6 +305,7 @@ def main():
         args.new_tokens, args.repeats, args.no_compile = 8, 1, True
         torch.set_num_threads(1)
     args.batches = [int(b) for b in str(args.batches).split(",")]
+    args.parts = set(args.parts.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     temp = None if args.work else tempfile.mkdtemp(prefix="fusion-smollm2-")
     work = Path(args.work or temp)
@@ -309,14 +317,17 @@ def main():
         pkgs = [package(base, work / f"ft{t}", work / f"pkg{t}", args) for t in (0, 1)]
         from deltacomp.kernels import status
 
-        res = {"settings": {k: v for k, v in vars(args).items() if k not in ("out",)} |
-               {"delta_path": status().path if args.device.startswith("cuda") else "twin"},
-               "data": {"gate": len(data["gate"]), "test": len(data["test"])}, "finetunes": finetunes,
-               "package_bytes": [sum(p.stat().st_size for p in pkg.glob("*.safetensors")) for pkg in pkgs]}
-        res["quality"] = quality(base, pkgs, data, args)
-        _save(res, args)
-        res["speed"] = {}
-        speed(base, pkgs, args, res["speed"], lambda: _save(res, args))
+        earlier = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).is_file() else {}
+        res = earlier | {"settings": {k: v for k, v in vars(args).items() if k not in ("out",)} |
+                         {"delta_path": status().path if args.device.startswith("cuda") else "twin"},
+                         "data": {"gate": len(data["gate"]), "test": len(data["test"])}, "finetunes": finetunes,
+                         "package_bytes": [sum(p.stat().st_size for p in pkg.glob("*.safetensors")) for pkg in pkgs]}
+        if "quality" in args.parts:
+            res["quality"] = quality(base, pkgs, data, args)
+            _save(res, args)
+        if "speed" in args.parts:
+            res["speed"] = {}
+            speed(base, pkgs, args, res["speed"], lambda: _save(res, args))
     finally:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)

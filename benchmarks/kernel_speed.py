@@ -16,6 +16,7 @@ step (224 matrices, or 32 layers x 4 fused launches), after warm-up, with the st
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -117,9 +118,12 @@ def bench(args) -> dict:
     base = [{k: torch.randn(m, n, device="cuda", dtype=DT) * 0.02 for k, (m, n) in SHAPES.items()} for _ in range(L)]
     single = [{k: DeltaBank.build([[mod]]).to("cuda") for k, mod in layer.items()}]
     fused = [[DeltaBank.build([[layer[p]] for p in group]).to("cuda") for group in FUSED]]
+    four = [[DeltaBank.build([[layer[p]] * 4 for p in group]).to("cuda") for group in FUSED]]
     for _ in range(L - 1):  # the same bytes at distinct addresses
         single.append({k: _clone(b) for k, b in single[0].items()})
         fused.append([_clone(b) for b in fused[0]])
+        four.append([_clone(b) for b in four[0]])
+    merged = [[torch.cat([lw[p] for p in group]) for group in FUSED] for lw in base]
     base_bytes = sum(w.numel() * 2 for lw in base for w in lw.values())
     delta_bytes = sum(b.nbytes for lw in single for b in lw.values())
     results = {"kernel_path": status().path, "base_bytes": base_bytes, "delta_bytes": delta_bytes, "rows": {}}
@@ -127,8 +131,9 @@ def bench(args) -> dict:
     results["lora_same_bytes_rank"] = lora_ranks["lora_same_bytes"]
     for rows in args.rows:
         results["rows"][rows] = step_times(rows, base, single, fused, lora_ranks, args.repeats)
+        results["rows"][rows].update(overlap_times(rows, base, merged, single, fused, four, args.repeats))
         _save(results, args)
-    del base, single, fused
+    del base, merged, single, fused, four
     torch.cuda.empty_cache()
     if "widths" in args.parts:
         results["widths"] = widths(args)
@@ -194,6 +199,71 @@ def step_times(rows: int, base, single, fused, lora_ranks: dict, repeats: int) -
 
     r.update({label: lora_time(rank) for label, rank in lora_ranks.items()})
     return r
+
+
+@functools.cache
+def _side_stream() -> torch.cuda.Stream:
+    return torch.cuda.Stream(priority=-1)  # a lower number is a higher priority
+
+
+def add_beside(x: torch.Tensor, base, delta) -> torch.Tensor:
+    """``base(x) + delta(x)`` with ``delta`` on a side stream (forked from and joined to the current stream, so a
+    CUDA graph captures two concurrent branches): whether the delta can hide behind the base matmul."""
+    main, side = torch.cuda.current_stream(), _side_stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        d = delta(x)
+    y = base(x)
+    main.wait_stream(side)
+    return y + d
+
+
+def overlap_times(rows: int, base, merged, single, fused, four, repeats: int) -> dict:
+    """Milliseconds of a decode step with the deltas beside the base matmuls (``add_beside``: side stream, joined
+    before the next call, so calls stay ordered as in a model): per linear layer (7 a layer); merged base matmuls
+    (q|k|v and gate|up concatenated, as serving engines store them: 4 a layer) with the fused delta banks; and
+    four deltas per bank mixed per token by a gate (softmax of a 4-way linear map of x), top-2 of four, or one of
+    four picked for the whole sequence (a one-hot weight, as the sentence router does)."""
+    inputs = LayerInputs(rows)
+    x_for = inputs.x
+    gates = [[torch.randn(4, b.in_features, device="cuda") * 0.05 for b in lw] for lw in four]
+    one_hot = torch.nn.functional.one_hot(torch.full((rows,), 2, device="cuda"), 4).float()
+
+    def token(x, g):
+        return torch.softmax(x.float() @ g.T, -1)
+
+    def top2(x, g):
+        logits = x.float() @ g.T
+        kept = logits.topk(2, -1)
+        return torch.zeros_like(logits).scatter_(-1, kept.indices, torch.softmax(kept.values, -1))
+
+    def per_linear():
+        inputs.next()
+        for lw, lb in zip(base, single):
+            for k, w in lw.items():
+                add_beside(x_for(k), lambda x, w=w: x @ w.T, lambda x, b=lb[k]: delta_linear(x, b))
+
+    def merged_step(banks=None, weights=None):
+        def step():
+            inputs.next()
+            for i, lm in enumerate(merged):
+                for j, (group, w) in enumerate(zip(FUSED, lm)):
+                    x = x_for(group[0])
+                    if banks is None:
+                        x @ w.T
+                        continue
+                    b = banks[i][j]
+                    g = gates[i][j]
+                    add_beside(x, lambda x, w=w: x @ w.T,
+                               lambda x, b=b, g=g: delta_linear(x, b, weights=weights(x, g) if weights else None))
+        return step
+
+    return {"base_merged": time_graph(merged_step(), repeats),
+            "beside": time_graph(per_linear, repeats),
+            "merged_beside_fused": time_graph(merged_step(fused), repeats),
+            "four_token": time_graph(merged_step(four, token), repeats),
+            "four_top2": time_graph(merged_step(four, top2), repeats),
+            "four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats)}
 
 
 def _clone(bank: DeltaBank) -> DeltaBank:
@@ -295,6 +365,14 @@ def render(res: dict) -> str:
         ["rows", "base ms", "delta ms, 7 launches/layer (bw, % of base bw)", "delta ms, 4 fused/layer",
          "dense bf16 delta / fused", "LoRA r16 ms", f"LoRA r{res['lora_same_bytes_rank']} ms", "base+delta ms"],
         rows))
+    if "beside" in next(iter(res["rows"].values())):
+        lines += ["", "deltas beside the base (side stream; ratio to the base step of the same layout):"]
+        rows = [[n, f"{r['beside']:.3f} ({r['beside'] / r['base']:.3f}x)", f"{r['base_merged']:.3f}",
+                 *[f"{r[k]:.3f} ({r[k] / r['base_merged']:.3f}x)"
+                   for k in ("merged_beside_fused", "four_token", "four_top2", "four_sentence")]]
+                for n, r in res["rows"].items()]
+        lines.append(format_table(["rows", "base + delta beside, 7/layer", "merged base ms", "+ fused delta beside",
+                                   "+ 4 deltas, token gate", "+ 4 deltas, top-2", "+ 1 of 4 (sentence)"], rows))
     if res.get("widths"):
         lines += ["", format_table(["bits", "rank", "MB", "ms", "GB/s"],
                                    [[b, w["rank"], f"{w['bytes'] / 1e6:.1f}", f"{w['ms']:.3f}", f"{w['GBps']:.0f}"]
