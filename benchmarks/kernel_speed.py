@@ -30,6 +30,7 @@ from deltacomp.kernels.bank import TENSORS
 from deltacomp.methods.base import get_method
 from deltacomp.quant import packing
 from deltacomp.quant.packed import packed_from_parts
+from deltacomp.report import format_table
 
 H, F = 4096, 11008  # hidden, intermediate
 SHAPES = {"q": (H, H), "k": (H, H), "v": (H, H), "o": (H, H), "gate": (F, H), "up": (F, H), "down": (H, F)}
@@ -114,6 +115,23 @@ class LayerInputs:
 def bench(args) -> dict:
     torch.manual_seed(0)
     layer = compress_layer(args.bits)
+    results = {"kernel_path": status().path, "rows": {}}
+    if args.rows:
+        decode_steps(layer, args, results)
+    if "widths" in args.parts:
+        results["widths"] = widths(args)
+        _save(results, args)
+    if "eager" in args.parts:
+        results["eager_us"] = eager_calls(args)
+        _save(results, args)
+    if "tenants" in args.parts:
+        results["multi_tenant"] = multi_tenant(layer, args)
+        _save(results, args)
+    return results
+
+
+def decode_steps(layer, args, results: dict) -> None:
+    """Fills ``results`` with the decode-step tables, one row count at a time."""
     L = args.layers
     base = [{k: torch.randn(m, n, device="cuda", dtype=DT) * 0.02 for k, (m, n) in SHAPES.items()} for _ in range(L)]
     single = [{k: DeltaBank.build([[mod]]).to("cuda") for k, mod in layer.items()}]
@@ -126,7 +144,7 @@ def bench(args) -> dict:
     merged = [[torch.cat([lw[p] for p in group]) for group in FUSED] for lw in base]
     base_bytes = sum(w.numel() * 2 for lw in base for w in lw.values())
     delta_bytes = sum(b.nbytes for lw in single for b in lw.values())
-    results = {"kernel_path": status().path, "base_bytes": base_bytes, "delta_bytes": delta_bytes, "rows": {}}
+    results.update(base_bytes=base_bytes, delta_bytes=delta_bytes)
     lora_ranks = {"lora16": 16, "lora_same_bytes": _same_bytes_rank(delta_bytes, L)}
     results["lora_same_bytes_rank"] = lora_ranks["lora_same_bytes"]
     for rows in args.rows:
@@ -135,13 +153,6 @@ def bench(args) -> dict:
         _save(results, args)
     del base, merged, single, fused, four
     torch.cuda.empty_cache()
-    if "widths" in args.parts:
-        results["widths"] = widths(args)
-        _save(results, args)
-    if "tenants" in args.parts:
-        results["multi_tenant"] = multi_tenant(layer, args)
-        _save(results, args)
-    return results
 
 
 def _save(results: dict, args) -> None:
@@ -322,6 +333,35 @@ def widths(args) -> dict:
     return out
 
 
+def eager_calls(args) -> dict:
+    """Microseconds per eager call (no graph) at 1 row on a SmolLM2-sized layer (576x576, 2 bits): the base matmul,
+    the dispatch point ``delta_linear`` (which calls the extension directly in inference) and the same call through
+    the ``deltacomp::delta_linear`` custom op (what ``torch.compile`` traces): host time per call, which eager
+    decoding pays at every adapted layer."""
+    import time
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tensors, info = _uniform(576, 576, 288, 2, g)
+    bank = DeltaBank.build([[packed_from_parts("w", tensors, info, (576, 576))]]).to("cuda")
+    x = torch.randn(1, 576, device="cuda", dtype=DT)
+    w = torch.randn(576, 576, device="cuda", dtype=DT)
+    ones = torch.ones(1, 1, device="cuda")
+    calls = {"base matmul": lambda: x @ w.T, "delta_linear": lambda: delta_linear(x, bank, x),
+             "custom op": lambda: torch.ops.deltacomp.delta_linear(x, x, ones, *bank.tensors(), 0)}
+    out = {}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            for _ in range(100):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.repeats * 100):
+                fn()
+            torch.cuda.synchronize()
+            out[name] = (time.perf_counter() - t0) / (args.repeats * 100) * 1e6
+    return out
+
+
 def _time_banks(banks: list[DeltaBank], repeats: int) -> float:
     step = Step(1, H)
 
@@ -347,10 +387,29 @@ def _uniform(m: int, n: int, rank: int, bits: int, g: torch.Generator):
 
 
 def render(res: dict) -> str:
-    from deltacomp.report import format_table
+    lines = [f"kernel path: {res['kernel_path']}"]
+    if res["rows"]:
+        lines += _step_tables(res)
+    if res.get("widths"):
+        lines += ["", format_table(["bits", "rank", "MB", "ms", "GB/s"],
+                                   [[b, w["rank"], f"{w['bytes'] / 1e6:.1f}", f"{w['ms']:.3f}", f"{w['GBps']:.0f}"]
+                                    for b, w in res["widths"].items()])]
+    if res.get("eager_us"):
+        lines += ["", "eager call, 1 row, 576x576 (us per call, host-bound): " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in res["eager_us"].items())]
+    if "multi_tenant" in res:
+        mt = res["multi_tenant"]
+        lines += ["", f"multi-tenant: {mt['tenants']} rows, each its own delta ({mt['bytes'] / 1e9:.2f} GB): one "
+                  f"launch per matrix {mt['batched']:.3f} ms; {mt['tenants']} separate calls {mt['separate']:.3f} ms"]
+        if res["rows"]:
+            base_gbps = res["base_bytes"] / res["rows"][min(res["rows"])]["base"] / 1e6
+            floor = mt["bytes"] / base_gbps / 1e6  # ms at the base's bandwidth
+            lines[-1] += f" ({mt['batched'] / floor:.2f}x the byte floor at the base's bandwidth, {floor:.3f} ms)"
+    return "\n".join(lines)
 
-    gb = res["delta_bytes"] / 1e9
-    lines = [f"kernel path: {res['kernel_path']}; packed deltas {gb:.3f} GB, base {res['base_bytes'] / 1e9:.2f} GB", ""]
+
+def _step_tables(res: dict) -> list[str]:
+    lines = [f"packed deltas {res['delta_bytes'] / 1e9:.3f} GB, base {res['base_bytes'] / 1e9:.2f} GB", ""]
     rows = []
     for n, r in res["rows"].items():
         base_bw = res["base_bytes"] / r["base"] / 1e6
@@ -373,18 +432,7 @@ def render(res: dict) -> str:
                 for n, r in res["rows"].items()]
         lines.append(format_table(["rows", "base + delta beside, 7/layer", "merged base ms", "+ fused delta beside",
                                    "+ 4 deltas, token gate", "+ 4 deltas, top-2", "+ 1 of 4 (sentence)"], rows))
-    if res.get("widths"):
-        lines += ["", format_table(["bits", "rank", "MB", "ms", "GB/s"],
-                                   [[b, w["rank"], f"{w['bytes'] / 1e6:.1f}", f"{w['ms']:.3f}", f"{w['GBps']:.0f}"]
-                                    for b, w in res["widths"].items()])]
-    if "multi_tenant" not in res:
-        return "\n".join(lines)
-    mt = res["multi_tenant"]
-    floor = mt["bytes"] / (res["base_bytes"] / res["rows"][min(res["rows"])]["base"] / 1e3) / 1e3  # ms at base bw
-    lines += ["", f"multi-tenant: {mt['tenants']} rows, each its own delta ({mt['bytes'] / 1e9:.2f} GB): "
-              f"one launch per matrix {mt['batched']:.3f} ms ({mt['batched'] / floor:.2f}x the byte floor at the "
-              f"base's bandwidth, {floor:.3f} ms); {mt['tenants']} separate calls {mt['separate']:.3f} ms"]
-    return "\n".join(lines)
+    return lines
 
 
 def main():
@@ -394,7 +442,8 @@ def main():
     ap.add_argument("--bits", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--parts", default="widths,tenants", help="Tables after the decode steps: widths, tenants.")
+    ap.add_argument("--parts", default="widths,tenants", help="Tables after the decode steps: widths, "
+                    "tenants, eager.")
     ap.add_argument("--render", default=None, help="Print the tables of a JSON written by an earlier run.")
     args = ap.parse_args()
     if args.render:
@@ -402,7 +451,7 @@ def main():
         res["rows"] = {int(k): v for k, v in res["rows"].items()}
         print(render(res))
         return
-    args.rows = [int(r) for r in args.rows.split(",")]
+    args.rows = [int(r) for r in args.rows.split(",") if r]  # --rows "": only the --parts tables
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     print(render(bench(args)))

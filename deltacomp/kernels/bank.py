@@ -184,7 +184,8 @@ class DeltaBank(torch.nn.Module):
         return sum(getattr(self, t).numel() * getattr(self, t).element_size() for t in TENSORS[:7])
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, t) for t in TENSORS)
+        buffers = self._buffers  # not nn.Module.__getattr__: this runs at every call of the op
+        return tuple(buffers[t] for t in TENSORS)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.num_deltas}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from deltacomp.errors import DeltacompError
+from deltacomp.kernels import loader
 from deltacomp.kernels.bank import DeltaBank
 from deltacomp.kernels.reference import delta_linear_factors
 
@@ -55,6 +56,16 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
     if bank.cache_factors and (grads or not x.is_cuda):
         out = delta_linear_factors(x2.to(y2.dtype), y2, w, bank.dequantized(), bank.s, bank.rows)
     else:  # one row per tenant: each row tile reads only its own delta
-        row_tile = 1 if index is not None else 0
-        out = torch.ops.deltacomp.delta_linear(x2.to(y2.dtype), y2, w, *bank.tensors(), row_tile)
+        args = (x2.to(y2.dtype), y2, w, *bank.tensors(), 1 if index is not None else 0)
+        ext = _eager_extension(x2, grads)
+        out = ext.delta_linear(*args) if ext is not None else torch.ops.deltacomp.delta_linear(*args)
     return out.reshape(*lead, m)
+
+
+def _eager_extension(x: torch.Tensor, grads: bool):
+    """The compiled extension when the op can be called on it directly: CUDA inference outside ``torch.compile``.
+    The custom op's Python layer costs tens of microseconds a call, which eager decoding pays at every layer;
+    tracing, autograd and float64 go through ``deltacomp::delta_linear``."""
+    if grads or not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling():
+        return None
+    return loader.extension()
