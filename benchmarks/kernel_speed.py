@@ -114,7 +114,7 @@ class LayerInputs:
 
 def bench(args) -> dict:
     torch.manual_seed(0)
-    layer = compress_layer(args.bits)
+    layer = compress_layer(args.bits) if args.rows or "tenants" in args.parts else None
     results = {"kernel_path": status().path, "rows": {}}
     if args.rows:
         decode_steps(layer, args, results)
