@@ -60,22 +60,27 @@ class Mixed(Method):
         plan = context.plan if context is not None else None
         m, n = delta.shape
         group_size = config.gptq_group_size if h is not None else config.group_size
+        allocated = None
         if plan is not None:
             u, s, v, bits = plan.u, plan.s, plan.v, plan.widths  # (m, r), (r,), (n, r), (r, 2)
         elif config.allocation == "optimal":
-            c = self.candidates(delta, config, h)
-            u, s, v = c.u, c.s, c.v
-            bits = allocate.choose(c, config.allocation_bits, budget_bits(m, n, config.bits))
+            allocated = self.candidates(delta, config, h)
+            u, s, v = allocated.u, allocated.s, allocated.v
+            bits = allocate.choose(allocated, config.allocation_bits, budget_bits(m, n, config.bits))
         else:
             sched = self.schedule_groups((m, n), config, group_size)
             u, s, v = svd(delta, sum(g.rank for g in sched), config.device, config.svd)
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
+        v_rows = None  # with the allocation's candidates, V as it rounded them: not quantized again
+        if allocated is not None and allocated.v_rows:
+            v_rows = allocate.chosen_rows(allocated.v_rows, bits, order)
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
-        fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h, config.act_order, config.damp)
+        fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h, config.act_order, config.damp,
+                              v_rows=v_rows)
         tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
         factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {
