@@ -49,9 +49,9 @@ def test_eval_causal_tiny_llama(llama_pair, llama_package, byte_tokenizer, tmp_p
               "--save-json", saved)
     assert r.exit_code == 0, r.output
     rows = _rows(r.stdout)
-    assert set(rows) == {"base", "fine-tuned", "mixed (package)", "reference", "lowrank", "bitdelta"}
+    assert set(rows) == {"base", "fine-tuned", "mixed optimal (package)", "reference", "lowrank", "bitdelta"}
     result = json.loads(saved.read_text())
-    assert result["rows"][2]["model"] == "mixed (package)" and result["rows"][3]["model"] == "reference"
+    assert result["rows"][2]["model"] == "mixed optimal (package)" and result["rows"][3]["model"] == "reference"
     ref = rows["fine-tuned"]
     assert ref["kl"] == 0.0 and ref["top1"] == 1.0 and ref["tokens"] > 1000
     # the tokens scored, once for the report; every model is scored on the same ones
@@ -60,10 +60,10 @@ def test_eval_causal_tiny_llama(llama_pair, llama_package, byte_tokenizer, tmp_p
     # the plain reference's row, and each package's KL as a ratio to its
     assert result["reference"] == "reference" and rows["reference"]["method"] == "reference"
     assert rows["reference"]["vs_reference"] == 1.0
-    for label in ("mixed (package)", "lowrank", "bitdelta"):
+    for label in ("mixed optimal (package)", "lowrank", "bitdelta"):
         assert rows[label]["vs_reference"] == pytest.approx(rows[label]["kl"] / rows["reference"]["kl"])
     assert "vs_reference" not in rows["base"] and "vs_reference" not in rows["fine-tuned"]
-    mixed, low = rows["mixed (package)"], rows["lowrank"]
+    mixed, low = rows["mixed optimal (package)"], rows["lowrank"]
     # the tiny fine-tune's deltas have rank 4: mixed precision keeps them at 1 bit, fp16 low-rank (rank 2) cannot
     assert mixed["error"]["global"] < 0.3 < low["error"]["global"]
     assert mixed["kl"] < low["kl"] and mixed["kl"] < rows["base"]["kl"]
@@ -104,11 +104,11 @@ def test_eval_encoder_tiny_bert(bert_pair, byte_tokenizer, tmp_path):
     rows, result = _rows(r.stdout), json.loads(r.stdout)
     assert "bitdelta" not in rows and "bitdelta" in result["skipped"]  # 1 bit > a 0.5 budget
     assert rows["fine-tuned"]["cos_mean"] == 1.0
-    assert rows["mixed (package)"]["cos_mean"] > rows["base"]["cos_mean"]
-    assert rows["mixed (package)"]["samples"] >= 100
-    assert result["scored"] == {"unit": "sentences", "count": rows["mixed (package)"]["samples"]}
-    gap = 1 - rows["mixed (package)"]["cos_mean"], 1 - rows["reference"]["cos_mean"]
-    assert rows["mixed (package)"]["vs_reference"] == pytest.approx(gap[0] / gap[1])
+    assert rows["mixed optimal (package)"]["cos_mean"] > rows["base"]["cos_mean"]
+    assert rows["mixed optimal (package)"]["samples"] >= 100
+    assert result["scored"] == {"unit": "sentences", "count": rows["mixed optimal (package)"]["samples"]}
+    gap = 1 - rows["mixed optimal (package)"]["cos_mean"], 1 - rows["reference"]["cos_mean"]
+    assert rows["mixed optimal (package)"]["vs_reference"] == pytest.approx(gap[0] / gap[1])
 
 
 def test_eval_of_a_reference_package_takes_its_row_as_the_reference(llama_pair, byte_tokenizer, tmp_path):
@@ -157,9 +157,9 @@ def test_eval_real_minilm(minilm_pair, tmp_path):
     assert r.exit_code == 0, r.output
     rows = _rows(r.stdout)
     assert rows["base"]["cos_mean"] < 0.95
-    assert rows["mixed (package)"]["cos_mean"] > 0.995
-    assert rows["mixed (package)"]["cos_mean"] > rows["lowrank"]["cos_mean"] > rows["base"]["cos_mean"]
-    assert rows["mixed (package)"]["error"]["global"] < rows["lowrank"]["error"]["global"]
+    assert rows["mixed optimal (package)"]["cos_mean"] > 0.995
+    assert rows["mixed optimal (package)"]["cos_mean"] > rows["lowrank"]["cos_mean"] > rows["base"]["cos_mean"]
+    assert rows["mixed optimal (package)"]["error"]["global"] < rows["lowrank"]["error"]["global"]
     assert torch.isfinite(torch.tensor(rows["bitdelta"]["cos_mean"]))
 
 
@@ -175,7 +175,7 @@ def test_baselines_drop_the_settings_only_mixed_takes(tmp_path):
     settings = CompressConfig(method="mixed", bits=1.0, calib=str(calib), allocation="optimal").to_dict()
     pkg = SimpleNamespace(manifest={"settings": settings})
     low = baseline_config(pkg, "lowrank")
-    assert low.method == "lowrank" and low.calib is None and low.allocation == "schedule"
+    assert low.method == "lowrank" and low.calib is None and low.allocation == "auto"
     ref = baseline_config(pkg, "reference")
     assert ref.method == "reference" and ref.calib is None and ref.bits == 1.0
     all_in = SimpleNamespace(manifest={"settings": CompressConfig(budget="all-in").to_dict()})

@@ -19,6 +19,7 @@ from deltacomp.quant.packed import packed_from_parts
 class Mixed(Method):
     exact_factors = True
     uses = frozenset({"calib", "budget_scope", "budget", "allocation"})
+    auto = {"allocation": "optimal"}  # closer to the fine-tune than the schedule on every pair measured
 
     @staticmethod
     def overhead(shape: tuple[int, int], config: CompressConfig, group_size: int) -> int:
@@ -41,6 +42,7 @@ class Mixed(Method):
                                    share, config.device, config.svd)
 
     def check_budget(self, shape, config):
+        config = self.resolve(config)
         if config.allocation == "schedule":
             self.schedule_groups(shape, config)
         elif config.budget_scope == "matrix":
@@ -56,6 +58,7 @@ class Mixed(Method):
     def compress(self, delta: torch.Tensor, config: CompressConfig, context: MatrixContext | None = None) -> Compressed:
         """``context``: its ``hessian`` (n, n) turns round-to-nearest into GPTQ; its ``plan`` gives the factors and
         widths of a model-scope allocation."""
+        config = self.resolve(config)
         h = context.hessian if context is not None else None
         plan = context.plan if context is not None else None
         m, n = delta.shape
