@@ -303,12 +303,14 @@ class CompressConfig:
     seq_damp: float = setting(1.0, "calibration",
                               "--sequential's ridge towards the fine-tune's weight (fraction of mean diag H).")
     # bit allocation (deltacomp.quant.allocate)
-    # auto: the method's own rule (mixed: optimal; reference: the schedule), so every method accepts the default
+    # auto: the method's own rule (mixed: optimal from 1 bit per entry, the schedule below; reference: the
+    # schedule), so every method accepts the default
     allocation: str = setting(
         "auto", "allocation", "Bits per singular vector. optimal: chosen to minimise the expected error under the "
-        "budget; closer to the fine-tune than the schedule on every pair measured (BENCHMARKS.md), about 1.5-2x the "
-        "compress time. schedule: the fixed --schedule, the fastest (an explicit --schedule implies it). auto: "
-        "optimal for mixed, the schedule for reference.", choices=ALLOCATIONS)
+        "budget; closer to the fine-tune than the schedule at 1 bit per entry on every pair measured, not at 0.5 "
+        "(BENCHMARKS.md), 1.05-1.4x the compress time. schedule: the fixed --schedule, the fastest (an explicit "
+        "--schedule implies it). auto: for mixed, optimal from 1 bit per entry and the schedule below; for "
+        "reference, the schedule.", choices=ALLOCATIONS)
     # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib, else 2,3,4,8
     allocation_bits: tuple[tuple[int, int], ...] | None = setting(
         None, "allocation", "Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector "

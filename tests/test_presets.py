@@ -1,5 +1,6 @@
 """``--preset``: the settings each preset sets, explicit options over the preset, ``best`` without ``--calib``; the
-default allocation (optimal for mixed, accepted by every method) and ``--schedule`` implying the schedule."""
+default allocation (mixed: optimal from 1 bit per entry, accepted by every method) and ``--schedule`` implying the
+schedule."""
 
 import json
 
@@ -18,8 +19,8 @@ OPTIONS = {"method": "mixed", "calib": None, "allocation": "auto", "sequential":
 
 @pytest.mark.parametrize("preset, want", [
     ("fast", {"allocation": "schedule", "calib": None, "sequential": False}),
-    ("balanced", {"allocation": "optimal", "calib": None, "sequential": False}),
-    ("best", {"allocation": "optimal", "calib": "c.txt", "sequential": True}),
+    ("balanced", {"allocation": "auto", "calib": None, "sequential": False}),
+    ("best", {"allocation": "optimal", "calib": "c.txt", "sequential": False}),
 ])
 def test_a_preset_sets_method_calibration_allocation_and_sequential(preset, want):
     given = {"calib"} if preset == "best" else set()
@@ -29,9 +30,9 @@ def test_a_preset_sets_method_calibration_allocation_and_sequential(preset, want
 
 
 def test_explicit_options_override_the_preset():
-    got = settle({**OPTIONS, "calib": "c.txt", "allocation": "schedule", "sequential": False},
+    got = settle({**OPTIONS, "calib": "c.txt", "allocation": "schedule", "sequential": True},
                  {"calib", "allocation", "sequential"}, "best")
-    assert (got["calib"], got["allocation"], got["sequential"]) == ("c.txt", "schedule", False)
+    assert (got["calib"], got["allocation"], got["sequential"]) == ("c.txt", "schedule", True)
     assert settle({**OPTIONS, "calib": "c.txt"}, {"calib"}, "fast")["calib"] == "c.txt"  # fast, calibrated
     assert settle({**OPTIONS, "schedule": "8:4,2"}, {"schedule"}, "balanced")["allocation"] == "schedule"
 
@@ -57,7 +58,10 @@ def test_a_schedule_given_implies_the_schedule_and_refuses_optimal():
 @pytest.mark.parametrize("method", ["reference", "lowrank", "bitdelta", "dense"])
 def test_the_default_allocation_is_accepted_by_every_method_and_resolved_by_each(method):
     assert method_for(CompressConfig(method=method)).resolve(CompressConfig(method=method)).allocation == "schedule"
-    assert get_method("mixed").resolve(CompressConfig()).allocation == "optimal"
+    mixed = get_method("mixed")  # optimal from 1 bit per entry, the schedule below (as measured)
+    assert [mixed.resolve(CompressConfig(bits=b)).allocation for b in (2.0, 1.0, 0.99, 0.5)] == \
+        ["optimal", "optimal", "schedule", "schedule"]
+    assert mixed.resolve(CompressConfig(bits=0.5, allocation="optimal")).allocation == "optimal"
     with pytest.raises(DeltacompError, match=f"--allocation optimal is for the mixed method only, not '{method}'"):
         method_for(CompressConfig(method=method, allocation="optimal"))
 
@@ -83,16 +87,17 @@ def test_cli_default_and_presets_write_what_they_chose(tmp_path, llama_tok):
     runs = {"default": [], "fast": ["--preset", "fast"],
             "fast+optimal": ["--preset", "fast", "--allocation", "optimal"],
             "best": ["--preset", "best", "--calib", calib, "--calib-samples", 4],
-            "best-seq": ["--preset", "best", "--calib", calib, "--calib-samples", 4, "--no-sequential"],
-            "schedule": ["--schedule", "8:4,2"]}
+            "best+seq": ["--preset", "best", "--calib", calib, "--calib-samples", 4, "--sequential"],
+            "schedule": ["--schedule", "8:4,2"], "default@0.5": ["--bits", 0.5]}
     got = {}
     for name, args in runs.items():
         r, settings = _compress(work, llama_tok, *args)
         assert r.exit_code == 0, (name, r.output)
         got[name] = (settings["allocation"], bool(settings["calib"]), settings["sequential"])
     assert got == {"default": ("optimal", False, False), "fast": ("schedule", False, False),
-                   "fast+optimal": ("optimal", False, False), "best": ("optimal", True, True),
-                   "best-seq": ("optimal", True, False), "schedule": ("schedule", False, False)}
+                   "fast+optimal": ("optimal", False, False), "best": ("optimal", True, False),
+                   "best+seq": ("optimal", True, True), "schedule": ("schedule", False, False),
+                   "default@0.5": ("schedule", False, False)}
 
 
 @pytest.mark.parametrize("args, words", [

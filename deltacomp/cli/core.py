@@ -24,8 +24,8 @@ COMPRESS_OPTIONS = ["method", "bits", "budget", "rows_energy", "schedule", "grou
 @click.option("-o", "--output", required=True, help="Package folder to write.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Method, calibration, allocation and sequential fit in one flag (options given beside it override "
-              "it). fast: the fixed --schedule, quickest; balanced: the defaults; best: --calib (required), optimal "
-              "allocation and --sequential, closest to the fine-tune and slowest.")
+              "it). fast: the fixed --schedule, no calibration, quickest; balanced: the defaults; best: GPTQ on "
+              "--calib text (required) with the optimal allocation, closest to the fine-tune, about 3x the time.")
 @config_options(CompressConfig, COMPRESS_OPTIONS)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command from the matrices "

@@ -14,12 +14,25 @@ from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 from deltacomp.quant.packed import packed_from_parts
 
+# ``--allocation auto`` is optimal from this budget up, the schedule below it. Measured without calibration
+# (BENCHMARKS.md, "The default allocation, by function"): at 1 bit per entry optimal was closer to the fine-tune than
+# the schedule on all three pairs (KL 0.35x and 0.45x on two SmolLM2-135M fine-tunes, mean cosine 0.99929 vs
+# 0.99922 on MiniLM); at 0.5 bit the schedule was closer on two of the three (MiniLM 0.99805 vs 0.99729, a SmolLM2
+# fine-tune KL 0.000421 vs 0.000457; the other 0.000428 vs 0.000414).
+OPTIMAL_FROM_BITS = 1.0
+
 
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
     uses = frozenset({"calib", "budget_scope", "budget", "allocation"})
-    auto = {"allocation": "optimal"}  # closer to the fine-tune than the schedule on every pair measured
+    auto = {"allocation": "optimal"}
+
+    def auto_choice(self, key, config):
+        """``--allocation auto``: optimal from :data:`OPTIMAL_FROM_BITS` bits per entry, the schedule below."""
+        if key == "allocation" and config.bits < OPTIMAL_FROM_BITS:
+            return "schedule"
+        return super().auto_choice(key, config)
 
     @staticmethod
     def overhead(shape: tuple[int, int], config: CompressConfig, group_size: int) -> int:
