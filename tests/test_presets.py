@@ -62,6 +62,7 @@ def test_the_default_allocation_is_accepted_by_every_method_and_resolved_by_each
     assert [mixed.resolve(CompressConfig(bits=b)).allocation for b in (2.0, 1.0, 0.99, 0.5)] == \
         ["optimal", "optimal", "schedule", "schedule"]
     assert mixed.resolve(CompressConfig(bits=0.5, allocation="optimal")).allocation == "optimal"
+    assert mixed.resolve(CompressConfig(bits=0.5, budget_scope="model")).allocation == "optimal"
     with pytest.raises(DeltacompError, match=f"--allocation optimal is for the mixed method only, not '{method}'"):
         method_for(CompressConfig(method=method, allocation="optimal"))
 

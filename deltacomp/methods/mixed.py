@@ -29,8 +29,9 @@ class Mixed(Method):
     auto = {"allocation": "optimal"}
 
     def auto_choice(self, key, config):
-        """``--allocation auto``: optimal from :data:`OPTIMAL_FROM_BITS` bits per entry, the schedule below."""
-        if key == "allocation" and config.bits < OPTIMAL_FROM_BITS:
+        """``--allocation auto``: optimal from :data:`OPTIMAL_FROM_BITS` bits per entry, the schedule below (always
+        optimal with ``--budget-scope model``, which only the optimal allocation does)."""
+        if key == "allocation" and config.bits < OPTIMAL_FROM_BITS and config.budget_scope == "matrix":
             return "schedule"
         return super().auto_choice(key, config)
 
