@@ -49,9 +49,9 @@ def test_eval_causal_tiny_llama(llama_pair, llama_package, byte_tokenizer, tmp_p
               "--save-json", saved)
     assert r.exit_code == 0, r.output
     rows = _rows(r.stdout)
-    assert set(rows) == {"base", "fine-tuned", "mixed optimal (package)", "reference", "lowrank", "bitdelta"}
+    assert set(rows) == {"base", "fine-tuned", "mixed (package)", "reference", "lowrank", "bitdelta"}
     result = json.loads(saved.read_text())
-    assert result["rows"][2]["model"] == "mixed optimal (package)" and result["rows"][3]["model"] == "reference"
+    assert result["rows"][2]["model"] == "mixed (package)" and result["rows"][3]["model"] == "reference"
     ref = rows["fine-tuned"]
     assert ref["kl"] == 0.0 and ref["top1"] == 1.0 and ref["tokens"] > 1000
     # the tokens scored, once for the report; every model is scored on the same ones
@@ -60,10 +60,10 @@ def test_eval_causal_tiny_llama(llama_pair, llama_package, byte_tokenizer, tmp_p
     # the plain reference's row, and each package's KL as a ratio to its
     assert result["reference"] == "reference" and rows["reference"]["method"] == "reference"
     assert rows["reference"]["vs_reference"] == 1.0
-    for label in ("mixed optimal (package)", "lowrank", "bitdelta"):
+    for label in ("mixed (package)", "lowrank", "bitdelta"):
         assert rows[label]["vs_reference"] == pytest.approx(rows[label]["kl"] / rows["reference"]["kl"])
     assert "vs_reference" not in rows["base"] and "vs_reference" not in rows["fine-tuned"]
-    mixed, low = rows["mixed optimal (package)"], rows["lowrank"]
+    mixed, low = rows["mixed (package)"], rows["lowrank"]
     # the tiny fine-tune's deltas have rank 4: mixed precision keeps them at 1 bit, fp16 low-rank (rank 2) cannot
     assert mixed["error"]["global"] < 0.3 < low["error"]["global"]
     assert mixed["kl"] < low["kl"] and mixed["kl"] < rows["base"]["kl"]
