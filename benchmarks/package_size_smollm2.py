@@ -37,9 +37,10 @@ SETTINGS = (("default", {}), ("embedding whole", {"exclude": ("embed_tokens",)})
             ("--budget-scope model --allocation optimal", {"budget_scope": "model", "allocation": "optimal"}))
 
 
-def measure(base: Path, tuned: Path, work: Path, device: str) -> list[dict]:
+def measure(base: Path, tuned: Path, work: Path, device: str, settings=SETTINGS) -> list[dict]:
+    """One row per (label, CompressConfig options) of ``settings``, scored together on the built-in texts."""
     packages = []
-    for i, (label, options) in enumerate(SETTINGS):
+    for i, (label, options) in enumerate(settings):
         out = work / f"{tuned.name}-{i}"
         t0 = time.perf_counter()
         manifest = compress(base, tuned, out, CompressConfig(device=device, **options), overwrite=True,

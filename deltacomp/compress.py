@@ -103,6 +103,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     the package, the same as one process writes; every rank returns its manifest.
     """
     method = method_for(config)
+    config = method.resolve(config)  # "auto" settings as the method makes them, so the manifest says what was done
     base, ft = Checkpoint(base_src), Checkpoint(ft_src)
     check_compatible(base, ft)
     entries = plan(base, ft, config)

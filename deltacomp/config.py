@@ -90,6 +90,7 @@ def format_schedule(schedule: tuple[tuple[int, int | None], ...]) -> str:
 
 
 GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
+ALLOCATIONS = ("auto", "optimal", "schedule")
 
 
 def setting(default, group: str, help: str | None = None, *, flag: str | None = None, type=None,
@@ -215,11 +216,11 @@ class Allocation:
     budget_scope: str
 
     def __post_init__(self):
-        if self.allocation not in ("schedule", "optimal"):
-            raise DeltacompError(f"--allocation must be schedule or optimal, got {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise DeltacompError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.budget_scope not in ("matrix", "model"):
             raise DeltacompError(f"--budget-scope must be matrix or model, got {self.budget_scope!r}")
-        if self.budget_scope == "model" and self.allocation != "optimal":
+        if self.budget_scope == "model" and self.allocation == "schedule":
             raise DeltacompError("--budget-scope model shares one budget across matrices: use --allocation optimal")
         if not self.allocation_bits:
             raise DeltacompError("the allocation bit set is empty")
@@ -267,7 +268,8 @@ class CompressConfig:
     bits: float = setting(1.0, "quantization",
                           "Budget: bits per delta entry of each compressed matrix (1.0 = 1/16 of fp16).")
     schedule: tuple[tuple[int, int | None], ...] = setting(
-        DEFAULT_SCHEDULE, "quantization", "Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT.",
+        DEFAULT_SCHEDULE, "quantization", "Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT. "
+        "Read by --allocation schedule (and the reference method); giving it implies --allocation schedule.",
         shown=format_schedule(DEFAULT_SCHEDULE), parse=parse_schedule)
     group_size: int = setting(0, "quantization",
                               "Quantization group along each singular vector (0 = one group per vector).")
@@ -296,12 +298,21 @@ class CompressConfig:
     act_order: bool = setting(True, "calibration", "GPTQ column order by Hessian.", flag="--act-order/--no-act-order")
     damp: float = setting(0.01, "calibration", "GPTQ damping (fraction of mean diag H).")
     sequential: bool = setting(False, "calibration", "With --calib: fit each matrix on the inputs of the model "
-                               "compressed so far (later layers absorb earlier errors).", is_flag=True)
+                               "compressed so far (later layers absorb earlier errors). Measure it on your "
+                               "pair: it cut the KL 26x on a sort-task fine-tune and raised it 3.8x on another "
+                               "(BENCHMARKS.md).",
+                               flag="--sequential/--no-sequential")
     seq_damp: float = setting(1.0, "calibration",
                               "--sequential's ridge towards the fine-tune's weight (fraction of mean diag H).")
     # bit allocation (deltacomp.quant.allocate)
-    allocation: str = setting("schedule", "allocation", "Bits per singular vector: the fixed --schedule, or chosen "
-                              "to minimise the expected error.", choices=("schedule", "optimal"))
+    # auto: the method's own rule (mixed: optimal from 1 bit per entry, the schedule below; reference: the
+    # schedule), so every method accepts the default
+    allocation: str = setting(
+        "auto", "allocation", "Bits per singular vector. optimal: chosen to minimise the expected error under the "
+        "budget; closer to the fine-tune than the schedule at 1 bit per entry on every pair measured, not at 0.5 "
+        "(BENCHMARKS.md), 1.05-1.4x the compress time. schedule: the fixed --schedule, the fastest (an explicit "
+        "--schedule implies it). auto: for mixed, optimal from 1 bit per entry and the schedule below; for "
+        "reference, the schedule.", choices=ALLOCATIONS)
     # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib, else 2,3,4,8
     allocation_bits: tuple[tuple[int, int], ...] | None = setting(
         None, "allocation", "Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector "
@@ -347,6 +358,11 @@ class CompressConfig:
         if self.allocation_bits is None:
             default = UV_ALLOCATION_BITS if self.calib else PLAIN_ALLOCATION_BITS
             object.__setattr__(self, "allocation_bits", parse_bits(default))
+        if self.schedule != DEFAULT_SCHEDULE:  # a schedule of one's own is the fixed allocation
+            if self.allocation == "optimal":
+                raise DeltacompError(f"--schedule {format_schedule(self.schedule)} fixes the bits of each singular "
+                                     "vector and --allocation optimal chooses them: give one of the two")
+            object.__setattr__(self, "allocation", "schedule")
         parts = {g: GROUP_TYPES[g](**{n: getattr(self, n) for n in self.group_fields(g)}) for g in GROUPS}
         object.__setattr__(self, "_groups", Groups(**parts))  # each group checks its own settings
         if self.sequential and self.budget_scope == "model":
@@ -379,6 +395,9 @@ class CompressConfig:
     def _from_dict(cls, d: dict) -> CompressConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
+        kw.setdefault("allocation", "schedule")  # settings written before the allocation was chosen
+        if kw["allocation"] == "optimal":
+            kw.pop("schedule", None)  # not read by an optimal allocation (older packages may record another)
         if "schedule" in kw:
             kw["schedule"] = tuple((int(b), None if c is None else int(c)) for b, c in kw["schedule"])
         if "allocation_bits" in kw:  # "2,3/2,4" (a list of ints in packages written before U/V widths)

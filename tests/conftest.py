@@ -159,7 +159,8 @@ def bert_pair(tmp_path_factory):
 def llama_packages(llama_pair, tmp_path_factory):
     """``llama_packages(bits)``: the tiny Llama pair compressed at ``bits`` (default settings otherwise), made
     once per session and shared: read it, or copy it before changing it. Norms are stored whole
-    (``exact="full"``), as the fine-tune has them, so that tests of stored tensors see their own dtype."""
+    (``exact="full"``), as the fine-tune has them, so that tests of stored tensors see their own dtype; the bits
+    follow the fixed schedule (several bit groups per matrix, which the tests of the packed layout edit)."""
     from deltacomp.compress import compress
 
     made = {}
@@ -168,7 +169,8 @@ def llama_packages(llama_pair, tmp_path_factory):
         if bits not in made:
             base, ft, _ = llama_pair
             made[bits] = tmp_path_factory.mktemp(f"llama_pkg_{bits:g}") / "pkg"
-            compress(base, ft, made[bits], CompressConfig(bits=bits, exact="full"), progress=False)
+            compress(base, ft, made[bits], CompressConfig(bits=bits, exact="full", allocation="schedule"),
+                     progress=False)
         return made[bits]
 
     return package

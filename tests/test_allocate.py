@@ -161,3 +161,21 @@ def test_uv_widths_beat_equal_widths_on_the_calibrated_output_error(bits_per_ent
         approx = factors.reconstruct(fg, 128)
         errs[name] = float(((delta - approx) @ x.T).norm() / (delta @ x.T).norm())
     assert errs["uv"] < 0.95 * errs["equal"], errs
+
+
+@pytest.mark.parametrize("group_size", [0, 64])
+def test_v_rows_measured_by_the_allocation_are_what_quantizing_v_again_gives(group_size):
+    """The factors of an uncalibrated optimal allocation take V as the allocation rounded it: the same tensors."""
+    m, n = 192, 320
+    delta = _delta(m, n)
+    c = allocate.candidates(delta, 1.0, UV_BITS, group_size)
+    assert set(c.v_rows) == {bv for _, bv in UV_BITS}
+    bits = allocate.choose(c, UV_BITS, budget_bits(m, n, 1.0))
+    order, groups = _groups(bits)
+    assert len({bv for bv in bits[order, 1].tolist()}) > 1  # several V widths to pick from
+    args = (delta, c.u[:, order], c.s[order], c.v[:, order], groups, group_size)
+    again = factors.quantize(*args)
+    reused = factors.quantize(*args, v_rows=allocate.chosen_rows(c.v_rows, bits, order))
+    for a, b in zip(factors.to_tensors(again).values(), factors.to_tensors(reused).values()):
+        assert torch.equal(a, b)
+    assert not allocate.candidates(delta, 1.0, UV_BITS, group_size, torch.eye(n), (True, 0.01)).v_rows  # GPTQ: none

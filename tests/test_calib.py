@@ -109,7 +109,7 @@ def test_calib_with_another_method_is_refused():
     with pytest.raises(DeltacompError, match="mixed method only"):
         method_for(CompressConfig(method="lowrank", calib="x.txt"))
     with pytest.raises(DeltacompError, match="use --allocation optimal"):
-        CompressConfig(budget_scope="model")
+        CompressConfig(budget_scope="model", allocation="schedule")
 
 
 # -- activations ----------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_compress_checks_the_settings_against_the_method_before_reading_anything
 
 
 def test_the_groups_are_frozen_configs_that_check_their_own_settings():
-    config = CompressConfig(calib="x.txt", damp=0.05)
+    config = CompressConfig(calib="x.txt", damp=0.05, allocation="schedule")
     assert config.groups.calibration.damp == 0.05 and config.groups.quantization.method == "mixed"
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.groups.calibration.damp = 0.1

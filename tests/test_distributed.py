@@ -53,7 +53,7 @@ def test_assign_balances_by_size_and_is_fixed():
     assert set(assign(sizes, 8).values()) == set(range(5))
 
 
-@pytest.mark.parametrize("extra", [[], ["--allocation", "optimal"]], ids=["schedule", "optimal"])
+@pytest.mark.parametrize("extra", [["--allocation", "schedule"], []], ids=["schedule", "default-optimal"])
 def test_two_ranks_write_the_one_process_package(llama_pair, tmp_path, extra):
     base, ft, _ = llama_pair
     common = [base, ft, "--bits", "2", "--no-progress", *extra]

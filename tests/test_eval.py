@@ -157,9 +157,9 @@ def test_eval_real_minilm(minilm_pair, tmp_path):
     assert r.exit_code == 0, r.output
     rows = _rows(r.stdout)
     assert rows["base"]["cos_mean"] < 0.95
-    assert rows["mixed (package)"]["cos_mean"] > 0.995
-    assert rows["mixed (package)"]["cos_mean"] > rows["lowrank"]["cos_mean"] > rows["base"]["cos_mean"]
-    assert rows["mixed (package)"]["error"]["global"] < rows["lowrank"]["error"]["global"]
+    assert rows["mixed optimal (package)"]["cos_mean"] > 0.995
+    assert rows["mixed optimal (package)"]["cos_mean"] > rows["lowrank"]["cos_mean"] > rows["base"]["cos_mean"]
+    assert rows["mixed optimal (package)"]["error"]["global"] < rows["lowrank"]["error"]["global"]
     assert torch.isfinite(torch.tensor(rows["bitdelta"]["cos_mean"]))
 
 
@@ -175,7 +175,7 @@ def test_baselines_drop_the_settings_only_mixed_takes(tmp_path):
     settings = CompressConfig(method="mixed", bits=1.0, calib=str(calib), allocation="optimal").to_dict()
     pkg = SimpleNamespace(manifest={"settings": settings})
     low = baseline_config(pkg, "lowrank")
-    assert low.method == "lowrank" and low.calib is None and low.allocation == "schedule"
+    assert low.method == "lowrank" and low.calib is None and low.allocation == "auto"
     ref = baseline_config(pkg, "reference")
     assert ref.method == "reference" and ref.calib is None and ref.bits == 1.0
     all_in = SimpleNamespace(manifest={"settings": CompressConfig(budget="all-in").to_dict()})

@@ -58,7 +58,7 @@ def test_reference_spends_the_mixed_schedule_and_its_bits(shape, bits):
             get_method("reference").check_budget(shape, CompressConfig(method="reference", bits=bits))
         return
     ref, _ = _compress(delta, bits)
-    mixed, _ = _compress(delta, bits, "mixed")
+    mixed, _ = _compress(delta, bits, "mixed", allocation="schedule")
     assert [(g["bits"], g["rank"]) for g in ref.info["groups"]] == want
     assert ref.factor_bits == mixed.factor_bits <= bits * delta.numel()
 

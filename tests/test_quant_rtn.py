@@ -52,3 +52,33 @@ def test_constant_rows_are_exact():
     x = torch.full((2, 40), 0.25)
     codes, scale, offset = rtn.quantize_rows(x, 2, 0)
     assert torch.equal(rtn.dequantize(codes, scale, offset, 0), x)
+
+
+def _first_best_ratio(x, bits, group_size):
+    """The clipped range as a loop over the ratios, keeping the first with the least error (the oracle)."""
+    xg = rtn._grouped(x, group_size)
+    lo, hi = xg.amin(2), xg.amax(2)
+    best = scale = offset = None
+    for ratio in rtn.CLIP_RATIOS:
+        s, o = rtn._range_params(lo * ratio, hi * ratio, bits)
+        q = torch.clamp(torch.round((xg - o[..., None]) / s[..., None]), 0, (1 << bits) - 1)
+        err = (q * s[..., None] + o[..., None] - xg).pow(2).sum(2)
+        better = err < best if best is not None else torch.ones_like(err, dtype=torch.bool)
+        best = torch.where(better, err, best if best is not None else err)
+        scale = torch.where(better, s, scale if scale is not None else s)
+        offset = torch.where(better, o, offset if offset is not None else o)
+    return scale, offset
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_clipped_range_is_the_first_ratio_with_least_error_in_blocks_or_whole(bits, group_size, monkeypatch):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.cat([torch.randn(20, 200, generator=g), torch.randint(-3, 4, (20, 200), generator=g).float(),
+                   torch.full((3, 200), 0.5)])  # Gaussian rows, rows with ties between ratios, constant rows
+    want = _first_best_ratio(x, bits, group_size)
+    whole = rtn.fit(x, bits, group_size)
+    monkeypatch.setattr(rtn, "_FIT_BLOCK", 7 * 200 * len(rtn.CLIP_RATIOS))  # blocks of 7 rows
+    blocks = rtn.fit(x, bits, group_size)
+    for got in (whole, blocks):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

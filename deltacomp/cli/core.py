@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import click
+from click.core import ParameterSource
 
 from deltacomp.cli import cli, handle_errors, verbose_option
 from deltacomp.cli.options import config_options
 from deltacomp.config import CompressConfig
+from deltacomp.presets import PRESETS, settle
 
 # the settings deltacomp compress offers, in the order --help lists them
 COMPRESS_OPTIONS = ["method", "bits", "budget", "rows_energy", "schedule", "group_size", "refit", "include", "exclude",
@@ -20,6 +22,10 @@ COMPRESS_OPTIONS = ["method", "bits", "budget", "rows_energy", "schedule", "grou
 @click.argument("base")
 @click.argument("finetuned")
 @click.option("-o", "--output", required=True, help="Package folder to write.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="Method, calibration, allocation and sequential fit in one flag (options given beside it override "
+              "it). fast: the fixed --schedule, no calibration, quickest; balanced: the defaults; best: GPTQ on "
+              "--calib text (required) with the optimal allocation, closest to the fine-tune, about 3x the time.")
 @config_options(CompressConfig, COMPRESS_OPTIONS)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command from the matrices "
@@ -27,7 +33,7 @@ COMPRESS_OPTIONS = ["method", "bits", "budget", "rows_energy", "schedule", "grou
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
 @verbose_option
 @handle_errors
-def compress(base, finetuned, output, overwrite, resume, progress, verbose, **settings):
+def compress(base, finetuned, output, preset, overwrite, resume, progress, verbose, **settings):
     """Compress FINETUNED's delta over BASE into a package (folders or Hub repo ids).
 
     Under torchrun (torchrun --nproc-per-node N -m deltacomp.cli compress ...) the matrices are shared among the
@@ -37,6 +43,9 @@ def compress(base, finetuned, output, overwrite, resume, progress, verbose, **se
     from deltacomp.methods.base import get_method
     from deltacomp.report import render_inspect
 
+    ctx = click.get_current_context()
+    given = {k for k in settings if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    settings = settle(settings, given, preset)
     get_method(settings["method"])
     config = CompressConfig.from_options(**settings)
     manifest = run(base, finetuned, output, config, overwrite=overwrite, progress=progress, resume=resume)

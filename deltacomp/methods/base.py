@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -22,13 +23,15 @@ class Compressed:
     total_bits: int = 0  # all-in: factors plus scales, offsets, S
 
 
-# Settings only some methods read: the value that means "not used", and the refusal when a method that does not
-# read one is given another value.
+# Settings only some methods read: the values every method accepts (the first is the neutral one, the default), and
+# the refusal when a method that does not read the setting is given another value. ``allocation`` "auto" leaves the
+# choice to the method (:attr:`Method.auto`); "schedule" stays accepted everywhere (reference follows the schedule,
+# and packages of every method record it).
 METHOD_SETTINGS = {
-    "calib": (None, "--calib is used by the {users} method only, not by {me!r}"),
-    "budget_scope": ("matrix", "--budget-scope model is for the {users} method only, not {me!r}"),
-    "budget": ("factors", "--budget all-in is for the {users} method only, not {me!r}"),
-    "allocation": ("schedule", "--allocation optimal is for the {users} method only, not {me!r}"),
+    "calib": ((None,), "--calib is used by the {users} method only, not by {me!r}"),
+    "budget_scope": (("matrix",), "--budget-scope model is for the {users} method only, not {me!r}"),
+    "budget": (("factors",), "--budget all-in is for the {users} method only, not {me!r}"),
+    "allocation": (("auto", "schedule"), "--allocation optimal is for the {users} method only, not {me!r}"),
 }
 
 
@@ -38,20 +41,32 @@ class Method:
     name: str = ""
     exact_factors: bool = False  # True when ``factors`` returns the stored delta exactly (a low-rank method)
 
-    # the settings of METHOD_SETTINGS that this method reads; any other left at a non-neutral value is refused
+    # the settings of METHOD_SETTINGS that this method reads; any other given a value not accepted by all is refused
     uses: frozenset[str] = frozenset()
+    # what a setting left to the method ("auto") becomes: :meth:`resolve`
+    auto: dict[str, str] = {"allocation": "schedule"}
 
     def check_config(self, config: CompressConfig) -> None:
         """Refuse settings this method does not use (a DeltacompError naming the setting and the method)."""
-        for key, (neutral, message) in METHOD_SETTINGS.items():
-            if getattr(config, key) != neutral and key not in self.uses:
+        for key, (accepted, message) in METHOD_SETTINGS.items():
+            if getattr(config, key) not in accepted and key not in self.uses:
                 users = " and ".join(sorted(n for n, cls in METHODS.items() if key in cls.uses)) or "no"
                 raise DeltacompError(message.format(users=users, me=self.name))
 
     def neutral_settings(self) -> dict:
         """The settings this method does not read, at their neutral values (a baseline of another method's
         package takes these)."""
-        return {key: neutral for key, (neutral, _) in METHOD_SETTINGS.items() if key not in self.uses}
+        return {key: accepted[0] for key, (accepted, _) in METHOD_SETTINGS.items() if key not in self.uses}
+
+    def resolve(self, config: CompressConfig) -> CompressConfig:
+        """``config`` with each setting left to the method ("auto") set to this method's choice, as the manifest
+        records it."""
+        chosen = {key: self.auto_choice(key, config) for key in self.auto if getattr(config, key) == "auto"}
+        return dataclasses.replace(config, **chosen) if chosen else config
+
+    def auto_choice(self, key: str, config: CompressConfig) -> str:
+        """What setting ``key`` left at "auto" becomes for ``config`` (by default :attr:`auto`'s value)."""
+        return self.auto[key]
 
     def check_budget(self, shape: tuple[int, int], config: CompressConfig) -> None:
         """Raise BudgetError if the budget cannot cover a matrix of ``shape``; default: any budget works."""

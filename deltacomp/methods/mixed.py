@@ -14,11 +14,26 @@ from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 from deltacomp.quant.packed import packed_from_parts
 
+# ``--allocation auto`` is optimal from this budget up, the schedule below it. Measured without calibration
+# (BENCHMARKS.md, "The default allocation, by function"): at 1 bit per entry optimal was closer to the fine-tune than
+# the schedule on all three pairs (KL 0.35x and 0.45x on two SmolLM2-135M fine-tunes, mean cosine 0.99929 vs
+# 0.99922 on MiniLM); at 0.5 bit the schedule was closer on two of the three (MiniLM 0.99805 vs 0.99729, a SmolLM2
+# fine-tune KL 0.000421 vs 0.000457; the other 0.000428 vs 0.000414).
+OPTIMAL_FROM_BITS = 1.0
+
 
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
     uses = frozenset({"calib", "budget_scope", "budget", "allocation"})
+    auto = {"allocation": "optimal"}
+
+    def auto_choice(self, key, config):
+        """``--allocation auto``: optimal from :data:`OPTIMAL_FROM_BITS` bits per entry, the schedule below (always
+        optimal with ``--budget-scope model``, which only the optimal allocation does)."""
+        if key == "allocation" and config.bits < OPTIMAL_FROM_BITS and config.budget_scope == "matrix":
+            return "schedule"
+        return super().auto_choice(key, config)
 
     @staticmethod
     def overhead(shape: tuple[int, int], config: CompressConfig, group_size: int) -> int:
@@ -41,6 +56,7 @@ class Mixed(Method):
                                    share, config.device, config.svd)
 
     def check_budget(self, shape, config):
+        config = self.resolve(config)
         if config.allocation == "schedule":
             self.schedule_groups(shape, config)
         elif config.budget_scope == "matrix":
@@ -56,26 +72,32 @@ class Mixed(Method):
     def compress(self, delta: torch.Tensor, config: CompressConfig, context: MatrixContext | None = None) -> Compressed:
         """``context``: its ``hessian`` (n, n) turns round-to-nearest into GPTQ; its ``plan`` gives the factors and
         widths of a model-scope allocation."""
+        config = self.resolve(config)
         h = context.hessian if context is not None else None
         plan = context.plan if context is not None else None
         m, n = delta.shape
         group_size = config.gptq_group_size if h is not None else config.group_size
+        allocated = None
         if plan is not None:
             u, s, v, bits = plan.u, plan.s, plan.v, plan.widths  # (m, r), (r,), (n, r), (r, 2)
         elif config.allocation == "optimal":
-            c = self.candidates(delta, config, h)
-            u, s, v = c.u, c.s, c.v
-            bits = allocate.choose(c, config.allocation_bits, budget_bits(m, n, config.bits))
+            allocated = self.candidates(delta, config, h)
+            u, s, v = allocated.u, allocated.s, allocated.v
+            bits = allocate.choose(allocated, config.allocation_bits, budget_bits(m, n, config.bits))
         else:
             sched = self.schedule_groups((m, n), config, group_size)
             u, s, v = svd(delta, sum(g.rank for g in sched), config.device, config.svd)
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
+        v_rows = None  # with the allocation's candidates, V as it rounded them: not quantized again
+        if allocated is not None and allocated.v_rows:
+            v_rows = allocate.chosen_rows(allocated.v_rows, bits, order)
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
-        fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h, config.act_order, config.damp)
+        fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h, config.act_order, config.damp,
+                              v_rows=v_rows)
         tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
         factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {

@@ -22,6 +22,7 @@ PER_VECTOR = 0  # quantization group size: one (scale, offset) per singular vect
 @register("reference")
 class Reference(Mixed):
     uses = frozenset()
+    auto = {"allocation": "schedule"}  # it follows the schedule, whatever mixed defaults to
 
     def check_budget(self, shape, config):
         self.schedule_groups(shape, config, PER_VECTOR)

@@ -26,7 +26,7 @@ best error drop per bit. The result never exceeds the budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,7 +34,7 @@ from deltacomp.errors import BudgetError
 from deltacomp.lowrank.svd import svd
 from deltacomp.quant import gptq, rtn
 from deltacomp.quant.budget import budget_bits, vector_cost
-from deltacomp.stages import timed
+from deltacomp.stages import stage, timed
 
 Width = tuple[int, int]  # (bits of u, bits of v)
 
@@ -46,28 +46,43 @@ def max_rank(m: int, n: int, bits_per_entry: float, widths: tuple[Width, ...], s
     return max(1, min(min(m, n), int(share * budget_bits(m, n, bits_per_entry) // cheapest)))
 
 
-def _rtn_error(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Per-row error vectors (R, L) of round-to-nearest at ``bits`` in the stored format."""
-    codes, scale, offset = rtn.quantize_rows(x, bits, group_size)
-    return x - rtn.dequantize(codes, scale, offset, group_size)
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes (R, L), scale (R, G), offset (R, G)
+
+
+def _rtn(x: torch.Tensor, bits: int, group_size: int) -> tuple[Rows, torch.Tensor]:
+    """Round-to-nearest of the rows of ``x (R, L)`` at ``bits`` in the stored format, and the error vectors (R, L)."""
+    rows = rtn.quantize_rows(x, bits, group_size)
+    return rows, x - rtn.dequantize(*rows, group_size)
 
 
 def _v_errors(v: torch.Tensor, bits: list[int], group_size: int, h: torch.Tensor | None,
-              gptq_v: tuple[bool, float] | None) -> dict[int, torch.Tensor]:
+              gptq_v: tuple[bool, float] | None) -> tuple[dict[int, torch.Tensor], dict[int, Rows]]:
     """``dv^T H dv`` (r,) of every vector at each width: with ``h`` and ``gptq_v`` = (act_order, damp), GPTQ's
-    errors (one sweep), else round-to-nearest's."""
+    errors (one sweep), else round-to-nearest's; and the round-to-nearest rows of V^T by width (what the factors
+    store when the matrix is not calibrated)."""
     r = v.shape[1]
     swept = [b for b in bits if gptq_v is not None and h is not None and b < 8]  # 8 bits: rounding is enough
-    errs = {}
+    errs, rows = {}, {}
     if swept:
-        rows = v.T.repeat(len(swept), 1)  # (K r, n)
+        stacked = v.T.repeat(len(swept), 1)  # (K r, n)
         row_bits = torch.tensor(swept, device=v.device).repeat_interleave(r)
-        codes, scale, offset = gptq.gptq_rows(rows, h, row_bits, group_size, *gptq_v)
-        errs = dict(zip(swept, (rows - rtn.dequantize(codes, scale, offset, group_size)).split(r)))
+        codes, scale, offset = gptq.gptq_rows(stacked, h, row_bits, group_size, *gptq_v)
+        errs = dict(zip(swept, (stacked - rtn.dequantize(codes, scale, offset, group_size)).split(r)))
     for b in bits:
         if b not in errs:
-            errs[b] = _rtn_error(v.T, b, group_size)  # (r, n)
-    return {b: (e * (e @ h)).sum(1) if h is not None else e.pow(2).sum(1) for b, e in errs.items()}
+            rows[b], errs[b] = _rtn(v.T, b, group_size)  # (r, n)
+    return {b: (e * (e @ h)).sum(1) if h is not None else e.pow(2).sum(1) for b, e in errs.items()}, rows
+
+
+def _table(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tuple[Width, ...], group_size: int,
+           h: torch.Tensor | None, gptq_v: tuple[bool, float] | None) -> tuple[torch.Tensor, dict[int, Rows]]:
+    """:func:`vector_errors`, and V^T's round-to-nearest rows by width (:func:`_v_errors`)."""
+    s2 = s.double() ** 2
+    hv = (v * (h @ v)).sum(0).double() if h is not None else torch.ones_like(s2)  # v_i^T H v_i
+    du2 = {b: _rtn(u.T, b, group_size)[1].pow(2).sum(1).double() for b in sorted({bu for bu, _ in widths})}
+    dv_h, v_rows = _v_errors(v, sorted({bv for _, bv in widths}), group_size, h, gptq_v)
+    cols = [s2 * hv] + [s2 * (du2[bu] * hv + dv_h[bv].double()) for bu, bv in widths]
+    return torch.stack(cols, 1).cpu(), v_rows
 
 
 @timed("allocation")
@@ -78,12 +93,7 @@ def vector_errors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tup
     u (m, r), s (r,), v (n, r) with unit columns; ``h`` (n, n) the input second moment, or None for the identity;
     ``gptq_v`` = (act_order, damp): with ``h``, v's errors measured under GPTQ (as the matrix will be quantized).
     """
-    s2 = s.double() ** 2
-    hv = (v * (h @ v)).sum(0).double() if h is not None else torch.ones_like(s2)  # v_i^T H v_i
-    du2 = {b: _rtn_error(u.T, b, group_size).pow(2).sum(1).double() for b in sorted({bu for bu, _ in widths})}
-    dv_h = _v_errors(v, sorted({bv for _, bv in widths}), group_size, h, gptq_v)
-    cols = [s2 * hv] + [s2 * (du2[bu] * hv + dv_h[bv].double()) for bu, bv in widths]
-    return torch.stack(cols, 1).cpu()
+    return _table(u, s, v, widths, group_size, h, gptq_v)[0]
 
 
 @timed("allocation")
@@ -177,6 +187,9 @@ class Candidates:
     v: torch.Tensor  # (n, r)
     errors: torch.Tensor  # (r, widths): :func:`vector_errors`
     costs: torch.Tensor  # (widths,): :func:`option_costs`
+    # V^T's rows rounded to nearest at each V width, as measured for ``errors`` (uncalibrated only): the factors take
+    # the chosen ones (:func:`chosen_rows`) instead of quantizing V again
+    v_rows: dict[int, Rows] = field(default_factory=dict)
 
 
 def candidates(delta: torch.Tensor, bits_per_entry: float, widths: tuple[Width, ...], group_size: int,
@@ -187,8 +200,24 @@ def candidates(delta: torch.Tensor, bits_per_entry: float, widths: tuple[Width, 
     Both the per-matrix allocation and the model-scope first pass start here."""
     m, n = delta.shape
     u, s, v = svd(delta, max_rank(m, n, bits_per_entry, widths, share, overhead), device, svd_method)
-    return Candidates(u, s, v, vector_errors(u, s, v, widths, group_size, h, gptq_v),
-                      option_costs(m, n, widths, overhead))
+    with stage("allocation"):
+        table, v_rows = _table(u, s, v, widths, group_size, h, gptq_v)
+    return Candidates(u, s, v, table, option_costs(m, n, widths, overhead), {} if h is not None else v_rows)
+
+
+def chosen_rows(rows: dict[int, Rows], widths: torch.Tensor, order: torch.Tensor) -> Rows:
+    """The stored V^T rows of the vectors ``order`` (indices into the candidates), each at its V width: picked
+    from ``rows`` (every candidate's rows by V width, :attr:`Candidates.v_rows`); ``widths`` (r, 2) as chosen."""
+    v_bits = widths[order.cpu(), 1]
+    out = []
+    for part in range(3):  # codes, scale, offset
+        like = rows[int(v_bits[0])][part]
+        pick = torch.empty((len(order), like.shape[1]), dtype=like.dtype, device=like.device)
+        for b in v_bits.unique().tolist():
+            at = (v_bits == b).nonzero().squeeze(1).to(like.device)
+            pick[at] = rows[b][part][order.to(like.device)[at]]
+        out.append(pick)
+    return tuple(out)
 
 
 def choose(c: Candidates, widths: tuple[Width, ...], budget: float) -> torch.Tensor:

@@ -76,7 +76,7 @@ def _widths(groups: list[BitGroup], side: str, device) -> torch.Tensor:
 
 def quantize(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, groups: list[BitGroup],
              group_size: int, refit: bool = True, h: torch.Tensor | None = None, act_order: bool = True,
-             damp: float = 0.01, clip: bool = True) -> list[FactorGroup]:
+             damp: float = 0.01, clip: bool = True, v_rows: tuple | None = None) -> list[FactorGroup]:
     """Quantize truncated SVD factors u (m, r), s (r,), v (n, r) in ``groups`` (consecutive vectors per width).
 
     Without ``h``: round-to-nearest. With ``h`` (n, n), the layer's input second moment ``X^T X / N``: GPTQ, as
@@ -92,16 +92,19 @@ def quantize(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Ten
 
     Each refit can only lower the (weighted) error before the following rounding. ``clip`` (round-to-nearest only)
     takes the MSE-best clipped range of each vector (:func:`deltacomp.quant.rtn.fit`), else its min-max range.
-    Everything runs in float32 on the device of ``u``.
+    ``v_rows``: V^T already rounded to nearest at these widths, as step 1 would (codes, scale, offset; the bit
+    allocation measured them), used instead of quantizing it again. Everything runs in float32 on the device of ``u``.
     """
     with stage("rtn" if h is None else "gptq"):
-        return _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip)
+        return _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip, v_rows)
 
 
-def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip) -> list[FactorGroup]:
+def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip, v_rows) -> list[FactorGroup]:
     dev = u.device
     delta = delta.to(dev, torch.float32)
-    if h is None:
+    if v_rows is not None and h is None:
+        v_q = tuple(t.to(dev) for t in v_rows)
+    elif h is None:
         v_q = _rtn_rows(v.T, groups, "v", group_size, clip)  # (r, n) codes, scale, offset
     else:
         h = h.to(dev, torch.float32)

@@ -29,6 +29,7 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(19))  # 1.00, 0.96, ..., 0.28
+_FIT_BLOCK = 1 << 21  # entries (rows x length x ratios) fitted at a time on the CPU: 8 MB of float32 (64x on a GPU)
 
 
 def _range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,26 +40,26 @@ def _range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
 def fit(x: torch.Tensor, bits: int, group_size: int, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and offset of each group: (R, L) -> two (R, G) float32 tensors.
 
-    ``clip=False`` gives the plain min-max range; otherwise the MSE-best clipped range (module docstring).
+    ``clip=False`` gives the plain min-max range; otherwise the MSE-best clipped range (module docstring): every
+    ratio is tried at once, and the first one with the least error wins. Rows are independent, so long inputs are
+    fitted in blocks of rows (small enough for the CPU's cache: the same result, faster).
     """
+    block = _FIT_BLOCK if x.device.type == "cpu" else _FIT_BLOCK << 6
+    rows = max(1, block // (len(CLIP_RATIOS) * max(1, x.shape[1])))
+    if clip and bits < 8 and x.shape[0] > rows:
+        parts = [fit(block, bits, group_size, clip) for block in x.split(rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     xg = _grouped(x.float(), group_size)  # (R, G, g)
     lo, hi = xg.amin(dim=2), xg.amax(dim=2)  # (R, G)
-    scale, offset = _range_params(lo, hi, bits)
     if not clip or bits >= 8:
-        return scale, offset
-    maxq = (1 << bits) - 1
-    best = None
-    for ratio in CLIP_RATIOS:
-        s, o = _range_params(lo * ratio, hi * ratio, bits)
-        q = torch.clamp(torch.round((xg - o[..., None]) / s[..., None]), 0, maxq)
-        err = (q * s[..., None] + o[..., None] - xg).pow(2).sum(dim=2)  # (R, G)
-        if best is None:
-            best = err
-            continue
-        better = err < best
-        best = torch.where(better, err, best)
-        scale, offset = torch.where(better, s, scale), torch.where(better, o, offset)
-    return scale, offset
+        return _range_params(lo, hi, bits)
+    ratio = torch.tensor(CLIP_RATIOS, device=x.device)[:, None, None]  # (C, 1, 1)
+    scale, offset = _range_params(lo * ratio, hi * ratio, bits)  # (C, R, G)
+    s, o = scale[..., None], offset[..., None]
+    work = (xg - o).div_(s).round_().clamp_(0, (1 << bits) - 1)  # codes (C, R, G, g)
+    err = work.mul_(s).add_(o).sub_(xg).pow_(2).sum(dim=3)  # (C, R, G)
+    best = err.argmin(dim=0, keepdim=True)  # the first least error: the earliest ratio in a tie
+    return scale.gather(0, best)[0], offset.gather(0, best)[0]
 
 
 def expand(p: torch.Tensor, length: int, group_size: int) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""The default bit allocation, judged by function: the fixed schedule vs the optimal allocation vs the plain reference
+method, at 1 and 0.5 bit per entry, and the presets of ``deltacomp compress --preset``.
+
+- MiniLM (the real pair, fetched from PyPI): mean and minimum cosine of the held-out sentences' embeddings to the
+  fine-tune's (``package_size_minilm.measure``).
+- SmolLM2-135M full fine-tunes (``fusion_smollm2.py``'s skills, e.g. made on the CPU): KL(fine-tune || rebuilt) per
+  token and top-1 agreement on the evaluation's built-in texts (``package_size_smollm2.measure``), with the package
+  storing the embedding whole (``--exclude embed_tokens``) beside, as the size goal is stated against it.
+
+Every row records its package bytes (every file) and compress seconds.
+
+    python benchmarks/allocation_default.py --smollm2-base BASE --tuned FT0 --tuned FT1 \\
+        --calib-minilm benchmarks/data/calib_sre.txt --calib-smollm2 benchmarks/data/calib_everyday.txt --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import package_size_minilm
+import package_size_smollm2
+
+from deltacomp.config import CompressConfig
+from deltacomp.report import format_table
+
+BUDGETS = (1.0, 0.5)
+# label -> CompressConfig options (every allocation setting given explicitly, so the rows do not move with defaults)
+ALLOCATIONS = (("reference", {"method": "reference"}), ("schedule", {"allocation": "schedule"}),
+               ("optimal", {"allocation": "optimal"}))
+
+
+def settings(bits: float, calib: str | None, whole: bool) -> list[tuple[str, dict]]:
+    rows = [(f"{label} @{bits:g}", {"bits": bits, **options}) for label, options in ALLOCATIONS]
+    if whole:
+        rows += [(f"{label}, embedding whole @{bits:g}", {"bits": bits, "exclude": ("embed_tokens",), **options})
+                 for label, options in ALLOCATIONS[1:]]
+    if calib:  # the first 128 lines, GPTQ defaults
+        calibrated = {"bits": bits, "calib": calib, "calib_samples": 128, "allocation": "optimal"}
+        rows += [(f"calib optimal @{bits:g}", calibrated),
+                 (f"calib optimal sequential @{bits:g}", {**calibrated, "sequential": True})]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smollm2-base", help="SmolLM2-135M base folder (gguf_to_folder of the GGUF).")
+    ap.add_argument("--tuned", action="append", default=[], help="SmolLM2 fine-tune folder (repeatable).")
+    ap.add_argument("--calib-minilm", help="Calibration text for MiniLM (the calibrated rows).")
+    ap.add_argument("--calib-smollm2", help="Calibration text for the SmolLM2 fine-tunes (the calibrated rows).")
+    ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--out", default=None, help="Write the rows as JSON here.")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp())
+    rows = []
+    if not args.no_minilm:
+        plan = [(label, CompressConfig(**options)) for bits in BUDGETS
+                for label, options in settings(bits, args.calib_minilm, whole=False)]
+        ref, measured = package_size_minilm.measure(work / "minilm", plan)
+        rows += [{"pair": "MiniLM", "package": r["package"], "bytes": r["totals"]["package_bytes"],
+                  "seconds": r["seconds"], "mean_cos": r["mean_cos"], "min_cos": r["min_cos"]} for r in measured]
+    for tuned in args.tuned:
+        plan = [row for bits in BUDGETS for row in settings(bits, args.calib_smollm2, whole=bits == 1.0)]
+        measured = package_size_smollm2.measure(Path(args.smollm2_base), Path(tuned), work / "smollm2", "cpu", plan)
+        rows += [{"pair": Path(tuned).name, **{k: r[k] for k in ("package", "bytes", "seconds", "kl", "top1")}}
+                 for r in measured]
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(render(rows))
+
+
+def render(rows: list[dict]) -> str:
+    table = []
+    for r in rows:
+        quality = (f"{r['mean_cos']:.5f} / {r['min_cos']:.5f}" if "mean_cos" in r
+                   else f"{r['kl']:.6f} / {r['top1']:.4f}")
+        table.append([r["pair"], r["package"], f"{r['bytes'] / 1e6:.2f}", quality, f"{r['seconds']:.1f}"])
+    return format_table(["pair", "package", "MB (every file)", "mean/min cos or KL/top-1", "compress s"], table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""One-flag settings for ``deltacomp compress --preset``, and how options given beside a preset combine with it.
+
+Each preset sets the method, the use of calibration, the bit allocation and the sequential fit; options given
+explicitly on the command line override it. Measured on the MiniLM pair and two SmolLM2-135M fine-tunes
+(BENCHMARKS.md, "The default allocation, by function"):
+
+- ``fast``: the fixed 8/3/2 schedule, round-to-nearest: the quickest compress.
+- ``balanced``: the defaults: no calibration, ``--allocation auto`` (optimal from 1 bit per entry, the schedule
+  below: the measured winner at each budget).
+- ``best``: calibrated (GPTQ on ``--calib`` text) with the optimal allocation: the closest to the fine-tune on every
+  pair and budget measured, about 3x the compress time; it needs ``--calib``. ``--sequential`` is not part of it:
+  it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it explicitly to try it).
+"""
+
+from __future__ import annotations
+
+from deltacomp.errors import DeltacompError
+
+PRESETS: dict[str, dict] = {
+    "fast": {"method": "mixed", "calib": None, "allocation": "schedule", "sequential": False},
+    "balanced": {"method": "mixed", "calib": None, "allocation": "auto", "sequential": False},
+    "best": {"method": "mixed", "allocation": "optimal", "sequential": False},  # and --calib, which it needs
+}
+NEEDS_CALIB = frozenset({"best"})
+
+
+def settle(options: dict, given: set[str], preset: str | None = None) -> dict:
+    """``deltacomp compress``'s option values (by setting name) with ``preset``'s settings for the options not in
+    ``given`` (those given explicitly), and an explicit ``--schedule``'s allocation: the schedule.
+
+    Raises DeltacompError for ``--preset best`` without ``--calib``, a preset with another method than mixed,
+    and ``--schedule`` with ``--allocation optimal``.
+    """
+    out = dict(options)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise DeltacompError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        out.update({key: value for key, value in PRESETS[preset].items() if key not in given})
+        if out.get("method") != PRESETS[preset]["method"]:
+            raise DeltacompError(f"--preset {preset} chooses the settings of the {PRESETS[preset]['method']} method; "
+                                 f"leave it out to compress with --method {out.get('method')}")
+        if preset in NEEDS_CALIB and not out.get("calib"):
+            raise DeltacompError(f"--preset {preset} calibrates: give --calib FILE (text like the text the model "
+                                 "will serve; a few hundred lines are enough)")
+    if "schedule" in given:
+        if "allocation" in given and out.get("allocation") == "optimal":
+            raise DeltacompError("--schedule fixes the bits of each singular vector and --allocation optimal chooses "
+                                 "them: give one of the two")
+        out["allocation"] = "schedule"
+    return out
