@@ -112,7 +112,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
                              f"(after --exclude); nothing would be compressed")
     for e in entries:
         if e.action == "compress":
-            method.check_budget(e.shape, config)
+            method.check_budget(e.shape, matrix_config(e.name, config))
     inputs = (base.path, ft.path)
     check_output(out, overwrite, "package", inputs)
     world = distributed.world(config.device)
@@ -289,6 +289,13 @@ def _exact_form(f: torch.Tensor, delta: torch.Tensor | None, mode: str) -> torch
     return half if err <= FP16_DELTA_TOLERANCE * float(delta.abs().max()) else f
 
 
+def matrix_config(name: str, config: CompressConfig) -> CompressConfig:
+    """The settings matrix ``name`` is compressed with: a token table or output head at ``--vocab-bits``."""
+    if config.vocab_bits is None or not is_vocab_matrix(name):
+        return config
+    return dataclasses.replace(config, bits=config.vocab_bits)
+
+
 def _compress_one(e: Entry, b, f, method, config, context: MatrixContext | None
                   ) -> tuple[dict | None, dict[str, torch.Tensor], dict[str, int]]:
     """One tensor pair -> (its manifest record or None when unchanged, the tensors stored under their package
@@ -311,6 +318,7 @@ def _compress_one(e: Entry, b, f, method, config, context: MatrixContext | None
         return {**record, **encoding, "bytes": _nbytes(stored)}, {e.name: stored}, {"fp16_delta_bytes": 2 * f.numel()}
     if context is not None and context.target is not None:  # e.g. the delta serving the compressed model's inputs
         delta = context.target(b, f)
+    config = matrix_config(e.name, config)
     rows = None
     if is_vocab_matrix(e.name) and not (context is not None and context.plan is not None):
         rows = select_rows(delta, config.rows_energy)  # (k,) or None: the rows of the tokens that moved

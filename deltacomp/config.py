@@ -150,6 +150,7 @@ class Quantization:
 
     method: str
     bits: float
+    vocab_bits: float | None
     budget: str
     schedule: tuple[tuple[int, int | None], ...]
     group_size: int
@@ -157,10 +158,13 @@ class Quantization:
     svd: str
 
     def __post_init__(self):
-        if not _number(self.bits) or self.bits <= 0:
-            raise DeltacompError(f"--bits must be a positive number of bits per entry, got {self.bits}")
-        if self.bits > 16:
-            raise DeltacompError(f"--bits {self.bits} is more than fp16 (16 bits per entry); nothing to compress")
+        for option, bits in (("--bits", self.bits), ("--vocab-bits", self.vocab_bits)):
+            if bits is None and option == "--vocab-bits":
+                continue
+            if not _number(bits) or bits <= 0:
+                raise DeltacompError(f"{option} must be a positive number of bits per entry, got {bits}")
+            if bits > 16:
+                raise DeltacompError(f"{option} {bits} is more than fp16 (16 bits per entry); nothing to compress")
         if self.budget not in ("factors", "all-in"):
             raise DeltacompError(f"--budget must be factors or all-in, got {self.budget!r}")
         if not self.schedule:
@@ -267,6 +271,9 @@ class CompressConfig:
                           metavar="[mixed|reference|lowrank|bitdelta|dense]")
     bits: float = setting(1.0, "quantization",
                           "Budget: bits per delta entry of each compressed matrix (1.0 = 1/16 of fp16).")
+    # token tables and output heads (EMBEDDING_PATTERN) at a budget of their own; None: --bits
+    vocab_bits: float | None = setting(None, "quantization", "Budget of the token tables and output heads "
+                                       "(embeddings, lm_head), bits per entry [default: --bits].", type=float)
     schedule: tuple[tuple[int, int | None], ...] = setting(
         DEFAULT_SCHEDULE, "quantization", "Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT. "
         "Read by --allocation schedule (and the reference method); giving it implies --allocation schedule.",
@@ -365,6 +372,8 @@ class CompressConfig:
             object.__setattr__(self, "allocation", "schedule")
         parts = {g: GROUP_TYPES[g](**{n: getattr(self, n) for n in self.group_fields(g)}) for g in GROUPS}
         object.__setattr__(self, "_groups", Groups(**parts))  # each group checks its own settings
+        if self.vocab_bits is not None and self.budget_scope == "model":
+            raise DeltacompError("--budget-scope model shares one budget across every matrix: leave out --vocab-bits")
         if self.sequential and self.budget_scope == "model":
             raise DeltacompError("--sequential compresses matrices one after another; it cannot share a "
                                  "--budget-scope model allocation, which is fixed before any is compressed")

@@ -69,6 +69,27 @@ def test_embeddings_are_compressed_row_sparse_and_rebuilt(sparse_embedding_pair,
     assert m["totals"]["bytes_by_kind"]["embeddings"] > 0
 
 
+def test_vocab_bits_set_the_token_tables_budget_alone(sparse_embedding_pair, tmp_path):
+    base, ft = sparse_embedding_pair
+    spent = {}
+    for vocab_bits in (None, 4.0):
+        config = CompressConfig(bits=0.5, vocab_bits=vocab_bits, rows_energy=1.0)  # every row: the whole budget
+        m = compress(base, ft, tmp_path / f"pkg{vocab_bits}", config, progress=False)
+        spent[vocab_bits] = {n: r["factor_bits_per_entry"] for n, r in m["modules"].items()
+                             if r["action"] == "compress"}
+        assert m["settings"]["vocab_bits"] == vocab_bits
+    vocab = [n for n in spent[None] if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert vocab and len(spent[None]) > len(vocab)
+    for name, bits in spent[4.0].items():
+        if name in vocab:
+            assert 0.5 < bits <= 4.0 and bits > 2 * spent[None][name]
+        else:  # the other matrices keep --bits, unchanged
+            assert bits == spent[None][name] <= 0.5
+    result = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "bad"), "--vocab-bits",
+                                      "2", "--budget-scope", "model"])
+    assert result.exit_code != 0 and "--vocab-bits" in result.output and "Traceback" not in result.output
+
+
 def test_forged_rows_are_refused(sparse_embedding_pair, tmp_path):
     base, ft = sparse_embedding_pair
     compress(base, ft, tmp_path / "pkg", CompressConfig(), progress=False)
