@@ -10,6 +10,7 @@ carries a path, a barrier and a few strings: the ranks must share the output's f
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import logging
 import os
@@ -100,10 +101,23 @@ def world(device: str = "cpu") -> World:
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend, timeout=TIMEOUT)
+        atexit.register(_leave)
         log.info("rank %d of %d joined the %s process group", rank, size, backend)
     if dist.get_world_size() != size:
         raise DeltacompError(f"WORLD_SIZE={size} but the process group has {dist.get_world_size()} processes")
     return World(rank, size, local)
+
+
+def _leave() -> None:
+    """Leave the process group together before the interpreter exits: a barrier, so that no rank closes its
+    connections while another still uses them, then destroy the group. Left to the interpreter's teardown, a rank
+    whose peer has already gone can abort in the backend's threads ("terminate called without an active
+    exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def assign(sizes: dict[str, int], ranks: int) -> dict[str, int]:
