@@ -102,6 +102,7 @@ class LayerInputs:
     width (down)."""
 
     def __init__(self, rows: int):
+        self.rows = rows
         self.hidden, self.inter = Step(rows, H), Step(rows, F)
 
     def next(self) -> None:
@@ -148,8 +149,9 @@ def decode_steps(layer, args, results: dict) -> None:
     lora_ranks = {"lora16": 16, "lora_same_bytes": _same_bytes_rank(delta_bytes, L)}
     results["lora_same_bytes_rank"] = lora_ranks["lora_same_bytes"]
     for rows in args.rows:
-        results["rows"][rows] = step_times(rows, base, single, fused, lora_ranks, args.repeats)
-        results["rows"][rows].update(overlap_times(rows, base, merged, single, fused, four, args.repeats))
+        inputs = LayerInputs(rows)
+        results["rows"][rows] = step_times(inputs, base, single, fused, lora_ranks, args.repeats)
+        results["rows"][rows].update(overlap_times(inputs, base, merged, single, fused, four, args.repeats))
         _save(results, args)
     del base, merged, single, fused, four
     torch.cuda.empty_cache()
@@ -161,10 +163,9 @@ def _save(results: dict, args) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
-def step_times(rows: int, base, single, fused, lora_ranks: dict, repeats: int) -> dict:
+def step_times(inputs: LayerInputs, base, single, fused, lora_ranks: dict, repeats: int) -> dict:
     """Milliseconds of one decode step: base matmuls, deltas alone (7 or 4 fused launches a layer), base + delta,
     and fp16 LoRAs done with torch matmuls."""
-    inputs = LayerInputs(rows)
     x_for = inputs.x
 
     def base_step():
@@ -229,16 +230,15 @@ def add_beside(x: torch.Tensor, base, delta) -> torch.Tensor:
     return y + d
 
 
-def overlap_times(rows: int, base, merged, single, fused, four, repeats: int) -> dict:
+def overlap_times(inputs: LayerInputs, base, merged, single, fused, four, repeats: int) -> dict:
     """Milliseconds of a decode step with the deltas beside the base matmuls (``add_beside``: side stream, joined
     before the next call, so calls stay ordered as in a model): per linear layer (7 a layer); merged base matmuls
     (q|k|v and gate|up concatenated, as serving engines store them: 4 a layer) with the fused delta banks; and
     four deltas per bank mixed per token by a gate (softmax of a 4-way linear map of x), top-2 of four, or one of
     four picked for the whole sequence (a one-hot weight, as the sentence router does)."""
-    inputs = LayerInputs(rows)
     x_for = inputs.x
     gates = [[torch.randn(4, b.in_features, device="cuda") * 0.05 for b in lw] for lw in four]
-    one_hot = torch.nn.functional.one_hot(torch.full((rows,), 2, device="cuda"), 4).float()
+    one_hot = torch.nn.functional.one_hot(torch.full((inputs.rows,), 2, device="cuda"), 4).float()
 
     def token(x, g):
         return torch.softmax(x.float() @ g.T, -1)

@@ -55,8 +55,9 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
     grads = torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad or y2.requires_grad)
     if bank.cache_factors and (grads or not x.is_cuda):
         out = delta_linear_factors(x2.to(y2.dtype), y2, w, bank.dequantized(), bank.s, bank.rows)
-    else:  # one row per tenant: each row tile reads only its own delta
-        args = (x2.to(y2.dtype), y2, w, *bank.tensors(), 1 if index is not None else 0)
+    else:
+        row_tile = 1 if index is not None else 0  # one row per tenant: each row tile reads only its own delta
+        args = (x2.to(y2.dtype), y2, w, *bank.tensors(), row_tile)
         ext = _eager_extension(x2, grads)
         out = ext.delta_linear(*args) if ext is not None else torch.ops.deltacomp.delta_linear(*args)
     return out.reshape(*lead, m)

@@ -41,4 +41,3 @@ class Reference(Mixed):
         }
         factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         return Compressed(tensors, info, factor_bits, sum(stored_bits(t) for t in tensors.values()))
-

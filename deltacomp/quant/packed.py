@@ -108,5 +108,3 @@ def packed_from_parts(name: str, parts: dict[str, torch.Tensor], info: dict, sha
         groups.append(PackedGroup(_side(name, parts, f"g{i}.u", bu, m, r, gs),
                                   _side(name, parts, f"g{i}.v", bv, n, r, gs), s))
     return PackedModule(name, (m, n), gs, tuple(groups))
-
-
