@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -26,14 +27,18 @@ import package_size_smollm2
 from deltacomp.config import CompressConfig
 from deltacomp.report import format_table
 
-BUDGETS = (1.0, 0.5)
 # label -> CompressConfig options (every allocation setting given explicitly, so the rows do not move with defaults)
 ALLOCATIONS = (("reference", {"method": "reference"}), ("schedule", {"allocation": "schedule"}),
                ("optimal", {"allocation": "optimal"}))
+# the reference's quantizer choices (min-max range, no refit) under deltacomp's allocations
+RANGES = (("optimal, minmax", {"allocation": "optimal", "vector_range": "minmax"}),
+          ("optimal, minmax, no refit", {"allocation": "optimal", "vector_range": "minmax", "refit": False}),
+          ("optimal, no refit", {"allocation": "optimal", "refit": False}))
 
 
-def settings(bits: float, calib: str | None, whole: bool) -> list[tuple[str, dict]]:
-    rows = [(f"{label} @{bits:g}", {"bits": bits, **options}) for label, options in ALLOCATIONS]
+def settings(bits: float, calib: str | None, whole: bool, pick: str | None = None) -> list[tuple[str, dict]]:
+    """The rows at ``bits``; ``pick``: only the labels this regex finds."""
+    rows = [(f"{label} @{bits:g}", {"bits": bits, **options}) for label, options in (*ALLOCATIONS, *RANGES)]
     if whole:
         rows += [(f"{label}, embedding whole @{bits:g}", {"bits": bits, "exclude": ("embed_tokens",), **options})
                  for label, options in ALLOCATIONS[1:]]
@@ -41,7 +46,7 @@ def settings(bits: float, calib: str | None, whole: bool) -> list[tuple[str, dic
         calibrated = {"bits": bits, "calib": calib, "calib_samples": 128, "allocation": "optimal"}
         rows += [(f"calib optimal @{bits:g}", calibrated),
                  (f"calib optimal sequential @{bits:g}", {**calibrated, "sequential": True})]
-    return rows
+    return [row for row in rows if pick is None or re.search(pick, row[0])]
 
 
 def main() -> None:
@@ -53,17 +58,20 @@ def main() -> None:
     ap.add_argument("--no-minilm", action="store_true")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=None, help="Write the rows as JSON here.")
+    ap.add_argument("--settings", default=None, help="Only the rows whose label this regex finds.")
+    ap.add_argument("--budgets", default="1,0.5", help="Bits per entry, comma-separated.")
     args = ap.parse_args()
+    budgets = tuple(float(b) for b in args.budgets.split(","))
     work = Path(args.work or tempfile.mkdtemp())
     rows = []
     if not args.no_minilm:
-        plan = [(label, CompressConfig(**options)) for bits in BUDGETS
-                for label, options in settings(bits, args.calib_minilm, whole=False)]
+        plan = [(label, CompressConfig(**options)) for bits in budgets
+                for label, options in settings(bits, args.calib_minilm, False, args.settings)]
         ref, measured = package_size_minilm.measure(work / "minilm", plan)
         rows += [{"pair": "MiniLM", "package": r["package"], "bytes": r["totals"]["package_bytes"],
                   "seconds": r["seconds"], "mean_cos": r["mean_cos"], "min_cos": r["min_cos"]} for r in measured]
     for tuned in args.tuned:
-        plan = [row for bits in BUDGETS for row in settings(bits, args.calib_smollm2, whole=bits == 1.0)]
+        plan = [row for bits in budgets for row in settings(bits, args.calib_smollm2, bits == 1.0, args.settings)]
         measured = package_size_smollm2.measure(Path(args.smollm2_base), Path(tuned), work / "smollm2", "cpu", plan)
         rows += [{"pair": Path(tuned).name, **{k: r[k] for k in ("package", "bytes", "seconds", "kl", "top1")}}
                  for r in measured]

@@ -91,6 +91,7 @@ def format_schedule(schedule: tuple[tuple[int, int | None], ...]) -> str:
 
 GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
 ALLOCATIONS = ("auto", "optimal", "schedule")
+VECTOR_RANGES = ("mse", "minmax")
 
 
 def setting(default, group: str, help: str | None = None, *, flag: str | None = None, type=None,
@@ -155,6 +156,7 @@ class Quantization:
     schedule: tuple[tuple[int, int | None], ...]
     group_size: int
     refit: bool
+    vector_range: str
     svd: str
 
     def __post_init__(self):
@@ -178,6 +180,8 @@ class Quantization:
             raise DeltacompError(f"--group-size must be >= 0 (0 = one group per vector), got {self.group_size}")
         if self.svd not in ("full", "randomized", "auto"):
             raise DeltacompError(f"--svd must be full, randomized or auto, got {self.svd!r}")
+        if self.vector_range not in VECTOR_RANGES:
+            raise DeltacompError(f"--range must be mse or minmax, got {self.vector_range!r}")
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,11 @@ class CompressConfig:
                               "Quantization group along each singular vector (0 = one group per vector).")
     refit: bool = setting(True, "quantization", "Least-squares refit of U and S after quantizing V.",
                           flag="--refit/--no-refit")
+    vector_range: str = setting(
+        "mse", "quantization", "Range of each singular vector's round-to-nearest levels: mse, the clipped range with "
+        "the least squared error; minmax, the vector's minimum to maximum (keeps its largest coordinates exact, "
+        "which the answers of some decoder fine-tunes depend on; BENCHMARKS.md, the quality suite).",
+        flag="--range", choices=VECTOR_RANGES)
     include: tuple[str, ...] = setting(DEFAULT_INCLUDE, "selection",
                                        "Regex of tensor names to compress (repeatable; replaces the default).",
                                        multiple=True, parse=_include)

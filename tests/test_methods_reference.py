@@ -7,6 +7,7 @@ from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError, DeltacompError
 from deltacomp.methods import method_for
 from deltacomp.methods.base import get_method
+from deltacomp.quant import packing
 from deltacomp.quant.budget import fill_schedule
 
 
@@ -91,6 +92,8 @@ def test_reference_reads_only_the_budget_and_the_schedule():
         method_for(CompressConfig(method="reference", allocation="optimal", budget_scope="model"))
     with pytest.raises(DeltacompError, match="mixed method only, not 'reference'"):
         method_for(CompressConfig(method="reference", allocation="optimal"))
+    with pytest.raises(DeltacompError, match="--range is for the mixed method only, not 'lowrank'"):
+        method_for(CompressConfig(method="lowrank", vector_range="minmax"))
     delta = _delta()
     plain, _ = _compress(delta, 1.0)
     asked, _ = _compress(delta, 1.0, group_size=32, refit=False)  # a mixed setting: no effect
@@ -121,3 +124,28 @@ def test_reference_package_round_trips(llama_pair, tmp_path):
         assert torch.allclose(out.read(name) - b.read(name), want, atol=1e-6), name
         # the fine-tune's deltas have rank 4 and every vector is kept (at 8, 3 or 2 bits): only rounding is left
         assert c.info["rank"] >= 4 and float((want - delta).norm() / delta.norm()) < 0.5, name
+
+
+def test_mixed_with_the_references_range_and_no_refit_is_the_reference():
+    """``--range minmax --no-refit`` on the schedule is exactly the reference: the two differ by these choices only."""
+    delta = _delta(seed=3)
+    ref, _ = _compress(delta, 1.0)
+    mixed, _ = _compress(delta, 1.0, method="mixed", vector_range="minmax", refit=False, allocation="schedule",
+                         svd="full")
+    assert ref.tensors.keys() == mixed.tensors.keys()
+    assert all(torch.equal(ref.tensors[k], mixed.tensors[k]) for k in ref.tensors)
+    clipped, _ = _compress(delta, 1.0, method="mixed", refit=False, allocation="schedule", svd="full")
+    assert not all(torch.equal(ref.tensors[k], clipped.tensors[k]) for k in ref.tensors)
+
+
+def test_optimal_allocation_keeps_the_chosen_range():
+    """Under ``--allocation optimal`` the stored vectors are rounded with the range asked for (the allocator's
+    error estimate uses it too): with minmax every stored V row reaches the lowest and the highest code."""
+    delta = _delta(seed=4)
+    c, got = _compress(delta, 1.0, method="mixed", vector_range="minmax", allocation="optimal")
+    _, clipped = _compress(delta, 1.0, method="mixed", allocation="optimal")
+    for i, g in enumerate(c.info["groups"]):
+        bits = g.get("v_bits", g["bits"])
+        codes = packing.unpack(c.tensors[f"g{i}.v"], bits, delta.shape[1])
+        assert int(codes.min(1).values.max()) == 0 and int(codes.max(1).values.min()) == (1 << bits) - 1
+    assert not torch.equal(got, clipped)

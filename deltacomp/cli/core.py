@@ -14,9 +14,9 @@ from deltacomp.presets import PRESETS, settle
 
 # the settings deltacomp compress offers, in the order --help lists them
 COMPRESS_OPTIONS = ["method", "bits", "vocab_bits", "budget", "rows_energy", "schedule", "group_size", "refit",
-                    "include", "exclude", "device", "calib", "calib_field", "calib_samples", "calib_seqlen",
-                    "gptq_group_size", "act_order", "damp", "sequential", "seq_damp", "allocation", "allocation_bits",
-                    "budget_scope", "svd", "exact"]
+                    "vector_range", "include", "exclude", "device", "calib", "calib_field", "calib_samples",
+                    "calib_seqlen", "gptq_group_size", "act_order", "damp", "sequential", "seq_damp", "allocation",
+                    "allocation_bits", "budget_scope", "svd", "exact"]
 
 
 @cli.command()

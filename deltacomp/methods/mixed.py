@@ -25,7 +25,7 @@ OPTIMAL_FROM_BITS = 1.0
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
-    uses = frozenset({"calib", "budget_scope", "budget", "allocation"})
+    uses = frozenset({"calib", "budget_scope", "budget", "allocation", "vector_range"})
     auto = {"allocation": "optimal"}
 
     def auto_choice(self, key, config):
@@ -53,7 +53,7 @@ class Mixed(Method):
         group_size = config.gptq_group_size if h is not None else config.group_size
         return allocate.candidates(delta, config.bits, config.allocation_bits, group_size, h,
                                    (config.act_order, config.damp), self.overhead(delta.shape, config, group_size),
-                                   share, config.device, config.svd)
+                                   share, config.device, config.svd, config.vector_range == "mse")
 
     def check_budget(self, shape, config):
         config = self.resolve(config)
@@ -97,7 +97,7 @@ class Mixed(Method):
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
         fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h, config.act_order, config.damp,
-                              v_rows=v_rows)
+                              clip=config.vector_range == "mse", v_rows=v_rows)
         tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
         factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {

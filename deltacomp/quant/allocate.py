@@ -49,14 +49,15 @@ def max_rank(m: int, n: int, bits_per_entry: float, widths: tuple[Width, ...], s
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes (R, L), scale (R, G), offset (R, G)
 
 
-def _rtn(x: torch.Tensor, bits: int, group_size: int) -> tuple[Rows, torch.Tensor]:
-    """Round-to-nearest of the rows of ``x (R, L)`` at ``bits`` in the stored format, and the error vectors (R, L)."""
-    rows = rtn.quantize_rows(x, bits, group_size)
+def _rtn(x: torch.Tensor, bits: int, group_size: int, clip: bool) -> tuple[Rows, torch.Tensor]:
+    """Round-to-nearest of the rows of ``x (R, L)`` at ``bits`` in the stored format (``clip``: the MSE-best range,
+    else min-max), and the error vectors (R, L)."""
+    rows = rtn.quantize_rows(x, bits, group_size, clip=clip)
     return rows, x - rtn.dequantize(*rows, group_size)
 
 
 def _v_errors(v: torch.Tensor, bits: list[int], group_size: int, h: torch.Tensor | None,
-              gptq_v: tuple[bool, float] | None) -> tuple[dict[int, torch.Tensor], dict[int, Rows]]:
+              gptq_v: tuple[bool, float] | None, clip: bool) -> tuple[dict[int, torch.Tensor], dict[int, Rows]]:
     """``dv^T H dv`` (r,) of every vector at each width: with ``h`` and ``gptq_v`` = (act_order, damp), GPTQ's
     errors (one sweep), else round-to-nearest's; and the round-to-nearest rows of V^T by width (what the factors
     store when the matrix is not calibrated)."""
@@ -70,17 +71,18 @@ def _v_errors(v: torch.Tensor, bits: list[int], group_size: int, h: torch.Tensor
         errs = dict(zip(swept, (stacked - rtn.dequantize(codes, scale, offset, group_size)).split(r)))
     for b in bits:
         if b not in errs:
-            rows[b], errs[b] = _rtn(v.T, b, group_size)  # (r, n)
+            rows[b], errs[b] = _rtn(v.T, b, group_size, clip)  # (r, n)
     return {b: (e * (e @ h)).sum(1) if h is not None else e.pow(2).sum(1) for b, e in errs.items()}, rows
 
 
 def _table(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: tuple[Width, ...], group_size: int,
-           h: torch.Tensor | None, gptq_v: tuple[bool, float] | None) -> tuple[torch.Tensor, dict[int, Rows]]:
+           h: torch.Tensor | None, gptq_v: tuple[bool, float] | None,
+           clip: bool = True) -> tuple[torch.Tensor, dict[int, Rows]]:
     """:func:`vector_errors`, and V^T's round-to-nearest rows by width (:func:`_v_errors`)."""
     s2 = s.double() ** 2
     hv = (v * (h @ v)).sum(0).double() if h is not None else torch.ones_like(s2)  # v_i^T H v_i
-    du2 = {b: _rtn(u.T, b, group_size)[1].pow(2).sum(1).double() for b in sorted({bu for bu, _ in widths})}
-    dv_h, v_rows = _v_errors(v, sorted({bv for _, bv in widths}), group_size, h, gptq_v)
+    du2 = {b: _rtn(u.T, b, group_size, clip)[1].pow(2).sum(1).double() for b in sorted({bu for bu, _ in widths})}
+    dv_h, v_rows = _v_errors(v, sorted({bv for _, bv in widths}), group_size, h, gptq_v, clip)
     cols = [s2 * hv] + [s2 * (du2[bu] * hv + dv_h[bv].double()) for bu, bv in widths]
     return torch.stack(cols, 1).cpu(), v_rows
 
@@ -194,14 +196,14 @@ class Candidates:
 
 def candidates(delta: torch.Tensor, bits_per_entry: float, widths: tuple[Width, ...], group_size: int,
                h: torch.Tensor | None = None, gptq_v: tuple[bool, float] | None = None, overhead: int = 0,
-               share: float = 1.0, device: str = "cpu", svd_method: str = "auto") -> Candidates:
+               share: float = 1.0, device: str = "cpu", svd_method: str = "auto", clip: bool = True) -> Candidates:
     """What an allocation chooses from for ``delta (m, n)``: the top :func:`max_rank` vectors (``share`` times the
     matrix's own budget: a model-scope allocation may give a matrix more than its share), their errors and costs.
     Both the per-matrix allocation and the model-scope first pass start here."""
     m, n = delta.shape
     u, s, v = svd(delta, max_rank(m, n, bits_per_entry, widths, share, overhead), device, svd_method)
     with stage("allocation"):
-        table, v_rows = _table(u, s, v, widths, group_size, h, gptq_v)
+        table, v_rows = _table(u, s, v, widths, group_size, h, gptq_v, clip)
     return Candidates(u, s, v, table, option_costs(m, n, widths, overhead), {} if h is not None else v_rows)
 
 
