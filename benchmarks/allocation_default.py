@@ -45,7 +45,8 @@ def settings(bits: float, calib: str | None, whole: bool, pick: str | None = Non
     if calib:  # the first 128 lines, GPTQ defaults
         calibrated = {"bits": bits, "calib": calib, "calib_samples": 128, "allocation": "optimal"}
         rows += [(f"calib optimal @{bits:g}", calibrated),
-                 (f"calib optimal sequential @{bits:g}", {**calibrated, "sequential": True})]
+                 (f"calib optimal sequential @{bits:g}", {**calibrated, "sequential": True}),
+                 (f"calib optimal, no refit @{bits:g}", {**calibrated, "refit": False})]
     return [row for row in rows if pick is None or re.search(pick, row[0])]
 
 

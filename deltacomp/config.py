@@ -284,13 +284,14 @@ class CompressConfig:
         shown=format_schedule(DEFAULT_SCHEDULE), parse=parse_schedule)
     group_size: int = setting(0, "quantization",
                               "Quantization group along each singular vector (0 = one group per vector).")
-    refit: bool = setting(True, "quantization", "Least-squares refit of U and S after quantizing V.",
-                          flag="--refit/--no-refit")
+    refit: bool = setting(False, "quantization", "Least-squares refit of U and S after quantizing V: a lower weight "
+                          "error; with the min-max range a higher model error on every pair measured, with the mse "
+                          "range a lower one (BENCHMARKS.md).", flag="--refit/--no-refit")
     vector_range: str = setting(
-        "mse", "quantization", "Range of each singular vector's round-to-nearest levels: mse, the clipped range with "
-        "the least squared error; minmax, the vector's minimum to maximum (keeps its largest coordinates exact, "
-        "which the answers of some decoder fine-tunes depend on; BENCHMARKS.md, the quality suite).",
-        flag="--range", choices=VECTOR_RANGES)
+        "minmax", "quantization", "Range of each singular vector's round-to-nearest levels: minmax, the vector's "
+        "minimum to maximum (never clips its largest coordinates, which the model's outputs depend on); mse, the "
+        "clipped range with the least squared error (a lower weight error, a higher model error on every pair "
+        "measured; BENCHMARKS.md).", flag="--range", choices=VECTOR_RANGES)
     include: tuple[str, ...] = setting(DEFAULT_INCLUDE, "selection",
                                        "Regex of tensor names to compress (repeatable; replaces the default).",
                                        multiple=True, parse=_include)
@@ -321,14 +322,12 @@ class CompressConfig:
     seq_damp: float = setting(1.0, "calibration",
                               "--sequential's ridge towards the fine-tune's weight (fraction of mean diag H).")
     # bit allocation (deltacomp.quant.allocate)
-    # auto: the method's own rule (mixed: optimal from 1 bit per entry, the schedule below; reference: the
-    # schedule), so every method accepts the default
+    # auto: the method's own rule (mixed: optimal; reference: the schedule), so every method accepts the default
     allocation: str = setting(
         "auto", "allocation", "Bits per singular vector. optimal: chosen to minimise the expected error under the "
-        "budget; closer to the fine-tune than the schedule at 1 bit per entry on every pair measured, not at 0.5 "
-        "(BENCHMARKS.md), 1.05-1.4x the compress time. schedule: the fixed --schedule, the fastest (an explicit "
-        "--schedule implies it). auto: for mixed, optimal from 1 bit per entry and the schedule below; for "
-        "reference, the schedule.", choices=ALLOCATIONS)
+        "budget; closer to the fine-tune than the schedule on every decoder pair measured at 1 and 0.5 bit per entry "
+        "(BENCHMARKS.md), about 1.5x the compress time. schedule: the fixed --schedule, the fastest (an explicit "
+        "--schedule implies it). auto: optimal for mixed, the schedule for reference.", choices=ALLOCATIONS)
     # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib, else 2,3,4,8
     allocation_bits: tuple[tuple[int, int], ...] | None = setting(
         None, "allocation", "Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector "

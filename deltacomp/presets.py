@@ -2,14 +2,15 @@
 
 Each preset sets the method, the use of calibration, the bit allocation and the sequential fit; options given
 explicitly on the command line override it. Measured on the MiniLM pair and two SmolLM2-135M fine-tunes
-(BENCHMARKS.md, "The default allocation, by function"):
+(BENCHMARKS.md, "The default quantizer, by function"):
 
-- ``fast``: the fixed 8/3/2 schedule, round-to-nearest: the quickest compress.
-- ``balanced``: the defaults: no calibration, ``--allocation auto`` (optimal from 1 bit per entry, the schedule
-  below: the measured winner at each budget).
-- ``best``: calibrated (GPTQ on ``--calib`` text) with the optimal allocation: the closest to the fine-tune on every
-  pair and budget measured, about 3x the compress time; it needs ``--calib``. ``--sequential`` is not part of it:
-  it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it explicitly to try it).
+- ``fast``: the fixed 8/3/2 schedule, round-to-nearest: the quickest compress (with the default quantizer, the
+  plain reference method's result).
+- ``balanced``: the defaults: no calibration, ``--allocation auto`` (the optimal allocation, the measured winner on
+  every decoder pair at 1 and 0.5 bit per entry).
+- ``best``: calibrated (GPTQ on ``--calib`` text) with the optimal allocation, about 3x the compress time; it needs
+  ``--calib``. ``--sequential`` is not part of it: it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2
+  fine-tune (add it explicitly to try it).
 """
 
 from __future__ import annotations

@@ -92,8 +92,8 @@ def test_reference_reads_only_the_budget_and_the_schedule():
         method_for(CompressConfig(method="reference", allocation="optimal", budget_scope="model"))
     with pytest.raises(DeltacompError, match="mixed method only, not 'reference'"):
         method_for(CompressConfig(method="reference", allocation="optimal"))
-    with pytest.raises(DeltacompError, match="--range is for the mixed method only, not 'lowrank'"):
-        method_for(CompressConfig(method="lowrank", vector_range="minmax"))
+    with pytest.raises(DeltacompError, match="--range mse is for the mixed method only, not 'lowrank'"):
+        method_for(CompressConfig(method="lowrank", vector_range="mse"))
     delta = _delta()
     plain, _ = _compress(delta, 1.0)
     asked, _ = _compress(delta, 1.0, group_size=32, refit=False)  # a mixed setting: no effect
@@ -126,15 +126,15 @@ def test_reference_package_round_trips(llama_pair, tmp_path):
         assert c.info["rank"] >= 4 and float((want - delta).norm() / delta.norm()) < 0.5, name
 
 
-def test_mixed_with_the_references_range_and_no_refit_is_the_reference():
-    """``--range minmax --no-refit`` on the schedule is exactly the reference: the two differ by these choices only."""
+def test_mixed_default_quantizer_on_the_schedule_is_the_reference():
+    """mixed's default quantizer (min-max range, no refit) on the schedule is exactly the reference; ``--range mse``
+    is not."""
     delta = _delta(seed=3)
     ref, _ = _compress(delta, 1.0)
-    mixed, _ = _compress(delta, 1.0, method="mixed", vector_range="minmax", refit=False, allocation="schedule",
-                         svd="full")
+    mixed, _ = _compress(delta, 1.0, method="mixed", allocation="schedule", svd="full")  # the default quantizer
     assert ref.tensors.keys() == mixed.tensors.keys()
     assert all(torch.equal(ref.tensors[k], mixed.tensors[k]) for k in ref.tensors)
-    clipped, _ = _compress(delta, 1.0, method="mixed", refit=False, allocation="schedule", svd="full")
+    clipped, _ = _compress(delta, 1.0, method="mixed", vector_range="mse", allocation="schedule", svd="full")
     assert not all(torch.equal(ref.tensors[k], clipped.tensors[k]) for k in ref.tensors)
 
 
@@ -142,8 +142,8 @@ def test_optimal_allocation_keeps_the_chosen_range():
     """Under ``--allocation optimal`` the stored vectors are rounded with the range asked for (the allocator's
     error estimate uses it too): with minmax every stored V row reaches the lowest and the highest code."""
     delta = _delta(seed=4)
-    c, got = _compress(delta, 1.0, method="mixed", vector_range="minmax", allocation="optimal")
-    _, clipped = _compress(delta, 1.0, method="mixed", allocation="optimal")
+    c, got = _compress(delta, 1.0, method="mixed", allocation="optimal")
+    _, clipped = _compress(delta, 1.0, method="mixed", vector_range="mse", allocation="optimal")
     for i, g in enumerate(c.info["groups"]):
         bits = g.get("v_bits", g["bits"])
         codes = packing.unpack(c.tensors[f"g{i}.v"], bits, delta.shape[1])

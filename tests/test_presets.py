@@ -58,11 +58,9 @@ def test_a_schedule_given_implies_the_schedule_and_refuses_optimal():
 @pytest.mark.parametrize("method", ["reference", "lowrank", "bitdelta", "dense"])
 def test_the_default_allocation_is_accepted_by_every_method_and_resolved_by_each(method):
     assert method_for(CompressConfig(method=method)).resolve(CompressConfig(method=method)).allocation == "schedule"
-    mixed = get_method("mixed")  # optimal from 1 bit per entry, the schedule below (as measured)
-    assert [mixed.resolve(CompressConfig(bits=b)).allocation for b in (2.0, 1.0, 0.99, 0.5)] == \
-        ["optimal", "optimal", "schedule", "schedule"]
-    assert mixed.resolve(CompressConfig(bits=0.5, allocation="optimal")).allocation == "optimal"
-    assert mixed.resolve(CompressConfig(bits=0.5, budget_scope="model")).allocation == "optimal"
+    mixed = get_method("mixed")  # optimal at every budget (as measured)
+    assert [mixed.resolve(CompressConfig(bits=b)).allocation for b in (2.0, 1.0, 0.5, 0.25)] == ["optimal"] * 4
+    assert mixed.resolve(CompressConfig(bits=0.5, allocation="schedule")).allocation == "schedule"
     with pytest.raises(DeltacompError, match=f"--allocation optimal is for the mixed method only, not '{method}'"):
         method_for(CompressConfig(method=method, allocation="optimal"))
 
@@ -98,7 +96,7 @@ def test_cli_default_and_presets_write_what_they_chose(tmp_path, llama_tok):
     assert got == {"default": ("optimal", False, False), "fast": ("schedule", False, False),
                    "fast+optimal": ("optimal", False, False), "best": ("optimal", True, False),
                    "best+seq": ("optimal", True, True), "schedule": ("schedule", False, False),
-                   "default@0.5": ("schedule", False, False)}
+                   "default@0.5": ("optimal", False, False)}
 
 
 @pytest.mark.parametrize("args, words", [

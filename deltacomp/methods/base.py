@@ -32,7 +32,7 @@ METHOD_SETTINGS = {
     "budget_scope": (("matrix",), "--budget-scope model is for the {users} method only, not {me!r}"),
     "budget": (("factors",), "--budget all-in is for the {users} method only, not {me!r}"),
     "allocation": (("auto", "schedule"), "--allocation optimal is for the {users} method only, not {me!r}"),
-    "vector_range": (("mse",), "--range is for the {users} method only, not {me!r}"),
+    "vector_range": (("minmax",), "--range mse is for the {users} method only, not {me!r}"),
 }
 
 

@@ -14,12 +14,11 @@ from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 from deltacomp.quant.packed import packed_from_parts
 
-# ``--allocation auto`` is optimal from this budget up, the schedule below it. Measured without calibration
-# (BENCHMARKS.md, "The default allocation, by function"): at 1 bit per entry optimal was closer to the fine-tune than
-# the schedule on all three pairs (KL 0.35x and 0.45x on two SmolLM2-135M fine-tunes, mean cosine 0.99929 vs
-# 0.99922 on MiniLM); at 0.5 bit the schedule was closer on two of the three (MiniLM 0.99805 vs 0.99729, a SmolLM2
-# fine-tune KL 0.000421 vs 0.000457; the other 0.000428 vs 0.000414).
-OPTIMAL_FROM_BITS = 1.0
+# ``--allocation auto`` is the optimal allocation. Measured by function without calibration, with the default
+# quantizer (min-max range, no refit; BENCHMARKS.md, "The default quantizer, by function"): at 1 bit per entry it was
+# closer to the fine-tune than the schedule on all three pairs measured; at 0.5 bit on both SmolLM2-135M fine-tunes
+# (KL 0.41x and 0.57x the schedule's, which with this quantizer is the plain reference) but not on MiniLM (mean
+# cosine 0.99846 vs 0.99875).
 
 
 @register("mixed")
@@ -27,13 +26,6 @@ class Mixed(Method):
     exact_factors = True
     uses = frozenset({"calib", "budget_scope", "budget", "allocation", "vector_range"})
     auto = {"allocation": "optimal"}
-
-    def auto_choice(self, key, config):
-        """``--allocation auto``: optimal from :data:`OPTIMAL_FROM_BITS` bits per entry, the schedule below (always
-        optimal with ``--budget-scope model``, which only the optimal allocation does)."""
-        if key == "allocation" and config.bits < OPTIMAL_FROM_BITS and config.budget_scope == "matrix":
-            return "schedule"
-        return super().auto_choice(key, config)
 
     @staticmethod
     def overhead(shape: tuple[int, int], config: CompressConfig, group_size: int) -> int:
