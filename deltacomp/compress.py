@@ -126,6 +126,8 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         contexts = open_contexts(base, ft, entries, config, method)
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
+    if config.vocab_weights == "counts" and config.budget_scope == "matrix":
+        context_for = _with_row_weights(base, ft, entries, mine, config, context_for)
     replay = contexts is not None and contexts.sequential is not None  # a resumed matrix still feeds the student
     identity = {"deltacomp_version": __version__, "settings": config.to_dict(),
                 "inputs": [str(Path(p).resolve()) for p in inputs], "compressed": sorted(owner)}
@@ -150,6 +152,34 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         if contexts is not None:
             contexts.close()
     return world.broadcast(manifest)
+
+
+def _with_row_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],
+                      config: CompressConfig, context_for):
+    """``context_for`` with token-count row weights (:mod:`deltacomp.calib.frequency`) in the contexts of this
+    rank's token tables and output heads; unchanged when it compresses none or no tokenizer is found."""
+    vocab = [e for e in entries if e.name in mine and e.action == "compress" and is_vocab_matrix(e.name)]
+    if not vocab:
+        return context_for
+    from deltacomp.calib.frequency import vocab_row_weights
+
+    samples = None
+    if config.calib:
+        from deltacomp.calib.provider import load_calibration
+
+        samples = load_calibration(config.groups.calibration, ft, base)
+    weights = vocab_row_weights((ft.path, base.path), max(e.shape[0] for e in vocab), samples)  # (V,)
+    if weights is None:
+        return context_for
+    names = {e.name for e in vocab}
+
+    def context(e: Entry) -> MatrixContext | None:
+        given = context_for(e) if context_for else None
+        if e.name not in names:
+            return given
+        return dataclasses.replace(given or MatrixContext(), row_weight=weights[:e.shape[0]])
+
+    return context
 
 
 def _owners(entries: list[Entry], config: CompressConfig, world: distributed.World, given: bool) -> dict[str, int]:
@@ -323,6 +353,8 @@ def _compress_one(e: Entry, b, f, method, config, context: MatrixContext | None
     if is_vocab_matrix(e.name) and not (context is not None and context.plan is not None):
         rows = select_rows(delta, config.rows_energy)  # (k,) or None: the rows of the tokens that moved
     if rows is not None:  # the kept rows as a (k, n) matrix, at the whole matrix's budget (fp16 at most)
+        if context is not None and context.row_weight is not None:  # the weights are for the dense table
+            context = dataclasses.replace(context, row_weight=None)
         m = delta.shape[0]
         sub_config = dataclasses.replace(config, bits=min(config.bits * m / rows.numel(), 16.0))
         c = method.compress(delta[rows.to(delta.device)], sub_config, context)

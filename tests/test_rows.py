@@ -152,3 +152,50 @@ def test_cli_papercuts(llama_pair, tmp_path):
     assert "bits/entry" in r.output  # the per-module table with -v after the subcommand
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "p")])
     assert "every file" in r.output and "norms and biases" in r.output
+
+
+@pytest.fixture(scope="module")
+def dense_embedding_pair(llama_tok, tmp_path_factory):
+    """The tiny Llama pair (byte tokenizer) with every row of embed_tokens and lm_head moved (a tied head's
+    fine-tune), by a delta of full rank."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, ft = llama_tok[:2]
+    out = tmp_path_factory.mktemp("dense_emb") / "ft"
+    shutil.copytree(ft, out)
+    g = torch.Generator().manual_seed(1)
+    for f in sorted(out.glob("*.safetensors")):
+        sd = load_file(f)
+        for k in sd:
+            if k.endswith(("embed_tokens.weight", "lm_head.weight")):
+                sd[k] = sd[k] + 0.02 * torch.randn(sd[k].shape, generator=g)
+        save_file(sd, f, metadata={"format": "pt"})
+    return base, out
+
+
+def test_vocab_weights_counts_keep_the_frequent_tokens_rows_better(dense_embedding_pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    from deltacomp.calib.frequency import TOKEN_TEXT, count_tokens, text_token_lists
+    from deltacomp.package.reader import reconstruct_delta
+
+    base, ft = dense_embedding_pair
+    counts = count_tokens(text_token_lists(TOKEN_TEXT, AutoTokenizer.from_pretrained(ft)), 256)
+    frequent = counts.argsort(descending=True)[:16]  # the byte tokenizer: mostly lower-case letters and the space
+    b, f = Checkpoint(base), Checkpoint(ft)
+    err, stored = {}, {}
+    for weights in ("off", "counts"):
+        config = CompressConfig(bits=0.5, rows_energy=1.0, vocab_weights=weights)
+        m = compress(base, ft, tmp_path / weights, config, progress=False)
+        assert m["settings"]["vocab_weights"] == weights
+        pkg = DeltaPackage(tmp_path / weights)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            delta = f.read(name).float() - b.read(name).float()
+            got = reconstruct_delta(pkg, name)
+            err[weights, name] = float((got - delta)[frequent].norm() / delta[frequent].norm())
+        stored[weights] = {n: r["bytes"] for n, r in m["modules"].items() if r["action"] == "compress"}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert err["counts", name] < 0.9 * err["off", name]
+    assert stored["counts"] == stored["off"]  # the same bytes: the weights only choose the vectors
