@@ -38,7 +38,7 @@ from deltacomp.package.manifest import (
 )
 from deltacomp.package.store import sha256_file
 from deltacomp.resume import FOLDER, ResultStore
-from deltacomp.rows import is_vocab_matrix, select_rows
+from deltacomp.rows import is_token_table, is_vocab_matrix, select_rows
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,9 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
 def _with_row_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],
                       config: CompressConfig, context_for):
     """``context_for`` with token-count row weights (:mod:`deltacomp.calib.frequency`) in the contexts of this
-    rank's token tables and output heads; unchanged when it compresses none or no tokenizer is found."""
-    vocab = [e for e in entries if e.name in mine and e.action == "compress" and is_vocab_matrix(e.name)]
+    rank's token tables and output heads (not position tables); unchanged when it compresses none or no tokenizer
+    is found."""
+    vocab = [e for e in entries if e.name in mine and e.action == "compress" and is_token_table(e.name)]
     if not vocab:
         return context_for
     from deltacomp.calib.frequency import vocab_row_weights

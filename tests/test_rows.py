@@ -12,7 +12,16 @@ from deltacomp.config import CompressConfig
 from deltacomp.errors import PackageError
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.package.store import DeltaPackage
-from deltacomp.rows import check_rows, scatter_rows, select_rows
+from deltacomp.rows import check_rows, is_token_table, scatter_rows, select_rows
+
+
+def test_token_tables_are_the_vocabulary_matrices_whose_rows_are_tokens():
+    assert is_token_table("model.embed_tokens.weight") and is_token_table("lm_head.weight")
+    assert is_token_table("bert.embeddings.word_embeddings.weight") and is_token_table("transformer.wte.weight")
+    for positions in ("bert.embeddings.position_embeddings.weight", "transformer.wpe.weight",
+                      "model.decoder.embed_positions.weight"):
+        assert not is_token_table(positions)
+    assert not is_token_table("model.layers.0.self_attn.q_proj.weight")
 
 
 def test_select_rows_keeps_the_rows_that_moved():
