@@ -40,6 +40,8 @@ NAMED = dict(SETTINGS) | {
     "--vocab-bits 1.5": {"vocab_bits": 1.5},
     "--vocab-weights counts": {"vocab_weights": "counts"},
     "--vocab-weights counts --vocab-bits 1.5": {"vocab_weights": "counts", "vocab_bits": 1.5},
+    "--vocab-weights head": {"vocab_weights": "head"},
+    "--vocab-weights head --vocab-bits 1.5": {"vocab_weights": "head", "vocab_bits": 1.5},
 }
 
 

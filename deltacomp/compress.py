@@ -126,8 +126,8 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         contexts = open_contexts(base, ft, entries, config, method)
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
-    if config.vocab_weights == "counts" and config.budget_scope == "matrix":
-        context_for = _with_row_weights(base, ft, entries, mine, config, context_for)
+    if config.vocab_weights != "off" and config.budget_scope == "matrix":
+        context_for = _with_token_weights(base, ft, entries, mine, config, context_for)
     replay = contexts is not None and contexts.sequential is not None  # a resumed matrix still feeds the student
     identity = {"deltacomp_version": __version__, "settings": config.to_dict(),
                 "inputs": [str(Path(p).resolve()) for p in inputs], "compressed": sorted(owner)}
@@ -154,31 +154,26 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     return world.broadcast(manifest)
 
 
-def _with_row_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],
-                      config: CompressConfig, context_for):
-    """``context_for`` with token-count row weights (:mod:`deltacomp.calib.frequency`) in the contexts of this
-    rank's token tables and output heads (not position tables); unchanged when it compresses none or no tokenizer
-    is found."""
-    vocab = [e for e in entries if e.name in mine and e.action == "compress" and is_token_table(e.name)]
-    if not vocab:
+def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],
+                        config: CompressConfig, context_for):
+    """``context_for`` with ``--vocab-weights`` (:mod:`deltacomp.calib.frequency`) in the contexts of this rank's
+    token tables and output heads (not position tables); unchanged when it compresses none or no tokenizer is
+    found."""
+    shapes = {e.name: tuple(e.shape) for e in entries
+              if e.name in mine and e.action == "compress" and is_token_table(e.name)}
+    if not shapes:
         return context_for
-    from deltacomp.calib.frequency import vocab_row_weights
+    from deltacomp.calib.frequency import token_table_contexts
 
-    samples = None
-    if config.calib:
-        from deltacomp.calib.provider import load_calibration
-
-        samples = load_calibration(config.groups.calibration, ft, base)
-    weights = vocab_row_weights((ft.path, base.path), max(e.shape[0] for e in vocab), samples)  # (V,)
-    if weights is None:
+    extra = token_table_contexts(base, ft, shapes, config)
+    if not extra:
         return context_for
-    names = {e.name for e in vocab}
 
     def context(e: Entry) -> MatrixContext | None:
         given = context_for(e) if context_for else None
-        if e.name not in names:
+        if e.name not in extra:
             return given
-        return dataclasses.replace(given or MatrixContext(), row_weight=weights[:e.shape[0]])
+        return dataclasses.replace(given or MatrixContext(), **extra[e.name])
 
     return context
 

@@ -91,7 +91,7 @@ def format_schedule(schedule: tuple[tuple[int, int | None], ...]) -> str:
 
 GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
 ALLOCATIONS = ("auto", "optimal", "schedule")
-VOCAB_WEIGHTS = ("off", "counts")  # how a token table's rows are weighted in its SVD (deltacomp.calib.frequency)
+VOCAB_WEIGHTS = ("off", "counts", "head")  # how token tables are weighted (deltacomp.calib.frequency)
 
 
 def setting(default, group: str, help: str | None = None, *, flag: str | None = None, type=None,
@@ -282,8 +282,10 @@ class CompressConfig:
     vocab_weights: str = setting(
         "off", "quantization", "Token tables and output heads compressed whole (the fine-tune moved most rows, as "
         "a tied head does): counts chooses their singular vectors for rows weighted by sqrt(token count + 1), counted "
-        "on --calib or a built-in English text; lower KL at the same bytes on two SmolLM2 fine-tunes (BENCHMARKS.md), "
-        "a second of tokenizing. Not read with --budget-scope model.", choices=VOCAB_WEIGHTS)
+        "on --calib or a built-in English text (a second of tokenizing); head also weighs the output head by its "
+        "inputs, the fine-tune's final hidden states on that text (GPTQ; one pass of the fine-tune). Lower KL at the "
+        "same bytes on two SmolLM2 fine-tunes (BENCHMARKS.md). Not read with --budget-scope model.",
+        choices=VOCAB_WEIGHTS)
     schedule: tuple[tuple[int, int | None], ...] = setting(
         DEFAULT_SCHEDULE, "quantization", "Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT. "
         "Read by --allocation schedule (and the reference method); giving it implies --allocation schedule.",

@@ -195,7 +195,7 @@ def test_vocab_weights_counts_keep_the_frequent_tokens_rows_better(dense_embeddi
     frequent = counts.argsort(descending=True)[:16]  # the byte tokenizer: mostly lower-case letters and the space
     b, f = Checkpoint(base), Checkpoint(ft)
     err, stored = {}, {}
-    for weights in ("off", "counts"):
+    for weights in ("off", "counts", "head"):
         config = CompressConfig(bits=0.5, rows_energy=1.0, vocab_weights=weights)
         m = compress(base, ft, tmp_path / weights, config, progress=False)
         assert m["settings"]["vocab_weights"] == weights
@@ -205,6 +205,9 @@ def test_vocab_weights_counts_keep_the_frequent_tokens_rows_better(dense_embeddi
             got = reconstruct_delta(pkg, name)
             err[weights, name] = float((got - delta)[frequent].norm() / delta[frequent].norm())
         stored[weights] = {n: r["bytes"] for n, r in m["modules"].items() if r["action"] == "compress"}
+        calibrated = {n: r["info"]["calibrated"] for n, r in m["modules"].items() if r["action"] == "compress"}
+        # head: the untied lm_head is weighted by its inputs too (GPTQ), nothing else is
+        assert calibrated["lm_head.weight"] == (weights == "head") and not calibrated["model.embed_tokens.weight"]
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert err["counts", name] < 0.9 * err["off", name]
     assert stored["counts"] == stored["off"]  # the same bytes: the weights only choose the vectors

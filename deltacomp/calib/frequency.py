@@ -12,6 +12,7 @@ with deltacomp). Measured in BENCHMARKS.md ("Token tables weighted by token coun
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -44,22 +45,68 @@ def text_token_lists(path: str | Path, tokenizer) -> list[list[int]]:
     return tokenizer(lines)["input_ids"]
 
 
-def vocab_row_weights(folders, vocab: int, samples: list[torch.Tensor] | None = None) -> torch.Tensor | None:
-    """Row weights (vocab,) of a token table: counts of ``samples`` (calibration tokens) when given, else of
-    :data:`TOKEN_TEXT` with the tokenizer of the first of ``folders`` that has one; None when none has."""
-    if samples is None:
-        from transformers import AutoTokenizer
+def _tokenizer(folders):
+    from transformers import AutoTokenizer
 
-        tok = None
-        for folder in folders:
-            try:
-                tok = AutoTokenizer.from_pretrained(str(folder))
-                break
-            except Exception as e:  # transformers raises many types for a folder without tokenizer files
-                log.debug("no tokenizer in %s: %s", folder, e)
-        if tok is None:
-            log.warning("--vocab-weights counts: no tokenizer in %s; the token tables are not weighted",
-                        " or ".join(str(f) for f in folders))
-            return None
-        samples = text_token_lists(TOKEN_TEXT, tok)
-    return row_weights(count_tokens(samples, vocab))
+    for folder in folders:
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as e:  # transformers raises many types for a folder without tokenizer files
+            log.debug("no tokenizer in %s: %s", folder, e)
+    return None
+
+
+def token_samples(folders, max_len: int) -> list[torch.Tensor] | None:
+    """:data:`TOKEN_TEXT` as token samples (windows of up to 128 tokens) with the tokenizer of the first of
+    ``folders`` that has one; None when none has."""
+    from deltacomp.calib.data import make_samples
+
+    tok = _tokenizer(folders)
+    if tok is None:
+        log.warning("--vocab-weights: no tokenizer in %s; the token tables are not weighted",
+                    " or ".join(str(f) for f in folders))
+        return None
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    return make_samples(text_token_lists(TOKEN_TEXT, tok), None, min(128, max_len), max_len, sep,
+                        source=str(TOKEN_TEXT))
+
+
+OUTPUT_HEADS = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+
+
+def _head_of(names: list[str], ft) -> str | None:
+    """Which of the token tables ``names`` the output head is: an lm_head, else (tied) the token embedding."""
+    heads = [n for n in names if OUTPUT_HEADS.search(n)]
+    if heads:
+        return heads[0]
+    if any(OUTPUT_HEADS.search(k) for k in ft.keys()) or not ft.config.get("tie_word_embeddings", True):
+        return None  # the head is stored apart (and not compressed here)
+    return names[0] if names else None
+
+
+def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config) -> dict[str, dict]:
+    """MatrixContext fields of each token table ``shapes`` ({name: (rows, cols)}) for ``config.vocab_weights``:
+    ``row_weight`` (rows,) from token counts (:func:`row_weights`), and with ``head`` the output head's ``hessian``
+    (:func:`deltacomp.calib.head.head_moment`) on the same text: ``--calib`` when given, else :data:`TOKEN_TEXT`.
+    Empty when no tokenizer is found."""
+    if config.calib:
+        from deltacomp.calib.provider import load_calibration
+
+        samples = load_calibration(config.groups.calibration, ft, base)
+    else:
+        samples = token_samples((ft.path, base.path), int(ft.config.get("max_position_embeddings") or 2048))
+    if samples is None:
+        return {}
+    counts = count_tokens(samples, max(m for m, _ in shapes.values()))
+    out = {name: {"row_weight": row_weights(counts[:m])} for name, (m, _) in shapes.items()}
+    head = _head_of(sorted(shapes), ft) if config.vocab_weights == "head" else None
+    if head is not None:
+        from deltacomp.calib.head import head_moment
+
+        h = head_moment(ft, samples, config.device)
+        if h is not None and h.shape[0] == shapes[head][1]:
+            out[head]["hessian"] = h
+        else:
+            log.warning("--vocab-weights head: no output head input of width %d found in %s; %s is weighted by "
+                        "token counts only", shapes[head][1], ft.path, head)
+    return out
