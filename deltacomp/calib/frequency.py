@@ -6,7 +6,8 @@ on average its frequency. A plain SVD spends the table's rank on every row alike
 the rows of rare tokens as far as common ones. With ``--vocab-weights counts``, the mixed method chooses the table's
 singular vectors for ``diag(w) dE`` with ``w = sqrt(count + 1)`` (+1: no row is ignored), counted with the
 fine-tune's tokenizer on ``--calib`` when given, else on :data:`TOKEN_TEXT` (everyday English sentences, shipped
-with deltacomp). Measured in BENCHMARKS.md ("Token tables weighted by token counts").
+with deltacomp). ``--vocab-weights head`` also hands the output head its input moment on the same text
+(:mod:`deltacomp.calib.head`). Measured in BENCHMARKS.md ("Treatments of the token table, by function").
 """
 
 from __future__ import annotations
