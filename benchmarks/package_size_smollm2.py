@@ -35,6 +35,14 @@ from deltacomp.report import format_table
 SETTINGS = (("default", {}), ("embedding whole", {"exclude": ("embed_tokens",)}),
             ("--allocation optimal", {"allocation": "optimal"}),
             ("--budget-scope model --allocation optimal", {"budget_scope": "model", "allocation": "optimal"}))
+# more settings, chosen by label with --settings (with "default" and "embedding whole", which every table keeps)
+NAMED = dict(SETTINGS) | {
+    "--vocab-bits 1.5": {"vocab_bits": 1.5},
+    "--vocab-weights counts": {"vocab_weights": "counts"},
+    "--vocab-weights counts --vocab-bits 1.5": {"vocab_weights": "counts", "vocab_bits": 1.5},
+    "--vocab-weights head": {"vocab_weights": "head"},
+    "--vocab-weights head --vocab-bits 1.5": {"vocab_weights": "head", "vocab_bits": 1.5},
+}
 
 
 def measure(base: Path, tuned: Path, work: Path, device: str, settings=SETTINGS) -> list[dict]:
@@ -73,9 +81,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=None, help="Folder for the packages (default: a temporary one).")
     ap.add_argument("--out", default=None, help="Write the rows as JSON here.")
+    ap.add_argument("--settings", default=None, help=f"Comma-separated labels of {sorted(NAMED)} to measure beside "
+                    "the default and the embedding whole [default: the first four].")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp())
-    rows = [r for t in args.tuned for r in measure(Path(args.base), Path(t), work, args.device)]
+    settings = SETTINGS
+    if args.settings:
+        labels = dict.fromkeys(["default", "embedding whole", *args.settings.split(",")])
+        unknown = [lb for lb in labels if lb not in NAMED]
+        if unknown:
+            ap.error(f"unknown settings {unknown}; known: {sorted(NAMED)}")
+        settings = tuple((lb, NAMED[lb]) for lb in labels)
+    rows = [r for t in args.tuned for r in measure(Path(args.base), Path(t), work, args.device, settings)]
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     print(render(rows))

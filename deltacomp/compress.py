@@ -38,7 +38,7 @@ from deltacomp.package.manifest import (
 )
 from deltacomp.package.store import sha256_file
 from deltacomp.resume import FOLDER, ResultStore
-from deltacomp.rows import is_vocab_matrix, select_rows
+from deltacomp.rows import is_token_table, is_vocab_matrix, select_rows
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,8 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         contexts = open_contexts(base, ft, entries, config, method)
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
+    if config.vocab_weights != "off" and config.budget_scope == "matrix":
+        context_for = _with_token_weights(base, ft, entries, mine, config, context_for)
     replay = contexts is not None and contexts.sequential is not None  # a resumed matrix still feeds the student
     identity = {"deltacomp_version": __version__, "settings": config.to_dict(),
                 "inputs": [str(Path(p).resolve()) for p in inputs], "compressed": sorted(owner)}
@@ -150,6 +152,30 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         if contexts is not None:
             contexts.close()
     return world.broadcast(manifest)
+
+
+def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],
+                        config: CompressConfig, context_for):
+    """``context_for`` with ``--vocab-weights`` (:mod:`deltacomp.calib.frequency`) in the contexts of this rank's
+    token tables and output heads (not position tables); unchanged when it compresses none or no tokenizer is
+    found."""
+    shapes = {e.name: tuple(e.shape) for e in entries
+              if e.name in mine and e.action == "compress" and is_token_table(e.name)}
+    if not shapes:
+        return context_for
+    from deltacomp.calib.frequency import token_table_contexts
+
+    extra = token_table_contexts(base, ft, shapes, config)
+    if not extra:
+        return context_for
+
+    def context(e: Entry) -> MatrixContext | None:
+        given = context_for(e) if context_for else None
+        if e.name not in extra:
+            return given
+        return dataclasses.replace(given or MatrixContext(), **extra[e.name])
+
+    return context
 
 
 def _owners(entries: list[Entry], config: CompressConfig, world: distributed.World, given: bool) -> dict[str, int]:
@@ -323,6 +349,8 @@ def _compress_one(e: Entry, b, f, method, config, context: MatrixContext | None
     if is_vocab_matrix(e.name) and not (context is not None and context.plan is not None):
         rows = select_rows(delta, config.rows_energy)  # (k,) or None: the rows of the tokens that moved
     if rows is not None:  # the kept rows as a (k, n) matrix, at the whole matrix's budget (fp16 at most)
+        if context is not None and context.row_weight is not None:  # the weights are for the dense table
+            context = dataclasses.replace(context, row_weight=None)
         m = delta.shape[0]
         sub_config = dataclasses.replace(config, bits=min(config.bits * m / rows.numel(), 16.0))
         c = method.compress(delta[rows.to(delta.device)], sub_config, context)

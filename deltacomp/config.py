@@ -92,6 +92,7 @@ def format_schedule(schedule: tuple[tuple[int, int | None], ...]) -> str:
 GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
 ALLOCATIONS = ("auto", "optimal", "schedule")
 VECTOR_RANGES = ("mse", "minmax")
+VOCAB_WEIGHTS = ("off", "counts", "head")  # how token tables are weighted (deltacomp.calib.frequency)
 
 
 def setting(default, group: str, help: str | None = None, *, flag: str | None = None, type=None,
@@ -152,6 +153,7 @@ class Quantization:
     method: str
     bits: float
     vocab_bits: float | None
+    vocab_weights: str
     budget: str
     schedule: tuple[tuple[int, int | None], ...]
     group_size: int
@@ -167,6 +169,9 @@ class Quantization:
                 raise DeltacompError(f"{option} must be a positive number of bits per entry, got {bits}")
             if bits > 16:
                 raise DeltacompError(f"{option} {bits} is more than fp16 (16 bits per entry); nothing to compress")
+        if self.vocab_weights not in VOCAB_WEIGHTS:
+            raise DeltacompError(f"--vocab-weights must be one of {', '.join(VOCAB_WEIGHTS)}, "
+                                 f"got {self.vocab_weights!r}")
         if self.budget not in ("factors", "all-in"):
             raise DeltacompError(f"--budget must be factors or all-in, got {self.budget!r}")
         if not self.schedule:
@@ -278,6 +283,13 @@ class CompressConfig:
     # token tables and output heads (EMBEDDING_PATTERN) at a budget of their own; None: --bits
     vocab_bits: float | None = setting(None, "quantization", "Budget of the token tables and output heads "
                                        "(embeddings, lm_head), bits per entry [default: --bits].", type=float)
+    vocab_weights: str = setting(
+        "off", "quantization", "Token tables and output heads compressed whole (the fine-tune moved most rows, as "
+        "a tied head does): counts chooses their singular vectors for rows weighted by sqrt(token count + 1), counted "
+        "on --calib or a built-in English text (a second of tokenizing); head also weighs the output head by its "
+        "inputs, the fine-tune's final hidden states on that text (GPTQ; one pass of the fine-tune). Lower KL at the "
+        "same bytes on two SmolLM2 fine-tunes (BENCHMARKS.md). Not read with --budget-scope model.",
+        choices=VOCAB_WEIGHTS)
     schedule: tuple[tuple[int, int | None], ...] = setting(
         DEFAULT_SCHEDULE, "quantization", "Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT. "
         "Read by --allocation schedule (and the reference method); giving it implies --allocation schedule.",

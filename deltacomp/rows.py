@@ -19,6 +19,14 @@ def is_vocab_matrix(name: str) -> bool:
     return re.search(EMBEDDING_PATTERN, name) is not None
 
 
+POSITION_TABLES = re.compile(r"(^|\.)(position_embeddings|embed_positions|wpe)\.weight$")
+
+
+def is_token_table(name: str) -> bool:
+    """A vocabulary matrix whose rows are token ids (not positions): a token embedding or an output head."""
+    return is_vocab_matrix(name) and POSITION_TABLES.search(name) is None
+
+
 def select_rows(delta: torch.Tensor, energy: float, max_share: float = 0.5) -> torch.Tensor | None:
     """Sorted int64 indices of the fewest rows of ``delta`` (m, n) holding ``energy`` of its squared norm; None
     when that takes more than ``max_share`` of the rows (or ``energy`` >= 1): the dense form is then no worse."""

@@ -61,3 +61,25 @@ def test_budget_errors():
         get_method("mixed").check_budget((64, 64), CompressConfig(bits=0.01))
     with pytest.raises(DeltacompError, match="known methods: bitdelta, dense, lowrank, mixed, reference"):
         get_method("nope")
+
+
+@pytest.mark.parametrize("allocation", ["optimal", "schedule"])
+def test_mixed_row_weight_spends_the_budget_on_the_weighted_rows(allocation):
+    from deltacomp.calib.context import MatrixContext
+
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(256, 48, generator=g) * 0.01  # every direction as large: the plain SVD picks at random
+    heavy = slice(0, 24)
+    w = torch.full((256,), 0.05)
+    w[heavy] = 1.0
+    m = get_method("mixed")
+    config = CompressConfig(bits=1.0, allocation=allocation)
+    errs = {}
+    for label, ctx in (("plain", None), ("weighted", MatrixContext(row_weight=w))):
+        c = m.compress(delta, config, ctx)
+        hat = m.reconstruct(c.tensors, c.info, tuple(delta.shape))
+        assert c.factor_bits <= delta.numel()
+        errs[label] = (float((hat - delta)[heavy].norm() / delta[heavy].norm()),
+                       float((hat - delta).norm() / delta.norm()))
+    assert errs["weighted"][0] < 0.8 * errs["plain"][0]  # the weighted rows are kept far better
+    assert errs["weighted"][1] < 1.0  # and U S is the plain delta's projection: the rest is not made worse than 0

@@ -12,7 +12,16 @@ from deltacomp.config import CompressConfig
 from deltacomp.errors import PackageError
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.package.store import DeltaPackage
-from deltacomp.rows import check_rows, scatter_rows, select_rows
+from deltacomp.rows import check_rows, is_token_table, scatter_rows, select_rows
+
+
+def test_token_tables_are_the_vocabulary_matrices_whose_rows_are_tokens():
+    assert is_token_table("model.embed_tokens.weight") and is_token_table("lm_head.weight")
+    assert is_token_table("bert.embeddings.word_embeddings.weight") and is_token_table("transformer.wte.weight")
+    for positions in ("bert.embeddings.position_embeddings.weight", "transformer.wpe.weight",
+                      "model.decoder.embed_positions.weight"):
+        assert not is_token_table(positions)
+    assert not is_token_table("model.layers.0.self_attn.q_proj.weight")
 
 
 def test_select_rows_keeps_the_rows_that_moved():
@@ -152,3 +161,53 @@ def test_cli_papercuts(llama_pair, tmp_path):
     assert "bits/entry" in r.output  # the per-module table with -v after the subcommand
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "p")])
     assert "every file" in r.output and "norms and biases" in r.output
+
+
+@pytest.fixture(scope="module")
+def dense_embedding_pair(llama_tok, tmp_path_factory):
+    """The tiny Llama pair (byte tokenizer) with every row of embed_tokens and lm_head moved (a tied head's
+    fine-tune), by a delta of full rank."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, ft = llama_tok[:2]
+    out = tmp_path_factory.mktemp("dense_emb") / "ft"
+    shutil.copytree(ft, out)
+    g = torch.Generator().manual_seed(1)
+    for f in sorted(out.glob("*.safetensors")):
+        sd = load_file(f)
+        for k in sd:
+            if k.endswith(("embed_tokens.weight", "lm_head.weight")):
+                sd[k] = sd[k] + 0.02 * torch.randn(sd[k].shape, generator=g)
+        save_file(sd, f, metadata={"format": "pt"})
+    return base, out
+
+
+def test_vocab_weights_counts_keep_the_frequent_tokens_rows_better(dense_embedding_pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    from deltacomp.calib.frequency import TOKEN_TEXT, count_tokens, text_token_lists
+    from deltacomp.package.reader import reconstruct_delta
+
+    base, ft = dense_embedding_pair
+    counts = count_tokens(text_token_lists(TOKEN_TEXT, AutoTokenizer.from_pretrained(ft)), 256)
+    frequent = counts.argsort(descending=True)[:16]  # the byte tokenizer: mostly lower-case letters and the space
+    b, f = Checkpoint(base), Checkpoint(ft)
+    err, stored = {}, {}
+    for weights in ("off", "counts", "head"):
+        config = CompressConfig(bits=0.5, rows_energy=1.0, vocab_weights=weights, allocation="schedule")
+        m = compress(base, ft, tmp_path / weights, config, progress=False)
+        assert m["settings"]["vocab_weights"] == weights
+        pkg = DeltaPackage(tmp_path / weights)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            delta = f.read(name).float() - b.read(name).float()
+            got = reconstruct_delta(pkg, name)
+            err[weights, name] = float((got - delta)[frequent].norm() / delta[frequent].norm())
+        stored[weights] = {n: r["bytes"] for n, r in m["modules"].items() if r["action"] == "compress"}
+        calibrated = {n: r["info"]["calibrated"] for n, r in m["modules"].items() if r["action"] == "compress"}
+        # head: the untied lm_head is weighted by its inputs too (GPTQ), nothing else is
+        assert calibrated["lm_head.weight"] == (weights == "head") and not calibrated["model.embed_tokens.weight"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert err["counts", name] < 0.9 * err["off", name]
+    assert stored["counts"] == stored["off"]  # the same bytes: the weights only choose the vectors

@@ -214,6 +214,19 @@ class LayerwiseHessians:
         """The one block object, loaded with each block's weights in turn."""
         return self.model.get_submodule(self.prefix)[0]
 
+    def batches(self) -> list[torch.Tensor]:
+        """The calibration batches (B, L) in the order every pass runs them."""
+        return _batches(self.samples, self.max_tokens)
+
+    @torch.no_grad()
+    def last_outputs(self) -> list[torch.Tensor]:
+        """The last block's outputs (B, L, d) per batch of :meth:`batches`: every block run, no layer hooked."""
+        store = self.block_inputs()
+        for i in range(self.n_layers):
+            for _ in self._run_block(self.block, i, store):
+                pass
+        return [hidden for hidden, _, _ in store]
+
     @torch.no_grad()
     def block_inputs(self) -> list:
         """Inputs of block 0 per calibration batch: ``[(hidden, args, kwargs), ...]`` on the device."""
@@ -222,7 +235,7 @@ class LayerwiseHessians:
         store: list = []
         blocks[0] = _Catcher(store)
         try:
-            for batch in _batches(self.samples, self.max_tokens):
+            for batch in self.batches():
                 try:
                     self.model(input_ids=batch.to(self.device), use_cache=False)
                 except _Caught:

@@ -33,9 +33,12 @@ class MatrixContext:
     - ``compressed(base, delta_hat)``: called with the compressed delta (m, n) once the matrix is done (sequential
       calibration: the student stream takes it).
     - ``plan``: the model-scope allocation's factors and widths for this matrix.
+    - ``row_weight`` (m,): how much each row's error counts (a token table's rows: how often each token is
+      seen); the method chooses its singular vectors for ``diag(row_weight) @ delta``.
     """
 
     hessian: torch.Tensor | None = None
     target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     compressed: Callable[[torch.Tensor, torch.Tensor], None] | None = None
     plan: ScopePlan | None = None
+    row_weight: torch.Tensor | None = None

@@ -21,6 +21,12 @@ from deltacomp.quant.packed import packed_from_parts
 # cosine 0.99846 vs 0.99875).
 
 
+def _unit_columns(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b (m, r)`` as unit columns and their norms."""
+    s = b.norm(dim=0)
+    return b / torch.where(s > 0, s, torch.ones_like(s)), s
+
+
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
@@ -67,18 +73,20 @@ class Mixed(Method):
         config = self.resolve(config)
         h = context.hessian if context is not None else None
         plan = context.plan if context is not None else None
+        w = context.row_weight if context is not None and plan is None else None
         m, n = delta.shape
+        chosen_for = delta if w is None else delta * w.to(delta.device, torch.float32)[:, None]  # (m, n)
         group_size = config.gptq_group_size if h is not None else config.group_size
         allocated = None
         if plan is not None:
             u, s, v, bits = plan.u, plan.s, plan.v, plan.widths  # (m, r), (r,), (n, r), (r, 2)
         elif config.allocation == "optimal":
-            allocated = self.candidates(delta, config, h)
+            allocated = self.candidates(chosen_for, config, h)
             u, s, v = allocated.u, allocated.s, allocated.v
             bits = allocate.choose(allocated, config.allocation_bits, budget_bits(m, n, config.bits))
         else:
             sched = self.schedule_groups((m, n), config, group_size)
-            u, s, v = svd(delta, sum(g.rank for g in sched), config.device, config.svd)
+            u, s, v = svd(chosen_for, sum(g.rank for g in sched), config.device, config.svd)
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
         v_rows = None  # with the allocation's candidates, V as it rounded them: not quantized again
@@ -86,6 +94,8 @@ class Mixed(Method):
             v_rows = allocate.chosen_rows(allocated.v_rows, bits, order)
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
+        if w is not None:  # the vectors were chosen under the weights; U S is the plain delta's on them
+            u, s = _unit_columns(delta.to(v.device) @ v)  # (m, r), (r,)
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
         fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h, config.act_order, config.damp,

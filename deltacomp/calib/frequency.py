@@ -1,0 +1,113 @@
+"""Token frequencies: how much each row of a token table (or output head) counts, for its compression.
+
+A token table's delta ``dE (V, d)`` is used row by row: as input embedding, row v when token v is in the text; as
+output head (SmolLM2 ties it to the embedding), row v's logit error counts about as much as the probability of v,
+on average its frequency. A plain SVD spends the table's rank on every row alike, and a fine-tune (Adam) moves
+the rows of rare tokens as far as common ones. With ``--vocab-weights counts``, the mixed method chooses the table's
+singular vectors for ``diag(w) dE`` with ``w = sqrt(count + 1)`` (+1: no row is ignored), counted with the
+fine-tune's tokenizer on ``--calib`` when given, else on :data:`TOKEN_TEXT` (everyday English sentences, shipped
+with deltacomp). ``--vocab-weights head`` also hands the output head its input moment on the same text
+(:mod:`deltacomp.calib.head`). Measured in BENCHMARKS.md ("Treatments of the token table, by function").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from deltacomp.errors import DeltacompError
+
+log = logging.getLogger(__name__)
+TOKEN_TEXT = Path(__file__).with_name("token_text.txt")
+
+
+def count_tokens(token_lists, vocab: int) -> torch.Tensor:
+    """How often each id in [0, vocab) occurs in ``token_lists`` (lists or 1-D tensors of ids): (vocab,) float32;
+    ids outside the table are left out."""
+    ids = torch.cat([torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in token_lists] or
+                    [torch.zeros(0, dtype=torch.long)])
+    ids = ids[(ids >= 0) & (ids < vocab)]
+    return torch.bincount(ids, minlength=vocab).float()
+
+
+def row_weights(counts: torch.Tensor) -> torch.Tensor:
+    """``sqrt(count + 1)`` per row (V,): the weight of each row's error in the table's SVD."""
+    return (counts.float() + 1.0).sqrt()
+
+
+def text_token_lists(path: str | Path, tokenizer) -> list[list[int]]:
+    """Token ids of each non-blank line of a text file."""
+    lines = [s for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]
+    if not lines:
+        raise DeltacompError(f"{path}: no text to count tokens on")
+    return tokenizer(lines)["input_ids"]
+
+
+def _tokenizer(folders):
+    from transformers import AutoTokenizer
+
+    for folder in folders:
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as e:  # transformers raises many types for a folder without tokenizer files
+            log.debug("no tokenizer in %s: %s", folder, e)
+    return None
+
+
+def token_samples(folders, max_len: int) -> list[torch.Tensor] | None:
+    """:data:`TOKEN_TEXT` as token samples (windows of up to 128 tokens) with the tokenizer of the first of
+    ``folders`` that has one; None when none has."""
+    from deltacomp.calib.data import make_samples
+
+    tok = _tokenizer(folders)
+    if tok is None:
+        log.warning("--vocab-weights: no tokenizer in %s; the token tables are not weighted",
+                    " or ".join(str(f) for f in folders))
+        return None
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    return make_samples(text_token_lists(TOKEN_TEXT, tok), None, min(128, max_len), max_len, sep,
+                        source=str(TOKEN_TEXT))
+
+
+OUTPUT_HEADS = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+
+
+def _head_of(names: list[str], ft) -> str | None:
+    """Which of the token tables ``names`` the output head is: an lm_head, else (tied) the token embedding."""
+    heads = [n for n in names if OUTPUT_HEADS.search(n)]
+    if heads:
+        return heads[0]
+    if any(OUTPUT_HEADS.search(k) for k in ft.keys()) or not ft.config.get("tie_word_embeddings", True):
+        return None  # the head is stored apart (and not compressed here)
+    return names[0] if names else None
+
+
+def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config) -> dict[str, dict]:
+    """MatrixContext fields of each token table ``shapes`` ({name: (rows, cols)}) for ``config.vocab_weights``:
+    ``row_weight`` (rows,) from token counts (:func:`row_weights`), and with ``head`` the output head's ``hessian``
+    (:func:`deltacomp.calib.head.head_moment`) on the same text: ``--calib`` when given, else :data:`TOKEN_TEXT`.
+    Empty when no tokenizer is found."""
+    if config.calib:
+        from deltacomp.calib.provider import load_calibration
+
+        samples = load_calibration(config.groups.calibration, ft, base)
+    else:
+        samples = token_samples((ft.path, base.path), int(ft.config.get("max_position_embeddings") or 2048))
+    if samples is None:
+        return {}
+    counts = count_tokens(samples, max(m for m, _ in shapes.values()))
+    out = {name: {"row_weight": row_weights(counts[:m])} for name, (m, _) in shapes.items()}
+    head = _head_of(sorted(shapes), ft) if config.vocab_weights == "head" else None
+    if head is not None:
+        from deltacomp.calib.head import head_moment
+
+        h = head_moment(ft, samples, config.device)
+        if h is not None and h.shape[0] == shapes[head][1]:
+            out[head]["hessian"] = h
+        else:
+            log.warning("--vocab-weights head: no output head input of width %d found in %s; %s is weighted by "
+                        "token counts only", shapes[head][1], ft.path, head)
+    return out
