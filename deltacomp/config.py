@@ -157,7 +157,7 @@ class Quantization:
     budget: str
     schedule: tuple[tuple[int, int | None], ...]
     group_size: int
-    refit: bool
+    refit: bool | None
     vector_range: str
     svd: str
 
@@ -296,9 +296,11 @@ class CompressConfig:
         shown=format_schedule(DEFAULT_SCHEDULE), parse=parse_schedule)
     group_size: int = setting(0, "quantization",
                               "Quantization group along each singular vector (0 = one group per vector).")
-    refit: bool = setting(False, "quantization", "Least-squares refit of U and S after quantizing V: a lower weight "
-                          "error; with the min-max range a higher model error on every pair measured, with the mse "
-                          "range a lower one (BENCHMARKS.md).", flag="--refit/--no-refit")
+    refit: bool | None = setting(
+        None, "quantization", "Least-squares refit of U and S after quantizing V [default: on for calibrated "
+        "matrices (GPTQ), off for the others]. Measured by function: under GPTQ it lowered the error of every pair; "
+        "with round-to-nearest and the min-max range it raised it on every pair (BENCHMARKS.md).",
+        flag="--refit/--no-refit")
     vector_range: str = setting(
         "minmax", "quantization", "Range of each singular vector's round-to-nearest levels: minmax, the vector's "
         "minimum to maximum (never clips its largest coordinates, which the model's outputs depend on); mse, the "

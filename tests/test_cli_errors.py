@@ -101,7 +101,7 @@ def test_nan_or_inf_in_weights(tmp_path, llama_pair, value):
 
 
 @pytest.mark.parametrize("bits, needle", [("0", "positive number"), ("-1", "positive number"),
-                                          ("0.001", "too small for one 2-bit singular vector")])
+                                          ("0.001", "too small for one singular vector")])
 def test_budget_zero_or_too_small(tmp_path, llama_pair, bits, needle):
     base, ft, _ = llama_pair
     out = tmp_path / "pkg"
