@@ -4,9 +4,11 @@ A row ``x`` of length L is cut into ``ceil(L / group_size)`` groups; each group 
 ``offset`` so that ``x ~= code * scale + offset`` with ``code`` in [0, 2**bits - 1]. ``group_size = 0``
 means one group per row.
 
-The range of each group is chosen to minimise its squared error: the min-max range shrunk towards zero by
-the best of :data:`CLIP_RATIOS` (1.0 included, so never worse than plain min-max). Singular vectors are
-close to Gaussian, where clipping the tails pays: at 2 bits it roughly halves the error of min-max.
+The range of each group is its min-max range, or (``clip``) the one that minimises its squared error: the
+min-max range shrunk towards zero by the best of :data:`CLIP_RATIOS` (1.0 included, so never worse than plain
+min-max in squared error; at 2 bits it roughly halves it for Gaussian rows). Which one to use is decided by the
+model's error, not the weights': for the singular vectors of fine-tuning deltas the min-max range kept the models
+closer to their fine-tunes (the mixed method's ``--range``, BENCHMARKS.md).
 """
 
 from __future__ import annotations
