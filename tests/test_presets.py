@@ -1,5 +1,5 @@
 """``--preset``: the settings each preset sets, explicit options over the preset, ``best`` without ``--calib``; the
-default allocation (mixed: optimal from 1 bit per entry, accepted by every method) and ``--schedule`` implying the
+default allocation (mixed: optimal, accepted by every method) and ``--schedule`` implying the
 schedule."""
 
 import json

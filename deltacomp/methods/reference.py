@@ -5,6 +5,8 @@ error but raises the model's error shows: the exact SVD of the delta, the singul
 ``mixed`` method's ``--schedule`` filled under the same budget, and each vector of U and V rounded to the nearest
 of 2**bits levels spanning its own minimum and maximum (one scale and offset per vector). No least-squares refit,
 no clipped range, no calibration, no optimal allocation: it reads ``--bits`` and ``--schedule`` and nothing else.
+(``mixed`` quantizes the same way by default, so ``mixed --allocation schedule --svd full`` gives the same
+packages; the default differs by the optimal allocation.)
 
 It stores what ``mixed`` stores (the same tensors and manifest ``info``), so every reader of a package takes it.
 """
