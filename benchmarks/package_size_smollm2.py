@@ -42,6 +42,7 @@ NAMED = dict(SETTINGS) | {
     "--vocab-weights counts --vocab-bits 1.5": {"vocab_weights": "counts", "vocab_bits": 1.5},
     "--vocab-weights head": {"vocab_weights": "head"},
     "--vocab-weights head --vocab-bits 1.5": {"vocab_weights": "head", "vocab_bits": 1.5},
+    "--vocab-weights head --vocab-bits 1.4": {"vocab_weights": "head", "vocab_bits": 1.4},
 }
 
 
