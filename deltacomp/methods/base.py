@@ -62,12 +62,8 @@ class Method:
     def resolve(self, config: CompressConfig) -> CompressConfig:
         """``config`` with each setting left to the method ("auto") set to this method's choice, as the manifest
         records it."""
-        chosen = {key: self.auto_choice(key, config) for key in self.auto if getattr(config, key) == "auto"}
+        chosen = {key: value for key, value in self.auto.items() if getattr(config, key) == "auto"}
         return dataclasses.replace(config, **chosen) if chosen else config
-
-    def auto_choice(self, key: str, config: CompressConfig) -> str:
-        """What setting ``key`` left at "auto" becomes for ``config`` (by default :attr:`auto`'s value)."""
-        return self.auto[key]
 
     def check_budget(self, shape: tuple[int, int], config: CompressConfig) -> None:
         """Raise BudgetError if the budget cannot cover a matrix of ``shape``; default: any budget works."""

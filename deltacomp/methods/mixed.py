@@ -21,12 +21,6 @@ from deltacomp.quant.packed import packed_from_parts
 # cosine 0.99846 vs 0.99875).
 
 
-def _unit_columns(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``b (m, r)`` as unit columns and their norms."""
-    s = b.norm(dim=0)
-    return b / torch.where(s > 0, s, torch.ones_like(s)), s
-
-
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
@@ -95,7 +89,7 @@ class Mixed(Method):
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
         if w is not None:  # the vectors were chosen under the weights; U S is the plain delta's on them
-            u, s = _unit_columns(delta.to(v.device) @ v)  # (m, r), (r,)
+            u, s = factors.unit_columns(delta.to(v.device) @ v)  # (m, r), (r,)
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
         refit = config.refit if config.refit is not None else h is not None  # default: refit under GPTQ only

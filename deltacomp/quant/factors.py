@@ -62,6 +62,12 @@ def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(a, b)
 
 
+def unit_columns(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b (m, r)`` as unit columns (a zero column stays zero) and their norms (r,)."""
+    s = b.norm(dim=0)
+    return b / torch.where(s > 0, s, torch.ones_like(s)), s
+
+
 def _rtn_rows(x: torch.Tensor, groups: list[BitGroup], side: str, group_size: int, clip: bool):
     """Round-to-nearest of ``x (r, L)``, a row per vector at its group's width (U's or V's)."""
     parts = [rtn.quantize_rows(rows, g.bits if side == "u" else g.v_bits, group_size, clip=clip)
@@ -112,9 +118,7 @@ def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, cli
     v_hat = rtn.dequantize(*v_q, group_size).T  # (n, r)
     hv = v_hat if h is None else h @ v_hat  # (n, r)
     if refit:
-        b = _solve(v_hat.T @ hv, hv.T @ delta.T).T  # (m, r) = delta H V_q (V_q^T H V_q)^-1
-        s = b.norm(dim=0)
-        u = b / torch.where(s > 0, s, torch.ones_like(s))
+        u, s = unit_columns(_solve(v_hat.T @ hv, hv.T @ delta.T).T)  # (m, r) = delta H V_q (V_q^T H V_q)^-1
     if h is None:
         u_q = _rtn_rows(u.T, groups, "u", group_size, clip)  # (r, m)
     else:
