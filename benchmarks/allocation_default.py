@@ -34,11 +34,16 @@ ALLOCATIONS = (("reference", {"method": "reference"}), ("schedule", {"allocation
 RANGES = (("optimal, minmax", {"allocation": "optimal", "vector_range": "minmax"}),
           ("optimal, minmax, no refit", {"allocation": "optimal", "vector_range": "minmax", "refit": False}),
           ("optimal, no refit", {"allocation": "optimal", "refit": False}))
+# the weight of a kept vector's rounding error against a dropped vector's (``--noise-weight``)
+# the defaults as they ship, and with the token table's rows weighted by token counts and the head by its inputs
+DEFAULTS = (("default", {}), ("default, vocab head", {"vocab_weights": "head"}))
+NOISE = tuple((f"optimal, noise {w:g}", {"allocation": "optimal", "noise_weight": w}) for w in (1.0, 0.3, 0.1, 0.03))
 
 
 def settings(bits: float, calib: str | None, whole: bool, pick: str | None = None) -> list[tuple[str, dict]]:
     """The rows at ``bits``; ``pick``: only the labels this regex finds."""
-    rows = [(f"{label} @{bits:g}", {"bits": bits, **options}) for label, options in (*ALLOCATIONS, *RANGES)]
+    rows = [(f"{label} @{bits:g}", {"bits": bits, **options})
+            for label, options in (*ALLOCATIONS, *RANGES, *NOISE, *DEFAULTS)]
     if whole:
         rows += [(f"{label}, embedding whole @{bits:g}", {"bits": bits, "exclude": ("embed_tokens",), **options})
                  for label, options in ALLOCATIONS[1:]]
@@ -46,7 +51,8 @@ def settings(bits: float, calib: str | None, whole: bool, pick: str | None = Non
         calibrated = {"bits": bits, "calib": calib, "calib_samples": 128, "allocation": "optimal"}
         rows += [(f"calib optimal @{bits:g}", calibrated),
                  (f"calib optimal sequential @{bits:g}", {**calibrated, "sequential": True}),
-                 (f"calib optimal, no refit @{bits:g}", {**calibrated, "refit": False})]
+                 (f"calib optimal, no refit @{bits:g}", {**calibrated, "refit": False}),
+                 *((f"calib {label} @{bits:g}", {**calibrated, **options}) for label, options in NOISE)]
     return [row for row in rows if pick is None or re.search(pick, row[0])]
 
 

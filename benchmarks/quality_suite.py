@@ -30,7 +30,7 @@ and no ``gguf`` package, and a call carries at most 64 MiB: carry the ``gguf`` w
 ``PYTHONPATH=.:/tmp/suite/py``, one call per stage; every call reuses what ``--work`` holds (the float32 base, each
 finished fine-tune: its ``train.json``) and makes what is missing, so a call on a fresh machine redoes the base and
 the fine-tunes (a few minutes) given the GGUF. ``--jobs N`` runs the work in N processes on the one GPU (a 135M
-model leaves it mostly idle), and ``--split-settings`` gives each pair's calibrated settings processes of their own.
+model leaves it mostly idle), and ``--split-settings`` gives each setting of a pair a process of its own.
 With ``S="python benchmarks/quality_suite.py --gguf /tmp/suite/smol.gguf --work /tmp/suite"``:
 
     $S --finetune-only --jobs 4 --out $OUT/finetunes.json       # the base and the 4 fine-tunes, scored alone
@@ -115,7 +115,8 @@ def chosen_settings(args, every: bool = False) -> list[tuple[str, dict]]:
     """The settings this run compares (``every``: before ``--settings`` picks some)."""
     out = [*settings_for(args.calib_sizes), *(parse_extra(e) for e in args.extra)]
     if args.settings and not every:
-        out = [(label, kw) for label, kw in out if label == REFERENCE or re.search(args.settings, label)]
+        out = [(label, kw) for label, kw in out
+               if (label == REFERENCE and not args.skip_reference) or re.search(args.settings, label)]
     return out
 
 
@@ -259,20 +260,29 @@ def _spawn(units: list[tuple[str, list[str]]], jobs: int, work: Path) -> list[di
     return [results[i] for i in sorted(results)]
 
 
+def setting_chunks(settings: list[tuple[str, dict]]) -> list[tuple[str, list[str]]]:
+    """(unit suffix, arguments) per process of a pair with ``--split-settings``: one setting each; the reference row
+    is made once, in its own unit, and the merge divides every unit's rows by it."""
+    return [("-" + re.sub(r"\W+", "-", label).strip("-"),
+             ["--settings", f"^{re.escape(label)}$", *(["--skip-reference"] if label != REFERENCE else [])])
+            for label, _ in settings]
+
+
 def run_parallel(args, argv: list[str]) -> dict:
     """The work split over ``args.jobs`` processes of this script at a time (one GPU serves them all: a 135M model
     leaves it mostly idle), each writing its own JSON; their results merged. A unit of work is a pair, or with
-    ``--split-settings`` a pair's uncalibrated or calibrated settings (the reference made in both), after a first
-    round that makes the fine-tunes."""
+    ``--split-settings`` one setting of a pair (:func:`setting_chunks`), after a first round that makes the
+    fine-tunes."""
     t_start = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base_model(args, work)  # made once, before the processes that read it start
-    keep = [*_without(argv, ("--pairs", "--out", "--jobs", "--work"), ("--split-settings",)), "--work", str(work)]
+    drop = ("--pairs", "--out", "--jobs", "--work", *(("--settings",) if args.split_settings else ()))
+    keep = [*_without(argv, drop, ("--split-settings",)), "--work", str(work)]
     names = [n.strip() for n in args.pairs.split(",") if n.strip()]
     chunks = [("", [])]
-    if args.split_settings and not args.finetune_only and not args.settings:
-        chunks = [("-plain", ["--settings", "^(?!calib)"]), ("-calib", ["--settings", "^calib"])]
+    if args.split_settings and not args.finetune_only:
+        chunks = setting_chunks(chosen_settings(args))
         missing = [n for n in names if not (work / n / "finetuned" / "train.json").is_file()]
         _spawn([(f"{n}-finetune", [*keep, "--pairs", n, "--finetune-only"]) for n in missing], args.jobs, work)
     units = [(f"{n}{tag}", [*keep, "--pairs", n, *extra]) for n in names for tag, extra in chunks]
@@ -341,8 +351,10 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--keep-packages", action="store_true", help="Keep the packages in --work after scoring.")
     ap.add_argument("--jobs", type=int, default=1, help="Run the pairs in this many processes at once (each one's "
                     "log in --work/part-PAIR.log).")
-    ap.add_argument("--split-settings", action="store_true", help="With --jobs: a pair's calibrated settings in a "
-                    "process of their own.")
+    ap.add_argument("--split-settings", action="store_true", help="With --jobs: each setting of a pair in a process "
+                    "of its own.")
+    ap.add_argument("--skip-reference", action="store_true", help="With --settings: leave the reference out too (a "
+                    "unit of --split-settings; the merged tables take it from its own unit).")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.render:

@@ -92,6 +92,7 @@ def format_schedule(schedule: tuple[tuple[int, int | None], ...]) -> str:
 GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
 ALLOCATIONS = ("auto", "optimal", "schedule")
 VECTOR_RANGES = ("mse", "minmax")
+NOISE_WEIGHT = 0.1  # --noise-weight of matrices compressed without calibration
 VOCAB_WEIGHTS = ("off", "counts", "head")  # how token tables are weighted (deltacomp.calib.frequency)
 
 
@@ -226,6 +227,7 @@ class Allocation:
 
     allocation: str
     allocation_bits: tuple[tuple[int, int], ...]
+    noise_weight: float | None
     budget_scope: str
 
     def __post_init__(self):
@@ -237,6 +239,8 @@ class Allocation:
             raise DeltacompError("--budget-scope model shares one budget across matrices: use --allocation optimal")
         if not self.allocation_bits:
             raise DeltacompError("the allocation bit set is empty")
+        if self.noise_weight is not None and not (_number(self.noise_weight) and 0 < self.noise_weight <= 1):
+            raise DeltacompError(f"--noise-weight must be in (0, 1], got {self.noise_weight!r}")
         for bits in {b for width in self.allocation_bits for b in width}:
             if bits not in SUPPORTED_BITS:
                 raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
@@ -347,6 +351,13 @@ class CompressConfig:
         None, "allocation", "Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector "
         "at U bits, V's at V). GPTQ absorbs much of V's error, so with --calib the default is "
         f"{UV_ALLOCATION_BITS}; without, {PLAIN_ALLOCATION_BITS}.", type=str, parse=_allocation_bits)
+    noise_weight: float | None = setting(
+        None, "allocation", "--allocation optimal: the weight of a kept vector's rounding error against the error of "
+        f"dropping a vector [default: {NOISE_WEIGHT} without calibration, 1 for calibrated matrices]. 1 counts both "
+        "as weight error; below 1 keeps more vectors at fewer bits: rounding noise spreads over directions the "
+        "inputs rarely take, a dropped vector loses one they take. Measured by function: 0.1 was closest to the "
+        "fine-tunes on the SmolLM2 suite at 1, 0.5 and 0.25 bit, 0.3-1 on MiniLM and with calibration "
+        "(BENCHMARKS.md).", type=float)
     budget_scope: str = setting("matrix", "allocation", "Budget per matrix, or shared by all compressed matrices "
                                 "(with --allocation optimal).", choices=("matrix", "model"))
     svd: str = setting("auto", "quantization", "SVD algorithm (auto: randomized on a GPU when few vectors are kept).",
@@ -427,6 +438,7 @@ class CompressConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw.setdefault("allocation", "schedule")  # settings written before the allocation was chosen
+        kw.setdefault("noise_weight", 1.0)  # written before the weight existed: chosen by weight error alone
         if kw["allocation"] == "optimal":
             kw.pop("schedule", None)  # not read by an optimal allocation (older packages may record another)
         if "schedule" in kw:

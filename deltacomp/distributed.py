@@ -14,6 +14,7 @@ import atexit
 import datetime as _dt
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 from deltacomp.errors import DeltacompError
@@ -118,6 +119,20 @@ def _leave() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a process of a launched command with ``code``: when it joined a process group, leave it (:func:`_leave`),
+    flush the output and exit at once, so the backend's C++ objects are never torn down at interpreter exit, where
+    a thread still joinable aborts the process after its work is done; otherwise a plain ``sys.exit``."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    _leave()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def assign(sizes: dict[str, int], ranks: int) -> dict[str, int]:

@@ -179,3 +179,22 @@ def test_v_rows_measured_by_the_allocation_are_what_quantizing_v_again_gives(gro
     for a, b in zip(factors.to_tensors(again).values(), factors.to_tensors(reused).values()):
         assert torch.equal(a, b)
     assert not allocate.candidates(delta, 1.0, UV_BITS, group_size, torch.eye(n), (True, 0.01)).v_rows  # GPTQ: none
+
+
+def test_a_lower_noise_weight_keeps_more_vectors_at_fewer_bits_within_the_budget():
+    m, n = 192, 320
+    delta, budget = _delta(m, n, power=0.5), budget_bits(m, n, 1.0)
+    plain = allocate.candidates(delta, 1.0, BITS, 0)
+    ranks, widths = [], []
+    for noise in (1.0, 0.3, 0.1, 0.03):
+        c = allocate.candidates(delta, 1.0, BITS, 0, noise=noise)
+        assert torch.equal(c.errors[:, 0], plain.errors[:, 0])  # a dropped vector's error does not move
+        assert torch.allclose(c.errors[:, 1:], noise * plain.errors[:, 1:], rtol=1e-12, atol=0)
+        bits = allocate.choose(c, BITS, budget)
+        assert _spent(bits, m, n) <= budget
+        kept = bits[bits[:, 0] > 0, 0].double()
+        ranks.append(len(kept))
+        widths.append(float(kept.mean()))
+    assert ranks == sorted(ranks) and ranks[-1] > ranks[0], ranks
+    assert widths == sorted(widths, reverse=True) and widths[-1] < widths[0], widths
+

@@ -29,6 +29,9 @@ def test_allocation_widths_parsing():
     ({"bits": 32}, "more than fp16"),
     ({"schedule": ((5, 2),)}, "not supported"),
     ({"group_size": -1}, "group-size"),
+    ({"noise_weight": 0}, "noise-weight must be in"),
+    ({"noise_weight": 1.5}, "noise-weight must be in"),
+    ({"noise_weight": float("nan")}, "noise-weight must be in"),
     ({"include": ("(",)}, "bad pattern"),
     ({"device": "tpu"}, "cpu or cuda"),
     ({"device": "cuda:99"}, "--device cuda:99"),  # the one device check: this machine has no such GPU
@@ -59,3 +62,11 @@ def test_allocation_widths_default_to_u_v_pairs_with_calibration_only():
 def test_settings_of_packages_with_a_list_of_widths_still_load():
     d = {**CompressConfig().to_dict(), "allocation_bits": [2, 3, 4, 8]}
     assert CompressConfig.from_dict(d).allocation_bits == ((2, 2), (3, 3), (4, 4), (8, 8))
+
+
+def test_settings_of_packages_written_before_the_noise_weight_read_as_weight_error():
+    d = CompressConfig(allocation="optimal").to_dict()
+    assert d["noise_weight"] is None and CompressConfig.from_dict(d).noise_weight is None  # the default, kept
+    del d["noise_weight"]
+    assert CompressConfig.from_dict(d).noise_weight == 1.0
+    assert CompressConfig.from_dict(CompressConfig(noise_weight=0.3).to_dict()).noise_weight == 0.3

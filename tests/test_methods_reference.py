@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from deltacomp.config import CompressConfig
+from deltacomp.config import NOISE_WEIGHT, CompressConfig
 from deltacomp.errors import BudgetError, DeltacompError
 from deltacomp.methods import method_for
 from deltacomp.methods.base import get_method
+from deltacomp.methods.mixed import noise_weight
 from deltacomp.quant import packing
 from deltacomp.quant.budget import fill_schedule
 
@@ -94,6 +95,8 @@ def test_reference_reads_only_the_budget_and_the_schedule():
         method_for(CompressConfig(method="reference", allocation="optimal"))
     with pytest.raises(DeltacompError, match="--range mse is for the mixed method only, not 'lowrank'"):
         method_for(CompressConfig(method="lowrank", vector_range="mse"))
+    with pytest.raises(DeltacompError, match="--noise-weight is for the mixed method only, not 'reference'"):
+        method_for(CompressConfig(method="reference", noise_weight=0.5))
     delta = _delta()
     plain, _ = _compress(delta, 1.0)
     asked, _ = _compress(delta, 1.0, group_size=32, refit=False)  # a mixed setting: no effect
@@ -149,3 +152,17 @@ def test_optimal_allocation_keeps_the_chosen_range():
         codes = packing.unpack(c.tensors[f"g{i}.v"], bits, delta.shape[1])
         assert int(codes.min(1).values.max()) == 0 and int(codes.max(1).values.min()) == (1 << bits) - 1
     assert not torch.equal(got, clipped)
+
+
+def test_the_noise_weight_defaults_to_its_uncalibrated_value_and_moves_the_allocation():
+    """Without calibration the default is NOISE_WEIGHT (the same package as asking for it), with calibration 1; a
+    weight of 1 keeps fewer vectors at more bits."""
+    assert noise_weight(CompressConfig(), calibrated=False) == NOISE_WEIGHT < 1
+    assert noise_weight(CompressConfig(), calibrated=True) == 1.0
+    assert noise_weight(CompressConfig(noise_weight=0.5), calibrated=True) == 0.5
+    delta = _delta()
+    default, _ = _compress(delta, 1.0, method="mixed")
+    asked, _ = _compress(delta, 1.0, method="mixed", noise_weight=NOISE_WEIGHT)
+    assert all(torch.equal(default.tensors[k], asked.tensors[k]) for k in default.tensors)
+    heavy, _ = _compress(delta, 1.0, method="mixed", noise_weight=1.0)
+    assert heavy.info["rank"] < default.info["rank"]

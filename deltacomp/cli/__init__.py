@@ -90,8 +90,17 @@ def _sigterm(signum, frame):
 def main():
     import signal
 
+    from deltacomp.distributed import exit_process
+
     signal.signal(signal.SIGTERM, _sigterm)
-    cli(prog_name="deltacomp")
+    try:
+        cli(prog_name="deltacomp")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):  # sys.exit("message")
+        click.echo(code, err=True)
+    exit_process(code if isinstance(code, int) else int(code is not None))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ METHOD_SETTINGS = {
     "budget": (("factors",), "--budget all-in is for the {users} method only, not {me!r}"),
     "allocation": (("auto", "schedule"), "--allocation optimal is for the {users} method only, not {me!r}"),
     "vector_range": (("minmax",), "--range mse is for the {users} method only, not {me!r}"),
+    "noise_weight": ((None,), "--noise-weight is for the {users} method only, not {me!r}"),
 }
 
 

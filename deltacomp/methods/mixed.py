@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from deltacomp.calib.context import MatrixContext
-from deltacomp.config import CompressConfig
+from deltacomp.config import NOISE_WEIGHT, CompressConfig
 from deltacomp.errors import BudgetError
 from deltacomp.lowrank.lora import balance
 from deltacomp.lowrank.svd import svd
@@ -14,17 +14,25 @@ from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 from deltacomp.quant.packed import packed_from_parts
 
-# ``--allocation auto`` is the optimal allocation. Measured by function without calibration, with the default
-# quantizer (min-max range, no refit; BENCHMARKS.md, "The default quantizer, by function"): at 1 bit per entry it was
-# closer to the fine-tune than the schedule on all three pairs measured; at 0.5 bit on both SmolLM2-135M fine-tunes
-# (KL 0.41x and 0.57x the schedule's, which with this quantizer is the plain reference) but not on MiniLM (mean
-# cosine 0.99846 vs 0.99875).
+# ``--allocation auto`` is the optimal allocation; without calibration it weighs rounding noise at NOISE_WEIGHT of a
+# dropped vector's error (deltacomp.quant.allocate). Measured by function (BENCHMARKS.md, "The noise weight"): on four
+# SmolLM2-135M fine-tunes this kept the answers closer to the fine-tune than the plain reference on 3 of 4 at 1 bit,
+# 2 of 4 at 0.5 and 4 of 4 at 0.25 (geometric mean of the answer KL 0.61x, 1.07x, 0.38x the reference's), where the
+# weight-error allocation (noise weight 1) lost on 3 or 4 of the 4 at every budget.
+
+
+def noise_weight(config: CompressConfig, calibrated: bool) -> float:
+    """``--noise-weight``, or its default: 1 for a calibrated matrix (its inputs' second moment already weighs the
+    rounding error of V), :data:`NOISE_WEIGHT` for the others."""
+    if config.noise_weight is not None:
+        return config.noise_weight
+    return 1.0 if calibrated else NOISE_WEIGHT
 
 
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
-    uses = frozenset({"calib", "budget_scope", "budget", "allocation", "vector_range"})
+    uses = frozenset({"calib", "budget_scope", "budget", "allocation", "vector_range", "noise_weight"})
     auto = {"allocation": "optimal"}
 
     @staticmethod
@@ -45,7 +53,8 @@ class Mixed(Method):
         group_size = config.gptq_group_size if h is not None else config.group_size
         return allocate.candidates(delta, config.bits, config.allocation_bits, group_size, h,
                                    (config.act_order, config.damp), self.overhead(delta.shape, config, group_size),
-                                   share, config.device, config.svd, config.vector_range == "mse")
+                                   share, config.device, config.svd, config.vector_range == "mse",
+                                   noise_weight(config, h is not None))
 
     def check_budget(self, shape, config):
         config = self.resolve(config)
