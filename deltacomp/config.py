@@ -343,9 +343,10 @@ class CompressConfig:
     # auto: the method's own rule (mixed: optimal; reference: the schedule), so every method accepts the default
     allocation: str = setting(
         "auto", "allocation", "Bits per singular vector. optimal: chosen to minimise the expected error under the "
-        "budget; closer to the fine-tune than the schedule on every decoder pair measured at 1 and 0.5 bit per entry "
-        "(BENCHMARKS.md), about 1.5x the compress time. schedule: the fixed --schedule, the fastest (an explicit "
-        "--schedule implies it). auto: optimal for mixed, the schedule for reference.", choices=ALLOCATIONS)
+        "budget (see --noise-weight); on four SmolLM2 fine-tunes closer to the fine-tune than the schedule at 1 and "
+        "0.25 bit per entry, level at 0.5 (BENCHMARKS.md), about 1.5x the compress time. schedule: the fixed "
+        "--schedule, the fastest (an explicit --schedule implies it). auto: optimal for mixed, the schedule for "
+        "reference.", choices=ALLOCATIONS)
     # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib, else 2,3,4,8
     allocation_bits: tuple[tuple[int, int], ...] | None = setting(
         None, "allocation", "Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector "
