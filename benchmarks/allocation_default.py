@@ -24,7 +24,7 @@ from pathlib import Path
 import package_size_minilm
 import package_size_smollm2
 
-from deltacomp.config import CompressConfig
+from deltacomp.config import PLAIN_ALLOCATION_BITS, CompressConfig, parse_bits
 from deltacomp.report import format_table
 
 # label -> CompressConfig options (every allocation setting given explicitly, so the rows do not move with defaults)
@@ -52,7 +52,9 @@ def settings(bits: float, calib: str | None, whole: bool, pick: str | None = Non
         rows += [(f"calib optimal @{bits:g}", calibrated),
                  (f"calib optimal sequential @{bits:g}", {**calibrated, "sequential": True}),
                  (f"calib optimal, no refit @{bits:g}", {**calibrated, "refit": False}),
-                 *((f"calib {label} @{bits:g}", {**calibrated, **options}) for label, options in NOISE)]
+                 *((f"calib {label} @{bits:g}", {**calibrated, **options}) for label, options in NOISE),
+                 (f"calib optimal, noise 0.1, widths 2,3,4,8 @{bits:g}",
+                  {**calibrated, "noise_weight": 0.1, "allocation_bits": parse_bits(PLAIN_ALLOCATION_BITS)})]
     return [row for row in rows if pick is None or re.search(pick, row[0])]
 
 
