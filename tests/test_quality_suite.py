@@ -54,8 +54,8 @@ def test_smoke_runs_every_stage(suite, tmp_path, capsys):
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert set(saved["budgets"]) == {"1", "0.25"} and set(saved["pairs"]) == {"instruct"}
-    labels = ["default", "reference", "lowrank", "bitdelta", "calib task 4", "calib task 8", "calib task 16",
-              "calib generic", "no refit"]
+    labels = ["default", "reference", "lowrank", "bitdelta", "embedding whole", "calib task 4", "calib task 8",
+              "calib task 16", "calib generic", "no refit"]
     for name in ("instruct",):
         info = saved["pairs"][name]
         assert info["heldout"] == 8 and info["train"]["last_loss"] < info["train"]["first_loss"]
@@ -70,6 +70,7 @@ def test_smoke_runs_every_stage(suite, tmp_path, capsys):
             assert r["answer"]["vs_reference"] == pytest.approx(r["answer"]["kl"] / rows["reference"]["answer"]["kl"])
             assert r["factor_bits_per_entry"] <= 1.0 and 0 <= r["exact_match"] <= 1
         assert rows["default"]["answer"]["kl"] < rows["base"]["answer"]["kl"]
+        assert rows["embedding whole"]["package_bytes"] > rows["default"]["package_bytes"]  # the table not compressed
         quarter = saved["budgets"]["0.25"][name]
         assert "bitdelta" in quarter["skipped"] and "reference" in {r["model"] for r in quarter["rows"]}
         # the calibration files hold training dialogues only
