@@ -40,20 +40,22 @@ DEFAULTS = (("default", {}), ("default, vocab head", {"vocab_weights": "head"}))
 NOISE = tuple((f"optimal, noise {w:g}", {"allocation": "optimal", "noise_weight": w}) for w in (1.0, 0.3, 0.1, 0.03))
 
 
-def settings(bits: float, calib: str | None, whole: bool, pick: str | None = None) -> list[tuple[str, dict]]:
-    """The rows at ``bits``; ``pick``: only the labels this regex finds."""
+def settings(bits: float, calib: str | None, whole: bool, pick: str | None = None,
+             sizes: tuple[int, ...] = (128,)) -> list[tuple[str, dict]]:
+    """The rows at ``bits``; ``pick``: only the labels this regex finds; ``sizes``: calibration lines (the first N)."""
     rows = [(f"{label} @{bits:g}", {"bits": bits, **options})
             for label, options in (*ALLOCATIONS, *RANGES, *NOISE, *DEFAULTS)]
     if whole:
         rows += [(f"{label}, embedding whole @{bits:g}", {"bits": bits, "exclude": ("embed_tokens",), **options})
                  for label, options in ALLOCATIONS[1:]]
-    if calib:  # the first 128 lines, GPTQ defaults
-        calibrated = {"bits": bits, "calib": calib, "calib_samples": 128, "allocation": "optimal"}
-        rows += [(f"calib optimal @{bits:g}", calibrated),
-                 (f"calib optimal sequential @{bits:g}", {**calibrated, "sequential": True}),
-                 (f"calib optimal, no refit @{bits:g}", {**calibrated, "refit": False}),
-                 *((f"calib {label} @{bits:g}", {**calibrated, **options}) for label, options in NOISE),
-                 (f"calib optimal, noise 0.1, widths 2,3,4,8 @{bits:g}",
+    for n in sizes if calib else ():  # GPTQ defaults
+        calibrated = {"bits": bits, "calib": calib, "calib_samples": n, "allocation": "optimal"}
+        tag = "calib" if n == 128 else f"calib {n}"
+        rows += [(f"{tag} optimal @{bits:g}", calibrated),
+                 (f"{tag} optimal sequential @{bits:g}", {**calibrated, "sequential": True}),
+                 (f"{tag} optimal, no refit @{bits:g}", {**calibrated, "refit": False}),
+                 *((f"{tag} {label} @{bits:g}", {**calibrated, **options}) for label, options in NOISE),
+                 (f"{tag} optimal, noise 0.1, widths 2,3,4,8 @{bits:g}",
                   {**calibrated, "noise_weight": 0.1, "allocation_bits": parse_bits(PLAIN_ALLOCATION_BITS)})]
     return [row for row in rows if pick is None or re.search(pick, row[0])]
 
@@ -69,18 +71,22 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="Write the rows as JSON here.")
     ap.add_argument("--settings", default=None, help="Only the rows whose label this regex finds.")
     ap.add_argument("--budgets", default="1,0.5", help="Bits per entry, comma-separated.")
+    ap.add_argument("--calib-samples", default="128", help="Calibration lines of the calibrated rows (the first N), "
+                    "comma-separated: one set of rows per size.")
     args = ap.parse_args()
     budgets = tuple(float(b) for b in args.budgets.split(","))
+    sizes = tuple(int(n) for n in args.calib_samples.split(","))
     work = Path(args.work or tempfile.mkdtemp())
     rows = []
     if not args.no_minilm:
         plan = [(label, CompressConfig(**options)) for bits in budgets
-                for label, options in settings(bits, args.calib_minilm, False, args.settings)]
+                for label, options in settings(bits, args.calib_minilm, False, args.settings, sizes)]
         ref, measured = package_size_minilm.measure(work / "minilm", plan)
         rows += [{"pair": "MiniLM", "package": r["package"], "bytes": r["totals"]["package_bytes"],
                   "seconds": r["seconds"], "mean_cos": r["mean_cos"], "min_cos": r["min_cos"]} for r in measured]
     for tuned in args.tuned:
-        plan = [row for bits in budgets for row in settings(bits, args.calib_smollm2, bits == 1.0, args.settings)]
+        plan = [row for bits in budgets
+                for row in settings(bits, args.calib_smollm2, bits == 1.0, args.settings, sizes)]
         measured = package_size_smollm2.measure(Path(args.smollm2_base), Path(tuned), work / "smollm2", "cpu", plan)
         rows += [{"pair": Path(tuned).name, **{k: r[k] for k in ("package", "bytes", "seconds", "kl", "top1")}}
                  for r in measured]
