@@ -93,7 +93,7 @@ GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
 ALLOCATIONS = ("auto", "optimal", "schedule")
 VECTOR_RANGES = ("mse", "minmax")
 NOISE_WEIGHT = 0.1  # --noise-weight of matrices compressed without calibration
-VOCAB_WEIGHTS = ("off", "counts", "head")  # how token tables are weighted (deltacomp.calib.frequency)
+VOCAB_WEIGHTS = ("auto", "off", "counts", "head")  # how token tables are weighted (deltacomp.calib.frequency)
 
 
 def setting(default, group: str, help: str | None = None, *, flag: str | None = None, type=None,
@@ -288,11 +288,12 @@ class CompressConfig:
     vocab_bits: float | None = setting(None, "quantization", "Budget of the token tables and output heads "
                                        "(embeddings, lm_head), bits per entry [default: --bits].", type=float)
     vocab_weights: str = setting(
-        "off", "quantization", "Token tables and output heads compressed whole (the fine-tune moved most rows, as "
+        "auto", "quantization", "Token tables and output heads compressed whole (the fine-tune moved most rows, as "
         "a tied head does): counts chooses their singular vectors for rows weighted by sqrt(token count + 1), counted "
         "on --calib or a built-in English text (a second of tokenizing); head also weighs the output head by its "
-        "inputs, the fine-tune's final hidden states on that text (GPTQ; one pass of the fine-tune). Lower KL at the "
-        "same bytes on two SmolLM2 fine-tunes (BENCHMARKS.md). Not read with --budget-scope model.",
+        "inputs, the fine-tune's final hidden states on that text (GPTQ; one pass of the fine-tune); off weighs "
+        "every row alike; auto: head where the model has a tokenizer, else off, without a warning. head: lower KL "
+        "at the same budget on SmolLM2 fine-tunes (BENCHMARKS.md). Not read with --budget-scope model.",
         choices=VOCAB_WEIGHTS)
     schedule: tuple[tuple[int, int | None], ...] = setting(
         DEFAULT_SCHEDULE, "quantization", "Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT. "
@@ -439,6 +440,7 @@ class CompressConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw.setdefault("allocation", "schedule")  # settings written before the allocation was chosen
+        kw.setdefault("vocab_weights", "off")  # written before the token tables were weighted
         kw.setdefault("noise_weight", 1.0)  # written before the weight existed: chosen by weight error alone
         if kw["allocation"] == "optimal":
             kw.pop("schedule", None)  # not read by an optimal allocation (older packages may record another)

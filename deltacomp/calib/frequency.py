@@ -57,15 +57,15 @@ def _tokenizer(folders):
     return None
 
 
-def token_samples(folders, max_len: int) -> list[torch.Tensor] | None:
+def token_samples(folders, max_len: int, quiet: bool = False) -> list[torch.Tensor] | None:
     """:data:`TOKEN_TEXT` as token samples (windows of up to 128 tokens) with the tokenizer of the first of
-    ``folders`` that has one; None when none has."""
+    ``folders`` that has one; None when none has (a warning unless ``quiet``)."""
     from deltacomp.calib.data import make_samples
 
     tok = _tokenizer(folders)
     if tok is None:
-        log.warning("--vocab-weights: no tokenizer in %s; the token tables are not weighted",
-                    " or ".join(str(f) for f in folders))
+        (log.debug if quiet else log.warning)("--vocab-weights: no tokenizer in %s; the token tables are not "
+                                              "weighted", " or ".join(str(f) for f in folders))
         return None
     sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     return make_samples(text_token_lists(TOKEN_TEXT, tok), None, min(128, max_len), max_len, sep,
@@ -89,25 +89,28 @@ def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config) -
     """MatrixContext fields of each token table ``shapes`` ({name: (rows, cols)}) for ``config.vocab_weights``:
     ``row_weight`` (rows,) from token counts (:func:`row_weights`), and with ``head`` the output head's ``hessian``
     (:func:`deltacomp.calib.head.head_moment`) on the same text: ``--calib`` when given, else :data:`TOKEN_TEXT`.
-    Empty when no tokenizer is found."""
+    Empty when no tokenizer is found. ``auto`` is ``head`` without warnings: where the model has no tokenizer or no
+    head input of the table's width, less weighting, silently."""
+    asked = config.vocab_weights != "auto"
     if config.calib:
         from deltacomp.calib.provider import load_calibration
 
         samples = load_calibration(config.groups.calibration, ft, base)
     else:
-        samples = token_samples((ft.path, base.path), int(ft.config.get("max_position_embeddings") or 2048))
+        samples = token_samples((ft.path, base.path), int(ft.config.get("max_position_embeddings") or 2048),
+                                quiet=not asked)
     if samples is None:
         return {}
     counts = count_tokens(samples, max(m for m, _ in shapes.values()))
     out = {name: {"row_weight": row_weights(counts[:m])} for name, (m, _) in shapes.items()}
-    head = _head_of(sorted(shapes), ft) if config.vocab_weights == "head" else None
+    head = _head_of(sorted(shapes), ft) if config.vocab_weights in ("head", "auto") else None
     if head is not None:
         from deltacomp.calib.head import head_moment
 
         h = head_moment(ft, samples, config.device)
         if h is not None and h.shape[0] == shapes[head][1]:
             out[head]["hessian"] = h
-        else:
+        elif asked:
             log.warning("--vocab-weights head: no output head input of width %d found in %s; %s is weighted by "
                         "token counts only", shapes[head][1], ft.path, head)
     return out
