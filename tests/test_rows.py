@@ -195,7 +195,7 @@ def test_vocab_weights_counts_keep_the_frequent_tokens_rows_better(dense_embeddi
     frequent = counts.argsort(descending=True)[:16]  # the byte tokenizer: mostly lower-case letters and the space
     b, f = Checkpoint(base), Checkpoint(ft)
     err, stored = {}, {}
-    for weights in ("off", "counts", "head"):
+    for weights in ("off", "counts", "head", "auto"):
         config = CompressConfig(bits=0.5, rows_energy=1.0, vocab_weights=weights, allocation="schedule")
         m = compress(base, ft, tmp_path / weights, config, progress=False)
         assert m["settings"]["vocab_weights"] == weights
@@ -207,7 +207,23 @@ def test_vocab_weights_counts_keep_the_frequent_tokens_rows_better(dense_embeddi
         stored[weights] = {n: r["bytes"] for n, r in m["modules"].items() if r["action"] == "compress"}
         calibrated = {n: r["info"]["calibrated"] for n, r in m["modules"].items() if r["action"] == "compress"}
         # head: the untied lm_head is weighted by its inputs too (GPTQ), nothing else is
-        assert calibrated["lm_head.weight"] == (weights == "head") and not calibrated["model.embed_tokens.weight"]
+        assert calibrated["lm_head.weight"] == (weights in ("head", "auto"))
+        assert not calibrated["model.embed_tokens.weight"]
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert err["counts", name] < 0.9 * err["off", name]
+        assert err["auto", name] == err["head", name]  # auto is head where the model has a tokenizer
     assert stored["counts"] == stored["off"]  # the same bytes: the weights only choose the vectors
+
+
+def test_vocab_weights_auto_without_a_tokenizer_is_off_without_a_warning(llama_pair, tmp_path, caplog):
+    base, ft, _ = llama_pair  # no tokenizer files
+    config = dict(bits=0.5, rows_energy=1.0, allocation="schedule")
+    with caplog.at_level("DEBUG", logger="deltacomp"):
+        compress(base, ft, tmp_path / "auto", CompressConfig(**config), progress=False)
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "tokenizer" in r.message]
+    compress(base, ft, tmp_path / "off", CompressConfig(vocab_weights="off", **config), progress=False)
+    for f in (tmp_path / "off").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "auto" / f.name).read_bytes()
+    with caplog.at_level("WARNING", logger="deltacomp"):
+        compress(base, ft, tmp_path / "head", CompressConfig(vocab_weights="head", **config), progress=False)
+    assert any("no tokenizer" in r.message for r in caplog.records)  # asked for: told why it is not done
