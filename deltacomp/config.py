@@ -241,6 +241,9 @@ class Allocation:
             raise DeltacompError("the allocation bit set is empty")
         if self.noise_weight is not None and not (_number(self.noise_weight) and 0 < self.noise_weight <= 1):
             raise DeltacompError(f"--noise-weight must be in (0, 1], got {self.noise_weight!r}")
+        if self.noise_weight is not None and self.allocation == "schedule":
+            raise DeltacompError("--noise-weight weighs what --allocation optimal chooses; the schedule fixes the "
+                                 "bits of each vector: give one of the two")
         for bits in {b for width in self.allocation_bits for b in width}:
             if bits not in SUPPORTED_BITS:
                 raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
@@ -441,7 +444,8 @@ class CompressConfig:
         kw = {k: v for k, v in d.items() if k in known}
         kw.setdefault("allocation", "schedule")  # settings written before the allocation was chosen
         kw.setdefault("vocab_weights", "off")  # written before the token tables were weighted
-        kw.setdefault("noise_weight", 1.0)  # written before the weight existed: chosen by weight error alone
+        if kw["allocation"] != "schedule":  # written before the weight existed: chosen by weight error alone
+            kw.setdefault("noise_weight", 1.0)
         if kw["allocation"] == "optimal":
             kw.pop("schedule", None)  # not read by an optimal allocation (older packages may record another)
         if "schedule" in kw:

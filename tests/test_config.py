@@ -32,6 +32,7 @@ def test_allocation_widths_parsing():
     ({"noise_weight": 0}, "noise-weight must be in"),
     ({"noise_weight": 1.5}, "noise-weight must be in"),
     ({"noise_weight": float("nan")}, "noise-weight must be in"),
+    ({"noise_weight": 0.5, "allocation": "schedule"}, "give one of the two"),
     ({"include": ("(",)}, "bad pattern"),
     ({"device": "tpu"}, "cpu or cuda"),
     ({"device": "cuda:99"}, "--device cuda:99"),  # the one device check: this machine has no such GPU
@@ -70,3 +71,6 @@ def test_settings_of_packages_written_before_the_noise_weight_read_as_weight_err
     del d["noise_weight"]
     assert CompressConfig.from_dict(d).noise_weight == 1.0
     assert CompressConfig.from_dict(CompressConfig(noise_weight=0.3).to_dict()).noise_weight == 0.3
+    fixed = CompressConfig(allocation="schedule").to_dict()
+    del fixed["noise_weight"]
+    assert CompressConfig.from_dict(fixed).noise_weight is None  # a schedule reads no weight
