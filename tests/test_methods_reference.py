@@ -97,6 +97,9 @@ def test_reference_reads_only_the_budget_and_the_schedule():
         method_for(CompressConfig(method="lowrank", vector_range="mse"))
     with pytest.raises(DeltacompError, match="--noise-weight is for the mixed method only, not 'reference'"):
         method_for(CompressConfig(method="reference", noise_weight=0.5))
+    with pytest.raises(DeltacompError, match="--vocab-weights counts.head is for the mixed method only, not 'lowrank'"):
+        method_for(CompressConfig(method="lowrank", vocab_weights="head"))
+    method_for(CompressConfig(method="reference", vocab_weights="off"))  # auto and off: accepted by every method
     delta = _delta()
     plain, _ = _compress(delta, 1.0)
     asked, _ = _compress(delta, 1.0, group_size=32, refit=False)  # a mixed setting: no effect

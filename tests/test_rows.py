@@ -227,3 +227,19 @@ def test_vocab_weights_auto_without_a_tokenizer_is_off_without_a_warning(llama_p
     with caplog.at_level("WARNING", logger="deltacomp"):
         compress(base, ft, tmp_path / "head", CompressConfig(vocab_weights="head", **config), progress=False)
     assert any("no tokenizer" in r.message for r in caplog.records)  # asked for: told why it is not done
+
+
+def test_methods_that_do_not_weigh_rows_skip_the_token_pass(llama_tok, tmp_path, monkeypatch):
+    """The default --vocab-weights auto costs a method that does not read row weights nothing: no pass of the
+    fine-tune over the token text."""
+    import deltacomp.calib.frequency as frequency
+
+    def fail(*args, **kwargs):
+        raise AssertionError("token weights computed for a method that does not read them")
+
+    monkeypatch.setattr(frequency, "token_table_contexts", fail)
+    base, ft, _ = llama_tok
+    for method in ("reference", "lowrank"):
+        compress(base, ft, tmp_path / method, CompressConfig(method=method, bits=2.0), progress=False)
+    with pytest.raises(AssertionError, match="token weights computed"):
+        compress(base, ft, tmp_path / "mixed", CompressConfig(bits=2.0), progress=False)

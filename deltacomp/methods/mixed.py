@@ -32,7 +32,8 @@ def noise_weight(config: CompressConfig, calibrated: bool) -> float:
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
-    uses = frozenset({"calib", "budget_scope", "budget", "allocation", "vector_range", "noise_weight"})
+    uses = frozenset({"calib", "budget_scope", "budget", "allocation", "vector_range", "noise_weight",
+                      "vocab_weights"})
     auto = {"allocation": "optimal"}
 
     @staticmethod
