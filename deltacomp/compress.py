@@ -127,7 +127,8 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
     if config.vocab_weights != "off" and config.budget_scope == "matrix" and "vocab_weights" in method.uses:
-        context_for = _with_token_weights(base, ft, entries, mine, config, context_for)
+        samples = contexts.samples if contexts is not None else None  # --calib's, loaded once
+        context_for = _with_token_weights(base, ft, entries, mine, config, context_for, samples)
     replay = contexts is not None and contexts.sequential is not None  # a resumed matrix still feeds the student
     identity = {"deltacomp_version": __version__, "settings": config.to_dict(),
                 "inputs": [str(Path(p).resolve()) for p in inputs], "compressed": sorted(owner)}
@@ -155,7 +156,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
 
 
 def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],
-                        config: CompressConfig, context_for):
+                        config: CompressConfig, context_for, samples: list | None = None):
     """``context_for`` with ``--vocab-weights`` (:mod:`deltacomp.calib.frequency`) in the contexts of this rank's
     token tables and output heads (not position tables); unchanged when it compresses none or no tokenizer is
     found."""
@@ -165,7 +166,7 @@ def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], 
         return context_for
     from deltacomp.calib.frequency import token_table_contexts
 
-    extra = token_table_contexts(base, ft, shapes, config)
+    extra = token_table_contexts(base, ft, shapes, config, samples)
     if not extra:
         return context_for
 

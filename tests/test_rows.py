@@ -243,3 +243,21 @@ def test_methods_that_do_not_weigh_rows_skip_the_token_pass(llama_tok, tmp_path,
         compress(base, ft, tmp_path / method, CompressConfig(method=method, bits=2.0), progress=False)
     with pytest.raises(AssertionError, match="token weights computed"):
         compress(base, ft, tmp_path / "mixed", CompressConfig(bits=2.0), progress=False)
+
+
+def test_calibration_text_is_read_once_for_the_token_weights_too(dense_embedding_pair, tmp_path, monkeypatch):
+    """With --calib the token tables are weighted on the calibration samples the layers use, not a second read."""
+    from conftest import calib_text
+
+    import deltacomp.calib.provider as provider
+
+    calls = []
+    real = provider.load_calibration
+    monkeypatch.setattr(provider, "load_calibration", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base, ft = dense_embedding_pair
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calib_text(16))
+    config = CompressConfig(bits=2.0, rows_energy=1.0, calib=str(calib), calib_samples=8)
+    m = compress(base, ft, tmp_path / "pkg", config, progress=False)
+    assert len(calls) == 1
+    assert m["modules"]["lm_head.weight"]["info"]["calibrated"]  # the head was weighted by its inputs

@@ -85,18 +85,20 @@ def _head_of(names: list[str], ft) -> str | None:
     return names[0] if names else None
 
 
-def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config) -> dict[str, dict]:
+def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config,
+                         samples: list[torch.Tensor] | None = None) -> dict[str, dict]:
     """MatrixContext fields of each token table ``shapes`` ({name: (rows, cols)}) for ``config.vocab_weights``:
     ``row_weight`` (rows,) from token counts (:func:`row_weights`), and with ``head`` the output head's ``hessian``
-    (:func:`deltacomp.calib.head.head_moment`) on the same text: ``--calib`` when given, else :data:`TOKEN_TEXT`.
+    (:func:`deltacomp.calib.head.head_moment`) on the same text: ``samples`` (``--calib``'s, already loaded) when
+    given, else ``--calib`` when given, else :data:`TOKEN_TEXT`.
     Empty when no tokenizer is found. ``auto`` is ``head`` without warnings: where the model has no tokenizer or no
     head input of the table's width, less weighting, silently."""
     asked = config.vocab_weights != "auto"
-    if config.calib:
+    if samples is None and config.calib:
         from deltacomp.calib.provider import load_calibration
 
         samples = load_calibration(config.groups.calibration, ft, base)
-    else:
+    elif samples is None:
         samples = token_samples((ft.path, base.path), int(ft.config.get("max_position_embeddings") or 2048),
                                 quiet=not asked)
     if samples is None:
