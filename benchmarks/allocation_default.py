@@ -35,8 +35,9 @@ RANGES = (("optimal, minmax", {"allocation": "optimal", "vector_range": "minmax"
           ("optimal, minmax, no refit", {"allocation": "optimal", "vector_range": "minmax", "refit": False}),
           ("optimal, no refit", {"allocation": "optimal", "refit": False}))
 # the weight of a kept vector's rounding error against a dropped vector's (``--noise-weight``)
-# the defaults as they ship, and with the token table's rows weighted by token counts and the head by its inputs
-DEFAULTS = (("default", {}), ("default, vocab head", {"vocab_weights": "head"}))
+# the defaults as they ship, and with the token table's rows all weighted alike (the default weighs them by token
+# counts and the head by its inputs where the model has a tokenizer)
+DEFAULTS = (("default", {}), ("default, vocab off", {"vocab_weights": "off"}))
 NOISE = tuple((f"optimal, noise {w:g}", {"allocation": "optimal", "noise_weight": w}) for w in (1.0, 0.3, 0.1, 0.03))
 
 
