@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from deltacomp.config import CompressConfig
-from deltacomp.kernels import DeltaBank, delta_linear, status
+from deltacomp.kernels import DeltaBank, delta_linear, loader, status
 from deltacomp.kernels.bank import TENSORS
 from deltacomp.methods.base import get_method
 from deltacomp.quant import packing
@@ -152,6 +152,8 @@ def decode_steps(layer, args, results: dict) -> None:
         inputs = LayerInputs(rows)
         results["rows"][rows] = step_times(inputs, base, single, fused, lora_ranks, args.repeats)
         results["rows"][rows].update(overlap_times(inputs, base, merged, single, fused, four, args.repeats))
+        if loader.extension() is not None:
+            results["rows"][rows].update(fused_base_times(inputs, base, single, fused, four, args.repeats))
         _save(results, args)
     del base, merged, single, fused, four
     torch.cuda.empty_cache()
@@ -275,6 +277,45 @@ def overlap_times(inputs: LayerInputs, base, merged, single, fused, four, repeat
             "four_token": time_graph(merged_step(four, token), repeats),
             "four_top2": time_graph(merged_step(four, top2), repeats),
             "four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats)}
+
+
+def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: int) -> dict:
+    """Milliseconds of a decode step with the base product computed inside the delta's kernels (the op
+    ``delta_linear_base``, one launch pair per call, called at every row count): per linear layer (7 a layer),
+    per merged group (q|k|v and gate|up: 4 a layer, each projection's base weight in place), and four deltas a
+    group mixed per token by a gate or one of four picked for the sequence (as in ``overlap_times``)."""
+    ext = loader.extension()
+    x_for = inputs.x
+    ones = torch.ones(inputs.rows, 1, device="cuda")
+    gates = [[torch.randn(4, b.in_features, device="cuda") * 0.05 for b in lw] for lw in four]
+    one_hot = torch.nn.functional.one_hot(torch.full((inputs.rows,), 2, device="cuda"), 4).float()
+
+    def per_linear():
+        inputs.next()
+        for lw, lb in zip(base, single):
+            for k, w in lw.items():
+                ext.delta_linear_base(x_for(k), [w], None, ones, *lb[k].tensors())
+
+    def merged_step(banks, weights=None):
+        def step():
+            inputs.next()
+            for i, lw in enumerate(base):
+                for j, group in enumerate(FUSED):
+                    x, b = x_for(group[0]), banks[i][j]
+                    g = ones if weights is None else weights(x, gates[i][j]).contiguous()
+                    ext.delta_linear_base(x, [lw[p] for p in group], None, g, *b.tensors())
+        return step
+
+    def token(x, g):
+        return torch.softmax(x.float() @ g.T, -1)
+
+    empty = [[DeltaBank.build([[None]] * len(group), out_features=[SHAPES[p][0] for p in group],
+                              in_features=SHAPES[group[0]][1]).to("cuda") for group in FUSED]] * len(base)
+    return {"fused_empty": time_graph(merged_step(empty), repeats),
+            "fused_per_linear": time_graph(per_linear, repeats),
+            "fused_merged": time_graph(merged_step(fused), repeats),
+            "fused_four_token": time_graph(merged_step(four, token), repeats),
+            "fused_four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats)}
 
 
 def _clone(bank: DeltaBank) -> DeltaBank:
@@ -432,6 +473,22 @@ def _step_tables(res: dict) -> list[str]:
                 for n, r in res["rows"].items()]
         lines.append(format_table(["rows", "base + delta beside, 7/layer", "merged base ms", "+ fused delta beside",
                                    "+ 4 deltas, token gate", "+ 4 deltas, top-2", "+ 1 of 4 (sentence)"], rows))
+    if "fused_merged" in next(iter(res["rows"].values())):
+        lines += ["", "base product inside the delta's kernels (delta_linear_base; ratio to the base step of the same "
+                  "layout; the delta's bandwidth: its bytes over the time it adds, as a share of the base's; "
+                  "empty banks: the kernels' base product alone):"]
+        rows = []
+        for n, r in res["rows"].items():
+            extra = r["fused_merged"] - r["base_merged"]
+            bw = res["delta_bytes"] / extra / 1e6 if extra > 0 else float("inf")
+            base_bw = res["base_bytes"] / r["base_merged"] / 1e6
+            rows.append([n, f"{r['fused_per_linear']:.3f} ({r['fused_per_linear'] / r['base']:.3f}x)",
+                         *[f"{r[k]:.3f} ({r[k] / r['base_merged']:.3f}x)"
+                           for k in ("fused_empty", "fused_merged", "fused_four_token", "fused_four_sentence")],
+                         f"{bw:.0f} GB/s ({bw / base_bw:.0%})"])
+        lines.append(format_table(["rows", "base + delta, 7/layer", "merged, empty banks", "merged base + fused delta",
+                                   "+ 4 deltas, token gate", "+ 1 of 4 (sentence)", "delta's added time as bandwidth"],
+                                  rows))
     return lines
 
 

@@ -23,13 +23,21 @@
 
 namespace deltacomp {
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
-                                     int64_t row_tile);
+                                     int64_t row_tile, bool fused);
 cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* out, int64_t R, int64_t n, int64_t M,
                                 const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
                                 const void* v_offset, const int32_t* u_words, const void* u_scale,
                                 const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
                                 const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
                                 float* workspace, int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream);
+cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const* base, const int64_t* base_rows,
+                                     const void* bias, void* out,
+                                     int64_t R, int64_t n, int64_t M, const float* w, int64_t K,
+                                     const int32_t* v_words, const void* v_scale, const void* v_offset,
+                                     const int32_t* u_words, const void* u_scale, const void* u_offset,
+                                     int64_t u_nwords, int64_t u_nparams, const float* s, const int32_t* rows,
+                                     int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
+                                     float* workspace, int num_sms, bool pdl, cudaStream_t stream);
 }  // namespace deltacomp
 
 namespace {
@@ -75,28 +83,14 @@ int dtype_code(torch::ScalarType t) {
   }
 }
 
-}  // namespace
-
-torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& w,
-                                const torch::Tensor& v_words, const torch::Tensor& v_scale,
-                                const torch::Tensor& v_offset, const torch::Tensor& u_words,
-                                const torch::Tensor& u_scale, const torch::Tensor& u_offset, const torch::Tensor& s,
-                                const torch::Tensor& rows, const torch::Tensor& projs, const torch::Tensor& spans,
-                                int64_t row_tile) {
-  TORCH_CHECK(x.is_cuda(), "delta_linear: x must be a CUDA tensor, got one on ", device_name(x));
+// The gate weights and the bank: dtypes, shapes and devices as the kernels read them (x already checked).
+void check_bank(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& v_words,
+                const torch::Tensor& v_scale, const torch::Tensor& v_offset, const torch::Tensor& u_words,
+                const torch::Tensor& u_scale, const torch::Tensor& u_offset, const torch::Tensor& s,
+                const torch::Tensor& rows, const torch::Tensor& projs, const torch::Tensor& spans) {
   const torch::Device device = x.device();
-  const int dtype = dtype_code(x.scalar_type());
-  TORCH_CHECK(dtype >= 0, "delta_linear: x must be float16, bfloat16 or float32, got ", c10::toString(x.scalar_type()));
-  TORCH_CHECK(x.dim() == 2, "delta_linear: x must be 2-D (R, n), got shape ", shape(x));
-  TORCH_CHECK(y.dim() == 2, "delta_linear: y must be 2-D (R, M), got shape ", shape(y));
-  TORCH_CHECK(y.size(0) == x.size(0), "delta_linear: y has ", num(y.size(0)), " rows but x has ", num(x.size(0)));
-  check_tensor(x, "x", x.scalar_type(), 2, device);
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "delta_linear: y has dtype ", c10::toString(y.scalar_type()),
-              " but x has ", c10::toString(x.scalar_type()));
-  check_tensor(y, "y", x.scalar_type(), 2, device);
   check_tensor(w, "w", torch::kFloat32, 2, device);
   TORCH_CHECK(w.size(0) == x.size(0), "delta_linear: w has ", num(w.size(0)), " rows but x has ", num(x.size(0)));
-
   check_tensor(rows, "rows", torch::kInt32, 2, device);
   TORCH_CHECK(rows.size(1) == 8, "delta_linear: rows must be (J, 8), got shape ", shape(rows));
   check_tensor(projs, "projs", torch::kInt32, 2, device);
@@ -121,8 +115,47 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
               " values but v_offset has ", num(v_offset.numel()));
   TORCH_CHECK(u_scale.numel() == u_offset.numel(), "delta_linear: u_scale has ", num(u_scale.numel()),
               " values but u_offset has ", num(u_offset.numel()));
+}
 
-  const int64_t R = x.size(0), n = x.size(1), M = y.size(1), K = w.size(1);
+// x: a CUDA tensor of a supported dtype, 2-D and contiguous; returns its dtype code.
+int check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "delta_linear: x must be a CUDA tensor, got one on ", device_name(x));
+  const int dtype = dtype_code(x.scalar_type());
+  TORCH_CHECK(dtype >= 0, "delta_linear: x must be float16, bfloat16 or float32, got ", c10::toString(x.scalar_type()));
+  TORCH_CHECK(x.dim() == 2, "delta_linear: x must be 2-D (R, n), got shape ", shape(x));
+  check_tensor(x, "x", x.scalar_type(), 2, x.device());
+  return dtype;
+}
+
+struct Launch {  // what both ops read from the device and the environment
+  int num_sms;
+  bool pdl;
+};
+
+Launch launch_settings() {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const char* pdl_env = std::getenv("DELTACOMP_CUDA_PDL");
+  return {props->multiProcessorCount, props->major >= 9 && !(pdl_env != nullptr && std::string(pdl_env) == "0")};
+}
+
+}  // namespace
+
+torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& w,
+                                const torch::Tensor& v_words, const torch::Tensor& v_scale,
+                                const torch::Tensor& v_offset, const torch::Tensor& u_words,
+                                const torch::Tensor& u_scale, const torch::Tensor& u_offset, const torch::Tensor& s,
+                                const torch::Tensor& rows, const torch::Tensor& projs, const torch::Tensor& spans,
+                                int64_t row_tile) {
+  const int dtype = check_x(x);
+  const torch::Device device = x.device();
+  TORCH_CHECK(y.dim() == 2, "delta_linear: y must be 2-D (R, M), got shape ", shape(y));
+  TORCH_CHECK(y.size(0) == x.size(0), "delta_linear: y has ", num(y.size(0)), " rows but x has ", num(x.size(0)));
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "delta_linear: y has dtype ", c10::toString(y.scalar_type()),
+              " but x has ", c10::toString(x.scalar_type()));
+  check_tensor(y, "y", x.scalar_type(), 2, device);
+  check_bank(x, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans);
+
+  const int64_t R = x.size(0), n = x.size(1), M = y.size(1), K = w.size(1), J = rows.size(0), P = projs.size(0);
   TORCH_CHECK(P > 0 || M == 0, "delta_linear: projs is empty but y has ", num(M), " columns to cover");
   TORCH_CHECK(row_tile >= 0, "delta_linear: row_tile must be 0 (automatic) or positive, got ", num(row_tile));
   int64_t tile = 16;  // the largest row tile the kernels may use (grid.z holds at most 65535 tiles)
@@ -134,11 +167,8 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
   torch::Tensor out = torch::empty_like(y);
   if (R == 0 || M == 0) return out;
 
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const int num_sms = props->multiProcessorCount;
-  const char* pdl_env = std::getenv("DELTACOMP_CUDA_PDL");
-  const bool pdl = props->major >= 9 && !(pdl_env != nullptr && std::string(pdl_env) == "0");
-  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, num_sms, row_tile);
+  const Launch ls = launch_settings();
+  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, ls.num_sms, row_tile, false);
   torch::Tensor workspace =
       torch::empty({static_cast<int64_t>(floats > 0 ? floats : 1)}, x.options().dtype(torch::kFloat32));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -147,8 +177,65 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
       v_words.data_ptr<int32_t>(), v_scale.data_ptr(), v_offset.data_ptr(), u_words.data_ptr<int32_t>(),
       u_scale.data_ptr(), u_offset.data_ptr(), u_words.numel(), u_scale.numel(), s.data_ptr<float>(),
       rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(), spans.data_ptr<int32_t>(), P,
-      workspace.data_ptr<float>(), num_sms, row_tile, pdl, stream);
+      workspace.data_ptr<float>(), ls.num_sms, row_tile, ls.pdl, stream);
   TORCH_CHECK(err == cudaSuccess, "delta_linear: kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+// out = x @ cat(weights)^T (+ bias) + the bank's contribution, one launch pair: weights[p] (out_len_p, n) is
+// projection p's base weight (x's dtype, at most 8 projections, their rows covering the bank's outputs in order),
+// bias (M,) or none.
+torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                                     const std::optional<torch::Tensor>& bias, const torch::Tensor& w,
+                                     const torch::Tensor& v_words, const torch::Tensor& v_scale,
+                                     const torch::Tensor& v_offset, const torch::Tensor& u_words,
+                                     const torch::Tensor& u_scale, const torch::Tensor& u_offset,
+                                     const torch::Tensor& s, const torch::Tensor& rows, const torch::Tensor& projs,
+                                     const torch::Tensor& spans) {
+  const int dtype = check_x(x);
+  const torch::Device device = x.device();
+  check_bank(x, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans);
+  const int64_t R = x.size(0), n = x.size(1), K = w.size(1), J = rows.size(0), P = projs.size(0);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == P, "delta_linear_base: ", num(weights.size()),
+              " base weights for a bank of ", num(P), " projections");
+  TORCH_CHECK(P >= 1 && P <= 8, "delta_linear_base: at most 8 projections are supported, got ", num(P));
+  // (projs is not read on the host: the caller matches the weights' rows to the projections' outputs, and the
+  // kernel never reads past a weight's rows.)
+  std::vector<const void*> base(P);
+  std::vector<int64_t> base_rows(P);
+  int64_t M = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const torch::Tensor& t = weights[p];
+    const std::string name = "base weight " + num(p);
+    check_tensor(t, name.c_str(), x.scalar_type(), 2, device);
+    TORCH_CHECK(t.size(1) == n, "delta_linear_base: ", name, " has ", num(t.size(1)), " columns but x has ", num(n));
+    M += t.size(0);
+    base[p] = t.data_ptr();
+    base_rows[p] = t.size(0);
+  }
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", x.scalar_type(), 1, device);
+    TORCH_CHECK(bias->size(0) == M, "delta_linear_base: bias has ", num(bias->size(0)), " values for ", num(M),
+                " outputs");
+  }
+  TORCH_CHECK(R <= 65535 * 16, "delta_linear_base: x has ", num(R), " rows; at most ", num(65535 * 16),
+              " are supported");
+
+  c10::cuda::CUDAGuard guard(device);
+  torch::Tensor out = torch::empty({R, M}, x.options());
+  if (R == 0 || M == 0) return out;
+  const Launch ls = launch_settings();
+  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, ls.num_sms, 0, true);
+  torch::Tensor workspace =
+      torch::empty({static_cast<int64_t>(floats > 0 ? floats : 1)}, x.options().dtype(torch::kFloat32));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaError_t err = deltacomp::delta_linear_base_launch(
+      dtype, x.data_ptr(), base.data(), base_rows.data(), bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(), R, n, M,
+      w.data_ptr<float>(), K, v_words.data_ptr<int32_t>(), v_scale.data_ptr(), v_offset.data_ptr(),
+      u_words.data_ptr<int32_t>(), u_scale.data_ptr(), u_offset.data_ptr(), u_words.numel(), u_scale.numel(),
+      s.data_ptr<float>(), rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(), spans.data_ptr<int32_t>(), P,
+      workspace.data_ptr<float>(), ls.num_sms, ls.pdl, stream);
+  TORCH_CHECK(err == cudaSuccess, "delta_linear_base: kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
 
@@ -159,6 +246,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("y"), py::arg("w"), py::arg("v_words"), py::arg("v_scale"), py::arg("v_offset"),
         py::arg("u_words"), py::arg("u_scale"), py::arg("u_offset"), py::arg("s"), py::arg("rows"),
         py::arg("projs"), py::arg("spans"), py::arg("row_tile") = 0);
+  m.def("delta_linear_base", &delta_linear_base_cuda,
+        "out = x @ cat(weights)^T (+ bias) + the bank's contribution: the base product computed beside stage 1",
+        py::arg("x"), py::arg("weights"), py::arg("bias"), py::arg("w"), py::arg("v_words"), py::arg("v_scale"),
+        py::arg("v_offset"), py::arg("u_words"), py::arg("u_scale"), py::arg("u_offset"), py::arg("s"),
+        py::arg("rows"), py::arg("projs"), py::arg("spans"));
   m.def("layout_version", [] { return 2; }, "The bank layout the kernels read");
-  m.def("op_version", [] { return 2; }, "The op's argument list: 2 adds spans and row_tile");
+  m.def("op_version", [] { return 3; }, "The ops' argument lists: 2 adds spans and row_tile, 3 delta_linear_base");
 }

@@ -33,6 +33,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace deltacomp {
 namespace {
@@ -322,6 +323,7 @@ struct ShrinkArgs {
   const __half* u_scale;
   const __half* u_offset;
   int u_nwords, u_nparams;
+  int late_trigger;          // let stage 2 start only once this grid's inputs are complete (stage 2 reads x early)
 };
 
 struct RowRef {  // one rank row's packed data: word offset, parameter offset, packed group size (group_code)
@@ -472,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   extern __shared__ float4 shrink_smem[];
   float* xs = reinterpret_cast<float*>(shrink_smem);
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
-  allow_next_grid();
+  if (!a.late_trigger) allow_next_grid();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int ks = blockIdx.y, rt = blockIdx.z, r0 = rt * R_TILE;
@@ -526,6 +528,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
     }
   }
   wait_prior_grids();
+  if (a.late_trigger) allow_next_grid();
   // The first x tile is read while the weights below are; the barrier after them publishes it.
   if (early && kbeg < kend)
     stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kbeg, min(a.ktb, kend - kbeg) * NU);
@@ -593,8 +596,10 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
 // Stage 2: expand
 // ------------------------------------------------------------------------------------------------------------------
 
+constexpr int kMaxBaseProjs = 8;  // projections of a bank whose base weights one fused call can take
+
 struct ExpandArgs {
-  const void* y;             // (R, M) scalar_t
+  const void* y;             // (R, M) scalar_t with row stride y_ld (0: one row broadcast, a bias), or null: zero
   void* out;                 // (R, M) scalar_t
   float* part;               // (nsplit, R, M) fp32 partials, used when nsplit > 1
   int* counters;             // (ntiles, slots) finished splits per output tile, zeroed by stage 1
@@ -610,6 +615,16 @@ struct ExpandArgs {
   const float* sw;           // (ntiles, J, R_TILE), from stage 1
   const float* tpart;        // (KS, ntiles, J, R_TILE), from stage 1
   int ks, ntiles, nsplit;
+  int y_ld;
+  // Fused base product (gsplit > 0): out also gets x @ base[p]^T for projection p's outputs. gsplit more CTAs per
+  // slot (blockIdx.y >= nsplit) each compute a share of the slot's outputs into the fp32 plane part[nsplit] and
+  // arrive at the tile's counter like the splits. base[p] (base_rows[p], n) scalar_t, rows 16-byte aligned when
+  // base_vec; no output past base_rows[p] is computed (nor read).
+  int gsplit;
+  const void* x;             // (R, n) scalar_t
+  int n, base_vec;
+  const void* base[kMaxBaseProjs];
+  int base_rows[kMaxBaseProjs];
 };
 
 // Floats per rank row in a warp's staged c values (padded so that 8 lanes storing float4s hit distinct banks).
@@ -675,6 +690,108 @@ __device__ __forceinline__ int expand_run(float (&acc)[R_TILE * OPL], const RowD
   return nn;
 }
 
+// Eight (or four, fp32) consecutive elements of x or a base weight row as floats, from one 16-byte word.
+template <typename scalar_t>
+__device__ __forceinline__ void unpack16(const uint4& u, float (&f)[16 / sizeof(scalar_t)]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(scalar_t) == 4) {
+      f[i] = __uint_as_float(w[i]);
+    } else if constexpr (std::is_same_v<scalar_t, __half>) {
+      f[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+      f[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    } else {  // bfloat16: the upper half of a float
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+}
+
+// The fused base product of outputs [g0, g1) (rows of W, (.., n) scalar_t) for token rows r0 + [0, R_TILE):
+// bs[r * pitch + (o - g0)] = sum_k x[r0 + r, k] * W[o, k] in fp32. Each warp takes two outputs at a time and its
+// lanes stride over k with 16-byte loads, four per output in flight (with vec; otherwise one element at a time).
+// Reads only W and x: stage 2 runs it before waiting for stage 1.
+template <typename scalar_t, int R_TILE>
+__device__ __noinline__ void base_gemv(float* __restrict__ bs, int pitch, const scalar_t* __restrict__ W,
+                                          const scalar_t* __restrict__ x, int R, int n, int r0, int g0, int g1,
+                                          bool vec, int warp, int lane) {
+  constexpr int VEC = 16 / sizeof(scalar_t), U = 4, STEP = 32 * VEC;
+  const int rows = min(R_TILE, R - r0);
+  const size_t row_bytes = static_cast<size_t>(n) * sizeof(scalar_t);
+  for (int o = g0 + 2 * warp; o < g1; o += 2 * kWarps) {
+    const bool two = o + 1 < g1;
+    const scalar_t* w0 = W + static_cast<size_t>(o) * n;
+    const scalar_t* w1 = two ? w0 + n : w0;
+    // Ask L2 for the warp's next two rows while these are read: more bytes in flight than registers can hold.
+    const int next = min(g1, o + 2 * kWarps + 2) - (o + 2 * kWarps);
+    if (next > 0) {
+      const char* nb = reinterpret_cast<const char*>(W + static_cast<size_t>(o + 2 * kWarps) * n);
+      for (size_t l = static_cast<size_t>(lane) * 128; l < next * row_bytes; l += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(nb + l));
+    }
+    float acc[2][R_TILE];
+#pragma unroll
+    for (int r = 0; r < R_TILE; ++r) acc[0][r] = acc[1][r] = 0.f;
+    if (vec) {
+      for (int k0 = lane * VEC; k0 < n; k0 += U * STEP) {
+        uint4 a0[U], a1[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int k = k0 + u * STEP;
+          a0[u] = k < n ? __ldg(reinterpret_cast<const uint4*>(w0 + k)) : make_uint4(0, 0, 0, 0);
+          a1[u] = k < n && two ? __ldg(reinterpret_cast<const uint4*>(w1 + k)) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int k = k0 + u * STEP;
+          if (k >= n) break;
+          float f0[VEC], f1[VEC];
+          unpack16<scalar_t>(a0[u], f0);
+          unpack16<scalar_t>(a1[u], f1);
+#pragma unroll
+          for (int r = 0; r < R_TILE; ++r) {
+            if (r >= rows) break;
+            float xv[VEC];
+            unpack16<scalar_t>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(r0 + r) * n + k)), xv);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              acc[0][r] = __fmaf_rn(f0[e], xv[e], acc[0][r]);
+              acc[1][r] = __fmaf_rn(f1[e], xv[e], acc[1][r]);
+            }
+          }
+        }
+      }
+    } else {
+      for (int k = lane; k < n; k += 32) {
+        const float f0 = load_f32(w0 + k), f1 = two ? load_f32(w1 + k) : 0.f;
+#pragma unroll
+        for (int r = 0; r < R_TILE; ++r) {
+          if (r >= rows) break;
+          const float xv = load_f32(x + static_cast<size_t>(r0 + r) * n + k);
+          acc[0][r] = __fmaf_rn(f0, xv, acc[0][r]);
+          acc[1][r] = __fmaf_rn(f1, xv, acc[1][r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R_TILE; ++r)
+#pragma unroll
+      for (int m = 16; m >= 1; m /= 2) {
+        acc[0][r] += __shfl_xor_sync(kFullMask, acc[0][r], m);
+        acc[1][r] += __shfl_xor_sync(kFullMask, acc[1][r], m);
+      }
+    if (lane < R_TILE) {  // lane r stores row r (the sums are in every lane)
+#pragma unroll
+      for (int r = 0; r < R_TILE; ++r)
+        if (r == lane) {
+          bs[r * pitch + o - g0] = acc[0][r];
+          if (two) bs[r * pitch + o + 1 - g0] = acc[1][r];
+        }
+    }
+  }
+}
+
 // Number of consecutive set bits of m from bit i on.
 __device__ __forceinline__ int run_length(unsigned m, int i) {
   const unsigned rest = ~(m >> i);
@@ -719,9 +836,69 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
   const int j_start = max(0, __ldg(a.projs + 4 * p + 0)), j_end = min(a.J, __ldg(a.projs + 4 * p + 1));
   const int out_off = __ldg(a.projs + 4 * p + 2);
   const int o0 = slot * W2;  // first output of the slice, within the projection
-  const int split = blockIdx.y, rt = blockIdx.z, r0 = rt * R_TILE;
-
+  const int rt = blockIdx.z, r0 = rt * R_TILE;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const scalar_t* y = static_cast<const scalar_t*>(a.y);
+  scalar_t* out = static_cast<scalar_t*>(a.out);
+  const size_t plane = static_cast<size_t>(a.R) * a.M;
+  constexpr int kRowPitch = W2 + W2 / 32;
+
+  // Counts this CTA's arrival at its tile (its partial written before); true for the last of nsplit + gsplit.
+  const auto arrive = [&]() {
+    __threadfence();  // the partial is visible device-wide before the count says so
+    __syncthreads();
+    if (threadIdx.x == 0)
+      is_last = atomicAdd(a.counters + rt * gridDim.x + blockIdx.x, 1) == a.nsplit + a.gsplit - 1;
+    __syncthreads();
+    if (is_last) __threadfence();
+    return is_last != 0;
+  };
+  // The last arrival: out = y + the partials summed in split order (+ the base plane), 8 loads in flight per
+  // output (from L2: written by other CTAs).
+  const auto finish = [&]() {
+    const int planes = a.nsplit + (a.gsplit > 0 ? 1 : 0);
+    for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
+      const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
+      if (row >= a.R || o >= olen) continue;
+      const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
+      const float y0 = y != nullptr ? load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) : 0.f;
+      float v = 0.f;
+      for (int s0 = 0; s0 < planes; s0 += 8) {
+        float pv[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) pv[q] = s0 + q < planes ? __ldcg(a.part + (s0 + q) * plane + m) : 0.f;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) v += pv[q];
+      }
+      store_f32(out + m, y0 + v);
+    }
+  };
+
+  if (blockIdx.y >= a.nsplit) {
+    // A base-product CTA: share g of the slice's outputs, computed before stage 1 has finished (stage 1 lets this
+    // grid start only once x is complete: late_trigger); written to the base plane after the wait.
+    const int share = (W2 + a.gsplit - 1) / a.gsplit, g0 = o0 + (blockIdx.y - a.nsplit) * share;
+    const void* wp = nullptr;
+    int wrows = 0;
+#pragma unroll
+    for (int q = 0; q < kMaxBaseProjs; ++q)
+      if (q == p) wp = a.base[q], wrows = a.base_rows[q];
+    const int g1 = min(min(olen, wrows), min(o0 + W2, g0 + share));
+    if (g0 < g1)
+      base_gemv<scalar_t, R_TILE>(smem, share, static_cast<const scalar_t*>(wp), static_cast<const scalar_t*>(a.x),
+                                  a.R, a.n, r0, g0, g1, a.base_vec != 0, warp, lane);
+    __syncthreads();
+    wait_prior_grids();
+    float* bplane = a.part + static_cast<size_t>(a.nsplit) * plane;
+    for (int idx = threadIdx.x; idx < R_TILE * share; idx += kThreads) {
+      const int r = idx / share, o = g0 + idx % share, row = r0 + r;
+      if (row < a.R && o < min(olen, o0 + W2))  // outputs past the weight's rows get 0
+        bplane[static_cast<size_t>(row) * a.M + out_off + o] = o < g1 ? smem[r * share + o - g0] : 0.f;
+    }
+    if (arrive()) finish();
+    return;
+  }
+  const int split = blockIdx.y;
   const int oi = o0 + lane * OPL;  // this lane's first output within the projection
   const bool has = oi < olen;
   const int bi = oi >> 5, q0 = oi & 31;
@@ -840,7 +1017,6 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
 
   // Warp 0 holds the totals; stage them as [r][i + i / 32] (the padding keeps lanes on distinct banks) and write the
   // tile with consecutive threads on consecutive outputs.
-  constexpr int kRowPitch = W2 + W2 / 32;
   float* tile = smem;
   if (warp == 0) {
 #pragma unroll
@@ -852,15 +1028,13 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
       }
   }
   __syncthreads();
-  const scalar_t* y = static_cast<const scalar_t*>(a.y);
-  scalar_t* out = static_cast<scalar_t*>(a.out);
-  const size_t plane = static_cast<size_t>(a.R) * a.M;
-  if (a.nsplit == 1) {
+  if (a.nsplit == 1 && a.gsplit == 0) {
     for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
       const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
       if (row >= a.R || o >= olen) continue;
       const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
-      store_f32(out + m, load_f32(y + m) + tile[r * kRowPitch + i + (i >> 5)]);
+      store_f32(out + m, load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) +
+                             tile[r * kRowPitch + i + (i >> 5)]);
     }
     return;
   }
@@ -869,28 +1043,7 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
     if (row >= a.R || o >= olen) continue;
     a.part[split * plane + static_cast<size_t>(row) * a.M + out_off + o] = tile[r * kRowPitch + i + (i >> 5)];
   }
-  __threadfence();  // the partial tile is visible device-wide before the count says so
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(a.counters + rt * gridDim.x + blockIdx.x, 1) == a.nsplit - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  // Sum the partials in split order, 8 splits' loads in flight per output (from L2: written by other CTAs).
-  for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
-    const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
-    if (row >= a.R || o >= olen) continue;
-    const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
-    const float yv = load_f32(y + m);
-    float v = 0.f;
-    for (int s0 = 0; s0 < a.nsplit; s0 += 8) {
-      float pv[8];
-#pragma unroll
-      for (int q = 0; q < 8; ++q) pv[q] = s0 + q < a.nsplit ? __ldcg(a.part + (s0 + q) * plane + m) : 0.f;
-#pragma unroll
-      for (int q = 0; q < 8; ++q) v += pv[q];
-    }
-    store_f32(out + m, yv + v);
-  }
+  if (arrive()) finish();
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -907,15 +1060,17 @@ struct Plan {
   // stage 1
   int groups = 0, ks = 1, kb_cta = 0, ktb = 0;
   size_t shrink_smem = 0;
-  // stage 2
-  int slots = 0, nsplit = 1;
+  // stage 2 (gsplit: base-product CTAs per slot, fused only)
+  int slots = 0, nsplit = 1, gsplit = 0;
   // workspace, in floats (the counters are int32 in the same buffer)
   size_t sw_off = 0, tpart_off = 0, part_off = 0, counter_off = 0, total = 0;
   int ncounters = 0;
 };
 
 // row_tile: the largest row tile the caller allows (0: no limit; otherwise rounded down to 1, 2, 4, 8 or 16).
-Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms, int64_t row_tile) {
+// fused: stage 2 also computes the base product (delta_linear_base_launch).
+Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms, int64_t row_tile,
+               bool fused = false) {
   Plan p;
   p.r_tile = R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : R <= 8 ? 8 : 16;
   while (row_tile > 0 && p.r_tile > row_tile) p.r_tile /= 2;
@@ -924,7 +1079,8 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
 
   // Stage 1: K is split over CTAs until they fill the GPU once (shrink_min_ctas per SM), keeping whole warp passes
   // per CTA.
-  const int64_t target1 = sms * shrink_min_ctas(p.r_tile);
+  // Fused: one stage 1 CTA per SM, so that stage 2's CTAs (the base product) find room beside it from the start.
+  const int64_t target1 = sms * (fused ? 1 : shrink_min_ctas(p.r_tile));
   const int64_t nblk = ceil_div<int64_t>(n, 32);
   const int pass = shrink_opl(p.r_tile);  // blocks per warp pass (32 lanes x OPL codes)
   const int ktb_max = (kShrinkSmemFloats / block_floats(p.r_tile)) / pass * pass;
@@ -953,17 +1109,27 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
   const int64_t rows_per_proj = P > 0 ? ceil_div<int64_t>(J, P) : 0;
   int64_t cap = rows_per_proj / 32;  // keep at least ~32 rank rows per CTA
   cap = cap < 1 ? 1 : (cap > kMaxSplits ? kMaxSplits : cap);
+  if (fused) {
+    // The base product is the bulk of the bytes: about four rounds of CTAs of at least 16 outputs each. The delta's
+    // splits (which wait for stage 1) take at most one CTA per SM, so that the base product has room from the start.
+    const int64_t per = tiles * p.ntiles;
+    const int64_t g = per > 0 ? ceil_div<int64_t>(4 * target2, per) : 1, gmax = w2 / 16;
+    p.gsplit = static_cast<int>(g < 1 ? 1 : (g > gmax ? gmax : g));
+    nsplit = per > 0 ? sms / per : 1;
+  }
   nsplit = nsplit < 1 ? 1 : (nsplit > cap ? cap : nsplit);
   p.nsplit = J > 0 ? static_cast<int>(nsplit) : 1;
 
   // Workspace: sw, tpart, partials, counters; each region starts on a 16-byte boundary.
   const auto round4 = [](size_t v) { return (v + 3) / 4 * 4; };
   const size_t per_tile = static_cast<size_t>(p.ntiles) * static_cast<size_t>(J) * p.r_tile;
-  p.ncounters = p.nsplit > 1 ? p.slots * p.ntiles : 0;
+  const bool counted = p.nsplit > 1 || p.gsplit > 0;
+  const size_t planes = static_cast<size_t>(p.nsplit) + (p.gsplit > 0 ? 1 : 0);
+  p.ncounters = counted ? p.slots * p.ntiles : 0;
   p.sw_off = 0;
   p.tpart_off = round4(per_tile);
   p.part_off = p.tpart_off + round4(per_tile * p.ks);
-  p.counter_off = p.part_off + round4(p.nsplit > 1 ? static_cast<size_t>(p.nsplit) * R * M : 0);
+  p.counter_off = p.part_off + round4(counted ? planes * R * M : 0);
   p.total = p.counter_off + round4(static_cast<size_t>(p.ncounters));
   return p;
 }
@@ -995,47 +1161,94 @@ struct Bank {  // the bank tensors of layout 2 (device pointers) and their sizes
   int J, P, u_nwords, u_nparams;
 };
 
+// The fused base product's inputs (base[0] null: none) and how y is read (row stride y_ld; 0 broadcasts one row).
+struct BaseArgs {
+  const void* base[kMaxBaseProjs];
+  int base_rows[kMaxBaseProjs];
+  int base_vec, y_ld;
+};
+
 template <typename scalar_t, int R_TILE>
 cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out, int R, int n, int M, const float* w,
-                         int K, const Bank& b, float* workspace, bool pdl, cudaStream_t stream) {
+                         int K, const Bank& b, const BaseArgs& f, float* workspace, bool pdl, cudaStream_t stream) {
   float* sw = workspace + p.sw_off;
   float* tpart = workspace + p.tpart_off;
   float* part = workspace + p.part_off;
   int* counters = reinterpret_cast<int*>(workspace + p.counter_off);
+  const bool fused = f.base[0] != nullptr;
   if (b.J > 0) {
     const ShrinkArgs sa{x,        R,         n,       w,          K,        b.v_words,   b.v_scale,
                         b.v_offset, b.s,     b.rows,  b.J,        p.ntiles, p.kb_cta,    p.ktb,
                         sw,       tpart,     counters, p.ncounters, b.u_words, b.u_scale, b.u_offset,
-                        b.u_nwords, b.u_nparams};
+                        b.u_nwords, b.u_nparams, fused ? 1 : 0};
     const cudaError_t err = launch_kernel(shrink_kernel<scalar_t, R_TILE>, dim3(p.groups, p.ks, p.ntiles),
                                           p.shrink_smem, pdl, stream, sa);
     if (err != cudaSuccess) return err;
   }
-  const ExpandArgs ea{y,       out,    part, counters, R,  M,     b.u_words, b.u_scale, b.u_offset, b.rows,
-                      b.projs, b.spans, w,  b.P,      b.J, K,    sw,        tpart,     p.ks,       p.ntiles,
-                      p.nsplit};
-  return launch_kernel(expand_kernel<scalar_t, R_TILE>, dim3(p.slots, p.nsplit, p.ntiles), 0, pdl, stream, ea);
+  ExpandArgs ea{y,       out,      part,     counters, R,  M,     b.u_words, b.u_scale, b.u_offset, b.rows,
+                b.projs, b.spans,  w,        b.P,      b.J, K,    sw,        tpart,     p.ks,       p.ntiles,
+                p.nsplit, f.y_ld,  p.gsplit, x,        n,   f.base_vec, {},     {}};
+  for (int q = 0; q < kMaxBaseProjs; ++q) ea.base[q] = f.base[q], ea.base_rows[q] = f.base_rows[q];
+  if (b.J == 0 && p.ncounters > 0) {  // no stage 1 to zero the counters
+    const cudaError_t err = cudaMemsetAsync(counters, 0, static_cast<size_t>(p.ncounters) * sizeof(int), stream);
+    if (err != cudaSuccess) return err;
+  }
+  // A fused stage 2 reads x before its wait: without a stage 1 ahead of it (late trigger) it must not start early.
+  return launch_kernel(expand_kernel<scalar_t, R_TILE>, dim3(p.slots, p.nsplit + p.gsplit, p.ntiles), 0,
+                       pdl && (b.J > 0 || !fused), stream, ea);
 }
 
 template <typename scalar_t>
 cudaError_t launch_typed(const Plan& p, const void* x, const void* y, void* out, int R, int n, int M, const float* w,
-                         int K, const Bank& b, float* workspace, bool pdl, cudaStream_t stream) {
+                         int K, const Bank& b, const BaseArgs& f, float* workspace, bool pdl, cudaStream_t stream) {
   switch (p.r_tile) {
-    case 1: return launch_tiled<scalar_t, 1>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
-    case 2: return launch_tiled<scalar_t, 2>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
-    case 4: return launch_tiled<scalar_t, 4>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
-    case 8: return launch_tiled<scalar_t, 8>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
-    default: return launch_tiled<scalar_t, 16>(p, x, y, out, R, n, M, w, K, b, workspace, pdl, stream);
+    case 1: return launch_tiled<scalar_t, 1>(p, x, y, out, R, n, M, w, K, b, f, workspace, pdl, stream);
+    case 2: return launch_tiled<scalar_t, 2>(p, x, y, out, R, n, M, w, K, b, f, workspace, pdl, stream);
+    case 4: return launch_tiled<scalar_t, 4>(p, x, y, out, R, n, M, w, K, b, f, workspace, pdl, stream);
+    case 8: return launch_tiled<scalar_t, 8>(p, x, y, out, R, n, M, w, K, b, f, workspace, pdl, stream);
+    default: return launch_tiled<scalar_t, 16>(p, x, y, out, R, n, M, w, K, b, f, workspace, pdl, stream);
   }
+}
+
+cudaError_t launch_any(int dtype, const Plan& p, const void* x, const void* y, void* out, int64_t R, int64_t n,
+                       int64_t M, const float* w, int64_t K, const Bank& b, const BaseArgs& f, float* workspace,
+                       bool pdl, cudaStream_t stream) {
+  const int iR = static_cast<int>(R), in = static_cast<int>(n), iM = static_cast<int>(M), iK = static_cast<int>(K);
+  switch (dtype) {
+    case 0: return launch_typed<float>(p, x, y, out, iR, in, iM, w, iK, b, f, workspace, pdl, stream);
+    case 1: return launch_typed<__half>(p, x, y, out, iR, in, iM, w, iK, b, f, workspace, pdl, stream);
+    case 2: return launch_typed<__nv_bfloat16>(p, x, y, out, iR, in, iM, w, iK, b, f, workspace, pdl, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset, const int32_t* u_words,
+               const void* u_scale, const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
+               const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P) {
+  return Bank{v_words,
+              static_cast<const __half*>(v_scale),
+              static_cast<const __half*>(v_offset),
+              u_words,
+              static_cast<const __half*>(u_scale),
+              static_cast<const __half*>(u_offset),
+              s,
+              rows,
+              projs,
+              spans,
+              static_cast<int>(J),
+              static_cast<int>(P),
+              static_cast<int>(u_nwords),
+              static_cast<int>(u_nparams)};
 }
 
 }  // namespace
 
-// fp32 workspace (in floats) that delta_linear_launch needs for these shapes; num_sms and row_tile as in the launch.
+// fp32 workspace (in floats) that delta_linear_launch (fused = false) or delta_linear_base_launch (fused = true)
+// needs for these shapes; num_sms and row_tile as in the launch.
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
-                                     int64_t row_tile) {
+                                     int64_t row_tile, bool fused = false) {
   if (R <= 0 || M <= 0) return 0;
-  return make_plan(R, n, M, J, P, num_sms, row_tile).total;
+  return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
 // out (R, M) = y + the bank's contribution, for x (R, n), y (R, M) of `dtype` (0 float32, 1 float16, 2 bfloat16),
@@ -1051,27 +1264,39 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
                                 float* workspace, int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream) {
   if (R <= 0 || M <= 0) return cudaSuccess;
   const Plan p = make_plan(R, n, M, J, P, num_sms, row_tile);
-  const Bank b{v_words,
-               static_cast<const __half*>(v_scale),
-               static_cast<const __half*>(v_offset),
-               u_words,
-               static_cast<const __half*>(u_scale),
-               static_cast<const __half*>(u_offset),
-               s,
-               rows,
-               projs,
-               spans,
-               static_cast<int>(J),
-               static_cast<int>(P),
-               static_cast<int>(u_nwords),
-               static_cast<int>(u_nparams)};
-  const int iR = static_cast<int>(R), in = static_cast<int>(n), iM = static_cast<int>(M), iK = static_cast<int>(K);
-  switch (dtype) {
-    case 0: return launch_typed<float>(p, x, y, out, iR, in, iM, w, iK, b, workspace, pdl, stream);
-    case 1: return launch_typed<__half>(p, x, y, out, iR, in, iM, w, iK, b, workspace, pdl, stream);
-    case 2: return launch_typed<__nv_bfloat16>(p, x, y, out, iR, in, iM, w, iK, b, workspace, pdl, stream);
-    default: return cudaErrorInvalidValue;
+  const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
+                           projs, spans, P);
+  const BaseArgs f{{}, {}, 0, static_cast<int>(M)};
+  return launch_any(dtype, p, x, y, out, R, n, M, w, K, b, f, workspace, pdl, stream);
+}
+
+// The fused form: out (R, M) = x @ base^T (+ bias) + the bank's contribution, where base[p] (out_len_p, n) of `dtype`
+// is projection p's base weight (P <= 8; the projections' outputs cover M in order) and bias (M,) may be null. The
+// base product runs in the expand stage's CTAs while stage 1 runs, accumulates in fp32 and is rounded once with the
+// delta. No row tile cap (a row tile of up to 16 rows: the base weights are read once per tile).
+cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const* base, const int64_t* base_rows,
+                                     const void* bias, void* out,
+                                     int64_t R, int64_t n, int64_t M, const float* w, int64_t K,
+                                     const int32_t* v_words, const void* v_scale, const void* v_offset,
+                                     const int32_t* u_words, const void* u_scale, const void* u_offset,
+                                     int64_t u_nwords, int64_t u_nparams, const float* s, const int32_t* rows,
+                                     int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
+                                     float* workspace, int num_sms, bool pdl, cudaStream_t stream) {
+  if (R <= 0 || M <= 0) return cudaSuccess;
+  if (P < 1 || P > kMaxBaseProjs) return cudaErrorInvalidValue;
+  const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
+  const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
+                           projs, spans, P);
+  const size_t esize = dtype == 0 ? 4 : 2;
+  bool vec = (n * esize) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  BaseArgs f{{}, {}, 0, 0};
+  for (int64_t q = 0; q < P; ++q) {
+    f.base[q] = base[q];
+    f.base_rows[q] = static_cast<int>(base_rows[q]);
+    vec = vec && reinterpret_cast<uintptr_t>(base[q]) % 16 == 0;
   }
+  f.base_vec = vec ? 1 : 0;
+  return launch_any(dtype, p, x, bias, out, R, n, M, w, K, b, f, workspace, pdl, stream);
 }
 
 }  // namespace deltacomp

@@ -6,7 +6,7 @@ from packed_cases import ALL_WIDTHS, oracle, random_module, rel_err
 
 from deltacomp.errors import DeltacompError, MismatchError
 from deltacomp.io.checkpoint import Checkpoint
-from deltacomp.kernels import DeltaBank, attach, delta_linear, detach
+from deltacomp.kernels import DeltaBank, attach, base_delta_linear, delta_linear, detach
 from deltacomp.kernels.bank import DELTA, U_BITS, U_PARAMS, U_WORDS, V_BITS, V_PARAMS, V_WORDS
 from deltacomp.kernels.reference import dequantize_rows
 from deltacomp.package.reader import compressed_names, iter_weights, packed_module, reconstruct_delta
@@ -103,6 +103,34 @@ def test_compiles_with_fake_kernel():
     x, y = torch.randn(4, 36), torch.randn(4, 40)
     fn = torch.compile(lambda a, b: delta_linear(a, bank, b) * 2, backend="aot_eager", fullgraph=True)
     assert rel_err(fn(x, y), 2 * delta_linear(x, bank, y)) < 1e-6
+
+
+def test_base_op_adds_the_base_product_to_the_twin():
+    """``deltacomp::delta_linear_base`` = x @ cat(W)^T + bias + the deltas (float64 oracle), and opcheck passes."""
+    table = [[random_module(40, 36, seed=1), random_module(40, 36, seed=2)],
+             [None, random_module(20, 36, widths=ALL_WIDTHS[:5], seed=5)]]
+    bank = DeltaBank.build(table)
+    x, w = torch.randn(4, 36), torch.rand(4, 2)
+    base, bias = [torch.randn(40, 36), torch.randn(20, 36)], torch.randn(60)
+    out = torch.ops.deltacomp.delta_linear_base(x, base, bias, w, *bank.tensors())
+    y = x.double() @ torch.cat(base).double().T + bias.double()
+    assert rel_err(out, oracle(x, y, w, table)) < 1e-5
+    torch.library.opcheck(torch.ops.deltacomp.delta_linear_base.default, (x, base, bias, w, *bank.tensors()))
+    torch.library.opcheck(torch.ops.deltacomp.delta_linear_base.default, (x, base, None, w, *bank.tensors()))
+
+
+def test_base_dispatch_matches_the_base_layer_plus_deltas():
+    table = [[random_module(40, 36, seed=1)], [random_module(20, 36, widths=ALL_WIDTHS[:5], seed=2)]]
+    bank = DeltaBank.build(table)
+    x = torch.randn(2, 3, 36)
+    base, bias = [torch.randn(40, 36), torch.randn(20, 36)], torch.randn(60)
+    y = torch.nn.functional.linear(x, torch.cat(base), bias)
+    assert rel_err(base_delta_linear(x, bank, base, bias), delta_linear(x, bank, y)) < 1e-6
+    assert base_delta_linear(x, bank, base).shape == (2, 3, 60)
+    with pytest.raises(DeltacompError, match=r"base weights \[\[40, 36\]\] do not match .* \[\[40, 36\], \[20, 36\]\]"):
+        base_delta_linear(x, bank, base[:1])
+    with pytest.raises(DeltacompError, match="35 features; the delta bank expects 36"):
+        base_delta_linear(torch.randn(2, 35), bank, base)
 
 
 def test_empty_bank_adds_nothing():

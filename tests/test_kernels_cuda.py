@@ -9,7 +9,7 @@ import pytest
 import torch
 from packed_cases import ALL_WIDTHS, oracle, random_module, rel_err
 
-from deltacomp.kernels import DeltaBank, delta_linear, loader
+from deltacomp.kernels import DeltaBank, base_delta_linear, delta_linear, loader
 from deltacomp.kernels.reference import delta_linear_reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -127,6 +127,81 @@ def test_cuda_graph_and_compile():
     assert rel_err(want, delta_linear(x2 * 0 + x2, bank, y)) > 0  # the inputs really changed
 
 
+def _check_base(table, rows, dtype, weights=None, bias=True, seed=0):
+    """The fused op (base product inside the delta's kernels) against the float64 oracle, the twin, and the base
+    layer's product followed by the unfused op. Base weights are scaled so that the base and the deltas' parts of
+    the output are of one size: the bound then covers both."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bank = DeltaBank.build(table).to("cuda")
+    n, m = bank.in_features, sum(bank.out_features)
+    x = torch.randn(rows, n, device="cuda", generator=g).to(dtype)
+    base = [(torch.randn(o, n, device="cuda", generator=g) / n ** 0.5).to(dtype) for o in bank.out_features]
+    b = (torch.randn(m, device="cuda", generator=g) * 0.1).to(dtype) if bias else None
+    w = torch.ones(rows, bank.num_deltas, device="cuda") if weights is None else weights.float().expand(rows, -1)
+    w = w.contiguous()
+    _poison((rows, m), dtype)
+    out = torch.ops.deltacomp.delta_linear_base(x, base, b, w, *bank.tensors())
+    torch.cuda.synchronize()
+    assert out.dtype == dtype and out.shape == (rows, m)
+    assert torch.isfinite(out).all(), "unwritten or non-finite outputs"
+    y = x.double() @ torch.cat(base).double().T + (b.double() if bias else 0)
+    want = oracle(x.cpu(), y.cpu(), w.cpu(), table)
+    err = rel_err(out.cpu(), want)
+    assert err < BOUND[dtype], f"relative error {err:.2e} over the bound {BOUND[dtype]:.0e}"
+    unfused = delta_linear(x, bank, torch.nn.functional.linear(x, torch.cat(base), b), weights=w)
+    assert rel_err(out, unfused) < BOUND[dtype]
+    assert rel_err(base_delta_linear(x, bank, base, b, weights=w), out if rows <= 16 else unfused) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_base_product_fused_every_width(shape, dtype):
+    mod = random_module(*shape, widths=ALL_WIDTHS, rank_per_group=min(4, min(shape) // len(ALL_WIDTHS)),
+                        group_size=128 if shape[0] % 2 else 0, seed=shape[1])
+    for rows in (1, 3, 8, 16, 33):
+        _check_base([[mod]], rows, dtype, bias=rows % 2 == 1, seed=rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_base_product_fused_projections_and_gated_deltas(dtype):
+    n = 1536
+    table = [[random_module(m, n, widths=ALL_WIDTHS[: 4 + p], group_size=gs, seed=10 * p + d) if (p + d) % 4 else None
+              for d, gs in zip(range(3), (0, 128, 0))] for p, m in enumerate((576, 192, 192, 1100))]
+    for rows in (1, 5, 16):
+        w = torch.rand(rows, 3, device="cuda")
+        w[::3, 1] = 0
+        _check_base(table, rows, dtype, weights=w, seed=rows)
+    _check_base([[random_module(64, 44, widths=ALL_WIDTHS[:3])]], 2, dtype)  # rows of 88 bytes: no 16-byte loads
+
+
+def test_base_product_empty_bank_and_graph_capture():
+    empty = DeltaBank.build([[None]], out_features=[300], in_features=256).to("cuda")
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    wt = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16) / 16
+    out = base_delta_linear(x, empty, [wt])
+    assert rel_err(out, (x.double() @ wt.double().T)) < BOUND[torch.bfloat16]
+
+    mod = random_module(1024, 768, widths=ALL_WIDTHS, rank_per_group=5, group_size=128)
+    bank = DeltaBank.build([[mod]]).to("cuda")
+    x = torch.randn(8, 768, device="cuda", dtype=torch.bfloat16)
+    wt = torch.randn(1024, 768, device="cuda", dtype=torch.bfloat16) / 28
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        base_delta_linear(x, bank, [wt])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = base_delta_linear(x, bank, [wt])
+    x2 = torch.randn_like(x)
+    x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(static, base_delta_linear(x2, bank, [wt])) < 1e-6
+    compiled = torch.compile(lambda a: torch.ops.deltacomp.delta_linear_base(a, [wt], None, torch.ones(
+        8, 1, device="cuda"), *bank.tensors()), fullgraph=True)
+    assert rel_err(compiled(x2), base_delta_linear(x2, bank, [wt])) < 1e-6
+
+
 def test_extension_checks_name_the_numbers():
     mod = random_module(64, 48, widths=ALL_WIDTHS[:3])
     bank = DeltaBank.build([[mod]]).to("cuda")
@@ -139,9 +214,19 @@ def test_extension_checks_name_the_numbers():
         torch.ops.deltacomp.delta_linear(x, y[:4], w.cpu(), *bank.tensors())
     with pytest.raises(RuntimeError, match="dtype|Float|Half"):
         torch.ops.deltacomp.delta_linear(x, y[:4].float(), w, *bank.tensors())
+    wt = torch.randn(64, 48, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="2 base weights for a bank of 1 projections"):
+        torch.ops.deltacomp.delta_linear_base(x, [wt, wt], None, w, *bank.tensors())
+    with pytest.raises(RuntimeError, match="base weight 0 has 47 columns but x has 48"):
+        torch.ops.deltacomp.delta_linear_base(x, [wt[:, :47].contiguous()], None, w, *bank.tensors())
+    with pytest.raises(RuntimeError, match="bias has 63 values for 64 outputs"):
+        torch.ops.deltacomp.delta_linear_base(x, [wt], wt[:, 0][:63].contiguous(), w, *bank.tensors())
+    with pytest.raises(RuntimeError, match="dtype|Float|Half"):
+        torch.ops.deltacomp.delta_linear_base(x, [wt.float()], None, w, *bank.tensors())
 
 
-def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages):
+@pytest.mark.parametrize("batch", [1, 3], ids=["fused-base", "base-then-delta"])
+def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages, batch):
     from transformers import LlamaForCausalLM
 
     from deltacomp.kernels import attach
@@ -149,7 +234,7 @@ def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages):
 
     base_dir, _, _ = llama_pair
     pkg = DeltaPackage(llama_packages(1.0))
-    ids = torch.randint(0, 256, (3, 10))
+    ids = torch.randint(0, 256, (batch, 10))  # 10 token rows run the fused base product, 30 do not
     cpu = LlamaForCausalLM.from_pretrained(base_dir).eval()
     gpu = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to("cuda").eval()
     attach(cpu, [pkg])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 
 from deltacomp.errors import DeltacompError
@@ -60,6 +63,42 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
         args = (x2.to(y2.dtype), y2, w, *bank.tensors(), row_tile)
         ext = _eager_extension(x2, grads)
         out = ext.delta_linear(*args) if ext is not None else torch.ops.deltacomp.delta_linear(*args)
+    return out.reshape(*lead, m)
+
+
+FUSED_MAX_ROWS = 16  # the fused base product reads the base weights once per 16-row tile: decode-sized batches
+
+
+def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ cat(base)^T + bias + sum_d w_d * dW_d x``: the base layer and the deltas in one call.
+
+    base[p] (out_p, n) is projection p's base weight (the bank's projections in order), bias (M,) or None. CUDA
+    inference on up to :data:`FUSED_MAX_ROWS` rows with x's dtype everywhere runs one fused launch pair, where the
+    base product runs beside the delta's first stage and is rounded once with the deltas; otherwise the base
+    product is a plain matmul and the deltas go through :func:`delta_linear`.
+    """
+    if len(base) != len(bank.out_features) or any(
+            tuple(t.shape) != (m, bank.in_features) for t, m in zip(base, bank.out_features)):
+        got = [list(t.shape) for t in base]
+        want = [[m, bank.in_features] for m in bank.out_features]
+        raise DeltacompError(f"base weights {got} do not match the delta bank's projections {want}")
+    n, m = bank.in_features, sum(bank.out_features)
+    if x.shape[-1] != n:
+        raise DeltacompError(f"input has {x.shape[-1]} features; the delta bank expects {n}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    grads = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in base)
+                                         or (weights is not None and weights.requires_grad))
+    same = all(t.dtype == x.dtype and t.is_contiguous() for t in base) and (bias is None or bias.dtype == x.dtype)
+    ext = _eager_extension(x2, grads) if same and len(base) <= 8 and x2.shape[0] <= FUSED_MAX_ROWS else None
+    if ext is None:
+        bounds = [0, *itertools.accumulate(bank.out_features)]
+        y = torch.cat([torch.nn.functional.linear(x, t, None if bias is None else bias[lo:hi])
+                       for t, lo, hi in zip(base, bounds, bounds[1:])], dim=-1)
+        return delta_linear(x, bank, y, weights=weights)
+    w = gate_weights(x2.shape[0], bank, weights, None, x.device).contiguous()
+    out = ext.delta_linear_base(x2.contiguous(), list(base), bias, w, *bank.tensors())
     return out.reshape(*lead, m)
 
 

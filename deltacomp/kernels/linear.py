@@ -9,7 +9,7 @@ import torch
 
 from deltacomp.errors import MismatchError
 from deltacomp.kernels.bank import DeltaBank
-from deltacomp.kernels.dispatch import delta_linear
+from deltacomp.kernels.dispatch import base_delta_linear, delta_linear
 from deltacomp.package.manifest import FP16_DELTA
 from deltacomp.package.reader import compressed_names, packed_module, reconstruct_delta
 from deltacomp.package.store import DeltaPackage
@@ -41,11 +41,14 @@ class DeltaLinear(torch.nn.Module):
         return sum(self.bank.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if self.index is not None:
-            return delta_linear(x, self.bank, y, index=self.index)
+            return delta_linear(x, self.bank, self.base_layer(x), index=self.index)
         w = self.router(x) if self.router is not None else self.weights
-        return delta_linear(x, self.bank, y, weights=w)
+        layer = self.base_layer
+        if type(layer) is torch.nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks):
+            # a plain linear layer: its product can run inside the delta's kernels (base_delta_linear decides)
+            return base_delta_linear(x, self.bank, [layer.weight], layer.bias, weights=w)
+        return delta_linear(x, self.bank, layer(x), weights=w)
 
 
 def _resolve(model: torch.nn.Module, name: str) -> str | None:

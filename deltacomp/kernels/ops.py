@@ -1,4 +1,5 @@
-"""The ``deltacomp::delta_linear`` custom op: schema, fake (meta) kernel, CPU and CUDA kernels, autograd.
+"""The ``deltacomp::delta_linear`` and ``deltacomp::delta_linear_base`` custom ops: schemas, fake (meta) kernels,
+CPU and CUDA kernels, and autograd for the first.
 
 Registered through ``torch.library`` so that it traces under ``torch.compile`` and replays in CUDA graphs.
 CPU tensors (and CUDA tensors when the extension is not built) run the pure-torch twin; CUDA tensors run the
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from deltacomp.kernels import loader
-from deltacomp.kernels.reference import delta_linear_backward, delta_linear_reference
+from deltacomp.kernels.reference import delta_linear_backward, delta_linear_base_reference, delta_linear_reference
 
 
 @torch.library.custom_op("deltacomp::delta_linear", mutates_args=())
@@ -58,3 +59,28 @@ def _backward(ctx, grad):
 
 
 delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("deltacomp::delta_linear_base", mutates_args=())
+def delta_linear_base_op(x: Tensor, weights: list[Tensor], bias: Tensor | None, w: Tensor, v_words: Tensor,
+                         v_scale: Tensor, v_offset: Tensor, u_words: Tensor, u_scale: Tensor, u_offset: Tensor,
+                         s: Tensor, rows: Tensor, projs: Tensor, spans: Tensor) -> Tensor:
+    """x @ cat(weights)^T (+ bias) + the bank's contribution: weights[p] (out_len_p, n) is projection p's base
+    weight, bias (M,). The CUDA kernel computes the base product beside the delta's first stage and rounds once.
+    Inference only (no autograd): gate training goes through ``deltacomp::delta_linear``."""
+    return delta_linear_base_reference(x, weights, bias, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset,
+                                       s, rows, projs, spans)
+
+
+@delta_linear_base_op.register_kernel("cuda")
+def _cuda_base(x, weights, bias, w, *bank):
+    ext = loader.extension() if x.dtype != torch.float64 else None
+    if ext is None:
+        return delta_linear_base_reference(x, weights, bias, w, *bank)
+    return ext.delta_linear_base(x, weights, bias, w, *bank)
+
+
+@delta_linear_base_op.register_fake
+def _fake_base(x, weights, bias, w, *bank):
+    torch._check(x.dim() == 2 and w.dim() == 2, lambda: "x and w must be 2-D")
+    return x.new_empty(x.shape[0], sum(t.shape[0] for t in weights))

@@ -77,6 +77,17 @@ def delta_linear_reference(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, v_
     return delta_linear_factors(x, y, w, parts, s, rows)
 
 
+def delta_linear_base_reference(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
+                                w: torch.Tensor, *bank: torch.Tensor) -> torch.Tensor:
+    """x @ cat(weights)^T (+ bias) + the deltas' contribution, (R, M) in x's dtype: the base product is kept in
+    float32 (float64 for float64 inputs) and rounded once with the deltas, as the fused CUDA kernel does."""
+    acc = _acc(x)
+    y = torch.cat([x.to(acc) @ wt.to(acc).T for wt in weights], dim=1)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return delta_linear_reference(x, y, w, *bank).to(x.dtype)
+
+
 def delta_linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bank: tuple[torch.Tensor, ...],
                           need_x: bool, need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of the op's output with respect to x (R, n) and the gate weights w (R, k).
