@@ -5,11 +5,14 @@ bf16 1e-2 (the output is rounded to the activation dtype). Every check draws fre
 output lands in is filled with NaN first, so an element the kernel does not write fails the check.
 """
 
+import itertools
+
 import pytest
 import torch
 from packed_cases import ALL_WIDTHS, oracle, random_module, rel_err
 
 from deltacomp.kernels import DeltaBank, base_delta_linear, delta_linear, loader
+from deltacomp.kernels.dispatch import FUSED_MAX_ROWS
 from deltacomp.kernels.reference import delta_linear_reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -148,9 +151,12 @@ def _check_base(table, rows, dtype, weights=None, bias=True, seed=0):
     want = oracle(x.cpu(), y.cpu(), w.cpu(), table)
     err = rel_err(out.cpu(), want)
     assert err < BOUND[dtype], f"relative error {err:.2e} over the bound {BOUND[dtype]:.0e}"
-    unfused = delta_linear(x, bank, torch.nn.functional.linear(x, torch.cat(base), b), weights=w)
+    bounds = [0, *itertools.accumulate(bank.out_features)]  # the base layers' products, then the op
+    y = torch.cat([torch.nn.functional.linear(x, t, None if b is None else b[lo:hi])
+                   for t, lo, hi in zip(base, bounds, bounds[1:])], dim=1)
+    unfused = delta_linear(x, bank, y, weights=w)
     assert rel_err(out, unfused) < BOUND[dtype]
-    assert rel_err(base_delta_linear(x, bank, base, b, weights=w), out if rows <= 16 else unfused) < 1e-6
+    assert rel_err(base_delta_linear(x, bank, base, b, weights=w), out if rows <= FUSED_MAX_ROWS else unfused) < 1e-6
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -183,7 +189,7 @@ def test_base_product_empty_bank_and_graph_capture():
 
     mod = random_module(1024, 768, widths=ALL_WIDTHS, rank_per_group=5, group_size=128)
     bank = DeltaBank.build([[mod]]).to("cuda")
-    x = torch.randn(8, 768, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(FUSED_MAX_ROWS, 768, device="cuda", dtype=torch.bfloat16)  # the fused path of the dispatch
     wt = torch.randn(1024, 768, device="cuda", dtype=torch.bfloat16) / 28
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -198,7 +204,7 @@ def test_base_product_empty_bank_and_graph_capture():
     torch.cuda.synchronize()
     assert rel_err(static, base_delta_linear(x2, bank, [wt])) < 1e-6
     compiled = torch.compile(lambda a: torch.ops.deltacomp.delta_linear_base(a, [wt], None, torch.ones(
-        8, 1, device="cuda"), *bank.tensors()), fullgraph=True)
+        a.shape[0], 1, device="cuda"), *bank.tensors()), fullgraph=True)
     assert rel_err(compiled(x2), base_delta_linear(x2, bank, [wt])) < 1e-6
 
 
@@ -225,8 +231,8 @@ def test_extension_checks_name_the_numbers():
         torch.ops.deltacomp.delta_linear_base(x, [wt.float()], None, w, *bank.tensors())
 
 
-@pytest.mark.parametrize("batch", [1, 3], ids=["fused-base", "base-then-delta"])
-def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages, batch):
+@pytest.mark.parametrize("shape", [(1, 1), (3, 10)], ids=["fused-base", "base-then-delta"])
+def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages, shape):
     from transformers import LlamaForCausalLM
 
     from deltacomp.kernels import attach
@@ -234,7 +240,7 @@ def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages, batch):
 
     base_dir, _, _ = llama_pair
     pkg = DeltaPackage(llama_packages(1.0))
-    ids = torch.randint(0, 256, (batch, 10))  # 10 token rows run the fused base product, 30 do not
+    ids = torch.randint(0, 256, shape)  # one token row runs the fused base product, 30 do not
     cpu = LlamaForCausalLM.from_pretrained(base_dir).eval()
     gpu = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to("cuda").eval()
     attach(cpu, [pkg])

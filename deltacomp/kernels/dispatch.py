@@ -66,7 +66,10 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
     return out.reshape(*lead, m)
 
 
-FUSED_MAX_ROWS = 16  # the fused base product reads the base weights once per 16-row tile: decode-sized batches
+# Rows up to which base_delta_linear computes the base product inside the delta's kernels. Measured on an H200 at
+# Llama-2-7B shapes (BENCHMARKS.md): one row (a decode step at batch 1) is 14-24% faster fused than a cuBLAS matmul
+# followed by the delta's kernels; from 2 rows on the kernels' fp32 base product is slower than cuBLAS.
+FUSED_MAX_ROWS = 1
 
 
 def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
@@ -74,7 +77,7 @@ def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Ten
     """``x @ cat(base)^T + bias + sum_d w_d * dW_d x``: the base layer and the deltas in one call.
 
     base[p] (out_p, n) is projection p's base weight (the bank's projections in order), bias (M,) or None. CUDA
-    inference on up to :data:`FUSED_MAX_ROWS` rows with x's dtype everywhere runs one fused launch pair, where the
+    inference on at most :data:`FUSED_MAX_ROWS` rows with x's dtype everywhere runs one fused launch pair, where the
     base product runs beside the delta's first stage and is rounded once with the deltas; otherwise the base
     product is a plain matmul and the deltas go through :func:`delta_linear`.
     """
