@@ -115,7 +115,7 @@ class LayerInputs:
 
 def bench(args) -> dict:
     torch.manual_seed(0)
-    layer = compress_layer(args.bits) if args.rows or "tenants" in args.parts else None
+    layer = compress_layer(args.bits) if args.rows or {"tenants", "calls"} & set(args.parts.split(",")) else None
     results = {"kernel_path": status().path, "rows": {}}
     if args.rows:
         decode_steps(layer, args, results)
@@ -127,6 +127,9 @@ def bench(args) -> dict:
         _save(results, args)
     if "tenants" in args.parts:
         results["multi_tenant"] = multi_tenant(layer, args)
+        _save(results, args)
+    if "calls" in args.parts and loader.extension() is not None:
+        results["calls"] = per_call(layer, args)
         _save(results, args)
     return results
 
@@ -403,6 +406,46 @@ def eager_calls(args) -> dict:
     return out
 
 
+def per_call(layer, args) -> dict:
+    """Microseconds per call at 1 row for each merged group (q|k|v, o, gate|up, down), 32 copies at distinct
+    addresses called in turn (one graph): the cuBLAS matmul, the fused op's base product alone (an empty bank), the
+    delta op alone, the matmul then the delta op, and the fused op."""
+    out = {}
+    for group in FUSED:
+        out["|".join(group)] = _group_calls(group, layer, args)
+        torch.cuda.empty_cache()
+    return out
+
+
+def _group_calls(group: tuple, layer, args) -> dict:
+    ext = loader.extension()
+    ones = torch.ones(1, 1, device="cuda")
+    m, n = sum(SHAPES[p][0] for p in group), SHAPES[group[0]][1]
+    ws = [[torch.randn(SHAPES[p][0], n, device="cuda", dtype=DT) * 0.02 for p in group] for _ in range(args.layers)]
+    merged = [torch.cat(w) for w in ws]
+    first = DeltaBank.build([[layer[p]] for p in group]).to("cuda")
+    banks = [first] + [_clone(first) for _ in range(args.layers - 1)]
+    empty = DeltaBank.build([[None]] * len(group), out_features=[SHAPES[p][0] for p in group],
+                            in_features=n).to("cuda")
+    step = Step(1, n)
+    zeros = torch.zeros(1, m, device="cuda", dtype=DT)
+
+    def calls(fn):
+        def run():
+            x = step.next()
+            for i in range(args.layers):
+                fn(x, i)
+        return time_graph(run, args.repeats) * 1e3 / args.layers
+
+    t = {"cublas": calls(lambda x, i: x @ merged[i].T),
+         "fused_empty": calls(lambda x, i: ext.delta_linear_base(x, ws[i], None, ones, *empty.tensors())),
+         "delta": calls(lambda x, i: ext.delta_linear(x, zeros, ones, *banks[i].tensors(), 0)),
+         "matmul_then_delta": calls(lambda x, i: ext.delta_linear(x, x @ merged[i].T, ones, *banks[i].tensors(), 0)),
+         "fused": calls(lambda x, i: ext.delta_linear_base(x, ws[i], None, ones, *banks[i].tensors()))}
+    t.update(base_bytes=m * n * 2, delta_bytes=first.nbytes)
+    return t
+
+
 def _time_banks(banks: list[DeltaBank], repeats: int) -> float:
     step = Step(1, H)
 
@@ -438,6 +481,18 @@ def render(res: dict) -> str:
     if res.get("eager_us"):
         lines += ["", "eager call, 1 row, 576x576 (us per call, host-bound): " +
                   ", ".join(f"{k} {v:.1f}" for k, v in res["eager_us"].items())]
+    if res.get("calls"):
+        rows = []
+        for group, t in res["calls"].items():
+            gbps = {k: (t["base_bytes"] + (t["delta_bytes"] if k != "fused_empty" else 0)) / t[k] / 1e3
+                    for k in ("fused_empty", "fused")}
+            rows.append([group, f"{t['cublas']:.1f} ({t['base_bytes'] / t['cublas'] / 1e3:.0f} GB/s)",
+                         f"{t['fused_empty']:.1f} ({gbps['fused_empty']:.0f} GB/s)", f"{t['delta']:.1f}",
+                         f"{t['matmul_then_delta']:.1f}", f"{t['fused']:.1f} ({gbps['fused']:.0f} GB/s)",
+                         f"{t['fused'] / t['cublas']:.2f}x"])
+        lines += ["", "one call at 1 row, microseconds (32 copies called in turn):",
+                  format_table(["group", "cuBLAS matmul", "fused, empty bank", "delta op alone",
+                                "matmul then delta op", "fused op", "fused / matmul"], rows)]
     if "multi_tenant" in res:
         mt = res["multi_tenant"]
         lines += ["", f"multi-tenant: {mt['tenants']} rows, each its own delta ({mt['bytes'] / 1e9:.2f} GB): one "
@@ -500,7 +555,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--parts", default="widths,tenants", help="Tables after the decode steps: widths, "
-                    "tenants, eager.")
+                    "tenants, eager, calls.")
     ap.add_argument("--render", default=None, help="Print the tables of a JSON written by an earlier run.")
     args = ap.parse_args()
     if args.render:

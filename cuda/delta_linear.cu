@@ -7,7 +7,8 @@
 // V and U rows are bit-packed codes (1, 2, 3, 4 or 8 bits; quant/packing.py) with fp16 (scale, offset) per group;
 // they are decoded in registers and never written out dequantized. Accumulation is fp32 throughout.
 //
-// This file has no torch dependency: binding.cpp calls delta_linear_workspace_floats() and delta_linear_launch().
+// This file has no torch dependency: binding.cpp calls delta_linear_workspace_floats(), delta_linear_launch() and
+// delta_linear_base_launch().
 //
 // Launch sequence (both on the caller's stream; no host synchronisation, no device-to-host reads):
 //   1. shrink_kernel  grid (ceil(J / 32), KS, row tiles): 8 warps x 4 rank rows per CTA, each CTA one slice of the K
@@ -17,6 +18,12 @@
 //                     that projection's rank rows; c = sw * sum_ks tpart is formed as rank rows are staged. With NS == 1
 //                     it writes out = y + acc; otherwise each split stores an fp32 partial tile and the last split of a
 //                     tile to finish (atomic count) writes out = y + the partials summed in split order.
+// The fused form (delta_linear_base_launch) adds the base layer's product x @ W^T: stage 2's grid gets GS more CTAs
+// per slot (grid (slots, NS + GS, row tiles)) that compute shares of the slot's base outputs from W and x while
+// stage 1 still runs (stage 1 then lets stage 2 start only after its own wait, when x is complete), store them as
+// one more fp32 partial plane and arrive at the tile's counter like the splits; y is the bias (row stride 0) or
+// nothing. The delta's splits are few (at most one CTA per SM), so that the base product has the GPU from the start
+// and the delta's dependent-load chains run beside it.
 // On sm_90 both are launched with programmatic dependent launch: each kernel's prologue (the bank's metadata, its
 // first packed words and, with a single delta, stage 1 asking L2 for all of stage 2's factor) overlaps the tail of
 // the kernel ahead of it, and nothing produced by an earlier kernel is read before griddepcontrol.wait.
@@ -798,13 +805,14 @@ __device__ __forceinline__ int run_length(unsigned m, int i) {
   return rest == 0u ? 32 - i : __ffs(rest) - 1;
 }
 
-// grid (slots, nsplit, ntiles), block kThreads. Slot s is the s-th W2-output slice counting over the projections in
+// grid (slots, nsplit + gsplit, ntiles), block kThreads; blockIdx.y >= nsplit: a base-product CTA (fused form,
+// above). Slot s is the s-th W2-output slice counting over the projections in
 // order (slots past the last slice exit). The CTA owns outputs [o0, o0 + W2) of its projection (lane l: outputs
 // l * OPL + [0, OPL), inside one 32-code block), token rows rt * R_TILE + [0, R_TILE) and split `split` of the
 // projection's rank rows. Each warp walks its own contiguous share of those rank rows without block-wide barriers:
 // 32 descriptors at a time (lane t loads rank row jb + t: metadata, c = sw * sum_ks tpart), then runs of equal width.
 // The 8 warps' tiles are summed through shared memory at the end. With nsplit > 1 each split stores an fp32 partial
-// tile; the last split to finish a tile (counted with an atomic) adds the partials in split order and writes out.
+// tile; the last CTA to finish a tile (counted with an atomic) adds the partials in split order and writes out.
 template <typename scalar_t, int R_TILE>
 __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kernel(const ExpandArgs a) {
   constexpr int OPL = expand_opl(R_TILE), W2 = 32 * OPL, NACC = R_TILE * OPL, CP = c_pitch(R_TILE);
