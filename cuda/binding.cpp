@@ -2,6 +2,7 @@
 //
 //   delta_linear(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans, row_tile)
 //     -> out
+//   delta_linear_base(x, weights, bias, w, v_words, ..., spans) -> out = x @ cat(weights)^T (+ bias) + the deltas
 //
 // x (R, n) and y (R, M): float16, bfloat16 or float32 (the same); w (R, k) float32; the bank in layout 2
 // (deltacomp/kernels/bank.py). out = y + the deltas' contribution, a new (R, M) tensor of y's dtype. row_tile caps

@@ -6,7 +6,7 @@ packed modules (:func:`deltacomp.package.reader.packed_module`) for it; ``attach
 model's linear layers with a package's deltas.
 """
 
-from deltacomp.kernels import ops as _ops  # noqa: F401  (registers deltacomp::delta_linear)
+from deltacomp.kernels import ops as _ops  # noqa: F401  (registers deltacomp::delta_linear and delta_linear_base)
 from deltacomp.kernels.bank import DeltaBank
 from deltacomp.kernels.dispatch import base_delta_linear, delta_linear
 from deltacomp.kernels.linear import DeltaLinear, attach, detach

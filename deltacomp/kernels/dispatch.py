@@ -93,7 +93,7 @@ def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Ten
     x2 = x.reshape(-1, n)
     grads = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in base)
                                          or (weights is not None and weights.requires_grad))
-    same = all(t.dtype == x.dtype and t.is_contiguous() for t in base) and (bias is None or bias.dtype == x.dtype)
+    same = all(t.dtype == x.dtype and t.is_contiguous() for t in [*base, *([] if bias is None else [bias])])
     ext = _eager_extension(x2, grads) if same and len(base) <= 8 and x2.shape[0] <= FUSED_MAX_ROWS else None
     if ext is None:
         bounds = [0, *itertools.accumulate(bank.out_features)]
