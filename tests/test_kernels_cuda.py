@@ -12,7 +12,7 @@ import torch
 from packed_cases import ALL_WIDTHS, oracle, random_module, rel_err
 
 from deltacomp.kernels import DeltaBank, base_delta_linear, delta_linear, loader
-from deltacomp.kernels.dispatch import FUSED_MAX_ROWS
+from deltacomp.kernels.dispatch import FUSED_MAX_DELTAS, FUSED_MAX_ROWS
 from deltacomp.kernels.reference import delta_linear_reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -156,7 +156,8 @@ def _check_base(table, rows, dtype, weights=None, bias=True, seed=0):
                    for t, lo, hi in zip(base, bounds, bounds[1:])], dim=1)
     unfused = delta_linear(x, bank, y, weights=w)
     assert rel_err(out, unfused) < BOUND[dtype]
-    assert rel_err(base_delta_linear(x, bank, base, b, weights=w), out if rows <= FUSED_MAX_ROWS else unfused) < 1e-6
+    fused = rows <= FUSED_MAX_ROWS and bank.num_deltas <= FUSED_MAX_DELTAS  # what the dispatch point runs
+    assert rel_err(base_delta_linear(x, bank, base, b, weights=w), out if fused else unfused) < 1e-6
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

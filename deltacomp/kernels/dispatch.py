@@ -66,10 +66,13 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
     return out.reshape(*lead, m)
 
 
-# Rows up to which base_delta_linear computes the base product inside the delta's kernels. Measured on an H200 at
-# Llama-2-7B shapes (BENCHMARKS.md): one row (a decode step at batch 1) is 14-24% faster fused than a cuBLAS matmul
-# followed by the delta's kernels; from 2 rows on the kernels' fp32 base product is slower than cuBLAS.
+# When base_delta_linear computes the base product inside the delta's kernels. Measured on an H200 at Llama-2-7B
+# shapes (BENCHMARKS.md): with one delta, one row (a decode step at batch 1) is 14-24% faster fused than a cuBLAS
+# matmul followed by the delta's kernels; from 2 rows on the kernels' fp32 base product is slower than cuBLAS, and
+# a bank of four deltas (gated per token, or one of them picked) is 10-15% slower fused at 1 row: its longer rank
+# walks no longer hide behind the base product.
 FUSED_MAX_ROWS = 1
+FUSED_MAX_DELTAS = 1
 
 
 def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
@@ -77,7 +80,8 @@ def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Ten
     """``x @ cat(base)^T + bias + sum_d w_d * dW_d x``: the base layer and the deltas in one call.
 
     base[p] (out_p, n) is projection p's base weight (the bank's projections in order), bias (M,) or None. CUDA
-    inference on at most :data:`FUSED_MAX_ROWS` rows with x's dtype everywhere runs one fused launch pair, where the
+    inference on at most :data:`FUSED_MAX_ROWS` rows of a bank of at most :data:`FUSED_MAX_DELTAS` deltas, with x's
+    dtype everywhere, runs one fused launch pair, where the
     base product runs beside the delta's first stage and is rounded once with the deltas; otherwise the base
     product is a plain matmul and the deltas go through :func:`delta_linear`.
     """
@@ -94,7 +98,8 @@ def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Ten
     grads = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in base)
                                          or (weights is not None and weights.requires_grad))
     same = all(t.dtype == x.dtype and t.is_contiguous() for t in [*base, *([] if bias is None else [bias])])
-    ext = _eager_extension(x2, grads) if same and len(base) <= 8 and x2.shape[0] <= FUSED_MAX_ROWS else None
+    fits = len(base) <= 8 and x2.shape[0] <= FUSED_MAX_ROWS and bank.num_deltas <= FUSED_MAX_DELTAS
+    ext = _eager_extension(x2, grads) if same and fits else None
     if ext is None:
         bounds = [0, *itertools.accumulate(bank.out_features)]
         y = torch.cat([torch.nn.functional.linear(x, t, None if bias is None else bias[lo:hi])
