@@ -17,29 +17,13 @@
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
+#include "delta_linear.h"
+
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <string>
 
-namespace deltacomp {
-size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
-                                     int64_t row_tile, bool fused);
-cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* out, int64_t R, int64_t n, int64_t M,
-                                const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
-                                const void* v_offset, const int32_t* u_words, const void* u_scale,
-                                const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
-                                const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
-                                float* workspace, int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream);
-cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const* base, const int64_t* base_rows,
-                                     const void* bias, void* out,
-                                     int64_t R, int64_t n, int64_t M, const float* w, int64_t K,
-                                     const int32_t* v_words, const void* v_scale, const void* v_offset,
-                                     const int32_t* u_words, const void* u_scale, const void* u_offset,
-                                     int64_t u_nwords, int64_t u_nparams, const float* s, const int32_t* rows,
-                                     int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
-                                     float* workspace, int num_sms, bool pdl, cudaStream_t stream);
-}  // namespace deltacomp
 
 namespace {
 

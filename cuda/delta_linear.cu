@@ -7,8 +7,7 @@
 // V and U rows are bit-packed codes (1, 2, 3, 4 or 8 bits; quant/packing.py) with fp16 (scale, offset) per group;
 // they are decoded in registers and never written out dequantized. Accumulation is fp32 throughout.
 //
-// This file has no torch dependency: binding.cpp calls delta_linear_workspace_floats(), delta_linear_launch() and
-// delta_linear_base_launch().
+// This file has no torch dependency: binding.cpp calls its entry points, declared in delta_linear.h.
 //
 // Launch sequence (both on the caller's stream; no host synchronisation, no device-to-host reads):
 //   1. shrink_kernel  grid (ceil(J / 32), KS, row tiles): 8 warps x 4 rank rows per CTA, each CTA one slice of the K
@@ -41,6 +40,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
+
+#include "delta_linear.h"
 
 namespace deltacomp {
 namespace {
@@ -1251,19 +1252,14 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 
 }  // namespace
 
-// fp32 workspace (in floats) that delta_linear_launch (fused = false) or delta_linear_base_launch (fused = true)
-// needs for these shapes; num_sms and row_tile as in the launch.
+// The entry points (documented in delta_linear.h).
+
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
-                                     int64_t row_tile, bool fused = false) {
+                                     int64_t row_tile, bool fused) {
   if (R <= 0 || M <= 0) return 0;
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
-// out (R, M) = y + the bank's contribution, for x (R, n), y (R, M) of `dtype` (0 float32, 1 float16, 2 bfloat16),
-// w (R, K) float32, the bank tensors of layout 2 (u_nwords and u_nparams: the lengths of u_words and u_scale), and a
-// workspace of delta_linear_workspace_floats() floats. row_tile caps the token-row tile (0: none); pdl launches with
-// programmatic dependent launch (sm_90 and later). All pointers are device pointers of the current device; sizes
-// must fit in int32 (binding.cpp checks). Enqueues 1 or 2 kernels on `stream`; returns the first launch error.
 cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* out, int64_t R, int64_t n, int64_t M,
                                 const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
                                 const void* v_offset, const int32_t* u_words, const void* u_scale,
@@ -1278,14 +1274,9 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
   return launch_any(dtype, p, x, y, out, R, n, M, w, K, b, f, workspace, pdl, stream);
 }
 
-// The fused form: out (R, M) = x @ base^T (+ bias) + the bank's contribution, where base[p] (out_len_p, n) of `dtype`
-// is projection p's base weight (P <= 8; the projections' outputs cover M in order) and bias (M,) may be null. The
-// base product runs in the expand stage's CTAs while stage 1 runs, accumulates in fp32 and is rounded once with the
-// delta. No row tile cap (a row tile of up to 16 rows: the base weights are read once per tile).
 cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const* base, const int64_t* base_rows,
-                                     const void* bias, void* out,
-                                     int64_t R, int64_t n, int64_t M, const float* w, int64_t K,
-                                     const int32_t* v_words, const void* v_scale, const void* v_offset,
+                                     const void* bias, void* out, int64_t R, int64_t n, int64_t M, const float* w,
+                                     int64_t K, const int32_t* v_words, const void* v_scale, const void* v_offset,
                                      const int32_t* u_words, const void* u_scale, const void* u_offset,
                                      int64_t u_nwords, int64_t u_nparams, const float* s, const int32_t* rows,
                                      int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,

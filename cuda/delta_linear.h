@@ -1,0 +1,42 @@
+// Host entry points of the delta bank dequant-matmul (defined in delta_linear.cu, called by binding.cpp and
+// check_standalone.cu). No torch dependency.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace deltacomp {
+
+// fp32 workspace (in floats) that delta_linear_launch (fused = false) or delta_linear_base_launch (fused = true)
+// needs for these shapes; num_sms and row_tile as in the launch.
+size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
+                                     int64_t row_tile, bool fused = false);
+
+// out (R, M) = y + the bank's contribution, for x (R, n), y (R, M) of `dtype` (0 float32, 1 float16, 2 bfloat16),
+// w (R, K) float32, the bank tensors of layout 2 (u_nwords and u_nparams: the lengths of u_words and u_scale), and a
+// workspace of delta_linear_workspace_floats() floats. row_tile caps the token-row tile (0: none); pdl launches with
+// programmatic dependent launch (sm_90 and later). All pointers are device pointers of the current device; sizes
+// must fit in int32 (binding.cpp checks). Enqueues 1 or 2 kernels on `stream`; returns the first launch error.
+cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* out, int64_t R, int64_t n, int64_t M,
+                                const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
+                                const void* v_offset, const int32_t* u_words, const void* u_scale,
+                                const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
+                                const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
+                                float* workspace, int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream);
+
+// The fused form: out (R, M) = x @ base^T (+ bias) + the bank's contribution, where base[p] (base_rows[p], n) of
+// `dtype` is projection p's base weight (P <= 8; the projections' outputs cover M in order; outputs past a weight's
+// rows get no base product) and bias (M,) may be null. The base product runs in the expand stage's CTAs while stage 1
+// runs, accumulates in fp32 and is rounded once with the delta. Row tiles of up to 16 rows (the base weights are read
+// once per tile).
+cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const* base, const int64_t* base_rows,
+                                     const void* bias, void* out, int64_t R, int64_t n, int64_t M, const float* w,
+                                     int64_t K, const int32_t* v_words, const void* v_scale, const void* v_offset,
+                                     const int32_t* u_words, const void* u_scale, const void* u_offset,
+                                     int64_t u_nwords, int64_t u_nparams, const float* s, const int32_t* rows,
+                                     int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
+                                     float* workspace, int num_sms, bool pdl, cudaStream_t stream);
+
+}  // namespace deltacomp
