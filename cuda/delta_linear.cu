@@ -720,7 +720,8 @@ __device__ __forceinline__ void unpack16(const uint4& u, float (&f)[16 / sizeof(
 // bs[r * pitch + (o - g0)] = sum_k x[r0 + r, k] * W[o, k] in fp32. Each warp takes two outputs at a time and its
 // lanes stride over k with 16-byte loads, four per output in flight (with vec; otherwise one element at a time).
 // Reads only W and x: stage 2 runs it before waiting for stage 1. Not inlined: inlined, its registers raised the
-// spills of the expand path that shares the kernel (ptxas, sm_90a: 44 instead of 20 bytes at R_TILE 1).
+// spills of the expand path that shares the kernel (ptxas, sm_90a: 36 instead of 20 bytes at R_TILE 1, 228 instead
+// of 72 at 16).
 template <typename scalar_t, int R_TILE>
 __device__ __noinline__ void base_gemv(float* __restrict__ bs, int pitch, const scalar_t* __restrict__ W,
                                           const scalar_t* __restrict__ x, int R, int n, int r0, int g0, int g1,
