@@ -364,7 +364,9 @@ class CompressConfig:
         "fine-tunes on the SmolLM2 suite at 1, 0.5 and 0.25 bit, 0.3-1 on MiniLM and with calibration "
         "(BENCHMARKS.md).", type=float)
     budget_scope: str = setting("matrix", "allocation", "Budget per matrix, or shared by all compressed matrices "
-                                "(with --allocation optimal).", choices=("matrix", "model"))
+                                "(with --allocation optimal; with --sequential each matrix gets the share the shared "
+                                "allocation gave it, and its vectors are chosen on its sequential target).",
+                                choices=("matrix", "model"))
     svd: str = setting("auto", "quantization", "SVD algorithm (auto: randomized on a GPU when few vectors are kept).",
                        choices=("auto", "full", "randomized"))
     # changed uncompressed tensors (norms, biases): fp16-delta (their delta in fp16 where that rebuilds the
@@ -412,9 +414,6 @@ class CompressConfig:
         object.__setattr__(self, "_groups", Groups(**parts))  # each group checks its own settings
         if self.vocab_bits is not None and self.budget_scope == "model":
             raise DeltacompError("--budget-scope model shares one budget across every matrix: leave out --vocab-bits")
-        if self.sequential and self.budget_scope == "model":
-            raise DeltacompError("--sequential compresses matrices one after another; it cannot share a "
-                                 "--budget-scope model allocation, which is fixed before any is compressed")
 
     @property
     def groups(self) -> Groups:

@@ -80,7 +80,6 @@ def test_target_delta_is_the_delta_when_the_streams_agree_and_fits_the_outputs_o
 
 @pytest.mark.parametrize("extra,message", [
     ([], "give --calib"),
-    (["--calib", "CALIB", "--allocation", "optimal", "--budget-scope", "model"], "cannot share a --budget-scope"),
     (["--calib", "CALIB", "--seq-damp", "0"], "--seq-damp must be a positive"),
 ])
 def test_bad_sequential_options_are_one_line(extra, message, llama_pair, tmp_path):
@@ -94,13 +93,18 @@ def test_bad_sequential_options_are_one_line(extra, message, llama_pair, tmp_pat
     assert not (tmp_path / "pkg").exists()
 
 
-@pytest.mark.parametrize("pair", ["llama_tok", "bert_tok"])
-def test_compress_sequential_then_apply(pair, request, tmp_path):
+@pytest.mark.parametrize("pair,extra", [("llama_tok", []), ("bert_tok", []),
+                                        ("llama_tok", ["--allocation", "optimal", "--budget-scope", "model"])],
+                         ids=["llama", "bert", "llama-model-scope"])
+def test_compress_sequential_then_apply(pair, extra, request, tmp_path):
+    """With --budget-scope model each matrix gets its share of the shared budget and its vectors are chosen again on
+    its sequential target: the package stays within the model's budget, and every matrix keeps a vector (the
+    shared allocation weighs errors by the inputs, so a matrix's weight error is not bounded there)."""
     base, ft, deltas = request.getfixturevalue(pair)
     calib = tmp_path / "calib.txt"
     calib.write_text(_text(40))
     r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "pkg"), "--calib", str(calib),
-                                 "--bits", "2", "--gptq-group-size", "32", "--sequential", "--no-progress"])
+                                 "--bits", "2", "--gptq-group-size", "32", "--sequential", "--no-progress", *extra])
     assert r.exit_code == 0, r.output
     manifest = DeltaPackage(tmp_path / "pkg").manifest
     mods = {n: m for n, m in manifest["modules"].items() if m["action"] == "compress"}
@@ -109,7 +113,9 @@ def test_compress_sequential_then_apply(pair, request, tmp_path):
     apply(tmp_path / "pkg", base, tmp_path / "model")
     out, b = Checkpoint(tmp_path / "model"), Checkpoint(base)
     for name, d in deltas.items():
-        assert float(((out.read(name) - b.read(name)) - d).norm() / d.norm()) < 0.6, name
+        assert mods[name]["info"]["rank"] >= 1
+        if not extra:
+            assert float(((out.read(name) - b.read(name)) - d).norm() / d.norm()) < 0.6, name
 
 
 def test_sequential_beats_plain_calibration_on_the_real_pair(minilm_pair, tmp_path):

@@ -21,6 +21,7 @@ class ScopePlan:
     s: torch.Tensor  # (r,)
     v: torch.Tensor  # (n, r)
     widths: torch.Tensor  # (r, 2): (U bits, V bits) of each vector; 0 drops it
+    budget: float  # bits those widths spend: the matrix's share of the model's budget (--sequential re-allocates it)
 
 
 @dataclass(frozen=True)

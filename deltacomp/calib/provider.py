@@ -162,6 +162,7 @@ class Contexts:
             return
         options = allocate.solve(tables, costs, cfg.bits * total)
         self.bits = {n: allocate.bits_of_options(o, cfg.allocation_bits) for n, o in zip(names, options)}
+        self.budgets = {n: float(c[o].sum()) for n, c, o in zip(names, costs, options)}
         self.index = {n: i for i, n in enumerate(names)}
         log.info("model-scope allocation over %d matrices: %d vectors kept", len(names),
                  sum(int((b > 0).sum()) for b in self.bits.values()))
@@ -186,7 +187,7 @@ class Contexts:
             hessian = self.cursor.get(e.name)
         if e.name in self.bits:
             t = load_file(str(self.spill / f"{self.index[e.name]}.safetensors"), device=self.config.device)
-            plan = ScopePlan(t["u"].float(), t["s"].float(), t["v"].float(), self.bits[e.name])
+            plan = ScopePlan(t["u"].float(), t["s"].float(), t["v"].float(), self.bits[e.name], self.budgets[e.name])
         if hessian is None and target is None and plan is None:
             return None
         return MatrixContext(hessian, target, compressed, plan)

@@ -73,7 +73,8 @@ class Mixed(Method):
 
     def compress(self, delta: torch.Tensor, config: CompressConfig, context: MatrixContext | None = None) -> Compressed:
         """``context``: its ``hessian`` (n, n) turns round-to-nearest into GPTQ; its ``plan`` gives the factors and
-        widths of a model-scope allocation."""
+        widths of a model-scope allocation, or, with a sequential ``target``, only the matrix's share of the budget
+        (the target delta is not the one the plan's factors came from: its vectors are chosen again)."""
         config = self.resolve(config)
         h = context.hessian if context is not None else None
         plan = context.plan if context is not None else None
@@ -82,12 +83,14 @@ class Mixed(Method):
         chosen_for = delta if w is None else delta * w.to(delta.device, torch.float32)[:, None]  # (m, n)
         group_size = config.gptq_group_size if h is not None else config.group_size
         allocated = None
-        if plan is not None:
+        refitted = context is not None and context.target is not None
+        if plan is not None and not refitted:
             u, s, v, bits = plan.u, plan.s, plan.v, plan.widths  # (m, r), (r,), (n, r), (r, 2)
         elif config.allocation == "optimal":
             allocated = self.candidates(chosen_for, config, h)
             u, s, v = allocated.u, allocated.s, allocated.v
-            bits = allocate.choose(allocated, config.allocation_bits, budget_bits(m, n, config.bits))
+            budget = plan.budget if plan is not None else budget_bits(m, n, config.bits)
+            bits = allocate.choose(allocated, config.allocation_bits, budget)
         else:
             sched = self.schedule_groups((m, n), config, group_size)
             u, s, v = svd(chosen_for, sum(g.rank for g in sched), config.device, config.svd)
