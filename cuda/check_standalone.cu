@@ -32,6 +32,7 @@
 
 namespace {
 
+using deltacomp::delta_linear_base_launch;
 using deltacomp::delta_linear_launch;
 using deltacomp::delta_linear_workspace_floats;
 
@@ -225,44 +226,60 @@ bool g_pdl = false;  // programmatic dependent launch: on from compute capabilit
 int g_failures = 0;
 
 struct RunResult {
-  double rel_err = 0;      // ||out - ref|| / ||ref - y||, the error on the delta's contribution
+  double rel_err = 0;      // ||out - ref|| / ||ref - y||, the error on the delta's contribution (fused: / ||ref||)
   bool finite = true;
   float ms = 0;
 };
 
-// Runs the op once (or `iters` times for timing) and compares with the float64 reference.
+// Runs the op once (or `iters` times for timing) and compares with the float64 reference. fused: the op with the
+// base product (delta_linear_base_launch): random base weights W (M, n), y is a bias (M,), and the reference adds
+// x W^T; the error is then relative to the whole output.
 RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w, uint32_t seed, float y_scale,
-                   int iters = 0, bool graph = false, int row_tile = 0) {
+                   int iters = 0, bool graph = false, int row_tile = 0, bool fused = false) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> xf(static_cast<size_t>(R) * b.n), yf(static_cast<size_t>(R) * b.M);
+  const size_t out_n = static_cast<size_t>(R) * b.M;
+  std::vector<float> xf(static_cast<size_t>(R) * b.n), yf(fused ? b.M : out_n);
+  std::vector<float> wf(fused ? static_cast<size_t>(b.M) * b.n : 0);
   for (float& v : xf) v = nd(rng);
   for (float& v : yf) v = y_scale * nd(rng);
-  std::vector<double> xr, yr;
-  const std::vector<uint8_t> xb = encode(xf, dtype, xr), yb = encode(yf, dtype, yr);
+  for (float& v : wf) v = nd(rng) / std::sqrt(static_cast<float>(b.n));
+  std::vector<double> xr, yr, wr;
+  const std::vector<uint8_t> xb = encode(xf, dtype, xr), yb = encode(yf, dtype, yr), wb = encode(wf, dtype, wr);
   const size_t es = dtype == 0 ? 4 : 2;
 
   DeviceBank db(b);
   uint8_t* dx = to_device(xb);
   uint8_t* dy = to_device(yb);
+  uint8_t* dbase = to_device(wb);
   float* dw = to_device(w);
   uint8_t* dout = nullptr;
-  CHECK_CUDA(cudaMalloc(&dout, std::max<size_t>(1, yb.size())));
+  CHECK_CUDA(cudaMalloc(&dout, std::max<size_t>(1, out_n * es)));
   const size_t ws = delta_linear_workspace_floats(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
-                                                  static_cast<int64_t>(b.out_len.size()), g_sms, row_tile);
+                                                  static_cast<int64_t>(b.out_len.size()), g_sms, row_tile, fused);
   float* dws = nullptr;
   CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(1, ws) * sizeof(float)));
   CHECK_CUDA(cudaMemset(dws, 0xff, std::max<size_t>(1, ws) * sizeof(float)));  // NaN
-  CHECK_CUDA(cudaMemset(dout, 0xff, std::max<size_t>(1, yb.size())));           // NaN in every dtype
+  CHECK_CUDA(cudaMemset(dout, 0xff, std::max<size_t>(1, out_n * es)));         // NaN in every dtype
+  std::vector<const void*> bases;  // projection p's rows of W
+  std::vector<int64_t> base_rows;
+  for (size_t p = 0; p < b.out_len.size(); ++p) {
+    bases.push_back(dbase + static_cast<size_t>(b.projs[4 * p + 2]) * b.n * es);
+    base_rows.push_back(b.out_len[p]);
+  }
 
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   auto launch = [&]() {
-    const cudaError_t e = delta_linear_launch(
-        dtype, dx, dy, dout, R, b.n, b.M, dw, b.K, db.v_words, db.v_scale, db.v_offset, db.u_words, db.u_scale,
-        db.u_offset, static_cast<int64_t>(b.u_words.size()), static_cast<int64_t>(b.u_scale.size()), db.s, db.rows,
-        static_cast<int64_t>(b.s.size()), db.projs, db.spans, static_cast<int64_t>(b.out_len.size()), dws, g_sms,
-        row_tile, g_pdl, stream);
+    const int64_t J = static_cast<int64_t>(b.s.size()), P = static_cast<int64_t>(b.out_len.size());
+    const int64_t un = static_cast<int64_t>(b.u_words.size()), up = static_cast<int64_t>(b.u_scale.size());
+    const cudaError_t e =
+        fused ? delta_linear_base_launch(dtype, dx, bases.data(), base_rows.data(), dy, dout, R, b.n, b.M, dw, b.K,
+                                         db.v_words, db.v_scale, db.v_offset, db.u_words, db.u_scale, db.u_offset, un,
+                                         up, db.s, db.rows, J, db.projs, db.spans, P, dws, g_sms, g_pdl, stream)
+              : delta_linear_launch(dtype, dx, dy, dout, R, b.n, b.M, dw, b.K, db.v_words, db.v_scale, db.v_offset,
+                                    db.u_words, db.u_scale, db.u_offset, un, up, db.s, db.rows, J, db.projs, db.spans,
+                                    P, dws, g_sms, row_tile, g_pdl, stream);
     if (e != cudaSuccess) {
       std::fprintf(stderr, "launch failed: %s\n", cudaGetErrorString(e));
       std::exit(2);
@@ -293,12 +310,23 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
     cudaEventDestroy(e0);
     cudaEventDestroy(e1);
   }
-  std::vector<uint8_t> ob(yb.size());
+  std::vector<uint8_t> ob(out_n * es);
   if (!ob.empty()) CHECK_CUDA(cudaMemcpy(ob.data(), dout, ob.size(), cudaMemcpyDeviceToHost));
 
-  // float64 reference: t = x V^T, c = t * s * w[:, delta], out = y + c U (per projection).
+  // float64 reference: t = x V^T, c = t * s * w[:, delta], out = y + c U (per projection); fused: y is the bias
+  // plus x W^T.
   const int J = static_cast<int>(b.s.size());
   std::vector<double> ref(yr);
+  if (fused) {
+    ref.assign(out_n, 0.0);
+    for (int r = 0; r < R; ++r)
+      for (int o = 0; o < b.M; ++o) {
+        double t = yr[o];
+        for (int k = 0; k < b.n; ++k) t += xr[static_cast<size_t>(r) * b.n + k] * wr[static_cast<size_t>(o) * b.n + k];
+        ref[static_cast<size_t>(r) * b.M + o] = t;
+      }
+  }
+  const std::vector<double> before(ref);
   for (int pj = 0; pj < static_cast<int>(b.out_len.size()); ++pj) {
     const int j0 = b.projs[4 * pj], j1 = b.projs[4 * pj + 1], off = b.projs[4 * pj + 2], len = b.projs[4 * pj + 3];
     for (int r = 0; r < R; ++r) {
@@ -317,12 +345,12 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
     const double o = decode(&ob[i * es], dtype);
     if (!std::isfinite(o)) res.finite = false;
     num += (o - ref[i]) * (o - ref[i]);
-    den += (ref[i] - yr[i]) * (ref[i] - yr[i]);
+    den += fused ? ref[i] * ref[i] : (ref[i] - before[i]) * (ref[i] - before[i]);
   }
   res.rel_err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 
   cudaStreamDestroy(stream);
-  cudaFree(dx), cudaFree(dy), cudaFree(dw), cudaFree(dout), cudaFree(dws);
+  cudaFree(dx), cudaFree(dy), cudaFree(dbase), cudaFree(dw), cudaFree(dout), cudaFree(dws);
   return res;
 }
 
@@ -441,7 +469,33 @@ void correctness() {
     }
   }
 
-  // 5. CUDA graph capture and replay, Llama-sized shapes at 1 and 16 rows.
+  // 5. The fused op (base product inside the delta's kernels): every width pair on odd shapes (rows of 33 elements
+  //    take the scalar path), gated projections with three deltas, and an empty bank (the base product alone).
+  {
+    const Bank b1 = build_bank(1535, {576}, 1, {{all_pairs}}, {128}, 21);
+    const Bank b2 = build_bank(33, {192}, 1, {{all_pairs}}, {0}, 22);
+    for (const Bank* b : {&b1, &b2})
+      for (int R : {1, 3, 16, 33})
+        for (int dtype = 0; dtype < 3; ++dtype)
+          report("fused base product, all width pairs", *b, R, dtype,
+                 run_case(*b, R, dtype, dense_weights(R, 1, R, false), 13 * R + dtype, 0.1f, 0, false, 0, true));
+    std::vector<std::vector<std::vector<Group>>> table(3, std::vector<std::vector<Group>>(3));
+    table[0][0] = {{8, 8, 2}, {2, 2, 40}};
+    table[0][2] = {{4, 4, 3}, {2, 1, 20}};
+    table[2][1] = {{3, 2, 7}, {1, 1, 30}};
+    const Bank b3 = build_bank(1024, {512, 256, 700}, 3, table, {0, 128, 32}, 23);
+    for (int R : {1, 5})
+      report("fused base product, 3 projections, 3 deltas", b3, R, 2,
+             run_case(b3, R, 2, dense_weights(R, 3, R, true), 17 * R, 0.1f, 0, false, 0, true));
+    report("fused base product, graph-captured", b3, 1, 1,
+           run_case(b3, 1, 1, dense_weights(1, 3, 1, false), 19, 0.1f, 0, true, 0, true));
+    std::vector<std::vector<std::vector<Group>>> none(2, std::vector<std::vector<Group>>(1));
+    const Bank b4 = build_bank(256, {300, 64}, 1, none, {0}, 24);
+    report("fused base product, empty bank", b4, 2, 2,
+           run_case(b4, 2, 2, dense_weights(2, 1, 2, false), 29, 0.1f, 0, false, 0, true));
+  }
+
+  // 6. CUDA graph capture and replay, Llama-sized shapes at 1 and 16 rows.
   {
     std::vector<std::vector<std::vector<Group>>> table(1, std::vector<std::vector<Group>>(1));
     table[0][0] = {{8, 8, 2}, {3, 3, 32}, {2, 2, 222}};
@@ -597,6 +651,8 @@ int main(int argc, char** argv) {
     for (int R : {1, 3, 16, 17}) {
       const Bank b = build_bank(70, {45}, 1, {{pairs}}, {32}, R);
       report("quick", b, R, R % 3, run_case(b, R, R % 3, dense_weights(R, 1, R, false), R, 0.01f));
+      report("quick, fused base product", b, R, R % 3,
+             run_case(b, R, R % 3, dense_weights(R, 1, R, false), R + 1, 0.1f, 0, false, 0, true));
     }
   } else if (do_bench) {
     bench();
