@@ -312,8 +312,7 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
     def token(x, g):
         return torch.softmax(x.float() @ g.T, -1)
 
-    empty = [[DeltaBank.build([[None]] * len(group), out_features=[SHAPES[p][0] for p in group],
-                              in_features=SHAPES[group[0]][1]).to("cuda") for group in FUSED]] * len(base)
+    empty = [[_empty_bank(group) for group in FUSED]] * len(base)
     return {"fused_empty": time_graph(merged_step(empty), repeats),
             "fused_per_linear": time_graph(per_linear, repeats),
             "fused_merged": time_graph(merged_step(fused), repeats),
@@ -406,6 +405,12 @@ def eager_calls(args) -> dict:
     return out
 
 
+def _empty_bank(group: tuple) -> DeltaBank:
+    """A bank of the group's projections without rank rows: the fused op's base product alone."""
+    return DeltaBank.build([[None]] * len(group), out_features=[SHAPES[p][0] for p in group],
+                           in_features=SHAPES[group[0]][1]).to("cuda")
+
+
 def per_call(layer, args) -> dict:
     """Microseconds per call at 1 row for each merged group (q|k|v, o, gate|up, down), 32 copies at distinct
     addresses called in turn (one graph): the cuBLAS matmul, the fused op's base product alone (an empty bank), the
@@ -425,8 +430,7 @@ def _group_calls(group: tuple, layer, args) -> dict:
     merged = [torch.cat(w) for w in ws]
     first = DeltaBank.build([[layer[p]] for p in group]).to("cuda")
     banks = [first] + [_clone(first) for _ in range(args.layers - 1)]
-    empty = DeltaBank.build([[None]] * len(group), out_features=[SHAPES[p][0] for p in group],
-                            in_features=n).to("cuda")
+    empty = _empty_bank(group)
     step = Step(1, n)
     zeros = torch.zeros(1, m, device="cuda", dtype=DT)
 
