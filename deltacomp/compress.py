@@ -347,7 +347,9 @@ def _compress_one(e: Entry, b, f, method, config, context: MatrixContext | None
         delta = context.target(b, f)
     config = matrix_config(e.name, config)
     rows = None
-    if is_vocab_matrix(e.name) and not (context is not None and context.plan is not None):
+    if context is not None and context.plan is not None:  # a shared allocation chose the rows (or none)
+        rows = context.plan.rows
+    elif is_vocab_matrix(e.name):
         rows = select_rows(delta, config.rows_energy)  # (k,) or None: the rows of the tokens that moved
     if rows is not None:  # the kept rows as a (k, n) matrix, at the whole matrix's budget (fp16 at most)
         if context is not None and context.row_weight is not None:  # the weights are for the dense table

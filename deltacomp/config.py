@@ -378,7 +378,8 @@ class CompressConfig:
     # (squared norm), compressed at the whole matrix's budget, when they are at most half its rows; 1 = every row
     rows_energy: float = setting(0.999, "selection", "An embedding or lm_head keeps the rows holding this share of "
                                  "its delta's energy (the tokens the fine-tune moved), compressed at the whole "
-                                 "matrix's budget; 1 = every row.")
+                                 "matrix's budget (with --budget-scope model: at its share of the shared budget); "
+                                 "1 = every row.")
     # what --bits limits: factors (packed U, V) | all-in (also scales, offsets and S)
     budget: str = setting("factors", "quantization", "What --bits limits: the packed factors (the published "
                           "convention, so results compare), or all-in, also each vector's scales, offsets and S "

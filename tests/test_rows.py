@@ -78,6 +78,27 @@ def test_embeddings_are_compressed_row_sparse_and_rebuilt(sparse_embedding_pair,
     assert m["totals"]["bytes_by_kind"]["embeddings"] > 0
 
 
+def test_shared_allocation_keeps_token_tables_row_sparse(sparse_embedding_pair, tmp_path):
+    """--budget-scope model compresses a token table's moved rows only, as the per-matrix path does: its vectors
+    cost 5 + n entries instead of V + n, the row indices come off the shared budget, and the table rebuilds."""
+    from deltacomp.package.reader import reconstruct_delta
+
+    base, ft = sparse_embedding_pair
+    m = compress(base, ft, tmp_path / "pkg", CompressConfig(bits=0.5, allocation="optimal", budget_scope="model"),
+                 progress=False)
+    b, f = Checkpoint(base), Checkpoint(ft)
+    names = [n for n in m["modules"] if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert names and m["budget"]["achieved_all_in_bits_per_entry"] <= 0.5 + 0.1
+    assert m["budget"]["achieved_factor_bits_per_entry"] <= 0.5
+    for name in names:
+        rec = m["modules"][name]
+        assert rec["action"] == "compress" and rec["rows"] == 5
+        delta = f.read(name).float() - b.read(name).float()
+        got = reconstruct_delta(DeltaPackage(tmp_path / "pkg"), name)
+        moved = delta.abs().sum(1) > 0
+        assert not got[~moved].any() and float((got - delta).norm() / delta.norm()) < 0.9
+
+
 def test_vocab_bits_set_the_token_tables_budget_alone(sparse_embedding_pair, tmp_path):
     base, ft = sparse_embedding_pair
     spent = {}

@@ -22,6 +22,7 @@ class ScopePlan:
     v: torch.Tensor  # (n, r)
     widths: torch.Tensor  # (r, 2): (U bits, V bits) of each vector; 0 drops it
     budget: float  # bits those widths spend: the matrix's share of the model's budget (--sequential re-allocates it)
+    rows: torch.Tensor | None = None  # (k,) a token table's kept rows (row-sparse: u is (k, r)); None: every row
 
 
 @dataclass(frozen=True)

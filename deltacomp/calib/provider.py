@@ -33,6 +33,7 @@ from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, stream
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.quant import allocate
+from deltacomp.rows import is_vocab_matrix, select_rows
 from deltacomp.stages import timed
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Contexts:
         remove_dead(Path(tempfile.gettempdir()), re.compile(r"^deltacomp-scope-(\d+)-"))  # spills of killed runs
         self.spill = Path(tempfile.mkdtemp(prefix=f"deltacomp-scope-{os.getpid()}-"))
         cursor = self._cursor()
-        tables, costs, names, total = [], [], [], 0
+        tables, costs, names, total, fixed = [], [], [], 0, 0
         todo = [e for e in self.entries if e.action == "compress"]
         for e, b, f in stream(self.base, self.ft, todo):
             delta = f.float() - b.float()  # (m, n)
@@ -151,16 +152,25 @@ class Contexts:
             if not bool(delta.any()):
                 continue
             total += delta.numel()
+            # A token table's rows of the tokens that moved, as in the per-matrix path: its vectors then cost
+            # (k + n) entries instead of (V + n), and the shared budget the table's other rows would take goes
+            # where it counts. The row indices (32 bits each) come off the budget first.
+            rows = select_rows(delta, cfg.rows_energy) if is_vocab_matrix(e.name) else None
+            if rows is not None:
+                delta = delta[rows.to(delta.device)]
+                fixed += 32 * rows.numel()
             c = self.method.candidates(delta, cfg, h, share=2.0)
             tables.append(c.errors)
             costs.append(c.costs)
             u, s, v = c.u, c.s, c.v
-            save_file({"u": u.half().cpu().contiguous(), "s": s.cpu(), "v": v.half().cpu().contiguous()},
-                      str(self.spill / f"{len(names)}.safetensors"))
+            spilled = {"u": u.half().cpu().contiguous(), "s": s.cpu(), "v": v.half().cpu().contiguous()}
+            if rows is not None:
+                spilled["rows"] = rows.to(torch.int32).cpu()
+            save_file(spilled, str(self.spill / f"{len(names)}.safetensors"))
             names.append(e.name)
         if not names:
             return
-        options = allocate.solve(tables, costs, cfg.bits * total)
+        options = allocate.solve(tables, costs, cfg.bits * total - fixed)
         self.bits = {n: allocate.bits_of_options(o, cfg.allocation_bits) for n, o in zip(names, options)}
         self.budgets = {n: float(c[o].sum()) for n, c, o in zip(names, costs, options)}
         self.index = {n: i for i, n in enumerate(names)}
@@ -187,7 +197,8 @@ class Contexts:
             hessian = self.cursor.get(e.name)
         if e.name in self.bits:
             t = load_file(str(self.spill / f"{self.index[e.name]}.safetensors"), device=self.config.device)
-            plan = ScopePlan(t["u"].float(), t["s"].float(), t["v"].float(), self.bits[e.name], self.budgets[e.name])
+            plan = ScopePlan(t["u"].float(), t["s"].float(), t["v"].float(), self.bits[e.name], self.budgets[e.name],
+                             t["rows"].long() if "rows" in t else None)
         if hessian is None and target is None and plan is None:
             return None
         return MatrixContext(hessian, target, compressed, plan)
