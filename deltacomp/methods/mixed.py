@@ -83,8 +83,8 @@ class Mixed(Method):
         chosen_for = delta if w is None else delta * w.to(delta.device, torch.float32)[:, None]  # (m, n)
         group_size = config.gptq_group_size if h is not None else config.group_size
         allocated = None
-        refitted = context is not None and context.target is not None
-        if plan is not None and not refitted:
+        retargeted = context is not None and context.target is not None  # a sequential fit: not the plan's delta
+        if plan is not None and not retargeted:
             u, s, v, bits = plan.u, plan.s, plan.v, plan.widths  # (m, r), (r,), (n, r), (r, 2)
         elif config.allocation == "optimal":
             allocated = self.candidates(chosen_for, config, h)
