@@ -720,7 +720,7 @@ __device__ __forceinline__ void unpack16(const uint4& u, float (&f)[16 / sizeof(
 // bs[r * pitch + (o - g0)] = sum_k x[r0 + r, k] * W[o, k] in fp32. Each warp takes two outputs at a time and its
 // lanes stride over k with 16-byte loads, four per output in flight (with vec; otherwise one element at a time).
 // Reads only W and x: stage 2 runs it before waiting for stage 1. Not inlined: inlined, its registers raised the
-// spills of the expand path that shares the kernel (ptxas, sm_90a: 36 instead of 20 bytes at R_TILE 1, 228 instead
+// spills of the expand path that shares the kernel (ptxas, sm_90a: 52 instead of 20 bytes at R_TILE 1, 160 instead
 // of 72 at 16).
 template <typename scalar_t, int R_TILE>
 __device__ __noinline__ void base_gemv(float* __restrict__ bs, int pitch, const scalar_t* __restrict__ W,
@@ -728,18 +728,10 @@ __device__ __noinline__ void base_gemv(float* __restrict__ bs, int pitch, const 
                                           bool vec, int warp, int lane) {
   constexpr int VEC = 16 / sizeof(scalar_t), U = 4, STEP = 32 * VEC;
   const int rows = min(R_TILE, R - r0);
-  const size_t row_bytes = static_cast<size_t>(n) * sizeof(scalar_t);
   for (int o = g0 + 2 * warp; o < g1; o += 2 * kWarps) {
     const bool two = o + 1 < g1;
     const scalar_t* w0 = W + static_cast<size_t>(o) * n;
     const scalar_t* w1 = two ? w0 + n : w0;
-    // Ask L2 for the warp's next two rows while these are read: more bytes in flight than registers can hold.
-    const int next = min(g1, o + 2 * kWarps + 2) - (o + 2 * kWarps);
-    if (next > 0) {
-      const char* nb = reinterpret_cast<const char*>(W + static_cast<size_t>(o + 2 * kWarps) * n);
-      for (size_t l = static_cast<size_t>(lane) * 128; l < next * row_bytes; l += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(nb + l));
-    }
     float acc[2][R_TILE];
 #pragma unroll
     for (int r = 0; r < R_TILE; ++r) acc[0][r] = acc[1][r] = 0.f;
