@@ -235,6 +235,26 @@ def add_beside(x: torch.Tensor, base, delta) -> torch.Tensor:
     return y + d
 
 
+def _gate_maps(four) -> list[list[torch.Tensor]]:
+    """A 4-way linear map of x per bank of four deltas: the token gate's (and top-2 router's) weights."""
+    return [[torch.randn(4, b.in_features, device="cuda") * 0.05 for b in lw] for lw in four]
+
+
+def _one_of_four(rows: int) -> torch.Tensor:
+    """Every row on delta 2 of four: what the sentence router hands the op."""
+    return torch.nn.functional.one_hot(torch.full((rows,), 2, device="cuda"), 4).float()
+
+
+def _token_gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x.float() @ g.T, -1)
+
+
+def _top2_gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    logits = x.float() @ g.T
+    kept = logits.topk(2, -1)
+    return torch.zeros_like(logits).scatter_(-1, kept.indices, torch.softmax(kept.values, -1))
+
+
 def overlap_times(inputs: LayerInputs, base, merged, single, fused, four, repeats: int) -> dict:
     """Milliseconds of a decode step with the deltas beside the base matmuls (``add_beside``: side stream, joined
     before the next call, so calls stay ordered as in a model): per linear layer (7 a layer); merged base matmuls
@@ -242,16 +262,7 @@ def overlap_times(inputs: LayerInputs, base, merged, single, fused, four, repeat
     four deltas per bank mixed per token by a gate (softmax of a 4-way linear map of x), top-2 of four, or one of
     four picked for the whole sequence (a one-hot weight, as the sentence router does)."""
     x_for = inputs.x
-    gates = [[torch.randn(4, b.in_features, device="cuda") * 0.05 for b in lw] for lw in four]
-    one_hot = torch.nn.functional.one_hot(torch.full((inputs.rows,), 2, device="cuda"), 4).float()
-
-    def token(x, g):
-        return torch.softmax(x.float() @ g.T, -1)
-
-    def top2(x, g):
-        logits = x.float() @ g.T
-        kept = logits.topk(2, -1)
-        return torch.zeros_like(logits).scatter_(-1, kept.indices, torch.softmax(kept.values, -1))
+    gates, one_hot = _gate_maps(four), _one_of_four(inputs.rows)
 
     def per_linear():
         inputs.next()
@@ -277,8 +288,8 @@ def overlap_times(inputs: LayerInputs, base, merged, single, fused, four, repeat
     return {"base_merged": time_graph(merged_step(), repeats),
             "beside": time_graph(per_linear, repeats),
             "merged_beside_fused": time_graph(merged_step(fused), repeats),
-            "four_token": time_graph(merged_step(four, token), repeats),
-            "four_top2": time_graph(merged_step(four, top2), repeats),
+            "four_token": time_graph(merged_step(four, _token_gate), repeats),
+            "four_top2": time_graph(merged_step(four, _top2_gate), repeats),
             "four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats)}
 
 
@@ -290,8 +301,7 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
     ext = loader.extension()
     x_for = inputs.x
     ones = torch.ones(inputs.rows, 1, device="cuda")
-    gates = [[torch.randn(4, b.in_features, device="cuda") * 0.05 for b in lw] for lw in four]
-    one_hot = torch.nn.functional.one_hot(torch.full((inputs.rows,), 2, device="cuda"), 4).float()
+    gates, one_hot = _gate_maps(four), _one_of_four(inputs.rows)
 
     def per_linear():
         inputs.next()
@@ -309,14 +319,11 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
                     ext.delta_linear_base(x, [lw[p] for p in group], None, g, *b.tensors())
         return step
 
-    def token(x, g):
-        return torch.softmax(x.float() @ g.T, -1)
-
     empty = [[_empty_bank(group) for group in FUSED]] * len(base)
     return {"fused_empty": time_graph(merged_step(empty), repeats),
             "fused_per_linear": time_graph(per_linear, repeats),
             "fused_merged": time_graph(merged_step(fused), repeats),
-            "fused_four_token": time_graph(merged_step(four, token), repeats),
+            "fused_four_token": time_graph(merged_step(four, _token_gate), repeats),
             "fused_four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats)}
 
 
