@@ -112,15 +112,23 @@ int check_x(const torch::Tensor& x) {
   return dtype;
 }
 
-struct Launch {  // what both ops read from the device and the environment
+struct Launch {  // what both ops launch with: the device's SM count, PDL on or off, the workspace, the stream
   int num_sms;
   bool pdl;
+  torch::Tensor workspace;
+  cudaStream_t stream;
 };
 
-Launch launch_settings() {
+// The launch of an op on x's device (current) for these shapes; fused: the form with the base product.
+Launch launch_for(const torch::Tensor& x, int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int64_t row_tile,
+                  bool fused) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const char* pdl_env = std::getenv("DELTACOMP_CUDA_PDL");
-  return {props->multiProcessorCount, props->major >= 9 && !(pdl_env != nullptr && std::string(pdl_env) == "0")};
+  const int num_sms = props->multiProcessorCount;
+  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, num_sms, row_tile, fused);
+  return {num_sms, props->major >= 9 && !(pdl_env != nullptr && std::string(pdl_env) == "0"),
+          torch::empty({static_cast<int64_t>(floats > 0 ? floats : 1)}, x.options().dtype(torch::kFloat32)),
+          at::cuda::getCurrentCUDAStream()};
 }
 
 }  // namespace
@@ -152,17 +160,13 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
   torch::Tensor out = torch::empty_like(y);
   if (R == 0 || M == 0) return out;
 
-  const Launch ls = launch_settings();
-  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, ls.num_sms, row_tile, false);
-  torch::Tensor workspace =
-      torch::empty({static_cast<int64_t>(floats > 0 ? floats : 1)}, x.options().dtype(torch::kFloat32));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  Launch ls = launch_for(x, R, n, M, J, P, row_tile, false);
   const cudaError_t err = deltacomp::delta_linear_launch(
       dtype, x.data_ptr(), y.data_ptr(), out.data_ptr(), R, n, M, w.data_ptr<float>(), K,
       v_words.data_ptr<int32_t>(), v_scale.data_ptr(), v_offset.data_ptr(), u_words.data_ptr<int32_t>(),
       u_scale.data_ptr(), u_offset.data_ptr(), u_words.numel(), u_scale.numel(), s.data_ptr<float>(),
       rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(), spans.data_ptr<int32_t>(), P,
-      workspace.data_ptr<float>(), ls.num_sms, row_tile, ls.pdl, stream);
+      ls.workspace.data_ptr<float>(), ls.num_sms, row_tile, ls.pdl, ls.stream);
   TORCH_CHECK(err == cudaSuccess, "delta_linear: kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -209,17 +213,13 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
   c10::cuda::CUDAGuard guard(device);
   torch::Tensor out = torch::empty({R, M}, x.options());
   if (R == 0 || M == 0) return out;
-  const Launch ls = launch_settings();
-  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, ls.num_sms, 0, true);
-  torch::Tensor workspace =
-      torch::empty({static_cast<int64_t>(floats > 0 ? floats : 1)}, x.options().dtype(torch::kFloat32));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  Launch ls = launch_for(x, R, n, M, J, P, 0, true);
   const cudaError_t err = deltacomp::delta_linear_base_launch(
-      dtype, x.data_ptr(), base.data(), base_rows.data(), bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(), R, n, M,
-      w.data_ptr<float>(), K, v_words.data_ptr<int32_t>(), v_scale.data_ptr(), v_offset.data_ptr(),
-      u_words.data_ptr<int32_t>(), u_scale.data_ptr(), u_offset.data_ptr(), u_words.numel(), u_scale.numel(),
-      s.data_ptr<float>(), rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(), spans.data_ptr<int32_t>(), P,
-      workspace.data_ptr<float>(), ls.num_sms, ls.pdl, stream);
+      dtype, x.data_ptr(), base.data(), base_rows.data(), bias.has_value() ? bias->data_ptr() : nullptr,
+      out.data_ptr(), R, n, M, w.data_ptr<float>(), K, v_words.data_ptr<int32_t>(), v_scale.data_ptr(),
+      v_offset.data_ptr(), u_words.data_ptr<int32_t>(), u_scale.data_ptr(), u_offset.data_ptr(), u_words.numel(),
+      u_scale.numel(), s.data_ptr<float>(), rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(),
+      spans.data_ptr<int32_t>(), P, ls.workspace.data_ptr<float>(), ls.num_sms, ls.pdl, ls.stream);
   TORCH_CHECK(err == cudaSuccess, "delta_linear_base: kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
