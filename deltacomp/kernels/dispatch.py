@@ -73,6 +73,7 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
 # walks no longer hide behind the base product.
 FUSED_MAX_ROWS = 1
 FUSED_MAX_DELTAS = 1
+FUSED_MAX_PROJECTIONS = 8  # base weights one fused call takes (the kernel's kMaxBaseProjs)
 
 
 def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
@@ -81,9 +82,9 @@ def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Ten
 
     base[p] (out_p, n) is projection p's base weight (the bank's projections in order), bias (M,) or None. CUDA
     inference on at most :data:`FUSED_MAX_ROWS` rows of a bank of at most :data:`FUSED_MAX_DELTAS` deltas, with x's
-    dtype everywhere, runs one fused launch pair, where the
-    base product runs beside the delta's first stage and is rounded once with the deltas; otherwise the base
-    product is a plain matmul and the deltas go through :func:`delta_linear`.
+    dtype everywhere, runs one fused launch pair, where the base product runs beside the delta's kernels and is
+    rounded once with the deltas; otherwise the base product is a plain matmul and the deltas go through
+    :func:`delta_linear`.
     """
     if len(base) != len(bank.out_features) or any(
             tuple(t.shape) != (m, bank.in_features) for t, m in zip(base, bank.out_features)):
@@ -98,7 +99,7 @@ def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Ten
     grads = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in base)
                                          or (weights is not None and weights.requires_grad))
     same = all(t.dtype == x.dtype and t.is_contiguous() for t in [*base, *([] if bias is None else [bias])])
-    fits = len(base) <= 8 and x2.shape[0] <= FUSED_MAX_ROWS and bank.num_deltas <= FUSED_MAX_DELTAS
+    fits = len(base) <= FUSED_MAX_PROJECTIONS and x2.shape[0] <= FUSED_MAX_ROWS and bank.num_deltas <= FUSED_MAX_DELTAS
     ext = _eager_extension(x2, grads) if same and fits else None
     if ext is None:
         bounds = [0, *itertools.accumulate(bank.out_features)]
