@@ -14,17 +14,18 @@
 //                     (input) dimension. Writes sw[j][r] = s[j] * w[r, delta(j)] (K slice 0 only) and the partial dot
 //                     products tpart[ks][j][r] of active rank rows; zeroes stage 2's split counters.
 //   2. expand_kernel  grid (output slots, NS, row tiles): each CTA owns W2 outputs of one projection and one slice of
-//                     that projection's rank rows; c = sw * sum_ks tpart is formed as rank rows are staged. With NS == 1
+//                     that projection's rank rows; c = sw * sum_ks tpart is formed as rank rows are staged. With NS 1
 //                     it writes out = y + acc; otherwise each split stores an fp32 partial tile and the last split of a
 //                     tile to finish (atomic count) writes out = y + the partials summed in split order.
-// The fused form (delta_linear_base_launch) adds the base layer's product x @ W^T: stage 2's grid gets GS more CTAs
-// per slot (grid (slots, NS + GS, row tiles)) that compute shares of the slot's base outputs from W and x while
-// stage 1 still runs (stage 1 then lets stage 2 start only after its own wait, when x is complete), store them as
-// one more fp32 partial plane and arrive at the tile's counter like the splits; y is the bias (row stride 0) or
-// nothing. The delta's splits are few (at most one CTA per SM), so that the base product has the GPU from the start
-// and the delta's dependent-load chains run beside it.
-// On sm_90 both are launched with programmatic dependent launch: each kernel's prologue (the bank's metadata, its
-// first packed words and, with a single delta, stage 1 asking L2 for all of stage 2's factor) overlaps the tail of
+// The fused form (delta_linear_base_launch) adds the base layer's product x @ W^T with two more kernels:
+//   3. base_kernel    grid (ceil(M / 16), row tiles): each warp computes two outputs' dot products over all of K from
+//                     W and x (16-byte loads, fp32 sums) into an fp32 plane. It starts once x is complete (stage 1
+//                     lets the next grid start only after its own wait) and runs beside the delta's stages, which are
+//                     few CTAs (one per SM each), without waiting (but for its last CTA).
+//   4. finish_kernel  out = bias + the base plane + stage 2's planes (stage 2 then only stores planes).
+//   (Schedule kTail, a measurement alternative, runs stage 2 after the base kernel instead, adding its plane.)
+// On sm_90 the kernels are launched with programmatic dependent launch: each kernel's prologue (the bank's metadata,
+// its first packed words and, with a single delta, stage 1 asking L2 for all of stage 2's factor) overlaps the tail of
 // the kernel ahead of it, and nothing produced by an earlier kernel is read before griddepcontrol.wait.
 //
 // A rank row is "active" for a row tile when w[r, delta(j)] != 0 for some row r of the tile. Inactive rows are never
@@ -37,8 +38,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "delta_linear.h"
@@ -624,15 +629,11 @@ struct ExpandArgs {
   const float* tpart;        // (KS, ntiles, J, R_TILE), from stage 1
   int ks, ntiles, nsplit;
   int y_ld;
-  // Fused base product (gsplit > 0): out also gets x @ base[p]^T for projection p's outputs. gsplit more CTAs per
-  // slot (blockIdx.y >= nsplit) each compute a share of the slot's outputs into the fp32 plane part[nsplit] and
-  // arrive at the tile's counter like the splits. base[p] (base_rows[p], n) scalar_t, rows 16-byte aligned when
-  // base_vec; no output past base_rows[p] is computed (nor read).
-  int gsplit;
-  const void* x;             // (R, n) scalar_t
-  int n, base_vec;
-  const void* base[kMaxBaseProjs];
-  int base_rows[kMaxBaseProjs];
+  // Fused form (delta_linear_base_launch). base_plane (schedule kTail): the base kernel's (R, M) fp32 product,
+  // added where the outputs are written. planes_only (schedule kFinish): every split stores its fp32 partial tile
+  // and stops; the finish kernel writes out.
+  const float* base_plane;
+  int planes_only;
 };
 
 // Floats per rank row in a warp's staged c values (padded so that 8 lanes storing float4s hit distinct banks).
@@ -716,82 +717,67 @@ __device__ __forceinline__ void unpack16(const uint4& u, float (&f)[16 / sizeof(
   }
 }
 
-// The fused base product of outputs [g0, g1) (rows of W, (.., n) scalar_t) for token rows r0 + [0, R_TILE):
-// bs[r * pitch + (o - g0)] = sum_k x[r0 + r, k] * W[o, k] in fp32. Each warp takes two outputs at a time and its
-// lanes stride over k with 16-byte loads, four per output in flight (with vec; otherwise one element at a time).
-// Reads only W and x: stage 2 runs it before waiting for stage 1. Not inlined: inlined, its registers raised the
-// spills of the expand path that shares the kernel (ptxas, sm_90a: 52 instead of 20 bytes at R_TILE 1, 160 instead
-// of 72 at 16).
-template <typename scalar_t, int R_TILE>
-__device__ __noinline__ void base_gemv(float* __restrict__ bs, int pitch, const scalar_t* __restrict__ W,
-                                          const scalar_t* __restrict__ x, int R, int n, int r0, int g0, int g1,
-                                          bool vec, int warp, int lane) {
-  constexpr int VEC = 16 / sizeof(scalar_t), U = 4, STEP = 32 * VEC;
+// NO dot products of the fused base product (rows w[0, nw) of the weight), for token rows r0 + [0, R_TILE):
+// acc[i][r] = sum_k x[r0 + r, k] * w[i][k] in fp32, the sums in every lane. The lanes stride over k with 16-byte
+// loads, 8 / NO per row in flight (with vec; otherwise one element at a time).
+template <typename scalar_t, int NO, int R_TILE>
+__device__ __forceinline__ void dot_rows(float (&acc)[NO][R_TILE], const scalar_t* const (&w)[NO], int nw,
+                                         const scalar_t* __restrict__ x, int R, int n, int r0, bool vec, int lane) {
+  constexpr int VEC = 16 / sizeof(scalar_t), U = 8 / NO, STEP = 32 * VEC;
   const int rows = min(R_TILE, R - r0);
-  for (int o = g0 + 2 * warp; o < g1; o += 2 * kWarps) {
-    const bool two = o + 1 < g1;
-    const scalar_t* w0 = W + static_cast<size_t>(o) * n;
-    const scalar_t* w1 = two ? w0 + n : w0;
-    float acc[2][R_TILE];
 #pragma unroll
-    for (int r = 0; r < R_TILE; ++r) acc[0][r] = acc[1][r] = 0.f;
-    if (vec) {
-      for (int k0 = lane * VEC; k0 < n; k0 += U * STEP) {
-        uint4 a0[U], a1[U];
+  for (int i = 0; i < NO; ++i)
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int k = k0 + u * STEP;
-          a0[u] = k < n ? __ldg(reinterpret_cast<const uint4*>(w0 + k)) : make_uint4(0, 0, 0, 0);
-          a1[u] = k < n && two ? __ldg(reinterpret_cast<const uint4*>(w1 + k)) : make_uint4(0, 0, 0, 0);
-        }
+    for (int r = 0; r < R_TILE; ++r) acc[i][r] = 0.f;
+  if (vec) {
+    for (int k0 = lane * VEC; k0 < n; k0 += U * STEP) {
+      uint4 a[NO][U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int k = k0 + u * STEP;
-          if (k >= n) break;
-          float f0[VEC], f1[VEC];
-          unpack16<scalar_t>(a0[u], f0);
-          unpack16<scalar_t>(a1[u], f1);
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + u * STEP;
 #pragma unroll
-          for (int r = 0; r < R_TILE; ++r) {
-            if (r >= rows) break;
-            float xv[VEC];
-            unpack16<scalar_t>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(r0 + r) * n + k)), xv);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-              acc[0][r] = __fmaf_rn(f0[e], xv[e], acc[0][r]);
-              acc[1][r] = __fmaf_rn(f1[e], xv[e], acc[1][r]);
-            }
-          }
-        }
+        for (int i = 0; i < NO; ++i)
+          a[i][u] = k < n && i < nw ? __ldg(reinterpret_cast<const uint4*>(w[i] + k)) : make_uint4(0, 0, 0, 0);
       }
-    } else {
-      for (int k = lane; k < n; k += 32) {
-        const float f0 = load_f32(w0 + k), f1 = two ? load_f32(w1 + k) : 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + u * STEP;
+        if (k >= n) break;
+        float f[NO][VEC];
+#pragma unroll
+        for (int i = 0; i < NO; ++i) unpack16<scalar_t>(a[i][u], f[i]);
 #pragma unroll
         for (int r = 0; r < R_TILE; ++r) {
           if (r >= rows) break;
-          const float xv = load_f32(x + static_cast<size_t>(r0 + r) * n + k);
-          acc[0][r] = __fmaf_rn(f0, xv, acc[0][r]);
-          acc[1][r] = __fmaf_rn(f1, xv, acc[1][r]);
+          float xv[VEC];
+          unpack16<scalar_t>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(r0 + r) * n + k)), xv);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e)
+#pragma unroll
+            for (int i = 0; i < NO; ++i) acc[i][r] = __fmaf_rn(f[i][e], xv[e], acc[i][r]);
         }
       }
     }
+  } else {
+    for (int k = lane; k < n; k += 32) {
+      float f[NO];
+#pragma unroll
+      for (int i = 0; i < NO; ++i) f[i] = i < nw ? load_f32(w[i] + k) : 0.f;
+#pragma unroll
+      for (int r = 0; r < R_TILE; ++r) {
+        if (r >= rows) break;
+        const float xv = load_f32(x + static_cast<size_t>(r0 + r) * n + k);
+#pragma unroll
+        for (int i = 0; i < NO; ++i) acc[i][r] = __fmaf_rn(f[i], xv, acc[i][r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NO; ++i)
 #pragma unroll
     for (int r = 0; r < R_TILE; ++r)
 #pragma unroll
-      for (int m = 16; m >= 1; m /= 2) {
-        acc[0][r] += __shfl_xor_sync(kFullMask, acc[0][r], m);
-        acc[1][r] += __shfl_xor_sync(kFullMask, acc[1][r], m);
-      }
-    if (lane < R_TILE) {  // lane r stores row r (the sums are in every lane)
-#pragma unroll
-      for (int r = 0; r < R_TILE; ++r)
-        if (r == lane) {
-          bs[r * pitch + o - g0] = acc[0][r];
-          if (two) bs[r * pitch + o + 1 - g0] = acc[1][r];
-        }
-    }
-  }
+      for (int m = 16; m >= 1; m /= 2) acc[i][r] += __shfl_xor_sync(kFullMask, acc[i][r], m);
 }
 
 // Number of consecutive set bits of m from bit i on.
@@ -800,8 +786,7 @@ __device__ __forceinline__ int run_length(unsigned m, int i) {
   return rest == 0u ? 32 - i : __ffs(rest) - 1;
 }
 
-// grid (slots, nsplit + gsplit, ntiles), block kThreads; blockIdx.y >= nsplit: a base-product CTA (fused form,
-// above). Slot s is the s-th W2-output slice counting over the projections in
+// grid (slots, nsplit, ntiles), block kThreads. Slot s is the s-th W2-output slice counting over the projections in
 // order (slots past the last slice exit). The CTA owns outputs [o0, o0 + W2) of its projection (lane l: outputs
 // l * OPL + [0, OPL), inside one 32-code block), token rows rt * R_TILE + [0, R_TILE) and split `split` of the
 // projection's rank rows. Each warp walks its own contiguous share of those rank rows without block-wide barriers:
@@ -846,26 +831,26 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
   const size_t plane = static_cast<size_t>(a.R) * a.M;
   constexpr int kRowPitch = W2 + W2 / 32;
 
-  // Counts this CTA's arrival at its tile (its partial written before); true for the last of nsplit + gsplit.
+  // Counts this CTA's arrival at its tile (its partial written before); true for the last of nsplit.
   const auto arrive = [&]() {
     __threadfence();  // the partial is visible device-wide before the count says so
     __syncthreads();
     if (threadIdx.x == 0)
-      is_last = atomicAdd(a.counters + rt * gridDim.x + blockIdx.x, 1) == a.nsplit + a.gsplit - 1;
+      is_last = atomicAdd(a.counters + rt * gridDim.x + blockIdx.x, 1) == a.nsplit - 1;
     __syncthreads();
     if (is_last) __threadfence();
     return is_last != 0;
   };
-  // The last arrival: out = y + the partials summed in split order (+ the base plane), 8 loads in flight per
-  // output (from L2: written by other CTAs).
+  // The last arrival: out = y + (the base plane +) the partials summed in split order, 8 loads in flight per output
+  // (from L2: written by other CTAs).
   const auto finish = [&]() {
-    const int planes = a.nsplit + (a.gsplit > 0 ? 1 : 0);
+    const int planes = a.nsplit;
     for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
       const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
       if (row >= a.R || o >= olen) continue;
       const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
       const float y0 = y != nullptr ? load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) : 0.f;
-      float v = 0.f;
+      float v = a.base_plane != nullptr ? __ldcg(a.base_plane + m) : 0.f;
       for (int s0 = 0; s0 < planes; s0 += 8) {
         float pv[8];
 #pragma unroll
@@ -877,30 +862,6 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
     }
   };
 
-  if (blockIdx.y >= a.nsplit) {
-    // A base-product CTA: share g of the slice's outputs, computed before stage 1 has finished (stage 1 lets this
-    // grid start only once x is complete: late_trigger); written to the base plane after the wait.
-    const int share = (W2 + a.gsplit - 1) / a.gsplit, g0 = o0 + (blockIdx.y - a.nsplit) * share;
-    const void* wp = nullptr;
-    int wrows = 0;
-#pragma unroll
-    for (int q = 0; q < kMaxBaseProjs; ++q)
-      if (q == p) wp = a.base[q], wrows = a.base_rows[q];
-    const int g1 = min(min(olen, wrows), min(o0 + W2, g0 + share));
-    if (g0 < g1)
-      base_gemv<scalar_t, R_TILE>(smem, share, static_cast<const scalar_t*>(wp), static_cast<const scalar_t*>(a.x),
-                                  a.R, a.n, r0, g0, g1, a.base_vec != 0, warp, lane);
-    __syncthreads();
-    wait_prior_grids();
-    float* bplane = a.part + static_cast<size_t>(a.nsplit) * plane;
-    for (int idx = threadIdx.x; idx < R_TILE * share; idx += kThreads) {
-      const int r = idx / share, o = g0 + idx % share, row = r0 + r;
-      if (row < a.R && o < min(olen, o0 + W2))  // outputs past the weight's rows get 0
-        bplane[static_cast<size_t>(row) * a.M + out_off + o] = o < g1 ? smem[r * share + o - g0] : 0.f;
-    }
-    if (arrive()) finish();
-    return;
-  }
   const int split = blockIdx.y;
   const int oi = o0 + lane * OPL;  // this lane's first output within the projection
   const bool has = oi < olen;
@@ -1031,13 +992,14 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
       }
   }
   __syncthreads();
-  if (a.nsplit == 1 && a.gsplit == 0) {
+  if (a.nsplit == 1 && !a.planes_only) {
     for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
       const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
       if (row >= a.R || o >= olen) continue;
       const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
-      store_f32(out + m, load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) +
-                             tile[r * kRowPitch + i + (i >> 5)]);
+      const float y0 = y != nullptr ? load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) : 0.f;
+      const float b0 = a.base_plane != nullptr ? __ldcg(a.base_plane + m) : 0.f;
+      store_f32(out + m, y0 + (b0 + tile[r * kRowPitch + i + (i >> 5)]));
     }
     return;
   }
@@ -1046,7 +1008,90 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
     if (row >= a.R || o >= olen) continue;
     a.part[split * plane + static_cast<size_t>(row) * a.M + out_off + o] = tile[r * kRowPitch + i + (i >> 5)];
   }
-  if (arrive()) finish();
+  if (!a.planes_only && arrive()) finish();
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// The fused form's base product
+// ------------------------------------------------------------------------------------------------------------------
+
+// How the fused form orders its kernels. kTail: stage 1, base kernel, stage 2 (adds the base plane where it writes
+// out). kFinish: stage 1, stage 2 (fp32 planes only), base kernel, finish kernel (out = y + base plane + planes).
+enum Schedule { kTail = 1, kFinish = 2 };
+
+struct BaseKernelArgs {
+  const void* x;                      // (R, n) scalar_t
+  int R, n, M;
+  const void* weight[kMaxBaseProjs];  // projection p's base weight: outputs [end[p - 1], end[p]) (end[-1] = 0)
+  int end[kMaxBaseProjs];
+  int P, vec;                         // vec: x and every weight row 16-byte aligned
+  float* plane;                       // (R, M) fp32: the product
+};
+
+// Row o of the concatenated base weights (a select over the projections: no dynamic indexing of the parameters).
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* base_row(const BaseKernelArgs& a, int o) {
+  const void* w = a.weight[0];
+  int lo = 0;
+#pragma unroll
+  for (int q = 1; q < kMaxBaseProjs; ++q)
+    if (q < a.P && o >= a.end[q - 1]) w = a.weight[q], lo = a.end[q - 1];
+  return static_cast<const scalar_t*>(w) + static_cast<size_t>(o - lo) * a.n;
+}
+
+// grid (ceil(M / (NO * kWarps)), ntiles), block kThreads: warp w computes outputs o = (blockIdx.x * kWarps + w) * NO
+// + [0, NO) for token rows blockIdx.y * R_TILE + [0, R_TILE) into the plane (lane r: row r). It reads x without
+// waiting: it is launched only once x is complete (behind stage 1's late trigger, or without early start). Only the
+// last CTA waits for the kernel ahead of it, so that this grid completes after it (the next kernel waits for this
+// grid only) while no other CTA holds its slot waiting.
+template <typename scalar_t, int R_TILE, int NO>
+__global__ void __launch_bounds__(kThreads) base_kernel(const BaseKernelArgs a) {
+  allow_next_grid();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = blockIdx.y * R_TILE, o = (blockIdx.x * kWarps + warp) * NO, nw = min(NO, a.M - o);
+  float acc[NO][R_TILE];
+  if (nw > 0) {
+    const scalar_t* w[NO];
+#pragma unroll
+    for (int i = 0; i < NO; ++i) w[i] = base_row<scalar_t>(a, i < nw ? o + i : o);
+    dot_rows<scalar_t, NO, R_TILE>(acc, w, nw, static_cast<const scalar_t*>(a.x), a.R, a.n, r0, a.vec != 0, lane);
+  }
+  if (blockIdx.x == gridDim.x - 1 && blockIdx.y == gridDim.y - 1) wait_prior_grids();
+  const int row = r0 + lane;
+  if (nw <= 0 || lane >= R_TILE || row >= a.R) return;
+#pragma unroll
+  for (int r = 0; r < R_TILE; ++r) {
+    if (r == lane) {
+      float* dst = a.plane + static_cast<size_t>(row) * a.M + o;
+#pragma unroll
+      for (int i = 0; i < NO; ++i)
+        if (i < nw) dst[i] = acc[i][r];
+    }
+  }
+}
+
+struct FinishArgs {
+  const void* y;      // (M,) bias or null
+  void* out;          // (R, M) scalar_t
+  const float* base;  // (R, M) fp32, the base kernel's plane
+  const float* part;  // (nplanes, R, M) fp32, stage 2's partial planes
+  int nplanes, R, M;
+};
+
+// grid-stride over the R x M outputs: out = y + (base + the planes in split order), after waiting for the base kernel
+// (whose last CTA waited for stage 2).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) finish_kernel(const FinishArgs a) {
+  allow_next_grid();
+  wait_prior_grids();
+  const size_t total = static_cast<size_t>(a.R) * a.M;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * kThreads) {
+    float v = __ldcg(a.base + i);
+    for (int s = 0; s < a.nplanes; ++s) v += __ldcg(a.part + s * total + i);
+    const float y0 = a.y != nullptr ? load_f32(static_cast<const scalar_t*>(a.y) + i % a.M) : 0.f;
+    store_f32(static_cast<scalar_t*>(a.out) + i, y0 + v);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -1063,15 +1108,23 @@ struct Plan {
   // stage 1
   int groups = 0, ks = 1, kb_cta = 0, ktb = 0;
   size_t shrink_smem = 0;
-  // stage 2 (gsplit: base-product CTAs per slot, fused only)
-  int slots = 0, nsplit = 1, gsplit = 0;
+  // stage 2
+  int slots = 0, nsplit = 1;
+  // fused only: the schedule (kTail or kFinish), the base kernel's outputs per warp and CTAs per row tile
+  int schedule = 0, base_no = 2, base_blocks = 0;
   // workspace, in floats (the counters are int32 in the same buffer)
-  size_t sw_off = 0, tpart_off = 0, part_off = 0, counter_off = 0, total = 0;
+  size_t sw_off = 0, tpart_off = 0, part_off = 0, base_off = 0, counter_off = 0, total = 0;
   int ncounters = 0;
 };
 
+// The fused form's schedule: kFinish unless DELTACOMP_FUSED_SCHEDULE is "tail" (a measurement switch).
+int fused_schedule() {
+  const char* e = std::getenv("DELTACOMP_FUSED_SCHEDULE");
+  return e != nullptr && std::strcmp(e, "tail") == 0 ? kTail : kFinish;
+}
+
 // row_tile: the largest row tile the caller allows (0: no limit; otherwise rounded down to 1, 2, 4, 8 or 16).
-// fused: stage 2 also computes the base product (delta_linear_base_launch).
+// fused: the base kernel computes the base product too (delta_linear_base_launch).
 Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms, int64_t row_tile,
                bool fused = false) {
   Plan p;
@@ -1082,8 +1135,11 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
 
   // Stage 1: K is split over CTAs until they fill the GPU once (shrink_min_ctas per SM), keeping whole warp passes
   // per CTA.
-  // Fused: one stage 1 CTA per SM, so that stage 2's CTAs (the base product) find room beside it from the start.
-  const int64_t target1 = sms * (fused ? 1 : shrink_min_ctas(p.r_tile));
+  // Fused: one stage 1 CTA per SM, so that the base kernel finds room beside it from the start.
+  // (measurement switch DELTACOMP_FUSED_DELTA="a,b": a stage 1 CTAs and b stage 2 CTAs per SM in the fused form)
+  int fa = 1, fb = 1;
+  if (const char* e = std::getenv("DELTACOMP_FUSED_DELTA")) std::sscanf(e, "%d,%d", &fa, &fb);
+  const int64_t target1 = sms * (fused ? fa : shrink_min_ctas(p.r_tile));
   const int64_t nblk = ceil_div<int64_t>(n, 32);
   const int pass = shrink_opl(p.r_tile);  // blocks per warp pass (32 lanes x OPL codes)
   const int ktb_max = (kShrinkSmemFloats / block_floats(p.r_tile)) / pass * pass;
@@ -1113,12 +1169,14 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
   int64_t cap = rows_per_proj / 32;  // keep at least ~32 rank rows per CTA
   cap = cap < 1 ? 1 : (cap > kMaxSplits ? kMaxSplits : cap);
   if (fused) {
-    // The base product is the bulk of the bytes: about four rounds of CTAs of at least 16 outputs each. The delta's
-    // splits (which wait for stage 1) take at most one CTA per SM, so that the base product has room from the start.
+    p.schedule = fused_schedule();
+    const char* e = std::getenv("DELTACOMP_BASE_PER_WARP");  // a measurement switch: 1 or 2 (default)
+    p.base_no = e != nullptr && std::strcmp(e, "1") == 0 ? 1 : 2;
+    p.base_blocks = static_cast<int>(ceil_div<int64_t>(M, p.base_no * kWarps));
+    // kFinish: stage 2 waits for stage 1 beside the base kernel, with at most one CTA per SM, so that the base
+    // product has room from the start.
     const int64_t per = tiles * p.ntiles;
-    const int64_t g = per > 0 ? ceil_div<int64_t>(4 * target2, per) : 1, gmax = w2 / 16;
-    p.gsplit = static_cast<int>(g < 1 ? 1 : (g > gmax ? gmax : g));
-    nsplit = per > 0 ? sms / per : 1;
+    if (p.schedule == kFinish) nsplit = per > 0 ? fb * sms / per : 1;
   }
   nsplit = nsplit < 1 ? 1 : (nsplit > cap ? cap : nsplit);
   p.nsplit = J > 0 ? static_cast<int>(nsplit) : 1;
@@ -1126,13 +1184,13 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
   // Workspace: sw, tpart, partials, counters; each region starts on a 16-byte boundary.
   const auto round4 = [](size_t v) { return (v + 3) / 4 * 4; };
   const size_t per_tile = static_cast<size_t>(p.ntiles) * static_cast<size_t>(J) * p.r_tile;
-  const bool counted = p.nsplit > 1 || p.gsplit > 0;
-  const size_t planes = static_cast<size_t>(p.nsplit) + (p.gsplit > 0 ? 1 : 0);
-  p.ncounters = counted ? p.slots * p.ntiles : 0;
+  const bool planes = p.nsplit > 1 || p.schedule == kFinish;
+  p.ncounters = p.nsplit > 1 && p.schedule != kFinish ? p.slots * p.ntiles : 0;
   p.sw_off = 0;
   p.tpart_off = round4(per_tile);
   p.part_off = p.tpart_off + round4(per_tile * p.ks);
-  p.counter_off = p.part_off + round4(counted ? planes * R * M : 0);
+  p.base_off = p.part_off + round4(planes ? static_cast<size_t>(p.nsplit) * R * M : 0);
+  p.counter_off = p.base_off + round4(fused ? static_cast<size_t>(R) * M : 0);
   p.total = p.counter_off + round4(static_cast<size_t>(p.ncounters));
   return p;
 }
@@ -1188,17 +1246,37 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
                                           p.shrink_smem, pdl, stream, sa);
     if (err != cudaSuccess) return err;
   }
-  ExpandArgs ea{y,       out,      part,     counters, R,  M,     b.u_words, b.u_scale, b.u_offset, b.rows,
-                b.projs, b.spans,  w,        b.P,      b.J, K,    sw,        tpart,     p.ks,       p.ntiles,
-                p.nsplit, f.y_ld,  p.gsplit, x,        n,   f.base_vec, {},     {}};
-  for (int q = 0; q < kMaxBaseProjs; ++q) ea.base[q] = f.base[q], ea.base_rows[q] = f.base_rows[q];
+  float* base_plane = workspace + p.base_off;
+  const ExpandArgs ea{y,        out,      part,     counters, R,      M,       b.u_words,
+                      b.u_scale, b.u_offset, b.rows, b.projs, b.spans, w,      b.P,
+                      b.J,      K,        sw,       tpart,    p.ks,   p.ntiles, p.nsplit,
+                      f.y_ld,   p.schedule == kTail ? base_plane : nullptr, p.schedule == kFinish ? 1 : 0};
   if (b.J == 0 && p.ncounters > 0) {  // no stage 1 to zero the counters
     const cudaError_t err = cudaMemsetAsync(counters, 0, static_cast<size_t>(p.ncounters) * sizeof(int), stream);
     if (err != cudaSuccess) return err;
   }
-  // A fused stage 2 reads x before its wait: without a stage 1 ahead of it (late trigger) it must not start early.
-  return launch_kernel(expand_kernel<scalar_t, R_TILE>, dim3(p.slots, p.nsplit + p.gsplit, p.ntiles), 0,
-                       pdl && (b.J > 0 || !fused), stream, ea);
+  const auto expand = [&] {
+    return launch_kernel(expand_kernel<scalar_t, R_TILE>, dim3(p.slots, p.nsplit, p.ntiles), 0, pdl, stream, ea);
+  };
+  if (!fused) return expand();
+
+  BaseKernelArgs ba{x, R, n, M, {}, {}, b.P, f.base_vec, base_plane};
+  for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
+    end += q < b.P ? f.base_rows[q] : 0;
+    ba.weight[q] = f.base[q], ba.end[q] = end;
+  }
+  cudaError_t err = cudaSuccess;
+  if (p.schedule == kFinish && b.J > 0) err = expand();  // without rank rows there are no planes to add
+  if (err != cudaSuccess) return err;
+  // The base kernel reads x at once: without a stage 1 ahead of it (late trigger) it must not start early.
+  err = launch_kernel(p.base_no == 1 ? base_kernel<scalar_t, R_TILE, 1> : base_kernel<scalar_t, R_TILE, 2>,
+                      dim3(p.base_blocks, p.ntiles), 0, pdl && b.J > 0, stream, ba);
+  if (err != cudaSuccess) return err;
+  if (p.schedule == kTail) return expand();
+  const FinishArgs fa{y, out, base_plane, part, b.J > 0 ? p.nsplit : 0, R, M};
+  const int64_t total = static_cast<int64_t>(R) * M;
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(total, kThreads), 65535));
+  return launch_kernel(finish_kernel<scalar_t>, dim3(blocks), 0, pdl, stream, fa);
 }
 
 template <typename scalar_t>
