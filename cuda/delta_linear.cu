@@ -23,7 +23,6 @@
 //                     lets the next grid start only after its own wait) and runs beside the delta's stages, which are
 //                     few CTAs (one per SM each), without waiting (but for its last CTA).
 //   4. finish_kernel  out = bias + the base plane + stage 2's planes (stage 2 then only stores planes).
-//   (Schedule kTail, a measurement alternative, runs stage 2 after the base kernel instead, adding its plane.)
 // On sm_90 the kernels are launched with programmatic dependent launch: each kernel's prologue (the bank's metadata,
 // its first packed words and, with a single delta, stage 1 asking L2 for all of stage 2's factor) overlaps the tail of
 // the kernel ahead of it, and nothing produced by an earlier kernel is read before griddepcontrol.wait.
@@ -41,9 +40,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "delta_linear.h"
@@ -629,10 +625,8 @@ struct ExpandArgs {
   const float* tpart;        // (KS, ntiles, J, R_TILE), from stage 1
   int ks, ntiles, nsplit;
   int y_ld;
-  // Fused form (delta_linear_base_launch). base_plane (schedule kTail): the base kernel's (R, M) fp32 product,
-  // added where the outputs are written. planes_only (schedule kFinish): every split stores its fp32 partial tile
-  // and stops; the finish kernel writes out.
-  const float* base_plane;
+  // Fused form (delta_linear_base_launch): every split stores its fp32 partial tile and stops; the finish kernel
+  // writes out.
   int planes_only;
 };
 
@@ -841,8 +835,8 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
     if (is_last) __threadfence();
     return is_last != 0;
   };
-  // The last arrival: out = y + (the base plane +) the partials summed in split order, 8 loads in flight per output
-  // (from L2: written by other CTAs).
+  // The last arrival: out = y + the partials summed in split order, 8 loads in flight per output (from L2: written
+  // by other CTAs).
   const auto finish = [&]() {
     const int planes = a.nsplit;
     for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
@@ -850,7 +844,7 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
       if (row >= a.R || o >= olen) continue;
       const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
       const float y0 = y != nullptr ? load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) : 0.f;
-      float v = a.base_plane != nullptr ? __ldcg(a.base_plane + m) : 0.f;
+      float v = 0.f;
       for (int s0 = 0; s0 < planes; s0 += 8) {
         float pv[8];
 #pragma unroll
@@ -997,9 +991,8 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
       const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
       if (row >= a.R || o >= olen) continue;
       const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
-      const float y0 = y != nullptr ? load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) : 0.f;
-      const float b0 = a.base_plane != nullptr ? __ldcg(a.base_plane + m) : 0.f;
-      store_f32(out + m, y0 + (b0 + tile[r * kRowPitch + i + (i >> 5)]));
+      store_f32(out + m, load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) +
+                             tile[r * kRowPitch + i + (i >> 5)]);
     }
     return;
   }
@@ -1015,9 +1008,8 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
 // The fused form's base product
 // ------------------------------------------------------------------------------------------------------------------
 
-// How the fused form orders its kernels. kTail: stage 1, base kernel, stage 2 (adds the base plane where it writes
-// out). kFinish: stage 1, stage 2 (fp32 planes only), base kernel, finish kernel (out = y + base plane + planes).
-enum Schedule { kTail = 1, kFinish = 2 };
+constexpr int kBaseRowsPerWarp = 2;                      // base kernel: outputs per warp (1 measured no faster)
+constexpr int kBaseOutputs = kBaseRowsPerWarp * kWarps;  // base kernel: outputs per CTA
 
 struct BaseKernelArgs {
   const void* x;                      // (R, n) scalar_t
@@ -1110,18 +1102,18 @@ struct Plan {
   size_t shrink_smem = 0;
   // stage 2
   int slots = 0, nsplit = 1;
-  // fused only: the schedule (kTail or kFinish), the base kernel's outputs per warp and CTAs per row tile
-  int schedule = 0, base_no = 2, base_blocks = 0;
+  // fused only: the base kernel's CTAs per row tile
+  int base_blocks = 0;
   // workspace, in floats (the counters are int32 in the same buffer)
   size_t sw_off = 0, tpart_off = 0, part_off = 0, base_off = 0, counter_off = 0, total = 0;
   int ncounters = 0;
 };
 
-// The fused form's schedule: kFinish unless DELTACOMP_FUSED_SCHEDULE is "tail" (a measurement switch).
-int fused_schedule() {
-  const char* e = std::getenv("DELTACOMP_FUSED_SCHEDULE");
-  return e != nullptr && std::strcmp(e, "tail") == 0 ? kTail : kFinish;
-}
+// The fused form's CTAs per SM for each of the delta's stages, beside the base kernel. Measured on an H200 at
+// Llama-2-7B shapes, 1 row (benchmarks/kernel_speed.py, 1, 2 or 3 for each stage): with 1 the delta's chains of
+// dependent loads are long and, slowed by the base product's traffic, outlast it (a 7B decode step 1.64x the base);
+// 2 and 2 gave 1.51x, 3 and 3 1.60x (their CTAs, waiting for stage 1, take the base product's slots).
+constexpr int kFusedDeltaCtas = 2;
 
 // row_tile: the largest row tile the caller allows (0: no limit; otherwise rounded down to 1, 2, 4, 8 or 16).
 // fused: the base kernel computes the base product too (delta_linear_base_launch).
@@ -1135,11 +1127,8 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
 
   // Stage 1: K is split over CTAs until they fill the GPU once (shrink_min_ctas per SM), keeping whole warp passes
   // per CTA.
-  // Fused: one stage 1 CTA per SM, so that the base kernel finds room beside it from the start.
-  // (measurement switch DELTACOMP_FUSED_DELTA="a,b": a stage 1 CTAs and b stage 2 CTAs per SM in the fused form)
-  int fa = 1, fb = 1;
-  if (const char* e = std::getenv("DELTACOMP_FUSED_DELTA")) std::sscanf(e, "%d,%d", &fa, &fb);
-  const int64_t target1 = sms * (fused ? fa : shrink_min_ctas(p.r_tile));
+  // Fused: kFusedDeltaCtas per SM, so that the base kernel finds room beside it from the start.
+  const int64_t target1 = sms * (fused ? kFusedDeltaCtas : shrink_min_ctas(p.r_tile));
   const int64_t nblk = ceil_div<int64_t>(n, 32);
   const int pass = shrink_opl(p.r_tile);  // blocks per warp pass (32 lanes x OPL codes)
   const int ktb_max = (kShrinkSmemFloats / block_floats(p.r_tile)) / pass * pass;
@@ -1169,23 +1158,20 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
   int64_t cap = rows_per_proj / 32;  // keep at least ~32 rank rows per CTA
   cap = cap < 1 ? 1 : (cap > kMaxSplits ? kMaxSplits : cap);
   if (fused) {
-    p.schedule = fused_schedule();
-    const char* e = std::getenv("DELTACOMP_BASE_PER_WARP");  // a measurement switch: 1 or 2 (default)
-    p.base_no = e != nullptr && std::strcmp(e, "1") == 0 ? 1 : 2;
-    p.base_blocks = static_cast<int>(ceil_div<int64_t>(M, p.base_no * kWarps));
-    // kFinish: stage 2 waits for stage 1 beside the base kernel, with at most one CTA per SM, so that the base
-    // product has room from the start.
+    // Stage 2 waits for stage 1 beside the base kernel, with kFusedDeltaCtas per SM, so that the base product has
+    // room from the start; its splits only store planes (no counters).
     const int64_t per = tiles * p.ntiles;
-    if (p.schedule == kFinish) nsplit = per > 0 ? fb * sms / per : 1;
+    nsplit = per > 0 ? kFusedDeltaCtas * sms / per : 1;
+    p.base_blocks = static_cast<int>(ceil_div<int64_t>(M, kBaseOutputs));
   }
   nsplit = nsplit < 1 ? 1 : (nsplit > cap ? cap : nsplit);
   p.nsplit = J > 0 ? static_cast<int>(nsplit) : 1;
 
-  // Workspace: sw, tpart, partials, counters; each region starts on a 16-byte boundary.
+  // Workspace: sw, tpart, partials, the base plane (fused), counters; each region starts on a 16-byte boundary.
   const auto round4 = [](size_t v) { return (v + 3) / 4 * 4; };
   const size_t per_tile = static_cast<size_t>(p.ntiles) * static_cast<size_t>(J) * p.r_tile;
-  const bool planes = p.nsplit > 1 || p.schedule == kFinish;
-  p.ncounters = p.nsplit > 1 && p.schedule != kFinish ? p.slots * p.ntiles : 0;
+  const bool planes = p.nsplit > 1 || fused;
+  p.ncounters = p.nsplit > 1 && !fused ? p.slots * p.ntiles : 0;
   p.sw_off = 0;
   p.tpart_off = round4(per_tile);
   p.part_off = p.tpart_off + round4(per_tile * p.ks);
@@ -1250,7 +1236,7 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
   const ExpandArgs ea{y,        out,      part,     counters, R,      M,       b.u_words,
                       b.u_scale, b.u_offset, b.rows, b.projs, b.spans, w,      b.P,
                       b.J,      K,        sw,       tpart,    p.ks,   p.ntiles, p.nsplit,
-                      f.y_ld,   p.schedule == kTail ? base_plane : nullptr, p.schedule == kFinish ? 1 : 0};
+                      f.y_ld,   fused ? 1 : 0};
   if (b.J == 0 && p.ncounters > 0) {  // no stage 1 to zero the counters
     const cudaError_t err = cudaMemsetAsync(counters, 0, static_cast<size_t>(p.ncounters) * sizeof(int), stream);
     if (err != cudaSuccess) return err;
@@ -1265,14 +1251,14 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
     end += q < b.P ? f.base_rows[q] : 0;
     ba.weight[q] = f.base[q], ba.end[q] = end;
   }
-  cudaError_t err = cudaSuccess;
-  if (p.schedule == kFinish && b.J > 0) err = expand();  // without rank rows there are no planes to add
-  if (err != cudaSuccess) return err;
+  if (b.J > 0) {  // without rank rows there are no planes to add
+    const cudaError_t err = expand();
+    if (err != cudaSuccess) return err;
+  }
   // The base kernel reads x at once: without a stage 1 ahead of it (late trigger) it must not start early.
-  err = launch_kernel(p.base_no == 1 ? base_kernel<scalar_t, R_TILE, 1> : base_kernel<scalar_t, R_TILE, 2>,
-                      dim3(p.base_blocks, p.ntiles), 0, pdl && b.J > 0, stream, ba);
+  const cudaError_t err = launch_kernel(base_kernel<scalar_t, R_TILE, kBaseRowsPerWarp>, dim3(p.base_blocks, p.ntiles),
+                                        0, pdl && b.J > 0, stream, ba);
   if (err != cudaSuccess) return err;
-  if (p.schedule == kTail) return expand();
   const FinishArgs fa{y, out, base_plane, part, b.J > 0 ? p.nsplit : 0, R, M};
   const int64_t total = static_cast<int64_t>(R) * M;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(total, kThreads), 65535));
