@@ -294,7 +294,7 @@ def overlap_times(inputs: LayerInputs, base, merged, single, fused, four, repeat
 
 
 def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: int) -> dict:
-    """Milliseconds of a decode step with the base product computed inside the delta's kernels (the op
+    """Milliseconds of a decode step with the base product computed by the fused op (the op
     ``delta_linear_base``, one launch pair per call, called at every row count): per linear layer (7 a layer),
     per merged group (q|k|v and gate|up: 4 a layer, each projection's base weight in place), and four deltas a
     group mixed per token by a gate or one of four picked for the sequence (as in ``overlap_times``)."""
@@ -540,7 +540,7 @@ def _step_tables(res: dict) -> list[str]:
         lines.append(format_table(["rows", "base + delta beside, 7/layer", "merged base ms", "+ fused delta beside",
                                    "+ 4 deltas, token gate", "+ 4 deltas, top-2", "+ 1 of 4 (sentence)"], rows))
     if "fused_merged" in next(iter(res["rows"].values())):
-        lines += ["", "base product inside the delta's kernels (delta_linear_base; ratio to the base step of the same "
+        lines += ["", "base product in the fused op (delta_linear_base; ratio to the base step of the same "
                   "layout; the delta's bandwidth: its bytes over the time it adds, as a share of the base's; "
                   "empty banks: the kernels' base product alone):"]
         rows = []

@@ -469,7 +469,7 @@ void correctness() {
     }
   }
 
-  // 5. The fused op (base product inside the delta's kernels): every width pair on odd shapes (rows of 33 elements
+  // 5. The fused op (base product beside the delta's kernels): every width pair on odd shapes (rows of 33 elements
   //    take the scalar path), gated projections with three deltas, and an empty bank (the base product alone).
   {
     const Bank b1 = build_bank(1535, {576}, 1, {{all_pairs}}, {128}, 21);

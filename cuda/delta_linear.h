@@ -27,10 +27,10 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
                                 float* workspace, int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream);
 
 // The fused form: out (R, M) = x @ base^T (+ bias) + the bank's contribution, where base[p] (base_rows[p], n) of
-// `dtype` is projection p's base weight (P <= 8; the projections' outputs cover M in order; outputs past a weight's
-// rows get no base product) and bias (M,) may be null. The base product runs in the expand stage's CTAs while stage 1
-// runs, accumulates in fp32 and is rounded once with the delta. Row tiles of up to 16 rows (the base weights are read
-// once per tile).
+// `dtype` is projection p's base weight (P <= 8; their rows, in order, are the M outputs, which the projections cover
+// in the same order) and bias (M,) may be null. The base product runs in a kernel of its own beside the delta's
+// stages, accumulates in fp32 and is rounded once with the delta. Row tiles of up to 16 rows (the base weights are
+// read once per tile).
 cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const* base, const int64_t* base_rows,
                                      const void* bias, void* out, int64_t R, int64_t n, int64_t M, const float* w,
                                      int64_t K, const int32_t* v_words, const void* v_scale, const void* v_offset,

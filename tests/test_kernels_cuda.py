@@ -131,7 +131,7 @@ def test_cuda_graph_and_compile():
 
 
 def _check_base(table, rows, dtype, weights=None, bias=True, seed=0):
-    """The fused op (base product inside the delta's kernels) against the float64 oracle, the twin, and the base
+    """The fused op (base product beside the delta's kernels) against the float64 oracle, the twin, and the base
     layer's product followed by the unfused op. Base weights are scaled so that the base and the deltas' parts of
     the output are of one size: the bound then covers both."""
     g = torch.Generator(device="cuda").manual_seed(seed)

@@ -66,13 +66,14 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
     return out.reshape(*lead, m)
 
 
-# When base_delta_linear computes the base product inside the delta's kernels. Measured on an H200 at Llama-2-7B
-# shapes (BENCHMARKS.md): with one delta, one row (a decode step at batch 1) is 14-24% faster fused than a cuBLAS
-# matmul followed by the delta's kernels; from 2 rows on the kernels' fp32 base product is slower than cuBLAS, and
-# a bank of four deltas (gated per token, or one of them picked) is 10-15% slower fused at 1 row: its longer rank
-# walks no longer hide behind the base product.
+# When base_delta_linear computes the base product beside the delta's kernels. Measured on an H200 at Llama-2-7B
+# shapes (BENCHMARKS.md): at one row (a decode step at batch 1) a step with one delta per merged group is 1.51x the
+# base step fused, against 1.93x with the delta beside the base on a side stream, and banks of four deltas (gated
+# per token, or one of them picked) are 5-13% faster fused than beside; from 2 rows on the fused form is slower
+# (its base product is an fp32 dot product per output, not a tensor-core GEMM). Banks of more than four deltas were
+# not measured fused.
 FUSED_MAX_ROWS = 1
-FUSED_MAX_DELTAS = 1
+FUSED_MAX_DELTAS = 4
 FUSED_MAX_PROJECTIONS = 8  # base weights one fused call takes (the kernel's kMaxBaseProjs)
 
 
@@ -82,7 +83,7 @@ def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Ten
 
     base[p] (out_p, n) is projection p's base weight (the bank's projections in order), bias (M,) or None. CUDA
     inference on at most :data:`FUSED_MAX_ROWS` rows of a bank of at most :data:`FUSED_MAX_DELTAS` deltas, with x's
-    dtype everywhere, runs one fused launch pair, where the base product runs beside the delta's kernels and is
+    dtype everywhere, runs one fused launch sequence, where the base product runs beside the delta's kernels and is
     rounded once with the deltas; otherwise the base product is a plain matmul and the deltas go through
     :func:`delta_linear`.
     """

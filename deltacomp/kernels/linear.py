@@ -46,7 +46,7 @@ class DeltaLinear(torch.nn.Module):
         w = self.router(x) if self.router is not None else self.weights
         layer = self.base_layer
         if type(layer) is torch.nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks):
-            # a plain linear layer: its product can run inside the delta's kernels (base_delta_linear decides)
+            # a plain linear layer: its product can run in the delta's fused op (base_delta_linear decides)
             return base_delta_linear(x, self.bank, [layer.weight], layer.bias, weights=w)
         return delta_linear(x, self.bank, layer(x), weights=w)
 
