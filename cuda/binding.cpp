@@ -171,7 +171,7 @@ torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, 
   return out;
 }
 
-// out = x @ cat(weights)^T (+ bias) + the bank's contribution, one launch pair: weights[p] (out_len_p, n) is
+// out = x @ cat(weights)^T (+ bias) + the bank's contribution, one launch sequence: weights[p] (out_len_p, n) is
 // projection p's base weight (x's dtype, at most 8 projections, their rows covering the bank's outputs in order),
 // bias (M,) or none.
 torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
@@ -232,7 +232,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u_words"), py::arg("u_scale"), py::arg("u_offset"), py::arg("s"), py::arg("rows"),
         py::arg("projs"), py::arg("spans"), py::arg("row_tile") = 0);
   m.def("delta_linear_base", &delta_linear_base_cuda,
-        "out = x @ cat(weights)^T (+ bias) + the bank's contribution: the base product computed beside stage 1",
+        "out = x @ cat(weights)^T (+ bias) + the bank's contribution: the base product computed beside the delta",
         py::arg("x"), py::arg("weights"), py::arg("bias"), py::arg("w"), py::arg("v_words"), py::arg("v_scale"),
         py::arg("v_offset"), py::arg("u_words"), py::arg("u_scale"), py::arg("u_offset"), py::arg("s"),
         py::arg("rows"), py::arg("projs"), py::arg("spans"));
