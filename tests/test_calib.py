@@ -110,6 +110,10 @@ def test_calib_with_another_method_is_refused():
         method_for(CompressConfig(method="lowrank", calib="x.txt"))
     with pytest.raises(DeltacompError, match="use --allocation optimal"):
         CompressConfig(budget_scope="model", allocation="schedule")
+    with pytest.raises(DeltacompError, match="give --budget-scope model"):
+        CompressConfig(calib="x.txt", allocation="optimal", sensitivity=True)
+    with pytest.raises(DeltacompError, match="give --calib"):
+        CompressConfig(allocation="optimal", budget_scope="model", sensitivity=True)
 
 
 # -- activations ----------------------------------------------------------------------------------------------
@@ -147,7 +151,8 @@ def test_layerwise_hessians_equal_a_full_forward(pair, auto, request):
 @pytest.mark.parametrize("pair", ["llama_tok", "bert_tok"])
 @pytest.mark.parametrize("extra", [[], ["--allocation", "optimal"],
                                    ["--allocation", "optimal", "--allocation-bits", "2/1,3/2,4/2,4,8"],
-                                   ["--allocation", "optimal", "--budget-scope", "model"]])
+                                   ["--allocation", "optimal", "--budget-scope", "model"],
+                                   ["--allocation", "optimal", "--budget-scope", "model", "--sensitivity"]])
 def test_compress_with_calibration_then_apply(pair, extra, request, tmp_path):
     base, ft, deltas = request.getfixturevalue(pair)
     calib = tmp_path / "calib.txt"
@@ -172,6 +177,7 @@ def test_compress_with_calibration_then_apply(pair, extra, request, tmp_path):
             assert float((b_factor @ a_factor - want).abs().max()) <= 1e-5 * float(want.abs().max())
     apply(tmp_path / "pkg", base, tmp_path / "model")
     out, b = Checkpoint(tmp_path / "model"), Checkpoint(base)
+    assert manifest["settings"]["sensitivity"] == ("--sensitivity" in extra)
     if "--budget-scope" in extra:  # bits move between matrices: each keeps at least one vector
         assert all(m["info"]["rank"] >= 1 for m in mods.values())
         return

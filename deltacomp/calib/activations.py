@@ -214,6 +214,24 @@ class LayerwiseHessians:
         """The one block object, loaded with each block's weights in turn."""
         return self.model.get_submodule(self.prefix)[0]
 
+    def load_block(self, i: int) -> nn.Module:
+        """The one block object with block ``i``'s weights."""
+        _load_block(self.block, self.ckpt, self.ckpt_prefix, i)
+        return self.block
+
+    def linears(self, i: int) -> dict[str, nn.Linear]:
+        """The wanted linear layers of block ``i`` (in the one block object), by checkpoint name."""
+        out = {}
+        for name, layer in self.layer_of.items():
+            if layer != i:
+                continue
+            mod = self.block.get_submodule(self.local[name])
+            if isinstance(mod, nn.Linear):
+                out[name] = mod
+            else:
+                log.warning("%s is not an nn.Linear of block %d; it is quantized without calibration", name, i)
+        return out
+
     def batches(self) -> list[torch.Tensor]:
         """The calibration batches (B, L) in the order every pass runs them."""
         return _batches(self.samples, self.max_tokens)
@@ -245,17 +263,8 @@ class LayerwiseHessians:
         return store
 
     def _run_block(self, block: nn.Module, i: int, store: list):
-        _load_block(block, self.ckpt, self.ckpt_prefix, i)
-        linears = {}
-        for name, layer in self.layer_of.items():
-            if layer != i:
-                continue
-            mod = block.get_submodule(self.local[name])
-            if isinstance(mod, nn.Linear):
-                linears[name] = mod
-            else:
-                log.warning("%s is not an nn.Linear of block %d; it is quantized without calibration", name, i)
-        hooks = _HessianHooks(linears)
+        self.load_block(i)
+        hooks = _HessianHooks(self.linears(i))
         try:
             for j, (hidden, args, kwargs) in enumerate(store):
                 out = block(hidden, *args, **kwargs)

@@ -137,6 +137,18 @@ class Contexts:
         self._warn_uncalibrated(hessians.layer_of)
         return _Cursor(hessians)
 
+    @timed("calibration")
+    def _sensitivity(self) -> dict[str, float]:
+        """Each calibrated matrix's output sensitivity (:mod:`deltacomp.calib.sensitivity`); 1 is their mean."""
+        from deltacomp.calib.activations import LayerwiseHessians
+        from deltacomp.calib.sensitivity import output_sensitivity
+
+        layers = LayerwiseHessians(self.ft, self.samples, self.names, self.config.device, self._dtype())
+        weights = output_sensitivity(layers)
+        log.info("output sensitivity of %d matrices: %.3g to %.3g", len(weights), min(weights.values(), default=0),
+                 max(weights.values(), default=0))
+        return weights
+
     def _first_pass(self) -> None:
         cfg = self.config
         from deltacomp.io.output import remove_dead
@@ -144,6 +156,7 @@ class Contexts:
         remove_dead(Path(tempfile.gettempdir()), re.compile(r"^deltacomp-scope-(\d+)-"))  # spills of killed runs
         self.spill = Path(tempfile.mkdtemp(prefix=f"deltacomp-scope-{os.getpid()}-"))
         cursor = self._cursor()
+        weights = self._sensitivity() if cfg.sensitivity else {}
         tables, costs, names, total, fixed = [], [], [], 0, 0
         todo = [e for e in self.entries if e.action == "compress"]
         for e, b, f in stream(self.base, self.ft, todo):
@@ -160,7 +173,7 @@ class Contexts:
                 delta = delta[rows.to(delta.device)]
                 fixed += 32 * rows.numel()
             c = self.method.candidates(delta, cfg, h, share=2.0)
-            tables.append(c.errors)
+            tables.append(c.errors * weights.get(e.name, 1.0) ** 0.5)
             costs.append(c.costs)
             u, s, v = c.u, c.s, c.v
             spilled = {"u": u.half().cpu().contiguous(), "s": s.cpu(), "v": v.half().cpu().contiguous()}

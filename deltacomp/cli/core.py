@@ -16,7 +16,7 @@ from deltacomp.presets import PRESETS, settle
 COMPRESS_OPTIONS = ["method", "bits", "vocab_bits", "vocab_weights", "budget", "rows_energy", "schedule", "group_size",
                     "refit", "vector_range", "include", "exclude", "device", "calib", "calib_field", "calib_samples",
                     "calib_seqlen", "gptq_group_size", "act_order", "damp", "sequential", "seq_damp", "allocation",
-                    "allocation_bits", "noise_weight", "budget_scope", "svd", "exact"]
+                    "allocation_bits", "noise_weight", "budget_scope", "sensitivity", "svd", "exact"]
 
 
 @cli.command()
