@@ -14,14 +14,14 @@
 //                     (input) dimension. Writes sw[j][r] = s[j] * w[r, delta(j)] (K slice 0 only) and the partial dot
 //                     products tpart[ks][j][r] of active rank rows; zeroes stage 2's split counters.
 //   2. expand_kernel  grid (output slots, NS, row tiles): each CTA owns W2 outputs of one projection and one slice of
-//                     that projection's rank rows; c = sw * sum_ks tpart is formed as rank rows are staged. With NS 1
-//                     it writes out = y + acc; otherwise each split stores an fp32 partial tile and the last split of a
-//                     tile to finish (atomic count) writes out = y + the partials summed in split order.
+//                     that projection's rank rows; c = sw * sum_ks tpart is formed as rank rows are staged. With one
+//                     split it writes out = y + acc; otherwise each split stores an fp32 partial tile and the last
+//                     split of a tile to finish (atomic count) writes out = y + the partials summed in split order.
 // The fused form (delta_linear_base_launch) adds the base layer's product x @ W^T with two more kernels:
 //   3. base_kernel    grid (ceil(M / 16), row tiles): each warp computes two outputs' dot products over all of K from
 //                     W and x (16-byte loads, fp32 sums) into an fp32 plane. It starts once x is complete (stage 1
 //                     lets the next grid start only after its own wait) and runs beside the delta's stages, which are
-//                     few CTAs (one per SM each), without waiting (but for its last CTA).
+//                     few CTAs (two per SM each), without waiting (but for its last CTA).
 //   4. finish_kernel  out = bias + the base plane + stage 2's planes (stage 2 then only stores planes).
 // On sm_90 the kernels are launched with programmatic dependent launch: each kernel's prologue (the bank's metadata,
 // its first packed words and, with a single delta, stage 1 asking L2 for all of stage 2's factor) overlaps the tail of
@@ -332,7 +332,7 @@ struct ShrinkArgs {
   const __half* u_scale;
   const __half* u_offset;
   int u_nwords, u_nparams;
-  int late_trigger;          // let stage 2 start only once this grid's inputs are complete (stage 2 reads x early)
+  int late_trigger;          // let the next grids start only once x is complete (the fused base kernel reads it early)
 };
 
 struct RowRef {  // one rank row's packed data: word offset, parameter offset, packed group size (group_code)
