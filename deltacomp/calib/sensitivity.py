@@ -51,13 +51,14 @@ def output_sensitivity(layers: LayerwiseHessians, seed: int = 0) -> dict[str, fl
                 with torch.enable_grad():
                     out = _hidden(block(x, *args, **kwargs))
                     found = list(outputs.items())
-                    got = torch.autograd.grad(out, [x] + [y for _, y in found], grads[j])
+                    got = torch.autograd.grad(out, [x] + [y for _, y in found], grads[j], allow_unused=True)
             finally:
                 for h in handles:
                     h.remove()
-            grads[j] = got[0].detach()
+            grads[j] = got[0].detach() if got[0] is not None else torch.zeros_like(x)
             for (name, _), g in zip(found, got[1:]):
-                sums[name] = sums.get(name, 0.0) + float(g.float().pow(2).mean(-1).sum())
+                if g is not None:  # None: the layer's output does not reach the block's output
+                    sums[name] = sums.get(name, 0.0) + float(g.float().pow(2).mean(-1).sum())
         inputs[i] = None
     weights = {name: total / tokens for name, total in sums.items()}
     mean = sum(weights.values()) / len(weights) if weights else 0.0
