@@ -16,10 +16,14 @@ one at a time, each taking the gradient at its output and handing on the gradien
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 
 from deltacomp.calib.activations import LayerwiseHessians
 
+log = logging.getLogger(__name__)
 MAX_TOKENS = 16384  # calibration tokens the gradients are taken over (whole batches, at least one)
 
 
@@ -62,7 +66,10 @@ def output_sensitivity(layers: LayerwiseHessians, seed: int = 0) -> dict[str, fl
         inputs[i] = None
     weights = {name: total / tokens for name, total in sums.items()}
     mean = sum(weights.values()) / len(weights) if weights else 0.0
-    return {name: w / mean for name, w in weights.items()} if mean > 0 else {}
+    if not (math.isfinite(mean) and mean > 0):  # no gradient reached any layer, or it overflowed
+        log.warning("output sensitivity: no usable gradients (mean %s); the shared budget is not weighted", mean)
+        return {}
+    return {name: w / mean for name, w in weights.items()}
 
 
 def _first_batches(store: list) -> list:
