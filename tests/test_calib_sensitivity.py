@@ -18,7 +18,8 @@ def test_sensitivity_equals_a_full_backward(pair, auto, request):
     assert all(w > 0 for w in got.values())
     assert abs(sum(got.values()) / len(got) - 1) < 1e-6  # divided by their mean
 
-    # the oracle: the whole model, gradients of r . (last block's output) at every linear output
+    # the oracle: the whole model, gradients at every linear output of -log p(y) with y drawn from the model's own
+    # next-token distribution (a causal LM's head), or of r . (last block's output) (an encoder: no head)
     model = getattr(transformers, auto).from_pretrained(ft, attn_implementation="sdpa").eval()
     outputs, last = {}, {}
     for name, mod in model.named_modules():
@@ -26,10 +27,16 @@ def test_sensitivity_equals_a_full_backward(pair, auto, request):
             mod.register_forward_hook(lambda m, i, o, key=name + ".weight": outputs.__setitem__(key, o))
     _, blocks = find_blocks(model)
     blocks[-1].register_forward_hook(lambda m, i, o: last.__setitem__("h", o[0] if isinstance(o, tuple) else o))
-    model(input_ids=torch.stack(samples))
-    r = torch.randn(last["h"].shape, generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=torch.stack(samples))
+    gen = torch.Generator().manual_seed(0)
+    if hasattr(out, "logits"):
+        logits = out.logits.float().reshape(-1, out.logits.shape[-1])
+        y = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen)[:, 0]
+        objective = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    else:
+        objective = (last["h"] * torch.randn(last["h"].shape, generator=gen)).sum()
     names = list(outputs)
-    grads = torch.autograd.grad((last["h"] * r).sum(), [outputs[n] for n in names])
+    grads = torch.autograd.grad(objective, [outputs[n] for n in names])
     want = {n: float(g.pow(2).mean(-1).mean()) for n, g in zip(names, grads)}
     mean = sum(want.values()) / len(want)
     for n in names:

@@ -3,11 +3,14 @@
 The model-scope allocation compares matrices by their output errors ``||(dW - dW_hat) x||^2`` under their own
 inputs, as if an error of the same size cost the same wherever it is made. It does not: an error in a query or key
 projection passes through a softmax, one in an attention or MLP output lands in the residual stream. For a layer
-output ``y`` and the last block's output ``h`` (per token), an error ``dy`` moves ``h`` by ``J dy``; for a random
-direction ``r``, ``E (r . J dy)^2 = dy^T E[g g^T] dy`` with ``g = J^T r``, the gradient of ``r . h`` with respect
-to ``y``. Taking ``E[g g^T]`` as ``mean(g^2) I`` gives one number per layer: ``mean(g^2)`` over the calibration
-tokens and the layer's outputs. :func:`output_sensitivity` returns it per matrix, divided by its mean over the
-matrices.
+output ``y``, an error ``dy`` changes an objective ``f`` of the model's output by about ``g . dy`` with ``g`` the
+gradient of ``f`` with respect to ``y``; ``E[(g . dy)^2] = dy^T E[g g^T] dy``. Taking ``E[g g^T]`` as
+``mean(g^2) I`` gives one number per layer: ``mean(g^2)`` over the calibration tokens and the layer's outputs.
+:func:`output_sensitivity` returns it per matrix, divided by its mean over the matrices.
+
+The objective: where the model has a head (a causal LM), ``-log p(y)`` of a next token ``y`` drawn from the
+model's own distribution, so that ``E[g g^T]`` is the Fisher, the curvature of the KL to the fine-tune; otherwise
+(an encoder) ``r . h`` for the last block's output ``h`` and a random direction ``r``.
 
 Memory as in :mod:`deltacomp.calib.activations`: one block on the device. A forward pass keeps each block's inputs
 (on the CPU, at most :data:`MAX_TOKENS` calibration tokens); then the blocks run again from the last to the first,
@@ -35,13 +38,17 @@ def output_sensitivity(layers: LayerwiseHessians, seed: int = 0) -> dict[str, fl
     for p in layers.model.parameters():
         p.requires_grad_(False)
     inputs = []  # inputs[i][j]: block i's input of batch j, on the CPU
+    as_tuple = False  # how the blocks hand on their output
     with torch.no_grad():
         for i in range(layers.n_layers):
             inputs.append([hidden.cpu() for hidden, _, _ in store])
             block = layers.load_block(i)
-            store = [(_hidden(block(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in store]
+            outs = [block(hidden, *args, **kwargs) for hidden, args, kwargs in store]
+            as_tuple = isinstance(outs[0], (tuple, list))
+            store = [(_hidden(out), args, kwargs) for out, (_, args, kwargs) in zip(outs, store)]
     gen = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(hidden.shape, generator=gen).to(hidden.device, hidden.dtype) for hidden, _, _ in store]
+    batches = layers.batches()[:len(store)]
+    grads = [_seed(layers, hidden, batch, as_tuple, gen) for (hidden, _, _), batch in zip(store, batches)]
     sums: dict[str, float] = {}
     tokens = sum(g[..., 0].numel() for g in grads)
     for i in reversed(range(layers.n_layers)):  # every block: the ones after the last wanted layer carry its error
@@ -70,6 +77,40 @@ def output_sensitivity(layers: LayerwiseHessians, seed: int = 0) -> dict[str, fl
         log.warning("output sensitivity: no usable gradients (mean %s); the shared budget is not weighted", mean)
         return {}
     return {name: w / mean for name, w in weights.items()}
+
+
+def _seed(layers: LayerwiseHessians, hidden: torch.Tensor, batch: torch.Tensor, as_tuple: bool,
+          gen: torch.Generator) -> torch.Tensor:
+    """The gradient at the last block's output ``hidden`` of one batch. Where the model has a head (its output has
+    logits): of ``-log p(y)`` summed over the tokens, ``y`` drawn from the model's own next-token distribution (so
+    that ``E[g g^T]`` is the Fisher, the curvature of the KL to the fine-tune). Otherwise: a random direction."""
+    blocks = layers.model.get_submodule(layers.prefix)
+    block = blocks[0]
+    h = hidden.detach().requires_grad_(True)
+    blocks[0] = _Inject((h,) if as_tuple else h)
+    try:
+        with torch.enable_grad():
+            logits = getattr(layers.model(input_ids=batch.to(h.device), use_cache=False), "logits", None)
+            if logits is None:
+                return torch.randn(hidden.shape, generator=gen).to(hidden.device, hidden.dtype)
+            logits = logits.float().reshape(-1, logits.shape[-1])
+            probs = torch.softmax(logits.detach(), -1).cpu()
+            y = torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
+            loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            return torch.autograd.grad(loss, h)[0].detach()
+    finally:
+        blocks[0] = block
+
+
+class _Inject(torch.nn.Module):
+    """Stands in for block 0 of the one-block model: hands on a given output whatever its input."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, *args, **kwargs):
+        return self.value
 
 
 def _first_batches(store: list) -> list:
