@@ -27,7 +27,9 @@ import torch
 from deltacomp.calib.activations import LayerwiseHessians
 
 log = logging.getLogger(__name__)
-MAX_TOKENS = 16384  # calibration tokens the gradients are taken over (whole batches, at least one)
+# Calibration tokens the gradients are taken over (whole batches, at least one). With a head, the logits of these
+# tokens are held in fp32 with their gradient and a copy of their probabilities (8192 tokens x 32,000 words: 3 GB).
+MAX_TOKENS = 8192
 
 
 def output_sensitivity(layers: LayerwiseHessians, seed: int = 0) -> dict[str, float]:
