@@ -57,6 +57,22 @@ class _Catcher(nn.Module):
         raise _Caught
 
 
+def block_output(out) -> torch.Tensor:
+    """A block's output hidden states (blocks return them alone or first in a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_through(block: nn.Module, store: list) -> bool:
+    """Each stored batch ``(hidden, args, kwargs)`` through ``block``, in place: its hidden states become the
+    block's outputs. Returns whether the block hands them on in a tuple."""
+    as_tuple = False
+    for j, (hidden, args, kwargs) in enumerate(store):
+        out = block(hidden, *args, **kwargs)
+        as_tuple = isinstance(out, (tuple, list))
+        store[j] = (block_output(out), args, kwargs)
+    return as_tuple
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The module list of transformer blocks (the longest ``layers``/``layer``/``h``/``blocks`` list)."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and BLOCK_LIST.search(name)]
@@ -241,8 +257,7 @@ class LayerwiseHessians:
         """The last block's outputs (B, L, d) per batch of :meth:`batches`: every block run, no layer hooked."""
         store = self.block_inputs()
         for i in range(self.n_layers):
-            for _ in self._run_block(self.block, i, store):
-                pass
+            run_through(self.load_block(i), store)
         return [hidden for hidden, _, _ in store]
 
     @torch.no_grad()
@@ -269,7 +284,7 @@ class LayerwiseHessians:
             for j, (hidden, args, kwargs) in enumerate(store):
                 out = block(hidden, *args, **kwargs)
                 hooks.end_batch()
-                store[j] = (out[0] if isinstance(out, (tuple, list)) else out, args, kwargs)
+                store[j] = (block_output(out), args, kwargs)
         finally:
             hooks.remove()
         result = hooks.result()

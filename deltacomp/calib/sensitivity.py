@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from deltacomp.calib.activations import LayerwiseHessians
+from deltacomp.calib.activations import LayerwiseHessians, block_output, run_through
 
 log = logging.getLogger(__name__)
 # Calibration tokens the gradients are taken over (whole batches, at least one). With a head, the logits of these
@@ -44,10 +44,7 @@ def output_sensitivity(layers: LayerwiseHessians, seed: int = 0) -> dict[str, fl
     with torch.no_grad():
         for i in range(layers.n_layers):
             inputs.append([hidden.cpu() for hidden, _, _ in store])
-            block = layers.load_block(i)
-            outs = [block(hidden, *args, **kwargs) for hidden, args, kwargs in store]
-            as_tuple = isinstance(outs[0], (tuple, list))
-            store = [(_hidden(out), args, kwargs) for out, (_, args, kwargs) in zip(outs, store)]
+            as_tuple = run_through(layers.load_block(i), store)
     gen = torch.Generator().manual_seed(seed)
     batches = layers.batches()[:len(store)]
     grads = [_seed(layers, hidden, batch, as_tuple, gen) for (hidden, _, _), batch in zip(store, batches)]
@@ -62,7 +59,7 @@ def output_sensitivity(layers: LayerwiseHessians, seed: int = 0) -> dict[str, fl
             try:
                 x = inputs[i][j].to(grads[j].device).requires_grad_(True)
                 with torch.enable_grad():
-                    out = _hidden(block(x, *args, **kwargs))
+                    out = block_output(block(x, *args, **kwargs))
                     found = list(outputs.items())
                     got = torch.autograd.grad(out, [x] + [y for _, y in found], grads[j], allow_unused=True)
             finally:
@@ -125,10 +122,6 @@ def _first_batches(store: list) -> list:
         out.append(item)
         total += n
     return out
-
-
-def _hidden(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _keep(outputs: dict, name: str):

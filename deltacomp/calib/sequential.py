@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltacomp.calib.activations import LayerwiseHessians, _load_block
+from deltacomp.calib.activations import LayerwiseHessians, run_through
 from deltacomp.stages import timed
 
 
@@ -128,13 +128,11 @@ class SequentialCalibration:
 
     def _advance(self, stream: list, weights: dict[str, torch.Tensor]) -> None:
         self._set(weights)
-        for j, (h, a, k) in enumerate(stream):
-            out = self.block(h, *a, **k)
-            stream[j] = (out[0] if isinstance(out, (tuple, list)) else out, a, k)
+        run_through(self.block, stream)
 
     def _load(self, i: int) -> None:
         """Block i's fine-tuned weights into the one block; its calibrated matrices start as the fine-tune's."""
-        _load_block(self.block, self.layers.ckpt, self.layers.ckpt_prefix, i)
+        self.layers.load_block(i)
         locals_ = {self.layers.local[n] for n, b in self.layer_of.items() if b == i}
         self.ft_weights = {loc: self._linear(loc).weight.data for loc in locals_}
         self.st_weights = dict(self.ft_weights)  # replaced by base + compressed delta as they come
