@@ -608,7 +608,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
 constexpr int kMaxBaseProjs = 8;  // projections of a bank whose base weights one fused call can take
 
 struct ExpandArgs {
-  const void* y;             // (R, M) scalar_t with row stride y_ld (0: one row broadcast, a bias), or null: zero
+  const void* y;             // (R, M) scalar_t (the fused form's splits, which only store planes, never read it)
   void* out;                 // (R, M) scalar_t
   float* part;               // (nsplit, R, M) fp32 partials, used when nsplit > 1
   int* counters;             // (ntiles, slots) finished splits per output tile, zeroed by stage 1
@@ -624,7 +624,6 @@ struct ExpandArgs {
   const float* sw;           // (ntiles, J, R_TILE), from stage 1
   const float* tpart;        // (KS, ntiles, J, R_TILE), from stage 1
   int ks, ntiles, nsplit;
-  int y_ld;
   // Fused form (delta_linear_base_launch): every split stores its fp32 partial tile and stops; the finish kernel
   // writes out.
   int planes_only;
@@ -838,17 +837,16 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
   // The last arrival: out = y + the partials summed in split order, 8 loads in flight per output (from L2: written
   // by other CTAs).
   const auto finish = [&]() {
-    const int planes = a.nsplit;
     for (int idx = threadIdx.x; idx < R_TILE * W2; idx += kThreads) {
       const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
       if (row >= a.R || o >= olen) continue;
       const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
-      const float y0 = y != nullptr ? load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) : 0.f;
+      const float y0 = load_f32(y + m);
       float v = 0.f;
-      for (int s0 = 0; s0 < planes; s0 += 8) {
+      for (int s0 = 0; s0 < a.nsplit; s0 += 8) {
         float pv[8];
 #pragma unroll
-        for (int q = 0; q < 8; ++q) pv[q] = s0 + q < planes ? __ldcg(a.part + (s0 + q) * plane + m) : 0.f;
+        for (int q = 0; q < 8; ++q) pv[q] = s0 + q < a.nsplit ? __ldcg(a.part + (s0 + q) * plane + m) : 0.f;
 #pragma unroll
         for (int q = 0; q < 8; ++q) v += pv[q];
       }
@@ -991,8 +989,7 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
       const int r = idx / W2, i = idx % W2, row = r0 + r, o = o0 + i;
       if (row >= a.R || o >= olen) continue;
       const size_t m = static_cast<size_t>(row) * a.M + out_off + o;
-      store_f32(out + m, load_f32(y + static_cast<size_t>(row) * a.y_ld + out_off + o) +
-                             tile[r * kRowPitch + i + (i >> 5)]);
+      store_f32(out + m, load_f32(y + m) + tile[r * kRowPitch + i + (i >> 5)]);
     }
     return;
   }
@@ -1208,11 +1205,11 @@ struct Bank {  // the bank tensors of layout 2 (device pointers) and their sizes
   int J, P, u_nwords, u_nparams;
 };
 
-// The fused base product's inputs (base[0] null: none) and how y is read (row stride y_ld; 0 broadcasts one row).
+// The fused base product's inputs (base[0] null: none).
 struct BaseArgs {
   const void* base[kMaxBaseProjs];
   int base_rows[kMaxBaseProjs];
-  int base_vec, y_ld;
+  int base_vec;
 };
 
 template <typename scalar_t, int R_TILE>
@@ -1236,7 +1233,7 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
   const ExpandArgs ea{y,        out,      part,     counters, R,      M,       b.u_words,
                       b.u_scale, b.u_offset, b.rows, b.projs, b.spans, w,      b.P,
                       b.J,      K,        sw,       tpart,    p.ks,   p.ntiles, p.nsplit,
-                      f.y_ld,   fused ? 1 : 0};
+                      fused ? 1 : 0};
   if (b.J == 0 && p.ncounters > 0) {  // no stage 1 to zero the counters
     const cudaError_t err = cudaMemsetAsync(counters, 0, static_cast<size_t>(p.ncounters) * sizeof(int), stream);
     if (err != cudaSuccess) return err;
@@ -1328,7 +1325,7 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
   const Plan p = make_plan(R, n, M, J, P, num_sms, row_tile);
   const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
                            projs, spans, P);
-  const BaseArgs f{{}, {}, 0, static_cast<int>(M)};
+  const BaseArgs f{{}, {}, 0};
   return launch_any(dtype, p, x, y, out, R, n, M, w, K, b, f, workspace, pdl, stream);
 }
 
@@ -1346,7 +1343,7 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
                            projs, spans, P);
   const size_t esize = dtype == 0 ? 4 : 2;
   bool vec = (n * esize) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  BaseArgs f{{}, {}, 0, 0};
+  BaseArgs f{{}, {}, 0};
   for (int64_t q = 0; q < P; ++q) {
     f.base[q] = base[q];
     f.base_rows[q] = static_cast<int>(base_rows[q]);
