@@ -900,12 +900,9 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
 #pragma unroll 4
           for (int k = 0; k < a.ks; ++k) {
             float pv[V];
-            if (d.bits != 0) {
-              load_vec<V>(a.tpart + ((static_cast<size_t>(k) * a.ntiles + rt) * a.J + j) * R_TILE + r, pv);
-            } else {
-#pragma unroll
-              for (int q = 0; q < V; ++q) pv[q] = 0.f;
-            }
+            // Read before sw is known (one dependent round trip less): an inactive row's tpart was never
+            // written, and its c is zeroed below whatever it holds.
+            load_vec<V>(a.tpart + ((static_cast<size_t>(k) * a.ntiles + rt) * a.J + j) * R_TILE + r, pv);
 #pragma unroll
             for (int q = 0; q < V; ++q) tv[q] += pv[q];
           }
