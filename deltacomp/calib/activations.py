@@ -223,7 +223,7 @@ class LayerwiseHessians:
         store = self.block_inputs()
         with torch.no_grad():
             for i in range(max(self.layer_of.values()) + 1):
-                yield from self._run_block(self.block, i, store)
+                yield from self._run_block(i, store)
 
     @property
     def block(self) -> nn.Module:
@@ -277,8 +277,8 @@ class LayerwiseHessians:
             blocks[0] = block
         return store
 
-    def _run_block(self, block: nn.Module, i: int, store: list):
-        self.load_block(i)
+    def _run_block(self, i: int, store: list):
+        block = self.load_block(i)
         hooks = _HessianHooks(self.linears(i))
         try:
             for j, (hidden, args, kwargs) in enumerate(store):
