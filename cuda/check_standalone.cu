@@ -4,6 +4,7 @@
 //        cuda/check_standalone.cu
 //   ./check_delta_linear           correctness sweep against a float64 CPU reference (needs a GPU)
 //   ./check_delta_linear --bench   timings on Llama-7B-shaped banks
+//   ./check_delta_linear --fused   the fused form (base product + delta) per call on those banks, 1 row
 //
 // Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
 // deltacomp/quant/packing.py). Before every launch the output and the workspace are filled with NaN, so an output
@@ -17,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -544,6 +546,93 @@ void bench() {
   }
 }
 
+// The fused form at 1 row on the Llama-7B-shaped banks (bfloat16), per call: the fused op, the fused op with an empty
+// bank (its base product alone) and the delta op alone. 8 copies of each bank, its base weights and x at distinct
+// addresses, called in turn in one CUDA graph of 32 calls (the L2 cache holds none of them between uses).
+void fused_bench() {
+  struct Case { const char* name; int n; std::vector<int> outs; };
+  const Case cases[] = {{"q|k|v", 4096, {4096, 4096, 4096}}, {"o", 4096, {4096}}, {"gate|up", 4096, {11008, 11008}},
+                        {"down", 11008, {4096}}};
+  constexpr int kCopies = 8, kCalls = 32;
+  cudaStream_t st;
+  CHECK_CUDA(cudaStreamCreate(&st));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  for (const Case& c : cases) {
+    const int P = static_cast<int>(c.outs.size());
+    std::vector<std::vector<std::vector<Group>>> table(P, std::vector<std::vector<Group>>(1));
+    for (int p = 0; p < P; ++p) table[p][0] = llama_groups(c.outs[p], c.n);
+    const Bank b = build_bank(c.n, c.outs, 1, table, {128}, 1);
+    std::vector<std::vector<std::vector<Group>>> none(P, std::vector<std::vector<Group>>(1));
+    const Bank e = build_bank(c.n, c.outs, 1, none, {128}, 2);
+    std::vector<std::unique_ptr<DeviceBank>> banks;
+    std::vector<std::vector<void*>> bases(kCopies);
+    std::vector<void*> xs(kCopies), outs(kCopies);
+    for (int i = 0; i < kCopies; ++i) {
+      banks.push_back(std::make_unique<DeviceBank>(b));
+      for (int q = 0; q < P; ++q) {
+        void* wp = nullptr;
+        CHECK_CUDA(cudaMalloc(&wp, 2ull * c.outs[q] * c.n));
+        CHECK_CUDA(cudaMemset(wp, 0x3c, 2ull * c.outs[q] * c.n));
+        bases[i].push_back(wp);
+      }
+      CHECK_CUDA(cudaMalloc(&xs[i], 2ull * c.n));
+      CHECK_CUDA(cudaMemset(xs[i], 0x3c, 2ull * c.n));
+      CHECK_CUDA(cudaMalloc(&outs[i], 2ull * b.M));
+    }
+    const DeviceBank empty(e);
+    std::vector<int64_t> rows(c.outs.begin(), c.outs.end());
+    const float one = 1.f;
+    float* dw = to_device(std::vector<float>{one});
+    const int64_t J = static_cast<int64_t>(b.s.size());
+    float* ws = nullptr;
+    CHECK_CUDA(cudaMalloc(&ws, delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true) * sizeof(float)));
+    const auto call = [&](int i, int mode) {  // 0 fused, 1 fused with an empty bank, 2 the delta op alone
+      const DeviceBank& d = mode == 1 ? empty : *banks[i];
+      const Bank& h = mode == 1 ? e : b;
+      const int64_t j = static_cast<int64_t>(h.s.size());
+      const int64_t un = static_cast<int64_t>(h.u_words.size()), up = static_cast<int64_t>(h.u_scale.size());
+      const cudaError_t err =
+          mode < 2 ? delta_linear_base_launch(2, xs[i], bases[i].data(), rows.data(), nullptr, outs[i], 1, c.n, b.M,
+                                              dw, 1, d.v_words, d.v_scale, d.v_offset, d.u_words, d.u_scale,
+                                              d.u_offset, un, up, d.s, d.rows, j, d.projs, d.spans, P, ws, g_sms,
+                                              g_pdl, st)
+                   : delta_linear_launch(2, xs[i], outs[i], outs[i], 1, c.n, b.M, dw, 1, d.v_words, d.v_scale,
+                                         d.v_offset, d.u_words, d.u_scale, d.u_offset, un, up, d.s, d.rows, j,
+                                         d.projs, d.spans, P, ws, g_sms, 0, g_pdl, st);
+      CHECK_CUDA(err);
+    };
+    float us[3];
+    for (int mode = 0; mode < 3; ++mode) {
+      const cudaGraphExec_t ge = capture(st, [&] {
+        for (int k = 0; k < kCalls; ++k) call(k % kCopies, mode);
+      });
+      for (int k = 0; k < 5; ++k) CHECK_CUDA(cudaGraphLaunch(ge, st));
+      std::vector<float> t;
+      for (int r = 0; r < 25; ++r) {
+        CHECK_CUDA(cudaEventRecord(e0, st));
+        CHECK_CUDA(cudaGraphLaunch(ge, st));
+        CHECK_CUDA(cudaEventRecord(e1, st));
+        CHECK_CUDA(cudaEventSynchronize(e1));
+        float ms;
+        CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(1e3f * ms / kCalls);
+      }
+      std::sort(t.begin(), t.end());
+      us[mode] = t[t.size() / 2];
+      CHECK_CUDA(cudaGraphExecDestroy(ge));
+    }
+    std::printf("fused, 1 row, bf16, %-8s fused %6.1f us | empty bank %6.1f us | delta op alone %6.1f us | "
+                "fused - empty %5.1f us\n", c.name, us[0], us[1], us[2], us[0] - us[1]);
+    for (int i = 0; i < kCopies; ++i) {
+      for (void* q : bases[i]) cudaFree(q);
+      cudaFree(xs[i]), cudaFree(outs[i]);
+    }
+    cudaFree(dw), cudaFree(ws);
+  }
+}
+
 __global__ void empty_kernel() {}
 
 // Times each kernel of the op separately (same plan as delta_linear_launch), plus an empty launch and a CUDA graph
@@ -656,6 +745,8 @@ int main(int argc, char** argv) {
     }
   } else if (do_bench) {
     bench();
+  } else if (argc > 1 && std::string(argv[1]) == "--fused") {
+    fused_bench();
   } else if (argc > 1 && std::string(argv[1]) == "--stages") {
     stages(argc > 2 ? std::atoi(argv[2]) : 0);
   } else {

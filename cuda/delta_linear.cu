@@ -18,11 +18,12 @@
 //                     split it writes out = y + acc; otherwise each split stores an fp32 partial tile and the last
 //                     split of a tile to finish (atomic count) writes out = y + the partials summed in split order.
 // The fused form (delta_linear_base_launch) adds the base layer's product x @ W^T with two more kernels:
-//   3. base_kernel    grid (ceil(M / 16), row tiles): each warp computes two outputs' dot products over all of K from
-//                     W and x (16-byte loads, fp32 sums) into an fp32 plane. It starts once x is complete (stage 1
-//                     lets the next grid start only after its own wait) and runs beside the delta's stages, which are
-//                     few CTAs (two per SM each), without waiting (but for its last CTA).
-//   4. finish_kernel  out = bias + the base plane + stage 2's planes (stage 2 then only stores planes).
+//   3. base_kernel    grid (ceil(M / 16), row tiles, 2 input slices): each warp computes two outputs' dot products
+//                     over one slice of K from W and x (16-byte loads, fp32 sums) into that slice's fp32 plane. It
+//                     starts once x is complete (stage 1 lets the next grid start only after its own wait) and runs
+//                     beside the delta's stages, which are few CTAs (two per SM each), without waiting (but for its
+//                     last CTA).
+//   4. finish_kernel  out = bias + the base planes + stage 2's planes (stage 2 then only stores planes).
 // On sm_90 the kernels are launched with programmatic dependent launch: each kernel's prologue (the bank's metadata,
 // its first packed words and, with a single delta, stage 1 asking L2 for all of stage 2's factor) overlaps the tail of
 // the kernel ahead of it, and nothing produced by an earlier kernel is read before griddepcontrol.wait.
@@ -710,32 +711,41 @@ __device__ __forceinline__ void unpack16(const uint4& u, float (&f)[16 / sizeof(
   }
 }
 
-// NO dot products of the fused base product (rows w[0, nw) of the weight), for token rows r0 + [0, R_TILE):
-// acc[i][r] = sum_k x[r0 + r, k] * w[i][k] in fp32, the sums in every lane. The lanes stride over k with 16-byte
-// loads, 8 / NO per row in flight (with vec; otherwise one element at a time).
+// 16-byte loads in flight per warp in the base product. Measured on an H200 at Llama-2-7B shapes, 1 row, bf16, with the
+// inputs split in two (kBaseSplits), per fused call (cuda/check_standalone.cu --fused; q|k|v, o, gate|up, down): 4
+// gave 46.1, 26.6, 69.6, 46.2 us against 48.4, 27.4, 71.4, 44.5 for 8, and the base product alone 28.5, 11.0, 46.1,
+// 24.4 against 31.7, 12.0, 48.0, 26.8.
+constexpr int kBaseLoads = 4;
+
+// NO dot products of the fused base product (rows w[0, nw) of the weight) over inputs [k_lo, k_hi) (k_lo a multiple
+// of 16 bytes' elements), for token rows r0 + [0, R_TILE): acc[i][r] = sum_k x[r0 + r, k] * w[i][k] in fp32, the sums
+// in every lane. The lanes stride over k with 16-byte loads, kBaseLoads / NO per row in flight (with vec; otherwise
+// one element at a time).
 template <typename scalar_t, int NO, int R_TILE>
 __device__ __forceinline__ void dot_rows(float (&acc)[NO][R_TILE], const scalar_t* const (&w)[NO], int nw,
-                                         const scalar_t* __restrict__ x, int R, int n, int r0, bool vec, int lane) {
-  constexpr int VEC = 16 / sizeof(scalar_t), U = 8 / NO, STEP = 32 * VEC;
+                                         const scalar_t* __restrict__ x, int R, int n, int k_lo, int k_hi, int r0,
+                                         bool vec, int lane) {
+  constexpr int VEC = 16 / sizeof(scalar_t), U = kBaseLoads / NO, STEP = 32 * VEC;
+  static_assert(NO <= kBaseLoads && kBaseLoads % NO == 0, "whole loads per row in flight");
   const int rows = min(R_TILE, R - r0);
 #pragma unroll
   for (int i = 0; i < NO; ++i)
 #pragma unroll
     for (int r = 0; r < R_TILE; ++r) acc[i][r] = 0.f;
   if (vec) {
-    for (int k0 = lane * VEC; k0 < n; k0 += U * STEP) {
+    for (int k0 = k_lo + lane * VEC; k0 < k_hi; k0 += U * STEP) {
       uint4 a[NO][U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int k = k0 + u * STEP;
 #pragma unroll
         for (int i = 0; i < NO; ++i)
-          a[i][u] = k < n && i < nw ? __ldg(reinterpret_cast<const uint4*>(w[i] + k)) : make_uint4(0, 0, 0, 0);
+          a[i][u] = k < k_hi && i < nw ? __ldg(reinterpret_cast<const uint4*>(w[i] + k)) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int k = k0 + u * STEP;
-        if (k >= n) break;
+        if (k >= k_hi) break;
         float f[NO][VEC];
 #pragma unroll
         for (int i = 0; i < NO; ++i) unpack16<scalar_t>(a[i][u], f[i]);
@@ -752,7 +762,7 @@ __device__ __forceinline__ void dot_rows(float (&acc)[NO][R_TILE], const scalar_
       }
     }
   } else {
-    for (int k = lane; k < n; k += 32) {
+    for (int k = k_lo + lane; k < k_hi; k += 32) {
       float f[NO];
 #pragma unroll
       for (int i = 0; i < NO; ++i) f[i] = i < nw ? load_f32(w[i] + k) : 0.f;
@@ -1004,14 +1014,21 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
 
 constexpr int kBaseRowsPerWarp = 2;                      // base kernel: outputs per warp (1 measured no faster)
 constexpr int kBaseOutputs = kBaseRowsPerWarp * kWarps;  // base kernel: outputs per CTA
+// The base kernel splits the inputs in two slices of a multiple of kBaseChunk elements (a whole number of 16-byte
+// lane steps for every dtype) once there are more than kBaseChunk; each slice stores a plane of its own. Measured on
+// an H200 at Llama-2-7B shapes, 1 row, bf16, the kernel alone with 8 loads in flight: 2 slices take q|k|v from 29.1
+// to 27.1 us, o 10.9 to 9.8, gate|up 45.6 to 44.9, down 28.1 to 24.3 (cuBLAS 27.6, 12.5, 46.0, 27.0); 3 or 4 slices
+// gained at most 0.6 us more.
+constexpr int kBaseSplits = 2;
+constexpr int kBaseChunk = 256;
 
 struct BaseKernelArgs {
   const void* x;                      // (R, n) scalar_t
-  int R, n, M;
+  int R, n, M, kchunk;                // kchunk: the inputs of one slice (grid.z)
   const void* weight[kMaxBaseProjs];  // projection p's base weight: outputs [end[p - 1], end[p]) (end[-1] = 0)
   int end[kMaxBaseProjs];
   int P, vec;                         // vec: x and every weight row 16-byte aligned
-  float* plane;                       // (R, M) fp32: the product
+  float* plane;                       // (gridDim.z, R, M) fp32: the product, one plane per input slice
 };
 
 // Row o of the concatenated base weights (a select over the projections: no dynamic indexing of the parameters).
@@ -1025,11 +1042,11 @@ __device__ __forceinline__ const scalar_t* base_row(const BaseKernelArgs& a, int
   return static_cast<const scalar_t*>(w) + static_cast<size_t>(o - lo) * a.n;
 }
 
-// grid (ceil(M / (NO * kWarps)), ntiles), block kThreads: warp w computes outputs o = (blockIdx.x * kWarps + w) * NO
-// + [0, NO) for token rows blockIdx.y * R_TILE + [0, R_TILE) into the plane (lane r: row r). It reads x without
-// waiting: it is launched only once x is complete (behind stage 1's late trigger, or without early start). Only the
-// last CTA waits for the kernel ahead of it, so that this grid completes after it (the next kernel waits for this
-// grid only) while no other CTA holds its slot waiting.
+// grid (ceil(M / (NO * kWarps)), ntiles, slices), block kThreads: warp w computes outputs o = (blockIdx.x * kWarps +
+// w) * NO + [0, NO) for token rows blockIdx.y * R_TILE + [0, R_TILE) over the inputs of slice blockIdx.z into that
+// slice's plane (lane r: row r). It reads x without waiting: it is launched only once x is complete (behind stage 1's
+// late trigger, or without early start). Only the last CTA waits for the kernel ahead of it, so that this grid
+// completes after it (the next kernel waits for this grid only) while no other CTA holds its slot waiting.
 template <typename scalar_t, int R_TILE, int NO>
 __global__ void __launch_bounds__(kThreads) base_kernel(const BaseKernelArgs a) {
   allow_next_grid();
@@ -1040,15 +1057,17 @@ __global__ void __launch_bounds__(kThreads) base_kernel(const BaseKernelArgs a) 
     const scalar_t* w[NO];
 #pragma unroll
     for (int i = 0; i < NO; ++i) w[i] = base_row<scalar_t>(a, i < nw ? o + i : o);
-    dot_rows<scalar_t, NO, R_TILE>(acc, w, nw, static_cast<const scalar_t*>(a.x), a.R, a.n, r0, a.vec != 0, lane);
+    const int k_lo = blockIdx.z * a.kchunk;
+    dot_rows<scalar_t, NO, R_TILE>(acc, w, nw, static_cast<const scalar_t*>(a.x), a.R, a.n, k_lo,
+                                   min(a.n, k_lo + a.kchunk), r0, a.vec != 0, lane);
   }
-  if (blockIdx.x == gridDim.x - 1 && blockIdx.y == gridDim.y - 1) wait_prior_grids();
+  if (blockIdx.x == gridDim.x - 1 && blockIdx.y == gridDim.y - 1 && blockIdx.z == gridDim.z - 1) wait_prior_grids();
   const int row = r0 + lane;
   if (nw <= 0 || lane >= R_TILE || row >= a.R) return;
 #pragma unroll
   for (int r = 0; r < R_TILE; ++r) {
     if (r == lane) {
-      float* dst = a.plane + static_cast<size_t>(row) * a.M + o;
+      float* dst = a.plane + (static_cast<size_t>(blockIdx.z) * a.R + row) * a.M + o;
 #pragma unroll
       for (int i = 0; i < NO; ++i)
         if (i < nw) dst[i] = acc[i][r];
@@ -1059,13 +1078,13 @@ __global__ void __launch_bounds__(kThreads) base_kernel(const BaseKernelArgs a) 
 struct FinishArgs {
   const void* y;      // (M,) bias or null
   void* out;          // (R, M) scalar_t
-  const float* base;  // (R, M) fp32, the base kernel's plane
+  const float* base;  // (nbase, R, M) fp32, the base kernel's planes
   const float* part;  // (nplanes, R, M) fp32, stage 2's partial planes
-  int nplanes, R, M;
+  int nbase, nplanes, R, M;
 };
 
-// grid-stride over the R x M outputs: out = y + (base + the planes in split order), after waiting for the base kernel
-// (whose last CTA waited for stage 2).
+// grid-stride over the R x M outputs: out = y + (the base planes, then stage 2's planes, in order), after waiting for
+// the base kernel (whose last CTA waited for stage 2).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) finish_kernel(const FinishArgs a) {
   allow_next_grid();
@@ -1074,6 +1093,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const FinishArgs a) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * kThreads) {
     float v = __ldcg(a.base + i);
+    for (int s = 1; s < a.nbase; ++s) v += __ldcg(a.base + s * total + i);
     for (int s = 0; s < a.nplanes; ++s) v += __ldcg(a.part + s * total + i);
     const float y0 = a.y != nullptr ? load_f32(static_cast<const scalar_t*>(a.y) + i % a.M) : 0.f;
     store_f32(static_cast<scalar_t*>(a.out) + i, y0 + v);
@@ -1096,8 +1116,8 @@ struct Plan {
   size_t shrink_smem = 0;
   // stage 2
   int slots = 0, nsplit = 1;
-  // fused only: the base kernel's CTAs per row tile
-  int base_blocks = 0;
+  // fused only: the base kernel's CTAs per row tile and input slice, its input slices and their length
+  int base_blocks = 0, base_ks = 1, base_kchunk = 0;
   // workspace, in floats (the counters are int32 in the same buffer)
   size_t sw_off = 0, tpart_off = 0, part_off = 0, base_off = 0, counter_off = 0, total = 0;
   int ncounters = 0;
@@ -1157,6 +1177,9 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
     const int64_t per = tiles * p.ntiles;
     nsplit = per > 0 ? kFusedDeltaCtas * sms / per : 1;
     p.base_blocks = static_cast<int>(ceil_div<int64_t>(M, kBaseOutputs));
+    const int64_t chunk = ceil_div<int64_t>(ceil_div<int64_t>(n, kBaseSplits), kBaseChunk) * kBaseChunk;
+    p.base_kchunk = static_cast<int>(n > kBaseChunk ? chunk : n);
+    p.base_ks = p.base_kchunk > 0 ? static_cast<int>(ceil_div<int64_t>(n, p.base_kchunk)) : 1;
   }
   nsplit = nsplit < 1 ? 1 : (nsplit > cap ? cap : nsplit);
   p.nsplit = J > 0 ? static_cast<int>(nsplit) : 1;
@@ -1170,7 +1193,7 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
   p.tpart_off = round4(per_tile);
   p.part_off = p.tpart_off + round4(per_tile * p.ks);
   p.base_off = p.part_off + round4(planes ? static_cast<size_t>(p.nsplit) * R * M : 0);
-  p.counter_off = p.base_off + round4(fused ? static_cast<size_t>(R) * M : 0);
+  p.counter_off = p.base_off + round4(fused ? static_cast<size_t>(p.base_ks) * R * M : 0);
   p.total = p.counter_off + round4(static_cast<size_t>(p.ncounters));
   return p;
 }
@@ -1240,7 +1263,7 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
   };
   if (!fused) return expand();
 
-  BaseKernelArgs ba{x, R, n, M, {}, {}, b.P, f.base_vec, base_plane};
+  BaseKernelArgs ba{x, R, n, M, p.base_kchunk, {}, {}, b.P, f.base_vec, base_plane};
   for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
     end += q < b.P ? f.base_rows[q] : 0;
     ba.weight[q] = f.base[q], ba.end[q] = end;
@@ -1250,10 +1273,10 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
     if (err != cudaSuccess) return err;
   }
   // The base kernel reads x at once: without a stage 1 ahead of it (late trigger) it must not start early.
-  const cudaError_t err = launch_kernel(base_kernel<scalar_t, R_TILE, kBaseRowsPerWarp>, dim3(p.base_blocks, p.ntiles),
-                                        0, pdl && b.J > 0, stream, ba);
+  const cudaError_t err = launch_kernel(base_kernel<scalar_t, R_TILE, kBaseRowsPerWarp>,
+                                        dim3(p.base_blocks, p.ntiles, p.base_ks), 0, pdl && b.J > 0, stream, ba);
   if (err != cudaSuccess) return err;
-  const FinishArgs fa{y, out, base_plane, part, b.J > 0 ? p.nsplit : 0, R, M};
+  const FinishArgs fa{y, out, base_plane, part, p.base_ks, b.J > 0 ? p.nsplit : 0, R, M};
   const int64_t total = static_cast<int64_t>(R) * M;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(total, kThreads), 65535));
   return launch_kernel(finish_kernel<scalar_t>, dim3(blocks), 0, pdl, stream, fa);
