@@ -583,8 +583,7 @@ void fused_bench() {
     }
     const DeviceBank empty(e);
     std::vector<int64_t> rows(c.outs.begin(), c.outs.end());
-    const float one = 1.f;
-    float* dw = to_device(std::vector<float>{one});
+    float* dw = to_device(std::vector<float>{1.f});
     const int64_t J = static_cast<int64_t>(b.s.size());
     float* ws = nullptr;
     CHECK_CUDA(cudaMalloc(&ws, delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true) * sizeof(float)));
@@ -624,7 +623,8 @@ void fused_bench() {
       CHECK_CUDA(cudaGraphExecDestroy(ge));
     }
     std::printf("fused, 1 row, bf16, %-8s fused %6.1f us | empty bank %6.1f us | delta op alone %6.1f us | "
-                "fused - empty %5.1f us\n", c.name, us[0], us[1], us[2], us[0] - us[1]);
+                "fused - empty %5.1f us\n",
+                c.name, us[0], us[1], us[2], us[0] - us[1]);
     for (int i = 0; i < kCopies; ++i) {
       for (void* q : bases[i]) cudaFree(q);
       cudaFree(xs[i]), cudaFree(outs[i]);

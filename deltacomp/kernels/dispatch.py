@@ -67,9 +67,9 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
 
 
 # When base_delta_linear computes the base product beside the delta's kernels. Measured on an H200 at Llama-2-7B
-# shapes (BENCHMARKS.md): at one row (a decode step at batch 1) a step with one delta per merged group is 1.49x the
-# base step fused, against 1.92x with the delta beside the base on a side stream, and banks of four deltas (gated
-# per token, or one of them picked) are 5-14% faster fused than beside; from 2 rows on the fused form is slower
+# shapes (BENCHMARKS.md): at one row (a decode step at batch 1) a step with one delta per merged group is 1.48x the
+# base step fused, against 1.91x with the delta beside the base on a side stream, and banks of four deltas (gated
+# per token, or one of them picked) are 6-15% faster fused than beside; from 2 rows on the fused form is slower
 # (its base product is an fp32 dot product per output, not a tensor-core GEMM). Banks of more than four deltas were
 # not measured fused.
 FUSED_MAX_ROWS = 1
