@@ -63,10 +63,22 @@ def load_calibration(config: Calibration, ft: Checkpoint, base: Checkpoint) -> l
     return load_samples(config.calib, tok, config.calib_samples, config.calib_seqlen, max_len, config.calib_field)
 
 
-class _Cursor:
-    """Walks a :class:`LayerwiseHessians` forward: the Hessian of a name, keeping only the current block's."""
+def shrink(h: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 - weight) H + weight * mean(diag H) I``: the Hessian ``h (n, n)`` moved towards the identity at its own
+    scale (``weight`` 0: unchanged; 1: every input direction alike, as without calibration)."""
+    if weight == 0:
+        return h
+    out = h * (1.0 - weight)
+    out.diagonal().add_(weight * float(h.diagonal().mean()))
+    return out
 
-    def __init__(self, hessians):
+
+class _Cursor:
+    """Walks a :class:`LayerwiseHessians` forward: the Hessian of a name (shrunk by ``weight``), keeping only the
+    current block's."""
+
+    def __init__(self, hessians, weight: float = 0.0):
+        self.weight = weight
         self.layer_of = hessians.layer_of
         self.it = iter(hessians)
         self.layer, self.current = -1, {}
@@ -82,7 +94,8 @@ class _Cursor:
                 self.layer, self.current = next(self.it)
             except StopIteration:
                 self.layer = 1 << 30
-        return self.current.get(name) if self.layer == want else None
+        h = self.current.get(name) if self.layer == want else None
+        return shrink(h, self.weight) if h is not None else None
 
 
 class Contexts:
@@ -135,7 +148,7 @@ class Contexts:
 
         hessians = LayerwiseHessians(self.ft, self.samples, self.names, self.config.device, self._dtype())
         self._warn_uncalibrated(hessians.layer_of)
-        return _Cursor(hessians)
+        return _Cursor(hessians, self.config.calib_shrink)
 
     @timed("calibration")
     def _sensitivity(self) -> dict[str, float]:
