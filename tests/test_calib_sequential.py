@@ -81,6 +81,7 @@ def test_target_delta_is_the_delta_when_the_streams_agree_and_fits_the_outputs_o
 @pytest.mark.parametrize("extra,message", [
     ([], "give --calib"),
     (["--calib", "CALIB", "--seq-damp", "0"], "--seq-damp must be a positive"),
+    (["--calib", "CALIB", "--calib-shrink", "2"], "--calib-shrink must be in [0, 1]"),
 ])
 def test_bad_sequential_options_are_one_line(extra, message, llama_pair, tmp_path):
     base, ft, _ = llama_pair
@@ -94,8 +95,9 @@ def test_bad_sequential_options_are_one_line(extra, message, llama_pair, tmp_pat
 
 
 @pytest.mark.parametrize("pair,extra", [("llama_tok", []), ("bert_tok", []),
-                                        ("llama_tok", ["--allocation", "optimal", "--budget-scope", "model"])],
-                         ids=["llama", "bert", "llama-model-scope"])
+                                        ("llama_tok", ["--allocation", "optimal", "--budget-scope", "model"]),
+                                        ("llama_tok", ["--calib-shrink", "0.5"])],
+                         ids=["llama", "bert", "llama-model-scope", "llama-shrink"])
 def test_compress_sequential_then_apply(pair, extra, request, tmp_path):
     """With --budget-scope model each matrix gets its share of the shared budget and its vectors are chosen again on
     its sequential target: the package stays within the model's budget, and every matrix keeps a vector (the

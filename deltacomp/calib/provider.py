@@ -219,6 +219,8 @@ class Contexts:
             def compressed(base, delta, name=e.name):
                 seq.done(name, base, delta)
 
+            hessian = shrink(hessian, self.config.calib_shrink)  # for the method; the target solve keeps its own
+
         if self.cursor is not None:
             hessian = self.cursor.get(e.name)
         if e.name in self.bits:
