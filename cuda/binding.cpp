@@ -22,7 +22,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
+#include <vector>
 
 
 namespace {
@@ -131,6 +135,28 @@ Launch launch_for(const torch::Tensor& x, int64_t R, int64_t n, int64_t M, int64
           at::cuda::getCurrentCUDAStream()};
 }
 
+// The fused op's stage 1 counters: one int32 buffer per (device, stream, graph capture), zeroed when made. Each call
+// leaves its counters zero again and the calls sharing a buffer run in order (one stream eagerly, or one captured
+// graph, whose replays do not overlap), so a buffer is never zeroed again. Made during a capture, its zeroing is
+// captured too and runs again at each replay, before its first use there. A buffer outgrown stays allocated, since a
+// graph captured before may still use it.
+int* ready_for(const torch::Tensor& x, size_t count, cudaStream_t stream) {
+  if (count == 0) return nullptr;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long capture = 0;
+  TORCH_CHECK(cudaStreamGetCaptureInfo(stream, &status, &capture) == cudaSuccess,
+              "delta_linear_base: cannot query the stream's capture state");
+  if (status != cudaStreamCaptureStatusActive) capture = 0;
+  static std::mutex mu;
+  // (never destroyed: the tensors must not be freed after the CUDA runtime at exit)
+  static auto* buffers = new std::map<std::tuple<int, cudaStream_t, unsigned long long>, std::vector<torch::Tensor>>();
+  const std::lock_guard<std::mutex> lock(mu);
+  std::vector<torch::Tensor>& held = (*buffers)[{x.get_device(), stream, capture}];  // the last is the current one
+  if (held.empty() || static_cast<size_t>(held.back().numel()) < count)
+    held.push_back(torch::zeros({static_cast<int64_t>(count)}, x.options().dtype(torch::kInt32)));
+  return held.back().data_ptr<int32_t>();
+}
+
 }  // namespace
 
 torch::Tensor delta_linear_cuda(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& w,
@@ -214,12 +240,13 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
   torch::Tensor out = torch::empty({R, M}, x.options());
   if (R == 0 || M == 0) return out;
   Launch ls = launch_for(x, R, n, M, J, P, 0, true);
+  int* ready = ready_for(x, deltacomp::delta_linear_base_ready_ints(R, n, M, J, P, ls.num_sms), ls.stream);
   const cudaError_t err = deltacomp::delta_linear_base_launch(
       dtype, x.data_ptr(), base.data(), base_rows.data(), bias.has_value() ? bias->data_ptr() : nullptr,
       out.data_ptr(), R, n, M, w.data_ptr<float>(), K, v_words.data_ptr<int32_t>(), v_scale.data_ptr(),
       v_offset.data_ptr(), u_words.data_ptr<int32_t>(), u_scale.data_ptr(), u_offset.data_ptr(), u_words.numel(),
       u_scale.numel(), s.data_ptr<float>(), rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(),
-      spans.data_ptr<int32_t>(), P, ls.workspace.data_ptr<float>(), ls.num_sms, ls.pdl, ls.stream);
+      spans.data_ptr<int32_t>(), P, ls.workspace.data_ptr<float>(), ready, ls.num_sms, ls.pdl, ls.stream);
   TORCH_CHECK(err == cudaSuccess, "delta_linear_base: kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }

@@ -35,6 +35,7 @@
 namespace {
 
 using deltacomp::delta_linear_base_launch;
+using deltacomp::delta_linear_base_ready_ints;
 using deltacomp::delta_linear_launch;
 using deltacomp::delta_linear_workspace_floats;
 
@@ -227,9 +228,30 @@ int g_sms = 0;
 bool g_pdl = false;  // programmatic dependent launch: on from compute capability 9.0 (--no-pdl turns it off)
 int g_failures = 0;
 
+// The fused op's stage 1 counters: one buffer, zeroed once and grown as needed (each call must leave it zero).
+int* g_ready = nullptr;
+size_t g_ready_n = 0;
+int* ready_buffer(size_t n) {
+  if (n > g_ready_n) {
+    if (g_ready != nullptr) CHECK_CUDA(cudaFree(g_ready));
+    CHECK_CUDA(cudaMalloc(&g_ready, n * sizeof(int)));
+    CHECK_CUDA(cudaMemset(g_ready, 0, n * sizeof(int)));
+    g_ready_n = n;
+  }
+  return g_ready;
+}
+
+// True when every counter of the buffer is zero again.
+bool ready_clear() {
+  std::vector<int> v(g_ready_n);
+  if (!v.empty()) CHECK_CUDA(cudaMemcpy(v.data(), g_ready, v.size() * sizeof(int), cudaMemcpyDeviceToHost));
+  return std::all_of(v.begin(), v.end(), [](int c) { return c == 0; });
+}
+
 struct RunResult {
   double rel_err = 0;      // ||out - ref|| / ||ref - y||, the error on the delta's contribution (fused: / ||ref||)
   bool finite = true;
+  bool ready_clear = true;  // fused: the call left its counters zero
   float ms = 0;
 };
 
@@ -272,13 +294,17 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
 
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
+  int* ready = fused ? ready_buffer(delta_linear_base_ready_ints(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
+                                                                 static_cast<int64_t>(b.out_len.size()), g_sms))
+                     : nullptr;
   auto launch = [&]() {
     const int64_t J = static_cast<int64_t>(b.s.size()), P = static_cast<int64_t>(b.out_len.size());
     const int64_t un = static_cast<int64_t>(b.u_words.size()), up = static_cast<int64_t>(b.u_scale.size());
     const cudaError_t e =
         fused ? delta_linear_base_launch(dtype, dx, bases.data(), base_rows.data(), dy, dout, R, b.n, b.M, dw, b.K,
                                          db.v_words, db.v_scale, db.v_offset, db.u_words, db.u_scale, db.u_offset, un,
-                                         up, db.s, db.rows, J, db.projs, db.spans, P, dws, g_sms, g_pdl, stream)
+                                         up, db.s, db.rows, J, db.projs, db.spans, P, dws, ready, g_sms, g_pdl,
+                                         stream)
               : delta_linear_launch(dtype, dx, dy, dout, R, b.n, b.M, dw, b.K, db.v_words, db.v_scale, db.v_offset,
                                     db.u_words, db.u_scale, db.u_offset, un, up, db.s, db.rows, J, db.projs, db.spans,
                                     P, dws, g_sms, row_tile, g_pdl, stream);
@@ -314,6 +340,7 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   }
   std::vector<uint8_t> ob(out_n * es);
   if (!ob.empty()) CHECK_CUDA(cudaMemcpy(ob.data(), dout, ob.size(), cudaMemcpyDeviceToHost));
+  if (fused) res.ready_clear = ready_clear();
 
   // float64 reference: t = x V^T, c = t * s * w[:, delta], out = y + c U (per projection); fused: y is the bias
   // plus x W^T.
@@ -363,10 +390,11 @@ const char* dtype_name(int d) { return d == 0 ? "f32" : d == 1 ? "f16" : "bf16";
 double bound(int dtype) { return dtype == 0 ? 2e-5 : dtype == 1 ? 2e-3 : 1.5e-2; }
 
 void report(const char* what, const Bank& b, int R, int dtype, const RunResult& r) {
-  const bool ok = r.finite && r.rel_err < bound(dtype);
+  const bool ok = r.finite && r.ready_clear && r.rel_err < bound(dtype);
   if (!ok) ++g_failures;
-  std::printf("%-4s %-44s n=%-5d M=%-5d J=%-4zu R=%-2d %-4s rel_err=%.2e%s\n", ok ? "ok" : "FAIL", what, b.n, b.M,
-              b.s.size(), R, dtype_name(dtype), r.rel_err, r.finite ? "" : " (non-finite outputs)");
+  std::printf("%-4s %-44s n=%-5d M=%-5d J=%-4zu R=%-2d %-4s rel_err=%.2e%s%s\n", ok ? "ok" : "FAIL", what, b.n, b.M,
+              b.s.size(), R, dtype_name(dtype), r.rel_err, r.finite ? "" : " (non-finite outputs)",
+              r.ready_clear ? "" : " (counters left non-zero)");
 }
 
 std::vector<float> dense_weights(int R, int K, uint32_t seed, bool some_zero) {
@@ -587,6 +615,7 @@ void fused_bench() {
     const int64_t J = static_cast<int64_t>(b.s.size());
     float* ws = nullptr;
     CHECK_CUDA(cudaMalloc(&ws, delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true) * sizeof(float)));
+    int* ready = ready_buffer(delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms));
     const auto call = [&](int i, int mode) {  // 0 fused, 1 fused with an empty bank, 2 the delta op alone
       const DeviceBank& d = mode == 1 ? empty : *banks[i];
       const Bank& h = mode == 1 ? e : b;
@@ -595,8 +624,8 @@ void fused_bench() {
       const cudaError_t err =
           mode < 2 ? delta_linear_base_launch(2, xs[i], bases[i].data(), rows.data(), nullptr, outs[i], 1, c.n, b.M,
                                               dw, 1, d.v_words, d.v_scale, d.v_offset, d.u_words, d.u_scale,
-                                              d.u_offset, un, up, d.s, d.rows, j, d.projs, d.spans, P, ws, g_sms,
-                                              g_pdl, st)
+                                              d.u_offset, un, up, d.s, d.rows, j, d.projs, d.spans, P, ws, ready,
+                                              g_sms, g_pdl, st)
                    : delta_linear_launch(2, xs[i], outs[i], outs[i], 1, c.n, b.M, dw, 1, d.v_words, d.v_scale,
                                          d.v_offset, d.u_words, d.u_scale, d.u_offset, un, up, d.s, d.rows, j,
                                          d.projs, d.spans, P, ws, g_sms, 0, g_pdl, st);

@@ -155,6 +155,28 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
+// The fused form hands stage 1's results to stage 2 per rank-row group instead of per grid: each stage 1 CTA counts
+// itself done in ready[blockIdx.z][blockIdx.x] once its writes are visible (every thread of the CTA calls this; no-op
+// without `ready`), and a stage 2 warp waits for the groups of the rows it is about to read (await_count).
+__device__ __forceinline__ void count_done(int* ready) {
+  if (ready == nullptr) return;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(ready + blockIdx.z * gridDim.x + blockIdx.x, 1);
+}
+
+// Waits until *p reaches `target` (an acquire at device scope: what the counting CTAs wrote before counting is then
+// visible to this thread's later reads). Stage 1 has every CTA started before stage 2 can start (its late trigger),
+// so the counts always arrive.
+__device__ __forceinline__ void await_count(const int* p, int target) {
+  for (;;) {
+    int v;
+    asm volatile("ld.global.acquire.gpu.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    if (v >= target) return;
+    __nanosleep(64);
+  }
+}
+
 // Asks L2 to fetch share `part` of `parts` equal shares of [p, p + bytes) (128-byte lines), one line per thread and
 // pass: no registers are held and nothing waits for the data.
 __device__ __forceinline__ void prefetch_share_l2(const void* p, size_t bytes, size_t part, size_t parts) {
@@ -333,7 +355,10 @@ struct ShrinkArgs {
   const __half* u_scale;
   const __half* u_offset;
   int u_nwords, u_nparams;
-  int late_trigger;          // let the next grids start only once x is complete (the fused base kernel reads it early)
+  // Fused form only (else null): (ntiles, gridDim.x) ints, the CTAs of each (row tile, rank-row group) done, counted
+  // here for stage 2 (which starts on a group's rows once all gridDim.y of them are) and zeroed by the finish kernel.
+  // It also lets the next grids start only once x is complete (the fused base kernel reads it without waiting).
+  int* ready;
 };
 
 struct RowRef {  // one rank row's packed data: word offset, parameter offset, packed group size (group_code)
@@ -484,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   extern __shared__ float4 shrink_smem[];
   float* xs = reinterpret_cast<float*>(shrink_smem);
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
-  if (!a.late_trigger) allow_next_grid();
+  if (a.ready == nullptr) allow_next_grid();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int ks = blockIdx.y, rt = blockIdx.z, r0 = rt * R_TILE;
@@ -538,7 +563,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
     }
   }
   wait_prior_grids();
-  if (a.late_trigger) allow_next_grid();
+  if (a.ready != nullptr) allow_next_grid();
   // The first x tile is read while the weights below are; the barrier after them publishes it.
   if (early && kbeg < kend)
     stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kbeg, min(a.ktb, kend - kbeg) * NU);
@@ -561,7 +586,10 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
     if (ks == 0 && j < a.J && lane < R_TILE)
       a.sw[(static_cast<size_t>(rt) * a.J + j) * R_TILE + lane] = rbits[jj] != 0 ? wt * __ldg(a.s + j) : 0.f;
   }
-  if (__syncthreads_or(act != 0u) == 0) return;  // nothing active in this CTA: read no x (and, K > 1, no words)
+  if (__syncthreads_or(act != 0u) == 0) {  // nothing active in this CTA: read no x (and, K > 1, no words)
+    count_done(a.ready);
+    return;
+  }
 
   const int bits0 = act != 0u ? __shfl_sync(kFullMask, m_bits, __ffs(act) - 1) : 0;
   const unsigned mask0 = width_class(act, rbits, bits0);  // with K == 1: act == valid, so `pre` holds this class
@@ -587,19 +615,21 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
       todo &= ~mask;
     }
   }
-  if (act == 0u) return;
 
   // Warp totals, then one store per (rank row, token row) of active rows: tpart[ks][rt][j][r].
-  warp_reduce_scatter<NV, 16>(acc, lane);
-  constexpr int PER = NV >= 32 ? NV / 32 : 1;
-  float* dst = a.tpart + (static_cast<size_t>(ks) * a.ntiles + rt) * a.J * R_TILE;
+  if (act != 0u) {
+    warp_reduce_scatter<NV, 16>(acc, lane);
+    constexpr int PER = NV >= 32 ? NV / 32 : 1;
+    float* dst = a.tpart + (static_cast<size_t>(ks) * a.ntiles + rt) * a.J * R_TILE;
 #pragma unroll
-  for (int i = 0; i < PER; ++i) {
-    const int idx = NV >= 32 ? lane * PER + i : lane >> (5 - ilog2(NV));
-    const bool owner = NV >= 32 || (lane & (32 / NV - 1)) == 0;
-    const int jj = idx / R_TILE, r = idx % R_TILE;
-    if (owner && ((act >> jj) & 1u)) dst[static_cast<size_t>(jbase + jj) * R_TILE + r] = acc[i];
+    for (int i = 0; i < PER; ++i) {
+      const int idx = NV >= 32 ? lane * PER + i : lane >> (5 - ilog2(NV));
+      const bool owner = NV >= 32 || (lane & (32 / NV - 1)) == 0;
+      const int jj = idx / R_TILE, r = idx % R_TILE;
+      if (owner && ((act >> jj) & 1u)) dst[static_cast<size_t>(jbase + jj) * R_TILE + r] = acc[i];
+    }
   }
+  count_done(a.ready);
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -626,8 +656,10 @@ struct ExpandArgs {
   const float* tpart;        // (KS, ntiles, J, R_TILE), from stage 1
   int ks, ntiles, nsplit;
   // Fused form (delta_linear_base_launch): every split stores its fp32 partial tile and stops; the finish kernel
-  // writes out.
+  // writes out. Rows are read once their group is counted done in stage 1's `ready` (null otherwise: the whole of
+  // stage 1 is waited for).
   int planes_only;
+  const int* ready;
 };
 
 // Floats per rank row in a warp's staged c values (padded so that 8 lanes storing float4s hit distinct banks).
@@ -872,7 +904,11 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
   float acc[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
-  wait_prior_grids();  // stage 1's sw and tpart, y, w, and this kernel's own writes come after
+  // Stage 1's sw and tpart, y, w, and this kernel's own writes come after. The fused form waits per group of rows
+  // instead, and for stage 1's grid only at its end (so that this grid completes after it): it starts only once
+  // every stage 1 CTA has waited for the kernels before (late trigger), and it reads no y.
+  if (a.ready == nullptr) wait_prior_grids();
+  const int groups = (a.J + kRowsPerCta - 1) / kRowsPerCta;
 
   float* cw = smem + warp * 32 * CP;  // this warp's staged c values
   // Rank rows [lo, hi) of the projection: this CTA's split of them, and of that this warp's contiguous share.
@@ -882,13 +918,19 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
     const int per = (max(0, je - js) + kWarps - 1) / kWarps;
     const int wlo = js + warp * per, whi = min(je, wlo + per);
     for (int jb = wlo; jb < whi; jb += 32) {
-      const int nb = min(32, whi - jb);
+      const int nb = min(32, whi - jb), j = jb + lane;
       RowDesc d{0, 0, 0, 31};
-      if (lane < nb) {
-        const int j = jb + lane;
+      int ub = 0;
+      if (lane < nb) {  // the bank: read while the rows' groups are waited for
         const int32_t* rw = a.rows + static_cast<size_t>(j) * 8;
-        const int ub = __ldg(rw + 3);
+        ub = __ldg(rw + 3);
         d.woff = __ldg(rw + 4), d.poff = __ldg(rw + 5), d.gp = group_code(__ldg(rw + 7));
+      }
+      if (a.ready != nullptr) {
+        for (int g = jb / kRowsPerCta; g <= (jb + nb - 1) / kRowsPerCta; ++g)
+          await_count(a.ready + static_cast<size_t>(rt) * groups + g, a.ks);
+      }
+      if (lane < nb) {
         // c[r] = sw[r] * sum_ks tpart[ks][r], a vector of up to 4 token rows at a time (few live registers).
         constexpr int V = vec_width(R_TILE);
         const float* swp = a.sw + (static_cast<size_t>(rt) * a.J + j) * R_TILE;
@@ -1006,6 +1048,7 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
     a.part[split * plane + static_cast<size_t>(row) * a.M + out_off + o] = tile[r * kRowPitch + i + (i >> 5)];
   }
   if (!a.planes_only && arrive()) finish();
+  if (a.ready != nullptr) wait_prior_grids();
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -1081,14 +1124,17 @@ struct FinishArgs {
   const float* base;  // (nbase, R, M) fp32, the base kernel's planes
   const float* part;  // (nplanes, R, M) fp32, stage 2's partial planes
   int nbase, nplanes, R, M;
+  int* ready;         // stage 1's group counts (nready), zeroed here for the next call
+  int nready;
 };
 
 // grid-stride over the R x M outputs: out = y + (the base planes, then stage 2's planes, in order), after waiting for
-// the base kernel (whose last CTA waited for stage 2).
+// the base kernel (whose last CTA waited for stage 2, which waited for stage 1).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) finish_kernel(const FinishArgs a) {
   allow_next_grid();
   wait_prior_grids();
+  for (int i = blockIdx.x * kThreads + threadIdx.x; i < a.nready; i += gridDim.x * kThreads) a.ready[i] = 0;
   const size_t total = static_cast<size_t>(a.R) * a.M;
   for (size_t i = static_cast<size_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * kThreads) {
@@ -1225,11 +1271,12 @@ struct Bank {  // the bank tensors of layout 2 (device pointers) and their sizes
   int J, P, u_nwords, u_nparams;
 };
 
-// The fused base product's inputs (base[0] null: none).
+// The fused base product's inputs (base[0] null: none) and stage 1's group counts.
 struct BaseArgs {
   const void* base[kMaxBaseProjs];
   int base_rows[kMaxBaseProjs];
   int base_vec;
+  int* ready;
 };
 
 template <typename scalar_t, int R_TILE>
@@ -1244,7 +1291,7 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
     const ShrinkArgs sa{x,        R,         n,       w,          K,        b.v_words,   b.v_scale,
                         b.v_offset, b.s,     b.rows,  b.J,        p.ntiles, p.kb_cta,    p.ktb,
                         sw,       tpart,     counters, p.ncounters, b.u_words, b.u_scale, b.u_offset,
-                        b.u_nwords, b.u_nparams, fused ? 1 : 0};
+                        b.u_nwords, b.u_nparams, fused ? f.ready : nullptr};
     const cudaError_t err = launch_kernel(shrink_kernel<scalar_t, R_TILE>, dim3(p.groups, p.ks, p.ntiles),
                                           p.shrink_smem, pdl, stream, sa);
     if (err != cudaSuccess) return err;
@@ -1253,7 +1300,7 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
   const ExpandArgs ea{y,        out,      part,     counters, R,      M,       b.u_words,
                       b.u_scale, b.u_offset, b.rows, b.projs, b.spans, w,      b.P,
                       b.J,      K,        sw,       tpart,    p.ks,   p.ntiles, p.nsplit,
-                      fused ? 1 : 0};
+                      fused ? 1 : 0, fused ? f.ready : nullptr};
   if (b.J == 0 && p.ncounters > 0) {  // no stage 1 to zero the counters
     const cudaError_t err = cudaMemsetAsync(counters, 0, static_cast<size_t>(p.ncounters) * sizeof(int), stream);
     if (err != cudaSuccess) return err;
@@ -1276,7 +1323,8 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
   const cudaError_t err = launch_kernel(base_kernel<scalar_t, R_TILE, kBaseRowsPerWarp>,
                                         dim3(p.base_blocks, p.ntiles, p.base_ks), 0, pdl && b.J > 0, stream, ba);
   if (err != cudaSuccess) return err;
-  const FinishArgs fa{y, out, base_plane, part, p.base_ks, b.J > 0 ? p.nsplit : 0, R, M};
+  const FinishArgs fa{y, out, base_plane, part, p.base_ks, b.J > 0 ? p.nsplit : 0, R, M,
+                      f.ready, b.J > 0 ? p.groups * p.ntiles : 0};
   const int64_t total = static_cast<int64_t>(R) * M;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(total, kThreads), 65535));
   return launch_kernel(finish_kernel<scalar_t>, dim3(blocks), 0, pdl, stream, fa);
@@ -1335,6 +1383,12 @@ size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J,
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
+size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
+  if (R <= 0 || M <= 0 || J <= 0) return 0;
+  const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
+  return static_cast<size_t>(p.groups) * p.ntiles;
+}
+
 cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* out, int64_t R, int64_t n, int64_t M,
                                 const float* w, int64_t K, const int32_t* v_words, const void* v_scale,
                                 const void* v_offset, const int32_t* u_words, const void* u_scale,
@@ -1345,7 +1399,7 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
   const Plan p = make_plan(R, n, M, J, P, num_sms, row_tile);
   const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
                            projs, spans, P);
-  const BaseArgs f{{}, {}, 0};
+  const BaseArgs f{{}, {}, 0, nullptr};
   return launch_any(dtype, p, x, y, out, R, n, M, w, K, b, f, workspace, pdl, stream);
 }
 
@@ -1355,15 +1409,15 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
                                      const int32_t* u_words, const void* u_scale, const void* u_offset,
                                      int64_t u_nwords, int64_t u_nparams, const float* s, const int32_t* rows,
                                      int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
-                                     float* workspace, int num_sms, bool pdl, cudaStream_t stream) {
+                                     float* workspace, int* ready, int num_sms, bool pdl, cudaStream_t stream) {
   if (R <= 0 || M <= 0) return cudaSuccess;
-  if (P < 1 || P > kMaxBaseProjs) return cudaErrorInvalidValue;
+  if (P < 1 || P > kMaxBaseProjs || (J > 0 && ready == nullptr)) return cudaErrorInvalidValue;
   const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
   const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
                            projs, spans, P);
   const size_t esize = dtype == 0 ? 4 : 2;
   bool vec = (n * esize) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  BaseArgs f{{}, {}, 0};
+  BaseArgs f{{}, {}, 0, ready};
   for (int64_t q = 0; q < P; ++q) {
     f.base[q] = base[q];
     f.base_rows[q] = static_cast<int>(base_rows[q]);

@@ -26,17 +26,21 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
                                 const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
                                 float* workspace, int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream);
 
+// int32 counters that delta_linear_base_launch needs for these shapes (0 for an empty bank).
+size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms);
+
 // The fused form: out (R, M) = x @ base^T (+ bias) + the bank's contribution, where base[p] (base_rows[p], n) of
 // `dtype` is projection p's base weight (P <= 8; their rows, in order, are the M outputs, which the projections cover
 // in the same order) and bias (M,) may be null. The base product runs in a kernel of its own beside the delta's
 // stages, accumulates in fp32 and is rounded once with the delta. Row tiles of up to 16 rows (the base weights are
-// read once per tile).
+// read once per tile). `ready` holds delta_linear_base_ready_ints() int32 counters that are zero when the call starts
+// (in stream order) and that it leaves zero: a buffer kept per stream, zeroed once (null only for an empty bank).
 cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const* base, const int64_t* base_rows,
                                      const void* bias, void* out, int64_t R, int64_t n, int64_t M, const float* w,
                                      int64_t K, const int32_t* v_words, const void* v_scale, const void* v_offset,
                                      const int32_t* u_words, const void* u_scale, const void* u_offset,
                                      int64_t u_nwords, int64_t u_nparams, const float* s, const int32_t* rows,
                                      int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
-                                     float* workspace, int num_sms, bool pdl, cudaStream_t stream);
+                                     float* workspace, int* ready, int num_sms, bool pdl, cudaStream_t stream);
 
 }  // namespace deltacomp

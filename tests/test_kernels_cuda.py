@@ -209,6 +209,46 @@ def test_base_product_empty_bank_and_graph_capture():
     assert rel_err(compiled(x2), base_delta_linear(x2, bank, [wt])) < 1e-6
 
 
+def test_base_product_counters_across_streams_and_graphs():
+    """The fused op hands its first stage's results on through counters that each call leaves zero: calls of growing
+    sizes, eager on two streams and replayed from two graphs in turn, all give the unfused result."""
+    banks = [DeltaBank.build([[random_module(m, 512, widths=ALL_WIDTHS, rank_per_group=r, seed=m)]]).to("cuda")
+             for m, r in ((256, 2), (640, 9))]
+    weights = [torch.randn(b.out_features[0], 512, device="cuda", dtype=torch.float16) / 23 for b in banks]
+    xs = [torch.randn(rows, 512, device="cuda", dtype=torch.float16) for rows in (1, 3)]
+
+    def calls():
+        return [torch.ops.deltacomp.delta_linear_base(x, [wt], None, torch.ones(x.shape[0], 1, device="cuda"),
+                                                     *bank.tensors()) for x in xs for bank, wt in zip(banks, weights)]
+
+    def unfused():
+        return [delta_linear(x, bank, x @ wt.T) for x in xs for bank, wt in zip(banks, weights)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs, outs = [], []
+    for _ in range(2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append(calls())
+        graphs.append(graph)
+    for step in range(3):
+        for x in xs:
+            x.copy_(torch.randn_like(x))
+        want = unfused()
+        side.wait_stream(torch.cuda.current_stream())
+        graphs[step % 2].replay()
+        with torch.cuda.stream(side):
+            side_outs = calls()
+        eager = calls()
+        torch.cuda.synchronize()
+        for got in (outs[step % 2], side_outs, eager):
+            assert max(rel_err(g, w) for g, w in zip(got, want)) < BOUND[torch.float16]
+
+
 def test_extension_checks_name_the_numbers():
     mod = random_module(64, 48, widths=ALL_WIDTHS[:3])
     bank = DeltaBank.build([[mod]]).to("cuda")
