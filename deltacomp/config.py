@@ -92,6 +92,7 @@ def format_schedule(schedule: tuple[tuple[int, int | None], ...]) -> str:
 GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
 ALLOCATIONS = ("auto", "optimal", "schedule")
 VECTOR_RANGES = ("mse", "minmax")
+CALIB_USES = ("both", "rounding", "allocation")
 NOISE_WEIGHT = 0.1  # --noise-weight of matrices compressed without calibration
 VOCAB_WEIGHTS = ("auto", "off", "counts", "head")  # how token tables are weighted (deltacomp.calib.frequency)
 
@@ -202,6 +203,7 @@ class Calibration:
     act_order: bool
     damp: float
     calib_shrink: float
+    calib_use: str
     sequential: bool
     seq_damp: float
 
@@ -215,6 +217,8 @@ class Calibration:
             raise DeltacompError(f"--damp must be in (0, 1] (a fraction of the mean Hessian diagonal), got {self.damp}")
         if not (_number(self.calib_shrink) and 0 <= self.calib_shrink <= 1):
             raise DeltacompError(f"--calib-shrink must be in [0, 1], got {self.calib_shrink}")
+        if self.calib_use not in CALIB_USES:
+            raise DeltacompError(f"--calib-use must be one of {', '.join(CALIB_USES)}, got {self.calib_use!r}")
         if not self.calib_field:
             raise DeltacompError("--calib-field must name a JSON field")
         if self.sequential and self.calib is None:
@@ -347,6 +351,9 @@ class CompressConfig:
                                   "+ a mean(diag H) I, for GPTQ, the allocation and the refit alike (0: as measured; "
                                   "1: every input direction alike). On two SmolLM2 fine-tunes at 0.5 bit per entry "
                                   "0.5 and 0.9 kept the answers further from the fine-tune than 0 (BENCHMARKS.md).")
+    calib_use: str = setting("both", "calibration", "What the calibration weighs: both (GPTQ rounding and the bit "
+                             "allocation), rounding (GPTQ; the allocation as without calibration) or allocation "
+                             "(the allocation; round-to-nearest).", choices=CALIB_USES)
     sequential: bool = setting(False, "calibration", "With --calib: fit each matrix on the inputs of the model "
                                "compressed so far (later layers absorb earlier errors). Measure it on your "
                                "pair: it cut the KL 26x on a sort-task fine-tune and raised it 3.8x on another "
@@ -362,11 +369,13 @@ class CompressConfig:
         "0.25 bit per entry, level at 0.5 (BENCHMARKS.md), about 1.5x the compress time. schedule: the fixed "
         "--schedule, the fastest (an explicit --schedule implies it). auto: optimal for mixed, the schedule for "
         "reference.", choices=ALLOCATIONS)
-    # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib, else 2,3,4,8
+    # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib (used for both), else
+    # 2,3,4,8
     allocation_bits: tuple[tuple[int, int], ...] | None = setting(
         None, "allocation", "Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector "
         "at U bits, V's at V). GPTQ absorbs much of V's error, so with --calib the default is "
-        f"{UV_ALLOCATION_BITS}; without, {PLAIN_ALLOCATION_BITS}.", type=str, parse=_allocation_bits)
+        f"{UV_ALLOCATION_BITS}; without (or with --calib-use other than both), {PLAIN_ALLOCATION_BITS}.", type=str,
+        parse=_allocation_bits)
     noise_weight: float | None = setting(
         None, "allocation", "--allocation optimal: the weight of a kept vector's rounding error against the error of "
         f"dropping a vector [default: {NOISE_WEIGHT} without calibration, 1 for calibrated matrices]. 1 counts both "
@@ -423,7 +432,7 @@ class CompressConfig:
 
     def __post_init__(self):
         if self.allocation_bits is None:
-            default = UV_ALLOCATION_BITS if self.calib else PLAIN_ALLOCATION_BITS
+            default = UV_ALLOCATION_BITS if self.calib and self.calib_use == "both" else PLAIN_ALLOCATION_BITS
             object.__setattr__(self, "allocation_bits", parse_bits(default))
         if self.schedule != DEFAULT_SCHEDULE:  # a schedule of one's own is the fixed allocation
             if self.allocation == "optimal":

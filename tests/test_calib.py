@@ -209,3 +209,31 @@ def test_compress_with_calibration_then_apply(pair, extra, request, tmp_path):
         # the weights only have to stay close
         got = out.read(name) - b.read(name)
         assert float((got - d).norm() / d.norm()) < 0.5, name
+
+
+def test_calib_use_splits_the_rounding_from_the_allocation(llama_tok, tmp_path):
+    """--calib-use rounding keeps the uncalibrated allocation's widths and changes only the rounding (GPTQ);
+    allocation keeps round-to-nearest at --group-size and lets the Hessian choose the widths."""
+    base, ft, _ = llama_tok
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_text(40))
+
+    def compress(name, *extra):
+        args = ["compress", str(base), str(ft), "-o", str(tmp_path / name), "--bits", "2", "--group-size", "32",
+                "--gptq-group-size", "32", "--allocation", "optimal", "--no-progress", *extra]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        pkg = DeltaPackage(tmp_path / name)
+        return pkg, {n: m for n, m in pkg.manifest["modules"].items() if m["action"] == "compress"}
+
+    plain, plain_mods = compress("plain")
+    rounded, rounded_mods = compress("rounding", "--calib", str(calib), "--calib-use", "rounding")
+    weighed, weighed_mods = compress("allocation", "--calib", str(calib), "--calib-use", "allocation",
+                                     "--group-size", "0")
+    assert {n: m["info"]["groups"] for n, m in rounded_mods.items()} == \
+        {n: m["info"]["groups"] for n, m in plain_mods.items()}
+    assert any(not torch.equal(reconstruct_delta(rounded, n), reconstruct_delta(plain, n)) for n in plain_mods)
+    assert all(m["info"]["calibrated"] for m in rounded_mods.values())
+    assert all(m["info"]["group_size"] == 0 and m["info"]["calibrated"] for m in weighed_mods.values())
+    assert {n: m["info"]["groups"] for n, m in weighed_mods.items()} != \
+        {n: m["info"]["groups"] for n, m in plain_mods.items()}

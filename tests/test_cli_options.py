@@ -62,5 +62,7 @@ def test_the_groups_are_frozen_configs_that_check_their_own_settings():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(DeltacompError, match="--calib-shrink must be in"):
             dataclasses.replace(config.groups.calibration, calib_shrink=bad)
+    with pytest.raises(DeltacompError, match="--calib-use must be one of both, rounding, allocation"):
+        dataclasses.replace(config.groups.calibration, calib_use="gptq")
     with pytest.raises(DeltacompError, match="use --allocation optimal"):
         dataclasses.replace(config.groups.allocation, budget_scope="model")

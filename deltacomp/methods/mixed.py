@@ -47,15 +47,22 @@ class Mixed(Method):
         gs = config.group_size if group_size is None else group_size
         return fill_schedule(shape[0], shape[1], config.bits, config.schedule, self.overhead(shape, config, gs))
 
+    @staticmethod
+    def hessians(config: CompressConfig, h: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The calibration Hessian ``h`` as the allocation and as the rounding (GPTQ) use it under ``--calib-use``
+        (None: as without calibration)."""
+        return (h if config.calib_use != "rounding" else None), (h if config.calib_use != "allocation" else None)
+
     def candidates(self, delta: torch.Tensor, config: CompressConfig, h: torch.Tensor | None = None,
                    share: float = 1.0) -> allocate.Candidates:
         """What ``--allocation optimal`` chooses from for ``delta (m, n)``, calibrated by ``h (n, n)`` if given;
         ``share`` > 1 keeps more vectors than the matrix's own budget affords (the model-scope first pass)."""
-        group_size = config.gptq_group_size if h is not None else config.group_size
-        return allocate.candidates(delta, config.bits, config.allocation_bits, group_size, h,
-                                   (config.act_order, config.damp), self.overhead(delta.shape, config, group_size),
-                                   share, config.device, config.svd, config.vector_range == "mse",
-                                   noise_weight(config, h is not None))
+        h_alloc, h_round = self.hessians(config, h)
+        group_size = config.gptq_group_size if h_round is not None else config.group_size
+        return allocate.candidates(delta, config.bits, config.allocation_bits, group_size, h_alloc,
+                                   (config.act_order, config.damp) if h_round is not None else None,
+                                   self.overhead(delta.shape, config, group_size), share, config.device, config.svd,
+                                   config.vector_range == "mse", noise_weight(config, h_alloc is not None))
 
     def check_budget(self, shape, config):
         config = self.resolve(config)
@@ -77,11 +84,12 @@ class Mixed(Method):
         (the target delta is not the one the plan's factors came from: its vectors are chosen again)."""
         config = self.resolve(config)
         h = context.hessian if context is not None else None
+        h_round = self.hessians(config, h)[1]
         plan = context.plan if context is not None else None
         w = context.row_weight if context is not None and plan is None else None
         m, n = delta.shape
         chosen_for = delta if w is None else delta * w.to(delta.device, torch.float32)[:, None]  # (m, n)
-        group_size = config.gptq_group_size if h is not None else config.group_size
+        group_size = config.gptq_group_size if h_round is not None else config.group_size
         allocated = None
         retargeted = context is not None and context.target is not None  # a sequential fit: not the plan's delta
         if plan is not None and not retargeted:
@@ -97,7 +105,7 @@ class Mixed(Method):
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
         v_rows = None  # with the allocation's candidates, V as it rounded them: not quantized again
-        if allocated is not None and allocated.v_rows:
+        if allocated is not None and allocated.v_rows and h_round is None:
             v_rows = allocate.chosen_rows(allocated.v_rows, bits, order)
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
@@ -105,8 +113,8 @@ class Mixed(Method):
             u, s = factors.unit_columns(delta.to(v.device) @ v)  # (m, r), (r,)
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
-        refit = config.refit if config.refit is not None else h is not None  # default: refit under GPTQ only
-        fg = factors.quantize(delta, u, s, v, groups, group_size, refit, h, config.act_order, config.damp,
+        refit = config.refit if config.refit is not None else h_round is not None  # default: refit under GPTQ only
+        fg = factors.quantize(delta, u, s, v, groups, group_size, refit, h_round, config.act_order, config.damp,
                               clip=config.vector_range == "mse", v_rows=v_rows)
         tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
         factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
