@@ -406,6 +406,15 @@ std::vector<float> dense_weights(int R, int K, uint32_t seed, bool some_zero) {
   return w;
 }
 
+// Llama-7B-shaped banks: about 1 bit per weight entry (2 rank rows at 8 bits, 32 at 3 bits, the rest at 2 bits).
+std::vector<Group> llama_groups(int m, int n) {
+  const double entries = static_cast<double>(m) * n;
+  const double per_rank2 = 2.0 * (m + n);  // bits per 2-bit rank row
+  const double budget = entries - 2 * 8.0 * (m + n) - 32 * 3.0 * (m + n);
+  const int r2 = std::max(0, static_cast<int>(budget / per_rank2));
+  return {{8, 8, 2}, {3, 3, 32}, {2, 2, r2}};
+}
+
 void correctness() {
   const int widths[5] = {1, 2, 3, 4, 8};
   std::vector<Group> all_pairs;  // every (V bits, U bits) pair, 2 rank rows each
@@ -519,6 +528,13 @@ void correctness() {
              run_case(b3, R, 2, dense_weights(R, 3, R, true), 17 * R, 0.1f, 0, false, 0, true));
     report("fused base product, graph-captured", b3, 1, 1,
            run_case(b3, 1, 1, dense_weights(1, 3, 1, false), 19, 0.1f, 0, true, 0, true));
+    // One row at Llama-like scale (two claims of stage 1's rows per CTA, several waves of CTAs), twice in a row.
+    std::vector<std::vector<std::vector<Group>>> big(2, std::vector<std::vector<Group>>(1));
+    big[0][0] = llama_groups(4096, 4096), big[1][0] = llama_groups(1024, 4096);
+    const Bank b5 = build_bank(4096, {4096, 1024}, 1, big, {128}, 25);
+    for (int rep = 0; rep < 2; ++rep)
+      report("fused base product, one row, Llama-sized", b5, 1, 2,
+             run_case(b5, 1, 2, dense_weights(1, 1, 1, false), 31 + rep, 0.1f, 0, false, 0, true));
     std::vector<std::vector<std::vector<Group>>> none(2, std::vector<std::vector<Group>>(1));
     const Bank b4 = build_bank(256, {300, 64}, 1, none, {0}, 24);
     report("fused base product, empty bank", b4, 2, 2,
@@ -535,14 +551,6 @@ void correctness() {
   }
 }
 
-// Llama-7B-shaped banks: about 1 bit per weight entry (2 rank rows at 8 bits, 32 at 3 bits, the rest at 2 bits).
-std::vector<Group> llama_groups(int m, int n) {
-  const double entries = static_cast<double>(m) * n;
-  const double per_rank2 = 2.0 * (m + n);  // bits per 2-bit rank row
-  const double budget = entries - 2 * 8.0 * (m + n) - 32 * 3.0 * (m + n);
-  const int r2 = std::max(0, static_cast<int>(budget / per_rank2));
-  return {{8, 8, 2}, {3, 3, 32}, {2, 2, r2}};
-}
 
 void bench() {
   struct Case { const char* name; int n; std::vector<int> outs; int deltas; };
@@ -614,7 +622,9 @@ void fused_bench() {
     float* dw = to_device(std::vector<float>{1.f});
     const int64_t J = static_cast<int64_t>(b.s.size());
     float* ws = nullptr;
-    CHECK_CUDA(cudaMalloc(&ws, delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true) * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&ws, std::max(delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true),
+                                        delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, false)) *
+                                   sizeof(float)));
     int* ready = ready_buffer(delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms));
     const auto call = [&](int i, int mode) {  // 0 fused, 1 fused with an empty bank, 2 the delta op alone
       const DeviceBank& d = mode == 1 ? empty : *banks[i];

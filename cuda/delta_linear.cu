@@ -24,6 +24,8 @@
 //                     beside the delta's stages, which are few CTAs (two per SM each), without waiting (but for its
 //                     last CTA).
 //   4. finish_kernel  out = bias + the base planes + stage 2's planes (stage 2 then only stores planes).
+// At one token row (a decode step) the fused form is instead a single kernel, row_kernel (its section below): each
+// CTA computes a slice of the outputs, base product and delta, and stage 1's rank rows are shared out at run time.
 // On sm_90 the kernels are launched with programmatic dependent launch: each kernel's prologue (the bank's metadata,
 // its first packed words and, with a single delta, stage 1 asking L2 for all of stage 2's factor) overlaps the tail of
 // the kernel ahead of it, and nothing produced by an earlier kernel is read before griddepcontrol.wait.
@@ -39,6 +41,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -1147,6 +1150,370 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const FinishArgs a) {
 }
 
 // ------------------------------------------------------------------------------------------------------------------
+// The fused form at one token row: one kernel
+// ------------------------------------------------------------------------------------------------------------------
+//
+// A decode step's call (R == 1) runs as a single kernel, `row_kernel`, with no intermediate grid. CTA i owns a slice
+// of W = 8 * NO consecutive outputs of one projection (inside one 32-code block of its U rows; W is 16 or 32) and:
+//   1. before griddepcontrol.wait (the bank and the base weights only, which are immutable): asks L2 for the first
+//      kRowPrefetch bytes of each of its base weight rows and, with one delta, for its share of U;
+//   2. stages x in shared memory as float, in 32-float blocks padded to 36 (conflict-free float4 reads for both uses);
+//   3. takes rank rows of stage 1 from a ticket (ready[0], kWarps at a time: one per warp) until none are left, and
+//      for each writes c[j] = s[j] * w[delta(j)] * sum_k x[k] V[j, k] (0 for a row whose delta has weight 0, whose
+//      V is not read) and counts them done in ready[1] after a fence;
+//   4. computes its base outputs, NO weight rows per warp over the whole input (kRowLoads 16-byte loads in flight per
+//      lane);
+//   5. waits until ready[1] == J, adds c[j] * U[j, slice] over the rank rows of the deltas in use (a thread per rank
+//      row, kRowBatch at a time; the warps' sums meet in shared memory) and writes out = bias + base + delta,
+//      rounded once;
+//   6. counts itself in ready[2]; the last CTA zeroes ready[0..2] for the next call.
+// Rank rows are claimed at run time rather than by CTA index: a CTA waits only after every row has been claimed, and
+// rows are claimed by running CTAs that complete them before waiting for anything, so the wait ends whatever the
+// residency (grids of several calls on several streams included). Counters are touched only after
+// griddepcontrol.wait, when the grid of the call before on the stream (which zeroed them) has completed.
+
+constexpr int kRowPad = 36;                 // floats per staged 32-element block of x
+constexpr int kRowLoads = 8;                // base product: 16-byte weight loads in flight per lane
+constexpr int kRowBatch = 4;                // expansion: rank rows a thread loads at once
+constexpr int kRowPrefetch = 2048;          // base product: bytes of each weight row asked of L2 before the wait
+constexpr int kRowMaxN = 20480;             // longest input it stages (80 KB: any sm_80+ GPU); longer: the tiled path
+constexpr int kRowCounters = 4;             // ready[0] ticket, [1] rows done, [2] CTAs done (int32, padded)
+
+__host__ __device__ constexpr int row_x_floats(int n) { return (n + 31) / 32 * kRowPad; }
+__host__ __device__ constexpr int row_slice(int no) { return no * kWarps; }
+
+struct RowArgs {
+  const void* x;                          // (1, n) scalar_t
+  int n, M, P, K, vec;                    // vec: x and every weight row 16-byte aligned
+  const void* weight[kMaxBaseProjs];      // projection p's base weight (outputs [end[p - 1], end[p]))
+  int end[kMaxBaseProjs];
+  int slice_end[kMaxBaseProjs];           // CTAs [slice_end[p - 1], slice_end[p]) own projection p's slices
+  const void* bias;                       // (M,) or null
+  void* out;                              // (1, M)
+  const float* w;                         // (1, K) gate weights
+  const int32_t* v_words;
+  const __half *v_scale, *v_offset;
+  const int32_t* u_words;
+  const __half *u_scale, *u_offset;
+  const float* s;
+  const int32_t *rows, *projs, *spans;
+  int J, u_nwords, u_nparams;
+  float* c;                               // (J,) workspace: stage 1's c values
+  int* ready;                             // kRowCounters, zero at the start of the call (null without rank rows)
+};
+
+// Stage 1 for one rank row of width BITS, one warp: sum_k x[k] V[j, k] (lane l takes blocks l, l + 32, ...; 4 blocks'
+// words in flight), summed over the warp.
+template <int BITS>
+__device__ __forceinline__ float row_shrink(const int32_t* __restrict__ row, const __half* __restrict__ scale,
+                                            const __half* __restrict__ offset, int poff, int gp,
+                                            const float* __restrict__ xs, int nblk, int lane) {
+  constexpr int NB = 4;
+  float acc = 0.f;
+  for (int b0 = lane; b0 < nblk; b0 += 32 * NB) {
+    uint32_t v[NB][BITS], pr[NB];
+#pragma unroll
+    for (int u = 0; u < NB; ++u) {
+      const int bi = b0 + 32 * u;
+      pr[u] = 0u;
+#pragma unroll
+      for (int q = 0; q < BITS; ++q) v[u][q] = 0u;
+      if (bi < nblk) {
+        load_lane_words<BITS, 32>(row + bi * BITS, 0, v[u]);
+        pr[u] = load_param_pair(scale, offset, poff + group_index(bi * 32, gp));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < NB; ++u) {
+      const int bi = b0 + 32 * u;
+      if (bi >= nblk) break;
+      float mul, add;
+      expand_param_pair<BITS>(pr[u], mul, add);
+      const float* xb = xs + bi * kRowPad;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        float xv[4];
+        load_vec<4>(xb + 4 * q, xv);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc = __fmaf_rn(__fmaf_rn(unit_code<BITS>(v[u], BITS * (4 * q + e)), mul, add), xv[e], acc);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 16; m >= 1; m /= 2) acc += __shfl_xor_sync(kFullMask, acc, m);
+  return acc;
+}
+
+// NO weight rows' dot products with the staged x over all n inputs, summed over the warp (in every lane).
+template <typename scalar_t, int NO>
+__device__ __forceinline__ void row_dot(float (&acc)[NO], const scalar_t* const (&w)[NO], int nw,
+                                        const float* __restrict__ xs, int n, bool vec, int lane) {
+  constexpr int VEC = 16 / sizeof(scalar_t), U = kRowLoads / NO, STEP = 32 * VEC;
+  static_assert(kRowLoads % NO == 0, "whole loads per row in flight");
+#pragma unroll
+  for (int i = 0; i < NO; ++i) acc[i] = 0.f;
+  if (vec) {
+    for (int k0 = lane * VEC; k0 < n; k0 += U * STEP) {
+      uint4 ld[NO][U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + u * STEP;
+#pragma unroll
+        for (int i = 0; i < NO; ++i)
+          ld[i][u] = k < n && i < nw ? __ldg(reinterpret_cast<const uint4*>(w[i] + k)) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + u * STEP;
+        if (k >= n) break;
+        float xv[VEC];
+        load_vec<VEC>(xs + (k >> 5) * kRowPad + (k & 31), xv);
+#pragma unroll
+        for (int i = 0; i < NO; ++i) {
+          float f[VEC];
+          unpack16<scalar_t>(ld[i][u], f);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[i] = __fmaf_rn(f[e], xv[e], acc[i]);
+        }
+      }
+    }
+  } else {
+    for (int k = lane; k < n; k += 32) {
+      const float xv = xs[(k >> 5) * kRowPad + (k & 31)];
+#pragma unroll
+      for (int i = 0; i < NO; ++i) acc[i] = __fmaf_rn(i < nw ? load_f32(w[i] + k) : 0.f, xv, acc[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NO; ++i)
+#pragma unroll
+    for (int m = 16; m >= 1; m /= 2) acc[i] += __shfl_xor_sync(kFullMask, acc[i], m);
+}
+
+// The words of a W-output slice (codes q0 .. q0 + W of a block, q0 a multiple of W) of a U row of width BITS, into
+// raw[0 .. lane_words) (runtime width: one case per width in row_expand_batch).
+template <int BITS, int W>
+__device__ __forceinline__ void row_load_slice(const int32_t* __restrict__ blk, int q0, uint32_t (&raw)[8]) {
+  uint32_t v[lane_words<BITS, W>()];
+  load_lane_words<BITS, W>(blk, q0, v);
+#pragma unroll
+  for (int q = 0; q < lane_words<BITS, W>(); ++q) raw[q] = v[q];
+}
+
+template <int BITS, int W>
+__device__ __forceinline__ void row_add_slice(float (&acc)[W], const uint32_t (&raw)[8], int q0, uint32_t pair,
+                                              float c) {
+  uint32_t v[lane_words<BITS, W>()];
+#pragma unroll
+  for (int q = 0; q < lane_words<BITS, W>(); ++q) v[q] = raw[q];
+  align_lane_words<BITS, W>(v, q0);
+  float mul, add;
+  expand_param_pair<BITS>(pair, mul, add);
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] = __fmaf_rn(c, __fmaf_rn(unit_code<BITS>(v, BITS * e), mul, add), acc[e]);
+}
+
+// Rank rows j = jb + i * kThreads (i < kRowBatch, j < hi) of the slice at block bi, codes q0 .. q0 + W: metadata and
+// c values, then every row's words and parameters, then the sums.
+template <int W>
+__device__ __forceinline__ void row_expand_batch(float (&acc)[W], const RowArgs& a, int jb, int hi, int bi, int q0) {
+  int bits[kRowBatch], woff[kRowBatch], poff[kRowBatch], gp[kRowBatch];
+  float cv[kRowBatch];
+#pragma unroll
+  for (int i = 0; i < kRowBatch; ++i) {
+    const int j = jb + i * kThreads;
+    bits[i] = 0, woff[i] = 0, poff[i] = 0, gp[i] = 31, cv[i] = 0.f;
+    if (j < hi) {
+      const int32_t* rw = a.rows + static_cast<size_t>(j) * 8;
+      bits[i] = __ldg(rw + 3), woff[i] = __ldg(rw + 4), poff[i] = __ldg(rw + 5), gp[i] = group_code(__ldg(rw + 7));
+      cv[i] = __ldcg(a.c + j);  // written by other CTAs during this call: not through L1
+    }
+  }
+  uint32_t raw[kRowBatch][8], pair[kRowBatch];
+#pragma unroll
+  for (int i = 0; i < kRowBatch; ++i) {
+    pair[i] = 0u;
+    if (cv[i] == 0.f) bits[i] = 0;  // an inactive row (or a zero sum) adds nothing: its words are not read
+    const int32_t* blk = a.u_words + woff[i] + bi * bits[i];
+    switch (bits[i]) {
+      case 1: row_load_slice<1, W>(blk, q0, raw[i]); break;
+      case 2: row_load_slice<2, W>(blk, q0, raw[i]); break;
+      case 3: row_load_slice<3, W>(blk, q0, raw[i]); break;
+      case 4: row_load_slice<4, W>(blk, q0, raw[i]); break;
+      case 8: row_load_slice<8, W>(blk, q0, raw[i]); break;
+      default: bits[i] = 0; break;
+    }
+    if (bits[i] != 0) pair[i] = load_param_pair(a.u_scale, a.u_offset, poff[i] + group_index(bi * 32, gp[i]));
+  }
+#pragma unroll
+  for (int i = 0; i < kRowBatch; ++i) {
+    switch (bits[i]) {
+      case 1: row_add_slice<1, W>(acc, raw[i], q0, pair[i], cv[i]); break;
+      case 2: row_add_slice<2, W>(acc, raw[i], q0, pair[i], cv[i]); break;
+      case 3: row_add_slice<3, W>(acc, raw[i], q0, pair[i], cv[i]); break;
+      case 4: row_add_slice<4, W>(acc, raw[i], q0, pair[i], cv[i]); break;
+      case 8: row_add_slice<8, W>(acc, raw[i], q0, pair[i], cv[i]); break;
+      default: break;
+    }
+  }
+}
+
+// Selects (without dynamic parameter indexing) projection p's weight pointer and output range.
+__device__ __forceinline__ void row_projection(const RowArgs& a, int slice, int& p, const void*& weight, int& lo) {
+  p = 0, weight = a.weight[0], lo = 0;
+#pragma unroll
+  for (int q = 1; q < kMaxBaseProjs; ++q)
+    if (q < a.P && slice >= a.slice_end[q - 1]) p = q, weight = a.weight[q], lo = a.end[q - 1];
+}
+
+// grid (slices), block kThreads, dynamic shared memory row_x_floats(n) floats. See above.
+template <typename scalar_t, int NO>
+__global__ void __launch_bounds__(kThreads, 2) row_kernel(const RowArgs a) {
+  constexpr int W = row_slice(NO);
+  extern __shared__ __align__(16) float xs[];
+  __shared__ float red[kWarps][W];
+  __shared__ float base[W];
+  __shared__ int ticket;
+  allow_next_grid();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int p, out_lo;
+  const void* weight;
+  row_projection(a, blockIdx.x, p, weight, out_lo);
+  const int first = p > 0 ? a.slice_end[p - 1] : 0;
+  const int plen = a.end[p] - out_lo;            // the projection's outputs
+  const int o0 = (blockIdx.x - first) * W;       // the slice's first, within the projection
+  const int ob = o0 + warp * NO, nw = min(NO, plen - ob);
+
+  // 1. The bank and the weights (immutable): requested before the kernels ahead have finished.
+  const scalar_t* wr[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i)
+    wr[i] = static_cast<const scalar_t*>(weight) + static_cast<size_t>(ob + (i < nw ? i : 0)) * a.n;
+  {
+    const int lines = (min(a.n * static_cast<int>(sizeof(scalar_t)), kRowPrefetch) + 127) / 128;
+#pragma unroll
+    for (int i = 0; i < NO; ++i)
+      for (int l = lane; l < lines && i < nw; l += 32)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(wr[i]) + l * 128));
+  }
+  int j_start = 0, j_end = 0, ulen = 0;
+  if (a.J > 0) {
+    j_start = max(0, __ldg(a.projs + 4 * p)), j_end = min(a.J, __ldg(a.projs + 4 * p + 1));
+    ulen = __ldg(a.projs + 4 * p + 3);
+    if (a.K == 1) {
+      prefetch_share_l2(a.u_words, static_cast<size_t>(a.u_nwords) * 4, blockIdx.x, gridDim.x);
+      prefetch_share_l2(a.u_scale, static_cast<size_t>(a.u_nparams) * 2, blockIdx.x, gridDim.x);
+      prefetch_share_l2(a.u_offset, static_cast<size_t>(a.u_nparams) * 2, blockIdx.x, gridDim.x);
+    }
+  }
+  wait_prior_grids();
+
+  // 2. x, and the first claim of stage 1's rank rows (its answer travels with x's loads).
+  if (threadIdx.x == 0 && a.J > 0) ticket = atomicAdd(a.ready, kWarps);
+  const int nblk = (a.n + 31) / 32;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x);
+  if (a.vec) {
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    for (int i = threadIdx.x; i < a.n / VEC; i += kThreads) {
+      float f[VEC];
+      unpack16<scalar_t>(__ldg(reinterpret_cast<const uint4*>(x) + i), f);
+      const int k = i * VEC;
+      store_vec<VEC>(xs + (k >> 5) * kRowPad + (k & 31), f);
+    }
+    for (int k = a.n + threadIdx.x; k < nblk * 32; k += kThreads) xs[(k >> 5) * kRowPad + (k & 31)] = 0.f;
+  } else {
+    for (int k = threadIdx.x; k < nblk * 32; k += kThreads)
+      xs[(k >> 5) * kRowPad + (k & 31)] = k < a.n ? load_f32(x + k) : 0.f;
+  }
+  __syncthreads();
+
+  // 3. Stage 1: kWarps rank rows per claim, one per warp.
+  for (int j0 = a.J > 0 ? ticket : a.J; j0 < a.J;) {
+    const int j = j0 + warp;
+    if (j < a.J) {
+      const int32_t* rw = a.rows + static_cast<size_t>(j) * 8;
+      const int vb = __ldg(rw), woff = __ldg(rw + 1), poff = __ldg(rw + 2), delta = __ldg(rw + 6);
+      const int gp = group_code(__ldg(rw + 7));
+      const float sj = __ldg(a.s + j);
+      const float wt = delta >= 0 && delta < a.K ? __ldg(a.w + delta) : 0.f;
+      float t = 0.f;
+      if (wt != 0.f) {
+        const int32_t* row = a.v_words + woff;
+        switch (vb) {
+          case 1: t = row_shrink<1>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
+          case 2: t = row_shrink<2>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
+          case 3: t = row_shrink<3>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
+          case 4: t = row_shrink<4>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
+          case 8: t = row_shrink<8>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
+          default: break;  // not a valid width: the row adds nothing
+        }
+      }
+      if (lane == 0) a.c[j] = wt != 0.f && valid_bits(vb) ? t * sj * wt : 0.f;
+    }
+    __threadfence();  // c is visible device-wide before the count says so
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      atomicAdd(a.ready + 1, min(kWarps, a.J - j0));
+      ticket = atomicAdd(a.ready, kWarps);
+    }
+    __syncthreads();
+    j0 = ticket;
+    __syncthreads();  // every thread has read the ticket before the next claim overwrites it
+  }
+
+  // 4. The base product.
+  {
+    float acc[NO];
+    if (nw > 0) row_dot<scalar_t, NO>(acc, wr, nw, xs, a.n, a.vec != 0, lane);
+    if (lane == 0)
+#pragma unroll
+      for (int i = 0; i < NO; ++i) base[warp * NO + i] = nw > i ? acc[i] : 0.f;
+  }
+
+  // 5. The delta on this slice, once every c is written.
+  float acc[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] = 0.f;
+  if (a.J > 0) {
+    if (threadIdx.x == 0) await_count(a.ready + 1, a.J);
+    __syncthreads();
+    if (o0 < ulen) {
+      const int bi = o0 >> 5, q0 = o0 & 31;
+      const int32_t* spans = a.spans + static_cast<size_t>(p) * (a.K + 1);
+      for (int d = 0; d < a.K; ++d) {  // the rank rows of each delta in use
+        int lo = j_start, hi = j_end;
+        if (a.K > 1) {
+          if (__ldg(a.w + d) == 0.f) continue;
+          lo = max(j_start, __ldg(spans + d)), hi = min(j_end, __ldg(spans + d + 1));
+        }
+        for (int jb = lo + threadIdx.x; jb < hi; jb += kThreads * kRowBatch) row_expand_batch<W>(acc, a, jb, hi, bi, q0);
+      }
+    }
+  }
+  warp_reduce_scatter<W, 16>(acc, lane);  // W == 32: lane l holds output l; W == 16: lanes 2i and 2i + 1 output i
+  if (W == 32 || (lane & 1) == 0) red[warp][W == 32 ? lane : lane >> 1] = acc[0];
+  __syncthreads();
+  if (threadIdx.x < W && o0 + static_cast<int>(threadIdx.x) < plen) {
+    const int o = out_lo + o0 + threadIdx.x;
+    float v = base[threadIdx.x];
+#pragma unroll
+    for (int q = 0; q < kWarps; ++q) v += red[q][threadIdx.x];
+    const float b0 = a.bias != nullptr ? load_f32(static_cast<const scalar_t*>(a.bias) + o) : 0.f;
+    store_f32(static_cast<scalar_t*>(a.out) + o, b0 + v);
+  }
+
+  // 6. The last CTA zeroes the counters (every CTA's last use of them comes before its count).
+  if (a.ready != nullptr && threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(a.ready + 2, 1) == static_cast<int>(gridDim.x) - 1) {
+      __threadfence();
+      a.ready[0] = 0, a.ready[1] = 0, a.ready[2] = 0;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
 // Host planning and launch
 // ------------------------------------------------------------------------------------------------------------------
 
@@ -1373,6 +1740,43 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
               static_cast<int>(u_nparams)};
 }
 
+// The one-row kernel takes a call of one token row whose x fits in shared memory.
+bool row_path(int64_t R, int64_t n) { return R == 1 && n <= kRowMaxN; }
+
+// Slices of W outputs per projection; CTA i takes slice i.
+template <typename scalar_t, int NO>
+cudaError_t launch_row_typed(RowArgs a, bool pdl, cudaStream_t stream) {
+  constexpr int W = row_slice(NO);
+  int slices = 0;
+  for (int q = 0, lo = 0; q < kMaxBaseProjs; ++q) {
+    slices += q < a.P ? ceil_div(a.end[q] - lo, W) : 0;
+    a.slice_end[q] = slices;
+    lo = a.end[q];
+  }
+  if (slices == 0) return cudaSuccess;
+  // Shared memory past 48 KB is opted into once per device and instantiation (the largest size so far).
+  const int smem = row_x_floats(a.n) * static_cast<int>(sizeof(float));
+  static std::atomic<int> allowed[64];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (smem > 48 * 1024 && (device >= 64 || allowed[device].load() < smem)) {
+    err = cudaFuncSetAttribute(row_kernel<scalar_t, NO>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    if (device < 64) allowed[device].store(smem);
+  }
+  return launch_kernel(row_kernel<scalar_t, NO>, dim3(slices), smem, pdl, stream, a);
+}
+
+// Slices of 32 outputs when they fill the GPU twice, else of 16 (more CTAs streaming the base weights).
+template <typename scalar_t>
+cudaError_t launch_row(const RowArgs& a, int num_sms, bool pdl, cudaStream_t stream) {
+  int64_t wide = 0;
+  for (int q = 0, lo = 0; q < a.P; lo = a.end[q], ++q) wide += ceil_div(a.end[q] - lo, row_slice(4));
+  if (wide >= 2 * static_cast<int64_t>(num_sms)) return launch_row_typed<scalar_t, 4>(a, pdl, stream);
+  return launch_row_typed<scalar_t, 2>(a, pdl, stream);
+}
+
 }  // namespace
 
 // The entry points (documented in delta_linear.h).
@@ -1380,11 +1784,13 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
                                      int64_t row_tile, bool fused) {
   if (R <= 0 || M <= 0) return 0;
+  if (fused && row_path(R, n)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
 size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
   if (R <= 0 || M <= 0 || J <= 0) return 0;
+  if (row_path(R, n)) return kRowCounters;
   const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
   return static_cast<size_t>(p.groups) * p.ntiles;
 }
@@ -1412,16 +1818,55 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
                                      float* workspace, int* ready, int num_sms, bool pdl, cudaStream_t stream) {
   if (R <= 0 || M <= 0) return cudaSuccess;
   if (P < 1 || P > kMaxBaseProjs || (J > 0 && ready == nullptr)) return cudaErrorInvalidValue;
+  const size_t esize = dtype == 0 ? 4 : 2;
+  bool vec = (n * esize) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  for (int64_t q = 0; q < P; ++q) vec = vec && reinterpret_cast<uintptr_t>(base[q]) % 16 == 0;
+  if (row_path(R, n)) {
+    RowArgs a{x,
+              static_cast<int>(n),
+              static_cast<int>(M),
+              static_cast<int>(P),
+              static_cast<int>(K),
+              vec ? 1 : 0,
+              {},
+              {},
+              {},
+              bias,
+              out,
+              w,
+              v_words,
+              static_cast<const __half*>(v_scale),
+              static_cast<const __half*>(v_offset),
+              u_words,
+              static_cast<const __half*>(u_scale),
+              static_cast<const __half*>(u_offset),
+              s,
+              rows,
+              projs,
+              spans,
+              static_cast<int>(J),
+              static_cast<int>(u_nwords),
+              static_cast<int>(u_nparams),
+              workspace,
+              J > 0 ? ready : nullptr};
+    for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
+      end += q < P ? static_cast<int>(base_rows[q]) : 0;
+      a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;
+    }
+    switch (dtype) {
+      case 0: return launch_row<float>(a, num_sms, pdl, stream);
+      case 1: return launch_row<__half>(a, num_sms, pdl, stream);
+      case 2: return launch_row<__nv_bfloat16>(a, num_sms, pdl, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
   const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
                            projs, spans, P);
-  const size_t esize = dtype == 0 ? 4 : 2;
-  bool vec = (n * esize) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   BaseArgs f{{}, {}, 0, ready};
   for (int64_t q = 0; q < P; ++q) {
     f.base[q] = base[q];
     f.base_rows[q] = static_cast<int>(base_rows[q]);
-    vec = vec && reinterpret_cast<uintptr_t>(base[q]) % 16 == 0;
   }
   f.base_vec = vec ? 1 : 0;
   return launch_any(dtype, p, x, bias, out, R, n, M, w, K, b, f, workspace, pdl, stream);

@@ -31,9 +31,9 @@ size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, 
 
 // The fused form: out (R, M) = x @ base^T (+ bias) + the bank's contribution, where base[p] (base_rows[p], n) of
 // `dtype` is projection p's base weight (P <= 8; their rows, in order, are the M outputs, which the projections cover
-// in the same order) and bias (M,) may be null. The base product runs in a kernel of its own beside the delta's
-// stages, accumulates in fp32 and is rounded once with the delta. Row tiles of up to 16 rows (the base weights are
-// read once per tile). `ready` holds delta_linear_base_ready_ints() int32 counters that are zero when the call starts
+// in the same order) and bias (M,) may be null. The base product accumulates in fp32 and is rounded once with the
+// delta. At one row (inputs of at most 20480) one kernel computes both; otherwise the base product runs in a kernel
+// of its own beside the delta's stages, in row tiles of up to 16 rows (the base weights are read once per tile). `ready` holds delta_linear_base_ready_ints() int32 counters that are zero when the call starts
 // (in stream order) and that it leaves zero: a buffer kept per stream, zeroed once (null only for an empty bank).
 cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const* base, const int64_t* base_rows,
                                      const void* bias, void* out, int64_t R, int64_t n, int64_t M, const float* w,
