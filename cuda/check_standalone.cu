@@ -5,6 +5,7 @@
 //   ./check_delta_linear           correctness sweep against a float64 CPU reference (needs a GPU)
 //   ./check_delta_linear --bench   timings on Llama-7B-shaped banks
 //   ./check_delta_linear --fused   the fused form (base product + delta) per call on those banks, 1 row
+//   ./check_delta_linear --fused-cases   the correctness sweep's fused-form cases only
 //
 // Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
 // deltacomp/quant/packing.py). Before every launch the output and the workspace are filled with NaN, so an output
@@ -415,11 +416,50 @@ std::vector<Group> llama_groups(int m, int n) {
   return {{8, 8, 2}, {3, 3, 32}, {2, 2, r2}};
 }
 
+// Every (V bits, U bits) pair, 2 rank rows each.
+std::vector<Group> all_width_pairs() {
+  std::vector<Group> pairs;
+  for (int vb : {1, 2, 3, 4, 8})
+    for (int ub : {1, 2, 3, 4, 8}) pairs.push_back({vb, ub, 2});
+  return pairs;
+}
+
+// The fused op (base product and delta): every width pair on odd shapes (rows of 33 elements take the scalar path),
+// gated projections with three deltas, one row at Llama scale, and an empty bank (the base product alone).
+void fused_cases() {
+  const std::vector<Group> all_pairs = all_width_pairs();
+  const Bank b1 = build_bank(1535, {576}, 1, {{all_pairs}}, {128}, 21);
+  const Bank b2 = build_bank(33, {192}, 1, {{all_pairs}}, {0}, 22);
+  for (const Bank* b : {&b1, &b2})
+    for (int R : {1, 3, 16, 33})
+      for (int dtype = 0; dtype < 3; ++dtype)
+        report("fused base product, all width pairs", *b, R, dtype,
+               run_case(*b, R, dtype, dense_weights(R, 1, R, false), 13 * R + dtype, 0.1f, 0, false, 0, true));
+  std::vector<std::vector<std::vector<Group>>> table(3, std::vector<std::vector<Group>>(3));
+  table[0][0] = {{8, 8, 2}, {2, 2, 40}};
+  table[0][2] = {{4, 4, 3}, {2, 1, 20}};
+  table[2][1] = {{3, 2, 7}, {1, 1, 30}};
+  const Bank b3 = build_bank(1024, {512, 256, 700}, 3, table, {0, 128, 32}, 23);
+  for (int R : {1, 5})
+    report("fused base product, 3 projections, 3 deltas", b3, R, 2,
+           run_case(b3, R, 2, dense_weights(R, 3, R, true), 17 * R, 0.1f, 0, false, 0, true));
+  report("fused base product, graph-captured", b3, 1, 1,
+         run_case(b3, 1, 1, dense_weights(1, 3, 1, false), 19, 0.1f, 0, true, 0, true));
+  // One row at Llama-like scale (two claims of stage 1's rows per CTA, several waves of CTAs), twice in a row.
+  std::vector<std::vector<std::vector<Group>>> big(2, std::vector<std::vector<Group>>(1));
+  big[0][0] = llama_groups(4096, 4096), big[1][0] = llama_groups(1024, 4096);
+  const Bank b5 = build_bank(4096, {4096, 1024}, 1, big, {128}, 25);
+  for (int rep = 0; rep < 2; ++rep)
+    report("fused base product, one row, Llama-sized", b5, 1, 2,
+           run_case(b5, 1, 2, dense_weights(1, 1, 1, false), 31 + rep, 0.1f, 0, false, 0, true));
+  std::vector<std::vector<std::vector<Group>>> none(2, std::vector<std::vector<Group>>(1));
+  const Bank b4 = build_bank(256, {300, 64}, 1, none, {0}, 24);
+  report("fused base product, empty bank", b4, 2, 2,
+         run_case(b4, 2, 2, dense_weights(2, 1, 2, false), 29, 0.1f, 0, false, 0, true));
+}
+
 void correctness() {
-  const int widths[5] = {1, 2, 3, 4, 8};
-  std::vector<Group> all_pairs;  // every (V bits, U bits) pair, 2 rank rows each
-  for (int vb : widths)
-    for (int ub : widths) all_pairs.push_back({vb, ub, 2});
+  const std::vector<Group> all_pairs = all_width_pairs();
 
   // 1. One delta, one projection, every width pair; ragged lengths, every group size, many row counts and dtypes.
   struct Shape { int n, m; };
@@ -508,38 +548,8 @@ void correctness() {
     }
   }
 
-  // 5. The fused op (base product beside the delta's kernels): every width pair on odd shapes (rows of 33 elements
-  //    take the scalar path), gated projections with three deltas, and an empty bank (the base product alone).
-  {
-    const Bank b1 = build_bank(1535, {576}, 1, {{all_pairs}}, {128}, 21);
-    const Bank b2 = build_bank(33, {192}, 1, {{all_pairs}}, {0}, 22);
-    for (const Bank* b : {&b1, &b2})
-      for (int R : {1, 3, 16, 33})
-        for (int dtype = 0; dtype < 3; ++dtype)
-          report("fused base product, all width pairs", *b, R, dtype,
-                 run_case(*b, R, dtype, dense_weights(R, 1, R, false), 13 * R + dtype, 0.1f, 0, false, 0, true));
-    std::vector<std::vector<std::vector<Group>>> table(3, std::vector<std::vector<Group>>(3));
-    table[0][0] = {{8, 8, 2}, {2, 2, 40}};
-    table[0][2] = {{4, 4, 3}, {2, 1, 20}};
-    table[2][1] = {{3, 2, 7}, {1, 1, 30}};
-    const Bank b3 = build_bank(1024, {512, 256, 700}, 3, table, {0, 128, 32}, 23);
-    for (int R : {1, 5})
-      report("fused base product, 3 projections, 3 deltas", b3, R, 2,
-             run_case(b3, R, 2, dense_weights(R, 3, R, true), 17 * R, 0.1f, 0, false, 0, true));
-    report("fused base product, graph-captured", b3, 1, 1,
-           run_case(b3, 1, 1, dense_weights(1, 3, 1, false), 19, 0.1f, 0, true, 0, true));
-    // One row at Llama-like scale (two claims of stage 1's rows per CTA, several waves of CTAs), twice in a row.
-    std::vector<std::vector<std::vector<Group>>> big(2, std::vector<std::vector<Group>>(1));
-    big[0][0] = llama_groups(4096, 4096), big[1][0] = llama_groups(1024, 4096);
-    const Bank b5 = build_bank(4096, {4096, 1024}, 1, big, {128}, 25);
-    for (int rep = 0; rep < 2; ++rep)
-      report("fused base product, one row, Llama-sized", b5, 1, 2,
-             run_case(b5, 1, 2, dense_weights(1, 1, 1, false), 31 + rep, 0.1f, 0, false, 0, true));
-    std::vector<std::vector<std::vector<Group>>> none(2, std::vector<std::vector<Group>>(1));
-    const Bank b4 = build_bank(256, {300, 64}, 1, none, {0}, 24);
-    report("fused base product, empty bank", b4, 2, 2,
-           run_case(b4, 2, 2, dense_weights(2, 1, 2, false), 29, 0.1f, 0, false, 0, true));
-  }
+  // 5. The fused op.
+  fused_cases();
 
   // 6. CUDA graph capture and replay, Llama-sized shapes at 1 and 16 rows.
   {
@@ -784,6 +794,8 @@ int main(int argc, char** argv) {
     }
   } else if (do_bench) {
     bench();
+  } else if (argc > 1 && std::string(argv[1]) == "--fused-cases") {
+    fused_cases();
   } else if (argc > 1 && std::string(argv[1]) == "--fused") {
     fused_bench();
   } else if (argc > 1 && std::string(argv[1]) == "--stages") {

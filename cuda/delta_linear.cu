@@ -1153,8 +1153,9 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const FinishArgs a) {
 // The fused form at one token row: one kernel
 // ------------------------------------------------------------------------------------------------------------------
 //
-// A decode step's call (R == 1) runs as a single kernel, `row_kernel`, with no intermediate grid. CTA i owns a slice
-// of W = 8 * NO consecutive outputs of one projection (inside one 32-code block of its U rows; W is 16 or 32) and:
+// A decode step's call (R == 1) runs as a single kernel, `row_kernel`, with no intermediate grid, when its CTAs run
+// in one wave (row_path). CTA i owns a slice of W = 8 * NO = 16 consecutive outputs of one projection (inside one
+// 32-code block of its U rows) and:
 //   1. before griddepcontrol.wait (the bank and the base weights only, which are immutable): asks L2 for the first
 //      kRowPrefetch bytes of each of its base weight rows and, with one delta, for its share of U;
 //   2. stages x in shared memory as float, in 32-float blocks padded to 36 (conflict-free float4 reads for both uses);
@@ -1173,6 +1174,8 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const FinishArgs a) {
 // griddepcontrol.wait, when the grid of the call before on the stream (which zeroed them) has completed.
 
 constexpr int kRowPad = 36;                 // floats per staged 32-element block of x
+constexpr int kRowNo = 2;                   // weight rows per warp: slices of 16 outputs
+constexpr int kRowCtasPerSm = 2;            // resident CTAs per SM the registers allow (__launch_bounds__)
 constexpr int kRowLoads = 8;                // base product: 16-byte weight loads in flight per lane
 constexpr int kRowBatch = 4;                // expansion: rank rows a thread loads at once
 constexpr int kRowPrefetch = 2048;          // base product: bytes of each weight row asked of L2 before the wait
@@ -1369,7 +1372,7 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int slice, int&
 
 // grid (slices), block kThreads, dynamic shared memory row_x_floats(n) floats. See above.
 template <typename scalar_t, int NO>
-__global__ void __launch_bounds__(kThreads, 2) row_kernel(const RowArgs a) {
+__global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowArgs a) {
   constexpr int W = row_slice(NO);
   extern __shared__ __align__(16) float xs[];
   __shared__ float red[kWarps][W];
@@ -1740,13 +1743,19 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
               static_cast<int>(u_nparams)};
 }
 
-// The one-row kernel takes a call of one token row whose x fits in shared memory.
-bool row_path(int64_t R, int64_t n) { return R == 1 && n <= kRowMaxN; }
+// The one-row kernel takes a call of one token row whose x fits in shared memory and whose slices of 16 outputs
+// run in one wave (kRowCtasPerSm per SM: ceil(M / 16) + P bounds them). A CTA holds its slot through the wait and
+// the delta's tail, so a second wave starts only behind them: measured on an H200 at Llama-2-7B shapes (1 row, bf16,
+// per call), the one-row kernel took 18.8 us for o and 37.3 for down (one wave of 256 CTAs) against 26.3 and 43.6
+// for the four kernels, but 48.2 for q|k|v (384 CTAs of 32 outputs) and 86.7 for gate|up (688) against 47.9 and 67.9.
+bool row_path(int64_t R, int64_t n, int64_t M, int64_t P, int num_sms) {
+  return R == 1 && n <= kRowMaxN && (M + row_slice(kRowNo) - 1) / row_slice(kRowNo) + P <= kRowCtasPerSm * num_sms;
+}
 
 // Slices of W outputs per projection; CTA i takes slice i.
-template <typename scalar_t, int NO>
-cudaError_t launch_row_typed(RowArgs a, bool pdl, cudaStream_t stream) {
-  constexpr int W = row_slice(NO);
+template <typename scalar_t>
+cudaError_t launch_row(RowArgs a, bool pdl, cudaStream_t stream) {
+  constexpr int NO = kRowNo, W = row_slice(NO);
   int slices = 0;
   for (int q = 0, lo = 0; q < kMaxBaseProjs; ++q) {
     slices += q < a.P ? ceil_div(a.end[q] - lo, W) : 0;
@@ -1768,15 +1777,6 @@ cudaError_t launch_row_typed(RowArgs a, bool pdl, cudaStream_t stream) {
   return launch_kernel(row_kernel<scalar_t, NO>, dim3(slices), smem, pdl, stream, a);
 }
 
-// Slices of 32 outputs when they fill the GPU twice, else of 16 (more CTAs streaming the base weights).
-template <typename scalar_t>
-cudaError_t launch_row(const RowArgs& a, int num_sms, bool pdl, cudaStream_t stream) {
-  int64_t wide = 0;
-  for (int q = 0, lo = 0; q < a.P; lo = a.end[q], ++q) wide += ceil_div(a.end[q] - lo, row_slice(4));
-  if (wide >= 2 * static_cast<int64_t>(num_sms)) return launch_row_typed<scalar_t, 4>(a, pdl, stream);
-  return launch_row_typed<scalar_t, 2>(a, pdl, stream);
-}
-
 }  // namespace
 
 // The entry points (documented in delta_linear.h).
@@ -1784,13 +1784,13 @@ cudaError_t launch_row(const RowArgs& a, int num_sms, bool pdl, cudaStream_t str
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
                                      int64_t row_tile, bool fused) {
   if (R <= 0 || M <= 0) return 0;
-  if (fused && row_path(R, n)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
+  if (fused && row_path(R, n, M, P, num_sms)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
 size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
   if (R <= 0 || M <= 0 || J <= 0) return 0;
-  if (row_path(R, n)) return kRowCounters;
+  if (row_path(R, n, M, P, num_sms)) return kRowCounters;
   const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
   return static_cast<size_t>(p.groups) * p.ntiles;
 }
@@ -1821,7 +1821,7 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
   const size_t esize = dtype == 0 ? 4 : 2;
   bool vec = (n * esize) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   for (int64_t q = 0; q < P; ++q) vec = vec && reinterpret_cast<uintptr_t>(base[q]) % 16 == 0;
-  if (row_path(R, n)) {
+  if (row_path(R, n, M, P, num_sms)) {
     RowArgs a{x,
               static_cast<int>(n),
               static_cast<int>(M),
@@ -1854,9 +1854,9 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
       a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;
     }
     switch (dtype) {
-      case 0: return launch_row<float>(a, num_sms, pdl, stream);
-      case 1: return launch_row<__half>(a, num_sms, pdl, stream);
-      case 2: return launch_row<__nv_bfloat16>(a, num_sms, pdl, stream);
+      case 0: return launch_row<float>(a, pdl, stream);
+      case 1: return launch_row<__half>(a, pdl, stream);
+      case 2: return launch_row<__nv_bfloat16>(a, pdl, stream);
       default: return cudaErrorInvalidValue;
     }
   }
