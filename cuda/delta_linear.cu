@@ -752,17 +752,16 @@ __device__ __forceinline__ void unpack16(const uint4& u, float (&f)[16 / sizeof(
 // 24.4 against 31.7, 12.0, 48.0, 26.8.
 constexpr int kBaseLoads = 4;
 
-// NO dot products of the fused base product (rows w[0, nw) of the weight) over inputs [k_lo, k_hi) (k_lo a multiple
-// of 16 bytes' elements), for token rows r0 + [0, R_TILE): acc[i][r] = sum_k x[r0 + r, k] * w[i][k] in fp32, the sums
-// in every lane. The lanes stride over k with 16-byte loads, kBaseLoads / NO per row in flight (with vec; otherwise
-// one element at a time).
-template <typename scalar_t, int NO, int R_TILE>
-__device__ __forceinline__ void dot_rows(float (&acc)[NO][R_TILE], const scalar_t* const (&w)[NO], int nw,
-                                         const scalar_t* __restrict__ x, int R, int n, int k_lo, int k_hi, int r0,
-                                         bool vec, int lane) {
-  constexpr int VEC = 16 / sizeof(scalar_t), U = kBaseLoads / NO, STEP = 32 * VEC;
-  static_assert(NO <= kBaseLoads && kBaseLoads % NO == 0, "whole loads per row in flight");
-  const int rows = min(R_TILE, R - r0);
+// NO dot products of weight rows w[0, nw) over inputs [k_lo, k_hi) (k_lo a multiple of 16 bytes' elements), for
+// token rows [0, rows) of the tile (rows <= R_TILE): acc[i][r] = sum_k x_r[k] * w[i][k] in fp32, the sums in every
+// lane. The lanes stride over k with 16-byte loads, LOADS / NO per row in flight (with vec; otherwise one element at a
+// time). x_vec(r, k, xv) fetches row r's 16 bytes' worth of inputs from k as floats, x_one(r, k) one input.
+template <typename scalar_t, int NO, int R_TILE, int LOADS, typename XVec, typename XOne>
+__device__ __forceinline__ void dot_rows(float (&acc)[NO][R_TILE], const scalar_t* const (&w)[NO], int nw, int rows,
+                                         int k_lo, int k_hi, bool vec, int lane, const XVec& x_vec,
+                                         const XOne& x_one) {
+  constexpr int VEC = 16 / sizeof(scalar_t), U = LOADS / NO, STEP = 32 * VEC;
+  static_assert(NO <= LOADS && LOADS % NO == 0, "whole loads per row in flight");
 #pragma unroll
   for (int i = 0; i < NO; ++i)
 #pragma unroll
@@ -788,7 +787,7 @@ __device__ __forceinline__ void dot_rows(float (&acc)[NO][R_TILE], const scalar_
         for (int r = 0; r < R_TILE; ++r) {
           if (r >= rows) break;
           float xv[VEC];
-          unpack16<scalar_t>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(r0 + r) * n + k)), xv);
+          x_vec(r, k, xv);
 #pragma unroll
           for (int e = 0; e < VEC; ++e)
 #pragma unroll
@@ -804,7 +803,7 @@ __device__ __forceinline__ void dot_rows(float (&acc)[NO][R_TILE], const scalar_
 #pragma unroll
       for (int r = 0; r < R_TILE; ++r) {
         if (r >= rows) break;
-        const float xv = load_f32(x + static_cast<size_t>(r0 + r) * n + k);
+        const float xv = x_one(r, k);
 #pragma unroll
         for (int i = 0; i < NO; ++i) acc[i][r] = __fmaf_rn(f[i], xv, acc[i][r]);
       }
@@ -1104,8 +1103,14 @@ __global__ void __launch_bounds__(kThreads) base_kernel(const BaseKernelArgs a) 
 #pragma unroll
     for (int i = 0; i < NO; ++i) w[i] = base_row<scalar_t>(a, i < nw ? o + i : o);
     const int k_lo = blockIdx.z * a.kchunk;
-    dot_rows<scalar_t, NO, R_TILE>(acc, w, nw, static_cast<const scalar_t*>(a.x), a.R, a.n, k_lo,
-                                   min(a.n, k_lo + a.kchunk), r0, a.vec != 0, lane);
+    const scalar_t* x = static_cast<const scalar_t*>(a.x) + static_cast<size_t>(r0) * a.n;
+    const int n = a.n;
+    dot_rows<scalar_t, NO, R_TILE, kBaseLoads>(
+        acc, w, nw, min(R_TILE, a.R - r0), k_lo, min(n, k_lo + a.kchunk), a.vec != 0, lane,
+        [&](int r, int k, float (&xv)[16 / sizeof(scalar_t)]) {
+          unpack16<scalar_t>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(r) * n + k)), xv);
+        },
+        [&](int r, int k) { return load_f32(x + static_cast<size_t>(r) * n + k); });
   }
   if (blockIdx.x == gridDim.x - 1 && blockIdx.y == gridDim.y - 1 && blockIdx.z == gridDim.z - 1) wait_prior_grids();
   const int row = r0 + lane;
@@ -1149,6 +1154,35 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const FinishArgs a) {
   }
 }
 
+struct Bank {  // the bank tensors of layout 2 (device pointers) and their sizes
+  const int32_t* v_words;
+  const __half *v_scale, *v_offset;
+  const int32_t* u_words;
+  const __half *u_scale, *u_offset;
+  const float* s;
+  const int32_t *rows, *projs, *spans;
+  int J, P, u_nwords, u_nparams;
+};
+
+Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset, const int32_t* u_words,
+               const void* u_scale, const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
+               const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P) {
+  return Bank{v_words,
+              static_cast<const __half*>(v_scale),
+              static_cast<const __half*>(v_offset),
+              u_words,
+              static_cast<const __half*>(u_scale),
+              static_cast<const __half*>(u_offset),
+              s,
+              rows,
+              projs,
+              spans,
+              static_cast<int>(J),
+              static_cast<int>(P),
+              static_cast<int>(u_nwords),
+              static_cast<int>(u_nparams)};
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // The fused form at one token row: one kernel
 // ------------------------------------------------------------------------------------------------------------------
@@ -1187,20 +1221,14 @@ __host__ __device__ constexpr int row_slice(int no) { return no * kWarps; }
 
 struct RowArgs {
   const void* x;                          // (1, n) scalar_t
-  int n, M, P, K, vec;                    // vec: x and every weight row 16-byte aligned
+  int n, M, K, vec;                       // vec: x and every weight row 16-byte aligned
   const void* weight[kMaxBaseProjs];      // projection p's base weight (outputs [end[p - 1], end[p]))
   int end[kMaxBaseProjs];
   int slice_end[kMaxBaseProjs];           // CTAs [slice_end[p - 1], slice_end[p]) own projection p's slices
   const void* bias;                       // (M,) or null
   void* out;                              // (1, M)
   const float* w;                         // (1, K) gate weights
-  const int32_t* v_words;
-  const __half *v_scale, *v_offset;
-  const int32_t* u_words;
-  const __half *u_scale, *u_offset;
-  const float* s;
-  const int32_t *rows, *projs, *spans;
-  int J, u_nwords, u_nparams;
+  Bank b;                                 // b.P projections
   float* c;                               // (J,) workspace: stage 1's c values
   int* ready;                             // kRowCounters, zero at the start of the call (null without rank rows)
 };
@@ -1248,52 +1276,6 @@ __device__ __forceinline__ float row_shrink(const int32_t* __restrict__ row, con
   return acc;
 }
 
-// NO weight rows' dot products with the staged x over all n inputs, summed over the warp (in every lane).
-template <typename scalar_t, int NO>
-__device__ __forceinline__ void row_dot(float (&acc)[NO], const scalar_t* const (&w)[NO], int nw,
-                                        const float* __restrict__ xs, int n, bool vec, int lane) {
-  constexpr int VEC = 16 / sizeof(scalar_t), U = kRowLoads / NO, STEP = 32 * VEC;
-  static_assert(kRowLoads % NO == 0, "whole loads per row in flight");
-#pragma unroll
-  for (int i = 0; i < NO; ++i) acc[i] = 0.f;
-  if (vec) {
-    for (int k0 = lane * VEC; k0 < n; k0 += U * STEP) {
-      uint4 ld[NO][U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int k = k0 + u * STEP;
-#pragma unroll
-        for (int i = 0; i < NO; ++i)
-          ld[i][u] = k < n && i < nw ? __ldg(reinterpret_cast<const uint4*>(w[i] + k)) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int k = k0 + u * STEP;
-        if (k >= n) break;
-        float xv[VEC];
-        load_vec<VEC>(xs + (k >> 5) * kRowPad + (k & 31), xv);
-#pragma unroll
-        for (int i = 0; i < NO; ++i) {
-          float f[VEC];
-          unpack16<scalar_t>(ld[i][u], f);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[i] = __fmaf_rn(f[e], xv[e], acc[i]);
-        }
-      }
-    }
-  } else {
-    for (int k = lane; k < n; k += 32) {
-      const float xv = xs[(k >> 5) * kRowPad + (k & 31)];
-#pragma unroll
-      for (int i = 0; i < NO; ++i) acc[i] = __fmaf_rn(i < nw ? load_f32(w[i] + k) : 0.f, xv, acc[i]);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < NO; ++i)
-#pragma unroll
-    for (int m = 16; m >= 1; m /= 2) acc[i] += __shfl_xor_sync(kFullMask, acc[i], m);
-}
-
 // The words of a W-output slice (codes q0 .. q0 + W of a block, q0 a multiple of W) of a U row of width BITS, into
 // raw[0 .. lane_words) (runtime width: one case per width in row_expand_batch).
 template <int BITS, int W>
@@ -1328,7 +1310,7 @@ __device__ __forceinline__ void row_expand_batch(float (&acc)[W], const RowArgs&
     const int j = jb + i * kThreads;
     bits[i] = 0, woff[i] = 0, poff[i] = 0, gp[i] = 31, cv[i] = 0.f;
     if (j < hi) {
-      const int32_t* rw = a.rows + static_cast<size_t>(j) * 8;
+      const int32_t* rw = a.b.rows + static_cast<size_t>(j) * 8;
       bits[i] = __ldg(rw + 3), woff[i] = __ldg(rw + 4), poff[i] = __ldg(rw + 5), gp[i] = group_code(__ldg(rw + 7));
       cv[i] = __ldcg(a.c + j);  // written by other CTAs during this call: not through L1
     }
@@ -1338,7 +1320,7 @@ __device__ __forceinline__ void row_expand_batch(float (&acc)[W], const RowArgs&
   for (int i = 0; i < kRowBatch; ++i) {
     pair[i] = 0u;
     if (cv[i] == 0.f) bits[i] = 0;  // an inactive row (or a zero sum) adds nothing: its words are not read
-    const int32_t* blk = a.u_words + woff[i] + bi * bits[i];
+    const int32_t* blk = a.b.u_words + woff[i] + bi * bits[i];
     switch (bits[i]) {
       case 1: row_load_slice<1, W>(blk, q0, raw[i]); break;
       case 2: row_load_slice<2, W>(blk, q0, raw[i]); break;
@@ -1347,7 +1329,7 @@ __device__ __forceinline__ void row_expand_batch(float (&acc)[W], const RowArgs&
       case 8: row_load_slice<8, W>(blk, q0, raw[i]); break;
       default: bits[i] = 0; break;
     }
-    if (bits[i] != 0) pair[i] = load_param_pair(a.u_scale, a.u_offset, poff[i] + group_index(bi * 32, gp[i]));
+    if (bits[i] != 0) pair[i] = load_param_pair(a.b.u_scale, a.b.u_offset, poff[i] + group_index(bi * 32, gp[i]));
   }
 #pragma unroll
   for (int i = 0; i < kRowBatch; ++i) {
@@ -1367,7 +1349,7 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int slice, int&
   p = 0, weight = a.weight[0], lo = 0;
 #pragma unroll
   for (int q = 1; q < kMaxBaseProjs; ++q)
-    if (q < a.P && slice >= a.slice_end[q - 1]) p = q, weight = a.weight[q], lo = a.end[q - 1];
+    if (q < a.b.P && slice >= a.slice_end[q - 1]) p = q, weight = a.weight[q], lo = a.end[q - 1];
 }
 
 // grid (slices), block kThreads, dynamic shared memory row_x_floats(n) floats. See above.
@@ -1401,19 +1383,19 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
         asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(wr[i]) + l * 128));
   }
   int j_start = 0, j_end = 0, ulen = 0;
-  if (a.J > 0) {
-    j_start = max(0, __ldg(a.projs + 4 * p)), j_end = min(a.J, __ldg(a.projs + 4 * p + 1));
-    ulen = __ldg(a.projs + 4 * p + 3);
+  if (a.b.J > 0) {
+    j_start = max(0, __ldg(a.b.projs + 4 * p)), j_end = min(a.b.J, __ldg(a.b.projs + 4 * p + 1));
+    ulen = __ldg(a.b.projs + 4 * p + 3);
     if (a.K == 1) {
-      prefetch_share_l2(a.u_words, static_cast<size_t>(a.u_nwords) * 4, blockIdx.x, gridDim.x);
-      prefetch_share_l2(a.u_scale, static_cast<size_t>(a.u_nparams) * 2, blockIdx.x, gridDim.x);
-      prefetch_share_l2(a.u_offset, static_cast<size_t>(a.u_nparams) * 2, blockIdx.x, gridDim.x);
+      prefetch_share_l2(a.b.u_words, static_cast<size_t>(a.b.u_nwords) * 4, blockIdx.x, gridDim.x);
+      prefetch_share_l2(a.b.u_scale, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
+      prefetch_share_l2(a.b.u_offset, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
     }
   }
   wait_prior_grids();
 
   // 2. x, and the first claim of stage 1's rank rows (its answer travels with x's loads).
-  if (threadIdx.x == 0 && a.J > 0) ticket = atomicAdd(a.ready, kWarps);
+  if (threadIdx.x == 0 && a.b.J > 0) ticket = atomicAdd(a.ready, kWarps);
   const int nblk = (a.n + 31) / 32;
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
   if (a.vec) {
@@ -1432,23 +1414,23 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   __syncthreads();
 
   // 3. Stage 1: kWarps rank rows per claim, one per warp.
-  for (int j0 = a.J > 0 ? ticket : a.J; j0 < a.J;) {
+  for (int j0 = a.b.J > 0 ? ticket : a.b.J; j0 < a.b.J;) {
     const int j = j0 + warp;
-    if (j < a.J) {
-      const int32_t* rw = a.rows + static_cast<size_t>(j) * 8;
+    if (j < a.b.J) {
+      const int32_t* rw = a.b.rows + static_cast<size_t>(j) * 8;
       const int vb = __ldg(rw), woff = __ldg(rw + 1), poff = __ldg(rw + 2), delta = __ldg(rw + 6);
       const int gp = group_code(__ldg(rw + 7));
-      const float sj = __ldg(a.s + j);
+      const float sj = __ldg(a.b.s + j);
       const float wt = delta >= 0 && delta < a.K ? __ldg(a.w + delta) : 0.f;
       float t = 0.f;
       if (wt != 0.f) {
-        const int32_t* row = a.v_words + woff;
+        const int32_t* row = a.b.v_words + woff;
         switch (vb) {
-          case 1: t = row_shrink<1>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
-          case 2: t = row_shrink<2>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
-          case 3: t = row_shrink<3>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
-          case 4: t = row_shrink<4>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
-          case 8: t = row_shrink<8>(row, a.v_scale, a.v_offset, poff, gp, xs, nblk, lane); break;
+          case 1: t = row_shrink<1>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
+          case 2: t = row_shrink<2>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
+          case 3: t = row_shrink<3>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
+          case 4: t = row_shrink<4>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
+          case 8: t = row_shrink<8>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
           default: break;  // not a valid width: the row adds nothing
         }
       }
@@ -1457,7 +1439,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     __threadfence();  // c is visible device-wide before the count says so
     __syncthreads();
     if (threadIdx.x == 0) {
-      atomicAdd(a.ready + 1, min(kWarps, a.J - j0));
+      atomicAdd(a.ready + 1, min(kWarps, a.b.J - j0));
       ticket = atomicAdd(a.ready, kWarps);
     }
     __syncthreads();
@@ -1467,23 +1449,29 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
 
   // 4. The base product.
   {
-    float acc[NO];
-    if (nw > 0) row_dot<scalar_t, NO>(acc, wr, nw, xs, a.n, a.vec != 0, lane);
+    float acc[NO][1];
+    if (nw > 0)
+      dot_rows<scalar_t, NO, 1, kRowLoads>(
+          acc, wr, nw, 1, 0, a.n, a.vec != 0, lane,
+          [&](int, int k, float (&xv)[16 / sizeof(scalar_t)]) {
+            load_vec<16 / sizeof(scalar_t)>(xs + (k >> 5) * kRowPad + (k & 31), xv);
+          },
+          [&](int, int k) { return xs[(k >> 5) * kRowPad + (k & 31)]; });
     if (lane == 0)
 #pragma unroll
-      for (int i = 0; i < NO; ++i) base[warp * NO + i] = nw > i ? acc[i] : 0.f;
+      for (int i = 0; i < NO; ++i) base[warp * NO + i] = nw > i ? acc[i][0] : 0.f;
   }
 
   // 5. The delta on this slice, once every c is written.
   float acc[W];
 #pragma unroll
   for (int e = 0; e < W; ++e) acc[e] = 0.f;
-  if (a.J > 0) {
-    if (threadIdx.x == 0) await_count(a.ready + 1, a.J);
+  if (a.b.J > 0) {
+    if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
     __syncthreads();
     if (o0 < ulen) {
       const int bi = o0 >> 5, q0 = o0 & 31;
-      const int32_t* spans = a.spans + static_cast<size_t>(p) * (a.K + 1);
+      const int32_t* spans = a.b.spans + static_cast<size_t>(p) * (a.K + 1);
       for (int d = 0; d < a.K; ++d) {  // the rank rows of each delta in use
         int lo = j_start, hi = j_end;
         if (a.K > 1) {
@@ -1631,15 +1619,6 @@ cudaError_t launch_kernel(void (*kernel)(Args), dim3 grid, size_t smem, bool pdl
   return cudaLaunchKernelEx(&cfg, kernel, args);
 }
 
-struct Bank {  // the bank tensors of layout 2 (device pointers) and their sizes
-  const int32_t* v_words;
-  const __half *v_scale, *v_offset;
-  const int32_t* u_words;
-  const __half *u_scale, *u_offset;
-  const float* s;
-  const int32_t *rows, *projs, *spans;
-  int J, P, u_nwords, u_nparams;
-};
 
 // The fused base product's inputs (base[0] null: none) and stage 1's group counts.
 struct BaseArgs {
@@ -1724,25 +1703,6 @@ cudaError_t launch_any(int dtype, const Plan& p, const void* x, const void* y, v
   }
 }
 
-Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset, const int32_t* u_words,
-               const void* u_scale, const void* u_offset, int64_t u_nwords, int64_t u_nparams, const float* s,
-               const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P) {
-  return Bank{v_words,
-              static_cast<const __half*>(v_scale),
-              static_cast<const __half*>(v_offset),
-              u_words,
-              static_cast<const __half*>(u_scale),
-              static_cast<const __half*>(u_offset),
-              s,
-              rows,
-              projs,
-              spans,
-              static_cast<int>(J),
-              static_cast<int>(P),
-              static_cast<int>(u_nwords),
-              static_cast<int>(u_nparams)};
-}
-
 // The one-row kernel takes a call of one token row whose x fits in shared memory and whose slices of 16 outputs
 // run in one wave (kRowCtasPerSm per SM: ceil(M / 16) + P bounds them). A CTA holds its slot through the wait and
 // the delta's tail, so a second wave starts only behind them: measured on an H200 at Llama-2-7B shapes (1 row, bf16,
@@ -1758,7 +1718,7 @@ cudaError_t launch_row(RowArgs a, bool pdl, cudaStream_t stream) {
   constexpr int NO = kRowNo, W = row_slice(NO);
   int slices = 0;
   for (int q = 0, lo = 0; q < kMaxBaseProjs; ++q) {
-    slices += q < a.P ? ceil_div(a.end[q] - lo, W) : 0;
+    slices += q < a.b.P ? ceil_div(a.end[q] - lo, W) : 0;
     a.slice_end[q] = slices;
     lo = a.end[q];
   }
@@ -1821,34 +1781,11 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
   const size_t esize = dtype == 0 ? 4 : 2;
   bool vec = (n * esize) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   for (int64_t q = 0; q < P; ++q) vec = vec && reinterpret_cast<uintptr_t>(base[q]) % 16 == 0;
+  const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
+                           projs, spans, P);
   if (row_path(R, n, M, P, num_sms)) {
-    RowArgs a{x,
-              static_cast<int>(n),
-              static_cast<int>(M),
-              static_cast<int>(P),
-              static_cast<int>(K),
-              vec ? 1 : 0,
-              {},
-              {},
-              {},
-              bias,
-              out,
-              w,
-              v_words,
-              static_cast<const __half*>(v_scale),
-              static_cast<const __half*>(v_offset),
-              u_words,
-              static_cast<const __half*>(u_scale),
-              static_cast<const __half*>(u_offset),
-              s,
-              rows,
-              projs,
-              spans,
-              static_cast<int>(J),
-              static_cast<int>(u_nwords),
-              static_cast<int>(u_nparams),
-              workspace,
-              J > 0 ? ready : nullptr};
+    RowArgs a{x, static_cast<int>(n), static_cast<int>(M), static_cast<int>(K), vec ? 1 : 0, {}, {}, {}, bias, out,
+              w, b, workspace, J > 0 ? ready : nullptr};
     for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
       end += q < P ? static_cast<int>(base_rows[q]) : 0;
       a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;
@@ -1861,8 +1798,6 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
     }
   }
   const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
-  const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
-                           projs, spans, P);
   BaseArgs f{{}, {}, 0, ready};
   for (int64_t q = 0; q < P; ++q) {
     f.base[q] = base[q];
