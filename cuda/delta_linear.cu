@@ -1356,6 +1356,7 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int slice, int&
 template <typename scalar_t, int NO>
 __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowArgs a) {
   constexpr int W = row_slice(NO);
+  static_assert(W == 16 || W == 32, "the slice's reduction below takes 16 or 32 outputs");
   extern __shared__ __align__(16) float xs[];
   __shared__ float red[kWarps][W];
   __shared__ float base[W];
