@@ -30,15 +30,31 @@ def test_gptq_rows_beats_rtn_on_the_calibration_inputs(bits, act_order):
     assert codes.dtype == torch.uint8 and int(codes.max()) < 2**bits
     assert scale.shape == (48, 3) and scale.dtype == torch.float16
     got = _out_err(w, rtn.dequantize(codes, scale, offset, 64), x)
-    base = _out_err(w, rtn.dequantize(*rtn.quantize_rows(w, bits, 64), 64), x)
+    base = _out_err(w, rtn.dequantize(*rtn.quantize_rows(w, bits, 64, clip=False), 64), x)  # the same range
     assert got < 0.85 * base, (got, base)
 
 
-def test_gptq_with_identity_hessian_is_round_to_nearest():
+@pytest.mark.parametrize("clip", [False, True])
+def test_gptq_with_identity_hessian_is_round_to_nearest_over_the_same_range(clip):
     w = torch.randn(16, 100)
-    codes, scale, offset = gptq.gptq_rows(w, torch.eye(100), torch.full((16,), 3), 32, act_order=False)
-    want = rtn.quantize_rows(w, 3, 32)
-    assert torch.equal(codes, want[0]) and torch.equal(scale, want[1])
+    codes, scale, offset = gptq.gptq_rows(w, torch.eye(100), torch.full((16,), 3), 32, act_order=False, clip=clip)
+    want = rtn.quantize_rows(w, 3, 32, clip=clip)
+    assert torch.equal(codes, want[0]) and torch.equal(scale, want[1]) and torch.equal(offset, want[2])
+
+
+def test_gptq_levels_span_each_vector_by_default_and_clip_only_when_asked():
+    x, h = _inputs(128, seed=5)
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(6)) / 128**0.5
+    w[:, 7] *= 12  # one outlying coordinate per vector, which an MSE-best range clips
+    bits = torch.full((24,), 2)
+    minmax = rtn.stored_params(*rtn.fit(w, 2, 0, clip=False))
+    _, scale, offset = gptq.gptq_rows(w, h, bits, 0)
+    assert torch.equal(scale, minmax[0]) and torch.equal(offset, minmax[1])
+    _, scale_c, offset_c = gptq.gptq_rows(w, h, bits, 0, clip=True)
+    top = (offset_c.float() + 3 * scale_c.float()).squeeze(1)
+    assert bool((top < w.amax(1) - 1e-3).any())  # the clipped range leaves some vector's maximum outside
+    ucodes, uscale, uoffset = gptq.gptq_columns(w.T, h[:24, :24], bits, 0)
+    assert torch.equal(uscale, minmax[0]) and torch.equal(uoffset, minmax[1])
 
 
 def test_gptq_columns_give_one_row_of_codes_per_column_with_its_own_width():

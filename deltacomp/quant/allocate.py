@@ -74,7 +74,7 @@ def _v_errors(v: torch.Tensor, bits: list[int], group_size: int, h: torch.Tensor
     if swept:
         stacked = v.T.repeat(len(swept), 1)  # (K r, n)
         row_bits = torch.tensor(swept, device=v.device).repeat_interleave(r)
-        codes, scale, offset = gptq.gptq_rows(stacked, h, row_bits, group_size, *gptq_v)
+        codes, scale, offset = gptq.gptq_rows(stacked, h, row_bits, group_size, *gptq_v, clip)
         errs = dict(zip(swept, (stacked - rtn.dequantize(codes, scale, offset, group_size)).split(r)))
     for b in bits:
         if b not in errs:

@@ -96,8 +96,9 @@ def quantize(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Ten
        ``diag(S) V_q^T H V_q diag(S)`` (r, r)).
     4. With ``refit``, S is refitted given both quantized factors: ``argmin_s ||(delta - U_q diag(s) V_q^T) X^T||``.
 
-    Each refit can only lower the (weighted) error before the following rounding. ``clip`` (round-to-nearest only)
-    takes the MSE-best clipped range of each vector (:func:`deltacomp.quant.rtn.fit`), else its min-max range.
+    Each refit can only lower the (weighted) error before the following rounding. ``clip`` takes the MSE-best
+    clipped range of each vector (:func:`deltacomp.quant.rtn.fit`), else its min-max range, under round-to-nearest
+    and GPTQ alike.
     ``v_rows``: V^T already rounded to nearest at these widths, as step 1 would (codes, scale, offset; the bit
     allocation measured them), used instead of quantizing it again. Everything runs in float32 on the device of ``u``.
     """
@@ -114,7 +115,7 @@ def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, cli
         v_q = _rtn_rows(v.T, groups, "v", group_size, clip)  # (r, n) codes, scale, offset
     else:
         h = h.to(dev, torch.float32)
-        v_q = gptq.gptq_rows(v.T, h, _widths(groups, "v", dev), group_size, act_order, damp)
+        v_q = gptq.gptq_rows(v.T, h, _widths(groups, "v", dev), group_size, act_order, damp, clip)
     v_hat = rtn.dequantize(*v_q, group_size).T  # (n, r)
     hv = v_hat if h is None else h @ v_hat  # (n, r)
     if refit:
@@ -123,7 +124,7 @@ def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, cli
         u_q = _rtn_rows(u.T, groups, "u", group_size, clip)  # (r, m)
     else:
         h_u = (v_hat.T @ hv) * s[:, None] * s[None, :]  # (r, r): Y^T Y / N with Y = X V_q diag(S)
-        u_q = gptq.gptq_columns(u, h_u, _widths(groups, "u", dev), group_size, act_order, damp)
+        u_q = gptq.gptq_columns(u, h_u, _widths(groups, "u", dev), group_size, act_order, damp, clip)
     if refit:
         u_hat = rtn.dequantize(*u_q, group_size).T  # (m, r)
         a = (u_hat.T @ u_hat) * (v_hat.T @ hv)  # (r, r): A_ij = (u_i . u_j) (v_i^T H v_j)

@@ -119,26 +119,28 @@ class _GraphStep:
         return self.out[0], self.out[1]
 
 
-def _params(x: torch.Tensor, bits: torch.Tensor, group_size: int):
-    """Per-row scale/offset (R, G) in fp16 (the stored precision) for rows with their own bit widths."""
+def _params(x: torch.Tensor, bits: torch.Tensor, group_size: int, clip: bool):
+    """Per-row scale/offset (R, G) in fp16 (the stored precision) for rows with their own bit widths; ``clip`` as
+    in :func:`deltacomp.quant.rtn.fit` (the MSE-best clipped range, else min-max)."""
     rows = x.shape[0]
     g = rtn.num_groups(x.shape[1], group_size)
     scale = torch.empty(rows, g, dtype=torch.float16, device=x.device)
     offset = torch.empty_like(scale)
     for b in bits.unique().tolist():
         idx = (bits == b).nonzero().squeeze(1)
-        scale[idx], offset[idx] = rtn.stored_params(*rtn.fit(x[idx], int(b), group_size))
+        scale[idx], offset[idx] = rtn.stored_params(*rtn.fit(x[idx], int(b), group_size, clip))
     return scale, offset
 
 
 def gptq_rows(w: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, group_size: int, act_order: bool = True,
-              damp: float = 0.01):
-    """GPTQ of ``w (R, C)`` whose row r is a vector at ``bits[r]``; groups of ``group_size`` along each row.
+              damp: float = 0.01, clip: bool = False):
+    """GPTQ of ``w (R, C)`` whose row r is a vector at ``bits[r]``; groups of ``group_size`` along each row, whose
+    levels span the group's min-max range (``clip``: the MSE-best clipped range).
 
     Returns (codes uint8 (R, C), scale fp16 (R, G), offset fp16 (R, G)), as :func:`rtn.quantize_rows`.
     """
     bits = bits.to(w.device)
-    scale, offset = _params(w.float(), bits, group_size)
+    scale, offset = _params(w.float(), bits, group_size, clip)
     cols = w.shape[1]
     s_full = rtn.expand(scale.float(), cols, group_size)
     o_full = rtn.expand(offset.float(), cols, group_size)
@@ -148,13 +150,14 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, group_size: 
 
 
 def gptq_columns(w: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, group_size: int, act_order: bool = True,
-                 damp: float = 0.01):
-    """GPTQ of ``w (R, C)`` whose column c is a vector at ``bits[c]``; groups of ``group_size`` down each column.
+                 damp: float = 0.01, clip: bool = False):
+    """GPTQ of ``w (R, C)`` whose column c is a vector at ``bits[c]``; groups of ``group_size`` down each column
+    (levels as in :func:`gptq_rows`).
 
     Returns the codes and parameters of the vectors as rows: (codes uint8 (C, R), scale (C, G), offset (C, G)).
     """
     bits = bits.to(w.device)
-    scale, offset = _params(w.float().T, bits, group_size)  # (C, G)
+    scale, offset = _params(w.float().T, bits, group_size, clip)  # (C, G)
     rows = w.shape[0]
     s_full = rtn.expand(scale.float(), rows, group_size).T  # (R, C)
     o_full = rtn.expand(offset.float(), rows, group_size).T
