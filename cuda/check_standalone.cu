@@ -445,10 +445,11 @@ void fused_cases() {
            run_case(b3, R, 2, dense_weights(R, 3, R, true), 17 * R, 0.1f, 0, false, 0, true));
   report("fused base product, graph-captured", b3, 1, 1,
          run_case(b3, 1, 1, dense_weights(1, 3, 1, false), 19, 0.1f, 0, true, 0, true));
-  // One row at Llama-like scale (two claims of stage 1's rows per CTA, several waves of CTAs), twice in a row.
+  // One row at Llama-like scale, twice in a row (the first call must leave its counters zero): about a thousand rank
+  // rows shared out among 194 CTAs, one wave on a GPU of 97 SMs or more (the one-row kernel).
   std::vector<std::vector<std::vector<Group>>> big(2, std::vector<std::vector<Group>>(1));
-  big[0][0] = llama_groups(4096, 4096), big[1][0] = llama_groups(1024, 4096);
-  const Bank b5 = build_bank(4096, {4096, 1024}, 1, big, {128}, 25);
+  big[0][0] = llama_groups(2048, 4096), big[1][0] = llama_groups(1024, 4096);
+  const Bank b5 = build_bank(4096, {2048, 1024}, 1, big, {128}, 25);
   for (int rep = 0; rep < 2; ++rep)
     report("fused base product, one row, Llama-sized", b5, 1, 2,
            run_case(b5, 1, 2, dense_weights(1, 1, 1, false), 31 + rep, 0.1f, 0, false, 0, true));
