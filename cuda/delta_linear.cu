@@ -1208,20 +1208,20 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 // griddepcontrol.wait, when the grid of the call before on the stream (which zeroed them) has completed.
 
 constexpr int kRowPad = 36;                 // floats per staged 32-element block of x
-constexpr int kRowNo = 2;                   // weight rows per warp: slices of 16 outputs
+constexpr int kRowNo = 2;                   // weight rows per warp
+constexpr int kRowSlice = kRowNo * kWarps;  // outputs per CTA
 constexpr int kRowCtasPerSm = 2;            // resident CTAs per SM the registers allow (__launch_bounds__)
 constexpr int kRowLoads = 8;                // base product: 16-byte weight loads in flight per lane
 constexpr int kRowBatch = 4;                // expansion: rank rows a thread loads at once
 constexpr int kRowPrefetch = 2048;          // base product: bytes of each weight row asked of L2 before the wait
-constexpr int kRowMaxN = 20480;             // longest input it stages (80 KB: any sm_80+ GPU); longer: the tiled path
+constexpr int kRowMaxN = 20480;             // longest input it stages (90 KB: any sm_80+ GPU); longer: the tiled path
 constexpr int kRowCounters = 4;             // ready[0] ticket, [1] rows done, [2] CTAs done (int32, padded)
 
 __host__ __device__ constexpr int row_x_floats(int n) { return (n + 31) / 32 * kRowPad; }
-__host__ __device__ constexpr int row_slice(int no) { return no * kWarps; }
 
 struct RowArgs {
   const void* x;                          // (1, n) scalar_t
-  int n, M, K, vec;                       // vec: x and every weight row 16-byte aligned
+  int n, K, vec;                          // vec: x and every weight row 16-byte aligned
   const void* weight[kMaxBaseProjs];      // projection p's base weight (outputs [end[p - 1], end[p]))
   int end[kMaxBaseProjs];
   int slice_end[kMaxBaseProjs];           // CTAs [slice_end[p - 1], slice_end[p]) own projection p's slices
@@ -1353,10 +1353,10 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int slice, int&
 }
 
 // grid (slices), block kThreads, dynamic shared memory row_x_floats(n) floats. See above.
-template <typename scalar_t, int NO>
+template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowArgs a) {
-  constexpr int W = row_slice(NO);
-  static_assert(W == 16 || W == 32, "the slice's reduction below takes 16 or 32 outputs");
+  constexpr int NO = kRowNo, W = kRowSlice;
+  static_assert(W == 16, "the slice's reduction below takes 16 outputs");
   extern __shared__ __align__(16) float xs[];
   __shared__ float red[kWarps][W];
   __shared__ float base[W];
@@ -1483,8 +1483,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       }
     }
   }
-  warp_reduce_scatter<W, 16>(acc, lane);  // W == 32: lane l holds output l; W == 16: lanes 2i and 2i + 1 output i
-  if (W == 32 || (lane & 1) == 0) red[warp][W == 32 ? lane : lane >> 1] = acc[0];
+  warp_reduce_scatter<W, 16>(acc, lane);  // lanes 2i and 2i + 1 hold output i
+  if ((lane & 1) == 0) red[warp][lane >> 1] = acc[0];
   __syncthreads();
   if (threadIdx.x < W && o0 + static_cast<int>(threadIdx.x) < plen) {
     const int o = out_lo + o0 + threadIdx.x;
@@ -1710,13 +1710,13 @@ cudaError_t launch_any(int dtype, const Plan& p, const void* x, const void* y, v
 // per call), the one-row kernel took 18.8 us for o and 37.3 for down (one wave of 256 CTAs) against 26.3 and 43.6
 // for the four kernels, but 48.2 for q|k|v (384 CTAs of 32 outputs) and 86.7 for gate|up (688) against 47.9 and 67.9.
 bool row_path(int64_t R, int64_t n, int64_t M, int64_t P, int num_sms) {
-  return R == 1 && n <= kRowMaxN && (M + row_slice(kRowNo) - 1) / row_slice(kRowNo) + P <= kRowCtasPerSm * num_sms;
+  return R == 1 && n <= kRowMaxN && (M + kRowSlice - 1) / kRowSlice + P <= kRowCtasPerSm * num_sms;
 }
 
 // Slices of W outputs per projection; CTA i takes slice i.
 template <typename scalar_t>
 cudaError_t launch_row(RowArgs a, bool pdl, cudaStream_t stream) {
-  constexpr int NO = kRowNo, W = row_slice(NO);
+  constexpr int W = kRowSlice;
   int slices = 0;
   for (int q = 0, lo = 0; q < kMaxBaseProjs; ++q) {
     slices += q < a.b.P ? ceil_div(a.end[q] - lo, W) : 0;
@@ -1731,11 +1731,11 @@ cudaError_t launch_row(RowArgs a, bool pdl, cudaStream_t stream) {
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (smem > 48 * 1024 && (device >= 64 || allowed[device].load() < smem)) {
-    err = cudaFuncSetAttribute(row_kernel<scalar_t, NO>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    err = cudaFuncSetAttribute(row_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
     if (device < 64) allowed[device].store(smem);
   }
-  return launch_kernel(row_kernel<scalar_t, NO>, dim3(slices), smem, pdl, stream, a);
+  return launch_kernel(row_kernel<scalar_t>, dim3(slices), smem, pdl, stream, a);
 }
 
 }  // namespace
@@ -1785,8 +1785,8 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
   const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
                            projs, spans, P);
   if (row_path(R, n, M, P, num_sms)) {
-    RowArgs a{x, static_cast<int>(n), static_cast<int>(M), static_cast<int>(K), vec ? 1 : 0, {}, {}, {}, bias, out,
-              w, b, workspace, J > 0 ? ready : nullptr};
+    RowArgs a{x, static_cast<int>(n), static_cast<int>(K), vec ? 1 : 0, {}, {}, {}, bias, out, w, b, workspace,
+              J > 0 ? ready : nullptr};
     for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
       end += q < P ? static_cast<int>(base_rows[q]) : 0;
       a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;

@@ -53,7 +53,7 @@ def test_gptq_levels_span_each_vector_by_default_and_clip_only_when_asked():
     _, scale_c, offset_c = gptq.gptq_rows(w, h, bits, 0, clip=True)
     top = (offset_c.float() + 3 * scale_c.float()).squeeze(1)
     assert bool((top < w.amax(1) - 1e-3).any())  # the clipped range leaves some vector's maximum outside
-    ucodes, uscale, uoffset = gptq.gptq_columns(w.T, h[:24, :24], bits, 0)
+    _, uscale, uoffset = gptq.gptq_columns(w.T, h[:24, :24], bits, 0)
     assert torch.equal(uscale, minmax[0]) and torch.equal(uoffset, minmax[1])
 
 
