@@ -445,11 +445,19 @@ void fused_cases() {
            run_case(b3, R, 2, dense_weights(R, 3, R, true), 17 * R, 0.1f, 0, false, 0, true));
   report("fused base product, graph-captured", b3, 1, 1,
          run_case(b3, 1, 1, dense_weights(1, 3, 1, false), 19, 0.1f, 0, true, 0, true));
-  // One row at Llama-like scale, twice in a row (the first call must leave its counters zero): about a thousand rank
-  // rows shared out among 194 CTAs, one wave on a GPU of 97 SMs or more (the one-row kernel).
-  std::vector<std::vector<std::vector<Group>>> big(2, std::vector<std::vector<Group>>(1));
-  big[0][0] = llama_groups(2048, 4096), big[1][0] = llama_groups(1024, 4096);
-  const Bank b5 = build_bank(4096, {2048, 1024}, 1, big, {128}, 25);
+  // The one-row kernel with two to four slices per CTA and uneven shares: the work split of GPUs of 16, 20 and 40 SMs.
+  const int sms = g_sms;
+  for (int fake : {16, 20, 40}) {
+    g_sms = fake;
+    report("fused base product, one row, split for fewer SMs", b3, 1, fake % 3,
+           run_case(b3, 1, fake % 3, dense_weights(1, 3, fake, true), 37 + fake, 0.1f, 0, false, 0, true));
+  }
+  g_sms = sms;
+  // One row at Llama q|k|v scale, twice in a row (the first call must leave its counters zero): about 3,000 rank
+  // rows shared out among the CTAs of one wave, three slices of 16 outputs each on a GPU of 128 SMs or more.
+  std::vector<std::vector<std::vector<Group>>> big(3, std::vector<std::vector<Group>>(1));
+  for (auto& proj : big) proj[0] = llama_groups(4096, 4096);
+  const Bank b5 = build_bank(4096, {4096, 4096, 4096}, 1, big, {128}, 25);
   for (int rep = 0; rep < 2; ++rep)
     report("fused base product, one row, Llama-sized", b5, 1, 2,
            run_case(b5, 1, 2, dense_weights(1, 1, 1, false), 31 + rep, 0.1f, 0, false, 0, true));

@@ -25,7 +25,8 @@
 //                     last CTA).
 //   4. finish_kernel  out = bias + the base planes + stage 2's planes (stage 2 then only stores planes).
 // At one token row (a decode step) the fused form is instead a single kernel, row_kernel (its section below): each
-// CTA computes a slice of the outputs, base product and delta, and stage 1's rank rows are shared out at run time.
+// CTA of one wave computes consecutive slices of the outputs, base product and delta, and stage 1's rank rows are
+// shared out at run time.
 // On sm_90 the kernels are launched with programmatic dependent launch: each kernel's prologue (the bank's metadata,
 // its first packed words and, with a single delta, stage 1 asking L2 for all of stage 2's factor) overlaps the tail of
 // the kernel ahead of it, and nothing produced by an earlier kernel is read before griddepcontrol.wait.
@@ -1187,20 +1188,21 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 // The fused form at one token row: one kernel
 // ------------------------------------------------------------------------------------------------------------------
 //
-// A decode step's call (R == 1) runs as a single kernel, `row_kernel`, with no intermediate grid, when its CTAs run
-// in one wave (row_path). CTA i owns a slice of W = 8 * NO = 16 consecutive outputs of one projection (inside one
-// 32-code block of its U rows) and:
+// A decode step's call (R == 1) runs as a single kernel, `row_kernel`, with no intermediate grid (row_path). Its grid
+// is one wave; a CTA owns consecutive slices of W = 8 * NO = 16 outputs of one projection (a slice lies inside one
+// 32-code block of the projection's U rows) and:
 //   1. before griddepcontrol.wait (the bank and the base weights only, which are immutable): asks L2 for the first
-//      kRowPrefetch bytes of each of its base weight rows and, with one delta, for its share of U;
+//      kRowPrefetch bytes of each of its first slice's base weight rows and, with one delta, for its share of U;
 //   2. stages x in shared memory as float, in 32-float blocks padded to 36 (conflict-free float4 reads for both uses);
 //   3. takes rank rows of stage 1 from a ticket (ready[0], kWarps at a time: one per warp) until none are left, and
 //      for each writes c[j] = s[j] * w[delta(j)] * sum_k x[k] V[j, k] (0 for a row whose delta has weight 0, whose
 //      V is not read) and counts them done in ready[1] after a fence;
-//   4. computes its base outputs, NO weight rows per warp over the whole input (kRowLoads 16-byte loads in flight per
-//      lane);
-//   5. waits until ready[1] == J, adds c[j] * U[j, slice] over the rank rows of the deltas in use (a thread per rank
-//      row, kRowBatch at a time; the warps' sums meet in shared memory) and writes out = bias + base + delta,
-//      rounded once;
+//   then, slice by slice:
+//   4. computes the slice's base outputs, NO weight rows per warp over the whole input (kRowLoads 16-byte loads in
+//      flight per lane), and asks L2 for the first bytes of the next slice's weight rows;
+//   5. waits (at its first slice) until ready[1] == J, adds c[j] * U[j, slice] over the rank rows of the deltas in use
+//      (a thread per rank row, kRowBatch at a time; the warps' sums meet in shared memory) and writes
+//      out = bias + base + delta, rounded once. A slice's delta tail overlaps the other CTAs' base products;
 //   6. counts itself in ready[2]; the last CTA zeroes ready[0..2] for the next call.
 // Rank rows are claimed at run time rather than by CTA index: a CTA waits only after every row has been claimed, and
 // rows are claimed by running CTAs that complete them before waiting for anything, so the wait ends whatever the
@@ -1209,7 +1211,7 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 
 constexpr int kRowPad = 36;                 // floats per staged 32-element block of x
 constexpr int kRowNo = 2;                   // weight rows per warp
-constexpr int kRowSlice = kRowNo * kWarps;  // outputs per CTA
+constexpr int kRowSlice = kRowNo * kWarps;  // outputs per slice
 constexpr int kRowCtasPerSm = 2;            // resident CTAs per SM the registers allow (__launch_bounds__)
 constexpr int kRowLoads = 8;                // base product: 16-byte weight loads in flight per lane
 constexpr int kRowBatch = 4;                // expansion: rank rows a thread loads at once
@@ -1224,7 +1226,7 @@ struct RowArgs {
   int n, K, vec;                          // vec: x and every weight row 16-byte aligned
   const void* weight[kMaxBaseProjs];      // projection p's base weight (outputs [end[p - 1], end[p]))
   int end[kMaxBaseProjs];
-  int slice_end[kMaxBaseProjs];           // CTAs [slice_end[p - 1], slice_end[p]) own projection p's slices
+  int cta_end[kMaxBaseProjs];             // CTAs [cta_end[p - 1], cta_end[p]) share projection p's slices
   const void* bias;                       // (M,) or null
   void* out;                              // (1, M)
   const float* w;                         // (1, K) gate weights
@@ -1345,14 +1347,14 @@ __device__ __forceinline__ void row_expand_batch(float (&acc)[W], const RowArgs&
 }
 
 // Selects (without dynamic parameter indexing) projection p's weight pointer and output range.
-__device__ __forceinline__ void row_projection(const RowArgs& a, int slice, int& p, const void*& weight, int& lo) {
+__device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p, const void*& weight, int& lo) {
   p = 0, weight = a.weight[0], lo = 0;
 #pragma unroll
   for (int q = 1; q < kMaxBaseProjs; ++q)
-    if (q < a.b.P && slice >= a.slice_end[q - 1]) p = q, weight = a.weight[q], lo = a.end[q - 1];
+    if (q < a.b.P && cta >= a.cta_end[q - 1]) p = q, weight = a.weight[q], lo = a.end[q - 1];
 }
 
-// grid (slices), block kThreads, dynamic shared memory row_x_floats(n) floats. See above.
+// grid (launch_row), block kThreads, dynamic shared memory row_x_floats(n) floats. See above.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowArgs a) {
   constexpr int NO = kRowNo, W = kRowSlice;
@@ -1366,23 +1368,33 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   int p, out_lo;
   const void* weight;
   row_projection(a, blockIdx.x, p, weight, out_lo);
-  const int first = p > 0 ? a.slice_end[p - 1] : 0;
-  const int plen = a.end[p] - out_lo;            // the projection's outputs
-  const int o0 = (blockIdx.x - first) * W;       // the slice's first, within the projection
-  const int ob = o0 + warp * NO, nw = min(NO, plen - ob);
-
-  // 1. The bank and the weights (immutable): requested before the kernels ahead have finished.
+  const int first = p > 0 ? a.cta_end[p - 1] : 0;
+  const int plen = a.end[p] - out_lo;  // the projection's outputs
+  // This CTA's slices of the projection: an even share of its ceil(plen / W), consecutive.
+  const int nslices = (plen + W - 1) / W, nctas = a.cta_end[p] - first, k = blockIdx.x - first;
+  const int s_lo = k * nslices / nctas, s_hi = (k + 1) * nslices / nctas;
+  // The warp's NO weight rows of the slice at output o0 (within the projection), and how many of them exist.
   const scalar_t* wr[NO];
+  int nw = 0;
+  const auto slice_rows = [&](int o0) {
+    const int ob = o0 + warp * NO;
+    nw = min(NO, plen - ob);
 #pragma unroll
-  for (int i = 0; i < NO; ++i)
-    wr[i] = static_cast<const scalar_t*>(weight) + static_cast<size_t>(ob + (i < nw ? i : 0)) * a.n;
-  {
+    for (int i = 0; i < NO; ++i)
+      wr[i] = static_cast<const scalar_t*>(weight) + static_cast<size_t>(ob + (i < nw ? i : 0)) * a.n;
+  };
+  // Asks L2 for the first kRowPrefetch bytes of each of them.
+  const auto prefetch_rows = [&]() {
     const int lines = (min(a.n * static_cast<int>(sizeof(scalar_t)), kRowPrefetch) + 127) / 128;
 #pragma unroll
     for (int i = 0; i < NO; ++i)
       for (int l = lane; l < lines && i < nw; l += 32)
         asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(wr[i]) + l * 128));
-  }
+  };
+
+  // 1. The bank and the weights (immutable): requested before the kernels ahead have finished.
+  slice_rows(s_lo * W);
+  prefetch_rows();
   int j_start = 0, j_end = 0, ulen = 0;
   if (a.b.J > 0) {
     j_start = max(0, __ldg(a.b.projs + 4 * p)), j_end = min(a.b.J, __ldg(a.b.projs + 4 * p + 1));
@@ -1448,51 +1460,64 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     __syncthreads();  // every thread has read the ticket before the next claim overwrites it
   }
 
-  // 4. The base product.
-  {
-    float acc[NO][1];
-    if (nw > 0)
-      dot_rows<scalar_t, NO, 1, kRowLoads>(
-          acc, wr, nw, 1, 0, a.n, a.vec != 0, lane,
-          [&](int, int k, float (&xv)[16 / sizeof(scalar_t)]) {
-            load_vec<16 / sizeof(scalar_t)>(xs + (k >> 5) * kRowPad + (k & 31), xv);
-          },
-          [&](int, int k) { return xs[(k >> 5) * kRowPad + (k & 31)]; });
-    if (lane == 0)
-#pragma unroll
-      for (int i = 0; i < NO; ++i) base[warp * NO + i] = nw > i ? acc[i][0] : 0.f;
-  }
+  for (int sl = s_lo; sl < s_hi; ++sl) {
+    const int o0 = sl * W;
+    slice_rows(o0);
 
-  // 5. The delta on this slice, once every c is written.
-  float acc[W];
+    // 4. The base product of the slice.
+    {
+      float acc[NO][1];
+      if (nw > 0)
+        dot_rows<scalar_t, NO, 1, kRowLoads>(
+            acc, wr, nw, 1, 0, a.n, a.vec != 0, lane,
+            [&](int, int k, float (&xv)[16 / sizeof(scalar_t)]) {
+              load_vec<16 / sizeof(scalar_t)>(xs + (k >> 5) * kRowPad + (k & 31), xv);
+            },
+            [&](int, int k) { return xs[(k >> 5) * kRowPad + (k & 31)]; });
+      if (lane == 0)
 #pragma unroll
-  for (int e = 0; e < W; ++e) acc[e] = 0.f;
-  if (a.b.J > 0) {
-    if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
-    __syncthreads();
-    if (o0 < ulen) {
-      const int bi = o0 >> 5, q0 = o0 & 31;
-      const int32_t* spans = a.b.spans + static_cast<size_t>(p) * (a.K + 1);
-      for (int d = 0; d < a.K; ++d) {  // the rank rows of each delta in use
-        int lo = j_start, hi = j_end;
-        if (a.K > 1) {
-          if (__ldg(a.w + d) == 0.f) continue;
-          lo = max(j_start, __ldg(spans + d)), hi = min(j_end, __ldg(spans + d + 1));
+        for (int i = 0; i < NO; ++i) base[warp * NO + i] = nw > i ? acc[i][0] : 0.f;
+    }
+
+    // 5. The delta on the slice, once every c is written (DRAM meanwhile busy with the next slice's first bytes).
+    if (sl + 1 < s_hi) {
+      slice_rows(o0 + W);
+      prefetch_rows();
+    }
+    float acc[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[e] = 0.f;
+    if (a.b.J > 0) {
+      if (sl == s_lo) {
+        if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
+        __syncthreads();
+      }
+      if (o0 < ulen) {
+        const int bi = o0 >> 5, q0 = o0 & 31;
+        const int32_t* spans = a.b.spans + static_cast<size_t>(p) * (a.K + 1);
+        for (int d = 0; d < a.K; ++d) {  // the rank rows of each delta in use
+          int lo = j_start, hi = j_end;
+          if (a.K > 1) {
+            if (__ldg(a.w + d) == 0.f) continue;
+            lo = max(j_start, __ldg(spans + d)), hi = min(j_end, __ldg(spans + d + 1));
+          }
+          for (int jb = lo + threadIdx.x; jb < hi; jb += kThreads * kRowBatch)
+            row_expand_batch<W>(acc, a, jb, hi, bi, q0);
         }
-        for (int jb = lo + threadIdx.x; jb < hi; jb += kThreads * kRowBatch) row_expand_batch<W>(acc, a, jb, hi, bi, q0);
       }
     }
-  }
-  warp_reduce_scatter<W, 16>(acc, lane);  // lanes 2i and 2i + 1 hold output i
-  if ((lane & 1) == 0) red[warp][lane >> 1] = acc[0];
-  __syncthreads();
-  if (threadIdx.x < W && o0 + static_cast<int>(threadIdx.x) < plen) {
-    const int o = out_lo + o0 + threadIdx.x;
-    float v = base[threadIdx.x];
+    warp_reduce_scatter<W, 16>(acc, lane);  // lanes 2i and 2i + 1 hold output i
+    if ((lane & 1) == 0) red[warp][lane >> 1] = acc[0];
+    __syncthreads();
+    if (threadIdx.x < W && o0 + static_cast<int>(threadIdx.x) < plen) {
+      const int o = out_lo + o0 + threadIdx.x;
+      float v = base[threadIdx.x];
 #pragma unroll
-    for (int q = 0; q < kWarps; ++q) v += red[q][threadIdx.x];
-    const float b0 = a.bias != nullptr ? load_f32(static_cast<const scalar_t*>(a.bias) + o) : 0.f;
-    store_f32(static_cast<scalar_t*>(a.out) + o, b0 + v);
+      for (int q = 0; q < kWarps; ++q) v += red[q][threadIdx.x];
+      const float b0 = a.bias != nullptr ? load_f32(static_cast<const scalar_t*>(a.bias) + o) : 0.f;
+      store_f32(static_cast<scalar_t*>(a.out) + o, b0 + v);
+    }
+    __syncthreads();  // base and red are free for the next slice
   }
 
   // 6. The last CTA zeroes the counters (every CTA's last use of them comes before its count).
@@ -1704,26 +1729,46 @@ cudaError_t launch_any(int dtype, const Plan& p, const void* x, const void* y, v
   }
 }
 
-// The one-row kernel takes a call of one token row whose x fits in shared memory and whose slices of 16 outputs
-// run in one wave (kRowCtasPerSm per SM: ceil(M / 16) + P bounds them). A CTA holds its slot through the wait and
-// the delta's tail, so a second wave starts only behind them: measured on an H200 at Llama-2-7B shapes (1 row, bf16,
-// per call), the one-row kernel took 18.8 us for o and 37.3 for down (one wave of 256 CTAs) against 26.3 and 43.6
-// for the four kernels, but 48.2 for q|k|v (384 CTAs of 32 outputs) and 86.7 for gate|up (688) against 47.9 and 67.9.
-bool row_path(int64_t R, int64_t n, int64_t M, int64_t P, int num_sms) {
-  return R == 1 && n <= kRowMaxN && (M + kRowSlice - 1) / kRowSlice + P <= kRowCtasPerSm * num_sms;
+// The one-row kernel takes a call of one token row whose x fits in shared memory when its grid, one wave
+// (kRowCtasPerSm per SM, since a CTA holds its slot through its wait), gives each CTA one slice of 16 outputs, or a
+// few whose delta tails walk few rank rows in all. A CTA takes consecutive slices of one projection, and each slice's
+// delta tail (every rank row of the projection: its metadata, c and words) comes after the slice's base product;
+// the CTAs, all in step, leave DRAM idle meanwhile. Measured on an H200 at Llama-2-7B shapes (1 bit per entry,
+// 1 row, bf16, per call) against the four kernels: o and down (1 slice a CTA; 820 and 1,470 rank rows a projection)
+// 18.5 and 37.2 us against 26.3 and 43.6; q|k|v (3 slices, 1,000 rows) 44.9 against 47.4; gate|up (6 slices, 1,470
+// rows) 107.0 against 68.0; with four gated deltas (four times the rows) q|k|v lost too (the 7B step 3.30x the base's
+// against 3.06x).
+constexpr int kRowMaxSlices = 3;     // slices per CTA
+constexpr int64_t kRowMaxWalk = 4096;  // slices per CTA x rank rows per projection, with more than one slice
+
+int64_t row_wave(int num_sms) { return static_cast<int64_t>(kRowCtasPerSm) * (num_sms > 0 ? num_sms : 1); }
+
+bool row_path(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
+  if (R != 1 || n > kRowMaxN) return false;
+  const int64_t per_cta = ceil_div<int64_t>((M + kRowSlice - 1) / kRowSlice + P, row_wave(num_sms));
+  return per_cta <= 1 || (per_cta <= kRowMaxSlices && per_cta * J <= kRowMaxWalk * P);
 }
 
-// Slices of W outputs per projection; CTA i takes slice i.
+// Projection p gets CTAs in proportion to its slices of W outputs (every slice its own CTA when they fit in one
+// wave), at least one each; the kernel splits a projection's slices evenly over its CTAs.
 template <typename scalar_t>
-cudaError_t launch_row(RowArgs a, bool pdl, cudaStream_t stream) {
+cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
   constexpr int W = kRowSlice;
-  int slices = 0;
-  for (int q = 0, lo = 0; q < kMaxBaseProjs; ++q) {
-    slices += q < a.b.P ? ceil_div(a.end[q] - lo, W) : 0;
-    a.slice_end[q] = slices;
+  int64_t slices[kMaxBaseProjs] = {}, total = 0;
+  for (int q = 0, lo = 0; q < a.b.P; ++q) {
+    slices[q] = ceil_div(a.end[q] - lo, W);
+    total += slices[q];
     lo = a.end[q];
   }
-  if (slices == 0) return cudaSuccess;
+  if (total == 0) return cudaSuccess;
+  const int64_t wave = row_wave(num_sms);
+  int ctas = 0;
+  for (int q = 0; q < kMaxBaseProjs; ++q) {
+    int64_t cq = slices[q];
+    if (total + a.b.P > wave && cq > 0) cq = std::min(cq, std::max<int64_t>(1, wave * cq / total));
+    ctas += static_cast<int>(cq);
+    a.cta_end[q] = ctas;
+  }
   // Shared memory past 48 KB is opted into once per device and instantiation (the largest size so far).
   const int smem = row_x_floats(a.n) * static_cast<int>(sizeof(float));
   static std::atomic<int> allowed[64];
@@ -1735,7 +1780,7 @@ cudaError_t launch_row(RowArgs a, bool pdl, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     if (device < 64) allowed[device].store(smem);
   }
-  return launch_kernel(row_kernel<scalar_t>, dim3(slices), smem, pdl, stream, a);
+  return launch_kernel(row_kernel<scalar_t>, dim3(ctas), smem, pdl, stream, a);
 }
 
 }  // namespace
@@ -1745,13 +1790,13 @@ cudaError_t launch_row(RowArgs a, bool pdl, cudaStream_t stream) {
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
                                      int64_t row_tile, bool fused) {
   if (R <= 0 || M <= 0) return 0;
-  if (fused && row_path(R, n, M, P, num_sms)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
+  if (fused && row_path(R, n, M, J, P, num_sms)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
 size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
   if (R <= 0 || M <= 0 || J <= 0) return 0;
-  if (row_path(R, n, M, P, num_sms)) return kRowCounters;
+  if (row_path(R, n, M, J, P, num_sms)) return kRowCounters;
   const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
   return static_cast<size_t>(p.groups) * p.ntiles;
 }
@@ -1784,7 +1829,7 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
   for (int64_t q = 0; q < P; ++q) vec = vec && reinterpret_cast<uintptr_t>(base[q]) % 16 == 0;
   const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
                            projs, spans, P);
-  if (row_path(R, n, M, P, num_sms)) {
+  if (row_path(R, n, M, J, P, num_sms)) {
     RowArgs a{x, static_cast<int>(n), static_cast<int>(K), vec ? 1 : 0, {}, {}, {}, bias, out, w, b, workspace,
               J > 0 ? ready : nullptr};
     for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
@@ -1792,9 +1837,9 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
       a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;
     }
     switch (dtype) {
-      case 0: return launch_row<float>(a, pdl, stream);
-      case 1: return launch_row<__half>(a, pdl, stream);
-      case 2: return launch_row<__nv_bfloat16>(a, pdl, stream);
+      case 0: return launch_row<float>(a, num_sms, pdl, stream);
+      case 1: return launch_row<__half>(a, num_sms, pdl, stream);
+      case 2: return launch_row<__nv_bfloat16>(a, num_sms, pdl, stream);
       default: return cudaErrorInvalidValue;
     }
   }
