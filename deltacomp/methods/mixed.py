@@ -113,8 +113,7 @@ class Mixed(Method):
             u, s = factors.unit_columns(delta.to(v.device) @ v)  # (m, r), (r,)
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
-        refit = config.refit if config.refit is not None else h_round is not None  # default: refit under GPTQ only
-        fg = factors.quantize(delta, u, s, v, groups, group_size, refit, h_round, config.act_order, config.damp,
+        fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h_round, config.act_order, config.damp,
                               clip=config.vector_range == "mse", v_rows=v_rows)
         tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
         factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
