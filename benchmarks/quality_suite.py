@@ -40,8 +40,10 @@ With ``S="python benchmarks/quality_suite.py --gguf /tmp/suite/smol.gguf --work 
     python benchmarks/quality_suite.py --render finetunes.json b1.json b05.json b025.json   # the tables again
 
 A budget that does not fit in one call: ``--pairs json,arith`` and ``--pairs piglatin,instruct`` in two calls, or
-fewer settings (``--settings REGEX``). Each pair's log: ``--work/part-PAIR.log``; compress seconds per setting are in
-the JSON. If a pair meant not to saturate reaches an exact match near 1, lower its steps in ``suite_tasks.TASKS``.
+fewer settings (``--settings REGEX``), or the same command again with ``--resume`` (while the machine is warm): the
+units that finished are read back, the rest run. Each pair's log: ``--work/part-PAIR.log``; compress seconds per
+setting are in the JSON. If a pair meant not to saturate reaches an exact match near 1, lower its steps in
+``suite_tasks.TASKS``.
 
 Smoke (a tiny random Llama on the CPU, every stage at tiny sizes, budgets 1 and 0.25, about half a minute on two
 cores): ``python benchmarks/quality_suite.py --smoke``.
@@ -235,30 +237,42 @@ def _without(argv: list[str], options: tuple[str, ...], flags: tuple[str, ...] =
     return out
 
 
-def _spawn(units: list[tuple[str, list[str]]], jobs: int, work: Path) -> list[dict]:
-    """Run this script once per (name, arguments) unit, ``jobs`` at a time; the JSON results in unit order."""
+def _spawn(units: list[tuple[str, list[str]]], jobs: int, work: Path, resume: bool = False) -> list[dict]:
+    """Run this script once per (name, arguments) unit, ``jobs`` at a time; the JSON results in unit order. With
+    ``resume``, a unit that finished before with the same arguments (its ``part-UNIT.args``, written after its
+    JSON) is not run again: its JSON is read."""
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
     results: dict[int, dict] = {}
     running: dict[int, tuple] = {}
-    todo = list(enumerate(units))
+    todo = []
+    for i, (unit, extra) in enumerate(units):
+        out, done = work / f"part-{unit}.json", work / f"part-{unit}.args"
+        if resume and out.is_file() and done.is_file() and json.loads(done.read_text()) == extra:
+            results[i] = json.loads(out.read_text())
+            log.info("%s reused", unit)
+        else:
+            todo.append((i, (unit, extra)))
     while todo or running:
         while todo and len(running) < jobs:
             i, (unit, extra) = todo.pop(0)
             out, logfile = work / f"part-{unit}.json", work / f"part-{unit}.log"
+            (work / f"part-{unit}.args").unlink(missing_ok=True)
             cmd = [sys.executable, str(Path(__file__).resolve()), *extra, "--out", str(out)]
             with open(logfile, "w") as f:
-                running[i] = (unit, logfile, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env))
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env)
+            running[i] = (unit, extra, logfile, out, proc)
         time.sleep(0.5)
-        for i, (unit, logfile, out, proc) in list(running.items()):
+        for i, (unit, extra, logfile, out, proc) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[i]
             if proc.returncode != 0:
-                for _, _, _, other in running.values():
+                for *_, other in running.values():
                     other.terminate()
                 tail = "".join(logfile.read_text().splitlines(keepends=True)[-20:])
                 raise SystemExit(f"{unit} failed (exit {proc.returncode}); the end of {logfile}:\n{tail}")
             results[i] = json.loads(out.read_text())
+            (work / f"part-{unit}.args").write_text(json.dumps(extra))
             log.info("%s done", unit)
     return [results[i] for i in sorted(results)]
 
@@ -281,7 +295,7 @@ def run_parallel(args, argv: list[str]) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     base_model(args, work)  # made once, before the processes that read it start
     drop = ("--pairs", "--out", "--jobs", "--work", *(("--settings",) if args.split_settings else ()))
-    keep = [*_without(argv, drop, ("--split-settings",)), "--work", str(work)]
+    keep = [*_without(argv, drop, ("--split-settings", "--resume")), "--work", str(work)]
     names = [n.strip() for n in args.pairs.split(",") if n.strip()]
     chunks = [("", [])]
     if args.split_settings and not args.finetune_only:
@@ -289,7 +303,7 @@ def run_parallel(args, argv: list[str]) -> dict:
         missing = [n for n in names if not (work / n / "finetuned" / "train.json").is_file()]
         _spawn([(f"{n}-finetune", [*keep, "--pairs", n, "--finetune-only"]) for n in missing], args.jobs, work)
     units = [(f"{n}{tag}", [*keep, "--pairs", n, *extra]) for n in names for tag, extra in chunks]
-    merged = merge(_spawn(units, args.jobs, work))
+    merged = merge(_spawn(units, args.jobs, work, args.resume))
     merged["seconds"] = time.perf_counter() - t_start
     return merged
 
@@ -356,6 +370,8 @@ def main(argv=None) -> dict | None:
                     "log in --work/part-PAIR.log).")
     ap.add_argument("--split-settings", action="store_true", help="With --jobs: each setting of a pair in a process "
                     "of its own.")
+    ap.add_argument("--resume", action="store_true", help="With --jobs: reuse the results of the units that --work "
+                    "holds from a finished run with the same arguments (a call that a time limit stopped goes on).")
     ap.add_argument("--skip-reference", action="store_true", help="With --settings: leave the reference out too (a "
                     "unit of --split-settings; the merged tables take it from its own unit).")
     argv = sys.argv[1:] if argv is None else list(argv)

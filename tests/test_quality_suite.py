@@ -98,3 +98,29 @@ def test_pig_latin_holds_some_words_out_of_training(suite):
     assert not in_train & set(UNSEEN)
     unseen = sum(any(w in UNSEEN for w in p.split(": ")[1].split()) for p, _ in held)
     assert 0.3 < unseen / len(held) < 0.8
+
+
+def test_resume_runs_only_units_not_finished_with_the_same_arguments(suite, tmp_path, monkeypatch):
+    started = []
+
+    class Finished:  # a unit's process: writes its JSON (the argument after the script) at once
+        returncode = 0
+
+        def __init__(self, cmd, **_):
+            started.append(cmd[2])
+            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"unit": cmd[2]}))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(suite.subprocess, "Popen", Finished)
+    assert suite._spawn([("a", ["A"]), ("b", ["B"])], 2, tmp_path) == [{"unit": "A"}, {"unit": "B"}]
+    assert started == ["A", "B"]
+    started.clear()
+    (tmp_path / "part-c.json").write_text(json.dumps({"unit": "a run stopped before its end"}))  # no .args: rerun
+    units = [("a", ["A"]), ("b", ["B changed"]), ("c", ["C"])]
+    assert suite._spawn(units, 2, tmp_path, resume=True) == [{"unit": "A"}, {"unit": "B changed"}, {"unit": "C"}]
+    assert started == ["B changed", "C"]
+    started.clear()
+    assert suite._spawn(units, 1, tmp_path) == [{"unit": "A"}, {"unit": "B changed"}, {"unit": "C"}]
+    assert started == ["A", "B changed", "C"]  # without --resume every unit runs
