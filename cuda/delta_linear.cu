@@ -1202,7 +1202,8 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 //      flight per lane), and asks L2 for the first bytes of the next slice's weight rows;
 //   5. waits (at its first slice) until ready[1] == J, adds c[j] * U[j, slice] over the rank rows of the deltas in use
 //      (a thread per rank row, kRowBatch at a time; the warps' sums meet in shared memory) and writes
-//      out = bias + base + delta, rounded once. A slice's delta tail overlaps the other CTAs' base products;
+//      out = bias + base + delta, rounded once (the CTAs run in step: DRAM idles through their tails, hence
+//      row_path's bound on slices and rank rows);
 //   6. counts itself in ready[2]; the last CTA zeroes ready[0..2] for the next call.
 // Rank rows are claimed at run time rather than by CTA index: a CTA waits only after every row has been claimed, and
 // rows are claimed by running CTAs that complete them before waiting for anything, so the wait ends whatever the
@@ -1734,7 +1735,7 @@ cudaError_t launch_any(int dtype, const Plan& p, const void* x, const void* y, v
 // few whose delta tails walk few rank rows in all. A CTA takes consecutive slices of one projection, and each slice's
 // delta tail (every rank row of the projection: its metadata, c and words) comes after the slice's base product;
 // the CTAs, all in step, leave DRAM idle meanwhile. Measured on an H200 at Llama-2-7B shapes (1 bit per entry,
-// 1 row, bf16, per call) against the four kernels: o and down (1 slice a CTA; 820 and 1,470 rank rows a projection)
+// 1 row, bf16, per call) against the four kernels: o and down (1 slice a CTA; 1,000 and 1,470 rank rows)
 // 18.5 and 37.2 us against 26.3 and 43.6; q|k|v (3 slices, 1,000 rows) 44.9 against 47.4; gate|up (6 slices, 1,470
 // rows) 107.0 against 68.0; with four gated deltas (four times the rows) q|k|v lost too (the 7B step 3.30x the base's
 // against 3.06x).
