@@ -93,7 +93,7 @@ GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
 ALLOCATIONS = ("auto", "optimal", "schedule")
 VECTOR_RANGES = ("mse", "minmax")
 CALIB_USES = ("both", "rounding", "allocation")
-NOISE_WEIGHT = 0.1  # --noise-weight of matrices compressed without calibration
+NOISE_WEIGHT = 0.1  # --noise-weight's default
 VOCAB_WEIGHTS = ("auto", "off", "counts", "head")  # how token tables are weighted (deltacomp.calib.frequency)
 
 
@@ -377,11 +377,10 @@ class CompressConfig:
         parse=_allocation_bits)
     noise_weight: float | None = setting(
         None, "allocation", "--allocation optimal: the weight of a kept vector's rounding error against the error of "
-        f"dropping a vector [default: {NOISE_WEIGHT} without calibration, 1 for calibrated matrices]. 1 counts both "
-        "as weight error; below 1 keeps more vectors at fewer bits: rounding noise spreads over directions the "
-        "inputs rarely take, a dropped vector loses one they take. Measured by function: 0.1 was closest to the "
-        "fine-tunes on the SmolLM2 suite at 1, 0.5 and 0.25 bit, 0.3-1 on MiniLM and with calibration "
-        "(BENCHMARKS.md).", type=float)
+        f"dropping a vector [default: {NOISE_WEIGHT}, calibrated or not]. 1 counts both as weight error; below 1 "
+        "keeps more vectors at fewer bits: rounding noise spreads over directions the inputs rarely take, a dropped "
+        "vector loses one they take. Measured by function: 0.1 was closest to the fine-tunes on the SmolLM2 suite "
+        "at 1, 0.5 and 0.25 bit, and with calibration at 0.5 bit; 0.3-1 on MiniLM (BENCHMARKS.md).", type=float)
     budget_scope: str = setting("matrix", "allocation", "Budget per matrix, or shared by all compressed matrices "
                                 "(with --allocation optimal; with --sequential each matrix gets the share the shared "
                                 "allocation gave it, and its vectors are chosen on its sequential target).",

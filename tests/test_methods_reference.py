@@ -157,12 +157,11 @@ def test_optimal_allocation_keeps_the_chosen_range():
     assert not torch.equal(got, clipped)
 
 
-def test_the_noise_weight_defaults_to_its_uncalibrated_value_and_moves_the_allocation():
-    """Without calibration the default is NOISE_WEIGHT (the same package as asking for it), with calibration 1; a
-    weight of 1 keeps fewer vectors at more bits."""
-    assert noise_weight(CompressConfig(), calibrated=False) == NOISE_WEIGHT < 1
-    assert noise_weight(CompressConfig(), calibrated=True) == 1.0
-    assert noise_weight(CompressConfig(noise_weight=0.5), calibrated=True) == 0.5
+def test_the_noise_weight_defaults_to_noise_weight_and_moves_the_allocation():
+    """The default is NOISE_WEIGHT (the same package as asking for it); a weight of 1 keeps fewer vectors at more
+    bits."""
+    assert noise_weight(CompressConfig()) == NOISE_WEIGHT < 1
+    assert noise_weight(CompressConfig(noise_weight=0.5)) == 0.5
     delta = _delta()
     default, _ = _compress(delta, 1.0, method="mixed")
     asked, _ = _compress(delta, 1.0, method="mixed", noise_weight=NOISE_WEIGHT)

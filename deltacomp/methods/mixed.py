@@ -14,19 +14,16 @@ from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 from deltacomp.quant.packed import packed_from_parts
 
-# ``--allocation auto`` is the optimal allocation; without calibration it weighs rounding noise at NOISE_WEIGHT of a
-# dropped vector's error (deltacomp.quant.allocate). Measured by function (BENCHMARKS.md, "The noise weight"): on four
+# ``--allocation auto`` is the optimal allocation; it weighs rounding noise at NOISE_WEIGHT of a dropped vector's
+# error (deltacomp.quant.allocate). Measured by function (BENCHMARKS.md, "The noise weight"): on four
 # SmolLM2-135M fine-tunes this kept the answers closer to the fine-tune than the plain reference on 3 of 4 at 1 bit,
 # 2 of 4 at 0.5 and 4 of 4 at 0.25 (geometric mean of the answer KL 0.61x, 1.07x, 0.38x the reference's), where the
 # weight-error allocation (noise weight 1) lost on 3 or 4 of the 4 at every budget.
 
 
-def noise_weight(config: CompressConfig, calibrated: bool) -> float:
-    """``--noise-weight``, or its default: 1 for a calibrated matrix (its inputs' second moment already weighs the
-    rounding error of V), :data:`NOISE_WEIGHT` for the others."""
-    if config.noise_weight is not None:
-        return config.noise_weight
-    return 1.0 if calibrated else NOISE_WEIGHT
+def noise_weight(config: CompressConfig) -> float:
+    """``--noise-weight``, or its default :data:`NOISE_WEIGHT` (calibrated or not)."""
+    return config.noise_weight if config.noise_weight is not None else NOISE_WEIGHT
 
 
 @register("mixed")
@@ -62,7 +59,7 @@ class Mixed(Method):
         return allocate.candidates(delta, config.bits, config.allocation_bits, group_size, h_alloc,
                                    (config.act_order, config.damp) if h_round is not None else None,
                                    self.overhead(delta.shape, config, group_size), share, config.device, config.svd,
-                                   config.vector_range == "mse", noise_weight(config, h_alloc is not None))
+                                   config.vector_range == "mse", noise_weight(config))
 
     def check_budget(self, shape, config):
         config = self.resolve(config)
