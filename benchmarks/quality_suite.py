@@ -237,6 +237,11 @@ def _without(argv: list[str], options: tuple[str, ...], flags: tuple[str, ...] =
     return out
 
 
+def _part(work: Path, unit: str, suffix: str) -> Path:
+    """A unit's file in --work: its JSON (``json``), log (``log``) or arguments once finished (``args``)."""
+    return work / f"part-{unit}.{suffix}"
+
+
 def _spawn(units: list[tuple[str, list[str]]], jobs: int, work: Path, resume: bool = False) -> list[dict]:
     """Run this script once per (name, arguments) unit, ``jobs`` at a time; the JSON results in unit order. With
     ``resume``, a unit that finished before with the same arguments (its ``part-UNIT.args``, written after its
@@ -246,7 +251,7 @@ def _spawn(units: list[tuple[str, list[str]]], jobs: int, work: Path, resume: bo
     running: dict[int, tuple] = {}
     todo = []
     for i, (unit, extra) in enumerate(units):
-        out, done = work / f"part-{unit}.json", work / f"part-{unit}.args"
+        out, done = _part(work, unit, "json"), _part(work, unit, "args")
         if resume and out.is_file() and done.is_file() and json.loads(done.read_text()) == extra:
             results[i] = json.loads(out.read_text())
             log.info("%s reused", unit)
@@ -255,8 +260,8 @@ def _spawn(units: list[tuple[str, list[str]]], jobs: int, work: Path, resume: bo
     while todo or running:
         while todo and len(running) < jobs:
             i, (unit, extra) = todo.pop(0)
-            out, logfile = work / f"part-{unit}.json", work / f"part-{unit}.log"
-            (work / f"part-{unit}.args").unlink(missing_ok=True)
+            out, logfile = _part(work, unit, "json"), _part(work, unit, "log")
+            _part(work, unit, "args").unlink(missing_ok=True)
             cmd = [sys.executable, str(Path(__file__).resolve()), *extra, "--out", str(out)]
             with open(logfile, "w") as f:
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env)
@@ -272,7 +277,7 @@ def _spawn(units: list[tuple[str, list[str]]], jobs: int, work: Path, resume: bo
                 tail = "".join(logfile.read_text().splitlines(keepends=True)[-20:])
                 raise SystemExit(f"{unit} failed (exit {proc.returncode}); the end of {logfile}:\n{tail}")
             results[i] = json.loads(out.read_text())
-            (work / f"part-{unit}.args").write_text(json.dumps(extra))
+            _part(work, unit, "args").write_text(json.dumps(extra))
             log.info("%s done", unit)
     return [results[i] for i in sorted(results)]
 
