@@ -137,7 +137,13 @@ def generic_text(smoke: bool) -> tuple[list[str], list[str]]:
 
 
 def write_lines(path: Path, records) -> Path:
-    path.write_text("".join(r + "\n" for r in records))
+    """``records`` one a line at ``path``. Every unit's process of a pair writes the same files while others may be
+    reading them: a file that already holds the text is left alone, and a new text replaces the file whole."""
+    text = "".join(r + "\n" for r in records)
+    if not (path.is_file() and path.read_text() == text):
+        part = path.with_name(f".{path.name}.{os.getpid()}")
+        part.write_text(text)
+        os.replace(part, path)
     return path
 
 

@@ -37,6 +37,17 @@ def test_heldout_examples_are_never_trained_on(suite):
         ["appleway", "eengray", "ingstray", "rhythmay"]
 
 
+def test_calibration_files_are_replaced_whole_and_left_alone_when_unchanged(suite, tmp_path, monkeypatch):
+    path, replaced, real = tmp_path / "calib.jsonl", [], suite.os.replace
+    monkeypatch.setattr(suite.os, "replace", lambda src, dst: (replaced.append(Path(dst)), real(src, dst)))
+    suite.write_lines(path, ["a", "b"])
+    suite.write_lines(path, ["a", "b"])  # another unit's process, the same records: nothing written
+    assert path.read_text() == "a\nb\n"
+    suite.write_lines(path, ["c"])
+    assert replaced == [path, path]  # each new text written aside, then moved over the file whole
+    assert path.read_text() == "c\n" and [p.name for p in tmp_path.iterdir()] == ["calib.jsonl"]
+
+
 def test_extra_settings_parse(suite):
     assert suite.parse_extra("calib 128 seq: calib=task128; sequential=true; seq-damp=0.3") == \
         ("calib 128 seq", {"calib": "task128", "sequential": True, "seq_damp": 0.3})
