@@ -137,8 +137,8 @@ def generic_text(smoke: bool) -> tuple[list[str], list[str]]:
 
 
 def write_lines(path: Path, records) -> Path:
-    """``records`` one a line at ``path``. Every unit's process of a pair writes the same files while others may be
-    reading them: a file that already holds the text is left alone, and a new text replaces the file whole."""
+    """Writes ``records`` to ``path``, one a line. Every unit's process of a pair writes the same files while others
+    may be reading them: a file that already holds the text is left alone, and a new text replaces the file whole."""
     text = "".join(r + "\n" for r in records)
     if not (path.is_file() and path.read_text() == text):
         part = path.with_name(f".{path.name}.{os.getpid()}")
