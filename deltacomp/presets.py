@@ -8,8 +8,9 @@ quality suite) and the MiniLM pair (BENCHMARKS.md, "The noise weight, by functio
 - ``balanced``: the defaults: no calibration, ``--allocation auto`` (the optimal allocation with noise weight 0.1):
   0.61x, 1.07x and 0.38x the reference's answer KL on the suite at 1, 0.5 and 0.25 bit per entry (geometric mean).
 - ``best``: calibrated (GPTQ on ``--calib`` text) with the optimal allocation, about 3x the compress time; it needs
-  ``--calib``. At 0.5 bit it beat ``balanced`` on MiniLM and on both CPU suite pairs with every calibration set
-  tried (task or generic text); the four GPU suite pairs are still to be measured at these defaults.
+  ``--calib``. At 0.5 bit it beat ``balanced`` on MiniLM, on both CPU suite pairs and on the four GPU suite pairs
+  with task text (0.52x the reference's answer KL, geometric mean, against 0.90x; BENCHMARKS.md, "The four GPU
+  pairs at 0.5 bit at today's calibrated defaults").
   ``--sequential`` is not part of it: it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it
   explicitly to try it).
 """
