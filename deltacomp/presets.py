@@ -2,15 +2,15 @@
 
 Each preset sets the method, the use of calibration, the bit allocation and the sequential fit; options given
 explicitly on the command line override it. Measured on four SmolLM2-135M fine-tunes (the
-quality suite) and the MiniLM pair (BENCHMARKS.md, "The noise weight, by function"):
+quality suite) and the MiniLM pair (BENCHMARKS.md, "The four GPU pairs at 0.5 bit at today's calibrated defaults"
+and "The four GPU pairs at 1 and 0.25 bit at today's defaults"):
 
 - ``fast``: the fixed 8/3/2 schedule, round-to-nearest: the plain reference method's result.
 - ``balanced``: the defaults: no calibration, ``--allocation auto`` (the optimal allocation with noise weight 0.1):
-  0.61x, 1.07x and 0.38x the reference's answer KL on the suite at 1, 0.5 and 0.25 bit per entry (geometric mean).
+  0.46x, 0.90x and 0.34x the reference's answer KL on the suite at 1, 0.5 and 0.25 bit per entry (geometric mean).
 - ``best``: calibrated (GPTQ on ``--calib`` text) with the optimal allocation, about 3x the compress time; it needs
-  ``--calib``. At 0.5 bit it beat ``balanced`` on MiniLM, on both CPU suite pairs and on the four GPU suite pairs
-  with task text (0.52x the reference's answer KL, geometric mean, against 0.90x; BENCHMARKS.md, "The four GPU
-  pairs at 0.5 bit at today's calibrated defaults").
+  ``--calib``. It beat ``balanced`` on MiniLM, on both CPU suite pairs and, with 128 task examples, on the four GPU
+  suite pairs: 0.52x the reference's answer KL at 0.5 bit and 0.21x at 0.25 bit (geometric mean).
   ``--sequential`` is not part of it: it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it
   explicitly to try it).
 """
