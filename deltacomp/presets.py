@@ -2,8 +2,8 @@
 
 Each preset sets the method, the use of calibration, the bit allocation and the sequential fit; options given
 explicitly on the command line override it. Measured on four SmolLM2-135M fine-tunes (the
-quality suite) and the MiniLM pair (BENCHMARKS.md, "The four GPU pairs at 0.5 bit at today's calibrated defaults"
-and "The four GPU pairs at 1 and 0.25 bit at today's defaults"):
+quality suite) and the MiniLM pair (BENCHMARKS.md, "The noise weight, by function", "The four GPU pairs at 0.5 bit
+at today's calibrated defaults" and "The four GPU pairs at 1 and 0.25 bit at today's defaults"):
 
 - ``fast``: the fixed 8/3/2 schedule, round-to-nearest: the plain reference method's result.
 - ``balanced``: the defaults: no calibration, ``--allocation auto`` (the optimal allocation with noise weight 0.1):
