@@ -4,7 +4,8 @@
 //        cuda/check_standalone.cu
 //   ./check_delta_linear           correctness sweep against a float64 CPU reference (needs a GPU)
 //   ./check_delta_linear --bench   timings on Llama-7B-shaped banks
-//   ./check_delta_linear --fused   the fused form (base product + delta) per call on those banks, 1 row
+//   ./check_delta_linear --fused   the fused form (base product + delta) per call on those banks, 1 row, with and
+//                                  without U by block column
 //   ./check_delta_linear --fused-cases   the correctness sweep's fused-form cases only
 //
 // Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
@@ -187,6 +188,45 @@ struct DeviceBank {
   }
 };
 
+// U by block column (the prototype's layout, ColumnU in delta_linear.cu), on the device.
+struct DeviceColumns {
+  deltacomp::ColumnU cu;
+  explicit DeviceColumns(const Bank& b) {
+    const int P = static_cast<int>(b.out_len.size()), J = static_cast<int>(b.s.size());
+    std::vector<int32_t> cols, desc(J, 0), info;
+    std::vector<uint32_t> pair(J, 0u);
+    int most = 0;
+    for (int p = 0; p < P; ++p) {
+      const int j0 = b.projs[4 * p], j1 = b.projs[4 * p + 1], nblk = (b.out_len[p] + 31) / 32;
+      int off = 0, one = 1;
+      for (int j = j0; j < j1; ++j) {
+        const int bits = b.rows[8 * j + 3];
+        desc[j] = bits | off << 4;
+        off += bits;
+        one = one && b.rows[8 * j + 7] <= 0;
+        pair[j] = b.u_scale[b.rows[8 * j + 5]] | static_cast<uint32_t>(b.u_offset[b.rows[8 * j + 5]]) << 16;
+      }
+      const int colwords = (off + 3) / 4 * 4, base = static_cast<int>(cols.size());
+      cols.resize(base + static_cast<size_t>(nblk) * colwords, 0);
+      for (int bk = 0; bk < nblk; ++bk)
+        for (int j = j0; j < j1; ++j) {
+          const int bits = b.rows[8 * j + 3];
+          for (int w = 0; w < bits; ++w)
+            cols[base + bk * colwords + (desc[j] >> 4) + w] = b.u_words[b.rows[8 * j + 4] + bk * bits + w];
+        }
+      info.insert(info.end(), {base, colwords, one});
+      most = std::max(most, colwords);
+    }
+    cols.push_back(0);
+    cu.cols = to_device(cols), cu.desc = to_device(desc), cu.pair = to_device(pair), cu.info = to_device(info);
+    cu.cap = 3 * most;
+  }
+  ~DeviceColumns() {
+    cudaFree(const_cast<int32_t*>(cu.cols)), cudaFree(const_cast<int32_t*>(cu.desc));
+    cudaFree(const_cast<uint32_t*>(cu.pair)), cudaFree(const_cast<int32_t*>(cu.info));
+  }
+};
+
 // Activation storage: 0 float32, 1 float16, 2 bfloat16. Values are rounded to the dtype on the host so the reference
 // sees exactly what the kernel reads.
 std::vector<uint8_t> encode(const std::vector<float>& v, int dtype, std::vector<double>& rounded) {
@@ -226,6 +266,7 @@ double decode(const uint8_t* p, int dtype) {
 }
 
 int g_sms = 0;
+bool g_columns = true;  // fused calls pass U by block column (DeviceColumns)
 bool g_pdl = false;  // programmatic dependent launch: on from compute capability 9.0 (--no-pdl turns it off)
 int g_failures = 0;
 
@@ -298,6 +339,7 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   int* ready = fused ? ready_buffer(delta_linear_base_ready_ints(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
                                                                  static_cast<int64_t>(b.out_len.size()), g_sms))
                      : nullptr;
+  const DeviceColumns dcol(b);
   auto launch = [&]() {
     const int64_t J = static_cast<int64_t>(b.s.size()), P = static_cast<int64_t>(b.out_len.size());
     const int64_t un = static_cast<int64_t>(b.u_words.size()), up = static_cast<int64_t>(b.u_scale.size());
@@ -305,7 +347,7 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
         fused ? delta_linear_base_launch(dtype, dx, bases.data(), base_rows.data(), dy, dout, R, b.n, b.M, dw, b.K,
                                          db.v_words, db.v_scale, db.v_offset, db.u_words, db.u_scale, db.u_offset, un,
                                          up, db.s, db.rows, J, db.projs, db.spans, P, dws, ready, g_sms, g_pdl,
-                                         stream)
+                                         stream, g_columns ? &dcol.cu : nullptr)
               : delta_linear_launch(dtype, dx, dy, dout, R, b.n, b.M, dw, b.K, db.v_words, db.v_scale, db.v_offset,
                                     db.u_words, db.u_scale, db.u_offset, un, up, db.s, db.rows, J, db.projs, db.spans,
                                     P, dws, g_sms, row_tile, g_pdl, stream);
@@ -461,6 +503,15 @@ void fused_cases() {
   for (int rep = 0; rep < 2; ++rep)
     report("fused base product, one row, Llama-sized", b5, 1, 2,
            run_case(b5, 1, 2, dense_weights(1, 1, 1, false), 31 + rep, 0.1f, 0, false, 0, true));
+  // The same with one parameter group a row, with and without U by block column.
+  const Bank b7 = build_bank(4096, {4096, 4096, 4096}, 1, big, {0}, 27);
+  for (int rep = 0; rep < 3; ++rep) {
+    g_columns = rep < 2;
+    report(g_columns ? "fused base product, one row, Llama-sized, U by block column"
+                     : "fused base product, one row, Llama-sized, one group a row",
+           b7, 1, rep % 3, run_case(b7, 1, rep % 3, dense_weights(1, 1, 1, false), 43 + rep, 0.1f, 0, false, 0, true));
+  }
+  g_columns = true;
   std::vector<std::vector<std::vector<Group>>> none(2, std::vector<std::vector<Group>>(1));
   const Bank b4 = build_bank(256, {300, 64}, 1, none, {0}, 24);
   report("fused base product, empty bank", b4, 2, 2,
@@ -618,14 +669,16 @@ void fused_bench() {
     const int P = static_cast<int>(c.outs.size());
     std::vector<std::vector<std::vector<Group>>> table(P, std::vector<std::vector<Group>>(1));
     for (int p = 0; p < P; ++p) table[p][0] = llama_groups(c.outs[p], c.n);
-    const Bank b = build_bank(c.n, c.outs, 1, table, {128}, 1);
+    const Bank b = build_bank(c.n, c.outs, 1, table, {0}, 1);
     std::vector<std::vector<std::vector<Group>>> none(P, std::vector<std::vector<Group>>(1));
     const Bank e = build_bank(c.n, c.outs, 1, none, {128}, 2);
     std::vector<std::unique_ptr<DeviceBank>> banks;
+    std::vector<std::unique_ptr<DeviceColumns>> colsets;
     std::vector<std::vector<void*>> bases(kCopies);
     std::vector<void*> xs(kCopies), outs(kCopies);
     for (int i = 0; i < kCopies; ++i) {
       banks.push_back(std::make_unique<DeviceBank>(b));
+      colsets.push_back(std::make_unique<DeviceColumns>(b));
       for (int q = 0; q < P; ++q) {
         void* wp = nullptr;
         CHECK_CUDA(cudaMalloc(&wp, 2ull * c.outs[q] * c.n));
@@ -645,23 +698,24 @@ void fused_bench() {
                                         delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, false)) *
                                    sizeof(float)));
     int* ready = ready_buffer(delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms));
-    const auto call = [&](int i, int mode) {  // 0 fused, 1 fused with an empty bank, 2 the delta op alone
+    // mode 0 fused, 1 fused with an empty bank, 2 the delta op alone, 3 fused with U by block column
+    const auto call = [&](int i, int mode) {
       const DeviceBank& d = mode == 1 ? empty : *banks[i];
       const Bank& h = mode == 1 ? e : b;
       const int64_t j = static_cast<int64_t>(h.s.size());
       const int64_t un = static_cast<int64_t>(h.u_words.size()), up = static_cast<int64_t>(h.u_scale.size());
       const cudaError_t err =
-          mode < 2 ? delta_linear_base_launch(2, xs[i], bases[i].data(), rows.data(), nullptr, outs[i], 1, c.n, b.M,
-                                              dw, 1, d.v_words, d.v_scale, d.v_offset, d.u_words, d.u_scale,
-                                              d.u_offset, un, up, d.s, d.rows, j, d.projs, d.spans, P, ws, ready,
-                                              g_sms, g_pdl, st)
+          mode != 2 ? delta_linear_base_launch(2, xs[i], bases[i].data(), rows.data(), nullptr, outs[i], 1, c.n,
+                                               b.M, dw, 1, d.v_words, d.v_scale, d.v_offset, d.u_words, d.u_scale,
+                                               d.u_offset, un, up, d.s, d.rows, j, d.projs, d.spans, P, ws, ready,
+                                               g_sms, g_pdl, st, mode == 3 ? &colsets[i]->cu : nullptr)
                    : delta_linear_launch(2, xs[i], outs[i], outs[i], 1, c.n, b.M, dw, 1, d.v_words, d.v_scale,
                                          d.v_offset, d.u_words, d.u_scale, d.u_offset, un, up, d.s, d.rows, j,
                                          d.projs, d.spans, P, ws, g_sms, 0, g_pdl, st);
       CHECK_CUDA(err);
     };
-    float us[3];
-    for (int mode = 0; mode < 3; ++mode) {
+    float us[4];
+    for (int mode = 0; mode < 4; ++mode) {
       const cudaGraphExec_t ge = capture(st, [&] {
         for (int k = 0; k < kCalls; ++k) call(k % kCopies, mode);
       });
@@ -680,9 +734,9 @@ void fused_bench() {
       us[mode] = t[t.size() / 2];
       CHECK_CUDA(cudaGraphExecDestroy(ge));
     }
-    std::printf("fused, 1 row, bf16, %-8s fused %6.1f us | empty bank %6.1f us | delta op alone %6.1f us | "
-                "fused - empty %5.1f us\n",
-                c.name, us[0], us[1], us[2], us[0] - us[1]);
+    std::printf("fused, 1 row, bf16, %-8s fused %6.1f us | with U columns %6.1f us | empty bank %6.1f us | "
+                "delta op alone %6.1f us | fused - empty %5.1f us, with U columns %5.1f us\n",
+                c.name, us[0], us[3], us[1], us[2], us[0] - us[1], us[3] - us[1]);
     for (int i = 0; i < kCopies; ++i) {
       for (void* q : bases[i]) cudaFree(q);
       cudaFree(xs[i]), cudaFree(outs[i]);

@@ -1205,6 +1205,10 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 //      out = bias + base + delta, rounded once (the CTAs run in step: DRAM idles through their tails, hence
 //      row_path's bound on slices and rank rows);
 //   6. counts itself in ready[2]; the last CTA zeroes ready[0..2] for the next call.
+// With U by block column (ColumnU, one delta, rows of one parameter group), steps 4 and 5 differ: before
+// griddepcontrol.wait the CTA requests its columns of its projection's U into shared memory (coalesced 16-byte
+// cp.async), computes every slice's base product, and after the count reads c, width, column offset and parameters
+// of rows tid, tid + 256, ... (coalesced) and decodes them into every slice from shared memory.
 // Rank rows are claimed at run time rather than by CTA index: a CTA waits only after every row has been claimed, and
 // rows are claimed by running CTAs that complete them before waiting for anything, so the wait ends whatever the
 // residency (grids of several calls on several streams included). Counters are touched only after
@@ -1219,6 +1223,8 @@ constexpr int kRowBatch = 4;                // expansion: rank rows a thread loa
 constexpr int kRowPrefetch = 2048;          // base product: bytes of each weight row asked of L2 before the wait
 constexpr int kRowMaxN = 20480;             // longest input it stages (90 KB: any sm_80+ GPU); longer: the tiled path
 constexpr int kRowCounters = 4;             // ready[0] ticket, [1] rows done, [2] CTAs done (int32, padded)
+constexpr int kRowMaxSlices = 3;            // slices per CTA (row_path's bound)
+constexpr int kColRows = 8;                 // U by columns: rank rows a thread takes (projections of <= 2048)
 
 __host__ __device__ constexpr int row_x_floats(int n) { return (n + 31) / 32 * kRowPad; }
 
@@ -1234,6 +1240,7 @@ struct RowArgs {
   Bank b;                                 // b.P projections
   float* c;                               // (J,) workspace: stage 1's c values
   int* ready;                             // kRowCounters, zero at the start of the call (null without rank rows)
+  ColumnU cu;                              // U by block column (optional; cu.cap: shared-memory words for them)
 };
 
 // Stage 1 for one rank row of width BITS, one warp: sum_k x[k] V[j, k] (lane l takes blocks l, l + 32, ...; 4 blocks'
@@ -1347,6 +1354,18 @@ __device__ __forceinline__ void row_expand_batch(float (&acc)[W], const RowArgs&
   }
 }
 
+// acc[e] += u(code q0 + e of the block at blk, in shared memory) * cm, e < W.
+template <int BITS, int W>
+__device__ __forceinline__ void tail_add(float (&acc)[W], const uint32_t* blk, int q0, float cm) {
+  uint32_t v[lane_words<BITS, W>()];
+  const int w0 = (BITS * q0) >> 5;
+#pragma unroll
+  for (int q = 0; q < lane_words<BITS, W>(); ++q) v[q] = blk[w0 + q];
+  align_lane_words<BITS, W>(v, q0);
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] = __fmaf_rn(unit_code<BITS>(v, BITS * e), cm, acc[e]);
+}
+
 // Selects (without dynamic parameter indexing) projection p's weight pointer and output range.
 __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p, const void*& weight, int& lo) {
   p = 0, weight = a.weight[0], lo = 0;
@@ -1361,8 +1380,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   constexpr int NO = kRowNo, W = kRowSlice;
   static_assert(W == 16, "the slice's reduction below takes 16 outputs");
   extern __shared__ __align__(16) float xs[];
-  __shared__ float red[kWarps][W];
-  __shared__ float base[W];
+  __shared__ float red[kRowMaxSlices][kWarps][W];  // the warps' delta sums per slice
+  __shared__ float base[kRowMaxSlices][W];         // the slices' base outputs
   __shared__ int ticket;
   allow_next_grid();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1393,6 +1412,22 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
         asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(wr[i]) + l * 128));
   };
 
+  // The base product of the slice at o0: its W outputs into dst (NO weight rows per warp over the whole input).
+  const auto base_product = [&](int o0, float* dst) {
+    slice_rows(o0);
+    float acc[NO][1];
+    if (nw > 0)
+      dot_rows<scalar_t, NO, 1, kRowLoads>(
+          acc, wr, nw, 1, 0, a.n, a.vec != 0, lane,
+          [&](int, int k, float (&xv)[16 / sizeof(scalar_t)]) {
+            load_vec<16 / sizeof(scalar_t)>(xs + (k >> 5) * kRowPad + (k & 31), xv);
+          },
+          [&](int, int k) { return xs[(k >> 5) * kRowPad + (k & 31)]; });
+    if (lane == 0)
+#pragma unroll
+      for (int i = 0; i < NO; ++i) dst[warp * NO + i] = nw > i ? acc[i][0] : 0.f;
+  };
+
   // 1. The bank and the weights (immutable): requested before the kernels ahead have finished.
   slice_rows(s_lo * W);
   prefetch_rows();
@@ -1404,6 +1439,23 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       prefetch_share_l2(a.b.u_words, static_cast<size_t>(a.b.u_nwords) * 4, blockIdx.x, gridDim.x);
       prefetch_share_l2(a.b.u_scale, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
       prefetch_share_l2(a.b.u_offset, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
+    }
+  }
+  // The column path: one delta, every row of the projection of one parameter group, the CTA's columns fitting.
+  uint32_t* colw = reinterpret_cast<uint32_t*>(xs + row_x_floats(a.n));
+  const int o_end = min(s_hi * W, ulen), bA = (s_lo * W) >> 5;
+  const int nbc = s_lo * W < o_end ? ((o_end - 1) >> 5) - bA + 1 : 0;
+  int colwords = 0;
+  bool use_cols = false;
+  if (a.cu.cols != nullptr && a.b.J > 0 && a.K == 1 && nbc > 0 && j_end - j_start <= kColRows * kThreads) {
+    colwords = __ldg(a.cu.info + 3 * p + 1);
+    use_cols = __ldg(a.cu.info + 3 * p + 2) != 0 && nbc * colwords <= a.cu.cap;
+  }
+  if (use_cols) {  // immutable: requested before the kernels ahead have finished, bypassing L1
+    const int4* src = reinterpret_cast<const int4*>(a.cu.cols + __ldg(a.cu.info + 3 * p) + bA * colwords);
+    for (int i = threadIdx.x; i < nbc * colwords / 4; i += kThreads) {
+      const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(colw + 4 * i));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + i) : "memory");
     }
   }
   wait_prior_grids();
@@ -1461,64 +1513,121 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     __syncthreads();  // every thread has read the ticket before the next claim overwrites it
   }
 
-  for (int sl = s_lo; sl < s_hi; ++sl) {
-    const int o0 = sl * W;
-    slice_rows(o0);
-
-    // 4. The base product of the slice.
-    {
-      float acc[NO][1];
-      if (nw > 0)
-        dot_rows<scalar_t, NO, 1, kRowLoads>(
-            acc, wr, nw, 1, 0, a.n, a.vec != 0, lane,
-            [&](int, int k, float (&xv)[16 / sizeof(scalar_t)]) {
-              load_vec<16 / sizeof(scalar_t)>(xs + (k >> 5) * kRowPad + (k & 31), xv);
-            },
-            [&](int, int k) { return xs[(k >> 5) * kRowPad + (k & 31)]; });
-      if (lane == 0)
-#pragma unroll
-        for (int i = 0; i < NO; ++i) base[warp * NO + i] = nw > i ? acc[i][0] : 0.f;
-    }
-
-    // 5. The delta on the slice, once every c is written (DRAM meanwhile busy with the next slice's first bytes).
-    if (sl + 1 < s_hi) {
-      slice_rows(o0 + W);
-      prefetch_rows();
-    }
-    float acc[W];
-#pragma unroll
-    for (int e = 0; e < W; ++e) acc[e] = 0.f;
-    if (a.b.J > 0) {
-      if (sl == s_lo) {
-        if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
-        __syncthreads();
+  if (use_cols) {
+    // 4'. The base products of every slice (sums in shared memory), with the columns landing meanwhile.
+    const int nsl = s_hi - s_lo;
+    for (int s = 0; s < nsl; ++s) {
+      base_product((s_lo + s) * W, base[s]);
+      if (s + 1 < nsl) {
+        slice_rows((s_lo + s + 1) * W);
+        prefetch_rows();
       }
-      if (o0 < ulen) {
-        const int bi = o0 >> 5, q0 = o0 & 31;
-        const int32_t* spans = a.b.spans + static_cast<size_t>(p) * (a.K + 1);
-        for (int d = 0; d < a.K; ++d) {  // the rank rows of each delta in use
-          int lo = j_start, hi = j_end;
-          if (a.K > 1) {
-            if (__ldg(a.w + d) == 0.f) continue;
-            lo = max(j_start, __ldg(spans + d)), hi = min(j_end, __ldg(spans + d + 1));
-          }
-          for (int jb = lo + threadIdx.x; jb < hi; jb += kThreads * kRowBatch)
-            row_expand_batch<W>(acc, a, jb, hi, bi, q0);
+    }
+    // 5'. Once every c is written: the thread's rows j_start + threadIdx.x + i * kThreads (consecutive rows in
+    // consecutive lanes: coalesced reads, mostly one width per warp), their c, descriptor and parameters in registers.
+    if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
+    __syncthreads();
+    int dsc[kColRows];
+    float cm[kColRows], ca = 0.f;
+#pragma unroll
+    for (int i = 0; i < kColRows; ++i) {
+      const int j = j_start + static_cast<int>(threadIdx.x) + i * kThreads;
+      dsc[i] = 0, cm[i] = 0.f;
+      if (j < j_end) {
+        const float c = __ldcg(a.c + j);
+        const int d = __ldg(a.cu.desc + j);
+        const uint32_t pr = __ldg(a.cu.pair + j);
+        const int bits = d & 15;
+        if (c != 0.f && valid_bits(bits)) {
+          const float mul = __half2float(__ushort_as_half(static_cast<unsigned short>(pr & 0xffffu))) *
+                            static_cast<float>(1 << bits);
+          const float add = __half2float(__ushort_as_half(static_cast<unsigned short>(pr >> 16))) - mul;
+          dsc[i] = d, cm[i] = c * mul, ca += c * add;
         }
       }
     }
-    warp_reduce_scatter<W, 16>(acc, lane);  // lanes 2i and 2i + 1 hold output i
-    if ((lane & 1) == 0) red[warp][lane >> 1] = acc[0];
+    asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
-    if (threadIdx.x < W && o0 + static_cast<int>(threadIdx.x) < plen) {
-      const int o = out_lo + o0 + threadIdx.x;
-      float v = base[threadIdx.x];
+    for (int s = 0; s < nsl; ++s) {
+      const int o0 = (s_lo + s) * W;
+      float acc[W];
 #pragma unroll
-      for (int q = 0; q < kWarps; ++q) v += red[q][threadIdx.x];
-      const float b0 = a.bias != nullptr ? load_f32(static_cast<const scalar_t*>(a.bias) + o) : 0.f;
-      store_f32(static_cast<scalar_t*>(a.out) + o, b0 + v);
+      for (int e = 0; e < W; ++e) acc[e] = ca;
+      if (o0 < o_end) {
+        const uint32_t* col = colw + ((o0 >> 5) - bA) * colwords;
+        const int q0 = o0 & 31;
+#pragma unroll
+        for (int i = 0; i < kColRows; ++i) {
+          const uint32_t* blk = col + (dsc[i] >> 4);
+          switch (dsc[i] & 15) {
+            case 1: tail_add<1, W>(acc, blk, q0, cm[i]); break;
+            case 2: tail_add<2, W>(acc, blk, q0, cm[i]); break;
+            case 3: tail_add<3, W>(acc, blk, q0, cm[i]); break;
+            case 4: tail_add<4, W>(acc, blk, q0, cm[i]); break;
+            case 8: tail_add<8, W>(acc, blk, q0, cm[i]); break;
+            default: break;
+          }
+        }
+      }
+      warp_reduce_scatter<W, 16>(acc, lane);  // lanes 2i and 2i + 1 hold output i
+      if ((lane & 1) == 0) red[s][warp][lane >> 1] = acc[0];
     }
-    __syncthreads();  // base and red are free for the next slice
+    __syncthreads();
+    for (int i = threadIdx.x; i < nsl * W; i += kThreads) {
+      const int s = i / W, e = i % W, o = (s_lo + s) * W + e;
+      if (o >= plen) continue;
+      float v = base[s][e];
+      if ((s_lo + s) * W < o_end)
+#pragma unroll
+        for (int q = 0; q < kWarps; ++q) v += red[s][q][e];
+      const float b0 = a.bias != nullptr ? load_f32(static_cast<const scalar_t*>(a.bias) + out_lo + o) : 0.f;
+      store_f32(static_cast<scalar_t*>(a.out) + out_lo + o, b0 + v);
+    }
+  } else {
+    for (int sl = s_lo; sl < s_hi; ++sl) {
+      const int o0 = sl * W;
+      base_product(o0, base[0]);  // 4. The base product of the slice.
+
+      // 5. The delta on the slice, once every c is written (DRAM meanwhile busy with the next slice's first bytes).
+      if (sl + 1 < s_hi) {
+        slice_rows(o0 + W);
+        prefetch_rows();
+      }
+      float acc[W];
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] = 0.f;
+      if (a.b.J > 0) {
+        if (sl == s_lo) {
+          if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
+          __syncthreads();
+        }
+        if (o0 < ulen) {
+          const int bi = o0 >> 5, q0 = o0 & 31;
+          const int32_t* spans = a.b.spans + static_cast<size_t>(p) * (a.K + 1);
+          for (int d = 0; d < a.K; ++d) {  // the rank rows of each delta in use
+            int lo = j_start, hi = j_end;
+            if (a.K > 1) {
+              if (__ldg(a.w + d) == 0.f) continue;
+              lo = max(j_start, __ldg(spans + d)), hi = min(j_end, __ldg(spans + d + 1));
+            }
+            for (int jb = lo + threadIdx.x; jb < hi; jb += kThreads * kRowBatch)
+              row_expand_batch<W>(acc, a, jb, hi, bi, q0);
+          }
+        }
+      }
+      warp_reduce_scatter<W, 16>(acc, lane);  // lanes 2i and 2i + 1 hold output i
+      if ((lane & 1) == 0) red[0][warp][lane >> 1] = acc[0];
+      __syncthreads();
+      if (threadIdx.x < W && o0 + static_cast<int>(threadIdx.x) < plen) {
+        const int o = out_lo + o0 + threadIdx.x;
+        float v = base[0][threadIdx.x];
+#pragma unroll
+        for (int q = 0; q < kWarps; ++q) v += red[0][q][threadIdx.x];
+        const float b0 = a.bias != nullptr ? load_f32(static_cast<const scalar_t*>(a.bias) + o) : 0.f;
+        store_f32(static_cast<scalar_t*>(a.out) + o, b0 + v);
+      }
+      __syncthreads();  // base and red are free for the next slice
+    }
   }
 
   // 6. The last CTA zeroes the counters (every CTA's last use of them comes before its count).
@@ -1739,7 +1848,6 @@ cudaError_t launch_any(int dtype, const Plan& p, const void* x, const void* y, v
 // 18.5 and 37.2 us against 26.3 and 43.6; q|k|v (3 slices, 1,000 rows) 44.9 against 47.4; gate|up (6 slices, 1,470
 // rows) 107.0 against 68.0; with four gated deltas (four times the rows) q|k|v lost too (the 7B step 3.30x the base's
 // against 3.06x).
-constexpr int kRowMaxSlices = 3;     // slices per CTA
 constexpr int64_t kRowMaxWalk = 4096;  // slices per CTA x rank rows per projection, with more than one slice
 
 int64_t row_wave(int num_sms) { return static_cast<int64_t>(kRowCtasPerSm) * (num_sms > 0 ? num_sms : 1); }
@@ -1771,7 +1879,7 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
     a.cta_end[q] = ctas;
   }
   // Shared memory past 48 KB is opted into once per device and instantiation (the largest size so far).
-  const int smem = row_x_floats(a.n) * static_cast<int>(sizeof(float));
+  const int smem = (row_x_floats(a.n) + a.cu.cap) * static_cast<int>(sizeof(float));
   static std::atomic<int> allowed[64];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -1822,7 +1930,8 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
                                      const int32_t* u_words, const void* u_scale, const void* u_offset,
                                      int64_t u_nwords, int64_t u_nparams, const float* s, const int32_t* rows,
                                      int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
-                                     float* workspace, int* ready, int num_sms, bool pdl, cudaStream_t stream) {
+                                     float* workspace, int* ready, int num_sms, bool pdl, cudaStream_t stream,
+                                     const ColumnU* columns) {
   if (R <= 0 || M <= 0) return cudaSuccess;
   if (P < 1 || P > kMaxBaseProjs || (J > 0 && ready == nullptr)) return cudaErrorInvalidValue;
   const size_t esize = dtype == 0 ? 4 : 2;
@@ -1832,7 +1941,7 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
                            projs, spans, P);
   if (row_path(R, n, M, J, P, num_sms)) {
     RowArgs a{x, static_cast<int>(n), static_cast<int>(K), vec ? 1 : 0, {}, {}, {}, bias, out, w, b, workspace,
-              J > 0 ? ready : nullptr};
+              J > 0 ? ready : nullptr, columns != nullptr ? *columns : ColumnU{}};
     for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
       end += q < P ? static_cast<int>(base_rows[q]) : 0;
       a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;

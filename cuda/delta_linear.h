@@ -9,6 +9,21 @@
 
 namespace deltacomp {
 
+// U by block column, an optional companion of a bank of layout 2 for delta_linear_base_launch (cuda/README.md): for
+// projection p, block column b (outputs 32 b .. 32 b + 31 of the projection) holds, for every rank row j of p in bank
+// order, the row's words of block b (`rows[j][3]` of them) from word col_off(j) = the sum of the widths of p's rows
+// before j. Column b of p starts at word info[3 p] + b * info[3 p + 1] of `cols` (the column length, a multiple of 4
+// words, and the start, 16-byte aligned). desc[j] = width | col_off(j) << 4; pair[j] = the row's fp16 scale | fp16
+// offset << 16 (its first parameter group); info[3 p + 2] != 0 when every row of p has one parameter group. `cap`:
+// the most words of the columns a one-row CTA may stage (3 columns of the longest). Device pointers; all null: none.
+struct ColumnU {
+  const int32_t* cols = nullptr;
+  const int32_t* desc = nullptr;
+  const uint32_t* pair = nullptr;
+  const int32_t* info = nullptr;
+  int cap = 0;
+};
+
 // fp32 workspace (in floats) that delta_linear_launch (fused = false) or delta_linear_base_launch (fused = true)
 // needs for these shapes; num_sms and row_tile as in the launch.
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
@@ -33,14 +48,17 @@ size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, 
 // `dtype` is projection p's base weight (P <= 8; their rows, in order, are the M outputs, which the projections cover
 // in the same order) and bias (M,) may be null. The base product accumulates in fp32 and is rounded once with the
 // delta. At one row (inputs of at most 20480) one kernel computes both; otherwise the base product runs in a kernel
-// of its own beside the delta's stages, in row tiles of up to 16 rows (the base weights are read once per tile). `ready` holds delta_linear_base_ready_ints() int32 counters that are zero when the call starts
+// of its own beside the delta's stages, in row tiles of up to 16 rows (the base weights are read once per tile).
+// `ready` holds delta_linear_base_ready_ints() int32 counters that are zero when the call starts
 // (in stream order) and that it leaves zero: a buffer kept per stream, zeroed once (null only for an empty bank).
+// `columns` (optional, one delta) lets the one-row kernel stage each CTA's share of U in a few coalesced copies.
 cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const* base, const int64_t* base_rows,
                                      const void* bias, void* out, int64_t R, int64_t n, int64_t M, const float* w,
                                      int64_t K, const int32_t* v_words, const void* v_scale, const void* v_offset,
                                      const int32_t* u_words, const void* u_scale, const void* u_offset,
                                      int64_t u_nwords, int64_t u_nparams, const float* s, const int32_t* rows,
                                      int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
-                                     float* workspace, int* ready, int num_sms, bool pdl, cudaStream_t stream);
+                                     float* workspace, int* ready, int num_sms, bool pdl, cudaStream_t stream,
+                                     const ColumnU* columns = nullptr);
 
 }  // namespace deltacomp
