@@ -1441,13 +1441,15 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       prefetch_share_l2(a.b.u_offset, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
     }
   }
-  // The column path: one delta, every row of the projection of one parameter group, the CTA's columns fitting.
+  // The column path: one delta, every row of the projection of one parameter group, at most kRowMaxSlices slices
+  // (an uneven share can give a CTA more than row_path's bound), the CTA's columns fitting.
   uint32_t* colw = reinterpret_cast<uint32_t*>(xs + row_x_floats(a.n));
   const int o_end = min(s_hi * W, ulen), bA = (s_lo * W) >> 5;
   const int nbc = s_lo * W < o_end ? ((o_end - 1) >> 5) - bA + 1 : 0;
   int colwords = 0;
   bool use_cols = false;
-  if (a.cu.cols != nullptr && a.b.J > 0 && a.K == 1 && nbc > 0 && j_end - j_start <= kColRows * kThreads) {
+  if (a.cu.cols != nullptr && a.b.J > 0 && a.K == 1 && nbc > 0 && s_hi - s_lo <= kRowMaxSlices &&
+      j_end - j_start <= kColRows * kThreads) {
     colwords = __ldg(a.cu.info + 3 * p + 1);
     use_cols = __ldg(a.cu.info + 3 * p + 2) != 0 && nbc * colwords <= a.cu.cap;
   }
