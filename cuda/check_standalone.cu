@@ -339,7 +339,7 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   int* ready = fused ? ready_buffer(delta_linear_base_ready_ints(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
                                                                  static_cast<int64_t>(b.out_len.size()), g_sms))
                      : nullptr;
-  const DeviceColumns dcol(b);
+  const std::unique_ptr<DeviceColumns> dcol = fused ? std::make_unique<DeviceColumns>(b) : nullptr;
   auto launch = [&]() {
     const int64_t J = static_cast<int64_t>(b.s.size()), P = static_cast<int64_t>(b.out_len.size());
     const int64_t un = static_cast<int64_t>(b.u_words.size()), up = static_cast<int64_t>(b.u_scale.size());
@@ -347,7 +347,7 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
         fused ? delta_linear_base_launch(dtype, dx, bases.data(), base_rows.data(), dy, dout, R, b.n, b.M, dw, b.K,
                                          db.v_words, db.v_scale, db.v_offset, db.u_words, db.u_scale, db.u_offset, un,
                                          up, db.s, db.rows, J, db.projs, db.spans, P, dws, ready, g_sms, g_pdl,
-                                         stream, g_columns ? &dcol.cu : nullptr)
+                                         stream, g_columns ? &dcol->cu : nullptr)
               : delta_linear_launch(dtype, dx, dy, dout, R, b.n, b.M, dw, b.K, db.v_words, db.v_scale, db.v_offset,
                                     db.u_words, db.u_scale, db.u_offset, un, up, db.s, db.rows, J, db.projs, db.spans,
                                     P, dws, g_sms, row_tile, g_pdl, stream);

@@ -1428,6 +1428,17 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       for (int i = 0; i < NO; ++i) dst[warp * NO + i] = nw > i ? acc[i][0] : 0.f;
   };
 
+  // out = bias + base + the warps' delta sums (none when dsum is null) for output e of the slice at o0.
+  const auto store_output = [&](const float* bsum, const float (*dsum)[W], int o0, int e) {
+    float v = bsum[e];
+    if (dsum != nullptr)
+#pragma unroll
+      for (int q = 0; q < kWarps; ++q) v += dsum[q][e];
+    const int o = out_lo + o0 + e;
+    const float b0 = a.bias != nullptr ? load_f32(static_cast<const scalar_t*>(a.bias) + o) : 0.f;
+    store_f32(static_cast<scalar_t*>(a.out) + o, b0 + v);
+  };
+
   // 1. The bank and the weights (immutable): requested before the kernels ahead have finished.
   slice_rows(s_lo * W);
   prefetch_rows();
@@ -1576,14 +1587,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     }
     __syncthreads();
     for (int i = threadIdx.x; i < nsl * W; i += kThreads) {
-      const int s = i / W, e = i % W, o = (s_lo + s) * W + e;
-      if (o >= plen) continue;
-      float v = base[s][e];
-      if ((s_lo + s) * W < o_end)
-#pragma unroll
-        for (int q = 0; q < kWarps; ++q) v += red[s][q][e];
-      const float b0 = a.bias != nullptr ? load_f32(static_cast<const scalar_t*>(a.bias) + out_lo + o) : 0.f;
-      store_f32(static_cast<scalar_t*>(a.out) + out_lo + o, b0 + v);
+      const int s = i / W, e = i % W, o0 = (s_lo + s) * W;
+      if (o0 + e < plen) store_output(base[s], o0 < o_end ? red[s] : nullptr, o0, e);
     }
   } else {
     for (int sl = s_lo; sl < s_hi; ++sl) {
@@ -1620,14 +1625,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       warp_reduce_scatter<W, 16>(acc, lane);  // lanes 2i and 2i + 1 hold output i
       if ((lane & 1) == 0) red[0][warp][lane >> 1] = acc[0];
       __syncthreads();
-      if (threadIdx.x < W && o0 + static_cast<int>(threadIdx.x) < plen) {
-        const int o = out_lo + o0 + threadIdx.x;
-        float v = base[0][threadIdx.x];
-#pragma unroll
-        for (int q = 0; q < kWarps; ++q) v += red[0][q][threadIdx.x];
-        const float b0 = a.bias != nullptr ? load_f32(static_cast<const scalar_t*>(a.bias) + o) : 0.f;
-        store_f32(static_cast<scalar_t*>(a.out) + o, b0 + v);
-      }
+      if (threadIdx.x < W && o0 + static_cast<int>(threadIdx.x) < plen) store_output(base[0], red[0], o0, threadIdx.x);
       __syncthreads();  // base and red are free for the next slice
     }
   }
