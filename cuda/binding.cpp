@@ -206,7 +206,10 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
                                      const torch::Tensor& v_offset, const torch::Tensor& u_words,
                                      const torch::Tensor& u_scale, const torch::Tensor& u_offset,
                                      const torch::Tensor& s, const torch::Tensor& rows, const torch::Tensor& projs,
-                                     const torch::Tensor& spans) {
+                                     const torch::Tensor& spans, const std::optional<torch::Tensor>& u_cols,
+                                     const std::optional<torch::Tensor>& u_desc,
+                                     const std::optional<torch::Tensor>& u_pair,
+                                     const std::optional<torch::Tensor>& u_colinfo, int64_t col_cap) {
   const int dtype = check_x(x);
   const torch::Device device = x.device();
   check_bank(x, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans);
@@ -235,6 +238,26 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
   }
   TORCH_CHECK(R <= 65535 * 16, "delta_linear_base: x has ", num(R), " rows; at most ", num(65535 * 16),
               " are supported");
+  // U by block column (optional): used when all four are given, non-empty, and col_cap > 0.
+  deltacomp::ColumnU columns;
+  const bool use_columns = col_cap > 0 && u_cols.has_value() && u_desc.has_value() && u_pair.has_value() &&
+                           u_colinfo.has_value() && u_cols->numel() > 0;
+  if (use_columns) {
+    check_tensor(*u_cols, "u_cols", torch::kInt32, 1, device);
+    check_tensor(*u_desc, "u_desc", torch::kInt32, 1, device);
+    check_tensor(*u_pair, "u_pair", torch::kInt32, 1, device);
+    check_tensor(*u_colinfo, "u_colinfo", torch::kInt32, 2, device);
+    TORCH_CHECK(u_desc->numel() == J && u_pair->numel() == J, "delta_linear_base: u_desc and u_pair have ",
+                num(u_desc->numel()), " and ", num(u_pair->numel()), " values for ", num(J), " rank rows");
+    TORCH_CHECK(u_colinfo->size(0) == P && u_colinfo->size(1) == 3, "delta_linear_base: u_colinfo has shape ",
+                shape(*u_colinfo), "; the bank has ", num(P), " projections (want (P, 3))");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(u_cols->data_ptr()) % 16 == 0,
+                "delta_linear_base: u_cols must start 16-byte aligned");
+    TORCH_CHECK(col_cap <= (1 << 20), "delta_linear_base: col_cap ", num(col_cap), " is over 2**20 words");
+    columns = deltacomp::ColumnU{u_cols->data_ptr<int32_t>(), u_desc->data_ptr<int32_t>(),
+                                 reinterpret_cast<const uint32_t*>(u_pair->data_ptr<int32_t>()),
+                                 u_colinfo->data_ptr<int32_t>(), static_cast<int>(col_cap)};
+  }
 
   c10::cuda::CUDAGuard guard(device);
   torch::Tensor out = torch::empty({R, M}, x.options());
@@ -246,7 +269,8 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
       out.data_ptr(), R, n, M, w.data_ptr<float>(), K, v_words.data_ptr<int32_t>(), v_scale.data_ptr(),
       v_offset.data_ptr(), u_words.data_ptr<int32_t>(), u_scale.data_ptr(), u_offset.data_ptr(), u_words.numel(),
       u_scale.numel(), s.data_ptr<float>(), rows.data_ptr<int32_t>(), J, projs.data_ptr<int32_t>(),
-      spans.data_ptr<int32_t>(), P, ls.workspace.data_ptr<float>(), ready, ls.num_sms, ls.pdl, ls.stream);
+      spans.data_ptr<int32_t>(), P, ls.workspace.data_ptr<float>(), ready, ls.num_sms, ls.pdl, ls.stream,
+      use_columns ? &columns : nullptr);
   TORCH_CHECK(err == cudaSuccess, "delta_linear_base: kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -262,7 +286,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = x @ cat(weights)^T (+ bias) + the bank's contribution: the base product computed beside the delta",
         py::arg("x"), py::arg("weights"), py::arg("bias"), py::arg("w"), py::arg("v_words"), py::arg("v_scale"),
         py::arg("v_offset"), py::arg("u_words"), py::arg("u_scale"), py::arg("u_offset"), py::arg("s"),
-        py::arg("rows"), py::arg("projs"), py::arg("spans"));
+        py::arg("rows"), py::arg("projs"), py::arg("spans"), py::arg("u_cols") = py::none(),
+        py::arg("u_desc") = py::none(), py::arg("u_pair") = py::none(), py::arg("u_colinfo") = py::none(),
+        py::arg("col_cap") = 0);
   m.def("layout_version", [] { return 2; }, "The bank layout the kernels read");
-  m.def("op_version", [] { return 3; }, "The ops' argument lists: 2 adds spans and row_tile, 3 delta_linear_base");
+  m.def("op_version", [] { return 4; },
+        "The ops' argument lists: 2 adds spans and row_tile, 3 delta_linear_base, 4 its U by block column");
 }

@@ -1225,6 +1225,11 @@ constexpr int kRowMaxN = 20480;             // longest input it stages (90 KB: a
 constexpr int kRowCounters = 4;             // ready[0] ticket, [1] rows done, [2] CTAs done (int32, padded)
 constexpr int kRowMaxSlices = 3;            // slices per CTA (row_path's bound)
 constexpr int kColRows = 8;                 // U by columns: rank rows a thread takes (projections of <= 2048)
+// U by columns: the most shared memory a CTA gives them (48 KB: shared memory is carved out of L1, through which the
+// base product's weight loads pass; 88 KB of it a CTA slowed the base product by a third on an H200), and what the
+// static shared memory and the driver's reserve take a CTA (bytes).
+constexpr int64_t kColMaxWords = 12288;
+constexpr int64_t kRowStaticSmem = 4096;
 
 __host__ __device__ constexpr int row_x_floats(int n) { return (n + 31) / 32 * kRowPad; }
 
@@ -1878,12 +1883,22 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
     ctas += static_cast<int>(cq);
     a.cta_end[q] = ctas;
   }
-  // Shared memory past 48 KB is opted into once per device and instantiation (the largest size so far).
-  const int smem = (row_x_floats(a.n) + a.cu.cap) * static_cast<int>(sizeof(float));
-  static std::atomic<int> allowed[64];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  if (a.cu.cols != nullptr) {  // the columns' room: what two CTAs an SM leave beside x, at most kColMaxWords
+    static std::atomic<int> per_sm[64];
+    int sm = device < 64 ? per_sm[device].load() : 0;
+    if (sm == 0 && cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess)
+      sm = 0;
+    if (device < 64 && sm > 0) per_sm[device].store(sm);
+    const int64_t room = (static_cast<int64_t>(sm) / kRowCtasPerSm - kRowStaticSmem) / 4 - row_x_floats(a.n);
+    a.cu.cap = static_cast<int>(std::min<int64_t>({a.cu.cap, kColMaxWords, room}));
+    if (a.cu.cap <= 0) a.cu = ColumnU{};
+  }
+  // Shared memory past 48 KB is opted into once per device and instantiation (the largest size so far).
+  const int smem = (row_x_floats(a.n) + a.cu.cap) * static_cast<int>(sizeof(float));
+  static std::atomic<int> allowed[64];
   if (smem > 48 * 1024 && (device >= 64 || allowed[device].load() < smem)) {
     err = cudaFuncSetAttribute(row_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;

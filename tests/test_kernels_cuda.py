@@ -156,8 +156,14 @@ def _check_base(table, rows, dtype, weights=None, bias=True, seed=0):
                    for t, lo, hi in zip(base, bounds, bounds[1:])], dim=1)
     unfused = delta_linear(x, bank, y, weights=w)
     assert rel_err(out, unfused) < BOUND[dtype]
+    # With U by block column (one-delta banks; the one-row kernel reads U from them): the same bound.
+    _poison((rows, m), dtype)
+    out_cols = torch.ops.deltacomp.delta_linear_base(x, base, b, w, *bank.tensors(), *bank.columns(), bank.col_cap)
+    assert torch.isfinite(out_cols).all(), "unwritten or non-finite outputs"
+    err = rel_err(out_cols.cpu(), want)
+    assert err < BOUND[dtype], f"with columns: relative error {err:.2e} over the bound {BOUND[dtype]:.0e}"
     fused = rows <= FUSED_MAX_ROWS and bank.num_deltas <= FUSED_MAX_DELTAS  # what the dispatch point runs
-    assert rel_err(base_delta_linear(x, bank, base, b, weights=w), out if fused else unfused) < 1e-6
+    assert rel_err(base_delta_linear(x, bank, base, b, weights=w), out_cols if fused else unfused) < 1e-6
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -18,6 +18,19 @@ rank rows j (one per singular vector) are sorted by projection, then by delta, t
                              visits only the rows of deltas that a row tile weighs (layout 2 added this table)
 
 The bank holds packed words only (the same bytes as the package plus row padding); it is built once at load.
+
+A bank of one delta also holds U by block column, which the one-row CUDA kernel stages in a few coalesced copies
+(``ColumnU`` in ``cuda/delta_linear.h``):
+
+    u_cols    int32 (W_c,)   projection p's column b (outputs 32b .. 32b + 31) at u_colinfo[p, 0] + b *
+                             u_colinfo[p, 1]: every rank row's words of block b, in bank order, row j's from word
+                             col_off(j) = the sum of the U widths of p's rows before j (columns padded to 4 words)
+    u_desc    int32 (J,)     u_bits | col_off(j) << 4
+    u_pair    int32 (J,)     the row's first fp16 U scale | its fp16 offset << 16
+    u_colinfo int32 (P, 3)   column start, column length, 1 when every row of p has one parameter group
+
+and ``col_cap``, the most words of columns a one-row CTA stages (three of the longest). They hold U's words a second
+time; banks of several deltas have them empty.
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ LAYOUT_VERSION = 2
 ROW_FIELDS = 8
 V_BITS, V_WORDS, V_PARAMS, U_BITS, U_WORDS, U_PARAMS, DELTA, GROUP_SIZE = range(ROW_FIELDS)
 TENSORS = ("v_words", "v_scale", "v_offset", "u_words", "u_scale", "u_offset", "s", "rows", "projs", "spans")
+COLUMN_TENSORS = ("u_cols", "u_desc", "u_pair", "u_colinfo")
+COLUMN_SLICES = 3  # columns a one-row CTA stages at most (the kernel's kRowMaxSlices slices of 16 outputs span 2)
 ALIGN = 4  # words: rows start on 16-byte boundaries
 
 
@@ -70,8 +85,9 @@ class DeltaBank(torch.nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor], in_features: int, out_features: Sequence[int],
                  num_deltas: int):
         super().__init__()
-        for name in TENSORS:
+        for name in TENSORS + COLUMN_TENSORS:
             self.register_buffer(name, tensors[name], persistent=False)
+        self.col_cap = int(tensors.get("col_cap", 0))
         self.in_features = in_features
         self.out_features = tuple(out_features)
         self.num_deltas = num_deltas
@@ -172,6 +188,7 @@ class DeltaBank(torch.nn.Module):
         tensors["rows"] = (torch.cat(rows) if rows else torch.zeros(0, ROW_FIELDS, dtype=torch.int64)).to(torch.int32)
         tensors["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
         tensors["spans"] = torch.tensor(spans, dtype=torch.int32).reshape(-1, k + 1)
+        tensors.update(_columns(tensors) if k == 1 else _no_columns(len(outs)))
         return cls(tensors, n, outs, k)
 
     @property
@@ -187,6 +204,54 @@ class DeltaBank(torch.nn.Module):
         buffers = self._buffers  # not nn.Module.__getattr__: this runs at every call of the op
         return tuple(buffers[t] for t in TENSORS)
 
+    def columns(self) -> tuple[torch.Tensor, ...]:
+        """U by block column (empty for a bank of several deltas), in ``COLUMN_TENSORS`` order."""
+        buffers = self._buffers
+        return tuple(buffers[t] for t in COLUMN_TENSORS)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.num_deltas}, "
                 f"rank={self.rank}, bytes={self.nbytes}")
+
+
+def _no_columns(num_projs: int) -> dict:
+    empty = torch.zeros(0, dtype=torch.int32)
+    return {"u_cols": empty, "u_desc": empty, "u_pair": empty,
+            "u_colinfo": torch.zeros(num_projs, 3, dtype=torch.int32), "col_cap": 0}
+
+
+def _columns(t: dict[str, torch.Tensor]) -> dict:
+    """U by block column (see the module docstring): an exact copy of the rows' words, rearranged."""
+    rows = t["rows"].long()
+    bits = rows[:, U_BITS]
+    desc = torch.zeros(len(rows), dtype=torch.int64)
+    pieces, info, start, longest = [], [], 0, 0
+    words = t["u_words"].long()
+    for j0, j1, _, m in t["projs"].long().tolist():
+        b = bits[j0:j1]
+        col_off = torch.cumsum(b, 0) - b
+        desc[j0:j1] = b | col_off << 4
+        length = -(-int(b.sum()) // ALIGN) * ALIGN
+        blocks = -(-m // 32)
+        cols = torch.zeros(blocks, length, dtype=torch.int64)
+        if j1 > j0 and length:
+            # word w of row j's block k: u_words[woff_j + k * bits_j + w] -> column k, word col_off_j + w
+            row = torch.repeat_interleave(torch.arange(j0, j1), b)
+            w = torch.arange(len(row)) - torch.repeat_interleave(col_off, b)
+            k = torch.arange(blocks).unsqueeze(1)
+            src = rows[row, U_WORDS] + k * bits[row] + w
+            cols[:, col_off[row - j0] + w] = words[src]
+        gs = rows[j0:j1, GROUP_SIZE]
+        one_group = bool(((gs <= 0) | (gs >= m)).all())
+        info.append([start, length, int(one_group)])
+        pieces.append(cols.reshape(-1))
+        start += blocks * length
+        longest = max(longest, length)
+    if start >= 2**31 or longest >= 2**27:  # desc keeps col_off in 27 bits
+        raise DeltacompError("a delta bank's U columns over 2**31 words: split the deltas over several banks")
+    params = rows[:, U_PARAMS]
+    scale, offset = (t[name].view(torch.int16).long() & 0xFFFF for name in ("u_scale", "u_offset"))  # fp16 bits
+    pair = scale[params] | offset[params] << 16  # below 2**32: wraps to int32 as the kernel's uint32 reads it
+    return {"u_cols": torch.cat(pieces).to(torch.int32), "u_desc": desc.to(torch.int32),
+            "u_pair": pair.to(torch.int32), "u_colinfo": torch.tensor(info, dtype=torch.int32).reshape(-1, 3),
+            "col_cap": COLUMN_SLICES * longest}

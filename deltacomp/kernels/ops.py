@@ -64,23 +64,27 @@ delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("deltacomp::delta_linear_base", mutates_args=())
 def delta_linear_base_op(x: Tensor, weights: list[Tensor], bias: Tensor | None, w: Tensor, v_words: Tensor,
                          v_scale: Tensor, v_offset: Tensor, u_words: Tensor, u_scale: Tensor, u_offset: Tensor,
-                         s: Tensor, rows: Tensor, projs: Tensor, spans: Tensor) -> Tensor:
+                         s: Tensor, rows: Tensor, projs: Tensor, spans: Tensor, u_cols: Tensor | None = None,
+                         u_desc: Tensor | None = None, u_pair: Tensor | None = None, u_colinfo: Tensor | None = None,
+                         col_cap: int = 0) -> Tensor:
     """x @ cat(weights)^T (+ bias) + the bank's contribution: weights[p] (out_len_p, n) is projection p's base
-    weight, bias (M,). The CUDA kernels compute the base product beside the delta's stages and round once.
-    Inference only (no autograd): gate training goes through ``deltacomp::delta_linear``."""
+    weight, bias (M,). The CUDA kernels compute the base product beside the delta's stages and round once; the
+    optional U by block column (:meth:`DeltaBank.columns`, ``DeltaBank.col_cap``) changes how the one-row kernel
+    reads U, never the result. Inference only (no autograd): gate training goes through ``deltacomp::delta_linear``."""
     return delta_linear_base_reference(x, weights, bias, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset,
                                        s, rows, projs, spans)
 
 
 @delta_linear_base_op.register_kernel("cuda")
-def _cuda_base(x, weights, bias, w, *bank):
+def _cuda_base(x, weights, bias, w, *bank_and_columns):
+    bank = bank_and_columns[:10]
     ext = loader.extension() if x.dtype != torch.float64 else None
     if ext is None:
         return delta_linear_base_reference(x, weights, bias, w, *bank)
-    return ext.delta_linear_base(x, weights, bias, w, *bank)
+    return ext.delta_linear_base(x, weights, bias, w, *bank_and_columns)
 
 
 @delta_linear_base_op.register_fake
-def _fake_base(x, weights, bias, w, *bank):
+def _fake_base(x, weights, bias, w, *bank_and_columns):
     torch._check(x.dim() == 2 and w.dim() == 2, lambda: "x and w must be 2-D")
     return x.new_empty(x.shape[0], sum(t.shape[0] for t in weights))
