@@ -26,7 +26,7 @@ import torch
 
 from deltacomp.config import CompressConfig
 from deltacomp.kernels import DeltaBank, delta_linear, loader, status
-from deltacomp.kernels.bank import TENSORS
+from deltacomp.kernels.bank import COLUMN_TENSORS, TENSORS
 from deltacomp.methods.base import get_method
 from deltacomp.quant import packing
 from deltacomp.quant.packed import packed_from_parts
@@ -307,30 +307,37 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
         inputs.next()
         for lw, lb in zip(base, single):
             for k, w in lw.items():
-                ext.delta_linear_base(x_for(k), [w], None, ones, *lb[k].tensors())
+                ext.delta_linear_base(x_for(k), [w], None, ones, *_with_columns(lb[k]))
 
-    def merged_step(banks, weights=None):
+    def merged_step(banks, weights=None, columns=True):
         def step():
             inputs.next()
             for i, lw in enumerate(base):
                 for j, group in enumerate(FUSED):
                     x, b = x_for(group[0]), banks[i][j]
                     g = ones if weights is None else weights(x, gates[i][j]).contiguous()
-                    ext.delta_linear_base(x, [lw[p] for p in group], None, g, *b.tensors())
+                    bank = _with_columns(b) if columns else b.tensors()
+                    ext.delta_linear_base(x, [lw[p] for p in group], None, g, *bank)
         return step
 
     empty = [[_empty_bank(group) for group in FUSED]] * len(base)
     return {"fused_empty": time_graph(merged_step(empty), repeats),
             "fused_per_linear": time_graph(per_linear, repeats),
             "fused_merged": time_graph(merged_step(fused), repeats),
+            "fused_merged_rows": time_graph(merged_step(fused, columns=False), repeats),
             "fused_four_token": time_graph(merged_step(four, _token_gate), repeats),
             "fused_four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats)}
 
 
 def _clone(bank: DeltaBank) -> DeltaBank:
     """The same bank at new addresses."""
-    return DeltaBank({k: t.clone() for k, t in zip(TENSORS, bank.tensors())}, bank.in_features, bank.out_features,
-                     bank.num_deltas)
+    tensors = {k: t.clone() for k, t in zip(TENSORS + COLUMN_TENSORS, bank.tensors() + bank.columns())}
+    return DeltaBank(tensors | {"col_cap": bank.col_cap}, bank.in_features, bank.out_features, bank.num_deltas)
+
+
+def _with_columns(bank: DeltaBank) -> tuple:
+    """The fused op's bank arguments with U by block column, as the dispatch point passes them."""
+    return (*bank.tensors(), *bank.columns(), bank.col_cap)
 
 
 def _same_bytes_rank(delta_bytes: int, layers: int) -> int:
@@ -452,7 +459,8 @@ def _group_calls(group: tuple, layer, args) -> dict:
          "fused_empty": calls(lambda x, i: ext.delta_linear_base(x, ws[i], None, ones, *empty.tensors())),
          "delta": calls(lambda x, i: ext.delta_linear(x, zeros, ones, *banks[i].tensors(), 0)),
          "matmul_then_delta": calls(lambda x, i: ext.delta_linear(x, x @ merged[i].T, ones, *banks[i].tensors(), 0)),
-         "fused": calls(lambda x, i: ext.delta_linear_base(x, ws[i], None, ones, *banks[i].tensors()))}
+         "fused_rows": calls(lambda x, i: ext.delta_linear_base(x, ws[i], None, ones, *banks[i].tensors())),
+         "fused": calls(lambda x, i: ext.delta_linear_base(x, ws[i], None, ones, *_with_columns(banks[i])))}
     t.update(base_bytes=m * n * 2, delta_bytes=first.nbytes)
     return t
 
@@ -499,11 +507,11 @@ def render(res: dict) -> str:
                     for k in ("fused_empty", "fused")}
             rows.append([group, f"{t['cublas']:.1f} ({t['base_bytes'] / t['cublas'] / 1e3:.0f} GB/s)",
                          f"{t['fused_empty']:.1f} ({gbps['fused_empty']:.0f} GB/s)", f"{t['delta']:.1f}",
-                         f"{t['matmul_then_delta']:.1f}", f"{t['fused']:.1f} ({gbps['fused']:.0f} GB/s)",
-                         f"{t['fused'] / t['cublas']:.2f}x"])
+                         f"{t['matmul_then_delta']:.1f}", f"{t.get('fused_rows', float('nan')):.1f}",
+                         f"{t['fused']:.1f} ({gbps['fused']:.0f} GB/s)", f"{t['fused'] / t['cublas']:.2f}x"])
         lines += ["", "one call at 1 row, microseconds (32 copies called in turn):",
                   format_table(["group", "cuBLAS matmul", "fused, empty bank", "delta op alone",
-                                "matmul then delta op", "fused op", "fused / matmul"], rows)]
+                                "matmul then delta op", "fused op, U by row", "fused op", "fused / matmul"], rows)]
     if "multi_tenant" in res:
         mt = res["multi_tenant"]
         lines += ["", f"multi-tenant: {mt['tenants']} rows, each its own delta ({mt['bytes'] / 1e9:.2f} GB): one "
@@ -549,10 +557,12 @@ def _step_tables(res: dict) -> list[str]:
             bw = res["delta_bytes"] / extra / 1e6 if extra > 0 else float("inf")
             base_bw = res["base_bytes"] / r["base_merged"] / 1e6
             rows.append([n, f"{r['fused_per_linear']:.3f} ({r['fused_per_linear'] / r['base']:.3f}x)",
-                         *[f"{r[k]:.3f} ({r[k] / r['base_merged']:.3f}x)"
-                           for k in ("fused_empty", "fused_merged", "fused_four_token", "fused_four_sentence")],
+                         *[f"{r[k]:.3f} ({r[k] / r['base_merged']:.3f}x)" if k in r else "-"
+                           for k in ("fused_empty", "fused_merged_rows", "fused_merged", "fused_four_token",
+                                     "fused_four_sentence")],
                          f"{bw:.0f} GB/s ({bw / base_bw:.0%})"])
-        lines.append(format_table(["rows", "base + delta, 7/layer", "merged, empty banks", "merged base + fused delta",
+        lines.append(format_table(["rows", "base + delta, 7/layer", "merged, empty banks",
+                                   "merged base + fused delta, U by row", "merged base + fused delta",
                                    "+ 4 deltas, token gate", "+ 1 of 4 (sentence)", "delta's added time as bandwidth"],
                                   rows))
     return lines
