@@ -332,12 +332,12 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
 def _clone(bank: DeltaBank) -> DeltaBank:
     """The same bank at new addresses."""
     tensors = {k: t.clone() for k, t in zip(TENSORS + COLUMN_TENSORS, bank.tensors() + bank.columns())}
-    return DeltaBank(tensors | {"col_cap": bank.col_cap}, bank.in_features, bank.out_features, bank.num_deltas)
+    return DeltaBank(tensors | {"col_len": bank.col_len}, bank.in_features, bank.out_features, bank.num_deltas)
 
 
 def _with_columns(bank: DeltaBank) -> tuple:
     """The fused op's bank arguments with U by block column, as the dispatch point passes them."""
-    return (*bank.tensors(), *bank.columns(), bank.col_cap)
+    return (*bank.tensors(), *bank.columns(), bank.col_len)
 
 
 def _same_bytes_rank(delta_bytes: int, layers: int) -> int:

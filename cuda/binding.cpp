@@ -125,11 +125,11 @@ struct Launch {  // what both ops launch with: the device's SM count, PDL on or 
 
 // The launch of an op on x's device (current) for these shapes; fused: the form with the base product.
 Launch launch_for(const torch::Tensor& x, int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int64_t row_tile,
-                  bool fused) {
+                  bool fused, int64_t col_len = 0) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const char* pdl_env = std::getenv("DELTACOMP_CUDA_PDL");
   const int num_sms = props->multiProcessorCount;
-  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, num_sms, row_tile, fused);
+  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, num_sms, row_tile, fused, col_len);
   return {num_sms, props->major >= 9 && !(pdl_env != nullptr && std::string(pdl_env) == "0"),
           torch::empty({static_cast<int64_t>(floats > 0 ? floats : 1)}, x.options().dtype(torch::kFloat32)),
           at::cuda::getCurrentCUDAStream()};
@@ -209,7 +209,7 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
                                      const torch::Tensor& spans, const std::optional<torch::Tensor>& u_cols,
                                      const std::optional<torch::Tensor>& u_desc,
                                      const std::optional<torch::Tensor>& u_pair,
-                                     const std::optional<torch::Tensor>& u_colinfo, int64_t col_cap) {
+                                     const std::optional<torch::Tensor>& u_colinfo, int64_t col_len) {
   const int dtype = check_x(x);
   const torch::Device device = x.device();
   check_bank(x, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans);
@@ -238,9 +238,9 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
   }
   TORCH_CHECK(R <= 65535 * 16, "delta_linear_base: x has ", num(R), " rows; at most ", num(65535 * 16),
               " are supported");
-  // U by block column (optional): used when all four are given, non-empty, and col_cap > 0.
+  // U by block column (optional): used when all four are given, non-empty, and col_len > 0.
   deltacomp::ColumnU columns;
-  const bool use_columns = col_cap > 0 && u_cols.has_value() && u_desc.has_value() && u_pair.has_value() &&
+  const bool use_columns = col_len > 0 && u_cols.has_value() && u_desc.has_value() && u_pair.has_value() &&
                            u_colinfo.has_value() && u_cols->numel() > 0;
   if (use_columns) {
     check_tensor(*u_cols, "u_cols", torch::kInt32, 1, device);
@@ -253,17 +253,18 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
                 shape(*u_colinfo), "; the bank has ", num(P), " projections (want (P, 3))");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(u_cols->data_ptr()) % 16 == 0,
                 "delta_linear_base: u_cols must start 16-byte aligned");
-    TORCH_CHECK(col_cap <= (1 << 20), "delta_linear_base: col_cap ", num(col_cap), " is over 2**20 words");
+    TORCH_CHECK(col_len <= (1 << 20), "delta_linear_base: col_len ", num(col_len), " is over 2**20 words");
     columns = deltacomp::ColumnU{u_cols->data_ptr<int32_t>(), u_desc->data_ptr<int32_t>(),
                                  reinterpret_cast<const uint32_t*>(u_pair->data_ptr<int32_t>()),
-                                 u_colinfo->data_ptr<int32_t>(), static_cast<int>(col_cap)};
+                                 u_colinfo->data_ptr<int32_t>(), static_cast<int>(col_len)};
   }
 
   c10::cuda::CUDAGuard guard(device);
   torch::Tensor out = torch::empty({R, M}, x.options());
   if (R == 0 || M == 0) return out;
-  Launch ls = launch_for(x, R, n, M, J, P, 0, true);
-  int* ready = ready_for(x, deltacomp::delta_linear_base_ready_ints(R, n, M, J, P, ls.num_sms), ls.stream);
+  const int64_t cl = use_columns ? col_len : 0;
+  Launch ls = launch_for(x, R, n, M, J, P, 0, true, cl);
+  int* ready = ready_for(x, deltacomp::delta_linear_base_ready_ints(R, n, M, J, P, ls.num_sms, cl), ls.stream);
   const cudaError_t err = deltacomp::delta_linear_base_launch(
       dtype, x.data_ptr(), base.data(), base_rows.data(), bias.has_value() ? bias->data_ptr() : nullptr,
       out.data_ptr(), R, n, M, w.data_ptr<float>(), K, v_words.data_ptr<int32_t>(), v_scale.data_ptr(),
@@ -288,7 +289,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_offset"), py::arg("u_words"), py::arg("u_scale"), py::arg("u_offset"), py::arg("s"),
         py::arg("rows"), py::arg("projs"), py::arg("spans"), py::arg("u_cols") = py::none(),
         py::arg("u_desc") = py::none(), py::arg("u_pair") = py::none(), py::arg("u_colinfo") = py::none(),
-        py::arg("col_cap") = 0);
+        py::arg("col_len") = 0);
   m.def("layout_version", [] { return 2; }, "The bank layout the kernels read");
   m.def("op_version", [] { return 4; },
         "The ops' argument lists: 2 adds spans and row_tile, 3 delta_linear_base, 4 its U by block column");

@@ -219,7 +219,7 @@ struct DeviceColumns {
     }
     cols.push_back(0);
     cu.cols = to_device(cols), cu.desc = to_device(desc), cu.pair = to_device(pair), cu.info = to_device(info);
-    cu.cap = 3 * most;
+    cu.longest = most;
   }
   ~DeviceColumns() {
     cudaFree(const_cast<int32_t*>(cu.cols)), cudaFree(const_cast<int32_t*>(cu.desc));
@@ -321,8 +321,11 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   float* dw = to_device(w);
   uint8_t* dout = nullptr;
   CHECK_CUDA(cudaMalloc(&dout, std::max<size_t>(1, out_n * es)));
+  const std::unique_ptr<DeviceColumns> dcol = fused ? std::make_unique<DeviceColumns>(b) : nullptr;
+  const int64_t col_len = fused && g_columns ? dcol->cu.longest : 0;
   const size_t ws = delta_linear_workspace_floats(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
-                                                  static_cast<int64_t>(b.out_len.size()), g_sms, row_tile, fused);
+                                                  static_cast<int64_t>(b.out_len.size()), g_sms, row_tile, fused,
+                                                  col_len);
   float* dws = nullptr;
   CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(1, ws) * sizeof(float)));
   CHECK_CUDA(cudaMemset(dws, 0xff, std::max<size_t>(1, ws) * sizeof(float)));  // NaN
@@ -337,9 +340,9 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   int* ready = fused ? ready_buffer(delta_linear_base_ready_ints(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
-                                                                 static_cast<int64_t>(b.out_len.size()), g_sms))
+                                                                 static_cast<int64_t>(b.out_len.size()), g_sms,
+                                                                 col_len))
                      : nullptr;
-  const std::unique_ptr<DeviceColumns> dcol = fused ? std::make_unique<DeviceColumns>(b) : nullptr;
   auto launch = [&]() {
     const int64_t J = static_cast<int64_t>(b.s.size()), P = static_cast<int64_t>(b.out_len.size());
     const int64_t un = static_cast<int64_t>(b.u_words.size()), up = static_cast<int64_t>(b.u_scale.size());
@@ -694,10 +697,13 @@ void fused_bench() {
     float* dw = to_device(std::vector<float>{1.f});
     const int64_t J = static_cast<int64_t>(b.s.size());
     float* ws = nullptr;
-    CHECK_CUDA(cudaMalloc(&ws, std::max(delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true),
-                                        delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, false)) *
+    const int64_t cl = colsets[0]->cu.longest;
+    CHECK_CUDA(cudaMalloc(&ws, std::max({delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true),
+                                         delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true, cl),
+                                         delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, false)}) *
                                    sizeof(float)));
-    int* ready = ready_buffer(delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms));
+    int* ready = ready_buffer(std::max(delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms),
+                                       delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms, cl)));
     // mode 0 fused, 1 fused with an empty bank, 2 the delta op alone, 3 fused with U by block column
     const auto call = [&](int i, int mode) {
       const DeviceBank& d = mode == 1 ? empty : *banks[i];

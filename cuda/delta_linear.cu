@@ -1224,12 +1224,13 @@ constexpr int kRowPrefetch = 2048;          // base product: bytes of each weigh
 constexpr int kRowMaxN = 20480;             // longest input it stages (90 KB: any sm_80+ GPU); longer: the tiled path
 constexpr int kRowCounters = 4;             // ready[0] ticket, [1] rows done, [2] CTAs done (int32, padded)
 constexpr int kRowMaxSlices = 3;            // slices per CTA (row_path's bound)
+constexpr int kColMaxSlices = 6;            // slices per CTA with U by columns (row_path's bound)
 constexpr int kColRows = 8;                 // U by columns: rank rows a thread takes (projections of <= 2048)
 // U by columns: the most shared memory a CTA gives them (48 KB: shared memory is carved out of L1, through which the
 // base product's weight loads pass; 88 KB of it a CTA slowed the base product by a third on an H200), and what the
 // static shared memory and the driver's reserve take a CTA (bytes).
 constexpr int64_t kColMaxWords = 12288;
-constexpr int64_t kRowStaticSmem = 4096;
+constexpr int64_t kRowStaticSmem = 5120;
 
 __host__ __device__ constexpr int row_x_floats(int n) { return (n + 31) / 32 * kRowPad; }
 
@@ -1245,7 +1246,8 @@ struct RowArgs {
   Bank b;                                 // b.P projections
   float* c;                               // (J,) workspace: stage 1's c values
   int* ready;                             // kRowCounters, zero at the start of the call (null without rank rows)
-  ColumnU cu;                              // U by block column (optional; cu.cap: shared-memory words for them)
+  ColumnU cu;                              // U by block column (optional)
+  int col_cap;                             // shared-memory words for the columns (0: no column path)
 };
 
 // Stage 1 for one rank row of width BITS, one warp: sum_k x[k] V[j, k] (lane l takes blocks l, l + 32, ...; 4 blocks'
@@ -1385,8 +1387,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   constexpr int NO = kRowNo, W = kRowSlice;
   static_assert(W == 16, "the slice's reduction below takes 16 outputs");
   extern __shared__ __align__(16) float xs[];
-  __shared__ float red[kRowMaxSlices][kWarps][W];  // the warps' delta sums per slice
-  __shared__ float base[kRowMaxSlices][W];         // the slices' base outputs
+  __shared__ float red[kColMaxSlices][kWarps][W];  // the warps' delta sums per slice
+  __shared__ float base[kColMaxSlices][W];         // the slices' base outputs
   __shared__ int ticket;
   allow_next_grid();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1457,17 +1459,17 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       prefetch_share_l2(a.b.u_offset, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
     }
   }
-  // The column path: one delta, every row of the projection of one parameter group, at most kRowMaxSlices slices
+  // The column path: one delta, every row of the projection of one parameter group, at most kColMaxSlices slices
   // (an uneven share can give a CTA more than row_path's bound), the CTA's columns fitting.
   uint32_t* colw = reinterpret_cast<uint32_t*>(xs + row_x_floats(a.n));
   const int o_end = min(s_hi * W, ulen), bA = (s_lo * W) >> 5;
   const int nbc = s_lo * W < o_end ? ((o_end - 1) >> 5) - bA + 1 : 0;
   int colwords = 0;
   bool use_cols = false;
-  if (a.cu.cols != nullptr && a.b.J > 0 && a.K == 1 && nbc > 0 && s_hi - s_lo <= kRowMaxSlices &&
+  if (a.col_cap > 0 && a.b.J > 0 && a.K == 1 && nbc > 0 && s_hi - s_lo <= kColMaxSlices &&
       j_end - j_start <= kColRows * kThreads) {
     colwords = __ldg(a.cu.info + 3 * p + 1);
-    use_cols = __ldg(a.cu.info + 3 * p + 2) != 0 && nbc * colwords <= a.cu.cap;
+    use_cols = __ldg(a.cu.info + 3 * p + 2) != 0 && nbc * colwords <= a.col_cap;
   }
   if (use_cols) {  // immutable: requested before the kernels ahead have finished, bypassing L1
     const int4* src = reinterpret_cast<const int4*>(a.cu.cols + __ldg(a.cu.info + 3 * p) + bA * colwords);
@@ -1853,14 +1855,46 @@ cudaError_t launch_any(int dtype, const Plan& p, const void* x, const void* y, v
 // 18.5 and 37.2 us against 26.3 and 43.6; q|k|v (3 slices, 1,000 rows) 44.9 against 47.4; gate|up (6 slices, 1,470
 // rows) 107.0 against 68.0; with four gated deltas (four times the rows) q|k|v lost too (the 7B step 3.30x the base's
 // against 3.06x).
+// With U by block column (col_len > 0) the tail decodes from shared memory in one pass over the rank rows for all
+// of a CTA's slices, so up to kColMaxSlices slices a CTA take the one kernel when their columns fit.
 constexpr int64_t kRowMaxWalk = 4096;  // slices per CTA x rank rows per projection, with more than one slice
 
 int64_t row_wave(int num_sms) { return static_cast<int64_t>(kRowCtasPerSm) * (num_sms > 0 ? num_sms : 1); }
 
-bool row_path(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
+int64_t row_slices_per_cta(int64_t M, int64_t P, int num_sms) {
+  return ceil_div<int64_t>((M + kRowSlice - 1) / kRowSlice + P, row_wave(num_sms));
+}
+
+// Block columns that `slices` consecutive slices of 16 outputs (starting on a multiple of 16) can touch.
+int64_t col_blocks(int64_t slices) { return slices / 2 + 1; }
+
+// Shared-memory words a one-row CTA may give U's columns beside x (n inputs) on the current device: what
+// kRowCtasPerSm CTAs an SM leave, at most kColMaxWords.
+int64_t col_room(int64_t n) {
+  static std::atomic<int> per_sm[64];
+  int device = 0, sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (device < 64) sm = per_sm[device].load();
+  if (sm == 0 && cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess)
+    return 0;
+  if (device < 64) per_sm[device].store(sm);
+  const int64_t room = (static_cast<int64_t>(sm) / kRowCtasPerSm - kRowStaticSmem) / 4 - row_x_floats(static_cast<int>(n));
+  return std::min(room, kColMaxWords);
+}
+
+// Shared-memory words for a call's columns (0: none, or they do not fit): col_len, the longest column, times the
+// block columns a CTA's share of slices can touch.
+int64_t col_cap(int64_t n, int64_t M, int64_t P, int num_sms, int64_t col_len) {
+  if (col_len <= 0) return 0;
+  const int64_t need = col_blocks(row_slices_per_cta(M, P, num_sms)) * col_len;
+  return need <= col_room(n) ? need : 0;
+}
+
+bool row_path(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms, int64_t col_len) {
   if (R != 1 || n > kRowMaxN) return false;
-  const int64_t per_cta = ceil_div<int64_t>((M + kRowSlice - 1) / kRowSlice + P, row_wave(num_sms));
-  return per_cta <= 1 || (per_cta <= kRowMaxSlices && per_cta * J <= kRowMaxWalk * P);
+  const int64_t per_cta = row_slices_per_cta(M, P, num_sms);
+  if (per_cta <= 1 || (per_cta <= kRowMaxSlices && per_cta * J <= kRowMaxWalk * P)) return true;
+  return per_cta <= kColMaxSlices && col_cap(n, M, P, num_sms, col_len) > 0;
 }
 
 // Projection p gets CTAs in proportion to its slices of W outputs (every slice its own CTA when they fit in one
@@ -1886,18 +1920,9 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  if (a.cu.cols != nullptr) {  // the columns' room: what two CTAs an SM leave beside x, at most kColMaxWords
-    static std::atomic<int> per_sm[64];
-    int sm = device < 64 ? per_sm[device].load() : 0;
-    if (sm == 0 && cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess)
-      sm = 0;
-    if (device < 64 && sm > 0) per_sm[device].store(sm);
-    const int64_t room = (static_cast<int64_t>(sm) / kRowCtasPerSm - kRowStaticSmem) / 4 - row_x_floats(a.n);
-    a.cu.cap = static_cast<int>(std::min<int64_t>({a.cu.cap, kColMaxWords, room}));
-    if (a.cu.cap <= 0) a.cu = ColumnU{};
-  }
+  a.col_cap = a.cu.cols != nullptr ? static_cast<int>(col_cap(a.n, a.end[a.b.P - 1], a.b.P, num_sms, a.cu.longest)) : 0;
   // Shared memory past 48 KB is opted into once per device and instantiation (the largest size so far).
-  const int smem = (row_x_floats(a.n) + a.cu.cap) * static_cast<int>(sizeof(float));
+  const int smem = (row_x_floats(a.n) + a.col_cap) * static_cast<int>(sizeof(float));
   static std::atomic<int> allowed[64];
   if (smem > 48 * 1024 && (device >= 64 || allowed[device].load() < smem)) {
     err = cudaFuncSetAttribute(row_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -1912,15 +1937,16 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
 // The entry points (documented in delta_linear.h).
 
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
-                                     int64_t row_tile, bool fused) {
+                                     int64_t row_tile, bool fused, int64_t col_len) {
   if (R <= 0 || M <= 0) return 0;
-  if (fused && row_path(R, n, M, J, P, num_sms)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
+  if (fused && row_path(R, n, M, J, P, num_sms, col_len)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
-size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms) {
+size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
+                                    int64_t col_len) {
   if (R <= 0 || M <= 0 || J <= 0) return 0;
-  if (row_path(R, n, M, J, P, num_sms)) return kRowCounters;
+  if (row_path(R, n, M, J, P, num_sms, col_len)) return kRowCounters;
   const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
   return static_cast<size_t>(p.groups) * p.ntiles;
 }
@@ -1954,9 +1980,10 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
   for (int64_t q = 0; q < P; ++q) vec = vec && reinterpret_cast<uintptr_t>(base[q]) % 16 == 0;
   const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
                            projs, spans, P);
-  if (row_path(R, n, M, J, P, num_sms)) {
+  const ColumnU cu = columns != nullptr ? *columns : ColumnU{};
+  if (row_path(R, n, M, J, P, num_sms, cu.cols != nullptr ? cu.longest : 0)) {
     RowArgs a{x, static_cast<int>(n), static_cast<int>(K), vec ? 1 : 0, {}, {}, {}, bias, out, w, b, workspace,
-              J > 0 ? ready : nullptr, columns != nullptr ? *columns : ColumnU{}};
+              J > 0 ? ready : nullptr, cu, 0};
     for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
       end += q < P ? static_cast<int>(base_rows[q]) : 0;
       a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;

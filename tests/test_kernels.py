@@ -27,17 +27,16 @@ def test_bank_rows_round_trip_exactly(group_size):
     assert torch.equal(v, want_v) and torch.equal(u, want_u) and torch.equal(bank.s, want_s)
 
 
-@pytest.mark.parametrize("group_size", [0, 128])
-def test_bank_columns_hold_every_u_row_exactly(group_size):
-    """U by block column: each row's words of every block, at its column offset; desc, pair and the flag agree."""
-    table = [[random_module(300, 70, group_size=group_size, seed=1)], [random_module(33, 70, seed=2)],
-             [None]]
+def test_bank_columns_hold_every_u_row_exactly(monkeypatch):
+    """U by block column: each row's words of every block, at its column offset; desc and pair agree. Banks the
+    kernel's column path cannot take whole have none."""
+    table = [[random_module(300, 70, seed=1)], [random_module(33, 70, seed=2)], [None]]
     bank = DeltaBank.build(table, out_features=[300, 33, 20])
     cols, desc, pair, info = bank.columns()
-    assert bank.col_cap == 3 * int(info[:, 1].max())
+    assert bank.col_len == int(info[:, 1].max()) > 0
     for p, (j0, j1, _, out) in enumerate(bank.projs.tolist()):
         start, length, one = info[p].tolist()
-        assert length % 4 == 0 and start % 4 == 0 and one == (group_size == 0 or p > 0)
+        assert length % 4 == 0 and start % 4 == 0 and one == 1
         for j in range(j0, j1):
             bits, woff, poff = (int(bank.rows[j, f]) for f in (U_BITS, U_WORDS, U_PARAMS))
             assert int(desc[j]) & 15 == bits
@@ -48,8 +47,12 @@ def test_bank_columns_hold_every_u_row_exactly(group_size):
             halves = [bank.u_scale[poff], bank.u_offset[poff]]
             assert int(pair[j]) & 0xFFFF == int(halves[0].view(torch.int16)) & 0xFFFF
             assert (int(pair[j]) >> 16) & 0xFFFF == int(halves[1].view(torch.int16)) & 0xFFFF
+    grouped = DeltaBank.build([[random_module(300, 70, group_size=128, seed=1)], [random_module(33, 70, seed=2)]])
     several = DeltaBank.build([[random_module(40, 30, seed=3), random_module(40, 30, seed=4)]])
-    assert all(t.numel() == 0 for t in several.columns()[:3]) and several.col_cap == 0
+    monkeypatch.setattr("deltacomp.kernels.bank.COLUMN_MAX_ROWS", 3)
+    long = DeltaBank.build(table, out_features=[300, 33, 20])
+    for none in (grouped, several, long):
+        assert all(t.numel() == 0 for t in none.columns()[:3]) and none.col_len == 0
 
 
 def test_bank_spans_index_each_deltas_rows():
@@ -143,8 +146,8 @@ def test_base_op_adds_the_base_product_to_the_twin():
     torch.library.opcheck(torch.ops.deltacomp.delta_linear_base.default, (x, base, bias, w, *bank.tensors()))
     torch.library.opcheck(torch.ops.deltacomp.delta_linear_base.default, (x, base, None, w, *bank.tensors()))
     one = DeltaBank.build([[table[0][0]], [table[1][1]]])  # one delta: with U by block column
-    args = (x, base, bias, w[:, :1].contiguous(), *one.tensors(), *one.columns(), one.col_cap)
-    assert one.col_cap > 0
+    args = (x, base, bias, w[:, :1].contiguous(), *one.tensors(), *one.columns(), one.col_len)
+    assert one.col_len > 0
     assert torch.equal(torch.ops.deltacomp.delta_linear_base(*args),
                        torch.ops.deltacomp.delta_linear_base(*args[:14]))
     torch.library.opcheck(torch.ops.deltacomp.delta_linear_base.default, args)

@@ -29,8 +29,9 @@ A bank of one delta also holds U by block column, which the one-row CUDA kernel 
     u_pair    int32 (J,)     the row's first fp16 U scale | its fp16 offset << 16
     u_colinfo int32 (P, 3)   column start, column length, 1 when every row of p has one parameter group
 
-and ``col_cap``, the most words of columns a one-row CTA stages (three of the longest). They hold U's words a second
-time; banks of several deltas have them empty.
+and ``col_len``, the longest column's words. They hold U's words a second time. A bank has them only when the
+one-row kernel can use them for every projection: one delta, and per projection at most ``COLUMN_MAX_ROWS`` rank rows
+of one parameter group each (other banks have them empty).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ ROW_FIELDS = 8
 V_BITS, V_WORDS, V_PARAMS, U_BITS, U_WORDS, U_PARAMS, DELTA, GROUP_SIZE = range(ROW_FIELDS)
 TENSORS = ("v_words", "v_scale", "v_offset", "u_words", "u_scale", "u_offset", "s", "rows", "projs", "spans")
 COLUMN_TENSORS = ("u_cols", "u_desc", "u_pair", "u_colinfo")
-COLUMN_SLICES = 3  # columns a one-row CTA stages at most (the kernel's kRowMaxSlices slices of 16 outputs span 2)
+COLUMN_MAX_ROWS = 2048  # rank rows of a projection the kernel's column path takes (kColRows x its 256 threads)
 ALIGN = 4  # words: rows start on 16-byte boundaries
 
 
@@ -87,7 +88,7 @@ class DeltaBank(torch.nn.Module):
         super().__init__()
         for name in TENSORS + COLUMN_TENSORS:
             self.register_buffer(name, tensors[name], persistent=False)
-        self.col_cap = int(tensors.get("col_cap", 0))
+        self.col_len = int(tensors.get("col_len", 0))
         self.in_features = in_features
         self.out_features = tuple(out_features)
         self.num_deltas = num_deltas
@@ -188,7 +189,7 @@ class DeltaBank(torch.nn.Module):
         tensors["rows"] = (torch.cat(rows) if rows else torch.zeros(0, ROW_FIELDS, dtype=torch.int64)).to(torch.int32)
         tensors["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
         tensors["spans"] = torch.tensor(spans, dtype=torch.int32).reshape(-1, k + 1)
-        tensors.update(_columns(tensors) if k == 1 else _no_columns(len(outs)))
+        tensors.update(_columns(tensors, len(outs)) if k == 1 else _no_columns(len(outs)))
         return cls(tensors, n, outs, k)
 
     @property
@@ -217,17 +218,21 @@ class DeltaBank(torch.nn.Module):
 def _no_columns(num_projs: int) -> dict:
     empty = torch.zeros(0, dtype=torch.int32)
     return {"u_cols": empty, "u_desc": empty, "u_pair": empty,
-            "u_colinfo": torch.zeros(num_projs, 3, dtype=torch.int32), "col_cap": 0}
+            "u_colinfo": torch.zeros(num_projs, 3, dtype=torch.int32), "col_len": 0}
 
 
-def _columns(t: dict[str, torch.Tensor]) -> dict:
-    """U by block column (see the module docstring): an exact copy of the rows' words, rearranged."""
+def _columns(t: dict[str, torch.Tensor], num_projs: int) -> dict:
+    """U by block column (see the module docstring): an exact copy of the rows' words, rearranged; none when some
+    projection has more than ``COLUMN_MAX_ROWS`` rank rows or rows of several parameter groups."""
     rows = t["rows"].long()
     bits = rows[:, U_BITS]
     desc = torch.zeros(len(rows), dtype=torch.int64)
     pieces, info, start, longest = [], [], 0, 0
     words = t["u_words"].long()
     for j0, j1, _, m in t["projs"].long().tolist():
+        gs = rows[j0:j1, GROUP_SIZE]
+        if j1 - j0 > COLUMN_MAX_ROWS or not bool(((gs <= 0) | (gs >= m)).all()):
+            return _no_columns(num_projs)
         b = bits[j0:j1]
         col_off = torch.cumsum(b, 0) - b
         desc[j0:j1] = b | col_off << 4
@@ -241,9 +246,7 @@ def _columns(t: dict[str, torch.Tensor]) -> dict:
             k = torch.arange(blocks).unsqueeze(1)
             src = rows[row, U_WORDS] + k * bits[row] + w
             cols[:, col_off[row - j0] + w] = words[src]
-        gs = rows[j0:j1, GROUP_SIZE]
-        one_group = bool(((gs <= 0) | (gs >= m)).all())
-        info.append([start, length, int(one_group)])
+        info.append([start, length, 1])
         pieces.append(cols.reshape(-1))
         start += blocks * length
         longest = max(longest, length)
@@ -254,4 +257,4 @@ def _columns(t: dict[str, torch.Tensor]) -> dict:
     pair = scale[params] | offset[params] << 16  # below 2**32: wraps to int32 as the kernel's uint32 reads it
     return {"u_cols": torch.cat(pieces).to(torch.int32), "u_desc": desc.to(torch.int32),
             "u_pair": pair.to(torch.int32), "u_colinfo": torch.tensor(info, dtype=torch.int32).reshape(-1, 3),
-            "col_cap": COLUMN_SLICES * longest}
+            "col_len": longest}

@@ -66,10 +66,10 @@ def delta_linear_base_op(x: Tensor, weights: list[Tensor], bias: Tensor | None, 
                          v_scale: Tensor, v_offset: Tensor, u_words: Tensor, u_scale: Tensor, u_offset: Tensor,
                          s: Tensor, rows: Tensor, projs: Tensor, spans: Tensor, u_cols: Tensor | None = None,
                          u_desc: Tensor | None = None, u_pair: Tensor | None = None, u_colinfo: Tensor | None = None,
-                         col_cap: int = 0) -> Tensor:
+                         col_len: int = 0) -> Tensor:
     """x @ cat(weights)^T (+ bias) + the bank's contribution: weights[p] (out_len_p, n) is projection p's base
     weight, bias (M,). The CUDA kernels compute the base product beside the delta's stages and round once; the
-    optional U by block column (:meth:`DeltaBank.columns`, ``DeltaBank.col_cap``) changes how the one-row kernel
+    optional U by block column (:meth:`DeltaBank.columns`, ``DeltaBank.col_len``) changes how the one-row kernel
     reads U, never the result. Inference only (no autograd): gate training goes through ``deltacomp::delta_linear``."""
     return delta_linear_base_reference(x, weights, bias, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset,
                                        s, rows, projs, spans)
