@@ -1192,7 +1192,8 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 // is one wave; a CTA owns consecutive slices of W = 8 * NO = 16 outputs of one projection (a slice lies inside one
 // 32-code block of the projection's U rows) and:
 //   1. before griddepcontrol.wait (the bank and the base weights only, which are immutable): asks L2 for the first
-//      kRowPrefetch bytes of each of its first slice's base weight rows and, with one delta, for its share of U;
+//      kRowPrefetch bytes of each of its first slice's base weight rows and, with one delta and no columns, for its
+//      share of U;
 //   2. stages x in shared memory as float, in 32-float blocks padded to 36 (conflict-free float4 reads for both uses);
 //   3. takes rank rows of stage 1 from a ticket (ready[0], kWarps at a time: one per warp) until none are left, and
 //      for each writes c[j] = s[j] * w[delta(j)] * sum_k x[k] V[j, k] (0 for a row whose delta has weight 0, whose
@@ -1453,7 +1454,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   if (a.b.J > 0) {
     j_start = max(0, __ldg(a.b.projs + 4 * p)), j_end = min(a.b.J, __ldg(a.b.projs + 4 * p + 1));
     ulen = __ldg(a.b.projs + 4 * p + 3);
-    if (a.K == 1) {
+    if (a.K == 1 && a.col_cap == 0) {  // with U by block column the tail reads the columns instead
       prefetch_share_l2(a.b.u_words, static_cast<size_t>(a.b.u_nwords) * 4, blockIdx.x, gridDim.x);
       prefetch_share_l2(a.b.u_scale, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
       prefetch_share_l2(a.b.u_offset, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
@@ -1878,7 +1879,8 @@ int64_t col_room(int64_t n) {
   if (sm == 0 && cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess)
     return 0;
   if (device < 64) per_sm[device].store(sm);
-  const int64_t room = (static_cast<int64_t>(sm) / kRowCtasPerSm - kRowStaticSmem) / 4 - row_x_floats(static_cast<int>(n));
+  const int64_t room =
+      (static_cast<int64_t>(sm) / kRowCtasPerSm - kRowStaticSmem) / 4 - row_x_floats(static_cast<int>(n));
   return std::min(room, kColMaxWords);
 }
 
@@ -1920,7 +1922,8 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  a.col_cap = a.cu.cols != nullptr ? static_cast<int>(col_cap(a.n, a.end[a.b.P - 1], a.b.P, num_sms, a.cu.longest)) : 0;
+  a.col_cap =
+      a.cu.cols != nullptr ? static_cast<int>(col_cap(a.n, a.end[a.b.P - 1], a.b.P, num_sms, a.cu.longest)) : 0;
   // Shared memory past 48 KB is opted into once per device and instantiation (the largest size so far).
   const int smem = (row_x_floats(a.n) + a.col_cap) * static_cast<int>(sizeof(float));
   static std::atomic<int> allowed[64];
