@@ -297,7 +297,8 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
     """Milliseconds of a decode step with the base product computed by the fused op (the op
     ``delta_linear_base``, one launch pair per call, called at every row count): per linear layer (7 a layer),
     per merged group (q|k|v and gate|up: 4 a layer, each projection's base weight in place), and four deltas a
-    group mixed per token by a gate or one of four picked for the sequence (as in ``overlap_times``)."""
+    group mixed per token by a gate or one of four picked for the sequence (as in ``overlap_times``), the latter also
+    as the fusion runtime runs it: the picked delta's rows as a bank of one delta (``DeltaBank.alone``)."""
     ext = loader.extension()
     x_for = inputs.x
     ones = torch.ones(inputs.rows, 1, device="cuda")
@@ -326,13 +327,20 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
             "fused_merged": time_graph(merged_step(fused), repeats),
             "fused_merged_rows": time_graph(merged_step(fused, columns=False), repeats),
             "fused_four_token": time_graph(merged_step(four, _token_gate), repeats),
-            "fused_four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats)}
+            "fused_four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats),
+            "fused_four_alone": time_graph(merged_step(_alone(four, 2)), repeats)}
 
 
 def _clone(bank: DeltaBank) -> DeltaBank:
     """The same bank at new addresses."""
     tensors = {k: t.clone() for k, t in zip(TENSORS + COLUMN_TENSORS, bank.tensors() + bank.columns())}
     return DeltaBank(tensors | {"col_len": bank.col_len}, bank.in_features, bank.out_features, bank.num_deltas)
+
+
+def _alone(banks: list[list[DeltaBank]], d: int) -> list[list[DeltaBank]]:
+    """Each layer's banks' delta d as banks of one delta (made for the first layer, copied to new addresses)."""
+    first = [b.alone(d) for b in banks[0]]
+    return [first] + [[_clone(b) for b in first] for _ in banks[1:]]
 
 
 def _with_columns(bank: DeltaBank) -> tuple:
@@ -559,11 +567,12 @@ def _step_tables(res: dict) -> list[str]:
             rows.append([n, f"{r['fused_per_linear']:.3f} ({r['fused_per_linear'] / r['base']:.3f}x)",
                          *[f"{r[k]:.3f} ({r[k] / r['base_merged']:.3f}x)" if k in r else "-"
                            for k in ("fused_empty", "fused_merged_rows", "fused_merged", "fused_four_token",
-                                     "fused_four_sentence")],
+                                     "fused_four_sentence", "fused_four_alone")],
                          f"{bw:.0f} GB/s ({bw / base_bw:.0%})"])
         lines.append(format_table(["rows", "base + delta, 7/layer", "merged, empty banks",
                                    "merged base + fused delta, U by row", "merged base + fused delta",
-                                   "+ 4 deltas, token gate", "+ 1 of 4 (sentence)", "delta's added time as bandwidth"],
+                                   "+ 4 deltas, token gate", "+ 1 of 4 (sentence)", "+ 1 of 4, alone",
+                                   "delta's added time as bandwidth"],
                                   rows))
     return lines
 

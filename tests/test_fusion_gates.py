@@ -170,6 +170,26 @@ def test_sentence_router_picks_the_right_delta(skills, trained):
     assert sum(o == e.answer for o, e in zip(outs, exs)) >= len(exs) - 2
 
 
+def test_sentence_router_runs_a_lone_delta_as_a_one_delta_bank(skills, trained, monkeypatch):
+    """Outside training, when every sequence keeps one delta alone, the layers run it as a bank of one delta
+    (``DeltaLinear.only``), with the same result as its one-hot weight."""
+    fm, _ = trained["sentence"]
+    e = skills["singles_test"][0]
+    ids, mask = fm.encode_prompts([e.prompt])
+    with torch.no_grad():
+        fast = fm.forward(ids, mask)
+        assert {s.layer.only for s in fm.sites} == {e.task}
+        both, both_mask = fm.encode_prompts([x.prompt for x in skills["singles_test"][:4]])
+        fm.forward(both, both_mask)  # the batch keeps different deltas: the k-delta bank
+        assert {s.layer.only for s in fm.sites} == {None}
+        monkeypatch.setattr(type(fm.gate), "_single_delta", lambda self: None)
+        slow = fm.forward(ids, mask)
+    assert float((fast - slow).norm() / slow.norm()) < 1e-5
+    monkeypatch.undo()
+    fm.forward(ids, mask)  # with gradients: the router's weights
+    assert {s.layer.only for s in fm.sites} == {None}
+
+
 @pytest.mark.parametrize("gate", ["token", "topk", "sentence"])
 def test_generate_with_kv_cache_equals_without(skills, trained, gate):
     fm = trained[gate][0]

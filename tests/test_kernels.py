@@ -55,6 +55,29 @@ def test_bank_columns_hold_every_u_row_exactly(monkeypatch):
         assert all(t.numel() == 0 for t in none.columns()[:3]) and none.col_len == 0
 
 
+def test_bank_alone_is_the_one_hot_weight():
+    """``alone(d)``: delta d's rows as a bank of one delta over the shared words, with the columns a bank built from
+    delta d alone has; it computes what a one-hot weight on d does."""
+    table = [[random_module(300, 70, seed=1), None, random_module(300, 70, seed=3)],
+             [random_module(33, 70, seed=4), random_module(33, 70, seed=5), random_module(33, 70, seed=6)]]
+    bank = DeltaBank.build(table)
+    x, y = torch.randn(3, 70), torch.randn(3, 333)
+    for d in range(3):
+        one = bank.alone(d)
+        assert one is bank.alone(d) and one.num_deltas == 1 and one.v_words.data_ptr() == bank.v_words.data_ptr()
+        fresh = DeltaBank.build([[row[d]] for row in table], out_features=[300, 33])
+        assert one.col_len == fresh.col_len > 0
+        assert all(torch.equal(a, b) for a, b in zip(one.columns(), fresh.columns()))
+        assert torch.equal(one.s, fresh.s) and torch.equal(one.projs, fresh.projs)
+        w = torch.nn.functional.one_hot(torch.full((3,), d), 3).float()
+        assert rel_err(delta_linear(x, one, y), delta_linear(x, bank, y, weights=w)) < 1e-6
+    assert fresh.alone(0) is fresh
+    with pytest.raises(DeltacompError, match="delta 3 of a bank of 3"):
+        bank.alone(3)
+    kept = bank.alone(0)
+    assert bank.to("cpu").alone(0) is not kept  # moved or cast: made again
+
+
 def test_bank_spans_index_each_deltas_rows():
     table = [[random_module(130, 300, seed=1), None, random_module(130, 300, seed=2)],
              [None, random_module(64, 300, seed=4), random_module(64, 300, seed=5)]]

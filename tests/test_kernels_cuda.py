@@ -187,6 +187,24 @@ def test_base_product_fused_projections_and_gated_deltas(dtype):
     _check_base([[random_module(64, 44, widths=ALL_WIDTHS[:3])]], 2, dtype)  # rows of 88 bytes: no 16-byte loads
 
 
+def test_a_delta_alone_equals_its_one_hot_weight():
+    """``DeltaBank.alone(d)`` (one-delta banks over the shared words, with U by block column where the rows have one
+    parameter group) through the dispatch point against a one-hot weight on d over the whole bank."""
+    n = 1536
+    table = [[random_module(m, n, widths=ALL_WIDTHS[: 4 + p], group_size=gs, seed=10 * p + d) if (p + d) % 4 else None
+              for d, gs in zip(range(3), (0, 128, 0))] for p, m in enumerate((576, 192, 192, 1100))]
+    bank = DeltaBank.build(table).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = [(torch.randn(o, n, device="cuda", generator=g) / n ** 0.5).to(torch.bfloat16) for o in bank.out_features]
+    assert bank.alone(0).col_len > 0 and bank.alone(1).col_len == 0  # delta 1 has groups of 128
+    for rows in (1, 5):
+        x = torch.randn(rows, n, device="cuda", generator=g).to(torch.bfloat16)
+        for d in range(3):
+            w = torch.nn.functional.one_hot(torch.full((rows,), d, device="cuda"), 3).float()
+            want = base_delta_linear(x, bank, base, None, weights=w)
+            assert rel_err(base_delta_linear(x, bank.alone(d), base, None), want) < BOUND[torch.bfloat16]
+
+
 def test_base_product_empty_bank_and_graph_capture():
     empty = DeltaBank.build([[None]], out_features=[300], in_features=256).to("cuda")
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)

@@ -162,16 +162,16 @@ class FusionModel:
         w = torch.zeros(k) if weights is None else torch.tensor([float(x) for x in weights])
         if w.numel() != k:
             raise FusionError(f"{w.numel()} weights for {k} deltas")
-        saved = [(s.layer.router, s.layer.weights) for s in self.sites]
+        saved = [(s.layer.router, s.layer.weights, s.layer.only) for s in self.sites]
         saved_coeffs = self._coeffs
         for s in self.sites:
-            s.layer.router, s.layer.weights = None, w.to(self.device)
+            s.layer.router, s.layer.weights, s.layer.only = None, w.to(self.device), None
         self._set_stored(None if weights is None else w.tolist())
         try:
             yield self
         finally:
-            for s, (router, weights_) in zip(self.sites, saved):
-                s.layer.router, s.layer.weights = router, weights_
+            for s, (router, weights_, only) in zip(self.sites, saved):
+                s.layer.router, s.layer.weights, s.layer.only = router, weights_, only
             self._set_stored(saved_coeffs)
 
     def _need_causal(self, what: str) -> None:

@@ -95,10 +95,12 @@ class DeltaBank(torch.nn.Module):
         self.cache_factors = True  # off the GPU: dequantize once and keep the float factors (see dequantized)
         self._factors: list[tuple] | None = None
         self._ones: dict[tuple, torch.Tensor] = {}
+        self._alone: dict[int, DeltaBank] = {}
 
     def _apply(self, fn, *args, **kwargs):
         self._factors = None  # moved or cast: dequantize again on the new device
         self._ones = {}
+        self._alone = {}
         return super()._apply(fn, *args, **kwargs)
 
     def unit_weights(self, rows: int, device, dtype: torch.dtype) -> torch.Tensor:
@@ -209,6 +211,39 @@ class DeltaBank(torch.nn.Module):
         """U by block column (empty for a bank of several deltas), in ``COLUMN_TENSORS`` order."""
         buffers = self._buffers
         return tuple(buffers[t] for t in COLUMN_TENSORS)
+
+    def alone(self, d: int) -> DeltaBank:
+        """Delta d of this bank as a bank of one delta, made once and kept: its rank rows, whose offsets point into
+        this bank's packed tensors (shared, not copied), and U by block column (a copy of delta d's U words) when the
+        column path takes it. What a one-hot weight on d computes, at the speed of a one-delta bank."""
+        if not 0 <= d < self.num_deltas:
+            raise DeltacompError(f"delta {d} of a bank of {self.num_deltas}")
+        if self.num_deltas == 1:
+            return self
+        kept = self._alone.get(d)
+        if kept is None:
+            kept = self._alone[d] = self._one(d)
+        return kept
+
+    def _one(self, d: int) -> DeltaBank:
+        rows, s, spans = self.rows.cpu(), self.s.cpu(), self.spans.cpu().long()
+        picked, projs, j = [], [], 0
+        for p, (_, _, out_off, out_len) in enumerate(self.projs.cpu().tolist()):
+            lo, hi = int(spans[p, d]), int(spans[p, d + 1])
+            picked.append(torch.arange(lo, hi))
+            projs.append([j, j + hi - lo, out_off, out_len])
+            j += hi - lo
+        picked = torch.cat(picked)
+        t = {name: getattr(self, name) for name in TENSORS[:6]}
+        t["rows"], t["s"] = rows[picked].clone(), s[picked].clone()
+        t["rows"][:, DELTA] = 0
+        t["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
+        t["spans"] = t["projs"][:, :2].clone()
+        host = {**t, **{name: self._buffers[name].cpu() for name in ("u_words", "u_scale", "u_offset")}}
+        t.update(_columns(host, len(projs)))
+        device = self.rows.device
+        t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        return DeltaBank(t, self.in_features, self.out_features, 1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.num_deltas}, "

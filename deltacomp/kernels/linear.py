@@ -21,7 +21,9 @@ class DeltaLinear(torch.nn.Module):
     """``base_layer(x) + sum_d w_d dW_d x`` with the deltas' packed factors (wraps the base as PEFT's LoRA does).
 
     The weights over the bank's deltas come from ``router(x)`` when set (a gate, (..., k)), else ``weights``
-    ((k,) or None for all ones); ``index`` (per-row delta, multi-tenant) overrides both when set.
+    ((k,) or None for all ones); ``index`` (per-row delta, multi-tenant) overrides both when set, and ``only`` (a
+    delta index: weight 1 on it, 0 on the others, for every row) overrides all three, running that delta's rank rows
+    as a bank of one delta (:meth:`DeltaBank.alone`).
     """
 
     def __init__(self, base_layer: torch.nn.Module, bank: DeltaBank, weights: torch.Tensor | None = None):
@@ -31,6 +33,7 @@ class DeltaLinear(torch.nn.Module):
         self.weights = weights
         self.router: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.index: torch.Tensor | None = None
+        self.only: int | None = None
 
     @property
     def in_features(self) -> int:
@@ -41,14 +44,18 @@ class DeltaLinear(torch.nn.Module):
         return sum(self.bank.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.index is not None:
-            return delta_linear(x, self.bank, self.base_layer(x), index=self.index)
-        w = self.router(x) if self.router is not None else self.weights
+        bank = self.bank
+        if self.only is not None:
+            bank, w = bank.alone(self.only), None
+        elif self.index is not None:
+            return delta_linear(x, bank, self.base_layer(x), index=self.index)
+        else:
+            w = self.router(x) if self.router is not None else self.weights
         layer = self.base_layer
         if type(layer) is torch.nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks):
             # a plain linear layer: its product can run in the delta's fused op (base_delta_linear decides)
-            return base_delta_linear(x, self.bank, [layer.weight], layer.bias, weights=w)
-        return delta_linear(x, self.bank, layer(x), weights=w)
+            return base_delta_linear(x, bank, [layer.weight], layer.bias, weights=w)
+        return delta_linear(x, bank, layer(x), weights=w)
 
 
 def _resolve(model: torch.nn.Module, name: str) -> str | None:

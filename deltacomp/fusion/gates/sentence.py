@@ -50,6 +50,21 @@ class SentenceGate(Gate):
     def begin(self, input_ids, attention_mask) -> None:
         self._logits = self.logits(input_ids, attention_mask)
         self._w = top_p_weights(torch.softmax(self._logits, dim=-1), self.config.top_p)
+        self._set_only(self._single_delta())
+
+    def _single_delta(self) -> int | None:
+        """The delta every sequence keeps alone (its weight then exactly 1), outside training; else None. In that
+        case the layers run that delta's rank rows as a bank of one delta, which decodes faster than a one-hot
+        weight over all k."""
+        if torch.is_grad_enabled():
+            return None  # training: the router's weights carry the gradient
+        kept = (self._w > 0).cpu()
+        picked = kept.nonzero()[:, 1].unique()
+        return int(picked[0]) if bool((kept.sum(-1) == 1).all()) and len(picked) == 1 else None
+
+    def _set_only(self, d: int | None) -> None:
+        for site in self.sites:  # only where this gate routes (not inside FusionModel.variant)
+            site.layer.only = d if site.layer.router is not None else None
 
     def router(self, site):
         def route(x: torch.Tensor) -> torch.Tensor:
@@ -67,4 +82,5 @@ class SentenceGate(Gate):
 
     def detach(self) -> None:
         super().detach()
+        self._set_only(None)
         self._w = self._logits = None
