@@ -67,11 +67,11 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
 
 
 # When base_delta_linear computes the base product beside the delta's kernels. Measured on an H200 at Llama-2-7B
-# shapes (BENCHMARKS.md): at one row (a decode step at batch 1) a step with one delta per merged group is 1.48x the
-# base step fused, against 1.91x with the delta beside the base on a side stream, and banks of four deltas (gated
-# per token, or one of them picked) are 6-15% faster fused than beside; from 2 rows on the fused form is slower
-# (its base product is an fp32 dot product per output, not a tensor-core GEMM). Banks of more than four deltas were
-# not measured fused.
+# shapes (BENCHMARKS.md): at one row (a decode step at batch 1) a step with one delta per merged group is 1.30x the
+# base step fused (with U by block column), against 1.89x with the delta beside the base on a side stream, and banks
+# of four deltas (gated per token, or one of them picked) are 6-15% faster fused than beside; from 2 rows on the fused
+# form is slower (its base product is an fp32 dot product per output, not a tensor-core GEMM). Banks of more than four
+# deltas were not measured fused.
 FUSED_MAX_ROWS = 1
 FUSED_MAX_DELTAS = 4
 FUSED_MAX_PROJECTIONS = 8  # base weights one fused call takes (the kernel's kMaxBaseProjs)
