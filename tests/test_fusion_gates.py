@@ -179,6 +179,10 @@ def test_sentence_router_runs_a_lone_delta_as_a_one_delta_bank(skills, trained, 
     with torch.no_grad():
         fast = fm.forward(ids, mask)
         assert {s.layer.only for s in fm.sites} == {e.task}
+        with fm.variant((1.0, 0.0)):  # fixed weights: the k-delta bank, even when forward reads a prompt
+            fm.forward(ids, mask)
+            assert {s.layer.only for s in fm.sites} == {None}
+        assert {s.layer.only for s in fm.sites} == {e.task}
         both, both_mask = fm.encode_prompts([x.prompt for x in skills["singles_test"][:4]])
         fm.forward(both, both_mask)  # the batch keeps different deltas: the k-delta bank
         assert {s.layer.only for s in fm.sites} == {None}
