@@ -308,7 +308,7 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
         inputs.next()
         for lw, lb in zip(base, single):
             for k, w in lw.items():
-                ext.delta_linear_base(x_for(k), [w], None, ones, *_with_columns(lb[k]))
+                ext.delta_linear_base(x_for(k), [w], None, ones, *lb[k].base_op_args())
 
     def merged_step(banks, weights=None, columns=True):
         def step():
@@ -317,7 +317,7 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
                 for j, group in enumerate(FUSED):
                     x, b = x_for(group[0]), banks[i][j]
                     g = ones if weights is None else weights(x, gates[i][j]).contiguous()
-                    bank = _with_columns(b) if columns else b.tensors()
+                    bank = b.base_op_args() if columns else b.tensors()
                     ext.delta_linear_base(x, [lw[p] for p in group], None, g, *bank)
         return step
 
@@ -341,11 +341,6 @@ def _alone(banks: list[list[DeltaBank]], d: int) -> list[list[DeltaBank]]:
     """Each layer's banks' delta d as banks of one delta (made for the first layer, copied to new addresses)."""
     first = [b.alone(d) for b in banks[0]]
     return [first] + [[_clone(b) for b in first] for _ in banks[1:]]
-
-
-def _with_columns(bank: DeltaBank) -> tuple:
-    """The fused op's bank arguments with U by block column, as the dispatch point passes them."""
-    return (*bank.tensors(), *bank.columns(), bank.col_len)
 
 
 def _same_bytes_rank(delta_bytes: int, layers: int) -> int:
@@ -468,7 +463,7 @@ def _group_calls(group: tuple, layer, args) -> dict:
          "delta": calls(lambda x, i: ext.delta_linear(x, zeros, ones, *banks[i].tensors(), 0)),
          "matmul_then_delta": calls(lambda x, i: ext.delta_linear(x, x @ merged[i].T, ones, *banks[i].tensors(), 0)),
          "fused_rows": calls(lambda x, i: ext.delta_linear_base(x, ws[i], None, ones, *banks[i].tensors())),
-         "fused": calls(lambda x, i: ext.delta_linear_base(x, ws[i], None, ones, *_with_columns(banks[i])))}
+         "fused": calls(lambda x, i: ext.delta_linear_base(x, ws[i], None, ones, *banks[i].base_op_args()))}
     t.update(base_bytes=m * n * 2, delta_bytes=first.nbytes)
     return t
 

@@ -169,7 +169,7 @@ def test_base_op_adds_the_base_product_to_the_twin():
     torch.library.opcheck(torch.ops.deltacomp.delta_linear_base.default, (x, base, bias, w, *bank.tensors()))
     torch.library.opcheck(torch.ops.deltacomp.delta_linear_base.default, (x, base, None, w, *bank.tensors()))
     one = DeltaBank.build([[table[0][0]], [table[1][1]]])  # one delta: with U by block column
-    args = (x, base, bias, w[:, :1].contiguous(), *one.tensors(), *one.columns(), one.col_len)
+    args = (x, base, bias, w[:, :1].contiguous(), *one.base_op_args())
     assert one.col_len > 0
     assert torch.equal(torch.ops.deltacomp.delta_linear_base(*args),
                        torch.ops.deltacomp.delta_linear_base(*args[:14]))

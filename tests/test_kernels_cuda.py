@@ -158,7 +158,7 @@ def _check_base(table, rows, dtype, weights=None, bias=True, seed=0):
     assert rel_err(out, unfused) < BOUND[dtype]
     # With U by block column (one-delta banks; the one-row kernel reads U from them): the same bound.
     _poison((rows, m), dtype)
-    out_cols = torch.ops.deltacomp.delta_linear_base(x, base, b, w, *bank.tensors(), *bank.columns(), bank.col_len)
+    out_cols = torch.ops.deltacomp.delta_linear_base(x, base, b, w, *bank.base_op_args())
     assert torch.isfinite(out_cols).all(), "unwritten or non-finite outputs"
     err = rel_err(out_cols.cpu(), want)
     assert err < BOUND[dtype], f"with columns: relative error {err:.2e} over the bound {BOUND[dtype]:.0e}"

@@ -212,6 +212,10 @@ class DeltaBank(torch.nn.Module):
         buffers = self._buffers
         return tuple(buffers[t] for t in COLUMN_TENSORS)
 
+    def base_op_args(self) -> tuple:
+        """The bank's arguments of ``deltacomp::delta_linear_base``: its tensors, then U by block column."""
+        return (*self.tensors(), *self.columns(), self.col_len)
+
     def alone(self, d: int) -> DeltaBank:
         """Delta d of this bank as a bank of one delta, made once and kept: its rank rows, whose offsets point into
         this bank's packed tensors (shared, not copied), and U by block column (a copy of delta d's U words) when the

@@ -108,7 +108,7 @@ def base_delta_linear(x: torch.Tensor, bank: DeltaBank, base: Sequence[torch.Ten
                        for t, lo, hi in zip(base, bounds, bounds[1:])], dim=-1)
         return delta_linear(x, bank, y, weights=weights)
     w = gate_weights(x2.shape[0], bank, weights, None, x.device).contiguous()
-    out = ext.delta_linear_base(x2.contiguous(), list(base), bias, w, *bank.tensors(), *bank.columns(), bank.col_len)
+    out = ext.delta_linear_base(x2.contiguous(), list(base), bias, w, *bank.base_op_args())
     return out.reshape(*lead, m)
 
 
