@@ -239,10 +239,10 @@ class DeltaBank(torch.nn.Module):
             j += hi - lo
         picked = torch.cat(picked)
         t = {name: getattr(self, name) for name in TENSORS[:6]}
-        t["rows"], t["s"] = rows[picked].clone(), s[picked].clone()
+        t["rows"], t["s"] = rows[picked], s[picked]  # indexing copies: the bank's own tables stay as they are
         t["rows"][:, DELTA] = 0
         t["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
-        t["spans"] = t["projs"][:, :2].clone()
+        t["spans"] = t["projs"][:, :2].contiguous()
         host = {**t, **{name: self._buffers[name].cpu() for name in ("u_words", "u_scale", "u_offset")}}
         t.update(_columns(host, len(projs)))
         device = self.rows.device
