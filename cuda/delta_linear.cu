@@ -221,10 +221,13 @@ __device__ __forceinline__ uint32_t load_param_pair(const __half* scale, const _
   return __ldg(reinterpret_cast<const unsigned short*>(scale) + idx) |
          static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(offset) + idx)) << 16;
 }
+__device__ __forceinline__ void expand_param_pair(uint32_t pair, int bits, float& mul, float& add) {
+  mul = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xffffu))) * static_cast<float>(1 << bits);
+  add = __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16))) - mul;
+}
 template <int BITS>
 __device__ __forceinline__ void expand_param_pair(uint32_t pair, float& mul, float& add) {
-  mul = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xffffu))) * static_cast<float>(1 << BITS);
-  add = __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16))) - mul;
+  expand_param_pair(pair, BITS, mul, add);
 }
 
 // Bits [pos, pos + BITS) of the little-endian stream v[] as 1 + code / 2^BITS. pos is a compile-time constant after
@@ -1560,9 +1563,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
         const uint32_t pr = __ldg(a.cu.pair + j);
         const int bits = d & 15;
         if (c != 0.f && valid_bits(bits)) {
-          const float mul = __half2float(__ushort_as_half(static_cast<unsigned short>(pr & 0xffffu))) *
-                            static_cast<float>(1 << bits);
-          const float add = __half2float(__ushort_as_half(static_cast<unsigned short>(pr >> 16))) - mul;
+          float mul, add;
+          expand_param_pair(pr, bits, mul, add);
           dsc[i] = d, cm[i] = c * mul, ca += c * add;
         }
       }
