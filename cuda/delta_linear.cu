@@ -1195,8 +1195,8 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 // is one wave; a CTA owns consecutive slices of W = 8 * NO = 16 outputs of one projection (a slice lies inside one
 // 32-code block of the projection's U rows) and:
 //   1. before griddepcontrol.wait (the bank and the base weights only, which are immutable): asks L2 for the first
-//      kRowPrefetch bytes of each of its first slice's base weight rows and, with one delta and no columns, for its
-//      share of U;
+//      kRowPrefetch bytes of each of its first slice's base weight rows and, with one delta, for its share of stage
+//      1's V rows (a row a thread over the grid) and, without columns, of U;
 //   2. stages x in shared memory as float, in 32-float blocks padded to 36 (conflict-free float4 reads for both uses);
 //   3. takes rank rows of stage 1 from a ticket (ready[0], kWarps at a time: one per warp) until none are left, and
 //      for each writes c[j] = s[j] * w[delta(j)] * sum_k x[k] V[j, k] (0 for a row whose delta has weight 0, whose
@@ -1457,6 +1457,16 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   if (a.b.J > 0) {
     j_start = max(0, __ldg(a.b.projs + 4 * p)), j_end = min(a.b.J, __ldg(a.b.projs + 4 * p + 1));
     ulen = __ldg(a.b.projs + 4 * p + 3);
+    // With one delta (every row active unless its weight is 0): stage 1's V rows asked of L2, a row a thread over
+    // the grid.
+    const int block_bytes = (a.n + 31) / 32 * 4;  // a V row's bytes per bit of width
+    for (int j = blockIdx.x + gridDim.x * threadIdx.x; a.K == 1 && j < a.b.J; j += gridDim.x * kThreads) {
+      const int32_t* rw = a.b.rows + static_cast<size_t>(j) * 8;
+      const int vb = __ldg(rw);
+      const char* row = reinterpret_cast<const char*>(a.b.v_words + __ldg(rw + 1));
+      if (valid_bits(vb))
+        for (int l = 0; l < block_bytes * vb; l += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + l));
+    }
     if (a.K == 1 && a.col_cap == 0) {  // with U by block column the tail reads the columns instead
       prefetch_share_l2(a.b.u_words, static_cast<size_t>(a.b.u_nwords) * 4, blockIdx.x, gridDim.x);
       prefetch_share_l2(a.b.u_scale, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
