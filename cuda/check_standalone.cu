@@ -323,9 +323,9 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   CHECK_CUDA(cudaMalloc(&dout, std::max<size_t>(1, out_n * es)));
   const std::unique_ptr<DeviceColumns> dcol = fused ? std::make_unique<DeviceColumns>(b) : nullptr;
   const int64_t col_len = fused && g_columns ? dcol->cu.longest : 0;
-  const size_t ws = delta_linear_workspace_floats(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
-                                                  static_cast<int64_t>(b.out_len.size()), g_sms, row_tile, fused,
-                                                  col_len);
+  const int64_t J = static_cast<int64_t>(b.s.size()), P = static_cast<int64_t>(b.out_len.size());
+  // (the fused form has no row_tile)
+  const size_t ws = delta_linear_workspace_floats(R, b.n, b.M, J, P, g_sms, fused ? 0 : row_tile, fused, col_len);
   float* dws = nullptr;
   CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(1, ws) * sizeof(float)));
   CHECK_CUDA(cudaMemset(dws, 0xff, std::max<size_t>(1, ws) * sizeof(float)));  // NaN
@@ -339,12 +339,8 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
 
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
-  int* ready = fused ? ready_buffer(delta_linear_base_ready_ints(R, b.n, b.M, static_cast<int64_t>(b.s.size()),
-                                                                 static_cast<int64_t>(b.out_len.size()), g_sms,
-                                                                 col_len))
-                     : nullptr;
+  int* ready = fused ? ready_buffer(delta_linear_base_ready_ints(R, b.n, b.M, J, P, g_sms, col_len)) : nullptr;
   auto launch = [&]() {
-    const int64_t J = static_cast<int64_t>(b.s.size()), P = static_cast<int64_t>(b.out_len.size());
     const int64_t un = static_cast<int64_t>(b.u_words.size()), up = static_cast<int64_t>(b.u_scale.size());
     const cudaError_t e =
         fused ? delta_linear_base_launch(dtype, dx, bases.data(), base_rows.data(), dy, dout, R, b.n, b.M, dw, b.K,
@@ -390,7 +386,6 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
 
   // float64 reference: t = x V^T, c = t * s * w[:, delta], out = y + c U (per projection); fused: y is the bias
   // plus x W^T.
-  const int J = static_cast<int>(b.s.size());
   std::vector<double> ref(yr);
   if (fused) {
     ref.assign(out_n, 0.0);
@@ -488,6 +483,18 @@ void fused_cases() {
   for (int R : {1, 5})
     report("fused base product, 3 projections, 3 deltas", b3, R, 2,
            run_case(b3, R, 2, dense_weights(R, 3, R, true), 17 * R, 0.1f, 0, false, 0, true));
+  // The op alone in row tiles of one row (the multi-tenant plan: each tile's CTAs take the groups of the deltas its
+  // row weighs; the fused form takes no row_tile), rows weighing several deltas; then five deltas in one group of 32
+  // rank rows, rows weighing every combination of used and unused neighbours (row 3 none), and 40 rank rows each in
+  // a second projection.
+  report("3 deltas, row tiles of 1", b3, 5, 1,
+         run_case(b3, 5, 1, dense_weights(5, 3, 7, true), 62, 0.01f, 0, false, 1));
+  std::vector<std::vector<std::vector<Group>>> tiny(2, std::vector<std::vector<Group>>(5, {{2, 2, 40}}));
+  tiny[0] = {{{2, 2, 3}}, {{3, 2, 7}}, {{2, 3, 5}}, {{4, 4, 2}}, {{2, 2, 9}}};
+  const Bank b8 = build_bank(300, {200, 64}, 5, tiny, {0, 128, 0, 32, 0}, 28);
+  const std::vector<float> w8 = {1, 0, 0, 0, 0, 1, 0, .5f, 0, 0, .3f, .2f, .1f, .4f, .6f,
+                                 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 1, 0};
+  report("5 deltas in one group, row tiles of 1", b8, 6, 2, run_case(b8, 6, 2, w8, 63, 0.01f, 0, false, 1));
   report("fused base product, graph-captured", b3, 1, 1,
          run_case(b3, 1, 1, dense_weights(1, 3, 1, false), 19, 0.1f, 0, true, 0, true));
   // The one-row kernel with two to four slices per CTA and uneven shares: the work split of GPUs of 16, 20 and 40 SMs.
@@ -515,6 +522,22 @@ void fused_cases() {
            b7, 1, rep % 3, run_case(b7, 1, rep % 3, dense_weights(1, 1, 1, false), 43 + rep, 0.1f, 0, false, 0, true));
   }
   g_columns = true;
+  // Grids of several waves (planned for 4x the SMs: each slice its own CTA), whose CTAs that start late find stage
+  // 1's rank rows claimed by CTAs already waiting; twice in a row (the counters are left zero). Then more CTAs than
+  // rank rows.
+  g_sms = 4 * sms;
+  for (int rep = 0; rep < 2; ++rep) {
+    report("fused base product, one row, Llama-sized, several waves", b7, 1, 2,
+           run_case(b7, 1, 2, dense_weights(1, 1, 1, false), 53 + rep, 0.1f, 0, false, 0, true));
+    report("fused base product, one row, 3 deltas, several waves", b3, 1, rep,
+           run_case(b3, 1, rep, dense_weights(1, 3, 1, true), 55 + rep, 0.1f, 0, false, 0, true));
+  }
+  g_sms = sms;
+  std::vector<std::vector<std::vector<Group>>> few(1, std::vector<std::vector<Group>>(1));
+  few[0][0] = {{2, 3, 3}};
+  const Bank b6 = build_bank(256, {1024}, 1, few, {0}, 26);
+  report("fused base product, one row, fewer rank rows than CTAs", b6, 1, 2,
+         run_case(b6, 1, 2, dense_weights(1, 1, 1, false), 57, 0.1f, 0, false, 0, true));
   std::vector<std::vector<std::vector<Group>>> none(2, std::vector<std::vector<Group>>(1));
   const Bank b4 = build_bank(256, {300, 64}, 1, none, {0}, 24);
   report("fused base product, empty bank", b4, 2, 2,
@@ -754,12 +777,15 @@ void fused_bench() {
 __global__ void empty_kernel() {}
 
 // Times each kernel of the op separately (same plan as delta_linear_launch), plus an empty launch and a CUDA graph
-// replay of the whole op, on the Llama-shaped q|k|v bank (float16 activations).
-void stages(int only_r) {
+// replay of the whole op, on the Llama-shaped q|k|v bank (float16 activations). With K > 1 deltas the bank holds K
+// such deltas and row r weighs delta r % K alone, in row tiles of one (a multi-tenant batch).
+void stages(int only_r, int K) {
   using namespace deltacomp;
-  std::vector<std::vector<std::vector<Group>>> table(3, std::vector<std::vector<Group>>(1));
-  for (int p = 0; p < 3; ++p) table[p][0] = llama_groups(4096, 4096);
-  const Bank b = build_bank(4096, {4096, 4096, 4096}, 1, table, {128}, 1);
+  std::vector<std::vector<std::vector<Group>>> table(3, std::vector<std::vector<Group>>(K));
+  for (int p = 0; p < 3; ++p)
+    for (int d = 0; d < K; ++d) table[p][d] = llama_groups(4096, 4096);
+  const Bank b = build_bank(4096, {4096, 4096, 4096}, K, table, std::vector<int>(K, 128), 1);
+  const int row_tile = K > 1 ? 1 : 0;
   DeviceBank db(b);
   const int J = static_cast<int>(b.s.size()), P = 3;
   cudaStream_t st;
@@ -782,12 +808,13 @@ void stages(int only_r) {
   for (int R : {1, 4, 16, 64}) {
     if (only_r > 0 && R != only_r) continue;
     std::vector<__half> x(static_cast<size_t>(R) * b.n, __float2half(0.1f)), y(static_cast<size_t>(R) * b.M);
-    std::vector<float> w(R, 1.f);
+    std::vector<float> w(static_cast<size_t>(R) * K, 0.f);
+    for (int r = 0; r < R; ++r) w[static_cast<size_t>(r) * K + r % K] = 1.f;
     __half* dx = to_device(x);
     __half* dy = to_device(y);
     __half* dout = to_device(y);
     float* dw = to_device(w);
-    const Plan p = make_plan(R, b.n, b.M, J, P, g_sms, 0);
+    const Plan p = make_plan(R, b.n, b.M, J, P, g_sms, row_tile);
     float* ws = nullptr;
     CHECK_CUDA(cudaMalloc(&ws, p.total * sizeof(float)));
     const auto* vs = reinterpret_cast<const __half*>(db.v_scale);
@@ -795,22 +822,27 @@ void stages(int only_r) {
     const auto* us = reinterpret_cast<const __half*>(db.u_scale);
     const auto* uo = reinterpret_cast<const __half*>(db.u_offset);
     auto full = [&] {
-      delta_linear_launch(1, dx, dy, dout, R, b.n, b.M, dw, 1, db.v_words, vs, vo, db.u_words, us, uo,
+      delta_linear_launch(1, dx, dy, dout, R, b.n, b.M, dw, K, db.v_words, vs, vo, db.u_words, us, uo,
                           static_cast<int64_t>(b.u_words.size()), static_cast<int64_t>(b.u_scale.size()), db.s,
-                          db.rows, J, db.projs, db.spans, P, ws, g_sms, 0, g_pdl, st);
+                          db.rows, J, db.projs, db.spans, P, ws, g_sms, row_tile, g_pdl, st);
     };
     int* counters = reinterpret_cast<int*>(ws + p.counter_off);
-    ShrinkArgs sa{dx,       R,       b.n, dw,     1,      db.v_words,       vs,       vo,         db.s,
+    ShrinkArgs sa{dx,       R,       b.n, dw,     K,      db.v_words,       vs,       vo,         db.s,
                   db.rows,  J,       p.ntiles,    p.kb_cta, p.ktb, ws + p.sw_off, ws + p.tpart_off, counters,
                   p.ncounters, db.u_words, us, uo, static_cast<int>(b.u_words.size()),
-                  static_cast<int>(b.u_scale.size())};
+                  static_cast<int>(b.u_scale.size()), db.spans, P};
     ExpandArgs ea{dy,      dout,     ws + p.part_off, counters, R,  b.M,          db.u_words,       us,   uo,
-                  db.rows, db.projs, db.spans,        dw,       P,  J,            1,                ws + p.sw_off,
+                  db.rows, db.projs, db.spans,        dw,       P,  J,            K,                ws + p.sw_off,
                   ws + p.tpart_off, p.ks, p.ntiles, p.nsplit};
-    const dim3 g1(p.groups, p.ks, p.ntiles), g2(p.slots, p.nsplit, p.ntiles);
+    const dim3 g1(shrink_ctas(p, K), p.ks, p.ntiles), g2(p.slots, p.nsplit, p.ntiles);
     auto s1 = [&] {
       switch (p.r_tile) {
-        case 1: shrink_kernel<__half, 1><<<g1, kThreads, p.shrink_smem, st>>>(sa); break;
+        case 1:
+          if (g1.x < static_cast<unsigned>(p.groups))
+            shrink_kernel<__half, 1, true><<<g1, kThreads, p.shrink_smem, st>>>(sa);
+          else
+            shrink_kernel<__half, 1><<<g1, kThreads, p.shrink_smem, st>>>(sa);
+          break;
         case 4: shrink_kernel<__half, 4><<<g1, kThreads, p.shrink_smem, st>>>(sa); break;
         default: shrink_kernel<__half, 16><<<g1, kThreads, p.shrink_smem, st>>>(sa); break;
       }
@@ -868,7 +900,7 @@ int main(int argc, char** argv) {
   } else if (argc > 1 && std::string(argv[1]) == "--fused") {
     fused_bench();
   } else if (argc > 1 && std::string(argv[1]) == "--stages") {
-    stages(argc > 2 ? std::atoi(argv[2]) : 0);
+    stages(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::max(1, std::atoi(argv[3])) : 1);
   } else {
     correctness();
   }

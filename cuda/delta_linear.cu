@@ -159,14 +159,15 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
-// The fused form hands stage 1's results to stage 2 per rank-row group instead of per grid: each stage 1 CTA counts
-// itself done in ready[blockIdx.z][blockIdx.x] once its writes are visible (every thread of the CTA calls this; no-op
-// without `ready`), and a stage 2 warp waits for the groups of the rows it is about to read (await_count).
-__device__ __forceinline__ void count_done(int* ready) {
+// The fused form hands stage 1's results to stage 2 per rank-row group instead of per grid: a stage 1 CTA counts
+// each (row tile, group) it computed done in ready[tile][group] once its writes are visible (every thread of the CTA
+// calls this; no-op without `ready`), and a stage 2 warp waits for the groups of the rows it is about to read
+// (await_count).
+__device__ __forceinline__ void count_done(int* ready, size_t idx) {
   if (ready == nullptr) return;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) atomicAdd(ready + blockIdx.z * gridDim.x + blockIdx.x, 1);
+  if (threadIdx.x == 0) atomicAdd(ready + idx, 1);
 }
 
 // Waits until *p reaches `target` (an acquire at device scope: what the counting CTAs wrote before counting is then
@@ -362,6 +363,10 @@ struct ShrinkArgs {
   const __half* u_scale;
   const __half* u_offset;
   int u_nwords, u_nparams;
+  // The multi-tenant plan (shrink_ctas) reads the deltas' spans: the CTAs of a row tile take, in turn, the groups
+  // holding rows of the deltas its row weighs (active_group).
+  const int32_t* spans;      // (P, K + 1)
+  int P;
   // Fused form only (else null): (ntiles, gridDim.x) ints, the CTAs of each (row tile, rank-row group) done, counted
   // here for stage 2 (which starts on a group's rows once all gridDim.y of them are) and zeroed by the finish kernel.
   // It also lets the next grids start only once x is complete (the fused base kernel reads it without waiting).
@@ -511,8 +516,48 @@ __device__ __forceinline__ void prefetch_first_unit(Prefetch<NJ>& pre, const Shr
 // Before waiting for the kernels ahead of it, the CTA reads its rows' metadata and, with a single delta (K == 1, so
 // every valid row is active unless all its weights are zero), requests the first unit of packed words and asks L2
 // for its share of stage 2's factor.
-template <typename scalar_t, int R_TILE>
+// The g-th group of 32 rank rows (bank order) that holds a row of a delta row `row` weighs, or -1 when there are
+// fewer (K <= 32; every warp finds it alone). The deltas' rows in each projection are consecutive ranges in bank
+// order; a group shared by several such ranges belongs to the first.
+__device__ __forceinline__ int active_group(const ShrinkArgs& a, int row, int g, int lane) {
+  const float* wr = a.w + static_cast<size_t>(row) * a.K;
+  const unsigned used = __ballot_sync(kFullMask, lane < a.K && __ldg(wr + lane) != 0.f);
+  int seen_hi = 0, seen = 0;  // over the ranges before this pass: the end of the last non-empty one, and their groups
+  for (int q0 = 0; q0 < a.P * a.K; q0 += 32) {
+    const int q = q0 + lane, p = q / a.K, d = q % a.K;
+    int lo = 0, hi = 0;
+    if (q < a.P * a.K && ((used >> d) & 1u)) {
+      const int32_t* sp = a.spans + static_cast<size_t>(p) * (a.K + 1) + d;
+      lo = max(0, __ldg(sp)), hi = min(a.J, __ldg(sp + 1));
+    }
+    const bool any = hi > lo;
+    int end = any ? hi : 0;  // inclusive running maximum of the ends
+#pragma unroll
+    for (int m = 1; m < 32; m *= 2) end = max(end, __shfl_up_sync(kFullMask, end, m) * (lane >= m));
+    const int prev = __shfl_up_sync(kFullMask, end, 1);
+    const int before = max(seen_hi, lane > 0 ? prev : 0);
+    const int first = (lo >> 5) + (any && before > (lo & ~31) ? 1 : 0), last = (hi - 1) >> 5;
+    const int cnt = any && last >= first ? last - first + 1 : 0;
+    int incl = cnt;  // inclusive prefix sum of the counts
+#pragma unroll
+    for (int m = 1; m < 32; m *= 2) {
+      const int t = __shfl_up_sync(kFullMask, incl, m);
+      if (lane >= m) incl += t;
+    }
+    const int start = seen + incl - cnt;
+    const unsigned hit = __ballot_sync(kFullMask, cnt > 0 && g >= start && g < start + cnt);
+    if (hit != 0u) return __shfl_sync(kFullMask, first + g - start, __ffs(hit) - 1);
+    seen_hi = max(seen_hi, __shfl_sync(kFullMask, end, 31));
+    seen += __shfl_sync(kFullMask, incl, 31);
+  }
+  return -1;
+}
+
+// SPARSE: the multi-tenant plan (shrink_ctas; R_TILE 1 only), an instantiation of its own so that the others keep
+// their registers.
+template <typename scalar_t, int R_TILE, bool SPARSE = false>
 __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kernel(const ShrinkArgs a) {
+  static_assert(!SPARSE || R_TILE == 1, "the multi-tenant plan tiles one row");
   extern __shared__ float4 shrink_smem[];
   float* xs = reinterpret_cast<float*>(shrink_smem);
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
@@ -520,43 +565,49 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int ks = blockIdx.y, rt = blockIdx.z, r0 = rt * R_TILE;
-  const int jbase = (blockIdx.x * kWarps + warp) * kRowsPerWarp;
   const size_t cta = blockIdx.x + static_cast<size_t>(gridDim.x) * (blockIdx.y + static_cast<size_t>(gridDim.y) *
                                                                                       blockIdx.z);
   const size_t ctas = static_cast<size_t>(gridDim.x) * gridDim.y * gridDim.z;
+  const size_t groups = (static_cast<size_t>(a.J) + kRowsPerCta - 1) / kRowsPerCta;
 
-  // Row metadata (lanes 0..3); invalid rows (past J, unknown width, delta out of range) get bits = 0.
-  int m_bits = 0, m_woff = 0, m_poff = 0, m_delta = 0, m_gs = 0;
-  if (lane < kRowsPerWarp && jbase + lane < a.J) {
-    const int32_t* rw = a.rows + static_cast<size_t>(jbase + lane) * 8;
-    m_bits = __ldg(rw + 0), m_woff = __ldg(rw + 1), m_poff = __ldg(rw + 2), m_delta = __ldg(rw + 6);
-    m_gs = __ldg(rw + 7);
-    if (!valid_bits(m_bits) || m_delta < 0 || m_delta >= a.K) m_bits = 0;
-  }
-  const int m_gp = group_code(m_gs);
-
+  // Row metadata of group jg (lanes 0..3); invalid rows (past J, unknown width, delta out of range) get bits = 0.
   // The warp's rows, gathered from lanes 0..3. The active rows fall into width classes; each class is one pass over a
   // tile with all its rows sharing every x load (usually a single class of four).
+  int jbase = 0, m_bits = 0, m_delta = 0;
   RowRef rr[kRowsPerWarp];
   int rbits[kRowsPerWarp];
   unsigned valid = 0u;
+  const auto load_group = [&](int jg) {
+    jbase = (jg * kWarps + warp) * kRowsPerWarp;
+    int m_woff = 0, m_poff = 0, m_gs = 0;
+    m_bits = 0, m_delta = 0;
+    if (lane < kRowsPerWarp && jbase + lane < a.J) {
+      const int32_t* rw = a.rows + static_cast<size_t>(jbase + lane) * 8;
+      m_bits = __ldg(rw + 0), m_woff = __ldg(rw + 1), m_poff = __ldg(rw + 2), m_delta = __ldg(rw + 6);
+      m_gs = __ldg(rw + 7);
+      if (!valid_bits(m_bits) || m_delta < 0 || m_delta >= a.K) m_bits = 0;
+    }
+    const int m_gp = group_code(m_gs);
+    valid = 0u;
 #pragma unroll
-  for (int jj = 0; jj < kRowsPerWarp; ++jj) {
-    rr[jj].woff = __shfl_sync(kFullMask, m_woff, jj);
-    rr[jj].poff = __shfl_sync(kFullMask, m_poff, jj);
-    rr[jj].gp = __shfl_sync(kFullMask, m_gp, jj);
-    rbits[jj] = __shfl_sync(kFullMask, m_bits, jj);
-    if (rbits[jj] != 0) valid |= 1u << jj;
-  }
+    for (int jj = 0; jj < kRowsPerWarp; ++jj) {
+      rr[jj].woff = __shfl_sync(kFullMask, m_woff, jj);
+      rr[jj].poff = __shfl_sync(kFullMask, m_poff, jj);
+      rr[jj].gp = __shfl_sync(kFullMask, m_gp, jj);
+      rbits[jj] = __shfl_sync(kFullMask, m_bits, jj);
+      if (rbits[jj] != 0) valid |= 1u << jj;
+    }
+  };
 
   constexpr int OPL = shrink_opl(R_TILE), NU = 32 / OPL;  // codes per unit, units per block
   const int nblk = (a.n + 31) >> 5;
   const int kbeg = ks * a.kb_cta, kend = min(nblk, kbeg + a.kb_cta);
   // One delta: the active rows are the valid rows, or none. The first unit is requested early only for small row
   // tiles, where the registers it holds across the wait are free (16-row tiles would spill).
-  const bool early = R_TILE <= 4 && a.K == 1;
+  const bool early = R_TILE <= 4 && a.K == 1 && !SPARSE;
   Prefetch<kRowsPerWarp> pre;
   pre.valid = false;
+  if constexpr (!SPARSE) load_group(blockIdx.x);
   if (a.K == 1) {
     prefetch_share_l2(a.u_words, static_cast<size_t>(a.u_nwords) * 4, cta, ctas);
     prefetch_share_l2(a.u_scale, static_cast<size_t>(a.u_nparams) * 2, cta, ctas);
@@ -579,64 +630,80 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   for (size_t i = cta * kThreads + threadIdx.x; i < static_cast<size_t>(a.ncounters); i += ctas * kThreads)
     a.counters[i] = 0;
 
-  // Activity per rank row (bit jj): some token row of the tile has a non-zero weight for the row's delta.
-  // The K slice 0 CTA also writes sw for every rank row it owns (the expand stage reads it for all rows).
-  unsigned act = 0;
+  // Group jg (loaded by load_group) of row tile rt on K slice ks.
+  const auto run_group = [&](int jg) {
+    const size_t done = rt * groups + jg;
+    // Activity per rank row (bit jj): some token row of the tile has a non-zero weight for the row's delta.
+    // The K slice 0 CTA also writes sw for every rank row of the group (the expand stage reads it for every row of
+    // the deltas the tile weighs).
+    unsigned act = 0;
 #pragma unroll
-  for (int jj = 0; jj < kRowsPerWarp; ++jj) {
-    const int delta = __shfl_sync(kFullMask, m_delta, jj);
-    const int j = jbase + jj;
-    float wt = 0.f;
-    if (rbits[jj] != 0 && lane < R_TILE && r0 + lane < a.R)
-      wt = __ldg(a.w + static_cast<size_t>(r0 + lane) * a.K + delta);
-    if (__ballot_sync(kFullMask, wt != 0.f) != 0u) act |= 1u << jj;
-    if (ks == 0 && j < a.J && lane < R_TILE)
-      a.sw[(static_cast<size_t>(rt) * a.J + j) * R_TILE + lane] = rbits[jj] != 0 ? wt * __ldg(a.s + j) : 0.f;
-  }
-  if (__syncthreads_or(act != 0u) == 0) {  // nothing active in this CTA: read no x (and, K > 1, no words)
-    count_done(a.ready);
-    return;
-  }
+    for (int jj = 0; jj < kRowsPerWarp; ++jj) {
+      const int delta = __shfl_sync(kFullMask, m_delta, jj);
+      const int j = jbase + jj;
+      float wt = 0.f;
+      if (rbits[jj] != 0 && lane < R_TILE && r0 + lane < a.R)
+        wt = __ldg(a.w + static_cast<size_t>(r0 + lane) * a.K + delta);
+      if (__ballot_sync(kFullMask, wt != 0.f) != 0u) act |= 1u << jj;
+      if (ks == 0 && j < a.J && lane < R_TILE)
+        a.sw[(static_cast<size_t>(rt) * a.J + j) * R_TILE + lane] = rbits[jj] != 0 ? wt * __ldg(a.s + j) : 0.f;
+    }
+    if (__syncthreads_or(act != 0u) == 0) {  // nothing active in this group: read no x (and, K > 1, no words)
+      count_done(a.ready, done);
+      return;
+    }
 
-  const int bits0 = act != 0u ? __shfl_sync(kFullMask, m_bits, __ffs(act) - 1) : 0;
-  const unsigned mask0 = width_class(act, rbits, bits0);  // with K == 1: act == valid, so `pre` holds this class
+    const int bits0 = act != 0u ? __shfl_sync(kFullMask, m_bits, __ffs(act) - 1) : 0;
+    const unsigned mask0 = width_class(act, rbits, bits0);  // with K == 1: act == valid, so `pre` holds this class
 
-  constexpr int NV = kRowsPerWarp * R_TILE;
-  float acc[NV];
+    constexpr int NV = kRowsPerWarp * R_TILE;
+    float acc[NV];
 #pragma unroll
-  for (int i = 0; i < NV; ++i) acc[i] = 0.f;
+    for (int i = 0; i < NV; ++i) acc[i] = 0.f;
 
-  for (int kb0 = kbeg; kb0 < kend; kb0 += a.ktb) {
-    const int nunits = min(a.ktb, kend - kb0) * NU;
-    if (!early || kb0 != kbeg) {  // (else the words and the x tile were requested before the weights)
-      prefetch_first_unit<kRowsPerWarp, OPL>(pre, a, rr, mask0, bits0, kb0, nunits, lane);
-      __syncthreads();  // the previous tile is no longer read
-      stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kb0, nunits);
-      __syncthreads();
+    for (int kb0 = kbeg; kb0 < kend; kb0 += a.ktb) {
+      const int nunits = min(a.ktb, kend - kb0) * NU;
+      if (!early || kb0 != kbeg) {  // (else the words and the x tile were requested before the weights)
+        prefetch_first_unit<kRowsPerWarp, OPL>(pre, a, rr, mask0, bits0, kb0, nunits, lane);
+        __syncthreads();  // the previous tile is no longer read
+        stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kb0, nunits);
+        __syncthreads();
+      }
+      bool use_pre = true;
+      for (unsigned todo = act; todo != 0u; use_pre = false) {
+        const int bits = __shfl_sync(kFullMask, m_bits, __ffs(todo) - 1);
+        const unsigned mask = width_class(todo, rbits, bits);
+        shrink_tile_any<kRowsPerWarp, R_TILE>(bits, acc, rr, mask, a, xs, kb0, nunits, lane, pre, use_pre);
+        todo &= ~mask;
+      }
     }
-    bool use_pre = true;
-    for (unsigned todo = act; todo != 0u; use_pre = false) {
-      const int bits = __shfl_sync(kFullMask, m_bits, __ffs(todo) - 1);
-      const unsigned mask = width_class(todo, rbits, bits);
-      shrink_tile_any<kRowsPerWarp, R_TILE>(bits, acc, rr, mask, a, xs, kb0, nunits, lane, pre, use_pre);
-      todo &= ~mask;
-    }
-  }
 
-  // Warp totals, then one store per (rank row, token row) of active rows: tpart[ks][rt][j][r].
-  if (act != 0u) {
-    warp_reduce_scatter<NV, 16>(acc, lane);
-    constexpr int PER = NV >= 32 ? NV / 32 : 1;
-    float* dst = a.tpart + (static_cast<size_t>(ks) * a.ntiles + rt) * a.J * R_TILE;
+    // Warp totals, then one store per (rank row, token row) of active rows: tpart[ks][rt][j][r].
+    if (act != 0u) {
+      warp_reduce_scatter<NV, 16>(acc, lane);
+      constexpr int PER = NV >= 32 ? NV / 32 : 1;
+      float* dst = a.tpart + (static_cast<size_t>(ks) * a.ntiles + rt) * a.J * R_TILE;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      const int idx = NV >= 32 ? lane * PER + i : lane >> (5 - ilog2(NV));
-      const bool owner = NV >= 32 || (lane & (32 / NV - 1)) == 0;
-      const int jj = idx / R_TILE, r = idx % R_TILE;
-      if (owner && ((act >> jj) & 1u)) dst[static_cast<size_t>(jbase + jj) * R_TILE + r] = acc[i];
+      for (int i = 0; i < PER; ++i) {
+        const int idx = NV >= 32 ? lane * PER + i : lane >> (5 - ilog2(NV));
+        const bool owner = NV >= 32 || (lane & (32 / NV - 1)) == 0;
+        const int jj = idx / R_TILE, r = idx % R_TILE;
+        if (owner && ((act >> jj) & 1u)) dst[static_cast<size_t>(jbase + jj) * R_TILE + r] = acc[i];
+      }
+    }
+    count_done(a.ready, done);
+  };
+
+  if constexpr (!SPARSE) {
+    run_group(blockIdx.x);
+  } else {
+    for (int g = blockIdx.x;; g += gridDim.x) {
+      const int jg = active_group(a, r0, g, lane);
+      if (jg < 0) break;
+      load_group(jg);
+      run_group(jg);
     }
   }
-  count_done(a.ready);
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -1683,6 +1750,16 @@ struct Plan {
   int ncounters = 0;
 };
 
+// Stage 1's CTAs per (K slice, row tile): one per group of 32 rank rows, except for a multi-tenant plan (row tiles of
+// one row over 2 to 32 deltas), where a row tile takes its deltas' groups only (active_group) with about as many
+// CTAs as one delta has groups: most rows weigh one delta, and a CTA per group of every delta mostly finds nothing
+// to read (on the H200, 16 deltas at Llama-2-7B's q|k|v, 16 rows: 24,048 CTAs, 15 in 16 idle, 177 us; this plan's
+// 1,504 CTAs 101 us).
+int shrink_ctas(const Plan& p, int64_t K) {
+  if (p.r_tile != 1 || p.ntiles < 2 || K < 2 || K > 32) return p.groups;
+  return static_cast<int>(std::min<int64_t>(p.groups, ceil_div<int64_t>(p.groups, K)));
+}
+
 // The fused form's CTAs per SM for each of the delta's stages, beside the base kernel. Measured on an H200 at
 // Llama-2-7B shapes, 1 row (benchmarks/kernel_speed.py, 1, 2 or 3 for each stage): with 1 the delta's chains of
 // dependent loads are long and, slowed by the base product's traffic, outlast it (a 7B decode step 1.64x the base);
@@ -1793,12 +1870,16 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
   int* counters = reinterpret_cast<int*>(workspace + p.counter_off);
   const bool fused = f.base[0] != nullptr;
   if (b.J > 0) {
+    const int gx = shrink_ctas(p, K);
     const ShrinkArgs sa{x,        R,         n,       w,          K,        b.v_words,   b.v_scale,
                         b.v_offset, b.s,     b.rows,  b.J,        p.ntiles, p.kb_cta,    p.ktb,
                         sw,       tpart,     counters, p.ncounters, b.u_words, b.u_scale, b.u_offset,
-                        b.u_nwords, b.u_nparams, fused ? f.ready : nullptr};
-    const cudaError_t err = launch_kernel(shrink_kernel<scalar_t, R_TILE>, dim3(p.groups, p.ks, p.ntiles),
-                                          p.shrink_smem, pdl, stream, sa);
+                        b.u_nwords, b.u_nparams, b.spans, b.P, fused ? f.ready : nullptr};
+    const cudaError_t err =
+        gx < p.groups ? launch_kernel(shrink_kernel<scalar_t, 1, true>, dim3(gx, p.ks, p.ntiles), p.shrink_smem, pdl,
+                                      stream, sa)
+                      : launch_kernel(shrink_kernel<scalar_t, R_TILE>, dim3(gx, p.ks, p.ntiles), p.shrink_smem, pdl,
+                                      stream, sa);
     if (err != cudaSuccess) return err;
   }
   float* base_plane = workspace + p.base_off;
