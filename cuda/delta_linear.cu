@@ -12,7 +12,8 @@
 // Launch sequence (both on the caller's stream; no host synchronisation, no device-to-host reads):
 //   1. shrink_kernel  grid (ceil(J / 32), KS, row tiles): 8 warps x 4 rank rows per CTA, each CTA one slice of the K
 //                     (input) dimension. Writes sw[j][r] = s[j] * w[r, delta(j)] (K slice 0 only) and the partial dot
-//                     products tpart[ks][j][r] of active rank rows; zeroes stage 2's split counters.
+//                     products tpart[ks][j][r] of active rank rows; zeroes stage 2's split counters. (A multi-tenant
+//                     plan launches fewer CTAs per row tile, each taking the groups of its row's deltas: shrink_ctas.)
 //   2. expand_kernel  grid (output slots, NS, row tiles): each CTA owns W2 outputs of one projection and one slice of
 //                     that projection's rank rows; c = sw * sum_ks tpart is formed as rank rows are staged. With one
 //                     split it writes out = y + acc; otherwise each split stores an fp32 partial tile and the last
