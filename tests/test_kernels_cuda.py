@@ -5,6 +5,7 @@ bf16 1e-2 (the output is rounded to the activation dtype). Every check draws fre
 output lands in is filled with NaN first, so an element the kernel does not write fails the check.
 """
 
+import dataclasses
 import itertools
 
 import pytest
@@ -98,6 +99,22 @@ def test_row_tile_cap_changes_the_split_not_the_result(row_tile):
         w = torch.rand(rows, 3, device="cuda")
         w[1::2, 2] = 0
         _check(table, rows, torch.float16, weights=w, seed=rows, row_tile=row_tile)
+
+
+def test_bank_built_from_gpu_tensors_equals_the_cpu_built_one():
+    """Packed words already on the GPU (as a benchmark or a user may hold them) give the same bank, U by block column
+    included, as the same words on the CPU."""
+    mod = random_module(96, 64, seed=5)
+
+    def side(p):
+        return dataclasses.replace(p, words=p.words.cuda(), scale=p.scale.cuda(), offset=p.offset.cuda())
+
+    on_gpu = dataclasses.replace(mod, groups=tuple(dataclasses.replace(g, u=side(g.u), v=side(g.v), s=g.s.cuda())
+                                                   for g in mod.groups))
+    cpu, gpu = DeltaBank.build([[mod]]), DeltaBank.build([[on_gpu]])
+    assert cpu.col_len == gpu.col_len > 0
+    for a, b in zip((*cpu.tensors(), *cpu.columns()), (*gpu.tensors(), *gpu.columns())):
+        assert torch.equal(a, b.cpu())
 
 
 def test_multi_tenant_sixteen_deltas():

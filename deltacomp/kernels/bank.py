@@ -262,7 +262,9 @@ def _no_columns(num_projs: int) -> dict:
 
 def _columns(t: dict[str, torch.Tensor], num_projs: int) -> dict:
     """U by block column (see the module docstring): an exact copy of the rows' words, rearranged; none when some
-    projection has more than ``COLUMN_MAX_ROWS`` rank rows or rows of several parameter groups."""
+    projection has more than ``COLUMN_MAX_ROWS`` rank rows or rows of several parameter groups. Made on the CPU,
+    wherever the packed words are (a bank's tables are built there; ``.to`` moves them all)."""
+    t = {name: t[name].cpu() for name in ("rows", "projs", "u_words", "u_scale", "u_offset")}
     rows = t["rows"].long()
     bits = rows[:, U_BITS]
     desc = torch.zeros(len(rows), dtype=torch.int64)
