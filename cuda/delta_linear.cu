@@ -510,13 +510,6 @@ __device__ __forceinline__ void prefetch_first_unit(Prefetch<NJ>& pre, const Shr
   }
 }
 
-// grid (ceil(J / kRowsPerCta), KS, ntiles), block kThreads, dynamic shared memory ktb * block_floats(R_TILE) floats.
-// Warp w of CTA (gx, ks, rt) owns rank rows j = (gx * kWarps + w) * 4 + [0, 4), token rows rt * R_TILE + [0, R_TILE)
-// and K blocks [ks * kb_cta, (ks + 1) * kb_cta). Lane l < 4 keeps row jbase + l's metadata; others read it by shuffle.
-//
-// Before waiting for the kernels ahead of it, the CTA reads its rows' metadata and, with a single delta (K == 1, so
-// every valid row is active unless all its weights are zero), requests the first unit of packed words and asks L2
-// for its share of stage 2's factor.
 // The g-th group of 32 rank rows (bank order) that holds a row of a delta row `row` weighs, or -1 when there are
 // fewer (K <= 32; every warp finds it alone). The deltas' rows in each projection are consecutive ranges in bank
 // order; a group shared by several such ranges belongs to the first.
@@ -554,8 +547,16 @@ __device__ __forceinline__ int active_group(const ShrinkArgs& a, int row, int g,
   return -1;
 }
 
-// SPARSE: the multi-tenant plan (shrink_ctas; R_TILE 1 only), an instantiation of its own so that the others keep
-// their registers.
+// grid (ceil(J / kRowsPerCta), KS, ntiles), block kThreads, dynamic shared memory ktb * block_floats(R_TILE) floats.
+// Warp w of CTA (gx, ks, rt) owns rank rows j = (gx * kWarps + w) * 4 + [0, 4), token rows rt * R_TILE + [0, R_TILE)
+// and K blocks [ks * kb_cta, (ks + 1) * kb_cta). Lane l < 4 keeps row jbase + l's metadata; others read it by shuffle.
+// SPARSE (the multi-tenant plan, shrink_ctas; R_TILE 1, an instantiation of its own so that the others keep their
+// registers): grid (shrink_ctas, KS, ntiles), and CTA gx takes the groups active_group(g) for g = gx, gx + gridDim.x,
+// ... of its row, each as above, reading their metadata after the wait.
+//
+// Before waiting for the kernels ahead of it, the CTA reads its rows' metadata and, with a single delta (K == 1, so
+// every valid row is active unless all its weights are zero), requests the first unit of packed words and asks L2
+// for its share of stage 2's factor.
 template <typename scalar_t, int R_TILE, bool SPARSE = false>
 __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kernel(const ShrinkArgs a) {
   static_assert(!SPARSE || R_TILE == 1, "the multi-tenant plan tiles one row");
