@@ -859,8 +859,9 @@ void stages(int only_r, int K) {
     const cudaGraphExec_t ge = capture(st, full);
     std::printf("R=%-2d r_tile=%-2d stage1 grid (%d,%d,%d) smem %zu | stage2 grid (%d,%d,%d) | full %.1f us, graph %.1f us,"
                 " shrink %.1f us, shrink+expand %.1f us\n",
-                R, p.r_tile, p.groups, p.ks, p.ntiles, p.shrink_smem, p.slots, p.nsplit, p.ntiles, time_it(full),
-                time_it([&] { CHECK_CUDA(cudaGraphLaunch(ge, st)); }), time_it(s1), time_it([&] { s1(); s2(); }));
+                R, p.r_tile, static_cast<int>(g1.x), p.ks, p.ntiles, p.shrink_smem, p.slots, p.nsplit, p.ntiles,
+                time_it(full), time_it([&] { CHECK_CUDA(cudaGraphLaunch(ge, st)); }), time_it(s1),
+                time_it([&] { s1(); s2(); }));
     cudaGraphExecDestroy(ge);
     cudaFree(dx), cudaFree(dy), cudaFree(dout), cudaFree(dw), cudaFree(ws);
   }
