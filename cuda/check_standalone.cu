@@ -778,14 +778,15 @@ __global__ void empty_kernel() {}
 
 // Times each kernel of the op separately (same plan as delta_linear_launch), plus an empty launch and a CUDA graph
 // replay of the whole op, on the Llama-shaped q|k|v bank (float16 activations). With K > 1 deltas the bank holds K
-// such deltas and row r weighs delta r % K alone, in row tiles of one (a multi-tenant batch).
-void stages(int only_r, int K) {
+// such deltas and row r weighs delta r % K alone, in row tiles of one (a multi-tenant batch) unless row_tile says
+// otherwise (>= 0).
+void stages(int only_r, int K, int row_tile) {
   using namespace deltacomp;
   std::vector<std::vector<std::vector<Group>>> table(3, std::vector<std::vector<Group>>(K));
   for (int p = 0; p < 3; ++p)
     for (int d = 0; d < K; ++d) table[p][d] = llama_groups(4096, 4096);
   const Bank b = build_bank(4096, {4096, 4096, 4096}, K, table, std::vector<int>(K, 128), 1);
-  const int row_tile = K > 1 ? 1 : 0;
+  if (row_tile < 0) row_tile = K > 1 ? 1 : 0;
   DeviceBank db(b);
   const int J = static_cast<int>(b.s.size()), P = 3;
   cudaStream_t st;
@@ -901,7 +902,8 @@ int main(int argc, char** argv) {
   } else if (argc > 1 && std::string(argv[1]) == "--fused") {
     fused_bench();
   } else if (argc > 1 && std::string(argv[1]) == "--stages") {
-    stages(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::max(1, std::atoi(argv[3])) : 1);
+    stages(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::max(1, std::atoi(argv[3])) : 1,
+           argc > 4 ? std::atoi(argv[4]) : -1);
   } else {
     correctness();
   }
