@@ -243,8 +243,7 @@ class DeltaBank(torch.nn.Module):
         t["rows"][:, DELTA] = 0
         t["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
         t["spans"] = t["projs"][:, :2].contiguous()
-        host = {**t, **{name: self._buffers[name].cpu() for name in ("u_words", "u_scale", "u_offset")}}
-        t.update(_columns(host, len(projs)))
+        t.update(_columns(t, len(projs)))
         device = self.rows.device
         t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
         return DeltaBank(t, self.in_features, self.out_features, 1)
