@@ -122,8 +122,8 @@ def test_compress_sequential_then_apply(pair, extra, request, tmp_path):
 
 def test_sequential_beats_plain_calibration_on_the_real_pair(minilm_pair, tmp_path):
     """At 0.25 bit per entry, held-out agreement with the fine-tune: plain calibration 0.99783; sequential 0.99788
-    with torch on 2 threads, 0.99794 on 1 (the sequential fit's solves follow the reduction order), 0.99803 in
-    BENCHMARKS.md."""
+    with torch on 2 threads, 0.99794 on 1 (the result depends on the reduction order upstream of the fit's solve),
+    0.99803 in BENCHMARKS.md."""
     from deltacomp.evaluate import EvalConfig, evaluate_packages
     from deltacomp.quality.texts import CALIB_SENTENCES, HELDOUT_SENTENCES
 
