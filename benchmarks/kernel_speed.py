@@ -298,7 +298,8 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
     ``delta_linear_base``, one launch pair per call, called at every row count): per linear layer (7 a layer),
     per merged group (q|k|v and gate|up: 4 a layer, each projection's base weight in place), and four deltas a
     group mixed per token by a gate or one of four picked for the sequence (as in ``overlap_times``), the latter also
-    as the fusion runtime runs it: the picked delta's rows as a bank of one delta (``DeltaBank.alone``)."""
+    as the fusion runtime runs it: the picked delta's rows as a bank of one delta (``DeltaBank.alone``); and the
+    token gate as the fusion runtime computes it, once a layer from the layer's input for all its groups."""
     ext = loader.extension()
     x_for = inputs.x
     ones = torch.ones(inputs.rows, 1, device="cuda")
@@ -310,13 +311,15 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
             for k, w in lw.items():
                 ext.delta_linear_base(x_for(k), [w], None, ones, *lb[k].base_op_args())
 
-    def merged_step(banks, weights=None, columns=True):
+    def merged_step(banks, weights=None, columns=True, per_layer=False):
         def step():
             inputs.next()
             for i, lw in enumerate(base):
+                g = ones
                 for j, group in enumerate(FUSED):
                     x, b = x_for(group[0]), banks[i][j]
-                    g = ones if weights is None else weights(x, gates[i][j]).contiguous()
+                    if weights is not None and (j == 0 or not per_layer):
+                        g = weights(x, gates[i][j]).contiguous()
                     bank = b.base_op_args() if columns else b.tensors()
                     ext.delta_linear_base(x, [lw[p] for p in group], None, g, *bank)
         return step
@@ -327,6 +330,7 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
             "fused_merged": time_graph(merged_step(fused), repeats),
             "fused_merged_rows": time_graph(merged_step(fused, columns=False), repeats),
             "fused_four_token": time_graph(merged_step(four, _token_gate), repeats),
+            "fused_four_token_layer": time_graph(merged_step(four, _token_gate, per_layer=True), repeats),
             "fused_four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats),
             "fused_four_alone": time_graph(merged_step(_alone(four, 2)), repeats)}
 
@@ -562,11 +566,12 @@ def _step_tables(res: dict) -> list[str]:
             rows.append([n, f"{r['fused_per_linear']:.3f} ({r['fused_per_linear'] / r['base']:.3f}x)",
                          *[f"{r[k]:.3f} ({r[k] / r['base_merged']:.3f}x)" if k in r else "-"
                            for k in ("fused_empty", "fused_merged_rows", "fused_merged", "fused_four_token",
-                                     "fused_four_sentence", "fused_four_alone")],
+                                     "fused_four_token_layer", "fused_four_sentence", "fused_four_alone")],
                          f"{bw:.0f} GB/s ({bw / base_bw:.0%})"])
         lines.append(format_table(["rows", "base + delta, 7/layer", "merged, empty banks",
                                    "merged base + fused delta, U by row", "merged base + fused delta",
-                                   "+ 4 deltas, token gate", "+ 1 of 4 (sentence)", "+ 1 of 4, alone",
+                                   "+ 4 deltas, token gate", "+ 4 deltas, one gate a layer",
+                                   "+ 1 of 4 (sentence)", "+ 1 of 4, alone",
                                    "delta's added time as bandwidth"],
                                   rows))
     return lines

@@ -125,11 +125,12 @@ struct Launch {  // what both ops launch with: the device's SM count, PDL on or 
 
 // The launch of an op on x's device (current) for these shapes; fused: the form with the base product.
 Launch launch_for(const torch::Tensor& x, int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int64_t row_tile,
-                  bool fused, int64_t col_len = 0) {
+                  bool fused, int64_t col_len = 0, int64_t K = 1) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const char* pdl_env = std::getenv("DELTACOMP_CUDA_PDL");
   const int num_sms = props->multiProcessorCount;
-  const size_t floats = deltacomp::delta_linear_workspace_floats(R, n, M, J, P, num_sms, row_tile, fused, col_len);
+  const size_t floats =
+      deltacomp::delta_linear_workspace_floats(R, n, M, J, P, num_sms, row_tile, fused, col_len, K);
   return {num_sms, props->major >= 9 && !(pdl_env != nullptr && std::string(pdl_env) == "0"),
           torch::empty({static_cast<int64_t>(floats > 0 ? floats : 1)}, x.options().dtype(torch::kFloat32)),
           at::cuda::getCurrentCUDAStream()};
@@ -249,8 +250,9 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
     check_tensor(*u_colinfo, "u_colinfo", torch::kInt32, 2, device);
     TORCH_CHECK(u_desc->numel() == J && u_pair->numel() == J, "delta_linear_base: u_desc and u_pair have ",
                 num(u_desc->numel()), " and ", num(u_pair->numel()), " values for ", num(J), " rank rows");
-    TORCH_CHECK(u_colinfo->size(0) == P && u_colinfo->size(1) == 3, "delta_linear_base: u_colinfo has shape ",
-                shape(*u_colinfo), "; the bank has ", num(P), " projections (want (P, 3))");
+    TORCH_CHECK(u_colinfo->size(0) == P * K && u_colinfo->size(1) == 3, "delta_linear_base: u_colinfo has shape ",
+                shape(*u_colinfo), "; the bank has ", num(P), " projections of ", num(K),
+                " deltas (want (P * k, 3))");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(u_cols->data_ptr()) % 16 == 0,
                 "delta_linear_base: u_cols must start 16-byte aligned");
     TORCH_CHECK(col_len <= (1 << 20), "delta_linear_base: col_len ", num(col_len), " is over 2**20 words");
@@ -263,8 +265,8 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
   torch::Tensor out = torch::empty({R, M}, x.options());
   if (R == 0 || M == 0) return out;
   const int64_t cl = use_columns ? col_len : 0;
-  Launch ls = launch_for(x, R, n, M, J, P, 0, true, cl);
-  int* ready = ready_for(x, deltacomp::delta_linear_base_ready_ints(R, n, M, J, P, ls.num_sms, cl), ls.stream);
+  Launch ls = launch_for(x, R, n, M, J, P, 0, true, cl, K);
+  int* ready = ready_for(x, deltacomp::delta_linear_base_ready_ints(R, n, M, J, P, ls.num_sms, cl, K), ls.stream);
   const cudaError_t err = deltacomp::delta_linear_base_launch(
       dtype, x.data_ptr(), base.data(), base_rows.data(), bias.has_value() ? bias->data_ptr() : nullptr,
       out.data_ptr(), R, n, M, w.data_ptr<float>(), K, v_words.data_ptr<int32_t>(), v_scale.data_ptr(),

@@ -4,8 +4,9 @@
 //        cuda/check_standalone.cu
 //   ./check_delta_linear           correctness sweep against a float64 CPU reference (needs a GPU)
 //   ./check_delta_linear --bench   timings on Llama-7B-shaped banks
-//   ./check_delta_linear --fused   the fused form (base product + delta) per call on those banks, 1 row, with and
-//                                  without U by block column
+//   ./check_delta_linear --fused [K [one-hot]]   the fused form (base product + delta) per call on those banks, 1
+//                                      row, with and without U by block column (K deltas a bank, weighted 1 / K or
+//                                      one of them alone; default 1)
 //   ./check_delta_linear --fused-cases   the correctness sweep's fused-form cases only
 //
 // Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
@@ -188,7 +189,8 @@ struct DeviceBank {
   }
 };
 
-// U by block column (the prototype's layout, ColumnU in delta_linear.cu), on the device.
+// U by block column (ColumnU in delta_linear.h: a set of columns per segment, delta d's rows of projection p), on
+// the device.
 struct DeviceColumns {
   deltacomp::ColumnU cu;
   explicit DeviceColumns(const Bank& b) {
@@ -196,27 +198,29 @@ struct DeviceColumns {
     std::vector<int32_t> cols, desc(J, 0), info;
     std::vector<uint32_t> pair(J, 0u);
     int most = 0;
-    for (int p = 0; p < P; ++p) {
-      const int j0 = b.projs[4 * p], j1 = b.projs[4 * p + 1], nblk = (b.out_len[p] + 31) / 32;
-      int off = 0, one = 1;
-      for (int j = j0; j < j1; ++j) {
-        const int bits = b.rows[8 * j + 3];
-        desc[j] = bits | off << 4;
-        off += bits;
-        one = one && b.rows[8 * j + 7] <= 0;
-        pair[j] = b.u_scale[b.rows[8 * j + 5]] | static_cast<uint32_t>(b.u_offset[b.rows[8 * j + 5]]) << 16;
-      }
-      const int colwords = (off + 3) / 4 * 4, base = static_cast<int>(cols.size());
-      cols.resize(base + static_cast<size_t>(nblk) * colwords, 0);
-      for (int bk = 0; bk < nblk; ++bk)
+    for (int p = 0; p < P; ++p)
+      for (int d = 0; d < b.K; ++d) {
+        const int j0 = b.spans[p * (b.K + 1) + d], j1 = b.spans[p * (b.K + 1) + d + 1];
+        const int nblk = (b.out_len[p] + 31) / 32;
+        int off = 0, one = 1;
         for (int j = j0; j < j1; ++j) {
-          const int bits = b.rows[8 * j + 3];
-          for (int w = 0; w < bits; ++w)
-            cols[base + bk * colwords + (desc[j] >> 4) + w] = b.u_words[b.rows[8 * j + 4] + bk * bits + w];
+          const int bits = b.rows[8 * j + 3], gs = b.rows[8 * j + 7];
+          desc[j] = bits | off << 4;
+          off += bits;
+          one = one && (gs <= 0 || gs >= b.out_len[p]);
+          pair[j] = b.u_scale[b.rows[8 * j + 5]] | static_cast<uint32_t>(b.u_offset[b.rows[8 * j + 5]]) << 16;
         }
-      info.insert(info.end(), {base, colwords, one});
-      most = std::max(most, colwords);
-    }
+        const int colwords = (off + 3) / 4 * 4, base = static_cast<int>(cols.size());
+        cols.resize(base + static_cast<size_t>(nblk) * colwords, 0);
+        for (int bk = 0; bk < nblk; ++bk)
+          for (int j = j0; j < j1; ++j) {
+            const int bits = b.rows[8 * j + 3];
+            for (int w = 0; w < bits; ++w)
+              cols[base + bk * colwords + (desc[j] >> 4) + w] = b.u_words[b.rows[8 * j + 4] + bk * bits + w];
+          }
+        info.insert(info.end(), {base, colwords, one});
+        most = std::max(most, colwords);
+      }
     cols.push_back(0);
     cu.cols = to_device(cols), cu.desc = to_device(desc), cu.pair = to_device(pair), cu.info = to_device(info);
     cu.longest = most;
@@ -325,7 +329,8 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   const int64_t col_len = fused && g_columns ? dcol->cu.longest : 0;
   const int64_t J = static_cast<int64_t>(b.s.size()), P = static_cast<int64_t>(b.out_len.size());
   // (the fused form has no row_tile)
-  const size_t ws = delta_linear_workspace_floats(R, b.n, b.M, J, P, g_sms, fused ? 0 : row_tile, fused, col_len);
+  const size_t ws =
+      delta_linear_workspace_floats(R, b.n, b.M, J, P, g_sms, fused ? 0 : row_tile, fused, col_len, b.K);
   float* dws = nullptr;
   CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(1, ws) * sizeof(float)));
   CHECK_CUDA(cudaMemset(dws, 0xff, std::max<size_t>(1, ws) * sizeof(float)));  // NaN
@@ -339,7 +344,7 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
 
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
-  int* ready = fused ? ready_buffer(delta_linear_base_ready_ints(R, b.n, b.M, J, P, g_sms, col_len)) : nullptr;
+  int* ready = fused ? ready_buffer(delta_linear_base_ready_ints(R, b.n, b.M, J, P, g_sms, col_len, b.K)) : nullptr;
   auto launch = [&]() {
     const int64_t un = static_cast<int64_t>(b.u_words.size()), up = static_cast<int64_t>(b.u_scale.size());
     const cudaError_t e =
@@ -522,6 +527,31 @@ void fused_cases() {
            b7, 1, rep % 3, run_case(b7, 1, rep % 3, dense_weights(1, 1, 1, false), 43 + rep, 0.1f, 0, false, 0, true));
   }
   g_columns = true;
+  // Several deltas with U by block column (one parameter group a row): the segments of the deltas in use in turn, two
+  // at once (the next segment's columns land while one is decoded); rows weighing every delta, two, one and none; then
+  // split for fewer SMs (several slices a CTA). Then two deltas of 800 rows at 8 bits (6,400 words a column: two
+  // segments' do not fit in 48 KB, so the one-row kernel runs without columns).
+  const Bank b9 = build_bank(1024, {512, 256, 700}, 3, table, {0, 0, 0}, 29);
+  const std::vector<std::vector<float>> w9 = {{.7f, 1.1f, .4f}, {0, 1.1f, .4f}, {0, 0, .9f}, {.5f, 0, 0}, {0, 0, 0}};
+  for (int i = 0; i < static_cast<int>(w9.size()); ++i)
+    report("fused base product, one row, 3 deltas, U by block column", b9, 1, i % 3,
+           run_case(b9, 1, i % 3, w9[i], 71 + i, 0.1f, 0, false, 0, true));
+  for (int fake : {16, 40}) {
+    g_sms = fake;
+    report("fused base product, one row, 3 deltas, U by block column, split for fewer SMs", b9, 1, 2,
+           run_case(b9, 1, 2, w9[fake % 3], 77 + fake, 0.1f, 0, false, 0, true));
+  }
+  g_sms = sms;
+  std::vector<std::vector<std::vector<Group>>> wide(1, std::vector<std::vector<Group>>(2, {{2, 8, 800}}));
+  const Bank b10 = build_bank(256, {4096}, 2, wide, {0, 0}, 30);
+  report("fused base product, one row, 2 deltas, columns too long for two buffers", b10, 1, 2,
+         run_case(b10, 1, 2, {.6f, .9f}, 81, 0.1f, 0, false, 0, true));
+  // Four deltas at Llama q|k|v scale (about 1,000 rank rows each a projection), twice in a row.
+  std::vector<std::vector<std::vector<Group>>> big4(3, std::vector<std::vector<Group>>(4, llama_groups(4096, 4096)));
+  const Bank b11 = build_bank(4096, {4096, 4096, 4096}, 4, big4, {0, 0, 0, 0}, 31);
+  for (int rep = 0; rep < 2; ++rep)
+    report("fused base product, one row, Llama-sized, 4 deltas, U by block column", b11, 1, 2,
+           run_case(b11, 1, 2, {.3f, .2f, .4f, .1f}, 83 + rep, 0.1f, 0, false, 0, true));
   // Grids of several waves (planned for 4x the SMs: each slice its own CTA), whose CTAs that start late find stage
   // 1's rank rows claimed by CTAs already waiting; twice in a row (the counters are left zero). Then more CTAs than
   // rank rows.
@@ -680,8 +710,9 @@ void bench() {
 
 // The fused form at 1 row on the Llama-7B-shaped banks (bfloat16), per call: the fused op, the fused op with an empty
 // bank (its base product alone) and the delta op alone. 8 copies of each bank, its base weights and x at distinct
-// addresses, called in turn in one CUDA graph of 32 calls (the L2 cache holds none of them between uses).
-void fused_bench() {
+// addresses, called in turn in one CUDA graph of 32 calls (the L2 cache holds none of them between uses). With K > 1
+// the banks hold K such deltas, each weighted 1 / K (a token gate's mixture), or with `one_hot` delta K / 2 alone.
+void fused_bench(int K, bool one_hot) {
   struct Case { const char* name; int n; std::vector<int> outs; };
   const Case cases[] = {{"q|k|v", 4096, {4096, 4096, 4096}}, {"o", 4096, {4096}}, {"gate|up", 4096, {11008, 11008}},
                         {"down", 11008, {4096}}};
@@ -693,9 +724,10 @@ void fused_bench() {
   CHECK_CUDA(cudaEventCreate(&e1));
   for (const Case& c : cases) {
     const int P = static_cast<int>(c.outs.size());
-    std::vector<std::vector<std::vector<Group>>> table(P, std::vector<std::vector<Group>>(1));
-    for (int p = 0; p < P; ++p) table[p][0] = llama_groups(c.outs[p], c.n);
-    const Bank b = build_bank(c.n, c.outs, 1, table, {0}, 1);
+    std::vector<std::vector<std::vector<Group>>> table(P, std::vector<std::vector<Group>>(K));
+    for (int p = 0; p < P; ++p)
+      for (int d = 0; d < K; ++d) table[p][d] = llama_groups(c.outs[p], c.n);
+    const Bank b = build_bank(c.n, c.outs, K, table, std::vector<int>(K, 0), 1);
     std::vector<std::vector<std::vector<Group>>> none(P, std::vector<std::vector<Group>>(1));
     const Bank e = build_bank(c.n, c.outs, 1, none, {128}, 2);
     std::vector<std::unique_ptr<DeviceBank>> banks;
@@ -717,16 +749,18 @@ void fused_bench() {
     }
     const DeviceBank empty(e);
     std::vector<int64_t> rows(c.outs.begin(), c.outs.end());
-    float* dw = to_device(std::vector<float>{1.f});
+    std::vector<float> wv(K, one_hot ? 0.f : 1.f / K);
+    if (one_hot) wv[K / 2] = 1.f;
+    float* dw = to_device(wv);
     const int64_t J = static_cast<int64_t>(b.s.size());
     float* ws = nullptr;
     const int64_t cl = colsets[0]->cu.longest;
     CHECK_CUDA(cudaMalloc(&ws, std::max({delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true),
-                                         delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true, cl),
+                                         delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true, cl, K),
                                          delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, false)}) *
                                    sizeof(float)));
     int* ready = ready_buffer(std::max(delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms),
-                                       delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms, cl)));
+                                       delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms, cl, K)));
     // mode 0 fused, 1 fused with an empty bank, 2 the delta op alone, 3 fused with U by block column
     const auto call = [&](int i, int mode) {
       const DeviceBank& d = mode == 1 ? empty : *banks[i];
@@ -735,10 +769,10 @@ void fused_bench() {
       const int64_t un = static_cast<int64_t>(h.u_words.size()), up = static_cast<int64_t>(h.u_scale.size());
       const cudaError_t err =
           mode != 2 ? delta_linear_base_launch(2, xs[i], bases[i].data(), rows.data(), nullptr, outs[i], 1, c.n,
-                                               b.M, dw, 1, d.v_words, d.v_scale, d.v_offset, d.u_words, d.u_scale,
+                                               b.M, dw, mode == 1 ? 1 : K, d.v_words, d.v_scale, d.v_offset, d.u_words, d.u_scale,
                                                d.u_offset, un, up, d.s, d.rows, j, d.projs, d.spans, P, ws, ready,
                                                g_sms, g_pdl, st, mode == 3 ? &colsets[i]->cu : nullptr)
-                   : delta_linear_launch(2, xs[i], outs[i], outs[i], 1, c.n, b.M, dw, 1, d.v_words, d.v_scale,
+                   : delta_linear_launch(2, xs[i], outs[i], outs[i], 1, c.n, b.M, dw, K, d.v_words, d.v_scale,
                                          d.v_offset, d.u_words, d.u_scale, d.u_offset, un, up, d.s, d.rows, j,
                                          d.projs, d.spans, P, ws, g_sms, 0, g_pdl, st);
       CHECK_CUDA(err);
@@ -763,9 +797,9 @@ void fused_bench() {
       us[mode] = t[t.size() / 2];
       CHECK_CUDA(cudaGraphExecDestroy(ge));
     }
-    std::printf("fused, 1 row, bf16, %-8s fused %6.1f us | with U columns %6.1f us | empty bank %6.1f us | "
+    std::printf("fused, 1 row, bf16, %d delta(s)%s, %-8s fused %6.1f us | with U columns %6.1f us | empty bank %6.1f us | "
                 "delta op alone %6.1f us | fused - empty %5.1f us, with U columns %5.1f us\n",
-                c.name, us[0], us[3], us[1], us[2], us[0] - us[1], us[3] - us[1]);
+                K, one_hot ? " one-hot" : "", c.name, us[0], us[3], us[1], us[2], us[0] - us[1], us[3] - us[1]);
     for (int i = 0; i < kCopies; ++i) {
       for (void* q : bases[i]) cudaFree(q);
       cudaFree(xs[i]), cudaFree(outs[i]);
@@ -900,7 +934,7 @@ int main(int argc, char** argv) {
   } else if (argc > 1 && std::string(argv[1]) == "--fused-cases") {
     fused_cases();
   } else if (argc > 1 && std::string(argv[1]) == "--fused") {
-    fused_bench();
+    fused_bench(argc > 2 ? std::max(1, std::atoi(argv[2])) : 1, argc > 3 && std::string(argv[3]) == "one-hot");
   } else if (argc > 1 && std::string(argv[1]) == "--stages") {
     stages(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::max(1, std::atoi(argv[3])) : 1,
            argc > 4 ? std::atoi(argv[4]) : -1);

@@ -1278,10 +1278,12 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 //      out = bias + base + delta, rounded once (the CTAs run in step: DRAM idles through their tails, hence
 //      row_path's bound on slices and rank rows);
 //   6. counts itself in ready[2]; the last CTA zeroes ready[0..2] for the next call.
-// With U by block column (ColumnU, one delta, rows of one parameter group), steps 4 and 5 differ: before
-// griddepcontrol.wait the CTA requests its columns of its projection's U into shared memory (coalesced 16-byte
-// cp.async), computes every slice's base product, and after the count reads c, width, column offset and parameters
-// of rows tid, tid + 256, ... (coalesced) and decodes them into every slice from shared memory.
+// With U by block column (ColumnU: a set of columns per segment, delta d's rows of a projection, of one parameter
+// group), steps 4 and 5 differ: the CTA requests its columns of its projection's first segments into shared memory
+// (coalesced 16-byte cp.async; with one delta before griddepcontrol.wait, with several once the weights can be read,
+// two segments at once when they fit), computes every slice's base product, and after the count, segment by segment
+// over the deltas in use, reads c, width, column offset and parameters of the segment's rows tid, tid + 256, ...
+// (coalesced) and decodes them into every slice from shared memory while the next segment's columns land.
 // Rank rows are claimed at run time rather than by CTA index: a CTA waits only after every row has been claimed, and
 // rows are claimed by running CTAs that complete them before waiting for anything, so the wait ends whatever the
 // residency (grids of several calls on several streams included). Counters are touched only after
@@ -1298,7 +1300,8 @@ constexpr int kRowMaxN = 20480;             // longest input it stages (90 KB: a
 constexpr int kRowCounters = 4;             // ready[0] ticket, [1] rows done, [2] CTAs done (int32, padded)
 constexpr int kRowMaxSlices = 3;            // slices per CTA (row_path's bound)
 constexpr int kColMaxSlices = 6;            // slices per CTA with U by columns (row_path's bound)
-constexpr int kColRows = 8;                 // U by columns: rank rows a thread takes (projections of <= 2048)
+constexpr int kColRows = 8;                 // U by columns: rank rows a thread takes (segments of <= 2048)
+constexpr int kRowClaim = 8;                // stage 1 with several deltas: most rank rows a warp claims at once
 // U by columns: the most shared memory a CTA gives them (48 KB: shared memory is carved out of L1, through which the
 // base product's weight loads pass; 88 KB of it a CTA slowed the base product by a third on an H200), and what the
 // static shared memory and the driver's reserve take a CTA (bytes).
@@ -1455,14 +1458,16 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p
 }
 
 // grid (launch_row), block kThreads, dynamic shared memory row_x_floats(n) floats. See above.
-template <typename scalar_t>
+template <typename scalar_t, bool MULTI>
 __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowArgs a) {
+  const int K = MULTI ? a.K : 1;  // deltas (a separate instantiation for one, which keeps its registers)
   constexpr int NO = kRowNo, W = kRowSlice;
   static_assert(W == 16, "the slice's reduction below takes 16 outputs");
   extern __shared__ __align__(16) float xs[];
   __shared__ float red[kColMaxSlices][kWarps][W];  // the warps' delta sums per slice
   __shared__ float base[kColMaxSlices][W];         // the slices' base outputs
   __shared__ int ticket;
+  __shared__ int col_plan[2];  // the column path with several deltas: the segments in flight (deltas' indices)
   allow_next_grid();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int p, out_lo;
@@ -1523,48 +1528,92 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   slice_rows(s_lo * W);
   prefetch_rows();
   int j_start = 0, j_end = 0, ulen = 0;
+  // Asks L2 for the V words of a rank row of width vb from word woff.
+  const auto ask_v_row = [&](int vb, int woff) {
+    const int block_bytes = (a.n + 31) / 32 * 4;  // a V row's bytes per bit of width
+    const char* row = reinterpret_cast<const char*>(a.b.v_words + woff);
+    if (valid_bits(vb))
+      for (int l = 0; l < block_bytes * vb; l += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + l));
+  };
   if (a.b.J > 0) {
     j_start = max(0, __ldg(a.b.projs + 4 * p)), j_end = min(a.b.J, __ldg(a.b.projs + 4 * p + 1));
     ulen = __ldg(a.b.projs + 4 * p + 3);
     // With one delta (every row active unless its weight is 0): stage 1's V rows asked of L2, a row a thread over
     // the grid.
-    const int block_bytes = (a.n + 31) / 32 * 4;  // a V row's bytes per bit of width
-    for (int j = blockIdx.x + gridDim.x * threadIdx.x; a.K == 1 && j < a.b.J; j += gridDim.x * kThreads) {
-      const int32_t* rw = a.b.rows + static_cast<size_t>(j) * 8;
-      const int vb = __ldg(rw);
-      const char* row = reinterpret_cast<const char*>(a.b.v_words + __ldg(rw + 1));
-      if (valid_bits(vb))
-        for (int l = 0; l < block_bytes * vb; l += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + l));
-    }
-    if (a.K == 1 && a.col_cap == 0) {  // with U by block column the tail reads the columns instead
+    for (int j = blockIdx.x + gridDim.x * threadIdx.x; K == 1 && j < a.b.J; j += gridDim.x * kThreads)
+      ask_v_row(__ldg(a.b.rows + static_cast<size_t>(j) * 8), __ldg(a.b.rows + static_cast<size_t>(j) * 8 + 1));
+    if (K == 1 && a.col_cap == 0) {  // with U by block column the tail reads the columns instead
       prefetch_share_l2(a.b.u_words, static_cast<size_t>(a.b.u_nwords) * 4, blockIdx.x, gridDim.x);
       prefetch_share_l2(a.b.u_scale, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
       prefetch_share_l2(a.b.u_offset, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
     }
   }
-  // The column path: one delta, every row of the projection of one parameter group, at most kColMaxSlices slices
-  // (an uneven share can give a CTA more than row_path's bound), the CTA's columns fitting.
+  // The column path: every segment (delta d's rows of the projection) of one parameter group and at most
+  // kColRows * kThreads rows, at most kColMaxSlices slices (an uneven share can give a CTA more than row_path's
+  // bound), the CTA's columns fitting: with several deltas two segments' at once, in buffers of bufw words.
   uint32_t* colw = reinterpret_cast<uint32_t*>(xs + row_x_floats(a.n));
   const int o_end = min(s_hi * W, ulen), bA = (s_lo * W) >> 5;
   const int nbc = s_lo * W < o_end ? ((o_end - 1) >> 5) - bA + 1 : 0;
-  int colwords = 0;
-  bool use_cols = false;
-  if (a.col_cap > 0 && a.b.J > 0 && a.K == 1 && nbc > 0 && s_hi - s_lo <= kColMaxSlices &&
-      j_end - j_start <= kColRows * kThreads) {
-    colwords = __ldg(a.cu.info + 3 * p + 1);
-    use_cols = __ldg(a.cu.info + 3 * p + 2) != 0 && nbc * colwords <= a.col_cap;
-  }
-  if (use_cols) {  // immutable: requested before the kernels ahead have finished, bypassing L1
-    const int4* src = reinterpret_cast<const int4*>(a.cu.cols + __ldg(a.cu.info + 3 * p) + bA * colwords);
-    for (int i = threadIdx.x; i < nbc * colwords / 4; i += kThreads) {
-      const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(colw + 4 * i));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + i) : "memory");
+  // Delta d's rank rows of the projection.
+  const auto segment = [&](int d, int& lo, int& hi) {
+    lo = j_start, hi = j_end;
+    if (K > 1) {
+      const int32_t* spans = a.b.spans + static_cast<size_t>(p) * (K + 1);
+      lo = max(j_start, __ldg(spans + d)), hi = min(j_end, __ldg(spans + d + 1));
     }
+  };
+  constexpr int nbuf = MULTI ? 2 : 1;
+  const int bufw = a.col_cap / nbuf / 4 * 4;
+  bool use_cols = false;
+  if (a.col_cap > 0 && a.b.J > 0 && nbc > 0 && s_hi - s_lo <= kColMaxSlices) {
+    int widest = 0;
+    use_cols = true;
+    for (int d = 0; d < K && use_cols; ++d) {
+      int lo, hi;
+      segment(d, lo, hi);
+      const int q = p * K + d;
+      widest = max(widest, __ldg(a.cu.info + 3 * q + 1));
+      use_cols = __ldg(a.cu.info + 3 * q + 2) != 0 && hi - lo <= kColRows * kThreads;
+    }
+    use_cols = use_cols && nbc * widest <= bufw;
   }
+  // Segment d's nbc columns into buffer buf (coalesced 16-byte copies bypassing L1), one cp.async group.
+  const auto copy_columns = [&](int d, int buf) {
+    const int q = p * K + d, cw = __ldg(a.cu.info + 3 * q + 1);
+    const int4* src = reinterpret_cast<const int4*>(a.cu.cols + __ldg(a.cu.info + 3 * q) + bA * cw);
+    uint32_t* dst = colw + buf * bufw;
+    for (int i = threadIdx.x; i < nbc * cw / 4; i += kThreads) {
+      const unsigned sd = static_cast<unsigned>(__cvta_generic_to_shared(dst + 4 * i));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sd), "l"(src + i) : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  // The first delta from d on whose weight is not 0 (K when none; one delta is taken whatever its weight, since
+  // its columns are requested before the weight can be read).
+  const auto next_active = [&](int d) {
+    if constexpr (MULTI) {
+      while (d < K && __ldg(a.w + d) == 0.f) ++d;
+      return d;
+    } else {
+      return d < 1 ? 0 : 1;
+    }
+  };
+  if (use_cols && !MULTI) copy_columns(0, 0);  // immutable: requested before the kernels ahead have finished
   wait_prior_grids();
+  // With several deltas, the first segments' columns once the weights can be read (they land during stage 1 and
+  // the base products); which ones wait in shared memory for the tail.
+  if (MULTI && use_cols) {
+    const int d_cur = next_active(0), d_next = d_cur < K ? next_active(d_cur + 1) : K;
+    if (d_cur < K) copy_columns(d_cur, 0);
+    if (d_next < K) copy_columns(d_next, 1);
+    if (threadIdx.x == 0) col_plan[0] = d_cur, col_plan[1] = d_next;
+  }
+  // Stage 1's claims: kWarps * rpw rank rows, rpw a warp. With several deltas (whose V rows were not asked of L2
+  // before the wait) enough rows a warp that the grid claims every row at once, at most kRowClaim.
+  const int rpw = K > 1 ? min(kRowClaim, max(1, (a.b.J + gridDim.x * kWarps - 1) / (gridDim.x * kWarps))) : 1;
 
   // 2. x, and the first claim of stage 1's rank rows (its answer travels with x's loads).
-  if (threadIdx.x == 0 && a.b.J > 0) ticket = atomicAdd(a.ready, kWarps);
+  if (threadIdx.x == 0 && a.b.J > 0) ticket = atomicAdd(a.ready, kWarps * rpw);
   const int nblk = (a.n + 31) / 32;
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
   if (a.vec) {
@@ -1582,15 +1631,26 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   }
   __syncthreads();
 
-  // 3. Stage 1: kWarps rank rows per claim, one per warp.
+  // 3. Stage 1: kWarps * rpw rank rows per claim, rows j0 + warp + kWarps * i of warp `warp`. With several deltas,
+  // lane i reads row i's metadata (one round trip for the warp's rows, handed on by shuffles) and asks L2 for its V
+  // words when its delta is in use, so that the warp's rows arrive together; with one delta every lane reads its row's.
   for (int j0 = a.b.J > 0 ? ticket : a.b.J; j0 < a.b.J;) {
-    const int j = j0 + warp;
-    if (j < a.b.J) {
-      const int32_t* rw = a.b.rows + static_cast<size_t>(j) * 8;
-      const int vb = __ldg(rw), woff = __ldg(rw + 1), poff = __ldg(rw + 2), delta = __ldg(rw + 6);
-      const int gp = group_code(__ldg(rw + 7));
-      const float sj = __ldg(a.b.s + j);
-      const float wt = delta >= 0 && delta < a.K ? __ldg(a.w + delta) : 0.f;
+    int mvb = 0, mwoff = 0, mpoff = 0, mgs = 0;
+    float msj = 0.f, mwt = 0.f;
+    const int jm = j0 + warp + (MULTI ? kWarps * lane : 0);
+    if ((!MULTI || lane < rpw) && jm < a.b.J) {
+      const int32_t* rw = a.b.rows + static_cast<size_t>(jm) * 8;
+      const int delta = __ldg(rw + 6);
+      mvb = __ldg(rw), mwoff = __ldg(rw + 1), mpoff = __ldg(rw + 2), mgs = __ldg(rw + 7), msj = __ldg(a.b.s + jm);
+      mwt = delta >= 0 && delta < K ? __ldg(a.w + delta) : 0.f;
+      if (MULTI && rpw > 1 && mwt != 0.f) ask_v_row(mvb, mwoff);
+    }
+    for (int i = 0; i < rpw; ++i) {
+      const int j = j0 + warp + kWarps * i;
+      if (j >= a.b.J) break;
+      const auto pick = [&](auto v) { return MULTI ? __shfl_sync(kFullMask, v, i) : v; };
+      const int vb = pick(mvb), woff = pick(mwoff), poff = pick(mpoff), gp = group_code(pick(mgs));
+      const float sj = pick(msj), wt = pick(mwt);
       float t = 0.f;
       if (wt != 0.f) {
         const int32_t* row = a.b.v_words + woff;
@@ -1608,8 +1668,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     __threadfence();  // c is visible device-wide before the count says so
     __syncthreads();
     if (threadIdx.x == 0) {
-      atomicAdd(a.ready + 1, min(kWarps, a.b.J - j0));
-      ticket = atomicAdd(a.ready, kWarps);
+      atomicAdd(a.ready + 1, min(kWarps * rpw, a.b.J - j0));
+      ticket = atomicAdd(a.ready, kWarps * rpw);
     }
     __syncthreads();
     j0 = ticket;
@@ -1626,53 +1686,76 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
         prefetch_rows();
       }
     }
-    // 5'. Once every c is written: the thread's rows j_start + threadIdx.x + i * kThreads (consecutive rows in
-    // consecutive lanes: coalesced reads, mostly one width per warp), their c, descriptor and parameters in registers.
+    // 5'. Once every c is written, segment by segment (the deltas in use, in order; with two buffers the next
+    // segment's columns land while this one is decoded): the thread's rows lo + threadIdx.x + i * kThreads
+    // (consecutive rows in consecutive lanes: coalesced reads, mostly one width per warp), their c, descriptor and
+    // parameters in registers, decoded into every slice from shared memory; the warps' sums add up in red.
     if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
+#pragma unroll
+    for (int s = 0; s < kColMaxSlices; ++s)
+      if (s < nsl && (lane & 1) == 0) red[s][warp][lane >> 1] = 0.f;
     __syncthreads();
-    int dsc[kColRows];
-    float cm[kColRows], ca = 0.f;
+    int d_cur = MULTI ? col_plan[0] : 0, d_next = MULTI ? col_plan[1] : 1;
+    for (int buf = 0; d_cur < K;) {
+      int lo, hi;
+      segment(d_cur, lo, hi);
+      const int cw = __ldg(a.cu.info + 3 * (p * K + d_cur) + 1);
+      int dsc[kColRows];
+      float cm[kColRows], ca = 0.f;
 #pragma unroll
-    for (int i = 0; i < kColRows; ++i) {
-      const int j = j_start + static_cast<int>(threadIdx.x) + i * kThreads;
-      dsc[i] = 0, cm[i] = 0.f;
-      if (j < j_end) {
-        const float c = __ldcg(a.c + j);
-        const int d = __ldg(a.cu.desc + j);
-        const uint32_t pr = __ldg(a.cu.pair + j);
-        const int bits = d & 15;
-        if (c != 0.f && valid_bits(bits)) {
-          float mul, add;
-          expand_param_pair(pr, bits, mul, add);
-          dsc[i] = d, cm[i] = c * mul, ca += c * add;
-        }
-      }
-    }
-    asm volatile("cp.async.wait_all;" ::: "memory");
-    __syncthreads();
-    for (int s = 0; s < nsl; ++s) {
-      const int o0 = (s_lo + s) * W;
-      float acc[W];
-#pragma unroll
-      for (int e = 0; e < W; ++e) acc[e] = ca;
-      if (o0 < o_end) {
-        const uint32_t* col = colw + ((o0 >> 5) - bA) * colwords;
-        const int q0 = o0 & 31;
-#pragma unroll
-        for (int i = 0; i < kColRows; ++i) {
-          const uint32_t* blk = col + (dsc[i] >> 4);
-          switch (dsc[i] & 15) {
-            case 1: tail_add<1, W>(acc, blk, q0, cm[i]); break;
-            case 2: tail_add<2, W>(acc, blk, q0, cm[i]); break;
-            case 3: tail_add<3, W>(acc, blk, q0, cm[i]); break;
-            case 4: tail_add<4, W>(acc, blk, q0, cm[i]); break;
-            case 8: tail_add<8, W>(acc, blk, q0, cm[i]); break;
-            default: break;
+      for (int i = 0; i < kColRows; ++i) {
+        const int j = lo + static_cast<int>(threadIdx.x) + i * kThreads;
+        dsc[i] = 0, cm[i] = 0.f;
+        if (j < hi) {
+          const float c = __ldcg(a.c + j);
+          const int d = __ldg(a.cu.desc + j);
+          const uint32_t pr = __ldg(a.cu.pair + j);
+          const int bits = d & 15;
+          if (c != 0.f && valid_bits(bits)) {
+            float mul, add;
+            expand_param_pair(pr, bits, mul, add);
+            dsc[i] = d, cm[i] = c * mul, ca += c * add;
           }
         }
       }
-      warp_reduce_scatter<W, 16>(acc, lane);  // lanes 2i and 2i + 1 hold output i
-      if ((lane & 1) == 0) red[s][warp][lane >> 1] = acc[0];
+      if (d_next < K)
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+      else
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+      __syncthreads();
+      for (int s = 0; s < nsl; ++s) {
+        const int o0 = (s_lo + s) * W;
+        float acc[W];
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[e] = ca;
+        if (o0 < o_end) {
+          const uint32_t* col = colw + buf * bufw + ((o0 >> 5) - bA) * cw;
+          const int q0 = o0 & 31;
+#pragma unroll
+          for (int i = 0; i < kColRows; ++i) {
+            const uint32_t* blk = col + (dsc[i] >> 4);
+            switch (dsc[i] & 15) {
+              case 1: tail_add<1, W>(acc, blk, q0, cm[i]); break;
+              case 2: tail_add<2, W>(acc, blk, q0, cm[i]); break;
+              case 3: tail_add<3, W>(acc, blk, q0, cm[i]); break;
+              case 4: tail_add<4, W>(acc, blk, q0, cm[i]); break;
+              case 8: tail_add<8, W>(acc, blk, q0, cm[i]); break;
+              default: break;
+            }
+          }
+        }
+        warp_reduce_scatter<W, 16>(acc, lane);  // lanes 2i and 2i + 1 hold output i
+        if ((lane & 1) == 0) red[s][warp][lane >> 1] += acc[0];
+      }
+      // The segment after those in flight goes into the buffer just read, once every thread is done with it.
+      const int d_after = next_active((nbuf == 2 ? d_next : d_cur) + 1);
+      __syncthreads();
+      if (d_after < K) copy_columns(d_after, buf);
+      if (nbuf == 2) {
+        d_cur = d_next, d_next = d_after, buf ^= 1;
+      } else {
+        d_cur = d_after;
+      }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < nsl * W; i += kThreads) {
@@ -1699,13 +1782,10 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
         }
         if (o0 < ulen) {
           const int bi = o0 >> 5, q0 = o0 & 31;
-          const int32_t* spans = a.b.spans + static_cast<size_t>(p) * (a.K + 1);
-          for (int d = 0; d < a.K; ++d) {  // the rank rows of each delta in use
-            int lo = j_start, hi = j_end;
-            if (a.K > 1) {
-              if (__ldg(a.w + d) == 0.f) continue;
-              lo = max(j_start, __ldg(spans + d)), hi = min(j_end, __ldg(spans + d + 1));
-            }
+          for (int d = 0; d < K; ++d) {  // the rank rows of each delta in use
+            if (K > 1 && __ldg(a.w + d) == 0.f) continue;
+            int lo, hi;
+            segment(d, lo, hi);
             for (int jb = lo + threadIdx.x; jb < hi; jb += kThreads * kRowBatch)
               row_expand_batch<W>(acc, a, jb, hi, bi, q0);
           }
@@ -1980,23 +2060,24 @@ int64_t col_room(int64_t n) {
 }
 
 // Shared-memory words for a call's columns (0: none, or they do not fit): col_len, the longest column, times the
-// block columns a CTA's share of slices can touch.
-int64_t col_cap(int64_t n, int64_t M, int64_t P, int num_sms, int64_t col_len) {
+// block columns a CTA's share of slices can touch; with K > 1 deltas twice that (one segment's columns land while the
+// other's are decoded: one at a time, each copy exposed, lost to the four kernels on the H200).
+int64_t col_cap(int64_t n, int64_t M, int64_t P, int num_sms, int64_t col_len, int64_t K) {
   if (col_len <= 0) return 0;
-  const int64_t need = col_blocks(row_slices_per_cta(M, P, num_sms)) * col_len;
+  const int64_t need = col_blocks(row_slices_per_cta(M, P, num_sms)) * col_len * (K > 1 ? 2 : 1);
   return need <= col_room(n) ? need : 0;
 }
 
-bool row_path(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms, int64_t col_len) {
+bool row_path(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms, int64_t col_len, int64_t K) {
   if (R != 1 || n > kRowMaxN) return false;
   const int64_t per_cta = row_slices_per_cta(M, P, num_sms);
   if (per_cta <= 1 || (per_cta <= kRowMaxSlices && per_cta * J <= kRowMaxWalk * P)) return true;
-  return per_cta <= kColMaxSlices && col_cap(n, M, P, num_sms, col_len) > 0;
+  return per_cta <= kColMaxSlices && col_cap(n, M, P, num_sms, col_len, K) > 0;
 }
 
 // Projection p gets CTAs in proportion to its slices of W outputs (every slice its own CTA when they fit in one
 // wave), at least one each; the kernel splits a projection's slices evenly over its CTAs.
-template <typename scalar_t>
+template <typename scalar_t, bool MULTI>
 cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
   constexpr int W = kRowSlice;
   int64_t slices[kMaxBaseProjs] = {}, total = 0;
@@ -2017,17 +2098,18 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  a.col_cap =
-      a.cu.cols != nullptr ? static_cast<int>(col_cap(a.n, a.end[a.b.P - 1], a.b.P, num_sms, a.cu.longest)) : 0;
+  a.col_cap = a.cu.cols != nullptr
+                  ? static_cast<int>(col_cap(a.n, a.end[a.b.P - 1], a.b.P, num_sms, a.cu.longest, a.K))
+                  : 0;
   // Shared memory past 48 KB is opted into once per device and instantiation (the largest size so far).
   const int smem = (row_x_floats(a.n) + a.col_cap) * static_cast<int>(sizeof(float));
   static std::atomic<int> allowed[64];
   if (smem > 48 * 1024 && (device >= 64 || allowed[device].load() < smem)) {
-    err = cudaFuncSetAttribute(row_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    err = cudaFuncSetAttribute(row_kernel<scalar_t, MULTI>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
     if (device < 64) allowed[device].store(smem);
   }
-  return launch_kernel(row_kernel<scalar_t>, dim3(ctas), smem, pdl, stream, a);
+  return launch_kernel(row_kernel<scalar_t, MULTI>, dim3(ctas), smem, pdl, stream, a);
 }
 
 }  // namespace
@@ -2035,16 +2117,16 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
 // The entry points (documented in delta_linear.h).
 
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
-                                     int64_t row_tile, bool fused, int64_t col_len) {
+                                     int64_t row_tile, bool fused, int64_t col_len, int64_t K) {
   if (R <= 0 || M <= 0) return 0;
-  if (fused && row_path(R, n, M, J, P, num_sms, col_len)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
+  if (fused && row_path(R, n, M, J, P, num_sms, col_len, K)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
 size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
-                                    int64_t col_len) {
+                                    int64_t col_len, int64_t K) {
   if (R <= 0 || M <= 0 || J <= 0) return 0;
-  if (row_path(R, n, M, J, P, num_sms, col_len)) return kRowCounters;
+  if (row_path(R, n, M, J, P, num_sms, col_len, K)) return kRowCounters;
   const Plan p = make_plan(R, n, M, J, P, num_sms, 0, true);
   return static_cast<size_t>(p.groups) * p.ntiles;
 }
@@ -2079,17 +2161,21 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
   const Bank b = make_bank(v_words, v_scale, v_offset, u_words, u_scale, u_offset, u_nwords, u_nparams, s, rows, J,
                            projs, spans, P);
   const ColumnU cu = columns != nullptr ? *columns : ColumnU{};
-  if (row_path(R, n, M, J, P, num_sms, cu.cols != nullptr ? cu.longest : 0)) {
+  if (row_path(R, n, M, J, P, num_sms, cu.cols != nullptr ? cu.longest : 0, K)) {
     RowArgs a{x, static_cast<int>(n), static_cast<int>(K), vec ? 1 : 0, {}, {}, {}, bias, out, w, b, workspace,
               J > 0 ? ready : nullptr, cu, 0};
     for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
       end += q < P ? static_cast<int>(base_rows[q]) : 0;
       a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;
     }
+    const bool multi = K > 1;
     switch (dtype) {
-      case 0: return launch_row<float>(a, num_sms, pdl, stream);
-      case 1: return launch_row<__half>(a, num_sms, pdl, stream);
-      case 2: return launch_row<__nv_bfloat16>(a, num_sms, pdl, stream);
+      case 0: return multi ? launch_row<float, true>(a, num_sms, pdl, stream)
+                           : launch_row<float, false>(a, num_sms, pdl, stream);
+      case 1: return multi ? launch_row<__half, true>(a, num_sms, pdl, stream)
+                           : launch_row<__half, false>(a, num_sms, pdl, stream);
+      case 2: return multi ? launch_row<__nv_bfloat16, true>(a, num_sms, pdl, stream)
+                           : launch_row<__nv_bfloat16, false>(a, num_sms, pdl, stream);
       default: return cudaErrorInvalidValue;
     }
   }

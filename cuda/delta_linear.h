@@ -10,12 +10,13 @@
 namespace deltacomp {
 
 // U by block column, an optional companion of a bank of layout 2 for delta_linear_base_launch (cuda/README.md): for
-// projection p, block column b (outputs 32 b .. 32 b + 31 of the projection) holds, for every rank row j of p in bank
-// order, the row's words of block b (`rows[j][3]` of them) from word col_off(j) = the sum of the widths of p's rows
-// before j. Column b of p starts at word info[3 p] + b * info[3 p + 1] of `cols` (the column length, a multiple of 4
-// words, and the start, 16-byte aligned). desc[j] = width | col_off(j) << 4; pair[j] = the row's fp16 scale | fp16
-// offset << 16 (its first parameter group); info[3 p + 2] != 0 when every row of p has one parameter group.
-// `longest`: the most words of a column (the largest info[3 p + 1]). Device pointers; all null: none.
+// segment q = p * K + d (delta d's rank rows of projection p, K deltas), block column b (outputs 32 b .. 32 b + 31 of
+// the projection) holds, for every rank row j of the segment in bank order, the row's words of block b (`rows[j][3]`
+// of them) from word col_off(j) = the sum of the widths of the segment's rows before j. Column b of q starts at word
+// info[3 q] + b * info[3 q + 1] of `cols` (the column length, a multiple of 4 words, and the start, 16-byte aligned).
+// desc[j] = width | col_off(j) << 4; pair[j] = the row's fp16 scale | fp16 offset << 16 (its first parameter group);
+// info[3 q + 2] != 0 when every row of q has one parameter group. `longest`: the most words of a column (the largest
+// info[3 q + 1]). Device pointers; all null: none.
 struct ColumnU {
   const int32_t* cols = nullptr;
   const int32_t* desc = nullptr;
@@ -25,9 +26,10 @@ struct ColumnU {
 };
 
 // fp32 workspace (in floats) that delta_linear_launch (fused = false) or delta_linear_base_launch (fused = true)
-// needs for these shapes; num_sms and row_tile as in the launch, col_len the `longest` of its columns (0: none).
+// needs for these shapes; num_sms and row_tile as in the launch, col_len the `longest` of its columns (0: none), K
+// the deltas of the bank.
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
-                                     int64_t row_tile, bool fused = false, int64_t col_len = 0);
+                                     int64_t row_tile, bool fused = false, int64_t col_len = 0, int64_t K = 1);
 
 // out (R, M) = y + the bank's contribution, for x (R, n), y (R, M) of `dtype` (0 float32, 1 float16, 2 bfloat16),
 // w (R, K) float32, the bank tensors of layout 2 (u_nwords and u_nparams: the lengths of u_words and u_scale), and a
@@ -41,9 +43,9 @@ cudaError_t delta_linear_launch(int dtype, const void* x, const void* y, void* o
                                 const int32_t* rows, int64_t J, const int32_t* projs, const int32_t* spans, int64_t P,
                                 float* workspace, int num_sms, int64_t row_tile, bool pdl, cudaStream_t stream);
 
-// int32 counters that delta_linear_base_launch needs for these shapes (0 for an empty bank); col_len as above.
+// int32 counters that delta_linear_base_launch needs for these shapes (0 for an empty bank); col_len and K as above.
 size_t delta_linear_base_ready_ints(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
-                                    int64_t col_len = 0);
+                                    int64_t col_len = 0, int64_t K = 1);
 
 // The fused form: out (R, M) = x @ base^T (+ bias) + the bank's contribution, where base[p] (base_rows[p], n) of
 // `dtype` is projection p's base weight (P <= 8; their rows, in order, are the M outputs, which the projections cover

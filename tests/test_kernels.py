@@ -28,30 +28,37 @@ def test_bank_rows_round_trip_exactly(group_size):
 
 
 def test_bank_columns_hold_every_u_row_exactly(monkeypatch):
-    """U by block column: each row's words of every block, at its column offset; desc and pair agree. Banks the
-    kernel's column path cannot take whole have none."""
-    table = [[random_module(300, 70, seed=1)], [random_module(33, 70, seed=2)], [None]]
-    bank = DeltaBank.build(table, out_features=[300, 33, 20])
-    cols, desc, pair, info = bank.columns()
-    assert bank.col_len == int(info[:, 1].max()) > 0
-    for p, (j0, j1, _, out) in enumerate(bank.projs.tolist()):
-        start, length, one = info[p].tolist()
-        assert length % 4 == 0 and start % 4 == 0 and one == 1
-        for j in range(j0, j1):
-            bits, woff, poff = (int(bank.rows[j, f]) for f in (U_BITS, U_WORDS, U_PARAMS))
-            assert int(desc[j]) & 15 == bits
-            col_off = int(desc[j]) >> 4
-            for b in range(-(-out // 32)):
-                got = cols[start + b * length + col_off:][:bits]
-                assert torch.equal(got, bank.u_words[woff + b * bits:][:bits]), (p, j, b)
-            halves = [bank.u_scale[poff], bank.u_offset[poff]]
-            assert int(pair[j]) & 0xFFFF == int(halves[0].view(torch.int16)) & 0xFFFF
-            assert (int(pair[j]) >> 16) & 0xFFFF == int(halves[1].view(torch.int16)) & 0xFFFF
+    """U by block column, a set per (projection, delta): each row's words of every block, at its column offset;
+    desc and pair agree. Banks the kernel's column path cannot take whole have none."""
+    one = DeltaBank.build([[random_module(300, 70, seed=1)], [random_module(33, 70, seed=2)], [None]],
+                          out_features=[300, 33, 20])
+    several = DeltaBank.build([[random_module(300, 70, seed=3), None, random_module(300, 70, seed=4)],
+                               [random_module(33, 70, seed=5), random_module(33, 70, seed=6), None]])
+    for bank in (one, several):
+        k = bank.num_deltas
+        cols, desc, pair, info = bank.columns()
+        assert info.shape == (len(bank.projs) * k, 3) and bank.col_len == int(info[:, 1].max()) > 0
+        for p, (_, _, _, out) in enumerate(bank.projs.tolist()):
+            for d in range(k):
+                start, length, flag = info[p * k + d].tolist()
+                assert length % 4 == 0 and start % 4 == 0 and flag == 1
+                j0, j1 = bank.spans[p, d].item(), bank.spans[p, d + 1].item()
+                assert length == -(-int(bank.rows[j0:j1, U_BITS].sum()) // 4) * 4
+                for j in range(j0, j1):
+                    bits, woff, poff = (int(bank.rows[j, f]) for f in (U_BITS, U_WORDS, U_PARAMS))
+                    assert int(desc[j]) & 15 == bits
+                    col_off = int(desc[j]) >> 4
+                    for b in range(-(-out // 32)):
+                        got = cols[start + b * length + col_off:][:bits]
+                        assert torch.equal(got, bank.u_words[woff + b * bits:][:bits]), (p, d, j, b)
+                    halves = [bank.u_scale[poff], bank.u_offset[poff]]
+                    assert int(pair[j]) & 0xFFFF == int(halves[0].view(torch.int16)) & 0xFFFF
+                    assert (int(pair[j]) >> 16) & 0xFFFF == int(halves[1].view(torch.int16)) & 0xFFFF
     grouped = DeltaBank.build([[random_module(300, 70, group_size=128, seed=1)], [random_module(33, 70, seed=2)]])
-    several = DeltaBank.build([[random_module(40, 30, seed=3), random_module(40, 30, seed=4)]])
+    grouped_one = DeltaBank.build([[random_module(40, 30, seed=3), random_module(40, 30, group_size=32, seed=4)]])
     monkeypatch.setattr("deltacomp.kernels.bank.COLUMN_MAX_ROWS", 3)
-    long = DeltaBank.build(table, out_features=[300, 33, 20])
-    for none in (grouped, several, long):
+    long = DeltaBank.build([[random_module(300, 70, seed=1)], [random_module(33, 70, seed=2)]])
+    for none in (grouped, grouped_one, long):
         assert all(t.numel() == 0 for t in none.columns()[:3]) and none.col_len == 0
 
 

@@ -173,7 +173,7 @@ def _check_base(table, rows, dtype, weights=None, bias=True, seed=0):
                    for t, lo, hi in zip(base, bounds, bounds[1:])], dim=1)
     unfused = delta_linear(x, bank, y, weights=w)
     assert rel_err(out, unfused) < BOUND[dtype]
-    # With U by block column (one-delta banks; the one-row kernel reads U from them): the same bound.
+    # With U by block column (the one-row kernel reads U from them where every segment qualifies): the same bound.
     _poison((rows, m), dtype)
     out_cols = torch.ops.deltacomp.delta_linear_base(x, base, b, w, *bank.base_op_args())
     assert torch.isfinite(out_cols).all(), "unwritten or non-finite outputs"
@@ -202,6 +202,13 @@ def test_base_product_fused_projections_and_gated_deltas(dtype):
         w[::3, 1] = 0
         _check_base(table, rows, dtype, weights=w, seed=rows)
     _check_base([[random_module(64, 44, widths=ALL_WIDTHS[:3])]], 2, dtype)  # rows of 88 bytes: no 16-byte loads
+    # Every delta's rows of one parameter group: the one-row kernel takes U by block column, segment by segment over
+    # the deltas in use (every one, the middle one alone, the outer two).
+    plain = [[random_module(m, n, widths=ALL_WIDTHS[: 4 + p], seed=10 * p + d) if (p + d) % 4 else None
+              for d in range(3)] for p, m in enumerate((576, 192, 192, 1100))]
+    assert DeltaBank.build(plain).col_len > 0
+    for w in ([0.7, 0.2, 0.5], [0.0, 0.9, 0.0], [0.3, 0.0, 0.6]):
+        _check_base(plain, 1, dtype, weights=torch.tensor([w], device="cuda"), seed=7)
 
 
 def test_a_delta_alone_equals_its_one_hot_weight():

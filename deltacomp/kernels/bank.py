@@ -19,19 +19,20 @@ rank rows j (one per singular vector) are sorted by projection, then by delta, t
 
 The bank holds packed words only (the same bytes as the package plus row padding); it is built once at load.
 
-A bank of one delta also holds U by block column, which the one-row CUDA kernel stages in a few coalesced copies
-(``ColumnU`` in ``cuda/delta_linear.h``):
+A bank also holds U by block column, which the one-row CUDA kernel stages in a few coalesced copies (``ColumnU`` in
+``cuda/delta_linear.h``), one set of columns per segment q = p * k + d (delta d's rank rows of projection p):
 
-    u_cols    int32 (W_c,)   projection p's column b (outputs 32b .. 32b + 31) at u_colinfo[p, 0] + b *
-                             u_colinfo[p, 1]: every rank row's words of block b, in bank order, row j's from word
-                             col_off(j) = the sum of the U widths of p's rows before j (columns padded to 4 words)
+    u_cols    int32 (W_c,)   segment q's column b (outputs 32b .. 32b + 31) at u_colinfo[q, 0] + b *
+                             u_colinfo[q, 1]: every rank row's words of block b, in bank order, row j's from word
+                             col_off(j) = the sum of the U widths of the segment's rows before j (columns padded to 4
+                             words)
     u_desc    int32 (J,)     u_bits | col_off(j) << 4
     u_pair    int32 (J,)     the row's first fp16 U scale | its fp16 offset << 16
-    u_colinfo int32 (P, 3)   column start, column length, 1 when every row of p has one parameter group
+    u_colinfo int32 (P*k, 3) column start, column length, 1 when every row of the segment has one parameter group
 
 and ``col_len``, the longest column's words. They hold U's words a second time. A bank has them only when the
-one-row kernel can use them for every projection: one delta, and per projection at most ``COLUMN_MAX_ROWS`` rank rows
-of one parameter group each (other banks have them empty).
+one-row kernel can use them for every segment: at most ``COLUMN_MAX_ROWS`` rank rows of one parameter group each
+(other banks have them empty). A bank of one delta has one segment per projection.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ ROW_FIELDS = 8
 V_BITS, V_WORDS, V_PARAMS, U_BITS, U_WORDS, U_PARAMS, DELTA, GROUP_SIZE = range(ROW_FIELDS)
 TENSORS = ("v_words", "v_scale", "v_offset", "u_words", "u_scale", "u_offset", "s", "rows", "projs", "spans")
 COLUMN_TENSORS = ("u_cols", "u_desc", "u_pair", "u_colinfo")
-COLUMN_MAX_ROWS = 2048  # rank rows of a projection the kernel's column path takes (kColRows x its 256 threads)
+COLUMN_MAX_ROWS = 2048  # rank rows of a segment the kernel's column path takes (kColRows x its 256 threads)
 ALIGN = 4  # words: rows start on 16-byte boundaries
 
 
@@ -191,7 +192,7 @@ class DeltaBank(torch.nn.Module):
         tensors["rows"] = (torch.cat(rows) if rows else torch.zeros(0, ROW_FIELDS, dtype=torch.int64)).to(torch.int32)
         tensors["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
         tensors["spans"] = torch.tensor(spans, dtype=torch.int32).reshape(-1, k + 1)
-        tensors.update(_columns(tensors, len(outs)) if k == 1 else _no_columns(len(outs)))
+        tensors.update(_columns(tensors, len(outs), k))
         return cls(tensors, n, outs, k)
 
     @property
@@ -208,7 +209,7 @@ class DeltaBank(torch.nn.Module):
         return tuple(buffers[t] for t in TENSORS)
 
     def columns(self) -> tuple[torch.Tensor, ...]:
-        """U by block column (empty for a bank of several deltas), in ``COLUMN_TENSORS`` order."""
+        """U by block column (empty when the column path cannot take the bank), in ``COLUMN_TENSORS`` order."""
         buffers = self._buffers
         return tuple(buffers[t] for t in COLUMN_TENSORS)
 
@@ -253,43 +254,47 @@ class DeltaBank(torch.nn.Module):
                 f"rank={self.rank}, bytes={self.nbytes}")
 
 
-def _no_columns(num_projs: int) -> dict:
+def _no_columns(num_segments: int) -> dict:
     empty = torch.zeros(0, dtype=torch.int32)
     return {"u_cols": empty, "u_desc": empty, "u_pair": empty,
-            "u_colinfo": torch.zeros(num_projs, 3, dtype=torch.int32), "col_len": 0}
+            "u_colinfo": torch.zeros(num_segments, 3, dtype=torch.int32), "col_len": 0}
 
 
-def _columns(t: dict[str, torch.Tensor], num_projs: int) -> dict:
-    """U by block column (see the module docstring): an exact copy of the rows' words, rearranged; none when some
-    projection has more than ``COLUMN_MAX_ROWS`` rank rows or rows of several parameter groups. Made on the CPU,
-    wherever the packed words are (a bank's tables are built there; ``.to`` moves them all)."""
-    t = {name: t[name].cpu() for name in ("rows", "projs", "u_words", "u_scale", "u_offset")}
+def _columns(t: dict[str, torch.Tensor], num_projs: int, k: int = 1) -> dict:
+    """U by block column (see the module docstring): an exact copy of the rows' words, rearranged, a set of columns
+    per (projection, delta); none when some delta has more than ``COLUMN_MAX_ROWS`` rank rows in a projection or rows
+    of several parameter groups. Made on the CPU, wherever the packed words are (a bank's tables are built there;
+    ``.to`` moves them all)."""
+    t = {name: t[name].cpu() for name in ("rows", "projs", "spans", "u_words", "u_scale", "u_offset")}
     rows = t["rows"].long()
     bits = rows[:, U_BITS]
     desc = torch.zeros(len(rows), dtype=torch.int64)
     pieces, info, start, longest = [], [], 0, 0
     words = t["u_words"].long()
-    for j0, j1, _, m in t["projs"].long().tolist():
-        gs = rows[j0:j1, GROUP_SIZE]
-        if j1 - j0 > COLUMN_MAX_ROWS or not bool(((gs <= 0) | (gs >= m)).all()):
-            return _no_columns(num_projs)
-        b = bits[j0:j1]
-        col_off = torch.cumsum(b, 0) - b
-        desc[j0:j1] = b | col_off << 4
-        length = -(-int(b.sum()) // ALIGN) * ALIGN
-        blocks = -(-m // 32)
-        cols = torch.zeros(blocks, length, dtype=torch.int64)
-        if j1 > j0 and length:
-            # word w of row j's block k: u_words[woff_j + k * bits_j + w] -> column k, word col_off_j + w
-            row = torch.repeat_interleave(torch.arange(j0, j1), b)
-            w = torch.arange(len(row)) - torch.repeat_interleave(col_off, b)
-            k = torch.arange(blocks).unsqueeze(1)
-            src = rows[row, U_WORDS] + k * bits[row] + w
-            cols[:, col_off[row - j0] + w] = words[src]
-        info.append([start, length, 1])
-        pieces.append(cols.reshape(-1))
-        start += blocks * length
-        longest = max(longest, length)
+    spans = t["spans"].long()
+    for p, (_, _, _, m) in enumerate(t["projs"].long().tolist()):
+        for d in range(k):
+            j0, j1 = int(spans[p, d]), int(spans[p, d + 1])
+            gs = rows[j0:j1, GROUP_SIZE]
+            if j1 - j0 > COLUMN_MAX_ROWS or not bool(((gs <= 0) | (gs >= m)).all()):
+                return _no_columns(num_projs * k)
+            b = bits[j0:j1]
+            col_off = torch.cumsum(b, 0) - b
+            desc[j0:j1] = b | col_off << 4
+            length = -(-int(b.sum()) // ALIGN) * ALIGN
+            blocks = -(-m // 32)
+            cols = torch.zeros(blocks, length, dtype=torch.int64)
+            if j1 > j0 and length:
+                # word w of row j's block c: u_words[woff_j + c * bits_j + w] -> column c, word col_off_j + w
+                row = torch.repeat_interleave(torch.arange(j0, j1), b)
+                w = torch.arange(len(row)) - torch.repeat_interleave(col_off, b)
+                c = torch.arange(blocks).unsqueeze(1)
+                src = rows[row, U_WORDS] + c * bits[row] + w
+                cols[:, col_off[row - j0] + w] = words[src]
+            info.append([start, length, 1])
+            pieces.append(cols.reshape(-1))
+            start += blocks * length
+            longest = max(longest, length)
     if start >= 2**31 or longest >= 2**27:  # desc keeps col_off in 27 bits
         raise DeltacompError("a delta bank's U columns over 2**31 words: split the deltas over several banks")
     params = rows[:, U_PARAMS]
