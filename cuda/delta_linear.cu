@@ -1609,8 +1609,15 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     if (threadIdx.x == 0) col_plan[0] = d_cur, col_plan[1] = d_next;
   }
   // Stage 1's claims: kWarps * rpw rank rows, rpw a warp. With several deltas (whose V rows were not asked of L2
-  // before the wait) enough rows a warp that the grid claims every row at once, at most kRowClaim.
-  const int rpw = K > 1 ? min(kRowClaim, max(1, (a.b.J + gridDim.x * kWarps - 1) / (gridDim.x * kWarps))) : 1;
+  // before the wait) enough rows a warp that the grid claims every row of the deltas in use at once (their share
+  // of the rows taken as their share of the deltas), at most kRowClaim: rows of deltas not in use cost little, and
+  // claims of one row let the CTAs that find none take more of the others.
+  int rpw = 1;
+  if constexpr (MULTI) {
+    const int used = K <= 32 ? __popc(__ballot_sync(kFullMask, lane < K && __ldg(a.w + lane) != 0.f)) : K;
+    const int rows = (a.b.J / K) * used + (a.b.J % K) * used / K, warps = gridDim.x * kWarps;
+    rpw = min(kRowClaim, max(1, (rows + warps - 1) / warps));
+  }
 
   // 2. x, and the first claim of stage 1's rank rows (its answer travels with x's loads).
   if (threadIdx.x == 0 && a.b.J > 0) ticket = atomicAdd(a.ready, kWarps * rpw);
