@@ -172,26 +172,35 @@ def test_sentence_router_picks_the_right_delta(skills, trained):
 
 def test_sentence_router_runs_a_lone_delta_as_a_one_delta_bank(skills, trained, monkeypatch):
     """Outside training, when every sequence keeps one delta alone, the layers run it as a bank of one delta
-    (``DeltaLinear.only``), with the same result as its one-hot weight."""
+    (``DeltaLinear.only``), and different ones at decode steps as a multi-tenant call (``DeltaLinear.index``), with
+    the same results as their one-hot weights."""
     fm, _ = trained["sentence"]
     e = skills["singles_test"][0]
     ids, mask = fm.encode_prompts([e.prompt])
+    singles = skills["singles_test"][:4]
+    both, both_mask = fm.encode_prompts([x.prompt for x in singles])
     with torch.no_grad():
         fast = fm.forward(ids, mask)
-        assert {s.layer.only for s in fm.sites} == {e.task}
+        assert {s.layer.only for s in fm.sites} == {e.task} and {s.layer.index for s in fm.sites} == {None}
         with fm.variant((1.0, 0.0)):  # fixed weights: the k-delta bank, even when forward reads a prompt
             fm.forward(ids, mask)
-            assert {s.layer.only for s in fm.sites} == {None}
+            assert {s.layer.only for s in fm.sites} == {None} and {s.layer.index for s in fm.sites} == {None}
         assert {s.layer.only for s in fm.sites} == {e.task}
-        both, both_mask = fm.encode_prompts([x.prompt for x in skills["singles_test"][:4]])
-        fm.forward(both, both_mask)  # the batch keeps different deltas: the k-delta bank
-        assert {s.layer.only for s in fm.sites} == {None}
-        monkeypatch.setattr(type(fm.gate), "_single_delta", lambda self: None)
+        fm.forward(both, both_mask)  # the batch keeps different deltas: each token row its own at decode steps
+        assert {x.task for x in singles} == {0, 1} and {s.layer.only for s in fm.sites} == {None}
+        index = fm.sites.sites[0].layer.index
+        assert index(torch.zeros(4, 5, 64)) is None  # a prompt of several tokens: the router's weights
+        assert index(torch.zeros(4, 1, 64)).flatten().tolist() == [x.task for x in singles]
+        fast_ids = fm.generate_ids(both, both_mask, max_new_tokens=6)
+        monkeypatch.setattr(type(fm.gate), "_picks", lambda self: None)
         slow = fm.forward(ids, mask)
+        assert fm.sites.sites[0].layer.index is None
+        slow_ids = fm.generate_ids(both, both_mask, max_new_tokens=6)
     assert float((fast - slow).norm() / slow.norm()) < 1e-5
+    assert torch.equal(fast_ids, slow_ids)
     monkeypatch.undo()
     fm.forward(ids, mask)  # with gradients: the router's weights
-    assert {s.layer.only for s in fm.sites} == {None}
+    assert {s.layer.only for s in fm.sites} == {None} and {s.layer.index for s in fm.sites} == {None}
 
 
 @pytest.mark.parametrize("gate", ["token", "topk", "sentence"])

@@ -162,16 +162,18 @@ class FusionModel:
         w = torch.zeros(k) if weights is None else torch.tensor([float(x) for x in weights])
         if w.numel() != k:
             raise FusionError(f"{w.numel()} weights for {k} deltas")
-        saved = [(s.layer.router, s.layer.weights, s.layer.only) for s in self.sites]
+        fields = ("router", "weights", "only", "index")
+        saved = [[getattr(s.layer, f) for f in fields] for s in self.sites]
         saved_coeffs = self._coeffs
         for s in self.sites:
-            s.layer.router, s.layer.weights, s.layer.only = None, w.to(self.device), None
+            s.layer.router, s.layer.weights, s.layer.only, s.layer.index = None, w.to(self.device), None, None
         self._set_stored(None if weights is None else w.tolist())
         try:
             yield self
         finally:
-            for s, (router, weights_, only) in zip(self.sites, saved):
-                s.layer.router, s.layer.weights, s.layer.only = router, weights_, only
+            for s, values in zip(self.sites, saved):
+                for f, v in zip(fields, values):
+                    setattr(s.layer, f, v)
             self._set_stored(saved_coeffs)
 
     def _need_causal(self, what: str) -> None:

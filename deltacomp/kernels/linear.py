@@ -21,9 +21,9 @@ class DeltaLinear(torch.nn.Module):
     """``base_layer(x) + sum_d w_d dW_d x`` with the deltas' packed factors (wraps the base as PEFT's LoRA does).
 
     The weights over the bank's deltas come from ``router(x)`` when set (a gate, (..., k)), else ``weights``
-    ((k,) or None for all ones); ``index`` (per-row delta, multi-tenant) overrides both when set, and ``only`` (a
-    delta index: weight 1 on it, 0 on the others, for every row) overrides all three, running that delta's rank rows
-    as a bank of one delta (:meth:`DeltaBank.alone`).
+    ((k,) or None for all ones); ``index`` (per-row delta, multi-tenant: a tensor, or a function of x giving one or
+    None) overrides both when it gives one, and ``only`` (a delta index: weight 1 on it, 0 on the others, for every
+    row) overrides all three, running that delta's rank rows as a bank of one delta (:meth:`DeltaBank.alone`).
     """
 
     def __init__(self, base_layer: torch.nn.Module, bank: DeltaBank, weights: torch.Tensor | None = None):
@@ -32,7 +32,7 @@ class DeltaLinear(torch.nn.Module):
         self.bank = bank
         self.weights = weights
         self.router: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.index: torch.Tensor | None = None
+        self.index: torch.Tensor | Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self.only: int | None = None
 
     @property
@@ -45,10 +45,11 @@ class DeltaLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bank = self.bank
+        index = self.index(x) if callable(self.index) else self.index
         if self.only is not None:
             bank, w = bank.alone(self.only), None
-        elif self.index is not None:
-            return delta_linear(x, bank, self.base_layer(x), index=self.index)
+        elif index is not None:
+            return delta_linear(x, bank, self.base_layer(x), index=index)
         else:
             w = self.router(x) if self.router is not None else self.weights
         layer = self.base_layer

@@ -50,21 +50,35 @@ class SentenceGate(Gate):
     def begin(self, input_ids, attention_mask) -> None:
         self._logits = self.logits(input_ids, attention_mask)
         self._w = top_p_weights(torch.softmax(self._logits, dim=-1), self.config.top_p)
-        self._set_only(self._single_delta())
+        self._set_picks(self._picks())
 
-    def _single_delta(self) -> int | None:
-        """The delta every sequence keeps alone (its weight then exactly 1), outside training; else None. In that
-        case the layers run that delta's rank rows as a bank of one delta, which decodes faster than a one-hot
-        weight over all k."""
+    def _picks(self) -> torch.Tensor | None:
+        """(B,) each sequence's delta when every sequence keeps one alone (its weight then exactly 1), outside
+        training; else None."""
         if torch.is_grad_enabled():
             return None  # training: the router's weights carry the gradient
-        kept = (self._w > 0).cpu()
-        picked = kept.nonzero()[:, 1].unique()
-        return int(picked[0]) if bool((kept.sum(-1) == 1).all()) and len(picked) == 1 else None
+        kept = self._w > 0
+        return kept.to(torch.int8).argmax(-1) if bool((kept.sum(-1) == 1).all()) else None
 
-    def _set_only(self, d: int | None) -> None:
-        for site in self.sites:  # only where this gate routes (not inside FusionModel.variant)
-            site.layer.only = d if site.layer.router is not None else None
+    def _set_picks(self, picks: torch.Tensor | None) -> None:
+        """Where this gate routes (not inside FusionModel.variant): one delta kept by every sequence runs as a bank of
+        one delta (``DeltaLinear.only``); different ones, at decode steps (a token row a sequence), as a multi-tenant
+        call (``DeltaLinear.index``: each row reads only its own delta's rank rows). Both decode faster than one-hot
+        weights over all k; prompts of several tokens keep the weights."""
+        only = index = None
+        if picks is not None and bool((picks == picks[0]).all()):
+            only = int(picks[0])
+        elif picks is not None:
+            b = picks.shape[0]
+
+            def index(x: torch.Tensor) -> torch.Tensor | None:
+                if x.shape[:-1].numel() != b:
+                    return None
+                return picks.view(b, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+
+        for site in self.sites:
+            routed = site.layer.router is not None
+            site.layer.only, site.layer.index = (only, index) if routed else (None, None)
 
     def router(self, site):
         def route(x: torch.Tensor) -> torch.Tensor:
@@ -82,5 +96,5 @@ class SentenceGate(Gate):
 
     def detach(self) -> None:
         super().detach()
-        self._set_only(None)
+        self._set_picks(None)
         self._w = self._logits = None
