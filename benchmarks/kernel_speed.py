@@ -297,9 +297,10 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
     """Milliseconds of a decode step with the base product computed by the fused op (the op
     ``delta_linear_base``, one launch pair per call, called at every row count): per linear layer (7 a layer),
     per merged group (q|k|v and gate|up: 4 a layer, each projection's base weight in place), and four deltas a
-    group mixed per token by a gate or one of four picked for the sequence (as in ``overlap_times``), the latter also
-    as the fusion runtime runs it: the picked delta's rows as a bank of one delta (``DeltaBank.alone``); and the
-    token gate as the fusion runtime computes it, once a layer from the layer's input for all its groups."""
+    group mixed per token by a gate, its top 2, or one of four picked for the sequence (as in ``overlap_times``), the
+    latter also as the fusion runtime runs it: the picked delta's rows as a bank of one delta
+    (``DeltaBank.alone``); and the token gate as the fusion runtime computes it, once a layer from the layer's input
+    for all its groups."""
     ext = loader.extension()
     x_for = inputs.x
     ones = torch.ones(inputs.rows, 1, device="cuda")
@@ -331,6 +332,7 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
             "fused_merged_rows": time_graph(merged_step(fused, columns=False), repeats),
             "fused_four_token": time_graph(merged_step(four, _token_gate), repeats),
             "fused_four_token_layer": time_graph(merged_step(four, _token_gate, per_layer=True), repeats),
+            "fused_four_top2": time_graph(merged_step(four, _top2_gate), repeats),
             "fused_four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats),
             "fused_four_alone": time_graph(merged_step(_alone(four, 2)), repeats)}
 
@@ -566,11 +568,12 @@ def _step_tables(res: dict) -> list[str]:
             rows.append([n, f"{r['fused_per_linear']:.3f} ({r['fused_per_linear'] / r['base']:.3f}x)",
                          *[f"{r[k]:.3f} ({r[k] / r['base_merged']:.3f}x)" if k in r else "-"
                            for k in ("fused_empty", "fused_merged_rows", "fused_merged", "fused_four_token",
-                                     "fused_four_token_layer", "fused_four_sentence", "fused_four_alone")],
+                                     "fused_four_token_layer", "fused_four_top2", "fused_four_sentence",
+                                     "fused_four_alone")],
                          f"{bw:.0f} GB/s ({bw / base_bw:.0%})"])
         lines.append(format_table(["rows", "base + delta, 7/layer", "merged, empty banks",
                                    "merged base + fused delta, U by row", "merged base + fused delta",
-                                   "+ 4 deltas, token gate", "+ 4 deltas, one gate a layer",
+                                   "+ 4 deltas, token gate", "+ 4 deltas, one gate a layer", "+ 4 deltas, top-2",
                                    "+ 1 of 4 (sentence)", "+ 1 of 4, alone",
                                    "delta's added time as bandwidth"],
                                   rows))
