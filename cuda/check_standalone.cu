@@ -769,9 +769,10 @@ void fused_bench(int K, bool one_hot) {
       const int64_t un = static_cast<int64_t>(h.u_words.size()), up = static_cast<int64_t>(h.u_scale.size());
       const cudaError_t err =
           mode != 2 ? delta_linear_base_launch(2, xs[i], bases[i].data(), rows.data(), nullptr, outs[i], 1, c.n,
-                                               b.M, dw, mode == 1 ? 1 : K, d.v_words, d.v_scale, d.v_offset, d.u_words, d.u_scale,
-                                               d.u_offset, un, up, d.s, d.rows, j, d.projs, d.spans, P, ws, ready,
-                                               g_sms, g_pdl, st, mode == 3 ? &colsets[i]->cu : nullptr)
+                                               b.M, dw, mode == 1 ? 1 : K, d.v_words, d.v_scale, d.v_offset,
+                                               d.u_words, d.u_scale, d.u_offset, un, up, d.s, d.rows, j, d.projs,
+                                               d.spans, P, ws, ready, g_sms, g_pdl, st,
+                                               mode == 3 ? &colsets[i]->cu : nullptr)
                    : delta_linear_launch(2, xs[i], outs[i], outs[i], 1, c.n, b.M, dw, K, d.v_words, d.v_scale,
                                          d.v_offset, d.u_words, d.u_scale, d.u_offset, un, up, d.s, d.rows, j,
                                          d.projs, d.spans, P, ws, g_sms, 0, g_pdl, st);
@@ -797,8 +798,8 @@ void fused_bench(int K, bool one_hot) {
       us[mode] = t[t.size() / 2];
       CHECK_CUDA(cudaGraphExecDestroy(ge));
     }
-    std::printf("fused, 1 row, bf16, %d delta(s)%s, %-8s fused %6.1f us | with U columns %6.1f us | empty bank %6.1f us | "
-                "delta op alone %6.1f us | fused - empty %5.1f us, with U columns %5.1f us\n",
+    std::printf("fused, 1 row, bf16, %d delta(s)%s, %-8s fused %6.1f us | with U columns %6.1f us | "
+                "empty bank %6.1f us | delta op alone %6.1f us | fused - empty %5.1f us, with U columns %5.1f us\n",
                 K, one_hot ? " one-hot" : "", c.name, us[0], us[3], us[1], us[2], us[0] - us[1], us[3] - us[1]);
     for (int i = 0; i < kCopies; ++i) {
       for (void* q : bases[i]) cudaFree(q);

@@ -1267,9 +1267,10 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 //      kRowPrefetch bytes of each of its first slice's base weight rows and, with one delta, for its share of stage
 //      1's V rows (a row a thread over the grid) and, without columns, of U;
 //   2. stages x in shared memory as float, in 32-float blocks padded to 36 (conflict-free float4 reads for both uses);
-//   3. takes rank rows of stage 1 from a ticket (ready[0], kWarps at a time: one per warp) until none are left, and
-//      for each writes c[j] = s[j] * w[delta(j)] * sum_k x[k] V[j, k] (0 for a row whose delta has weight 0, whose
-//      V is not read) and counts them done in ready[1] after a fence;
+//   3. takes rank rows of stage 1 from a ticket (ready[0], kWarps at a time: one per warp; with several deltas up to
+//      kRowClaim a warp, as many as let the grid claim the rows of the deltas in use at once) until none are left,
+//      and for each writes c[j] = s[j] * w[delta(j)] * sum_k x[k] V[j, k] (0 for a row whose delta has weight 0,
+//      whose V is not read) and counts them done in ready[1] after a fence;
 //   then, slice by slice:
 //   4. computes the slice's base outputs, NO weight rows per warp over the whole input (kRowLoads 16-byte loads in
 //      flight per lane), and asks L2 for the first bytes of the next slice's weight rows;
@@ -1281,7 +1282,7 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 // With U by block column (ColumnU: a set of columns per segment, delta d's rows of a projection, of one parameter
 // group), steps 4 and 5 differ: the CTA requests its columns of its projection's first segments into shared memory
 // (coalesced 16-byte cp.async; with one delta before griddepcontrol.wait, with several once the weights can be read,
-// two segments at once when they fit), computes every slice's base product, and after the count, segment by segment
+// two segments at once), computes every slice's base product, and after the count, segment by segment
 // over the deltas in use, reads c, width, column offset and parameters of the segment's rows tid, tid + 256, ...
 // (coalesced) and decodes them into every slice from shared memory while the next segment's columns land.
 // Rank rows are claimed at run time rather than by CTA index: a CTA waits only after every row has been claimed, and
@@ -2126,7 +2127,7 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
                                      int64_t row_tile, bool fused, int64_t col_len, int64_t K) {
   if (R <= 0 || M <= 0) return 0;
-  if (fused && row_path(R, n, M, J, P, num_sms, col_len, K)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // the c values
+  if (fused && row_path(R, n, M, J, P, num_sms, col_len, K)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // c values
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
