@@ -63,8 +63,8 @@ def test_bank_columns_hold_every_u_row_exactly(monkeypatch):
 
 
 def test_bank_alone_is_the_one_hot_weight():
-    """``alone(d)``: delta d's rows as a bank of one delta over the shared words, with the columns a bank built from
-    delta d alone has; it computes what a one-hot weight on d does."""
+    """``alone(d)``: delta d's rows as a bank of one delta over the shared words and columns, each projection's
+    column words those of a bank built from delta d alone; it computes what a one-hot weight on d does."""
     table = [[random_module(300, 70, seed=1), None, random_module(300, 70, seed=3)],
              [random_module(33, 70, seed=4), random_module(33, 70, seed=5), random_module(33, 70, seed=6)]]
     bank = DeltaBank.build(table)
@@ -73,8 +73,13 @@ def test_bank_alone_is_the_one_hot_weight():
         one = bank.alone(d)
         assert one is bank.alone(d) and one.num_deltas == 1 and one.v_words.data_ptr() == bank.v_words.data_ptr()
         fresh = DeltaBank.build([[row[d]] for row in table], out_features=[300, 33])
-        assert one.col_len == fresh.col_len > 0
-        assert all(torch.equal(a, b) for a, b in zip(one.columns(), fresh.columns()))
+        assert one.col_len == fresh.col_len > 0 and one.u_cols.data_ptr() == bank.u_cols.data_ptr()
+        assert torch.equal(one.u_desc, fresh.u_desc) and torch.equal(one.u_pair, fresh.u_pair)
+        for (start, length, flag), (fstart, flength, fflag), out in zip(one.u_colinfo.tolist(),
+                                                                         fresh.u_colinfo.tolist(), fresh.out_features):
+            words = length * -(-out // 32)
+            assert (length, flag) == (flength, fflag)
+            assert torch.equal(one.u_cols[start:start + words], fresh.u_cols[fstart:fstart + words])
         assert torch.equal(one.s, fresh.s) and torch.equal(one.projs, fresh.projs)
         w = torch.nn.functional.one_hot(torch.full((3,), d), 3).float()
         assert rel_err(delta_linear(x, one, y), delta_linear(x, bank, y, weights=w)) < 1e-6

@@ -219,8 +219,9 @@ class DeltaBank(torch.nn.Module):
 
     def alone(self, d: int) -> DeltaBank:
         """Delta d of this bank as a bank of one delta, made once and kept: its rank rows, whose offsets point into
-        this bank's packed tensors (shared, not copied), and U by block column (a copy of delta d's U words) when the
-        column path takes it. What a one-hot weight on d computes, at the speed of a one-delta bank."""
+        this bank's packed tensors (shared, not copied), and U by block column when the column path takes it (this
+        bank's columns of delta d, shared, or, when this bank has none, a copy of delta d's U words laid out for it).
+        What a one-hot weight on d computes, at the speed of a one-delta bank."""
         if not 0 <= d < self.num_deltas:
             raise DeltacompError(f"delta {d} of a bank of {self.num_deltas}")
         if self.num_deltas == 1:
@@ -244,7 +245,12 @@ class DeltaBank(torch.nn.Module):
         t["rows"][:, DELTA] = 0
         t["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
         t["spans"] = t["projs"][:, :2].contiguous()
-        t.update(_columns(t, len(projs)))
+        if self.col_len > 0:  # delta d's segments of this bank's columns, with their rows' descriptors
+            info = self.u_colinfo[torch.arange(len(projs)) * self.num_deltas + d]
+            t.update(u_cols=self.u_cols, u_desc=self.u_desc[picked], u_pair=self.u_pair[picked], u_colinfo=info,
+                     col_len=int(info[:, 1].max()))
+        else:
+            t.update(_columns(t, len(projs)))
         device = self.rows.device
         t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
         return DeltaBank(t, self.in_features, self.out_features, 1)
