@@ -56,9 +56,10 @@ def test_bank_columns_hold_every_u_row_exactly(monkeypatch):
                     assert (int(pair[j]) >> 16) & 0xFFFF == int(halves[1].view(torch.int16)) & 0xFFFF
     grouped = DeltaBank.build([[random_module(300, 70, group_size=128, seed=1)], [random_module(33, 70, seed=2)]])
     grouped_one = DeltaBank.build([[random_module(40, 30, seed=3), random_module(40, 30, group_size=32, seed=4)]])
+    five = DeltaBank.build([[random_module(40, 30, seed=s) for s in range(5)]])  # more deltas than the fused op takes
     monkeypatch.setattr("deltacomp.kernels.bank.COLUMN_MAX_ROWS", 3)
     long = DeltaBank.build([[random_module(300, 70, seed=1)], [random_module(33, 70, seed=2)]])
-    for none in (grouped, grouped_one, long):
+    for none in (grouped, grouped_one, five, long):
         assert all(t.numel() == 0 for t in none.columns()[:3]) and none.col_len == 0
 
 

@@ -31,8 +31,9 @@ A bank also holds U by block column, which the one-row CUDA kernel stages in a f
     u_colinfo int32 (P*k, 3) column start, column length, 1 when every row of the segment has one parameter group
 
 and ``col_len``, the longest column's words. They hold U's words a second time. A bank has them only when the
-one-row kernel can use them for every segment: at most ``COLUMN_MAX_ROWS`` rank rows of one parameter group each
-(other banks have them empty). A bank of one delta has one segment per projection.
+one-row kernel can use them for every segment: at most ``FUSED_MAX_DELTAS`` deltas, and at most ``COLUMN_MAX_ROWS``
+rank rows of one parameter group a segment (other banks have them empty). A bank of one delta has one segment per
+projection.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ V_BITS, V_WORDS, V_PARAMS, U_BITS, U_WORDS, U_PARAMS, DELTA, GROUP_SIZE = range(
 TENSORS = ("v_words", "v_scale", "v_offset", "u_words", "u_scale", "u_offset", "s", "rows", "projs", "spans")
 COLUMN_TENSORS = ("u_cols", "u_desc", "u_pair", "u_colinfo")
 COLUMN_MAX_ROWS = 2048  # rank rows of a segment the kernel's column path takes (kColRows x its 256 threads)
+# Deltas of the banks the dispatch point runs through the fused op (the one-row kernel reads the columns); larger
+# banks (measured only unfused) keep no columns, which would only hold U's words a second time.
+FUSED_MAX_DELTAS = 4
 ALIGN = 4  # words: rows start on 16-byte boundaries
 
 
@@ -192,7 +196,7 @@ class DeltaBank(torch.nn.Module):
         tensors["rows"] = (torch.cat(rows) if rows else torch.zeros(0, ROW_FIELDS, dtype=torch.int64)).to(torch.int32)
         tensors["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
         tensors["spans"] = torch.tensor(spans, dtype=torch.int32).reshape(-1, k + 1)
-        tensors.update(_columns(tensors, len(outs), k))
+        tensors.update(_columns(tensors, len(outs), k) if k <= FUSED_MAX_DELTAS else _no_columns(len(outs) * k))
         return cls(tensors, n, outs, k)
 
     @property

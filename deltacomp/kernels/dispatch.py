@@ -9,7 +9,7 @@ import torch
 
 from deltacomp.errors import DeltacompError
 from deltacomp.kernels import loader
-from deltacomp.kernels.bank import DeltaBank
+from deltacomp.kernels.bank import FUSED_MAX_DELTAS, DeltaBank
 from deltacomp.kernels.reference import delta_linear_factors
 
 
@@ -71,9 +71,9 @@ def delta_linear(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor | None = None
 # base step fused (with U by block column), against 1.89x with the delta beside the base on a side stream, and banks
 # of four deltas (gated per token, or one of them picked) are 6-15% faster fused than beside; from 2 rows on the fused
 # form is slower (its base product is an fp32 dot product per output, not a tensor-core GEMM). Banks of more than four
-# deltas were not measured fused.
+# deltas (FUSED_MAX_DELTAS, defined beside the bank, which keeps U by block column only for the banks fused here) were
+# not measured fused.
 FUSED_MAX_ROWS = 1
-FUSED_MAX_DELTAS = 4
 FUSED_MAX_PROJECTIONS = 8  # base weights one fused call takes (the kernel's kMaxBaseProjs)
 
 
