@@ -1541,8 +1541,10 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     ulen = __ldg(a.b.projs + 4 * p + 3);
     // With one delta (every row active unless its weight is 0): stage 1's V rows asked of L2, a row a thread over
     // the grid.
-    for (int j = blockIdx.x + gridDim.x * threadIdx.x; K == 1 && j < a.b.J; j += gridDim.x * kThreads)
-      ask_v_row(__ldg(a.b.rows + static_cast<size_t>(j) * 8), __ldg(a.b.rows + static_cast<size_t>(j) * 8 + 1));
+    for (int j = blockIdx.x + gridDim.x * threadIdx.x; K == 1 && j < a.b.J; j += gridDim.x * kThreads) {
+      const int32_t* rw = a.b.rows + static_cast<size_t>(j) * 8;
+      ask_v_row(__ldg(rw), __ldg(rw + 1));
+    }
     if (K == 1 && a.col_cap == 0) {  // with U by block column the tail reads the columns instead
       prefetch_share_l2(a.b.u_words, static_cast<size_t>(a.b.u_nwords) * 4, blockIdx.x, gridDim.x);
       prefetch_share_l2(a.b.u_scale, static_cast<size_t>(a.b.u_nparams) * 2, blockIdx.x, gridDim.x);
@@ -1790,8 +1792,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
         }
         if (o0 < ulen) {
           const int bi = o0 >> 5, q0 = o0 & 31;
-          for (int d = 0; d < K; ++d) {  // the rank rows of each delta in use
-            if (K > 1 && __ldg(a.w + d) == 0.f) continue;
+          for (int d = next_active(0); d < K; d = next_active(d + 1)) {  // the rank rows of each delta in use
             int lo, hi;
             segment(d, lo, hi);
             for (int jb = lo + threadIdx.x; jb < hi; jb += kThreads * kRowBatch)
