@@ -79,12 +79,17 @@ def test_single_width_float32(bits):
         _check([[mod]], rows, torch.float32, seed=rows)
 
 
+def _gated_table(n, group_sizes=(0, 128, 0)):
+    """Four projections of n inputs (q|k|v-like and one wider) over three deltas, some cells empty; delta d's rows in
+    parameter groups of group_sizes[d] (0: one a row)."""
+    return [[random_module(m, n, widths=ALL_WIDTHS[: 4 + p], group_size=gs, seed=10 * p + d) if (p + d) % 4 else None
+             for d, gs in enumerate(group_sizes)] for p, m in enumerate((576, 192, 192, 1100))]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fused_projections_and_gated_deltas(dtype):
     """q|k|v-like projections sharing one input, three deltas, per-row gate weights (some exactly zero)."""
-    n = 1535
-    table = [[random_module(m, n, widths=ALL_WIDTHS[: 4 + p], group_size=gs, seed=10 * p + d) if (p + d) % 4 else None
-              for d, gs in zip(range(3), (0, 128, 0))] for p, m in enumerate((576, 192, 192, 1100))]
+    table = _gated_table(1535)
     for rows in (1, 5, 16, 40):
         w = torch.rand(rows, 3, device="cuda")
         w[::3, 1] = 0
@@ -195,8 +200,7 @@ def test_base_product_fused_every_width(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_base_product_fused_projections_and_gated_deltas(dtype):
     n = 1536
-    table = [[random_module(m, n, widths=ALL_WIDTHS[: 4 + p], group_size=gs, seed=10 * p + d) if (p + d) % 4 else None
-              for d, gs in zip(range(3), (0, 128, 0))] for p, m in enumerate((576, 192, 192, 1100))]
+    table = _gated_table(n)
     for rows in (1, 5, 16):
         w = torch.rand(rows, 3, device="cuda")
         w[::3, 1] = 0
@@ -204,8 +208,7 @@ def test_base_product_fused_projections_and_gated_deltas(dtype):
     _check_base([[random_module(64, 44, widths=ALL_WIDTHS[:3])]], 2, dtype)  # rows of 88 bytes: no 16-byte loads
     # Every delta's rows of one parameter group: the one-row kernel takes U by block column, segment by segment over
     # the deltas in use (every one, the middle one alone, the outer two).
-    plain = [[random_module(m, n, widths=ALL_WIDTHS[: 4 + p], seed=10 * p + d) if (p + d) % 4 else None
-              for d in range(3)] for p, m in enumerate((576, 192, 192, 1100))]
+    plain = _gated_table(n, group_sizes=(0, 0, 0))
     assert DeltaBank.build(plain).col_len > 0
     for w in ([0.7, 0.2, 0.5], [0.0, 0.9, 0.0], [0.3, 0.0, 0.6]):
         _check_base(plain, 1, dtype, weights=torch.tensor([w], device="cuda"), seed=7)
@@ -215,9 +218,7 @@ def test_a_delta_alone_equals_its_one_hot_weight():
     """``DeltaBank.alone(d)`` (one-delta banks over the shared words, with U by block column where the rows have one
     parameter group) through the dispatch point against a one-hot weight on d over the whole bank."""
     n = 1536
-    table = [[random_module(m, n, widths=ALL_WIDTHS[: 4 + p], group_size=gs, seed=10 * p + d) if (p + d) % 4 else None
-              for d, gs in zip(range(3), (0, 128, 0))] for p, m in enumerate((576, 192, 192, 1100))]
-    bank = DeltaBank.build(table).to("cuda")
+    bank = DeltaBank.build(_gated_table(n)).to("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     base = [(torch.randn(o, n, device="cuda", generator=g) / n ** 0.5).to(torch.bfloat16) for o in bank.out_features]
     assert bank.alone(0).col_len > 0 and bank.alone(1).col_len == 0  # delta 1 has groups of 128
