@@ -156,7 +156,7 @@ def decode_steps(layer, args, results: dict) -> None:
         results["rows"][rows] = step_times(inputs, base, single, fused, lora_ranks, args.repeats)
         results["rows"][rows].update(overlap_times(inputs, base, merged, single, fused, four, args.repeats))
         if loader.extension() is not None:
-            results["rows"][rows].update(fused_base_times(inputs, base, single, fused, four, args.repeats))
+            results["rows"][rows].update(fused_base_times(inputs, base, merged, single, fused, four, args.repeats))
         _save(results, args)
     del base, merged, single, fused, four
     torch.cuda.empty_cache()
@@ -293,14 +293,15 @@ def overlap_times(inputs: LayerInputs, base, merged, single, fused, four, repeat
             "four_sentence": time_graph(merged_step(four, lambda x, g: one_hot), repeats)}
 
 
-def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: int) -> dict:
+def fused_base_times(inputs: LayerInputs, base, merged, single, fused, four, repeats: int) -> dict:
     """Milliseconds of a decode step with the base product computed by the fused op (the op
     ``delta_linear_base``, one launch pair per call, called at every row count): per linear layer (7 a layer),
     per merged group (q|k|v and gate|up: 4 a layer, each projection's base weight in place), and four deltas a
     group mixed per token by a gate, its top 2, or one of four picked for the sequence (as in ``overlap_times``), the
     latter also as the fusion runtime runs it: the picked delta's rows as a bank of one delta
-    (``DeltaBank.alone``); and the token gate as the fusion runtime computes it, once a layer from the layer's input
-    for all its groups."""
+    (``DeltaBank.alone``); the token gate as the fusion runtime computes it, once a layer from the layer's input
+    for all its groups; and, at several rows, the sentence router's sequences each on its own delta of the four
+    (row r on delta r % 4), as the runtime runs them: the merged base matmul, then one multi-tenant call."""
     ext = loader.extension()
     x_for = inputs.x
     ones = torch.ones(inputs.rows, 1, device="cuda")
@@ -325,8 +326,18 @@ def fused_base_times(inputs: LayerInputs, base, single, fused, four, repeats: in
                     ext.delta_linear_base(x, [lw[p] for p in group], None, g, *bank)
         return step
 
+    picks = torch.arange(inputs.rows, device="cuda") % 4
+
+    def picked_step():
+        inputs.next()
+        for lm, lb in zip(merged, four):
+            for group, w, b in zip(FUSED, lm, lb):
+                x = x_for(group[0])
+                delta_linear(x, b, x @ w.T, index=picks)
+
     empty = [[_empty_bank(group) for group in FUSED]] * len(base)
-    return {"fused_empty": time_graph(merged_step(empty), repeats),
+    picked = {"fused_four_picks": time_graph(picked_step, repeats)} if inputs.rows > 1 else {}
+    return picked | {"fused_empty": time_graph(merged_step(empty), repeats),
             "fused_per_linear": time_graph(per_linear, repeats),
             "fused_merged": time_graph(merged_step(fused), repeats),
             "fused_merged_rows": time_graph(merged_step(fused, columns=False), repeats),
@@ -569,12 +580,12 @@ def _step_tables(res: dict) -> list[str]:
                          *[f"{r[k]:.3f} ({r[k] / r['base_merged']:.3f}x)" if k in r else "-"
                            for k in ("fused_empty", "fused_merged_rows", "fused_merged", "fused_four_token",
                                      "fused_four_token_layer", "fused_four_top2", "fused_four_sentence",
-                                     "fused_four_alone")],
+                                     "fused_four_alone", "fused_four_picks")],
                          f"{bw:.0f} GB/s ({bw / base_bw:.0%})"])
         lines.append(format_table(["rows", "base + delta, 7/layer", "merged, empty banks",
                                    "merged base + fused delta, U by row", "merged base + fused delta",
                                    "+ 4 deltas, token gate", "+ 4 deltas, one gate a layer", "+ 4 deltas, top-2",
-                                   "+ 1 of 4 (sentence)", "+ 1 of 4, alone",
+                                   "+ 1 of 4 (sentence)", "+ 1 of 4, alone", "+ 1 of 4, each row its own",
                                    "delta's added time as bandwidth"],
                                   rows))
     return lines
