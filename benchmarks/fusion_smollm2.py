@@ -11,8 +11,10 @@ Then the gates are trained on ~200 composite examples (the sentence router on si
 held-out composite examples: next-token loss and exact match of the answer for the base, each delta alone, static
 averaging (0.5, 0.5), learned task-level weights, the token gate (LoRA-Flow) and top-k routing (MeteoRA); the
 sentence router's accuracy on held-out single-skill prompts; and decode tokens/s at batch 1 and 16 (plain
-``generate``, and with a static cache that transformers compiles, where that works) for the base alone, base + 1
-delta, base + 4 deltas with the token gate, base + 4 deltas top-2, and the sentence router picking 1 of 4.
+``generate``; one decode step with a static KV cache replayed from a CUDA graph, which leaves out generate's Python
+and launch cost, eager on the CPU; and with a static cache that transformers compiles, where that works) for the
+base alone, base + 1 delta, base + 4 deltas with the token gate, base + 4 deltas top-2, and the sentence router
+picking 1 of 4.
 
     GPU:   python benchmarks/fusion_smollm2.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/fuse --out r.json
     smoke: python benchmarks/fusion_smollm2.py --smoke          (a tiny model on CPU, about a minute)
@@ -183,6 +185,51 @@ def decode_rate(run, batch: int, new: int, device: str, repeats: int) -> float:
     return batch * new / best
 
 
+def step_rate(fm, model, prompt: list[int], batch: int, new: int, device: str, repeats: int) -> float:
+    """Tokens per second of single decode steps: the prompt prefilled into a static KV cache (the gate reads it, as
+    ``generate_ids`` does), then one step of a token a sequence at the next position, captured once in a CUDA graph
+    and replayed ``new`` times a repeat, each replay at the next position (eager on the CPU). The cache holds every
+    step taken."""
+    from transformers import StaticCache
+
+    ids = torch.tensor([prompt] * batch, device=device)
+    with torch.no_grad():
+        if fm is not None:
+            fm.gate.begin(ids, torch.ones_like(ids))
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 8 + new * repeats)
+        first = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                      cache_position=torch.arange(ids.shape[1], device=device))
+        token = first.logits[:, -1:].argmax(-1)
+        position = torch.tensor([ids.shape[1]], device=device)
+
+        def step():
+            model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)
+            position.add_(1)
+
+        run = step
+        if device.startswith("cuda"):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture (lazy buffers, the kernels' first calls)
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+        run()
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(new):
+                run()
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return batch * new / best
+
+
 def _runner(fm, model, base: Path, device: str, kw: dict):
     """``run(batch, new)``: greedy decoding of exactly ``new`` tokens after a short prompt, fused or base alone."""
     from transformers import AutoTokenizer
@@ -200,6 +247,7 @@ def _runner(fm, model, base: Path, device: str, kw: dict):
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, pad_token_id=pad, **kw)
 
+    run.prompt = prompt
     return run
 
 
@@ -216,8 +264,9 @@ def speed(base: Path, pkgs: list[Path], args, results: dict, save) -> dict:
         "base + 4 deltas, top-2": (four, {"gate": "topk", "top_k": 2}),
         "sentence router, 1 of 4": (four, {"gate": "sentence", "top_p": 1e-6}),
     }
-    modes = {"generate": {}} if args.no_compile else {"generate": {}, "static cache (compiled)":
-                                                       {"cache_implementation": "static"}}
+    modes = {"generate": {}, "decode step (graph)": None}
+    if not args.no_compile:
+        modes["static cache (compiled)"] = {"cache_implementation": "static"}
     for name, spec in configs.items():
         if spec is None:
             _, model = load_base(Checkpoint(base), args.device)
@@ -227,11 +276,14 @@ def speed(base: Path, pkgs: list[Path], args, results: dict, save) -> dict:
             model = fm.model
         results[name] = {}
         for mode, kw in modes.items():
-            run = _runner(fm, model, base, args.device, kw)
+            run = _runner(fm, model, base, args.device, kw or {})
             for b in args.batches:
                 key = f"{mode}, batch {b}"
                 try:
-                    results[name][key] = decode_rate(run, b, args.new_tokens, args.device, args.repeats)
+                    results[name][key] = (decode_rate(run, b, args.new_tokens, args.device, args.repeats)
+                                          if kw is not None else
+                                          step_rate(fm, model, run.prompt, b, args.new_tokens, args.device,
+                                                    args.repeats))
                 except Exception as e:  # a decode mode that does not work for this model: record why, go on
                     results[name][key] = None
                     results[name][f"{key} error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -260,8 +312,9 @@ def render(res: dict) -> str:
     sp = res.get("speed")
     if not sp:
         return "\n".join(out)
+    order = {"generate": 0, "decode step (graph)": 1}
     cols = sorted({k for v in sp.values() for k in v if not k.endswith("error")},
-                  key=lambda k: (k.split(", ")[0] != "generate", int(k.rsplit(" ", 1)[1])))
+                  key=lambda k: (order.get(k.split(", ")[0], 2), int(k.rsplit(" ", 1)[1])))
     base = sp.get("base only", {})
     rows = [[name, *[_f(v.get(c), ".1f") + (f" ({base[c] / v[c]:.2f}x)" if v.get(c) and base.get(c) else "")
                      for c in cols]] for name, v in sp.items()]
@@ -292,7 +345,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-compile", action="store_true", help="Only the plain generate figures.")
+    ap.add_argument("--no-compile", action="store_true", help="No compiled figures (generate and decode step only).")
     ap.add_argument("--parts", default="quality,speed",
                     help="What to measure after the fine-tunes and packages: quality, speed (a run split over two "
                          "calls keeps --work and --out; each part replaces only its own results).")
