@@ -585,7 +585,7 @@ def _step_tables(res: dict) -> list[str]:
         lines.append(format_table(["rows", "base + delta, 7/layer", "merged, empty banks",
                                    "merged base + fused delta, U by row", "merged base + fused delta",
                                    "+ 4 deltas, token gate", "+ 4 deltas, one gate a layer", "+ 4 deltas, top-2",
-                                   "+ 1 of 4 (sentence)", "+ 1 of 4, alone", "+ 1 of 4, each row its own",
+                                   "+ 1 of 4 (sentence)", "+ 1 of 4, alone", "+ 1 of 4 a row, base then multi-tenant",
                                    "delta's added time as bandwidth"],
                                   rows))
     return lines
