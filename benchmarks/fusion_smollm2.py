@@ -186,10 +186,10 @@ def decode_rate(run, batch: int, new: int, device: str, repeats: int) -> float:
 
 
 def step_rate(fm, model, prompt: list[int], batch: int, new: int, device: str, repeats: int) -> float:
-    """Tokens per second of single decode steps: the prompt prefilled into a static KV cache (the gate reads it, as
-    ``generate_ids`` does), then one step of a token a sequence at the next position, captured once in a CUDA graph
-    and replayed ``new`` times a repeat, each replay at the next position (eager on the CPU). The cache holds every
-    step taken."""
+    """Tokens per second of single decode steps (``decode_rate`` of ``new`` steps): the prompt prefilled into a static
+    KV cache (the gate reads it, as ``generate_ids`` does), then one step of a token a sequence at the next position,
+    captured once in a CUDA graph and replayed, each replay at the next position (eager on the CPU). The cache holds
+    every step taken."""
     from transformers import StaticCache
 
     ids = torch.tensor([prompt] * batch, device=device)
@@ -211,23 +211,18 @@ def step_rate(fm, model, prompt: list[int], batch: int, new: int, device: str, r
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up off the capture (lazy buffers, the kernels' first calls)
-                for _ in range(3):
-                    step()
+                step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
             run = graph.replay
-        run()
-        best = float("inf")
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(new):
+
+        def steps(_, n: int):
+            for _ in range(n):
                 run()
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-    return batch * new / best
+
+        return decode_rate(steps, batch, new, device, repeats)  # at most 5 + repeats * new steps: the cache holds them
 
 
 def _runner(fm, model, base: Path, device: str, kw: dict):
