@@ -39,13 +39,16 @@ RANGES = (("optimal, minmax", {"allocation": "optimal", "vector_range": "minmax"
 # counts and the head by its inputs where the model has a tokenizer)
 DEFAULTS = (("default", {}), ("default, vocab off", {"vocab_weights": "off"}))
 NOISE = tuple((f"optimal, noise {w:g}", {"allocation": "optimal", "noise_weight": w}) for w in (1.0, 0.3, 0.1, 0.03))
+# how much each singular direction is taken to be excited by the inputs without calibration (``--excitation-power``)
+EXCITATION = tuple((f"optimal, excitation {p:g}", {"allocation": "optimal", "excitation_power": p})
+                   for p in (0.0, 1.0, 2.0, 3.0))
 
 
 def settings(bits: float, calib: str | None, whole: bool, pick: str | None = None,
              sizes: tuple[int, ...] = (128,)) -> list[tuple[str, dict]]:
     """The rows at ``bits``; ``pick``: only the labels this regex finds; ``sizes``: calibration lines (the first N)."""
     rows = [(f"{label} @{bits:g}", {"bits": bits, **options})
-            for label, options in (*ALLOCATIONS, *RANGES, *NOISE, *DEFAULTS)]
+            for label, options in (*ALLOCATIONS, *RANGES, *NOISE, *EXCITATION, *DEFAULTS)]
     if whole:
         rows += [(f"{label}, embedding whole @{bits:g}", {"bits": bits, "exclude": ("embed_tokens",), **options})
                  for label, options in ALLOCATIONS[1:]]

@@ -94,6 +94,7 @@ ALLOCATIONS = ("auto", "optimal", "schedule")
 VECTOR_RANGES = ("mse", "minmax")
 CALIB_USES = ("both", "rounding", "allocation")
 NOISE_WEIGHT = 0.1  # --noise-weight's default
+EXCITATION_POWER = 0.0  # --excitation-power's default
 VOCAB_WEIGHTS = ("auto", "off", "counts", "head")  # how token tables are weighted (deltacomp.calib.frequency)
 
 
@@ -235,6 +236,7 @@ class Allocation:
     allocation: str
     allocation_bits: tuple[tuple[int, int], ...]
     noise_weight: float | None
+    excitation_power: float | None
     budget_scope: str
     sensitivity: bool
 
@@ -254,6 +256,12 @@ class Allocation:
             raise DeltacompError(f"--noise-weight must be in (0, 1], got {self.noise_weight!r}")
         if self.noise_weight is not None and self.allocation == "schedule":
             raise DeltacompError("--noise-weight weighs what --allocation optimal chooses; the schedule fixes the "
+                                 "bits of each vector: give one of the two")
+        if self.excitation_power is not None and not (_number(self.excitation_power)
+                                                      and 0 <= self.excitation_power <= 8):
+            raise DeltacompError(f"--excitation-power must be in [0, 8], got {self.excitation_power!r}")
+        if self.excitation_power is not None and self.allocation == "schedule":
+            raise DeltacompError("--excitation-power weighs what --allocation optimal chooses; the schedule fixes the "
                                  "bits of each vector: give one of the two")
         for bits in {b for width in self.allocation_bits for b in width}:
             if bits not in SUPPORTED_BITS:
@@ -381,6 +389,13 @@ class CompressConfig:
         "keeps more vectors at fewer bits: rounding noise spreads over directions the inputs rarely take, a dropped "
         "vector loses one they take. Measured by function: 0.1 was closest to the fine-tunes on the SmolLM2 suite "
         "at 1, 0.5 and 0.25 bit, and with calibration at 0.5 bit; 0.3-1 on MiniLM (BENCHMARKS.md).", type=float)
+    excitation_power: float | None = setting(
+        None, "allocation", "--allocation optimal without calibration: take how much the inputs excite singular "
+        "direction i as (s_i / s_1)^P and weigh its errors by it [default: 0, every direction alike]. Above 0 the "
+        "largest vectors earn more bits and the smallest fewer. Measured by function at 2: closer to the fine-tune "
+        "on MiniLM at 1, 0.5 and 0.25 bit (where 0 loses to the plain reference at 1 and 0.5) and on a numeric "
+        "SmolLM2 fine-tune, further on an instruction-following one (BENCHMARKS.md): measure it on your pair. Not "
+        "read with calibration, which measures the excitation.", type=float)
     budget_scope: str = setting("matrix", "allocation", "Budget per matrix, or shared by all compressed matrices "
                                 "(with --allocation optimal; with --sequential each matrix gets the share the shared "
                                 "allocation gave it, and its vectors are chosen on its sequential target).",
@@ -472,8 +487,9 @@ class CompressConfig:
         kw = {k: v for k, v in d.items() if k in known}
         kw.setdefault("allocation", "schedule")  # settings written before the allocation was chosen
         kw.setdefault("vocab_weights", "off")  # written before the token tables were weighted
-        if kw["allocation"] != "schedule":  # written before the weight existed: chosen by weight error alone
+        if kw["allocation"] != "schedule":  # written before the weights existed: chosen by weight error alone
             kw.setdefault("noise_weight", 1.0)
+            kw.setdefault("excitation_power", 0.0)
         if kw["allocation"] == "optimal":
             kw.pop("schedule", None)  # not read by an optimal allocation (older packages may record another)
         if "schedule" in kw:

@@ -181,6 +181,29 @@ def test_v_rows_measured_by_the_allocation_are_what_quantizing_v_again_gives(gro
     assert not allocate.candidates(delta, 1.0, UV_BITS, group_size, torch.eye(n), (True, 0.01)).v_rows  # GPTQ: none
 
 
+def test_the_excitation_power_weighs_each_vector_by_its_singular_value_and_moves_bits_to_the_largest():
+    """Without calibration every error of vector i is scaled by (s_i / s_1)^P: the largest vectors keep more bits and
+    the tail loses vectors; with a Hessian the power is not read."""
+    m, n = 192, 320
+    delta, budget = _delta(m, n, power=0.5), budget_bits(m, n, 0.5)
+    plain = allocate.candidates(delta, 0.5, BITS, 0, noise=0.1)
+    first = []
+    ranks = []
+    for power in (0.0, 1.0, 2.0, 4.0):
+        c = allocate.candidates(delta, 0.5, BITS, 0, noise=0.1, power=power)
+        scale = (plain.s.double() / plain.s[0].double()) ** power
+        assert torch.allclose(c.errors, plain.errors * scale[:, None], rtol=1e-12, atol=0)
+        bits = allocate.choose(c, BITS, budget)
+        assert _spent(bits, m, n) <= budget
+        first.append(int(bits[0, 0]))
+        ranks.append(int((bits[:, 0] > 0).sum()))
+    assert first == sorted(first) and first[-1] > first[0], first
+    assert ranks == sorted(ranks, reverse=True) and ranks[-1] < ranks[0], ranks
+    h = torch.eye(n)
+    assert torch.equal(allocate.candidates(delta, 0.5, BITS, 0, h, power=2.0).errors,
+                       allocate.candidates(delta, 0.5, BITS, 0, h).errors)
+
+
 def test_a_lower_noise_weight_keeps_more_vectors_at_fewer_bits_within_the_budget():
     m, n = 192, 320
     delta, budget = _delta(m, n, power=0.5), budget_bits(m, n, 1.0)

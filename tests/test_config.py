@@ -33,6 +33,10 @@ def test_allocation_widths_parsing():
     ({"noise_weight": 1.5}, "noise-weight must be in"),
     ({"noise_weight": float("nan")}, "noise-weight must be in"),
     ({"noise_weight": 0.5, "allocation": "schedule"}, "give one of the two"),
+    ({"excitation_power": -1}, "excitation-power must be in"),
+    ({"excitation_power": 9}, "excitation-power must be in"),
+    ({"excitation_power": float("inf")}, "excitation-power must be in"),
+    ({"excitation_power": 2, "allocation": "schedule"}, "give one of the two"),
     ({"include": ("(",)}, "bad pattern"),
     ({"device": "tpu"}, "cpu or cuda"),
     ({"device": "cuda:99"}, "--device cuda:99"),  # the one device check: this machine has no such GPU
@@ -74,3 +78,14 @@ def test_settings_of_packages_written_before_the_noise_weight_read_as_weight_err
     fixed = CompressConfig(allocation="schedule").to_dict()
     del fixed["noise_weight"]
     assert CompressConfig.from_dict(fixed).noise_weight is None  # a schedule reads no weight
+
+
+def test_settings_of_packages_written_before_the_excitation_power_read_as_every_direction_alike():
+    d = CompressConfig(allocation="optimal").to_dict()
+    assert d["excitation_power"] is None and CompressConfig.from_dict(d).excitation_power is None
+    del d["excitation_power"]
+    assert CompressConfig.from_dict(d).excitation_power == 0.0
+    assert CompressConfig.from_dict(CompressConfig(excitation_power=1.5).to_dict()).excitation_power == 1.5
+    fixed = CompressConfig(allocation="schedule").to_dict()
+    del fixed["excitation_power"]
+    assert CompressConfig.from_dict(fixed).excitation_power is None

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from deltacomp.config import NOISE_WEIGHT, CompressConfig
+from deltacomp.config import EXCITATION_POWER, NOISE_WEIGHT, CompressConfig
 from deltacomp.errors import BudgetError, DeltacompError
 from deltacomp.methods import method_for
 from deltacomp.methods.base import get_method
-from deltacomp.methods.mixed import noise_weight
+from deltacomp.methods.mixed import excitation_power, noise_weight
 from deltacomp.quant import packing
 from deltacomp.quant.budget import fill_schedule
 
@@ -97,6 +97,8 @@ def test_reference_reads_only_the_budget_and_the_schedule():
         method_for(CompressConfig(method="lowrank", vector_range="mse"))
     with pytest.raises(DeltacompError, match="--noise-weight is for the mixed method only, not 'reference'"):
         method_for(CompressConfig(method="reference", noise_weight=0.5))
+    with pytest.raises(DeltacompError, match="--excitation-power is for the mixed method only, not 'bitdelta'"):
+        method_for(CompressConfig(method="bitdelta", excitation_power=1))
     with pytest.raises(DeltacompError, match="--vocab-weights counts.head is for the mixed method only, not 'lowrank'"):
         method_for(CompressConfig(method="lowrank", vocab_weights="head"))
     method_for(CompressConfig(method="reference", vocab_weights="off"))  # auto and off: accepted by every method
@@ -168,3 +170,15 @@ def test_the_noise_weight_defaults_to_noise_weight_and_moves_the_allocation():
     assert all(torch.equal(default.tensors[k], asked.tensors[k]) for k in default.tensors)
     heavy, _ = _compress(delta, 1.0, method="mixed", noise_weight=1.0)
     assert heavy.info["rank"] < default.info["rank"]
+
+
+def test_the_excitation_power_defaults_to_every_direction_alike_and_moves_the_allocation():
+    """The default is EXCITATION_POWER, 0 (the same package as asking for it); a power of 2 keeps fewer vectors."""
+    assert excitation_power(CompressConfig()) == EXCITATION_POWER == 0
+    assert excitation_power(CompressConfig(excitation_power=2)) == 2
+    delta = _delta()
+    default, _ = _compress(delta, 1.0, method="mixed")
+    asked, _ = _compress(delta, 1.0, method="mixed", excitation_power=EXCITATION_POWER)
+    assert all(torch.equal(default.tensors[k], asked.tensors[k]) for k in default.tensors)
+    weighed, _ = _compress(delta, 1.0, method="mixed", excitation_power=2)
+    assert weighed.info["rank"] < default.info["rank"]

@@ -34,6 +34,7 @@ METHOD_SETTINGS = {
     "allocation": (("auto", "schedule"), "--allocation optimal is for the {users} method only, not {me!r}"),
     "vector_range": (("minmax",), "--range mse is for the {users} method only, not {me!r}"),
     "noise_weight": ((None,), "--noise-weight is for the {users} method only, not {me!r}"),
+    "excitation_power": ((None,), "--excitation-power is for the {users} method only, not {me!r}"),
     "vocab_weights": (("auto", "off"), "--vocab-weights counts|head is for the {users} method only, not {me!r}"),
 }
 

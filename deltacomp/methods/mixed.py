@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from deltacomp.calib.context import MatrixContext
-from deltacomp.config import NOISE_WEIGHT, CompressConfig
+from deltacomp.config import EXCITATION_POWER, NOISE_WEIGHT, CompressConfig
 from deltacomp.errors import BudgetError
 from deltacomp.lowrank.lora import balance
 from deltacomp.lowrank.svd import svd
@@ -26,11 +26,17 @@ def noise_weight(config: CompressConfig) -> float:
     return config.noise_weight if config.noise_weight is not None else NOISE_WEIGHT
 
 
+def excitation_power(config: CompressConfig) -> float:
+    """``--excitation-power``, or its default :data:`EXCITATION_POWER` (read only where no calibration weighs the
+    allocation)."""
+    return config.excitation_power if config.excitation_power is not None else EXCITATION_POWER
+
+
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
     uses = frozenset({"calib", "budget_scope", "budget", "allocation", "vector_range", "noise_weight",
-                      "vocab_weights"})
+                      "excitation_power", "vocab_weights"})
     auto = {"allocation": "optimal"}
 
     @staticmethod
@@ -59,7 +65,7 @@ class Mixed(Method):
         return allocate.candidates(delta, config.bits, config.allocation_bits, group_size, h_alloc,
                                    (config.act_order, config.damp) if h_round is not None else None,
                                    self.overhead(delta.shape, config, group_size), share, config.device, config.svd,
-                                   config.vector_range == "mse", noise_weight(config))
+                                   config.vector_range == "mse", noise_weight(config), excitation_power(config))
 
     def check_budget(self, shape, config):
         config = self.resolve(config)
