@@ -394,8 +394,9 @@ class CompressConfig:
         "direction i as (s_i / s_1)^P and weigh its errors by it [default: 0, every direction alike]. Above 0 the "
         "largest vectors earn more bits and the smallest fewer. Measured by function at 2: closer to the fine-tune "
         "on MiniLM at 1, 0.5 and 0.25 bit (where 0 loses to the plain reference at 1 and 0.5) and on a numeric "
-        "SmolLM2 fine-tune, further on an instruction-following one (BENCHMARKS.md): measure it on your pair. Not "
-        "read with calibration, which measures the excitation.", type=float)
+        "SmolLM2 fine-tune, further on an instruction-following one (BENCHMARKS.md): measure it on your pair. With "
+        "--calib the measured inputs weigh the allocation instead (it is then refused, unless --calib-use "
+        "rounding).", type=float)
     budget_scope: str = setting("matrix", "allocation", "Budget per matrix, or shared by all compressed matrices "
                                 "(with --allocation optimal; with --sequential each matrix gets the share the shared "
                                 "allocation gave it, and its vectors are chosen on its sequential target).",
@@ -456,6 +457,9 @@ class CompressConfig:
         object.__setattr__(self, "_groups", Groups(**parts))  # each group checks its own settings
         if self.sensitivity and self.calib is None:
             raise DeltacompError("--sensitivity takes its gradients on calibration text: give --calib")
+        if self.excitation_power is not None and self.calib is not None and self.calib_use != "rounding":
+            raise DeltacompError("--excitation-power models the inputs where no calibration is measured; with --calib "
+                                 "the allocation weighs the measured inputs (add --calib-use rounding to keep it)")
         if self.vocab_bits is not None and self.budget_scope == "model":
             raise DeltacompError("--budget-scope model shares one budget across every matrix: leave out --vocab-bits")
 

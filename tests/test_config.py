@@ -37,6 +37,7 @@ def test_allocation_widths_parsing():
     ({"excitation_power": 9}, "excitation-power must be in"),
     ({"excitation_power": float("inf")}, "excitation-power must be in"),
     ({"excitation_power": 2, "allocation": "schedule"}, "give one of the two"),
+    ({"excitation_power": 2, "calib": "calib.txt"}, "add --calib-use rounding to keep it"),
     ({"include": ("(",)}, "bad pattern"),
     ({"device": "tpu"}, "cpu or cuda"),
     ({"device": "cuda:99"}, "--device cuda:99"),  # the one device check: this machine has no such GPU
@@ -86,6 +87,7 @@ def test_settings_of_packages_written_before_the_excitation_power_read_as_every_
     del d["excitation_power"]
     assert CompressConfig.from_dict(d).excitation_power == 0.0
     assert CompressConfig.from_dict(CompressConfig(excitation_power=1.5).to_dict()).excitation_power == 1.5
+    assert CompressConfig(excitation_power=2, calib="calib.txt", calib_use="rounding").excitation_power == 2
     fixed = CompressConfig(allocation="schedule").to_dict()
     del fixed["excitation_power"]
     assert CompressConfig.from_dict(fixed).excitation_power is None
