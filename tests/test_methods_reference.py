@@ -159,26 +159,18 @@ def test_optimal_allocation_keeps_the_chosen_range():
     assert not torch.equal(got, clipped)
 
 
-def test_the_noise_weight_defaults_to_noise_weight_and_moves_the_allocation():
-    """The default is NOISE_WEIGHT (the same package as asking for it); a weight of 1 keeps fewer vectors at more
-    bits."""
-    assert noise_weight(CompressConfig()) == NOISE_WEIGHT < 1
-    assert noise_weight(CompressConfig(noise_weight=0.5)) == 0.5
+@pytest.mark.parametrize("setting, read, default, heavier", [("noise_weight", noise_weight, NOISE_WEIGHT, 1.0),
+                                                                ("excitation_power", excitation_power,
+                                                                 EXCITATION_POWER, 2.0)])
+def test_an_allocation_weight_defaults_to_its_constant_and_a_heavier_one_keeps_fewer_vectors(setting, read, default,
+                                                                                                heavier):
+    """The default is the module's constant (the same package as asking for it): noise weight 0.1, excitation power
+    0; a heavier noise weight (1) or power (2) keeps fewer vectors."""
+    assert read(CompressConfig()) == default < heavier
+    assert read(CompressConfig(**{setting: 0.5})) == 0.5
     delta = _delta()
-    default, _ = _compress(delta, 1.0, method="mixed")
-    asked, _ = _compress(delta, 1.0, method="mixed", noise_weight=NOISE_WEIGHT)
-    assert all(torch.equal(default.tensors[k], asked.tensors[k]) for k in default.tensors)
-    heavy, _ = _compress(delta, 1.0, method="mixed", noise_weight=1.0)
-    assert heavy.info["rank"] < default.info["rank"]
-
-
-def test_the_excitation_power_defaults_to_every_direction_alike_and_moves_the_allocation():
-    """The default is EXCITATION_POWER, 0 (the same package as asking for it); a power of 2 keeps fewer vectors."""
-    assert excitation_power(CompressConfig()) == EXCITATION_POWER == 0
-    assert excitation_power(CompressConfig(excitation_power=2)) == 2
-    delta = _delta()
-    default, _ = _compress(delta, 1.0, method="mixed")
-    asked, _ = _compress(delta, 1.0, method="mixed", excitation_power=EXCITATION_POWER)
-    assert all(torch.equal(default.tensors[k], asked.tensors[k]) for k in default.tensors)
-    weighed, _ = _compress(delta, 1.0, method="mixed", excitation_power=2)
-    assert weighed.info["rank"] < default.info["rank"]
+    plain, _ = _compress(delta, 1.0, method="mixed")
+    asked, _ = _compress(delta, 1.0, method="mixed", **{setting: default})
+    assert all(torch.equal(plain.tensors[k], asked.tensors[k]) for k in plain.tensors)
+    heavy, _ = _compress(delta, 1.0, method="mixed", **{setting: heavier})
+    assert heavy.info["rank"] < plain.info["rank"]
