@@ -29,7 +29,7 @@ fine-tune's update accumulates along the directions its inputs excite, so its la
 more excited ones. ``--excitation-power`` P models that: each vector's errors (dropped and kept alike) are multiplied
 by ``(s_i / s_1)^P``, which gives the largest vectors more bits and the smallest fewer (or none); 0, the
 default, is the identity. At 2 it was closer to the fine-tune on MiniLM and a numeric SmolLM2 fine-tune, further on
-an instruction-following one. With calibration ``v_i^T H v_i`` is measured and P is not read.
+instruction-following and pig-latin ones. With calibration ``v_i^T H v_i`` is measured and P is not read.
 
 Solver. Minimise ``sum_i e_i(b_i)`` subject to ``sum_i cost_i(b_i) <= budget`` over all vectors of one matrix
 (``--budget-scope matrix``) or of every compressed matrix at once (``--budget-scope model``: the sum of the
