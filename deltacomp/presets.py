@@ -10,7 +10,9 @@ at today's calibrated defaults" and "The four GPU pairs at 1 and 0.25 bit at tod
   0.46x, 0.90x and 0.34x the reference's answer KL on the suite at 1, 0.5 and 0.25 bit per entry (geometric mean).
 - ``best``: calibrated (GPTQ on ``--calib`` text) with the optimal allocation, about 3x the compress time; it needs
   ``--calib``. It beat ``balanced`` on MiniLM, on both CPU suite pairs and, with 128 task examples, on the four GPU
-  suite pairs: 0.52x the reference's answer KL at 0.5 bit and 0.21x at 0.25 bit (geometric mean).
+  suite pairs: 0.52x the reference's answer KL at 0.5 bit and 0.21x at 0.25 bit (geometric mean), measured before
+  the calibration Hessian was shrunk by the calibration's size (``--calib-shrink auto``), which lifted it on MiniLM
+  at every size and budget.
   ``--sequential`` is not part of it: it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it
   explicitly to try it).
 """

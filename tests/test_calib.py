@@ -153,11 +153,15 @@ def test_shrink_moves_a_hessian_towards_its_scaled_identity():
     x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)) * torch.arange(1.0, 7.0)
     h = x.T @ x / 50
     keep = h.clone()
-    assert shrink(h, 0.0) is h
+    assert shrink(h, 0.0, 50) is h
     iso = float(h.diagonal().mean()) * torch.eye(6)
-    assert torch.allclose(shrink(h, 1.0), iso)
-    half = shrink(h, 0.5)
+    assert torch.allclose(shrink(h, 1.0, 50), iso)
+    half = shrink(h, 0.5, 50)
     assert torch.allclose(half, 0.5 * h + 0.5 * iso) and torch.equal(h, keep)  # the input is left as it was
+    # auto (None): n / (n + T), from 6 / 7 for one token towards 0 as the tokens grow
+    for tokens in (1, 6, 594):
+        a = 6 / (6 + tokens)
+        assert torch.allclose(shrink(h, None, tokens), (1 - a) * h + a * iso)
     # the cursor hands out shrunk Hessians, by name, layer after layer
     class Hessians:
         layer_of = {"a": 0, "b": 1}
@@ -165,14 +169,15 @@ def test_shrink_moves_a_hessian_towards_its_scaled_identity():
         def __iter__(self):
             return iter([(0, {"a": h}), (1, {"b": 2 * h})])
 
-    cursor = _Cursor(Hessians(), 0.25)
-    assert torch.allclose(cursor.get("a"), shrink(h, 0.25)) and torch.allclose(cursor.get("b"), shrink(2 * h, 0.25))
+    cursor = _Cursor(Hessians(), 0.25, 50)
+    assert torch.allclose(cursor.get("a"), shrink(h, 0.25, 50))
+    assert torch.allclose(cursor.get("b"), shrink(2 * h, 0.25, 50))
     assert cursor.get("unknown") is None
 
 
 # -- end to end -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pair", ["llama_tok", "bert_tok"])
-@pytest.mark.parametrize("extra", [[], ["--allocation", "optimal"], ["--calib-shrink", "0.5"],
+@pytest.mark.parametrize("extra", [[], ["--allocation", "optimal"], ["--calib-shrink", "0.5"], ["--calib-shrink", "0"],
                                    ["--allocation", "optimal", "--allocation-bits", "2/1,3/2,4/2,4,8"],
                                    ["--allocation", "optimal", "--budget-scope", "model"],
                                    ["--allocation", "optimal", "--budget-scope", "model", "--sensitivity"]])

@@ -81,7 +81,7 @@ def test_target_delta_is_the_delta_when_the_streams_agree_and_fits_the_outputs_o
 @pytest.mark.parametrize("extra,message", [
     ([], "give --calib"),
     (["--calib", "CALIB", "--seq-damp", "0"], "--seq-damp must be a positive"),
-    (["--calib", "CALIB", "--calib-shrink", "2"], "--calib-shrink must be in [0, 1]"),
+    (["--calib", "CALIB", "--calib-shrink", "2"], "--calib-shrink must be auto or in [0, 1]"),
 ])
 def test_bad_sequential_options_are_one_line(extra, message, llama_pair, tmp_path):
     base, ft, _ = llama_pair

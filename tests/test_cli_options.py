@@ -59,8 +59,8 @@ def test_the_groups_are_frozen_configs_that_check_their_own_settings():
         config.groups.calibration.damp = 0.1
     with pytest.raises(DeltacompError, match="--damp must be in"):
         dataclasses.replace(config.groups.calibration, damp=2.0)
-    for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(DeltacompError, match="--calib-shrink must be in"):
+    for bad in (-0.1, 1.5, float("nan"), "often"):
+        with pytest.raises(DeltacompError, match="--calib-shrink must be auto or in"):
             dataclasses.replace(config.groups.calibration, calib_shrink=bad)
     with pytest.raises(DeltacompError, match="--calib-use must be one of both, rounding, allocation"):
         dataclasses.replace(config.groups.calibration, calib_use="gptq")

@@ -63,9 +63,13 @@ def load_calibration(config: Calibration, ft: Checkpoint, base: Checkpoint) -> l
     return load_samples(config.calib, tok, config.calib_samples, config.calib_seqlen, max_len, config.calib_field)
 
 
-def shrink(h: torch.Tensor, weight: float) -> torch.Tensor:
-    """``(1 - weight) H + weight * mean(diag H) I``: the Hessian ``h (n, n)`` moved towards the identity at its own
-    scale (``weight`` 0: unchanged; 1: every input direction alike, as without calibration)."""
+def shrink(h: torch.Tensor, weight: float | None, tokens: int) -> torch.Tensor:
+    """``(1 - a) H + a * mean(diag H) I``: the Hessian ``h (n, n)`` measured on ``tokens`` calibration tokens, moved
+    towards the identity at its own scale by ``a`` = ``weight`` (0: unchanged; 1: every input direction alike, as
+    without calibration), or with ``weight`` None by ``n / (n + tokens)``: an n x n second moment from fewer tokens
+    than inputs is mostly unmeasured directions."""
+    n = h.shape[0]
+    weight = n / (n + tokens) if weight is None else weight
     if weight == 0:
         return h
     out = h * (1.0 - weight)
@@ -77,8 +81,8 @@ class _Cursor:
     """Walks a :class:`LayerwiseHessians` forward: the Hessian of a name (shrunk by ``weight``), keeping only the
     current block's."""
 
-    def __init__(self, hessians, weight: float = 0.0):
-        self.weight = weight
+    def __init__(self, hessians, weight: float | None, tokens: int):
+        self.weight, self.tokens = weight, tokens
         self.layer_of = hessians.layer_of
         self.it = iter(hessians)
         self.layer, self.current = -1, {}
@@ -95,7 +99,7 @@ class _Cursor:
             except StopIteration:
                 self.layer = 1 << 30
         h = self.current.get(name) if self.layer == want else None
-        return shrink(h, self.weight) if h is not None else None
+        return shrink(h, self.weight, self.tokens) if h is not None else None
 
 
 class Contexts:
@@ -104,6 +108,7 @@ class Contexts:
         self.entries = sorted(entries, key=lambda e: natural_key(e.name))
         self.names = {e.name for e in self.entries if e.action == "compress"}
         self.samples = load_calibration(config.groups.calibration, ft, base) if config.calib else None
+        self.tokens = sum(len(t) for t in self.samples) if self.samples else 0
         self.bits: dict[str, torch.Tensor] = {}
         self.spill: Path | None = None
         self.sequential = None
@@ -148,7 +153,7 @@ class Contexts:
 
         hessians = LayerwiseHessians(self.ft, self.samples, self.names, self.config.device, self._dtype())
         self._warn_uncalibrated(hessians.layer_of)
-        return _Cursor(hessians, self.config.calib_shrink)
+        return _Cursor(hessians, self.config.calib_shrink, self.tokens)
 
     @timed("calibration")
     def _sensitivity(self) -> dict[str, float]:
@@ -219,7 +224,8 @@ class Contexts:
             def compressed(base, delta, name=e.name):
                 seq.done(name, base, delta)
 
-            hessian = shrink(hessian, self.config.calib_shrink)  # for the method; the target solve keeps its own
+            hessian = shrink(hessian, self.config.calib_shrink, self.tokens)  # for the method; the target solve
+            # keeps its own
 
         if self.cursor is not None:
             hessian = self.cursor.get(e.name)
