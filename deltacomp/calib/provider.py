@@ -224,8 +224,8 @@ class Contexts:
             def compressed(base, delta, name=e.name):
                 seq.done(name, base, delta)
 
-            hessian = shrink(hessian, self.config.calib_shrink, self.tokens)  # for the method; the target solve
-            # keeps its own
+            # for the method; the target solve keeps its own
+            hessian = shrink(hessian, self.config.calib_shrink, self.tokens)
 
         if self.cursor is not None:
             hessian = self.cursor.get(e.name)
