@@ -70,24 +70,26 @@ def test_settings_of_packages_with_a_list_of_widths_still_load():
     assert CompressConfig.from_dict(d).allocation_bits == ((2, 2), (3, 3), (4, 4), (8, 8))
 
 
-def test_settings_of_packages_written_before_the_noise_weight_read_as_weight_error():
+@pytest.mark.parametrize("setting, before, given", [("noise_weight", 1.0, 0.3), ("excitation_power", 0.0, 1.5)])
+def test_settings_of_packages_written_before_an_allocation_weight_read_as_weight_error(setting, before, given):
+    """A package written before the noise weight counted rounding noise as weight error (1); one written before the
+    excitation power weighed every direction alike (0)."""
     d = CompressConfig(allocation="optimal").to_dict()
-    assert d["noise_weight"] is None and CompressConfig.from_dict(d).noise_weight is None  # the default, kept
-    del d["noise_weight"]
-    assert CompressConfig.from_dict(d).noise_weight == 1.0
-    assert CompressConfig.from_dict(CompressConfig(noise_weight=0.3).to_dict()).noise_weight == 0.3
+    assert d[setting] is None and getattr(CompressConfig.from_dict(d), setting) is None  # the default, kept
+    del d[setting]
+    assert getattr(CompressConfig.from_dict(d), setting) == before
+    assert getattr(CompressConfig.from_dict(CompressConfig(**{setting: given}).to_dict()), setting) == given
     fixed = CompressConfig(allocation="schedule").to_dict()
-    del fixed["noise_weight"]
-    assert CompressConfig.from_dict(fixed).noise_weight is None  # a schedule reads no weight
+    del fixed[setting]
+    assert getattr(CompressConfig.from_dict(fixed), setting) is None  # a schedule reads no weight
 
 
-def test_settings_of_packages_written_before_the_excitation_power_read_as_every_direction_alike():
-    d = CompressConfig(allocation="optimal").to_dict()
-    assert d["excitation_power"] is None and CompressConfig.from_dict(d).excitation_power is None
-    del d["excitation_power"]
-    assert CompressConfig.from_dict(d).excitation_power == 0.0
-    assert CompressConfig.from_dict(CompressConfig(excitation_power=1.5).to_dict()).excitation_power == 1.5
+def test_settings_of_packages_written_before_the_shrink_by_size_read_as_measured():
+    d = CompressConfig(calib="calib.txt").to_dict()
+    assert d["calib_shrink"] is None and CompressConfig.from_dict(d).calib_shrink is None  # auto, kept
+    del d["calib_shrink"]
+    assert CompressConfig.from_dict(d).calib_shrink == 0.0
+
+
+def test_the_excitation_power_is_kept_where_calibration_only_rounds():
     assert CompressConfig(excitation_power=2, calib="calib.txt", calib_use="rounding").excitation_power == 2
-    fixed = CompressConfig(allocation="schedule").to_dict()
-    del fixed["excitation_power"]
-    assert CompressConfig.from_dict(fixed).excitation_power is None
