@@ -33,6 +33,7 @@ import shutil
 import string
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -225,13 +226,17 @@ def step_rate(fm, model, prompt: list[int], batch: int, new: int, device: str, r
         return decode_rate(steps, batch, new, device, repeats)  # at most 5 + repeats * new steps: the cache holds them
 
 
-def _runner(fm, model, base: Path, device: str, kw: dict):
-    """``run(batch, new)``: greedy decoding of exactly ``new`` tokens after a short prompt, fused or base alone."""
+def _prompt(fm, base: Path) -> tuple[list[int], int]:
+    """The token ids of the short prompt every speed row decodes after, and the pad token's id."""
     from transformers import AutoTokenizer
 
     tok = fm.tokenizer if fm is not None else AutoTokenizer.from_pretrained(base)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    prompt = tok(PROMPTS[0].format("planet"))["input_ids"]
+    return tok(PROMPTS[0].format("planet"))["input_ids"], pad
+
+
+def _runner(fm, model, prompt: list[int], pad: int, device: str, kw: dict):
+    """``run(batch, new)``: greedy decoding of exactly ``new`` tokens after ``prompt``, fused or base alone."""
 
     def run(b: int, n: int):
         ids = torch.tensor([prompt] * b, device=device)
@@ -242,7 +247,6 @@ def _runner(fm, model, base: Path, device: str, kw: dict):
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, pad_token_id=pad, **kw)
 
-    run.prompt = prompt
     return run
 
 
@@ -259,9 +263,9 @@ def speed(base: Path, pkgs: list[Path], args, results: dict, save) -> dict:
         "base + 4 deltas, top-2": (four, {"gate": "topk", "top_k": 2}),
         "sentence router, 1 of 4": (four, {"gate": "sentence", "top_p": 1e-6}),
     }
-    modes = {"generate": {}, "decode step (graph)": None}
+    generate_modes = {"generate": {}}
     if not args.no_compile:
-        modes["static cache (compiled)"] = {"cache_implementation": "static"}
+        generate_modes["static cache (compiled)"] = {"cache_implementation": "static"}
     for name, spec in configs.items():
         if spec is None:
             _, model = load_base(Checkpoint(base), args.device)
@@ -269,16 +273,16 @@ def speed(base: Path, pkgs: list[Path], args, results: dict, save) -> dict:
         else:
             fm = FusionModel.from_packages(base, spec[0], device=args.device, **spec[1])
             model = fm.model
+        prompt, pad = _prompt(fm, base)
+        rates = {mode: partial(decode_rate, _runner(fm, model, prompt, pad, args.device, kw))
+                 for mode, kw in generate_modes.items()}
+        rates["decode step (graph)"] = partial(step_rate, fm, model, prompt)
         results[name] = {}
-        for mode, kw in modes.items():
-            run = _runner(fm, model, base, args.device, kw or {})
+        for mode, rate in rates.items():
             for b in args.batches:
                 key = f"{mode}, batch {b}"
                 try:
-                    results[name][key] = (decode_rate(run, b, args.new_tokens, args.device, args.repeats)
-                                          if kw is not None else
-                                          step_rate(fm, model, run.prompt, b, args.new_tokens, args.device,
-                                                    args.repeats))
+                    results[name][key] = rate(b, args.new_tokens, args.device, args.repeats)
                 except Exception as e:  # a decode mode that does not work for this model: record why, go on
                     results[name][key] = None
                     results[name][f"{key} error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
