@@ -9,14 +9,16 @@ task) are drawn first and are never trained on nor used for calibration.
 
 Settings, each at the same budget (:func:`settings_for`; ``--extra`` adds more, ``--settings`` picks some):
 
-- ``default``: ``deltacomp compress`` as it ships (no options but ``--bits``);
+- ``default``: ``deltacomp compress`` as it ships (no options but ``--bits``): calibrated on deltacomp's everyday
+  text (``--calib auto``), no task text;
 - ``reference``: the plain reference method (exact SVD, the same bit schedule, min-max round-to-nearest per singular
   vector, no refit, no calibration): the row every other is divided by;
 - ``lowrank`` (fp16 truncated SVD at the same bytes) and ``bitdelta`` (1 bit per entry, so at 1 bit only);
 - ``embedding whole``: the default with the token table stored whole (what the package-size goal is measured
   against);
-- ``calib task N``: ``--calib`` with the first N (32, 128, 512) training dialogues; ``calib generic``: ``--calib``
-  with everyday sentences only (every other line of ``benchmarks/data/calib_everyday.txt``), no task text.
+- ``calib task N``: ``--calib`` with the first N (32, 128, 512) training dialogues; ``no calibration``: ``--calib
+  none`` (round-to-nearest, the allocation without measured inputs); ``--extra 'L: calib=generic'`` calibrates on
+  the everyday text as a file of the suite (the default's package).
 
 Scores of each compressed model, next to the base and the fine-tune: answer-token KL(fine-tune || model) in nats
 per token on the held-out dialogues (the answer's tokens only, over the fine-tune's top-256 tokens plus a rest
@@ -68,6 +70,7 @@ from decoder_finetune import encode, exact_match_probe, finetune, smollm2, tiny_
 from suite_report import REFERENCE, merge, render, versus_reference
 from suite_tasks import TASKS, split
 
+from deltacomp.calib.generic import GENERIC_TEXT
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig
 from deltacomp.errors import BudgetError
@@ -93,7 +96,7 @@ def settings_for(calib_sizes: tuple[int, ...]) -> tuple[tuple[str, dict], ...]:
         ("bitdelta", {"method": "bitdelta"}),
         ("embedding whole", {"exclude": ("embed_tokens",)}),  # the default with the token table stored whole
         *((f"calib task {n}", {"calib": f"task{n}"}) for n in calib_sizes),
-        ("calib generic", {"calib": "generic"}),
+        ("no calibration", {"calib": None}),  # the default before it calibrated on everyday text
     )
 
 
@@ -127,10 +130,13 @@ def chosen_settings(args, every: bool = False) -> list[tuple[str, dict]]:
 
 # -- data ----------------------------------------------------------------------------------------------------------
 def generic_text(smoke: bool) -> tuple[list[str], list[str]]:
-    """(calibration lines, scoring texts): the everyday sentences split line by line, one of each pair to each side;
-    the built-in paragraphs join the scoring side."""
-    lines = [line for line in EVERYDAY.read_text().splitlines() if line.strip()]
-    calib, scored = lines[0::2], [*DEFAULT_TEXTS, *lines[1::2]]
+    """(calibration lines, scoring texts): deltacomp's everyday text (what ``--calib auto`` calibrates on; every
+    other line of the everyday sentences) and the everyday sentences it does not hold, with the built-in paragraphs
+    (the evaluation's) on the scoring side."""
+    calib = [line for line in GENERIC_TEXT.read_text().splitlines() if line.strip()]
+    shipped = set(calib)
+    scored = [*DEFAULT_TEXTS, *(line for line in EVERYDAY.read_text().splitlines() if line.strip()
+                                and line not in shipped)]
     if smoke:
         calib, scored = calib[:SMOKE["generic"]], scored[:SMOKE["generic"]]
     return calib, scored
@@ -182,7 +188,7 @@ def compress_all(base: Path, pair: dict, bits: float, settings, args, out: Path)
     made, skipped = [], {}
     for label, kw in settings:
         kw = dict(kw)
-        if "calib" in kw:
+        if kw.get("calib") is not None:
             kw["calib"] = str(pair["calib"][kw["calib"]])
         folder = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
         t0 = time.perf_counter()

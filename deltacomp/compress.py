@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from deltacomp import __version__, distributed
 from deltacomp.calib.context import MatrixContext
+from deltacomp.calib.generic import settle as settle_calibration
 from deltacomp.config import DEFAULT_INCLUDE, CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, check_compatible, plan, stream
@@ -106,6 +107,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
     config = method.resolve(config)  # "auto" settings as the method makes them, so the manifest says what was done
     base, ft = Checkpoint(base_src), Checkpoint(ft_src)
     check_compatible(base, ft)
+    config = settle_calibration(config, base, ft)  # --calib auto: the everyday text, or none
     entries = plan(base, ft, config)
     if config.include != DEFAULT_INCLUDE and not any(e.action == "compress" for e in entries):
         raise DeltacompError(f"--include {' '.join(config.include)} matches no 2-D float weight of {ft.source} "

@@ -11,6 +11,7 @@ from deltacomp.quant.budget import DEFAULT_SCHEDULE
 from deltacomp.quant.packing import SUPPORTED_BITS
 
 CONFIG_VERSION = 1
+CALIB_AUTO, CALIB_GENERIC, CALIB_NONE = "auto", "generic", "none"  # --calib's words (deltacomp.calib.generic)
 
 # Token tables and output heads (vocabulary x hidden): word/position embeddings of BERT, Llama's embed_tokens
 # (tied or not to lm_head), GPT-2's wte/wpe, T5's shared. Their rows are tokens; see CompressConfig.rows_energy.
@@ -244,7 +245,7 @@ class Allocation:
     """Bits per singular vector (:mod:`deltacomp.quant.allocate`): the fixed schedule or the optimal choice."""
 
     allocation: str
-    allocation_bits: tuple[tuple[int, int], ...]
+    allocation_bits: tuple[tuple[int, int], ...] | None  # None: CompressConfig.widths's default
     noise_weight: float | None
     excitation_power: float | None
     budget_scope: str
@@ -260,7 +261,7 @@ class Allocation:
         if self.sensitivity and self.budget_scope != "model":
             raise DeltacompError("--sensitivity weighs matrices against each other in a shared budget: give "
                                  "--budget-scope model")
-        if not self.allocation_bits:
+        if self.allocation_bits is not None and not self.allocation_bits:
             raise DeltacompError("the allocation bit set is empty")
         if self.noise_weight is not None and not (_number(self.noise_weight) and 0 < self.noise_weight <= 1):
             raise DeltacompError(f"--noise-weight must be in (0, 1], got {self.noise_weight!r}")
@@ -273,7 +274,7 @@ class Allocation:
         if self.excitation_power is not None and self.allocation == "schedule":
             raise DeltacompError("--excitation-power weighs what --allocation optimal chooses; the schedule fixes the "
                                  "bits of each vector: give one of the two")
-        for bits in {b for width in self.allocation_bits for b in width}:
+        for bits in {b for width in self.allocation_bits or () for b in width}:
             if bits not in SUPPORTED_BITS:
                 raise DeltacompError(f"allocation bit width {bits} is not supported; choose from {SUPPORTED_BITS}")
 
@@ -352,8 +353,13 @@ class CompressConfig:
     device: str = setting("cpu", "output", "Where the SVD runs.", metavar="[cpu|cuda|cuda:N]")
     max_shard_bytes: int = setting(2 * 1024**3, "output", cli=False)
     # calibration (deltacomp.calib): layer inputs of the fine-tuned model on this text turn RTN into GPTQ
-    calib: str | None = setting(None, "calibration", "Calibration text (plain text, JSON lines, or chat JSON lines): "
-                                "GPTQ instead of round-to-nearest.", type="path")
+    calib: str | None = setting(
+        CALIB_AUTO, "calibration", "Calibration text (plain text, JSON lines, or chat JSON lines): the layers' inputs "
+        "on it weigh the bit allocation, and GPTQ rounds instead of round-to-nearest. generic: deltacomp's everyday "
+        "English text (821 sentences); none: no calibration (the quickest); auto: generic where the fine-tune can be "
+        "run (a tokenizer, a transformers architecture), else none. Measured by function, the everyday text kept "
+        "four SmolLM2 fine-tunes and MiniLM closer to the fine-tune than none at 1 and 0.5 bit, for about 3x the "
+        "compress time; text like the fine-tune's own did better still (BENCHMARKS.md).", type="path")
     calib_field: str = setting("text", "calibration", "Text field of JSON-lines calibration data.")
     calib_samples: int | None = setting(
         None, "calibration", "Calibration samples [default: the records within 128 x 2048 tokens, at least 128; "
@@ -390,11 +396,10 @@ class CompressConfig:
         "0.25 bit per entry, level at 0.5 (BENCHMARKS.md), about 1.5x the compress time. schedule: the fixed "
         "--schedule, the fastest (an explicit --schedule implies it). auto: optimal for mixed, the schedule for "
         "reference.", choices=ALLOCATIONS)
-    # (U, V) widths the optimal allocation chooses from; None: UV_ALLOCATION_BITS with calib (used for both), else
-    # 2,3,4,8
+    # (U, V) widths the optimal allocation chooses from; None: the default for the calibration (CompressConfig.widths)
     allocation_bits: tuple[tuple[int, int], ...] | None = setting(
         None, "allocation", "Widths --allocation optimal chooses from: B (a vector pair at B bits) or U/V (U's vector "
-        "at U bits, V's at V). GPTQ absorbs much of V's error, so with --calib the default is "
+        "at U bits, V's at V). GPTQ absorbs much of V's error, so with calibration the default is "
         f"{UV_ALLOCATION_BITS}; without (or with --calib-use other than both), {PLAIN_ALLOCATION_BITS}.", type=str,
         parse=_allocation_bits)
     noise_weight: float | None = setting(
@@ -459,9 +464,8 @@ class CompressConfig:
         return cls(**kw)
 
     def __post_init__(self):
-        if self.allocation_bits is None:
-            default = UV_ALLOCATION_BITS if self.calib and self.calib_use == "both" else PLAIN_ALLOCATION_BITS
-            object.__setattr__(self, "allocation_bits", parse_bits(default))
+        if self.calib == CALIB_NONE:
+            object.__setattr__(self, "calib", None)
         if self.schedule != DEFAULT_SCHEDULE:  # a schedule of one's own is the fixed allocation
             if self.allocation == "optimal":
                 raise DeltacompError(f"--schedule {format_schedule(self.schedule)} fixes the bits of each singular "
@@ -471,11 +475,21 @@ class CompressConfig:
         object.__setattr__(self, "_groups", Groups(**parts))  # each group checks its own settings
         if self.sensitivity and self.calib is None:
             raise DeltacompError("--sensitivity takes its gradients on calibration text: give --calib")
-        if self.excitation_power is not None and self.calib is not None and self.calib_use != "rounding":
+        if self.excitation_power is not None and self.calib not in (None, CALIB_AUTO) and self.calib_use != "rounding":
             raise DeltacompError("--excitation-power models the inputs where no calibration is measured; with --calib "
                                  "the allocation weighs the measured inputs (add --calib-use rounding to keep it)")
         if self.vocab_bits is not None and self.budget_scope == "model":
             raise DeltacompError("--budget-scope model shares one budget across every matrix: leave out --vocab-bits")
+
+    @property
+    def widths(self) -> tuple[tuple[int, int], ...]:
+        """``--allocation-bits``, or its default: :data:`UV_ALLOCATION_BITS` where GPTQ rounds V under the Hessian
+        that weighs the allocation (calibration text given or chosen, ``--calib-use both``), else
+        :data:`PLAIN_ALLOCATION_BITS` (``--calib auto`` counts as none until a compression settles it)."""
+        if self.allocation_bits is not None:
+            return self.allocation_bits
+        calibrated = self.calib not in (None, CALIB_AUTO) and self.calib_use == "both"
+        return parse_bits(UV_ALLOCATION_BITS if calibrated else PLAIN_ALLOCATION_BITS)
 
     @property
     def groups(self) -> Groups:
@@ -486,7 +500,7 @@ class CompressConfig:
         d = asdict(self)
         d["schedule"] = [list(g) for g in self.schedule]
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
-        d["allocation_bits"] = format_bits(self.allocation_bits)
+        d["allocation_bits"] = format_bits(self.widths)
         d.pop("device")
         d.pop("max_shard_bytes")
         return {"config_version": CONFIG_VERSION, **d}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from deltacomp.calib.generic import calib_path
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig, check_device
 from deltacomp.errors import BudgetError, DeltacompError
@@ -110,7 +111,7 @@ def baseline_config(pkg: DeltaPackage, method: str, bits: float | None = None, d
     calib = getattr(settings, "calib", None)
     neutral = get_method(method).neutral_settings()  # what the method does not read
     kw.update(neutral)
-    if "calib" not in neutral and calib and not Path(calib).is_file():
+    if "calib" not in neutral and calib and not Path(calib_path(calib)).is_file():
         log.warning("the package's calibration file %s is gone; the %s baseline is uncalibrated", calib, method)
         kw["calib"] = None
     return dataclasses.replace(settings, **kw)

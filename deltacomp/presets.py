@@ -19,11 +19,12 @@ at today's calibrated defaults" and "The four GPU pairs at 1 and 0.25 bit at tod
 
 from __future__ import annotations
 
+from deltacomp.config import CALIB_AUTO, CALIB_NONE
 from deltacomp.errors import DeltacompError
 
 PRESETS: dict[str, dict] = {
     "fast": {"method": "mixed", "calib": None, "allocation": "schedule", "sequential": False},
-    "balanced": {"method": "mixed", "calib": None, "allocation": "auto", "sequential": False},
+    "balanced": {"method": "mixed", "calib": CALIB_AUTO, "allocation": "auto", "sequential": False},
     "best": {"method": "mixed", "allocation": "optimal", "sequential": False},  # and --calib, which it needs
 }
 NEEDS_CALIB = frozenset({"best"})
@@ -44,7 +45,7 @@ def settle(options: dict, given: set[str], preset: str | None = None) -> dict:
         if out.get("method") != PRESETS[preset]["method"]:
             raise DeltacompError(f"--preset {preset} chooses the settings of the {PRESETS[preset]['method']} method; "
                                  f"leave it out to compress with --method {out.get('method')}")
-        if preset in NEEDS_CALIB and not out.get("calib"):
+        if preset in NEEDS_CALIB and out.get("calib") in (None, CALIB_AUTO, CALIB_NONE):
             raise DeltacompError(f"--preset {preset} calibrates: give --calib FILE (text like the text the model "
                                  "will serve; a few hundred lines are enough)")
     if "schedule" in given:

@@ -113,7 +113,7 @@ def test_calib_with_another_method_is_refused():
     with pytest.raises(DeltacompError, match="give --budget-scope model"):
         CompressConfig(calib="x.txt", allocation="optimal", sensitivity=True)
     with pytest.raises(DeltacompError, match="give --calib"):
-        CompressConfig(allocation="optimal", budget_scope="model", sensitivity=True)
+        CompressConfig(calib="none", allocation="optimal", budget_scope="model", sensitivity=True)
 
 
 # -- activations ----------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_calib_use_splits_the_rounding_from_the_allocation(llama_tok, tmp_path):
         pkg = DeltaPackage(tmp_path / name)
         return pkg, {n: m for n, m in pkg.manifest["modules"].items() if m["action"] == "compress"}
 
-    plain, plain_mods = compress("plain")
+    plain, plain_mods = compress("plain", "--calib", "none")
     rounded, rounded_mods = compress("rounding", "--calib", str(calib), "--calib-use", "rounding")
     weighed, weighed_mods = compress("allocation", "--calib", str(calib), "--calib-use", "allocation",
                                      "--group-size", "0")

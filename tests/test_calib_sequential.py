@@ -79,7 +79,8 @@ def test_target_delta_is_the_delta_when_the_streams_agree_and_fits_the_outputs_o
 
 
 @pytest.mark.parametrize("extra,message", [
-    ([], "give --calib"),
+    ([], "--sequential needs calibration, and the default text cannot be used: no tokenizer in"),
+    (["--calib", "none"], "give --calib"),
     (["--calib", "CALIB", "--seq-damp", "0"], "--seq-damp must be a positive"),
     (["--calib", "CALIB", "--calib-shrink", "2"], "--calib-shrink must be auto or in [0, 1]"),
 ])

@@ -51,23 +51,28 @@ def test_round_trip_through_a_dict():
     c = CompressConfig(bits=0.5, schedule=((8, 4), (2, None)), group_size=64)
     d = c.to_dict()
     assert d["config_version"] == 1
-    assert CompressConfig.from_dict(d) == c
+    assert d["allocation_bits"] == "2,3,4,8"  # the widths the default chose, recorded
+    assert CompressConfig.from_dict(d).to_dict() == d
     uv = CompressConfig(allocation="optimal", allocation_bits=parse_bits("2/1,3/2,4"))
     assert uv.to_dict()["allocation_bits"] == "2/1,3/2,4"
     assert CompressConfig.from_dict(uv.to_dict()) == uv
 
 
 def test_allocation_widths_default_to_u_v_pairs_with_calibration_only():
-    assert CompressConfig().allocation_bits == parse_bits("2,3,4,8")
-    assert CompressConfig(calib="calib.txt").allocation_bits == parse_bits(UV_ALLOCATION_BITS)
+    """--calib auto counts as no calibration until a compression settles it (deltacomp.calib.generic)."""
+    assert CompressConfig().widths == parse_bits("2,3,4,8")
+    assert CompressConfig(calib="none").widths == parse_bits("2,3,4,8")
+    for calib in ("calib.txt", "generic"):
+        assert CompressConfig(calib=calib).widths == parse_bits(UV_ALLOCATION_BITS)
+        assert CompressConfig(calib=calib, calib_use="rounding").widths == parse_bits("2,3,4,8")
     assert any(u > v for u, v in parse_bits(UV_ALLOCATION_BITS))
     mine = CompressConfig(calib="calib.txt", allocation_bits=parse_bits("2,3"))
-    assert mine.allocation_bits == ((2, 2), (3, 3))
+    assert mine.widths == ((2, 2), (3, 3))
 
 
 def test_settings_of_packages_with_a_list_of_widths_still_load():
     d = {**CompressConfig().to_dict(), "allocation_bits": [2, 3, 4, 8]}
-    assert CompressConfig.from_dict(d).allocation_bits == ((2, 2), (3, 3), (4, 4), (8, 8))
+    assert CompressConfig.from_dict(d).widths == ((2, 2), (3, 3), (4, 4), (8, 8))
 
 
 @pytest.mark.parametrize("setting, before, given", [("noise_weight", 1.0, 0.3), ("excitation_power", 0.0, 1.5)])

@@ -19,7 +19,7 @@ OPTIONS = {"method": "mixed", "calib": None, "allocation": "auto", "sequential":
 
 @pytest.mark.parametrize("preset, want", [
     ("fast", {"allocation": "schedule", "calib": None, "sequential": False}),
-    ("balanced", {"allocation": "auto", "calib": None, "sequential": False}),
+    ("balanced", {"allocation": "auto", "calib": "auto", "sequential": False}),
     ("best", {"allocation": "optimal", "calib": "c.txt", "sequential": False}),
 ])
 def test_a_preset_sets_method_calibration_allocation_and_sequential(preset, want):
@@ -92,15 +92,17 @@ def test_cli_default_and_presets_write_what_they_chose(tmp_path, llama_tok):
     for name, args in runs.items():
         r, settings = _compress(work, llama_tok, *args)
         assert r.exit_code == 0, (name, r.output)
-        got[name] = (settings["allocation"], bool(settings["calib"]), settings["sequential"])
-    assert got == {"default": ("optimal", False, False), "fast": ("schedule", False, False),
-                   "fast+optimal": ("optimal", False, False), "best": ("optimal", True, False),
-                   "best+seq": ("optimal", True, True), "schedule": ("schedule", False, False),
-                   "default@0.5": ("optimal", False, False)}
+        calib = settings["calib"] if settings["calib"] in (None, "generic") else "file"
+        got[name] = (settings["allocation"], calib, settings["sequential"])
+    assert got == {"default": ("optimal", "generic", False), "fast": ("schedule", None, False),
+                   "fast+optimal": ("optimal", None, False), "best": ("optimal", "file", False),
+                   "best+seq": ("optimal", "file", True), "schedule": ("schedule", "generic", False),
+                   "default@0.5": ("optimal", "generic", False)}
 
 
 @pytest.mark.parametrize("args, words", [
     (["--preset", "best"], ["--preset best calibrates", "--calib FILE"]),
+    (["--preset", "best", "--calib", "none"], ["--preset best calibrates", "--calib FILE"]),
     (["--preset", "fast", "--method", "bitdelta"], ["--preset fast", "--method bitdelta"]),
     (["--schedule", "8:4,2", "--allocation", "optimal"], ["give one of the two"]),
     (["--method", "reference", "--allocation", "optimal"], ["mixed method only, not 'reference'"]),

@@ -66,7 +66,7 @@ def test_smoke_runs_every_stage(suite, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert set(saved["budgets"]) == {"1", "0.25"} and set(saved["pairs"]) == {"instruct"}
     labels = ["default", "reference", "lowrank", "bitdelta", "embedding whole", "calib task 4", "calib task 8",
-              "calib task 16", "calib generic", "no refit"]
+              "calib task 16", "no calibration", "no refit"]
     for name in ("instruct",):
         info = saved["pairs"][name]
         assert info["heldout"] == 8 and info["train"]["last_loss"] < info["train"]["first_loss"]
@@ -135,3 +135,12 @@ def test_resume_runs_only_units_not_finished_with_the_same_arguments(suite, tmp_
     started.clear()
     assert suite._spawn(units, 1, tmp_path) == [{"unit": "A"}, {"unit": "B changed"}, {"unit": "C"}]
     assert started == ["A", "B changed", "C"]  # without --resume every unit runs
+
+
+def test_the_default_calibration_text_is_everyday_sentences_the_suite_never_scores(suite):
+    from deltacomp.calib.generic import GENERIC_TEXT
+
+    lines = [s for s in GENERIC_TEXT.read_text(encoding="utf-8").splitlines() if s.strip()]
+    assert len(lines) == len(set(lines)) == 821
+    calib, scored = suite.generic_text(smoke=False)
+    assert calib == lines and len(scored) > 800 and not set(lines) & set(scored)

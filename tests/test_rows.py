@@ -208,16 +208,17 @@ def dense_embedding_pair(llama_tok, tmp_path_factory):
 def test_vocab_weights_counts_keep_the_frequent_tokens_rows_better(dense_embedding_pair, tmp_path):
     from transformers import AutoTokenizer
 
-    from deltacomp.calib.frequency import TOKEN_TEXT, count_tokens, text_token_lists
+    from deltacomp.calib.frequency import count_tokens, text_token_lists
+    from deltacomp.calib.generic import GENERIC_TEXT
     from deltacomp.package.reader import reconstruct_delta
 
     base, ft = dense_embedding_pair
-    counts = count_tokens(text_token_lists(TOKEN_TEXT, AutoTokenizer.from_pretrained(ft)), 256)
+    counts = count_tokens(text_token_lists(GENERIC_TEXT, AutoTokenizer.from_pretrained(ft)), 256)
     frequent = counts.argsort(descending=True)[:16]  # the byte tokenizer: mostly lower-case letters and the space
     b, f = Checkpoint(base), Checkpoint(ft)
     err, stored = {}, {}
     for weights in ("off", "counts", "head", "auto"):
-        config = CompressConfig(bits=0.5, rows_energy=1.0, vocab_weights=weights, allocation="schedule")
+        config = CompressConfig(bits=0.5, rows_energy=1.0, vocab_weights=weights, allocation="schedule", calib="none")
         m = compress(base, ft, tmp_path / weights, config, progress=False)
         assert m["settings"]["vocab_weights"] == weights
         pkg = DeltaPackage(tmp_path / weights)

@@ -5,9 +5,10 @@ output head (SmolLM2 ties it to the embedding), row v's logit error counts about
 on average its frequency. A plain SVD spends the table's rank on every row alike, and a fine-tune (Adam) moves
 the rows of rare tokens as far as common ones. With ``--vocab-weights counts``, the mixed method chooses the table's
 singular vectors for ``diag(w) dE`` with ``w = sqrt(count + 1)`` (+1: no row is ignored), counted with the
-fine-tune's tokenizer on ``--calib`` when given, else on :data:`TOKEN_TEXT` (everyday English sentences, shipped
-with deltacomp). ``--vocab-weights head`` also hands the output head its input moment on the same text
-(:mod:`deltacomp.calib.head`). Measured in BENCHMARKS.md ("Treatments of the token table, by function").
+fine-tune's tokenizer on the calibration text, else on deltacomp's everyday English text
+(:data:`deltacomp.calib.generic.GENERIC_TEXT`). ``--vocab-weights head`` also hands the output head its input moment
+on the same text (:mod:`deltacomp.calib.head`). Measured in BENCHMARKS.md ("Treatments of the token table, by
+function").
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from deltacomp.errors import DeltacompError
 
 log = logging.getLogger(__name__)
-TOKEN_TEXT = Path(__file__).with_name("token_text.txt")
 
 
 def count_tokens(token_lists, vocab: int) -> torch.Tensor:
@@ -46,7 +46,8 @@ def text_token_lists(path: str | Path, tokenizer) -> list[list[int]]:
     return tokenizer(lines)["input_ids"]
 
 
-def _tokenizer(folders):
+def find_tokenizer(folders):
+    """The tokenizer of the first of ``folders`` that has one, or None."""
     from transformers import AutoTokenizer
 
     for folder in folders:
@@ -58,18 +59,20 @@ def _tokenizer(folders):
 
 
 def token_samples(folders, max_len: int, quiet: bool = False) -> list[torch.Tensor] | None:
-    """:data:`TOKEN_TEXT` as token samples (windows of up to 128 tokens) with the tokenizer of the first of
-    ``folders`` that has one; None when none has (a warning unless ``quiet``)."""
+    """The everyday text (:data:`deltacomp.calib.generic.GENERIC_TEXT`) as token samples (windows of up to 128
+    tokens) with the tokenizer of the first of ``folders`` that has one; None when none has (a warning unless
+    ``quiet``)."""
     from deltacomp.calib.data import make_samples
+    from deltacomp.calib.generic import GENERIC_TEXT
 
-    tok = _tokenizer(folders)
+    tok = find_tokenizer(folders)
     if tok is None:
         (log.debug if quiet else log.warning)("--vocab-weights: no tokenizer in %s; the token tables are not "
                                               "weighted", " or ".join(str(f) for f in folders))
         return None
     sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-    return make_samples(text_token_lists(TOKEN_TEXT, tok), None, min(128, max_len), max_len, sep,
-                        source=str(TOKEN_TEXT))
+    return make_samples(text_token_lists(GENERIC_TEXT, tok), None, min(128, max_len), max_len, sep,
+                        source=str(GENERIC_TEXT))
 
 
 OUTPUT_HEADS = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
@@ -90,7 +93,7 @@ def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config,
     """MatrixContext fields of each token table ``shapes`` ({name: (rows, cols)}) for ``config.vocab_weights``:
     ``row_weight`` (rows,) from token counts (:func:`row_weights`), and with ``head`` the output head's ``hessian``
     (:func:`deltacomp.calib.head.head_moment`) on the same text: ``samples`` (``--calib``'s, already loaded) when
-    given, else ``--calib`` when given, else :data:`TOKEN_TEXT`.
+    given, else ``--calib`` when given, else the everyday text.
     Empty when no tokenizer is found. ``auto`` is ``head`` without warnings: where the model has no tokenizer or no
     head input of the table's width, less weighting, silently."""
     asked = config.vocab_weights != "auto"

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltacomp.calib.context import MatrixContext, ScopePlan
+from deltacomp.calib.generic import calib_path
 from deltacomp.config import Calibration, CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, stream
@@ -60,7 +61,8 @@ def load_calibration(config: Calibration, ft: Checkpoint, base: Checkpoint) -> l
     if tok is None:
         raise DeltacompError(f"--calib needs a tokenizer, but neither {ft.path} nor {base.path} has one")
     max_len = int(ft.config.get("max_position_embeddings") or 2048)
-    return load_samples(config.calib, tok, config.calib_samples, config.calib_seqlen, max_len, config.calib_field)
+    return load_samples(calib_path(config.calib), tok, config.calib_samples, config.calib_seqlen, max_len,
+                        config.calib_field)
 
 
 def shrink(h: torch.Tensor, weight: float | None, tokens: int) -> torch.Tensor:
@@ -202,7 +204,7 @@ class Contexts:
         if not names:
             return
         options = allocate.solve(tables, costs, cfg.bits * total - fixed)
-        self.bits = {n: allocate.bits_of_options(o, cfg.allocation_bits) for n, o in zip(names, options)}
+        self.bits = {n: allocate.bits_of_options(o, cfg.widths) for n, o in zip(names, options)}
         self.budgets = {n: float(c[o].sum()) for n, c, o in zip(names, costs, options)}
         self.index = {n: i for i, n in enumerate(names)}
         log.info("model-scope allocation over %d matrices: %d vectors kept", len(names),

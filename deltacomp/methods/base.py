@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltacomp.calib.context import MatrixContext
-from deltacomp.config import CompressConfig
+from deltacomp.config import CALIB_AUTO, CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.registry import Registry
 
@@ -28,7 +28,7 @@ class Compressed:
 # choice to the method (:attr:`Method.auto`); "schedule" stays accepted everywhere (reference follows the schedule,
 # and packages of every method record it).
 METHOD_SETTINGS = {
-    "calib": ((None,), "--calib is used by the {users} method only, not by {me!r}"),
+    "calib": ((None, CALIB_AUTO), "--calib is used by the {users} method only, not by {me!r}"),
     "budget_scope": (("matrix",), "--budget-scope model is for the {users} method only, not {me!r}"),
     "budget": (("factors",), "--budget all-in is for the {users} method only, not {me!r}"),
     "allocation": (("auto", "schedule"), "--allocation optimal is for the {users} method only, not {me!r}"),
@@ -64,8 +64,11 @@ class Method:
 
     def resolve(self, config: CompressConfig) -> CompressConfig:
         """``config`` with each setting left to the method ("auto") set to this method's choice, as the manifest
-        records it."""
+        records it; a method that does not calibrate takes ``--calib auto`` as none (a calibrating one's is settled
+        by the compression, which knows the checkpoints: :func:`deltacomp.calib.generic.settle`)."""
         chosen = {key: value for key, value in self.auto.items() if getattr(config, key) == "auto"}
+        if config.calib == CALIB_AUTO and "calib" not in self.uses:
+            chosen["calib"] = None
         return dataclasses.replace(config, **chosen) if chosen else config
 
     def check_budget(self, shape: tuple[int, int], config: CompressConfig) -> None:

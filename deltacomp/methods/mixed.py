@@ -62,7 +62,7 @@ class Mixed(Method):
         ``share`` > 1 keeps more vectors than the matrix's own budget affords (the model-scope first pass)."""
         h_alloc, h_round = self.hessians(config, h)
         group_size = config.gptq_group_size if h_round is not None else config.group_size
-        return allocate.candidates(delta, config.bits, config.allocation_bits, group_size, h_alloc,
+        return allocate.candidates(delta, config.bits, config.widths, group_size, h_alloc,
                                    (config.act_order, config.damp) if h_round is not None else None,
                                    self.overhead(delta.shape, config, group_size), share, config.device, config.svd,
                                    config.vector_range == "mse", noise_weight(config), excitation_power(config))
@@ -74,7 +74,7 @@ class Mixed(Method):
         elif config.budget_scope == "matrix":
             m, n = shape
             extra = self.overhead(shape, config, config.group_size)
-            need = min(vector_cost(bu, m, n, bv, extra) for bu, bv in config.allocation_bits)
+            need = min(vector_cost(bu, m, n, bv, extra) for bu, bv in config.widths)
             if need > budget_bits(m, n, config.bits):
                 raise BudgetError(
                     f"a budget of {config.bits:g} bits per entry is too small for one singular vector of a {m}x{n} "
@@ -101,7 +101,7 @@ class Mixed(Method):
             allocated = self.candidates(chosen_for, config, h)
             u, s, v = allocated.u, allocated.s, allocated.v
             budget = plan.budget if plan is not None else budget_bits(m, n, config.bits)
-            bits = allocate.choose(allocated, config.allocation_bits, budget)
+            bits = allocate.choose(allocated, config.widths, budget)
         else:
             sched = self.schedule_groups((m, n), config, group_size)
             u, s, v = svd(chosen_for, sum(g.rank for g in sched), config.device, config.svd)

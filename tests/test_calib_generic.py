@@ -1,0 +1,67 @@
+"""``--calib auto`` (the default): the everyday text where the fine-tune can be run, else no calibration, decided
+once and recorded (tests/test_quality_suite.py checks that the quality suite never scores the shipped text)."""
+
+import json
+import logging
+
+import pytest
+from click.testing import CliRunner
+from conftest import assert_one_line_error
+from safetensors.torch import load_file
+
+from deltacomp.calib.generic import GENERIC_TEXT
+from deltacomp.cli import cli
+from deltacomp.compress import compress
+from deltacomp.config import CompressConfig
+
+
+def _package(tmp_path, pair, name, **kw):
+    base, ft, _ = pair
+    manifest = compress(base, ft, tmp_path / name, CompressConfig(bits=0.5, **kw), progress=False)
+    tensors = {}
+    for f in sorted((tmp_path / name).glob("delta*.safetensors")):
+        tensors.update(load_file(f))
+    return manifest["settings"], tensors
+
+
+def test_the_default_calibrates_on_the_shipped_text_as_if_it_were_given(llama_tok, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="deltacomp"):
+        auto, auto_tensors = _package(tmp_path, llama_tok, "auto")
+    assert auto["calib"] == "generic" and "calibrating on deltacomp's everyday English text" in caplog.text
+    assert auto["allocation_bits"] == CompressConfig(calib="generic").to_dict()["allocation_bits"]
+    given, given_tensors = _package(tmp_path, llama_tok, "given", calib=str(GENERIC_TEXT))
+    assert given_tensors.keys() == auto_tensors.keys()
+    assert all((given_tensors[k] == auto_tensors[k]).all() for k in auto_tensors)  # the same package, bit for bit
+    plain, plain_tensors = _package(tmp_path, llama_tok, "none", calib="none")
+    assert plain["calib"] is None and plain["allocation_bits"] == "2,3,4,8"
+    assert any(not (plain_tensors[k] == auto_tensors[k]).all() for k in auto_tensors if k in plain_tensors)
+
+
+def test_without_a_tokenizer_the_default_compresses_uncalibrated_and_says_why(llama_pair, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="deltacomp"):
+        settings, _ = _package(tmp_path, llama_pair, "pkg")
+    assert settings["calib"] is None and settings["allocation_bits"] == "2,3,4,8"
+    assert "without calibration: no tokenizer in" in caplog.text
+
+
+@pytest.mark.parametrize("kw", [{"method": "reference"}, {"excitation_power": 2.0}])
+def test_settings_that_do_not_calibrate_take_the_default_as_none(llama_tok, tmp_path, kw):
+    settings, _ = _package(tmp_path, llama_tok, "pkg", **kw)
+    assert settings["calib"] is None
+
+
+def test_options_that_need_calibration_say_why_the_default_cannot_give_it(llama_pair, tmp_path):
+    base, ft, _ = llama_pair
+    r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "o"), "--sequential"])
+    assert_one_line_error(r, "--sequential needs calibration", "no tokenizer in")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_cli_records_what_it_chose(llama_tok, tmp_path):
+    base, ft, _ = llama_tok
+    for calib, want in (([], "generic"), (["--calib", "none"], None), (["--calib", "generic"], "generic")):
+        out = tmp_path / f"pkg{len(list(tmp_path.iterdir()))}"
+        r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(out), "--bits", "0.5", *calib])
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "deltacomp.json").read_text())["settings"]["calib"] == want
+
