@@ -103,7 +103,8 @@ def settings_for(calib_sizes: tuple[int, ...]) -> tuple[tuple[str, dict], ...]:
 # -- settings ------------------------------------------------------------------------------------------------------
 def parse_extra(text: str) -> tuple[str, dict]:
     """``"LABEL: key=value; key=value"`` -> (LABEL, CompressConfig keywords); a value is JSON where it parses
-    (true, 0.5) and text otherwise; ``calib`` names a data set of the suite (task32, task128, task512, generic)."""
+    (true, 0.5) and text otherwise; ``calib`` names a data set of the suite (task32, task128, task512, generic, or
+    taskN+generic: both in one file)."""
     label, sep, body = text.partition(":")
     if not sep or not label.strip():
         raise SystemExit(f"--extra {text!r}: expected 'LABEL: key=value; key=value'")
@@ -169,7 +170,11 @@ def prepare(name: str, base: Path, work: Path, args) -> dict:
     tok = AutoTokenizer.from_pretrained(base)
     calib = {f"task{n}": write_lines(folder / f"calib_task{n}.jsonl", chat_records(train[:n]))
              for n in args.calib_sizes}
-    calib["generic"] = write_lines(folder / "calib_generic.txt", generic_text(args.smoke)[0])
+    generic = generic_text(args.smoke)[0]
+    calib["generic"] = write_lines(folder / "calib_generic.txt", generic)
+    for n in args.calib_sizes:  # the task's examples and the everyday text in one file (JSON strings are texts)
+        calib[f"task{n}+generic"] = write_lines(folder / f"calib_task{n}_generic.jsonl",
+                                                [*chat_records(train[:n]), *map(json.dumps, generic)])
     steps = args.steps or task.steps
     ft = folder / "finetuned"
     if not (ft / "train.json").is_file():

@@ -358,8 +358,9 @@ class CompressConfig:
         "on it weigh the bit allocation, and GPTQ rounds instead of round-to-nearest. generic: deltacomp's everyday "
         "English text (821 sentences); none: no calibration (the quickest); auto: generic where the fine-tune can be "
         "run (a tokenizer, a transformers architecture), else none. Measured by function, the everyday text kept "
-        "four SmolLM2 fine-tunes and MiniLM closer to the fine-tune than none at 1 and 0.5 bit, for about 3x the "
-        "compress time; text like the fine-tune's own did better still (BENCHMARKS.md).", type="path")
+        "three SmolLM2 fine-tunes and MiniLM closer to the fine-tune than none and than the plain reference at 1 and "
+        "0.5 bit, for about 3x the compress time; 128 examples of the fine-tune's own task did better still on two "
+        "of them (BENCHMARKS.md).", type="path")
     calib_field: str = setting("text", "calibration", "Text field of JSON-lines calibration data.")
     calib_samples: int | None = setting(
         None, "calibration", "Calibration samples [default: the records within 128 x 2048 tokens, at least 128; "
