@@ -6,7 +6,7 @@ import logging
 
 import pytest
 from click.testing import CliRunner
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, calib_text
 from safetensors.torch import load_file
 
 from deltacomp.calib.generic import GENERIC_TEXT
@@ -65,3 +65,22 @@ def test_the_cli_records_what_it_chose(llama_tok, tmp_path):
         assert r.exit_code == 0, r.output
         assert json.loads((out / "deltacomp.json").read_text())["settings"]["calib"] == want
 
+
+
+@pytest.mark.parametrize("join", [True, False])
+def test_a_calibration_file_is_joined_by_the_everyday_text_unless_told_not(llama_tok, tmp_path, join):
+    from deltacomp.calib.data import load_samples
+    from deltacomp.calib.frequency import find_tokenizer
+    from deltacomp.calib.provider import load_calibration
+    from deltacomp.io.checkpoint import Checkpoint
+
+    base, ft, _ = llama_tok
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calib_text(6))
+    config = CompressConfig(calib=str(calib), calib_generic=join)
+    got = load_calibration(config.groups.calibration, Checkpoint(ft), Checkpoint(base))
+    tok = find_tokenizer([ft])
+    want = load_samples(calib, tok) + (load_samples(GENERIC_TEXT, tok) if join else [])
+    assert len(got) == len(want) == 6 + 821 * join and all((a == b).all() for a, b in zip(got, want))
+    generic = CompressConfig(calib="generic", calib_generic=join)  # the everyday text is not taken twice
+    assert len(load_calibration(generic.groups.calibration, Checkpoint(ft), Checkpoint(base))) == 821

@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltacomp.calib.context import MatrixContext, ScopePlan
-from deltacomp.calib.generic import calib_path
-from deltacomp.config import Calibration, CompressConfig
+from deltacomp.calib.generic import GENERIC_TEXT, calib_path
+from deltacomp.config import CALIB_GENERIC, Calibration, CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, stream
 from deltacomp.io.checkpoint import Checkpoint
@@ -46,23 +46,20 @@ def natural_key(name: str) -> list:
 
 @timed("calibration")
 def load_calibration(config: Calibration, ft: Checkpoint, base: Checkpoint) -> list[torch.Tensor]:
-    """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none)."""
-    from transformers import AutoTokenizer
-
+    """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none), followed with
+    ``--calib-generic`` by those of the everyday text (unless that is the calibration already)."""
     from deltacomp.calib.data import load_samples
+    from deltacomp.calib.frequency import find_tokenizer
 
-    tok = None
-    for ckpt in (ft, base):
-        try:
-            tok = AutoTokenizer.from_pretrained(ckpt.path)
-            break
-        except Exception as e:  # transformers raises many types for a folder without tokenizer files
-            log.debug("no tokenizer in %s: %s", ckpt.path, e)
+    tok = find_tokenizer((ft.path, base.path))
     if tok is None:
         raise DeltacompError(f"--calib needs a tokenizer, but neither {ft.path} nor {base.path} has one")
     max_len = int(ft.config.get("max_position_embeddings") or 2048)
-    return load_samples(calib_path(config.calib), tok, config.calib_samples, config.calib_seqlen, max_len,
-                        config.calib_field)
+    samples = load_samples(calib_path(config.calib), tok, config.calib_samples, config.calib_seqlen, max_len,
+                           config.calib_field)
+    if config.calib_generic and config.calib != CALIB_GENERIC:
+        samples += load_samples(GENERIC_TEXT, tok, None, config.calib_seqlen, max_len)
+    return samples
 
 
 def shrink(h: torch.Tensor, weight: float | None, tokens: int) -> torch.Tensor:
