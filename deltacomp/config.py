@@ -18,10 +18,13 @@ CALIB_AUTO, CALIB_GENERIC, CALIB_NONE = "auto", "generic", "none"  # --calib's w
 EMBEDDING_PATTERN = (r"(^|\.)(word_embeddings|position_embeddings|embed_tokens|embed_positions|wte|wpe|shared|"
                      r"lm_head|embed_out)\.weight$")
 
+# The names a model gives its list of transformer blocks (Llama's layers, BERT's layer, GPT-2's h, blocks)
+BLOCK_LIST_NAME = r"(layers?|h|blocks?)"
+
 # Linear layers inside transformer blocks, for Llama/Mistral/Qwen (q/k/v/o, gate/up/down), BERT
 # (query/key/value/dense), GPT-2/NeoX/Falcon/Phi fused names and MoE experts.
 DEFAULT_INCLUDE = (
-    r"(^|\.)(layers?|h|blocks?)\.\d+\.(.*\.)?("
+    rf"(^|\.){BLOCK_LIST_NAME}\.\d+\.(.*\.)?("
     r"q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj|"
     r"query|key|value|dense|query_key_value|dense_h_to_4h|dense_4h_to_h|"
     r"c_attn|c_proj|c_fc|fc1|fc2|out_proj|w1|w2|w3|wq|wk|wv|wo|Wqkv"

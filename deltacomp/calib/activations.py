@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deltacomp.config import BLOCK_LIST_NAME
 from deltacomp.errors import CheckpointError, DeltacompError
 from deltacomp.io.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
-BLOCK_LIST = re.compile(r"(^|\.)(layers?|h|blocks?)$")
+BLOCK_LIST = re.compile(rf"(^|\.){BLOCK_LIST_NAME}$")
 
 
 class _Caught(Exception):

@@ -17,13 +17,13 @@ import logging
 import re
 from pathlib import Path
 
-from deltacomp.config import CALIB_AUTO, CALIB_GENERIC, CompressConfig
+from deltacomp.config import BLOCK_LIST_NAME, CALIB_AUTO, CALIB_GENERIC, CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.io.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 GENERIC_TEXT = Path(__file__).with_name("generic_text.txt")
-FIRST_BLOCK = re.compile(r"(^|\.)(layers?|h|blocks?)\.0\.")
+FIRST_BLOCK = re.compile(rf"(^|\.){BLOCK_LIST_NAME}\.0\.")
 
 
 def calib_path(calib: str) -> str | Path:
