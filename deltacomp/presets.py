@@ -2,18 +2,19 @@
 
 Each preset sets the method, the use of calibration, the bit allocation and the sequential fit; options given
 explicitly on the command line override it. Measured on SmolLM2-135M fine-tunes (the quality suite) and the MiniLM
-pair (BENCHMARKS.md, "Everyday text as the default calibration", "The four GPU pairs at 0.5 bit at today's
-calibrated defaults" and "The calibration Hessian shrunk by the calibration's size"):
+pair (BENCHMARKS.md, "Everyday text as the default calibration", "The four GPU pairs at 1 and 0.5 bit with the
+everyday-text default" and "The calibration Hessian shrunk by the calibration's size"):
 
 - ``fast``: the fixed 8/3/2 schedule, round-to-nearest: the plain reference method's result, the quickest.
 - ``balanced``: the defaults: ``--allocation auto`` (the optimal allocation with noise weight 0.1) and ``--calib
-  auto`` (deltacomp's everyday English text where the model can be run): 0.12-0.68x the reference's answer KL on
-  three CPU suite pairs at 1 and 0.5 bit per entry, where no calibration had 0.26-1.18x; MiniLM mean cosine
-  0.99978 / 0.99941 / 0.99828 at 1 / 0.5 / 0.25 bit. About 3x the compress time of no calibration.
+  auto`` (deltacomp's everyday English text where the model can be run): 0.21-0.68x the reference's answer KL on
+  the four GPU suite pairs at 1 and 0.5 bit per entry (no calibration: 0.31-1.21x), 0.12-0.68x on three CPU pairs
+  (0.26-1.18x); MiniLM mean cosine 0.99978 / 0.99941 / 0.99828 at 1 / 0.5 / 0.25 bit. About 2-3x the compress time
+  of no calibration.
 - ``best``: calibrated on ``--calib FILE`` (required), text like the fine-tune's, with the optimal allocation. With
-  128 task examples: 0.17x, 0.27x and 0.16x the reference's answer KL on the CPU arith, instruct and piglatin pairs
-  at 0.5 bit, and 0.52x on the four GPU pairs (geometric mean, measured before the calibration Hessian was shrunk
-  by the calibration's size, ``--calib-shrink auto``); MiniLM 0.99976 / 0.99933 / 0.99847.
+  128 task examples: 0.29x the reference's answer KL on the four GPU pairs at 0.5 bit (geometric mean; worst 0.55,
+  json) and 0.16x at 1 bit; 0.17x, 0.27x and 0.16x on the CPU arith, instruct and piglatin pairs at 0.5 bit; MiniLM
+  0.99976 / 0.99933 / 0.99847.
   ``--sequential`` is not part of it: it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it
   explicitly to try it).
 """
