@@ -233,3 +233,12 @@ def test_evaluate_rows(skills, trained):
     assert result["rows"][-1]["loss"] < min(r["loss"] for r in result["rows"][:-1])
     rows = trained["sentence"][0].evaluate(skills["singles_test"][:6])["rows"]
     assert rows[0]["exact_match"] == 0.0 and rows[-1]["exact_match"] >= 0.5
+
+
+def test_gates_of_a_block_run_its_sibling_layers_as_one_call(trained):
+    """Gates whose weights are the block's (token, static, sentence) give the layers of a block one router, so
+    q|k|v and gate|up run as one call of the op; MeteoRA's router per module makes each layer run alone."""
+    for gate, (fm, _) in trained.items():
+        grouped = [s.layer for s in fm.sites if s.layer.siblings is not None]
+        assert len(grouped) == 5 * len(fm.sites.blocks), gate  # q, k, v, gate, up of every block
+        assert all(layer.siblings.joined(layer) for layer in grouped) == (gate != "topk"), gate

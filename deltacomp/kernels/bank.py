@@ -101,12 +101,18 @@ class DeltaBank(torch.nn.Module):
         self._factors: list[tuple] | None = None
         self._ones: dict[tuple, torch.Tensor] = {}
         self._alone: dict[int, DeltaBank] = {}
+        self._proj: dict[int, DeltaBank] = {}
 
     def _apply(self, fn, *args, **kwargs):
+        views = list(self._proj)
         self._factors = None  # moved or cast: dequantize again on the new device
         self._ones = {}
         self._alone = {}
-        return super()._apply(fn, *args, **kwargs)
+        self._proj = {}
+        out = super()._apply(fn, *args, **kwargs)
+        for p in views:  # made again at once: one made inside torch.compile's trace would recompile the graph
+            self.projection(p)
+        return out
 
     def unit_weights(self, rows: int, device, dtype: torch.dtype) -> torch.Tensor:
         """(rows, k) gate weights of 1, made once per shape and kept (a call then launches no fill).
@@ -124,8 +130,11 @@ class DeltaBank(torch.nn.Module):
         return ones
 
     def release_factors(self) -> None:
-        """Drop the kept float factors (:meth:`dequantized`); the next call that needs them makes them again."""
+        """Drop the kept float factors (:meth:`dequantized`), this bank's and its views' (:meth:`alone`,
+        :meth:`projection`); the next call that needs them makes them again."""
         self._factors = None
+        for view in (*self._alone.values(), *self._proj.values()):
+            view.release_factors()
 
     def dequantized(self) -> list[tuple]:
         """The factors as float32, per projection (:func:`deltacomp.kernels.reference.projections`), made once.
@@ -232,32 +241,51 @@ class DeltaBank(torch.nn.Module):
             return self
         kept = self._alone.get(d)
         if kept is None:
-            kept = self._alone[d] = self._one(d)
+            kept = self._alone[d] = self._view(range(len(self.out_features)), d)
         return kept
 
-    def _one(self, d: int) -> DeltaBank:
+    def projection(self, p: int) -> DeltaBank:
+        """Projection p of this bank (every delta) as a bank of its own, made once and kept, over the shared words
+        and columns as :meth:`alone` is: what one of the layers that share the bank's input computes alone."""
+        if not 0 <= p < len(self.out_features):
+            raise DeltacompError(f"projection {p} of a bank of {len(self.out_features)}")
+        if len(self.out_features) == 1:
+            return self
+        kept = self._proj.get(p)
+        if kept is None:
+            kept = self._proj[p] = self._view([p], None)
+        return kept
+
+    def _view(self, projections: Sequence[int], d: int | None) -> DeltaBank:
+        """The rank rows of ``projections`` (in that order) of delta ``d`` (None: of every delta), as a bank."""
         rows, s, spans = self.rows.cpu(), self.s.cpu(), self.spans.cpu().long()
-        picked, projs, j = [], [], 0
-        for p, (_, _, out_off, out_len) in enumerate(self.projs.cpu().tolist()):
-            lo, hi = int(spans[p, d]), int(spans[p, d + 1])
+        k = self.num_deltas if d is None else 1
+        every = self.projs.cpu().tolist()
+        picked, projs, new_spans, segments, j, out_off = [], [], [], [], 0, 0
+        for p in projections:
+            lo, hi = (int(spans[p, 0]), int(spans[p, -1])) if d is None else (int(spans[p, d]), int(spans[p, d + 1]))
             picked.append(torch.arange(lo, hi))
-            projs.append([j, j + hi - lo, out_off, out_len])
+            projs.append([j, j + hi - lo, out_off, every[p][3]])
+            new_spans.append((spans[p] - lo + j).tolist() if d is None else [j, j + hi - lo])
+            segments += [p * self.num_deltas + e for e in (range(self.num_deltas) if d is None else [d])]
             j += hi - lo
+            out_off += every[p][3]
         picked = torch.cat(picked)
         t = {name: getattr(self, name) for name in TENSORS[:6]}
         t["rows"], t["s"] = rows[picked], s[picked]  # indexing copies: the bank's own tables stay as they are
-        t["rows"][:, DELTA] = 0
+        if d is not None:
+            t["rows"][:, DELTA] = 0
         t["projs"] = torch.tensor(projs, dtype=torch.int32).reshape(-1, 4)
-        t["spans"] = t["projs"][:, :2].contiguous()
-        if self.col_len > 0:  # delta d's segments of this bank's columns, with their rows' descriptors
-            info = self.u_colinfo[torch.arange(len(projs)) * self.num_deltas + d]
+        t["spans"] = torch.tensor(new_spans, dtype=torch.int32).reshape(-1, k + 1)
+        if self.col_len > 0:  # the segments' columns of this bank, with their rows' descriptors
+            info = self.u_colinfo[torch.tensor(segments)]
             t.update(u_cols=self.u_cols, u_desc=self.u_desc[picked], u_pair=self.u_pair[picked], u_colinfo=info,
                      col_len=int(info[:, 1].max()))
         else:
-            t.update(_columns(t, len(projs)))
+            t.update(_columns(t, len(projs), k) if k <= FUSED_MAX_DELTAS else _no_columns(len(projs) * k))
         device = self.rows.device
-        t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-        return DeltaBank(t, self.in_features, self.out_features, 1)
+        t = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in t.items()}
+        return DeltaBank(t, self.in_features, [self.out_features[p] for p in projections], k)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.num_deltas}, "

@@ -18,6 +18,8 @@ class Gate(torch.nn.Module):
 
     name: str = ""
     needs_task = False  # whether ``aux_loss`` wants each training example's task (delta index)
+    per_module = False  # whether each layer has its own router; else the layers of a block share one (and the
+    # sibling layers that read one input run as one call of the op: deltacomp.kernels.shared)
 
     def __init__(self, sites: Sites, config):
         super().__init__()
@@ -31,7 +33,8 @@ class Gate(torch.nn.Module):
         return self._sites[0]
 
     def router(self, site) -> object:
-        """The callable x (..., n) -> weights (..., k) or (k,) for one site."""
+        """The callable x (..., n) -> weights (..., k) or (k,) for one site (for every site of its block, unless
+        :attr:`per_module`)."""
         raise NotImplementedError
 
     def hooks(self) -> list:
@@ -39,8 +42,12 @@ class Gate(torch.nn.Module):
         return []
 
     def attach(self) -> None:
+        routers: dict = {}
         for site in self.sites:
-            site.layer.router = self.router(site)
+            key = id(site) if self.per_module else site.block
+            if key not in routers:
+                routers[key] = self.router(site)
+            site.layer.router = routers[key]
         self._handles = self.hooks()
 
     def detach(self) -> None:

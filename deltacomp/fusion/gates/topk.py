@@ -22,6 +22,8 @@ def topk_weights(logits: torch.Tensor, k: int, temperature: float) -> torch.Tens
 
 @register("topk")
 class TopKGate(Gate):
+    per_module = True
+
     def __init__(self, sites, config):
         super().__init__(sites, config)
         self.needs_task = config.route_weight > 0
