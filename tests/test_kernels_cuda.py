@@ -321,8 +321,9 @@ def test_extension_checks_name_the_numbers():
         torch.ops.deltacomp.delta_linear_base(x, [wt.float()], None, w, *bank.tensors())
 
 
+@pytest.mark.parametrize("share", [True, False], ids=["siblings-shared", "siblings-alone"])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 10)], ids=["fused-base", "base-then-delta"])
-def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages, shape):
+def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages, shape, share):
     from transformers import LlamaForCausalLM
 
     from deltacomp.kernels import attach
@@ -333,7 +334,7 @@ def test_attached_model_on_gpu_matches_cpu(llama_pair, llama_packages, shape):
     ids = torch.randint(0, 256, shape)  # one token row runs the fused base product, 30 do not
     cpu = LlamaForCausalLM.from_pretrained(base_dir).eval()
     gpu = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to("cuda").eval()
-    attach(cpu, [pkg])
-    attach(gpu, [pkg])
+    attach(cpu, [pkg], share_inputs=False)
+    attach(gpu, [pkg], share_inputs=share)  # q|k|v and gate|up as one call of the op, or each layer alone
     with torch.no_grad():
         assert rel_err(gpu(ids.cuda()).logits.float().cpu(), cpu(ids).logits) < 2e-2
