@@ -118,3 +118,13 @@ def test_a_sibling_runs_alone_unless_it_shares_the_input_and_the_mixture(models)
         finally:
             for layer in (q, k, v, pq, pk, pv):
                 layer.router = None
+
+
+def test_attach_takes_the_weights_once_as_float32_on_the_models_device(llama_pair, llama_packages):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(llama_pair[0]).eval()
+    layers = attach(model, [DeltaPackage(llama_packages(1.0))], weights=[0.5])
+    w = next(iter(layers.values())).weights
+    assert torch.equal(w, torch.tensor([0.5])) and w.device == next(model.parameters()).device
+    assert all(layer.weights is w for layer in layers.values())  # one tensor: the siblings share their calls

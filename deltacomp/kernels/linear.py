@@ -193,6 +193,8 @@ def attach(model: torch.nn.Module, packages: Sequence[DeltaPackage | str], weigh
     if dense:
         log.info("not wrapped (no linear layer, or row-sparse): %s", ", ".join(dense))
     device = next(model.parameters()).device
+    if weights is not None:  # on the model's device once, not copied at every call (nor inside a CUDA graph capture)
+        weights = torch.as_tensor(weights, dtype=torch.float32).to(device)
     layers = {paths[n]: model.get_submodule(paths[n]) for n in names}
     for path, layer in layers.items():
         if isinstance(layer, DeltaLinear):
