@@ -28,10 +28,15 @@ def test_the_default_calibrates_on_the_shipped_text_as_if_it_were_given(llama_to
     with caplog.at_level(logging.INFO, logger="deltacomp"):
         auto, auto_tensors = _package(tmp_path, llama_tok, "auto")
     assert auto["calib"] == "generic" and "calibrating on deltacomp's everyday English text" in caplog.text
+    assert "get no calibration" not in caplog.text  # the token tables: --vocab-weights weighs them
     assert auto["allocation_bits"] == CompressConfig(calib="generic").to_dict()["allocation_bits"]
     given, given_tensors = _package(tmp_path, llama_tok, "given", calib=str(GENERIC_TEXT))
     assert given_tensors.keys() == auto_tensors.keys()
     assert all((given_tensors[k] == auto_tensors[k]).all() for k in auto_tensors)  # the same package, bit for bit
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deltacomp"):
+        _package(tmp_path, llama_tok, "unweighed", vocab_weights="off")
+    assert "2 matrices are outside the transformer blocks and get no calibration (e.g. lm_head.weight)" in caplog.text
     plain, plain_tensors = _package(tmp_path, llama_tok, "none", calib="none")
     assert plain["calib"] is None and plain["allocation_bits"] == "2,3,4,8"
     assert any(not (plain_tensors[k] == auto_tensors[k]).all() for k in auto_tensors if k in plain_tensors)

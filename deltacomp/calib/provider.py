@@ -34,7 +34,7 @@ from deltacomp.errors import DeltacompError
 from deltacomp.extract import Entry, stream
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.quant import allocate
-from deltacomp.rows import is_vocab_matrix, select_rows
+from deltacomp.rows import is_token_table, is_vocab_matrix, select_rows
 from deltacomp.stages import timed
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,9 @@ class Contexts:
         return seq
 
     def _warn_uncalibrated(self, layer_of: dict) -> None:
-        missing = sorted(self.names - set(layer_of))
+        """Warn of compressed matrices outside the blocks, but for token tables that ``--vocab-weights`` weighs."""
+        weighed = self.config.vocab_weights != "off" and self.config.budget_scope == "matrix"
+        missing = sorted(n for n in self.names - set(layer_of) if not (weighed and is_token_table(n)))
         if missing:
             log.warning("%d matrices are outside the transformer blocks and get no calibration (e.g. %s)",
                         len(missing), missing[0])
