@@ -111,6 +111,7 @@ def test_encoder_base_with_a_static_gate(bert_pair, tmp_path):
     apply(tmp_path / "pkg", base, tmp_path / "applied", progress=False)
     fm = FusionModel.from_packages(base, [tmp_path / "pkg"], gate="token")
     assert fm.kind == "encoder" and len(fm.sites.blocks) == 2
+    assert sum(s.layer.siblings is not None for s in fm.sites) == 6  # query|key|value (with biases) share a call
     with torch.no_grad(), fm.variant([1.0]):
         got = fm.forward(IDS[:, :6])
         want = AutoModel.from_pretrained(tmp_path / "applied").eval()(input_ids=IDS[:, :6]).last_hidden_state
