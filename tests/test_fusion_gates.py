@@ -15,6 +15,7 @@ from conftest import single_thread
 
 from deltacomp.fusion import Example, FusionModel, TrainConfig
 from deltacomp.fusion.evaluate import encode, loss
+from deltacomp.fusion.gates.topk import topk_weights
 
 L = "abcdefghijklmnopqrstuvwxyz"
 FAST = TrainConfig(epochs=3, lr=5e-2, batch_size=8, holdout=0.0)
@@ -242,3 +243,16 @@ def test_gates_of_a_block_run_its_sibling_layers_as_one_call(trained):
         grouped = [s.layer for s in fm.sites if s.layer.siblings is not None]
         assert len(grouped) == 5 * len(fm.sites.blocks), gate  # q, k, v, gate, up of every block
         assert all(layer.siblings.joined(layer) for layer in grouped) == (gate != "topk"), gate
+
+
+def test_topk_sibling_routers_are_each_modules_own(trained):
+    """The top-k routers of q|k|v (one product for the three) give each module the weights of its own router."""
+    fm, _ = trained["topk"]
+    gate = fm.gate
+    sites = [s for s in fm.sites if s.block == 0 and s.layer.siblings is not None][:3]
+    x = torch.randn(2, 5, sites[0].layer.in_features)
+    with torch.no_grad():
+        for s in sites:
+            j = fm.sites.sites.index(s)
+            want = topk_weights(x @ gate.routers[j].T, fm.config.top_k, fm.config.temperature)
+            assert torch.allclose(s.layer.router(x), want, atol=1e-6)

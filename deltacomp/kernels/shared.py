@@ -13,9 +13,12 @@ top-k, makes each run alone). Otherwise a sibling runs alone over its projection
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # Leaf names of layers that read one input, per architecture family: Llama / Mistral / Qwen / Gemma attention and
 # MLP, BERT-style self-attention, Mixtral-style experts. Names within one parent module only.
@@ -37,6 +40,28 @@ def sibling_sets(paths: Sequence[str]) -> list[list[str]]:
     return found
 
 
+class PerInput:
+    """A value made once per input tensor for ``n`` consumers (slots): made again when the input is another tensor,
+    was changed in place since, or a slot asks twice; let go once every slot has taken it."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._x: torch.Tensor | None = None
+        self._value = None
+        self._version = -1
+        self._taken: set[int] = set()
+
+    def get(self, x: torch.Tensor, slot: int, make: Callable[[], T]) -> T:
+        if self._x is not x or self._version != x._version or slot in self._taken:
+            self._value = make()
+            self._x, self._version, self._taken = x, x._version, set()
+        self._taken.add(slot)
+        value = self._value
+        if len(self._taken) == self.n:
+            self._x = self._value = None  # every slot has it: hold no tensor past the call
+        return value
+
+
 class SharedInput:
     """The :class:`~deltacomp.kernels.DeltaLinear` layers over one bank, ``members[p]`` its projection p."""
 
@@ -45,10 +70,7 @@ class SharedInput:
         for m in self.members:
             m.bank.projection(m.slot)  # each sibling's bank alone, made now rather than at its first lone call
         self.bounds = [0, *itertools.accumulate(m.out_features for m in self.members)]
-        self._x: torch.Tensor | None = None
-        self._out: torch.Tensor | None = None
-        self._version = -1
-        self._taken: set[int] = set()
+        self.outputs = PerInput(len(self.members))
 
     def joined(self, layer: torch.nn.Module) -> bool:
         """Whether ``layer`` mixes the deltas as each of its siblings does (the shared call then serves them all).
@@ -60,13 +82,7 @@ class SharedInput:
 
     def output(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer``'s output for input ``x``: its slice of the shared call, made by the first sibling called with
-        this ``x`` (again when ``x`` is another tensor, was changed in place, or ``layer`` took its slice already)."""
+        this ``x`` (:class:`PerInput`)."""
         p = layer.slot
-        if self._x is not x or self._version != x._version or p in self._taken:
-            self._out = layer.mix(x, layer.bank, [m.base_layer for m in self.members])
-            self._x, self._version, self._taken = x, x._version, set()
-        self._taken.add(p)
-        out = self._out[..., self.bounds[p]:self.bounds[p + 1]]
-        if len(self._taken) == len(self.members):
-            self._x = self._out = None  # every sibling has its slice: hold no tensor past the call
-        return out
+        out = self.outputs.get(x, p, lambda: layer.mix(x, layer.bank, [m.base_layer for m in self.members]))
+        return out[..., self.bounds[p]:self.bounds[p + 1]]

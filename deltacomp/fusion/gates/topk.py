@@ -1,7 +1,8 @@
 """MeteoRA's mixture: a router ``Linear(n -> k)`` per adapted module, top-k deltas per token.
 
 Each module's router reads that module's input x (..., n); the kept logits go through a softmax at temperature
-T, the others get weight 0. An optional routing loss (``config.route_weight``) pulls every router towards the
+T, the others get weight 0. Sibling modules that read one input (q|k|v, gate|up) compute their logits in one
+product. An optional routing loss (``config.route_weight``) pulls every router towards the
 example's task (cross-entropy over all k logits), as MeteoRA trains it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from deltacomp.fusion.gates.base import Gate, register
+from deltacomp.kernels.shared import PerInput
 
 INIT_STD = 0.02
 
@@ -31,16 +33,33 @@ class TopKGate(Gate):
         self.routers = torch.nn.ParameterList(
             torch.nn.Parameter(torch.randn(self.k, s.layer.in_features, generator=g) * INIT_STD) for s in sites)
         self._logits: list[torch.Tensor | None] = [None] * len(sites)
+        self._made: dict[int, PerInput] = {}  # a set of siblings' weights, by its first site
 
     def router(self, site):
-        j = self.sites.sites.index(site)
+        """The module's own router. Sibling layers that read one input (q|k|v, gate|up) get their logits from one
+        product, made at the first sibling's call (:class:`~deltacomp.kernels.shared.PerInput`); each still mixes
+        the deltas by its own weights, so each runs the op alone."""
+        at = {id(s.layer): i for i, s in enumerate(self.sites)}
+        siblings = site.layer.siblings
+        members = [site.layer] if siblings is None else list(siblings.members)
+        js, slot = [at[id(m)] for m in members], members.index(site.layer)
+        made = self._made.setdefault(js[0], PerInput(len(js)))
 
         def route(x: torch.Tensor) -> torch.Tensor:
-            logits = x.float() @ self.routers[j].T  # (..., k)
-            self._logits[j] = logits if torch.is_grad_enabled() else None
-            return topk_weights(logits, self.config.top_k, self.config.temperature)
+            if len(js) == 1 or torch.compiler.is_compiling():
+                return self._weights([js[slot]], x)[..., 0, :]
+            return made.get(x, slot, lambda: self._weights(js, x))[..., slot, :]
 
         return route
+
+    def _weights(self, js: list[int], x: torch.Tensor) -> torch.Tensor:
+        """x (..., n) -> (..., len(js), k): routers ``js``'s top-k weights, their logits from one product."""
+        w = self.routers[js[0]] if len(js) == 1 else torch.cat([self.routers[j] for j in js])
+        logits = (x.float() @ w.T).unflatten(-1, (len(js), self.k))
+        keep = torch.is_grad_enabled()
+        for i, j in enumerate(js):
+            self._logits[j] = logits[..., i, :] if keep else None
+        return topk_weights(logits, self.config.top_k, self.config.temperature)
 
     def aux_loss(self, task: torch.Tensor | None) -> torch.Tensor | None:
         if not self.needs_task or task is None:
@@ -57,3 +76,4 @@ class TopKGate(Gate):
     def detach(self) -> None:
         super().detach()
         self._logits = [None] * len(self._logits)
+        self._made = {}
