@@ -90,6 +90,8 @@ def test_siblings_run_as_one_call_with_the_same_logits(models, monkeypatch):
         assert len(calls) == 4 * layers + 7 * layers
     assert rel_err(got, want) < 1e-6
     assert q.siblings.outputs._value is None  # every sibling took its slice: nothing held past the call
+    with torch.inference_mode():  # inference tensors keep no version counter
+        assert rel_err(shared_model(ids).logits, want) < 1e-6
 
 
 def test_a_sibling_runs_alone_unless_it_shares_the_input_and_the_mixture(models):

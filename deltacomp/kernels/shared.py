@@ -42,7 +42,8 @@ def sibling_sets(paths: Sequence[str]) -> list[list[str]]:
 
 class PerInput:
     """A value made once per input tensor for ``n`` consumers (slots): made again when the input is another tensor,
-    was changed in place since, or a slot asks twice; let go once every slot has taken it."""
+    was changed in place since, or a slot asks twice; let go once every slot has taken it. An inference tensor
+    (made under ``torch.inference_mode``) keeps no version counter: for it, only the tensor's identity is checked."""
 
     def __init__(self, n: int):
         self.n = n
@@ -52,9 +53,10 @@ class PerInput:
         self._taken: set[int] = set()
 
     def get(self, x: torch.Tensor, slot: int, make: Callable[[], T]) -> T:
-        if self._x is not x or self._version != x._version or slot in self._taken:
+        version = -1 if x.is_inference() else x._version
+        if self._x is not x or self._version != version or slot in self._taken:
             self._value = make()
-            self._x, self._version, self._taken = x, x._version, set()
+            self._x, self._version, self._taken = x, version, set()
         self._taken.add(slot)
         value = self._value
         if len(self._taken) == self.n:
