@@ -99,6 +99,7 @@ VECTOR_RANGES = ("mse", "minmax")
 CALIB_USES = ("both", "rounding", "allocation")
 NOISE_WEIGHT = 0.1  # --noise-weight's default
 EXCITATION_POWER = 0.0  # --excitation-power's default
+EXCITATION_WITHOUT_CALIB = "--excitation-power models the inputs where no calibration measures them"
 VOCAB_WEIGHTS = ("auto", "off", "counts", "head")  # how token tables are weighted (deltacomp.calib.frequency)
 
 
@@ -486,11 +487,16 @@ class CompressConfig:
         object.__setattr__(self, "_groups", Groups(**parts))  # each group checks its own settings
         if self.sensitivity and self.calib is None:
             raise DeltacompError("--sensitivity takes its gradients on calibration text: give --calib")
-        if self.excitation_power is not None and self.calib not in (None, CALIB_AUTO) and self.calib_use != "rounding":
-            raise DeltacompError("--excitation-power models the inputs where no calibration is measured; with --calib "
-                                 "the allocation weighs the measured inputs (add --calib-use rounding to keep it)")
+        if self.excites_alone and self.calib not in (None, CALIB_AUTO):
+            raise DeltacompError(f"{EXCITATION_WITHOUT_CALIB}; with --calib the allocation weighs the measured inputs "
+                                 "(add --calib-use rounding to keep it)")
         if self.vocab_bits is not None and self.budget_scope == "model":
             raise DeltacompError("--budget-scope model shares one budget across every matrix: leave out --vocab-bits")
+
+    @property
+    def excites_alone(self) -> bool:
+        """Whether ``--excitation-power`` is given for an allocation that calibration would otherwise weigh."""
+        return self.excitation_power is not None and self.calib_use != "rounding"
 
     @property
     def widths(self) -> tuple[tuple[int, int], ...]:

@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-from deltacomp.config import BLOCK_LIST_NAME, CALIB_AUTO, CALIB_GENERIC, CompressConfig
+from deltacomp.config import BLOCK_LIST_NAME, CALIB_AUTO, CALIB_GENERIC, EXCITATION_WITHOUT_CALIB, CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.io.checkpoint import Checkpoint
 
@@ -37,8 +37,8 @@ def why_not(config: CompressConfig, base: Checkpoint, ft: Checkpoint) -> str | N
 
     from deltacomp.calib.frequency import find_tokenizer
 
-    if config.excitation_power is not None and config.calib_use != "rounding":
-        return "--excitation-power models the inputs where no calibration measures them"
+    if config.excites_alone:
+        return EXCITATION_WITHOUT_CALIB
     if find_tokenizer((ft.path, base.path)) is None:
         return f"no tokenizer in {ft.path} or {base.path}"
     archs = ft.config.get("architectures") or []
