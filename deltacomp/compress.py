@@ -128,7 +128,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         contexts = open_contexts(base, ft, entries, config, method)
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
-    if config.vocab_weights != "off" and config.budget_scope == "matrix" and "vocab_weights" in method.uses:
+    if method.weighs_token_tables(config):
         samples = contexts.samples if contexts is not None else None  # --calib's, loaded once
         context_for = _with_token_weights(base, ft, entries, mine, config, context_for, samples)
     replay = contexts is not None and contexts.sequential is not None  # a resumed matrix still feeds the student

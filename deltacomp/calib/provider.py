@@ -141,7 +141,7 @@ class Contexts:
 
     def _warn_uncalibrated(self, layer_of: dict) -> None:
         """Warn of compressed matrices outside the blocks, but for token tables that ``--vocab-weights`` weighs."""
-        weighed = self.config.vocab_weights != "off" and self.config.budget_scope == "matrix"
+        weighed = self.method.weighs_token_tables(self.config)
         missing = sorted(n for n in self.names - set(layer_of) if not (weighed and is_token_table(n)))
         if missing:
             log.warning("%d matrices are outside the transformer blocks and get no calibration (e.g. %s)",

@@ -71,6 +71,11 @@ class Method:
             chosen["calib"] = None
         return dataclasses.replace(config, **chosen) if chosen else config
 
+    def weighs_token_tables(self, config: CompressConfig) -> bool:
+        """Whether the token tables are compressed under ``--vocab-weights`` (their rows weighted by token counts,
+        the head by its inputs): a method that reads it, a per-matrix budget."""
+        return config.vocab_weights != "off" and config.budget_scope == "matrix" and "vocab_weights" in self.uses
+
     def check_budget(self, shape: tuple[int, int], config: CompressConfig) -> None:
         """Raise BudgetError if the budget cannot cover a matrix of ``shape``; default: any budget works."""
 
