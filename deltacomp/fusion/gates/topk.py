@@ -34,15 +34,15 @@ class TopKGate(Gate):
             torch.nn.Parameter(torch.randn(self.k, s.layer.in_features, generator=g) * INIT_STD) for s in sites)
         self._logits: list[torch.Tensor | None] = [None] * len(sites)
         self._made: dict[int, PerInput] = {}  # a set of siblings' weights, by its first site
+        self._site_of = {id(s.layer): i for i, s in enumerate(sites)}  # a layer's router, by the layer
 
     def router(self, site):
         """The module's own router. Sibling layers that read one input (q|k|v, gate|up) get their logits from one
         product, made at the first sibling's call (:class:`~deltacomp.kernels.shared.PerInput`); each still mixes
         the deltas by its own weights, so each runs the op alone."""
-        at = {id(s.layer): i for i, s in enumerate(self.sites)}
         siblings = site.layer.siblings
         members = [site.layer] if siblings is None else list(siblings.members)
-        js, slot = [at[id(m)] for m in members], members.index(site.layer)
+        js, slot = [self._site_of[id(m)] for m in members], members.index(site.layer)
         made = self._made.setdefault(js[0], PerInput(len(js)))
 
         def route(x: torch.Tensor) -> torch.Tensor:
