@@ -89,3 +89,24 @@ def test_a_calibration_file_is_joined_by_the_everyday_text_unless_told_not(llama
     assert len(got) == len(want) == 6 + 821 * join and all((a == b).all() for a, b in zip(got, want))
     generic = CompressConfig(calib="generic", calib_generic=join)  # the everyday text is not taken twice
     assert len(load_calibration(generic.groups.calibration, Checkpoint(ft), Checkpoint(base))) == 821
+
+
+def test_a_folders_tokenizer_is_loaded_once_while_its_files_are_unchanged(llama_tok, tmp_path, monkeypatch):
+    import shutil
+
+    import transformers
+
+    from deltacomp.calib.frequency import find_tokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(llama_tok[1], folder)
+    loads = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda path, *a, **kw: loads.append(path) or real(path, *a, **kw))
+    first = find_tokenizer([tmp_path / "none", folder])
+    assert find_tokenizer([tmp_path / "none", folder]) is first and loads.count(str(folder)) == 1
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")  # a changed file: loaded again
+    assert find_tokenizer([folder]) is not first and loads.count(str(folder)) == 2
+    assert find_tokenizer([tmp_path / "none"]) is None

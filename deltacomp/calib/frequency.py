@@ -13,7 +13,9 @@ function").
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -47,15 +49,34 @@ def text_token_lists(path: str | Path, tokenizer) -> list[list[int]]:
 
 
 def find_tokenizer(folders):
-    """The tokenizer of the first of ``folders`` that has one, or None."""
+    """The tokenizer of the first of ``folders`` that has one, or None. A folder's tokenizer is loaded once a process
+    while its files are unchanged (a compression asks for it up to three times: whether ``--calib auto`` can run, the
+    calibration text, the token tables' weights)."""
+    for folder in folders:
+        tok = _load_tokenizer(str(folder), _files_stamp(folder))
+        if tok is not None:
+            return tok
+    return None
+
+
+def _files_stamp(folder) -> tuple:
+    """Name, size and modification time of each file in ``folder`` (empty when it cannot be listed)."""
+    try:
+        with os.scandir(folder) as entries:
+            return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()))
+    except OSError:
+        return ()
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(folder: str, stamp: tuple):
     from transformers import AutoTokenizer
 
-    for folder in folders:
-        try:
-            return AutoTokenizer.from_pretrained(str(folder))
-        except Exception as e:  # transformers raises many types for a folder without tokenizer files
-            log.debug("no tokenizer in %s: %s", folder, e)
-    return None
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # transformers raises many types for a folder without tokenizer files
+        log.debug("no tokenizer in %s: %s", folder, e)
+        return None
 
 
 def token_samples(folders, max_len: int, quiet: bool = False) -> list[torch.Tensor] | None:
