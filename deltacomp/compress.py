@@ -150,11 +150,24 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
             world.broadcast(str(store.folder))
             error = _share(base, ft, entries, mine, method, config, store, context_for, replay, progress)
             world.check_all(error)
-            manifest = _assemble(base, ft, entries, config, tmp, store, progress)
+            tuning = _tune(base, ft, entries, config, store, contexts, progress) if config.tune else None
+            manifest = _assemble(base, ft, entries, config, tmp, store, progress, tuning)
     finally:
         if contexts is not None:
             contexts.close()
     return world.broadcast(manifest)
+
+
+def _tune(base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig, store: ResultStore,
+          contexts, progress: bool | None) -> dict | None:
+    """``--tune``: the compressed matrices' S, scales and offsets fitted end to end (:mod:`deltacomp.tune.fit`);
+    its report."""
+    from deltacomp.tune.fit import tune
+
+    half = any(e.dtype in (torch.float16, torch.bfloat16) for e in entries if e.action == "compress")
+    dtype = torch.bfloat16 if config.device.startswith("cuda") and half else torch.float32
+    return tune(base, ft, contexts.samples, store, [e.name for e in entries if e.action == "compress"], config.tune,
+         config.tune_lr, config.device, dtype, progress)
 
 
 def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],
@@ -223,9 +236,10 @@ def _replay(e: Entry, b: torch.Tensor, store: ResultStore, method, context: Matr
         context.compressed(b, delta)
 
 
-def _assemble(base, ft, entries, config, tmp: Path, store: ResultStore, progress: bool | None) -> dict:
+def _assemble(base, ft, entries, config, tmp: Path, store: ResultStore, progress: bool | None,
+              tuning: dict | None = None) -> dict:
     """Write the package into ``tmp`` in the order of ``entries``: compressed matrices from ``store``, the other
-    tensors as they stream past; return the manifest."""
+    tensors as they stream past; return the manifest (with ``--tune``'s report)."""
     base_fp = fingerprint(base)
     full = FullFingerprint()  # fed every base tensor (a compressed matrix's digest comes with its result)
     modules: dict[str, dict] = {}
@@ -265,6 +279,8 @@ def _assemble(base, ft, entries, config, tmp: Path, store: ResultStore, progress
     side, from_base = copy_side_files(Path(ft.path), tmp / MODEL_DIR, Path(base.path))
     base_fp = {"fingerprint": base_fp, "full_fingerprint": full.hexdigest()}
     manifest = _manifest(base, ft, base_fp, config, modules, counts, writer.total_bytes)
+    if tuning is not None:
+        manifest["tuning"] = tuning
     manifest["files"] = {n: sha256_file(tmp / n) for n in files}
     manifest["files"].update({f"{MODEL_DIR}/{r}": sha256_file(tmp / MODEL_DIR / r) for r in side})
     manifest["base_files"] = from_base  # the fine-tune's side files that are the base's, byte for byte

@@ -223,6 +223,8 @@ class Calibration:
     calib_use: str
     sequential: bool
     seq_damp: float
+    tune: int
+    tune_lr: float
 
     def __post_init__(self):
         for name, value, low in (("--calib-samples", self.calib_samples, 1), ("--calib-seqlen", self.calib_seqlen, 2)):
@@ -243,6 +245,12 @@ class Calibration:
         if not (_number(self.seq_damp) and self.seq_damp > 0):
             raise DeltacompError(f"--seq-damp must be a positive fraction of the mean Hessian diagonal, "
                                  f"got {self.seq_damp}")
+        if not isinstance(self.tune, int) or isinstance(self.tune, bool) or self.tune < 0:
+            raise DeltacompError(f"--tune must be a whole number of epochs >= 0, got {self.tune!r}")
+        if self.tune and self.calib is None:
+            raise DeltacompError("--tune fits the compressed model to the fine-tune on calibration text: give --calib")
+        if not (_number(self.tune_lr) and 0 < self.tune_lr <= 1):
+            raise DeltacompError(f"--tune-lr must be in (0, 1], got {self.tune_lr!r}")
 
 
 @dataclass(frozen=True)
@@ -400,6 +408,13 @@ class CompressConfig:
                                flag="--sequential/--no-sequential")
     seq_damp: float = setting(1.0, "calibration",
                               "--sequential's ridge towards the fine-tune's weight (fraction of mean diag H).")
+    tune: int = setting(
+        0, "calibration", "Epochs of end-to-end tuning once every matrix is compressed: the whole model runs with "
+        "the stored factors and, codes kept, each matrix's singular values, scales and offsets are fitted to the "
+        "fine-tune's next-token distributions on the calibration text (an encoder: its last hidden states); the "
+        "epoch with the least loss on held-out calibration samples is kept, the package's size does not change. "
+        "Needs calibration, the mixed method and memory for the whole model on --device (0: off).", type=int)
+    tune_lr: float = setting(1e-3, "calibration", "--tune's learning rate (Adam, on relative changes).")
     # bit allocation (deltacomp.quant.allocate)
     # auto: the method's own rule (mixed: optimal; reference: the schedule), so every method accepts the default
     allocation: str = setting(

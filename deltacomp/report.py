@@ -71,8 +71,19 @@ def render_summary(manifest: dict) -> str:
         f"modules: {t['compressed_modules']} compressed ({t['compressed_entries']:,} entries, "
         f"{t['compressed_bytes']:,} bytes), {t['exact_modules']} stored exactly, {t['removed_modules']} removed",
         *size_lines(manifest),
+        *tuning_lines(manifest),
     ]
     return "\n".join(summary)
+
+
+def tuning_lines(manifest: dict) -> list[str]:
+    """What ``--tune`` did, when it ran."""
+    t = manifest.get("tuning")
+    if t is None:
+        return []
+    where = f"{t['held_out_samples']} held-out calibration samples" if t["held_out_samples"] else "the calibration"
+    return [f"tuned: S, scales and offsets of {t['matrices']} matrices, {t['epochs']} epochs (epoch {t['kept_epoch']} "
+            f"kept); {t['loss']} on {where}: {t['loss_before']:.4g} -> {t['loss_after']:.4g}"]
 
 
 def render_inspect(manifest: dict, modules: bool = True) -> str:

@@ -82,8 +82,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(found, key=lambda nm: len(nm[1]))
 
 
-def build_skeleton(ckpt: Checkpoint, device: str, dtype: torch.dtype):
-    """The model of ``ckpt``'s config with one block; non-block weights loaded. Returns (model, prefix, layers)."""
+def build_skeleton(ckpt: Checkpoint, device: str, dtype: torch.dtype, whole: bool = False):
+    """The model of ``ckpt``'s config with one block, its non-block weights loaded; with ``whole``, every block
+    and every weight (a weight the checkpoint lacks must be tied to one it has). Returns (model, prefix of the
+    blocks in the model, their prefix in the checkpoint, number of blocks, {checkpoint name: model name} of the
+    weights loaded)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(ckpt.path)
@@ -92,23 +95,29 @@ def build_skeleton(ckpt: Checkpoint, device: str, dtype: torch.dtype):
     if cls is None:
         raise DeltacompError(f"{ckpt.path}: config.json names no transformers architecture ({archs}); cannot calibrate")
     n_layers = config.num_hidden_layers
-    config.num_hidden_layers = 1
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:1]
+    if not whole:
+        config.num_hidden_layers = 1
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:1]
     config.use_cache = False
     with torch.device(device):
         model = cls._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
     prefix, _ = find_blocks(model)
     ckpt_prefix = _checkpoint_prefix(ckpt, prefix, getattr(model, "base_model_prefix", ""))
-    state = {}
+    state, names = {}, {}
     for name in model.state_dict():
-        if name.startswith(prefix + "."):
+        if name.startswith(prefix + ".") and not whole:
             continue
         key = ckpt_prefix + name[len(prefix):] if name.startswith(prefix) else _map_name(ckpt, name, model)
         if key is not None and key in ckpt:
-            state[name] = ckpt.read(key)
+            state[name], names[key] = ckpt.read(key), name
     model.load_state_dict(state, strict=False)
-    return model, prefix, ckpt_prefix, n_layers
+    if whole:
+        untied = [n for n, _ in model.named_parameters() if n not in state]  # a tied weight is named once
+        if untied:
+            raise CheckpointError(f"{ckpt.path}: no weight for {', '.join(untied[:3])}"
+                                  f"{' ...' if len(untied) > 3 else ''} of the model its config.json describes")
+    return model, prefix, ckpt_prefix, n_layers, names
 
 
 def _map_name(ckpt: Checkpoint, name: str, model) -> str | None:
@@ -209,7 +218,7 @@ class LayerwiseHessians:
                  device: str = "cpu", dtype: torch.dtype = torch.float32, max_tokens: int = 16384):
         self.ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint(model_dir)
         self.samples, self.device, self.dtype, self.max_tokens = samples, device, dtype, max_tokens
-        self.model, self.prefix, self.ckpt_prefix, self.n_layers = build_skeleton(self.ckpt, device, dtype)
+        self.model, self.prefix, self.ckpt_prefix, self.n_layers, _ = build_skeleton(self.ckpt, device, dtype)
         pattern = re.compile(rf"^{re.escape(self.ckpt_prefix)}\.(\d+)\.(.+)\.weight$")
         self.layer_of: dict[str, int] = {}
         self.local: dict[str, str] = {}

@@ -59,8 +59,9 @@ def settle(config: CompressConfig, base: Checkpoint, ft: Checkpoint) -> Compress
         log.info("calibrating on deltacomp's everyday English text (--calib auto): --calib FILE for text like the "
                  "fine-tune's, --calib none to skip it")
         return dataclasses.replace(config, calib=CALIB_GENERIC)
-    if config.sequential or config.sensitivity:
-        raise DeltacompError(f"--{'sequential' if config.sequential else 'sensitivity'} needs calibration, and the "
-                             f"default text cannot be used: {reason}")
+    needs = [name for name, on in (("sequential", config.sequential), ("sensitivity", config.sensitivity),
+                                   ("tune", config.tune)) if on]
+    if needs:
+        raise DeltacompError(f"--{needs[0]} needs calibration, and the default text cannot be used: {reason}")
     log.info("compressing without calibration: %s", reason)
     return dataclasses.replace(config, calib=None)

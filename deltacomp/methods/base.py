@@ -36,6 +36,7 @@ METHOD_SETTINGS = {
     "noise_weight": ((None,), "--noise-weight is for the {users} method only, not {me!r}"),
     "excitation_power": ((None,), "--excitation-power is for the {users} method only, not {me!r}"),
     "vocab_weights": (("auto", "off"), "--vocab-weights counts|head is for the {users} method only, not {me!r}"),
+    "tune": ((0,), "--tune is for the {users} method only, not {me!r}"),
 }
 
 

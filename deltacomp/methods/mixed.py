@@ -35,7 +35,7 @@ def excitation_power(config: CompressConfig) -> float:
 @register("mixed")
 class Mixed(Method):
     exact_factors = True
-    uses = frozenset({"calib", "budget_scope", "budget", "allocation", "vector_range", "noise_weight",
+    uses = frozenset({"calib", "budget_scope", "budget", "allocation", "vector_range", "noise_weight", "tune",
                       "excitation_power", "vocab_weights"})
     auto = {"allocation": "optimal"}
 

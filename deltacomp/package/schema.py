@@ -29,6 +29,8 @@ TOTALS_KEYS = ("compressed_modules", "exact_modules", "removed_modules", "compre
                "package_tensor_bytes", "fp16_delta_bytes", "finetuned_weight_bytes", "ratio_vs_fp16_delta",
                "ratio_vs_finetuned")
 
+TUNING_KEYS = ("matrices", "epochs", "kept_epoch", "held_out_samples", "loss_before", "loss_after")
+
 
 class _Bad(Exception):
     """A schema violation: (key, what is wrong)."""
@@ -138,6 +140,11 @@ def _check(manifest: dict) -> None:
     for group, keys, name in ((budget, BUDGET_KEYS, "budget"), (totals, TOTALS_KEYS, "totals")):
         for k in keys:
             _number(group.get(k), f"{name}.{k}")
+    if "tuning" in manifest:  # --tune's report, printed by inspect
+        tuning = _obj(manifest["tuning"], "tuning")
+        for k in TUNING_KEYS:
+            _number(tuning.get(k), f"tuning.{k}")
+        _str(tuning.get("loss"), "tuning.loss")
     if "package_bytes" in totals:  # packages of format 2 on
         _number(totals["package_bytes"], "totals.package_bytes")
     for k, v in _obj(totals.get("bytes_by_kind", {}), "totals.bytes_by_kind").items():

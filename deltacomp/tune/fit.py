@@ -1,0 +1,198 @@
+"""``--tune``: fit every compressed matrix's S, scales and offsets, codes fixed, to the fine-tune's outputs.
+
+Run once every matrix is compressed (their results in the compression's :class:`~deltacomp.resume.ResultStore`),
+before the package is written. One model is in memory: the fine-tune, whole, on ``--device``. It first runs the
+calibration samples as the teacher: the top :data:`TOP_K` log-probabilities of every next token (a causal LM) or
+its last hidden states (an encoder) are kept. Then each compressed linear layer becomes its base weight plus the
+stored delta (:class:`~deltacomp.tune.student.TunedLinear`), a compressed matrix that is not a linear layer or
+keeps only some rows (a token table) its base weight plus the rebuilt delta, fixed; the tensors stored whole keep
+the fine-tune's values. Adam fits the relative S, scale and offset corrections for ``--tune`` epochs on the KL to
+the teacher's next-token distribution (over its top tokens and a rest bucket), or an encoder's relative squared
+error of the last hidden states. Every eighth sample (from 16 samples on) is held out: the epoch with the least
+held-out loss is kept, the untuned factors included, so tuning never leaves the held-out loss higher than it found
+it. The tuned values are written back into the results, marked so that a resumed run does not tune them twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from deltacomp.calib.activations import build_skeleton
+from deltacomp.io.checkpoint import Checkpoint
+from deltacomp.package.manifest import tensor_key
+from deltacomp.quality.causal import kl_topk, top_k
+from deltacomp.quality.weights import model_kind
+from deltacomp.quant.packed import packed_from_parts
+from deltacomp.resume import ResultStore
+from deltacomp.rows import scatter_rows
+from deltacomp.stages import timed
+from deltacomp.tune.student import TunedFactors, TunedLinear
+
+log = logging.getLogger(__name__)
+TOP_K = 64  # teacher tokens kept per position (the rest of the vocabulary is one bucket)
+BATCH_SAMPLES, BATCH_TOKENS = 8, 8192  # a batch: at most this many samples and padded tokens
+HOLD_OUT = 8  # every HOLD_OUT-th sample is held out (from 2 * HOLD_OUT samples on)
+REPORT = "tuning.json"  # the report, beside the tuned results
+
+
+def batches(samples: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Samples (1-D token ids) in order, padded into (input_ids, attention_mask) batches of (B, T)."""
+    out, chunk = [], []
+    for s in [*samples, None]:
+        longest = max([len(t) for t in chunk] + ([len(s)] if s is not None else []), default=0)
+        if chunk and (s is None or len(chunk) == BATCH_SAMPLES or longest * (len(chunk) + 1) > BATCH_TOKENS):
+            ids = torch.zeros((len(chunk), max(len(t) for t in chunk)), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, t in enumerate(chunk):
+                ids[i, :len(t)], mask[i, :len(t)] = t, 1
+            out.append((ids, mask))
+            chunk = []
+        if s is not None:
+            chunk.append(s)
+    return out
+
+
+class Objective:
+    """The teacher's targets on fixed batches, and the student's loss against them."""
+
+    def __init__(self, model: nn.Module, causal: bool, data: list[tuple[torch.Tensor, torch.Tensor]], device: str):
+        self.causal, self.device = causal, device
+        self.data = [(ids.to(device), mask.to(device)) for ids, mask in data]
+        with torch.no_grad():
+            self.targets = [self._outputs(model, ids, mask) for ids, mask in self.data]
+            if causal:
+                self.targets = [top_k(t, TOP_K) for t in self.targets]
+
+    def _outputs(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits or (N, d) last hidden states of the N real tokens, float32."""
+        if self.causal:
+            out = model(input_ids=ids, attention_mask=mask).logits
+        else:
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        return out[mask.bool()].float()
+
+    def loss(self, model: nn.Module, i: int) -> torch.Tensor:
+        """Batch i's mean loss per token (a scalar with the graph)."""
+        ids, mask = self.data[i]
+        got = self._outputs(model, ids, mask)
+        if self.causal:
+            return kl_topk(*self.targets[i], got).mean()
+        want = self.targets[i]
+        return (((got - want) ** 2).sum(-1) / (want**2).sum(-1).clamp(min=1e-12)).mean()
+
+    @torch.no_grad()
+    def mean(self, model: nn.Module) -> float:
+        """The loss per batch, averaged over the batches."""
+        return sum(float(self.loss(model, i)) for i in range(len(self.data))) / max(len(self.data), 1)
+
+
+def _students(model: nn.Module, names: dict[str, str], base: Checkpoint, store: ResultStore, todo: list[str],
+              device: str) -> dict[str, TunedFactors]:
+    """Each compressed matrix of ``todo`` in ``model`` as its base weight plus its stored delta: the linear layers'
+    deltas trained (returned by name), the others rebuilt and fixed."""
+    tuned = {}
+    for name in todo:
+        tensors, meta = store.load(name)
+        record = meta["record"]
+        parts = {k.removeprefix(tensor_key(name, "")): t for k, t in tensors.items()}
+        path = names[name].removesuffix(".weight")
+        parent, _, leaf = path.rpartition(".")
+        layer = model.get_submodule(path)
+        weight = model.get_parameter(names[name])
+        with torch.no_grad():
+            weight.copy_(base.read(name).to(weight.dtype))
+        packed = None if "rows" in parts else packed_from_parts(name, parts, record["info"], tuple(record["shape"]))
+        if packed is not None and isinstance(layer, nn.Linear) and tuple(layer.weight.shape) == packed.shape:
+            tuned[name] = TunedFactors(packed, device)
+            setattr(model.get_submodule(parent) if parent else model, leaf, TunedLinear(layer, tuned[name]))
+            continue
+        delta = packed.dense() if packed is not None else _rebuilt_rows(parts, record)
+        with torch.no_grad():
+            weight.add_(delta.reshape(weight.shape).to(weight))
+    return tuned
+
+
+def _rebuilt_rows(parts: dict[str, torch.Tensor], record: dict) -> torch.Tensor:
+    """The delta of a row-sparse compressed matrix (a token table): its kept rows rebuilt, put back in place."""
+    rows = parts.pop("rows").long()
+    sub = packed_from_parts("", parts, record["info"], (rows.numel(), int(record["shape"][1])))
+    return scatter_rows(sub.dense(), rows, int(record["shape"][0]))
+
+
+def _as(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` in ``old``'s dtype (the package's byte counts stay right), within that dtype's finite range."""
+    if old.dtype.is_floating_point and new.dtype != old.dtype:
+        top = torch.finfo(old.dtype).max
+        new = new.float().clamp(-top, top)
+    return new.to(old.dtype)
+
+
+@timed("tune")
+def tune(base: Checkpoint, ft: Checkpoint, samples: list[torch.Tensor], store: ResultStore, compressed: list[str],
+         epochs: int, lr: float, device: str, dtype: torch.dtype, progress: bool | None = None) -> dict | None:
+    """Tune the stored S, scales and offsets of the ``mixed`` results in ``store`` of the ``compressed`` matrices
+    (in place, in ``store``); returns the report the manifest keeps (None when there was nothing to tune): the
+    matrices tuned, the epochs run and kept, the held-out samples, the loss and its value before and after."""
+    with torch.inference_mode(False), torch.enable_grad():  # whatever the caller runs under
+        return _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress)
+
+
+def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress) -> dict | None:
+    metas = {n: store.load(n)[1] for n in compressed if store.has(n)}
+    todo = [n for n, m in metas.items() if m["record"] is not None and m["record"].get("method") == "mixed"]
+    if not todo:
+        return None
+    kept = store.folder / REPORT
+    if all(metas[n].get("tuned") for n in todo) and kept.is_file():  # a resumed run, tuned before it stopped
+        return json.loads(kept.read_text())
+    t0 = time.perf_counter()
+    model, _, _, _, names = build_skeleton(ft, device, dtype, whole=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    causal = model_kind(ft.config) == "causal"
+    held = samples[HOLD_OUT - 1::HOLD_OUT] if len(samples) >= 2 * HOLD_OUT else []
+    train = [s for i, s in enumerate(samples) if not held or i % HOLD_OUT != HOLD_OUT - 1]
+    fit, check = Objective(model, causal, batches(train), device), Objective(model, causal, batches(held), device)
+    if missing := [n for n in todo if n not in names]:
+        log.warning("%d compressed matrices are not weights of the model %s builds (%s, ...): they keep the "
+                    "fine-tune's values while the others are tuned", len(missing), ft.path, missing[0])
+    tuned = _students(model, names, base, store, [n for n in todo if n in names], device)
+    params = [p for f in tuned.values() for p in f.parameters()]
+    judge = check if held else fit
+    best_loss, best_epoch, best = judge.mean(model), 0, [p.detach().clone() for p in params]
+    first = best_loss
+    opt = torch.optim.Adam(params, lr=lr)
+    order = torch.Generator().manual_seed(0)
+    bar = tqdm(total=epochs * len(fit.data), desc="tune", unit="batch",
+               disable=progress is False if progress is not None else None)
+    for epoch in range(1, epochs + 1):
+        for i in torch.randperm(len(fit.data), generator=order).tolist():
+            loss = fit.loss(model, i)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update()
+        loss = judge.mean(model)
+        if loss < best_loss:
+            best_loss, best_epoch, best = loss, epoch, [p.detach().clone() for p in params]
+    bar.close()
+    with torch.no_grad():
+        for p, b in zip(params, best):
+            p.copy_(b)
+    for name, factors in tuned.items():
+        tensors, meta = store.load(name)
+        new = {tensor_key(name, k): t for k, t in factors.stored().items()}
+        store.save(name, {k: _as(new.get(k, t), t) for k, t in tensors.items()}, {**meta, "tuned": True})
+    report = {"matrices": len(tuned), "epochs": epochs, "kept_epoch": best_epoch, "held_out_samples": len(held),
+              "loss": "kl_top64" if causal else "hidden_relative_mse", "loss_before": first, "loss_after": best_loss}
+    kept.write_text(json.dumps(report))
+    log.info("tuned S, scales and offsets of %d matrices: %s loss %.4g -> %.4g (epoch %d of %d kept)", len(tuned),
+             "held-out" if held else "calibration", first, best_loss, best_epoch, epochs)
+    log.info("tuning took %.1f s", time.perf_counter() - t0)
+    return report

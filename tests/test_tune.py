@@ -1,0 +1,151 @@
+"""``--tune``: the compressed model's S, scales and offsets fitted end to end, codes and sizes kept."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import assert_one_line_error, calib_text
+from safetensors.torch import load_file
+
+from deltacomp.cli import cli
+from deltacomp.compress import compress
+from deltacomp.config import CompressConfig
+from deltacomp.errors import DeltacompError
+from deltacomp.package.reader import compressed_names, is_row_sparse, packed_module
+from deltacomp.package.store import DeltaPackage
+from deltacomp.tune.fit import batches
+from deltacomp.tune.student import TunedFactors
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("delta*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tune_calib") / "calib.txt"
+    path.write_text(calib_text(40))
+    return path
+
+
+@pytest.fixture(scope="module")
+def packages(llama_tok, calib, tmp_path_factory):
+    """The tiny Llama pair at 0.5 bit calibrated on ``calib``, untuned and tuned for 3 epochs."""
+    base, ft, _ = llama_tok
+    out = tmp_path_factory.mktemp("tune")
+    made = {}
+    for name, tune in (("plain", 0), ("tuned", 3)):
+        made[name] = compress(base, ft, out / name, CompressConfig(bits=0.5, calib=str(calib), tune=tune),
+                              progress=False)
+    return out, made
+
+
+def test_a_stored_delta_runs_unchanged_before_tuning_and_is_stored_back_bit_for_bit(packages):
+    out, _ = packages
+    pkg = DeltaPackage(out / "plain")
+    stored = _tensors(out / "plain")
+    names = [n for n in compressed_names(pkg) if not is_row_sparse(pkg, n)]
+    assert names
+    for name in names:
+        packed = packed_module(pkg, name)
+        factors = TunedFactors(packed, "cpu")
+        x = torch.randn(5, packed.shape[1])
+        want = x @ packed.dense().T
+        with torch.no_grad():
+            got = factors(x)
+        assert (got - want).norm() <= 1e-5 * want.norm()
+        for local, t in factors.stored().items():
+            key = f"{name}/{local}"
+            assert t.dtype == stored[key].dtype and torch.equal(t, stored[key]), key
+
+
+def test_tuning_keeps_every_code_and_byte_and_lowers_the_held_out_loss(packages):
+    out, made = packages
+    plain, tuned = made["plain"], made["tuned"]
+    assert {k: v for k, v in plain["modules"].items()} == tuned["modules"]  # ranks, widths, bytes
+    assert plain["totals"]["package_tensor_bytes"] == tuned["totals"]["package_tensor_bytes"]
+    report = tuned["tuning"]
+    assert "tuning" not in plain
+    pkg = DeltaPackage(out / "tuned")  # the schema check of the report included
+    linear = [n for n in compressed_names(pkg) if not is_row_sparse(pkg, n)]
+    assert report["matrices"] == len(linear) and report["held_out_samples"] == 5 and report["loss"] == "kl_top64"
+    assert report["loss_after"] < report["loss_before"] and report["kept_epoch"] >= 1
+    a, b = _tensors(out / "plain"), _tensors(out / "tuned")
+    assert a.keys() == b.keys()
+    moved = 0
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape
+        if key.endswith(("/rows",)) or a[key].dtype == torch.int32:
+            assert torch.equal(a[key], b[key]), key  # packed codes and row indices
+        else:
+            moved += not torch.equal(a[key], b[key])
+            assert bool(torch.isfinite(b[key].float()).all())
+    assert moved > 0
+    r = CliRunner().invoke(cli, ["inspect", str(out / "tuned")])
+    assert r.exit_code == 0 and f"tuned: S, scales and offsets of {len(linear)} matrices, 3 epochs" in r.output
+
+
+def test_a_tuning_that_only_raises_the_held_out_loss_keeps_the_stored_factors(llama_tok, calib, packages, tmp_path):
+    base, ft, _ = llama_tok
+    out, _ = packages
+    m = compress(base, ft, tmp_path / "p", CompressConfig(bits=0.5, calib=str(calib), tune=2, tune_lr=1.0),
+                 progress=False)
+    assert m["tuning"]["kept_epoch"] == 0 and m["tuning"]["loss_after"] == m["tuning"]["loss_before"]
+    a, b = _tensors(out / "plain"), _tensors(tmp_path / "p")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_takes_the_tuned_results_without_tuning_again(llama_tok, calib, packages, tmp_path,
+                                                                     monkeypatch):
+    import deltacomp.compress as pipeline
+    import deltacomp.tune.fit as fit
+
+    base, ft, _ = llama_tok
+    out, made = packages
+    config = CompressConfig(bits=0.5, calib=str(calib), tune=3)
+    real = pipeline._assemble
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_assemble", stop)
+    with pytest.raises(KeyboardInterrupt):
+        compress(base, ft, tmp_path / "p", config, progress=False)
+    monkeypatch.setattr(pipeline, "_assemble", real)
+    monkeypatch.setattr(fit, "build_skeleton", lambda *a, **k: pytest.fail("tuned a second time"))
+    m = compress(base, ft, tmp_path / "p", config, progress=False, resume=True)
+    assert m["tuning"] == made["tuned"]["tuning"]
+    a, b = _tensors(out / "tuned"), _tensors(tmp_path / "p")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_encoder_is_tuned_on_its_last_hidden_states(bert_tok, calib, tmp_path):
+    base, ft, _ = bert_tok
+    m = compress(base, ft, tmp_path / "p", CompressConfig(bits=0.5, calib=str(calib), tune=2), progress=False)
+    t = m["tuning"]
+    assert t["loss"] == "hidden_relative_mse" and t["matrices"] > 0 and t["loss_after"] <= t["loss_before"]
+
+
+def test_batches_pad_each_sample_and_mask_the_padding():
+    samples = [torch.arange(1, n + 1) for n in (3, 5, 2, 7, 1, 4, 6, 2, 3)]
+    got = batches(samples)
+    assert [len(ids) for ids, _ in got] == [8, 1]
+    seen = [ids[i][mask[i].bool()] for ids, mask in got for i in range(len(ids))]
+    assert all(torch.equal(a, b) for a, b in zip(seen, samples)) and len(seen) == len(samples)
+
+
+def test_tuning_needs_calibration_and_the_mixed_method(llama_pair, llama_tok, tmp_path):
+    with pytest.raises(DeltacompError, match="--tune fits the compressed model"):
+        CompressConfig(tune=2, calib=None)
+    with pytest.raises(DeltacompError, match="whole number of epochs"):
+        CompressConfig(tune=-1)
+    base, ft, _ = llama_tok
+    r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "a"), "--method", "reference",
+                                 "--tune", "2"])
+    assert_one_line_error(r, "--tune is for the mixed method only")
+    base, ft, _ = llama_pair  # no tokenizer: the default text cannot be used
+    r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "b"), "--tune", "2"])
+    assert_one_line_error(r, "--tune needs calibration", "no tokenizer in")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
