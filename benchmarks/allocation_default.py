@@ -57,6 +57,7 @@ def settings(bits: float, calib: str | None, whole: bool, pick: str | None = Non
         tag = "calib" if n == 128 else f"calib {n}"
         rows += [(f"{tag} optimal @{bits:g}", calibrated),
                  (f"{tag} optimal sequential @{bits:g}", {**calibrated, "sequential": True}),
+                 (f"{tag} optimal, tune 3 @{bits:g}", {**calibrated, "tune": 3}),
                  (f"{tag} optimal, no refit @{bits:g}", {**calibrated, "refit": False}),
                  *((f"{tag} {label} @{bits:g}", {**calibrated, **options}) for label, options in NOISE),
                  (f"{tag} optimal, noise 0.1, widths 2,3,4,8 @{bits:g}",

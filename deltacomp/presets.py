@@ -1,9 +1,10 @@
 """One-flag settings for ``deltacomp compress --preset``, and how options given beside a preset combine with it.
 
-Each preset sets the method, the use of calibration, the bit allocation and the sequential fit; options given
-explicitly on the command line override it. Measured on SmolLM2-135M fine-tunes (the quality suite) and the MiniLM
-pair (BENCHMARKS.md, "Everyday text as the default calibration", "The four GPU pairs at 1 and 0.5 bit with the
-everyday-text default" and "The calibration Hessian shrunk by the calibration's size"):
+Each preset sets the method, the use of calibration, the bit allocation, the sequential fit and the end-to-end
+tuning; options given explicitly on the command line override it. Measured on SmolLM2-135M fine-tunes (the quality
+suite) and the MiniLM pair (BENCHMARKS.md, "Everyday text as the default calibration", "The four GPU pairs at 1 and
+0.5 bit with the everyday-text default", "The calibration Hessian shrunk by the calibration's size" and "End-to-end
+tuning of the stored scales"):
 
 - ``fast``: the fixed 8/3/2 schedule, round-to-nearest: the plain reference method's result, the quickest.
 - ``balanced``: the defaults: ``--allocation auto`` (the optimal allocation with noise weight 0.1) and ``--calib
@@ -11,10 +12,11 @@ everyday-text default" and "The calibration Hessian shrunk by the calibration's 
   the four GPU suite pairs at 1 and 0.5 bit per entry (no calibration: 0.31-1.21x), 0.12-0.68x on three CPU pairs
   (0.26-1.18x); MiniLM mean cosine 0.99978 / 0.99941 / 0.99828 at 1 / 0.5 / 0.25 bit. About 2-3x the compress time
   of no calibration.
-- ``best``: calibrated on ``--calib FILE`` (required), text like the fine-tune's, with the optimal allocation. With
-  128 task examples: 0.29x the reference's answer KL on the four GPU pairs at 0.5 bit (geometric mean; worst 0.55,
-  json) and 0.16x at 1 bit; 0.17x, 0.27x and 0.16x on the CPU arith, instruct and piglatin pairs at 0.5 bit; MiniLM
-  0.99976 / 0.99933 / 0.99847.
+- ``best``: calibrated on ``--calib FILE`` (required), text like the fine-tune's, with the optimal allocation and
+  three epochs of end-to-end tuning of the stored scales (``--tune 3``, :mod:`deltacomp.tune`). With 128 task
+  examples at 0.5 bit: 0.40x, 0.16x, 0.19x and 0.11x the reference's answer KL on the CPU json, arith, instruct and
+  piglatin pairs (untuned 0.55x, 0.17x, 0.27x, 0.16x; untuned on the four GPU pairs 0.29x geometric mean, worst
+  0.55, json); MiniLM 0.99980 / 0.99943 / 0.99863 (untuned 0.99976 / 0.99933 / 0.99847).
   ``--sequential`` is not part of it: it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it
   explicitly to try it).
 """
@@ -25,9 +27,9 @@ from deltacomp.config import CALIB_AUTO, CALIB_NONE
 from deltacomp.errors import DeltacompError
 
 PRESETS: dict[str, dict] = {
-    "fast": {"method": "mixed", "calib": None, "allocation": "schedule", "sequential": False},
-    "balanced": {"method": "mixed", "calib": CALIB_AUTO, "allocation": "auto", "sequential": False},
-    "best": {"method": "mixed", "allocation": "optimal", "sequential": False},  # and --calib, which it needs
+    "fast": {"method": "mixed", "calib": None, "allocation": "schedule", "sequential": False, "tune": 0},
+    "balanced": {"method": "mixed", "calib": CALIB_AUTO, "allocation": "auto", "sequential": False, "tune": 0},
+    "best": {"method": "mixed", "allocation": "optimal", "sequential": False, "tune": 3},  # and --calib, which it needs
 }
 NEEDS_CALIB = frozenset({"best"})
 

@@ -18,15 +18,15 @@ OPTIONS = {"method": "mixed", "calib": None, "allocation": "auto", "sequential":
 
 
 @pytest.mark.parametrize("preset, want", [
-    ("fast", {"allocation": "schedule", "calib": None, "sequential": False}),
-    ("balanced", {"allocation": "auto", "calib": "auto", "sequential": False}),
-    ("best", {"allocation": "optimal", "calib": "c.txt", "sequential": False}),
+    ("fast", {"allocation": "schedule", "calib": None, "sequential": False, "tune": 0}),
+    ("balanced", {"allocation": "auto", "calib": "auto", "sequential": False, "tune": 0}),
+    ("best", {"allocation": "optimal", "calib": "c.txt", "sequential": False, "tune": 3}),
 ])
 def test_a_preset_sets_method_calibration_allocation_and_sequential(preset, want):
     given = {"calib"} if preset == "best" else set()
     got = settle({**OPTIONS, "calib": "c.txt" if preset == "best" else None}, given, preset)
     assert {k: got[k] for k in want} == want and got["method"] == "mixed"
-    assert set(PRESETS[preset]) >= {"method", "allocation", "sequential"}
+    assert set(PRESETS[preset]) >= {"method", "allocation", "sequential", "tune"}
 
 
 def test_explicit_options_override_the_preset():
@@ -93,11 +93,11 @@ def test_cli_default_and_presets_write_what_they_chose(tmp_path, llama_tok):
         r, settings = _compress(work, llama_tok, *args)
         assert r.exit_code == 0, (name, r.output)
         calib = settings["calib"] if settings["calib"] in (None, "generic") else "file"
-        got[name] = (settings["allocation"], calib, settings["sequential"])
-    assert got == {"default": ("optimal", "generic", False), "fast": ("schedule", None, False),
-                   "fast+optimal": ("optimal", None, False), "best": ("optimal", "file", False),
-                   "best+seq": ("optimal", "file", True), "schedule": ("schedule", "generic", False),
-                   "default@0.5": ("optimal", "generic", False)}
+        got[name] = (settings["allocation"], calib, settings["sequential"], settings["tune"])
+    assert got == {"default": ("optimal", "generic", False, 0), "fast": ("schedule", None, False, 0),
+                   "fast+optimal": ("optimal", None, False, 0), "best": ("optimal", "file", False, 3),
+                   "best+seq": ("optimal", "file", True, 3), "schedule": ("schedule", "generic", False, 0),
+                   "default@0.5": ("optimal", "generic", False, 0)}
 
 
 @pytest.mark.parametrize("args, words", [

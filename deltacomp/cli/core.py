@@ -25,11 +25,12 @@ COMPRESS_OPTIONS = ["method", "bits", "vocab_bits", "vocab_weights", "budget", "
 @click.argument("finetuned")
 @click.option("-o", "--output", required=True, help="Package folder to write.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="Method, calibration, allocation and sequential fit in one flag (options given beside it override "
-              "it). fast: the fixed --schedule, no calibration, quickest; balanced: the defaults (the optimal "
-              "allocation, calibrated on deltacomp's everyday text where the model can be run); best: the same "
-              "calibrated on --calib FILE (required), text like the fine-tune's: closer to the fine-tune still on two "
-              "SmolLM2 fine-tunes at 0.5 bit, level with balanced on MiniLM (measure on your pair).")
+              help="Method, calibration, allocation, sequential fit and end-to-end tuning in one flag (options given "
+              "beside it override it). fast: the fixed --schedule, no calibration, quickest; balanced: the defaults "
+              "(the optimal allocation, calibrated on deltacomp's everyday text where the model can be run); best: "
+              "the same calibrated on --calib FILE (required), text like the fine-tune's, and --tune 3: closer to "
+              "the fine-tune still on four SmolLM2 fine-tunes at 0.5 bit and on MiniLM, for minutes of tuning "
+              "(measure on your pair).")
 @config_options(CompressConfig, COMPRESS_OPTIONS)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command from the matrices "

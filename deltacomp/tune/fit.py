@@ -108,7 +108,8 @@ def _students(model: nn.Module, names: dict[str, str], base: Checkpoint, store: 
         with torch.no_grad():
             weight.copy_(base.read(name).to(weight.dtype))
         packed = None if "rows" in parts else packed_from_parts(name, parts, record["info"], tuple(record["shape"]))
-        if packed is not None and isinstance(layer, nn.Linear) and tuple(layer.weight.shape) == packed.shape:
+        if (packed is not None and packed.rank and isinstance(layer, nn.Linear)
+                and tuple(layer.weight.shape) == packed.shape):
             tuned[name] = TunedFactors(packed, device)
             setattr(model.get_submodule(parent) if parent else model, leaf, TunedLinear(layer, tuned[name]))
             continue
