@@ -179,7 +179,7 @@ def run_compress(pair: Path, args) -> dict:
     config = CompressConfig(bits=args.bits, device=args.device, calib=None if args.no_calib else str(calib),
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                             allocation=args.allocation, budget_scope=args.budget_scope, svd=args.svd,
-                            sequential=args.sequential)
+                            sequential=args.sequential, tune=args.tune)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -298,6 +298,7 @@ def main():
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--no-calib", action="store_true")
     ap.add_argument("--sequential", action="store_true", help="compress --sequential")
+    ap.add_argument("--tune", type=int, default=0, help="compress --tune N (--preset best: 3)")
     ap.add_argument("--json", help="append the result as a JSON line to this file")
     args = ap.parse_args()
     import logging

@@ -58,8 +58,10 @@ class TunedFactors(nn.Module):
         self.c = nn.Parameter(torch.zeros_like(self.s0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``delta x`` for x (..., n): (..., m) float32."""
-        return ((x.float() @ self.v().T) * (self.s0 * (1 + self.c))) @ self.u()
+        """``delta x`` for x (..., n): (..., m) in x's dtype (the factors are made in float32, then cast: a bf16
+        model's delta runs on tensor cores)."""
+        s = (self.s0 * (1 + self.c)).to(x.dtype)
+        return ((x @ self.v().to(x.dtype).T) * s) @ self.u().to(x.dtype)
 
     @torch.no_grad()
     def stored(self) -> dict[str, torch.Tensor]:
@@ -88,4 +90,4 @@ class TunedLinear(nn.Module):
         self.base_layer, self.factors = base_layer, factors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.factors(x).to(x.dtype)
+        return self.base_layer(x) + self.factors(x)
