@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deltacomp.calib.activations import build_skeleton
+from deltacomp.errors import DeltacompError
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.package.manifest import tensor_key
 from deltacomp.quality.causal import kl_topk, top_k
@@ -62,7 +64,7 @@ class Objective:
     """The teacher's targets on fixed batches, and the student's loss against them."""
 
     def __init__(self, model: nn.Module, causal: bool, data: list[tuple[torch.Tensor, torch.Tensor]], device: str):
-        self.causal, self.device = causal, device
+        self.causal = causal
         self.data = [(ids.to(device), mask.to(device)) for ids, mask in data]
         with torch.no_grad():
             self.targets = [self._outputs(model, ids, mask) for ids, mask in self.data]
@@ -168,6 +170,9 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
     judge = check if held else fit
     best_loss, best_epoch, best = judge.mean(model), 0, [p.detach().clone() for p in params]
     first = best_loss
+    if not math.isfinite(first):
+        raise DeltacompError(f"--tune: the compressed model's loss on the calibration text is {first}; the "
+                             f"compressed factors or the calibration samples are not usable for tuning")
     opt = torch.optim.Adam(params, lr=lr)
     order = torch.Generator().manual_seed(0)
     bar = tqdm(total=epochs * len(fit.data), desc="tune", unit="batch",
@@ -191,7 +196,8 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
         new = {tensor_key(name, k): t for k, t in factors.stored().items()}
         store.save(name, {k: _as(new.get(k, t), t) for k, t in tensors.items()}, {**meta, "tuned": True})
     report = {"matrices": len(tuned), "epochs": epochs, "kept_epoch": best_epoch, "held_out_samples": len(held),
-              "loss": "kl_top64" if causal else "hidden_relative_mse", "loss_before": first, "loss_after": best_loss}
+              "loss": f"kl_top{TOP_K}" if causal else "hidden_relative_mse", "loss_before": first,
+              "loss_after": best_loss}
     kept.write_text(json.dumps(report))
     log.info("tuned S, scales and offsets of %d matrices: %s loss %.4g -> %.4g (epoch %d of %d kept)", len(tuned),
              "held-out" if held else "calibration", first, best_loss, best_epoch, epochs)
