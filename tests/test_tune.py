@@ -149,3 +149,19 @@ def test_tuning_needs_calibration_and_the_mixed_method(llama_pair, llama_tok, tm
     r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "b"), "--tune", "2"])
     assert_one_line_error(r, "--tune needs calibration", "no tokenizer in")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("key, value", [("loss_after", -1.0), ("kept_epoch", "3"), ("loss", 7)])
+def test_a_malformed_tuning_report_is_refused(packages, tmp_path, key, value):
+    import json
+    import shutil
+
+    from deltacomp.errors import PackageError
+
+    out, _ = packages
+    shutil.copytree(out / "tuned", tmp_path / "p")
+    manifest = json.loads((tmp_path / "p" / "deltacomp.json").read_text())
+    manifest["tuning"][key] = value
+    (tmp_path / "p" / "deltacomp.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match=f"tuning.{key}"):
+        DeltaPackage(tmp_path / "p")
