@@ -164,10 +164,9 @@ def _tune(base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: Compre
     its report."""
     from deltacomp.tune.fit import tune
 
-    half = any(e.dtype in (torch.float16, torch.bfloat16) for e in entries if e.action == "compress")
-    dtype = torch.bfloat16 if config.device.startswith("cuda") and half else torch.float32
-    return tune(base, ft, contexts.samples, store, [e.name for e in entries if e.action == "compress"], config.tune,
-         config.tune_lr, config.device, dtype, progress)
+    compressed = [e.name for e in entries if e.action == "compress"]
+    return tune(base, ft, contexts.samples, store, compressed, config.tune, config.tune_lr, config.device,
+                contexts.dtype(), progress)
 
 
 def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],

@@ -123,7 +123,8 @@ class Contexts:
         else:
             self.cursor = self._cursor()
 
-    def _dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype:
+        """The dtype the fine-tune runs in for calibration: bf16 on a GPU when its matrices are 16-bit, else float32."""
         half = any(self.ft.dtype(n) in (torch.float16, torch.bfloat16) for n in self.names)
         return torch.bfloat16 if self.config.device.startswith("cuda") and half else torch.float32
 
@@ -131,7 +132,7 @@ class Contexts:
         """The sequential calibration; the calibrated matrices are put in the order the model calls them."""
         from deltacomp.calib.sequential import SequentialCalibration
 
-        seq = SequentialCalibration(self.ft, self.samples, self.names, self.config.device, self._dtype())
+        seq = SequentialCalibration(self.ft, self.samples, self.names, self.config.device, self.dtype())
         self._warn_uncalibrated(seq.layer_of)
         slots = [i for i, e in enumerate(self.entries) if e.name in seq.layer_of]
         by_name = {e.name: e for e in self.entries}
@@ -152,7 +153,7 @@ class Contexts:
             return None
         from deltacomp.calib.activations import LayerwiseHessians
 
-        hessians = LayerwiseHessians(self.ft, self.samples, self.names, self.config.device, self._dtype())
+        hessians = LayerwiseHessians(self.ft, self.samples, self.names, self.config.device, self.dtype())
         self._warn_uncalibrated(hessians.layer_of)
         return _Cursor(hessians, self.config.calib_shrink, self.tokens)
 
@@ -162,7 +163,7 @@ class Contexts:
         from deltacomp.calib.activations import LayerwiseHessians
         from deltacomp.calib.sensitivity import output_sensitivity
 
-        layers = LayerwiseHessians(self.ft, self.samples, self.names, self.config.device, self._dtype())
+        layers = LayerwiseHessians(self.ft, self.samples, self.names, self.config.device, self.dtype())
         weights = output_sensitivity(layers)
         log.info("output sensitivity of %d matrices: %.3g to %.3g", len(weights), min(weights.values(), default=0),
                  max(weights.values(), default=0))
