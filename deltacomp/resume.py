@@ -78,15 +78,16 @@ class ResultStore:
                   metadata={_META: json.dumps(body)})
         os.replace(tmp, path)
 
-    def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-        """The ``tensors`` (in the order saved) and ``meta`` of a finished matrix."""
+    def load(self, name: str, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+        """The ``tensors`` (in the order saved; none read unless ``tensors``) and ``meta`` of a finished matrix."""
         path = self.folder / _file_name(name)
         try:
             with safe_open(str(path), "pt") as f:
                 body = json.loads(f.metadata()[_META])
-                tensors = {k: f.get_tensor(k) for k in body.pop("keys")}
+                keys = body.pop("keys")
+                out = {k: f.get_tensor(k) for k in keys} if tensors else {}
         except (OSError, KeyError, ValueError, TypeError, SafetensorError) as e:
             raise DeltacompError(f"{path}: unreadable result of a finished matrix ({e})") from None
         if body.pop("name") != name:
             raise DeltacompError(f"{path}: holds another matrix than {name}")
-        return tensors, body
+        return out, body

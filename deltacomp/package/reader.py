@@ -78,18 +78,24 @@ def _finite(pkg: DeltaPackage, name: str, t: torch.Tensor, what: str) -> torch.T
 def reconstruct_delta(pkg: DeltaPackage, name: str) -> torch.Tensor:
     """The float32 delta of a compressed module as the package stores it (finite, checked); a row-sparse module's
     kept rows are put back in place, zeros elsewhere."""
-    rec = pkg.modules[name]
-    method = get_method(rec["method"])
-    parts = pkg.parts(name)
+    delta = delta_from_parts(pkg.parts(name), pkg.modules[name], f"{pkg.path}: modules.{name}")
+    return _finite(pkg, name, delta, "rebuilt delta")
+
+
+def delta_from_parts(parts: dict[str, torch.Tensor], rec: dict, where: str) -> torch.Tensor:
+    """The float32 delta of a compressed module from its stored tensors ``parts`` (by local name) and its record
+    ``rec`` (as the manifest keeps it): a row-sparse module's kept rows put back in place, zeros elsewhere. Stored
+    rows that do not fit the record raise PackageError naming ``where``."""
+    parts = dict(parts)
     rows = parts.pop("rows", None)
     if "rows" in rec:
         why = "is missing" if rows is None else check_rows(rows, rec["rows"], rec["shape"][0])
         if why:
-            raise PackageError(f"{pkg.path}: modules.{name}: the stored rows {why}")
-    delta = method.reconstruct(parts, rec["info"], stored_shape(rec))
+            raise PackageError(f"{where}: the stored rows {why}")
+    delta = get_method(rec["method"]).reconstruct(parts, rec["info"], stored_shape(rec))
     if rows is not None:
         delta = scatter_rows(delta, rows, rec["shape"][0])
-    return _finite(pkg, name, delta, "rebuilt delta")
+    return delta
 
 
 def is_row_sparse(pkg: DeltaPackage, name: str) -> bool:

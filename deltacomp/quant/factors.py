@@ -47,8 +47,7 @@ class FactorGroup:
             self.v_bits = self.bits
 
 
-def stored_s(s: torch.Tensor) -> torch.Tensor:
-    """Singular values as a package stores them: fp16, or fp32 where fp16 would overflow or flush one to zero."""
+def _store_s(s: torch.Tensor) -> torch.Tensor:
     half = s.to(torch.float16)
     ok = torch.isfinite(half).all() and bool(((half != 0) | (s == 0)).all())
     return half if ok else s.to(torch.float32)
@@ -136,7 +135,7 @@ def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, cli
         sl = slice(start, start + g.rank)
         start += g.rank
         out.append(FactorGroup(g.bits, QuantRows(*(t[sl] for t in u_q)), QuantRows(*(t[sl] for t in v_q)),
-                               stored_s(s[sl]), g.v_bits))
+                               _store_s(s[sl]), g.v_bits))
     return out
 
 

@@ -28,11 +28,11 @@ from deltacomp.calib.activations import build_skeleton
 from deltacomp.errors import DeltacompError
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.package.manifest import tensor_key
+from deltacomp.package.reader import delta_from_parts
 from deltacomp.quality.causal import kl_topk, top_k
 from deltacomp.quality.weights import model_kind
 from deltacomp.quant.packed import packed_from_parts
 from deltacomp.resume import ResultStore
-from deltacomp.rows import scatter_rows
 from deltacomp.stages import timed
 from deltacomp.tune.student import TunedFactors, TunedLinear
 
@@ -115,25 +115,10 @@ def _students(model: nn.Module, names: dict[str, str], base: Checkpoint, store: 
             tuned[name] = TunedFactors(packed, device)
             setattr(model.get_submodule(parent) if parent else model, leaf, TunedLinear(layer, tuned[name]))
             continue
-        delta = packed.dense() if packed is not None else _rebuilt_rows(parts, record)
+        delta = delta_from_parts(parts, record, f"{store.folder}: {name}")
         with torch.no_grad():
             weight.add_(delta.reshape(weight.shape).to(weight))
     return tuned
-
-
-def _rebuilt_rows(parts: dict[str, torch.Tensor], record: dict) -> torch.Tensor:
-    """The delta of a row-sparse compressed matrix (a token table): its kept rows rebuilt, put back in place."""
-    rows = parts.pop("rows").long()
-    sub = packed_from_parts("", parts, record["info"], (rows.numel(), int(record["shape"][1])))
-    return scatter_rows(sub.dense(), rows, int(record["shape"][0]))
-
-
-def _as(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` in ``old``'s dtype (the package's byte counts stay right), within that dtype's finite range."""
-    if old.dtype.is_floating_point and new.dtype != old.dtype:
-        top = torch.finfo(old.dtype).max
-        new = new.float().clamp(-top, top)
-    return new.to(old.dtype)
 
 
 @timed("tune")
@@ -147,7 +132,7 @@ def tune(base: Checkpoint, ft: Checkpoint, samples: list[torch.Tensor], store: R
 
 
 def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress) -> dict | None:
-    metas = {n: store.load(n)[1] for n in compressed if store.has(n)}
+    metas = {n: store.load(n, tensors=False)[1] for n in compressed if store.has(n)}
     todo = [n for n, m in metas.items() if m["record"] is not None and m["record"].get("method") == "mixed"]
     if not todo:
         return None
@@ -192,9 +177,7 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
         for p, b in zip(params, best):
             p.copy_(b)
     for name, factors in tuned.items():
-        tensors, meta = store.load(name)
-        new = {tensor_key(name, k): t for k, t in factors.stored().items()}
-        store.save(name, {k: _as(new.get(k, t), t) for k, t in tensors.items()}, {**meta, "tuned": True})
+        store.save(name, {tensor_key(name, k): t for k, t in factors.stored().items()}, {**metas[name], "tuned": True})
     report = {"matrices": len(tuned), "epochs": epochs, "kept_epoch": best_epoch, "held_out_samples": len(held),
               "loss": f"kl_top{TOP_K}" if causal else "hidden_relative_mse", "loss_before": first,
               "loss_after": best_loss}

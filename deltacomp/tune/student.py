@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from deltacomp.quant import packing
-from deltacomp.quant.factors import stored_s
 from deltacomp.quant.packed import PackedModule
 
 
@@ -65,9 +64,9 @@ class TunedFactors(nn.Module):
 
     @torch.no_grad()
     def stored(self) -> dict[str, torch.Tensor]:
-        """The module's stored tensors (``g{i}.u``, ``g{i}.u_scale``, ...) with the tuned values, as the package
-        keeps them: the packed words unchanged, scales and offsets fp16, S as :mod:`deltacomp.quant.factors` stores
-        it."""
+        """The module's stored tensors (``g{i}.u``, ``g{i}.u_scale``, ...) with the tuned values, in the order and
+        dtypes they were stored (the package's byte counts stay right): the packed words unchanged, scales and
+        offsets fp16, S in its stored dtype, within that dtype's finite range."""
         out = {}
         s = torch.split((self.s0 * (1 + self.c)).cpu(), self.u.sizes)
         sides = {name: [torch.split(t.cpu(), side.sizes) for t in side.scales()]
@@ -78,7 +77,8 @@ class TunedFactors(nn.Module):
                 out[f"g{i}.{name}"] = packed.words
                 out[f"g{i}.{name}_scale"] = scale[i].to(torch.float16)
                 out[f"g{i}.{name}_offset"] = offset[i].to(torch.float16)
-            out[f"g{i}.s"] = stored_s(s[i])
+            top = torch.finfo(g.s.dtype).max
+            out[f"g{i}.s"] = s[i].clamp(-top, top).to(g.s.dtype)
         return out
 
 
