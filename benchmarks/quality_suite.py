@@ -310,18 +310,23 @@ def setting_chunks(settings: list[tuple[str, dict]]) -> list[tuple[str, list[str
 def run_parallel(args, argv: list[str]) -> dict:
     """The work split over ``args.jobs`` processes of this script at a time (one GPU serves them all: a 135M model
     leaves it mostly idle), each writing its own JSON; their results merged. A unit of work is a pair, or with
-    ``--split-settings`` one setting of a pair (:func:`setting_chunks`), after a first round that makes the
-    fine-tunes."""
+    ``--split-settings`` one setting of a pair (:func:`setting_chunks`) and with ``--split-budgets`` one budget of
+    it, after a first round that makes the fine-tunes."""
     t_start = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base_model(args, work)  # made once, before the processes that read it start
-    drop = ("--pairs", "--out", "--jobs", "--work", *(("--settings",) if args.split_settings else ()))
-    keep = [*_without(argv, drop, ("--split-settings", "--resume")), "--work", str(work)]
+    drop = ("--pairs", "--out", "--jobs", "--work", *(("--settings",) if args.split_settings else ()),
+            *(("--budgets",) if args.split_budgets else ()))
+    keep = [*_without(argv, drop, ("--split-settings", "--split-budgets", "--resume")), "--work", str(work)]
     names = [n.strip() for n in args.pairs.split(",") if n.strip()]
     chunks = [("", [])]
-    if args.split_settings and not args.finetune_only:
-        chunks = setting_chunks(chosen_settings(args))
+    if (args.split_settings or args.split_budgets) and not args.finetune_only:
+        if args.split_settings:
+            chunks = setting_chunks(chosen_settings(args))
+        if args.split_budgets:
+            chunks = [(f"{tag}-{b.strip()}bit", [*extra, "--budgets", b.strip()])
+                      for b in args.budgets.split(",") if b.strip() for tag, extra in chunks]
         missing = [n for n in names if not (work / n / "finetuned" / "train.json").is_file()]
         _spawn([(f"{n}-finetune", [*keep, "--pairs", n, "--finetune-only"]) for n in missing], args.jobs, work)
     units = [(f"{n}{tag}", [*keep, "--pairs", n, *extra]) for n in names for tag, extra in chunks]
@@ -392,6 +397,8 @@ def main(argv=None) -> dict | None:
                     "log in --work/part-PAIR.log).")
     ap.add_argument("--split-settings", action="store_true", help="With --jobs: each setting of a pair in a process "
                     "of its own.")
+    ap.add_argument("--split-budgets", action="store_true", help="With --jobs: each budget of a pair (and with "
+                    "--split-settings of a setting) in a process of its own.")
     ap.add_argument("--resume", action="store_true", help="With --jobs: reuse the results of the units that --work "
                     "holds from a finished run with the same arguments (a call that a time limit stopped goes on).")
     ap.add_argument("--skip-reference", action="store_true", help="With --settings: leave the reference out too (a "
@@ -421,7 +428,7 @@ def main(argv=None) -> dict | None:
     temp = None if args.work else tempfile.mkdtemp(prefix="quality-suite-")
     args.work = args.work or temp
     try:
-        parallel = args.jobs > 1 and ("," in args.pairs or args.split_settings)
+        parallel = args.jobs > 1 and ("," in args.pairs or args.split_settings or args.split_budgets)
         results = run_parallel(args, argv) if parallel else run(args)
     finally:
         torch.set_num_threads(threads)

@@ -165,3 +165,19 @@ def test_a_malformed_tuning_report_is_refused(packages, tmp_path, key, value):
     (tmp_path / "p" / "deltacomp.json").write_text(json.dumps(manifest))
     with pytest.raises(PackageError, match=f"tuning.{key}"):
         DeltaPackage(tmp_path / "p")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tuning_on_cuda_keeps_the_codes_and_lowers_the_held_out_loss(llama_tok, calib, packages, tmp_path):
+    base, ft, _ = llama_tok
+    out, _ = packages
+    m = compress(base, ft, tmp_path / "p", CompressConfig(bits=0.5, calib=str(calib), tune=3, device="cuda"),
+                 progress=False)
+    report = m["tuning"]
+    assert report["loss_after"] < report["loss_before"] and report["held_out_samples"] == 5
+    a, b = _tensors(out / "plain"), _tensors(tmp_path / "p")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert bool(torch.isfinite(b[key].float()).all()), key
