@@ -43,6 +43,9 @@ NOISE = tuple((f"optimal, noise {w:g}", {"allocation": "optimal", "noise_weight"
 EXCITATION = tuple((f"optimal, excitation {p:g}", {"allocation": "optimal", "excitation_power": p})
                    for p in (0.0, 1.0, 2.0, 3.0))
 
+# one budget shared by every matrix, each matrix's error weighted by the model's sensitivity to it
+SHARED = {"budget_scope": "model", "sensitivity": True}
+
 
 def settings(bits: float, calib: str | None, whole: bool, pick: str | None = None,
              sizes: tuple[int, ...] = (128,)) -> list[tuple[str, dict]]:
@@ -58,6 +61,8 @@ def settings(bits: float, calib: str | None, whole: bool, pick: str | None = Non
         rows += [(f"{tag} optimal @{bits:g}", calibrated),
                  (f"{tag} optimal sequential @{bits:g}", {**calibrated, "sequential": True}),
                  (f"{tag} optimal, tune 3 @{bits:g}", {**calibrated, "tune": 3}),
+                 (f"{tag} optimal, model scope, sensitivity @{bits:g}", {**calibrated, **SHARED}),
+                 (f"{tag} optimal, model scope, sensitivity, tune 3 @{bits:g}", {**calibrated, **SHARED, "tune": 3}),
                  (f"{tag} optimal, no refit @{bits:g}", {**calibrated, "refit": False}),
                  *((f"{tag} {label} @{bits:g}", {**calibrated, **options}) for label, options in NOISE),
                  (f"{tag} optimal, noise 0.1, widths 2,3,4,8 @{bits:g}",

@@ -19,9 +19,16 @@ tuning of the stored scales"):
   0.55, json); MiniLM 0.99980 / 0.99943 / 0.99863 (untuned 0.99976 / 0.99933 / 0.99847).
   ``--sequential`` is not part of it: it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it
   explicitly to try it).
+  On an encoder (a model without a language-model head) ``best`` also shares one budget among the matrices, each
+  one's error weighed by the model's sensitivity to it (``--budget-scope model --sensitivity``): on MiniLM with
+  tuning 0.99993 / 0.99977 / 0.99940 at 1 / 0.5 / 0.25 bit against the per-matrix budget's 0.99980 / 0.99943 /
+  0.99863. On decoders the shared budget lost (CPU arith and instruct pairs at 0.5 bit: 0.30x and 3.14x the
+  reference's answer KL against 0.22x and 0.44x per matrix), so they keep the per-matrix budget.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from deltacomp.config import CALIB_AUTO, CALIB_NONE
 from deltacomp.errors import DeltacompError
@@ -32,11 +39,15 @@ PRESETS: dict[str, dict] = {
     "best": {"method": "mixed", "allocation": "optimal", "sequential": False, "tune": 3},  # and --calib, which it needs
 }
 NEEDS_CALIB = frozenset({"best"})
+# what a preset adds for one kind of model (quality.weights.model_kind), unless one of these options is given
+BY_KIND: dict[str, dict[str, dict]] = {"best": {"encoder": {"budget_scope": "model", "sensitivity": True}}}
 
 
-def settle(options: dict, given: set[str], preset: str | None = None) -> dict:
+def settle(options: dict, given: set[str], preset: str | None = None,
+           kind: Callable[[], str] | None = None) -> dict:
     """``deltacomp compress``'s option values (by setting name) with ``preset``'s settings for the options not in
-    ``given`` (those given explicitly), and an explicit ``--schedule``'s allocation: the schedule.
+    ``given`` (those given explicitly), and an explicit ``--schedule``'s allocation: the schedule. ``kind`` names
+    the fine-tune's kind (``causal`` or ``encoder``); it is called only where the preset has settings by kind.
 
     Raises DeltacompError for ``--preset best`` without ``--calib``, a preset with another method than mixed,
     and ``--schedule`` with ``--allocation optimal``.
@@ -52,6 +63,10 @@ def settle(options: dict, given: set[str], preset: str | None = None) -> dict:
         if preset in NEEDS_CALIB and out.get("calib") in (None, CALIB_AUTO, CALIB_NONE):
             raise DeltacompError(f"--preset {preset} calibrates: give --calib FILE (text like the text the model "
                                  "will serve; a few hundred lines are enough)")
+        if preset in BY_KIND and kind is not None:
+            extra = BY_KIND[preset].get(kind(), {})
+            if not given & extra.keys():
+                out.update(extra)
     if "schedule" in given:
         if "allocation" in given and out.get("allocation") == "optimal":
             raise DeltacompError("--schedule fixes the bits of each singular vector and --allocation optimal chooses "

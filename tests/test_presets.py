@@ -112,3 +112,19 @@ def test_cli_refusals_are_one_line(tmp_path, args, words):
                                  *args])
     assert_one_line_error(r, *words)
     assert not (tmp_path / "o").exists()
+
+
+def test_best_shares_the_budget_by_sensitivity_on_an_encoder_only(tmp_path, bert_tok, llama_tok):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calib_text())
+    best = ["--preset", "best", "--calib", calib, "--calib-samples", 4, "--tune", 0]
+    got = {}
+    for name, pair, extra in (("encoder", bert_tok, []), ("decoder", llama_tok, []),
+                              ("encoder, matrix", bert_tok, ["--budget-scope", "matrix"])):
+        r, settings = _compress(tmp_path, pair, *best, *extra)
+        assert r.exit_code == 0, (name, r.output)
+        got[name] = (settings["budget_scope"], settings["sensitivity"])
+    assert got == {"encoder": ("model", True), "decoder": ("matrix", False), "encoder, matrix": ("matrix", False)}
+    kinds = []
+    settle({**OPTIONS, "calib": "c.txt"}, {"calib"}, "balanced", kind=lambda: kinds.append(1) or "encoder")
+    assert kinds == []  # read only where the preset has settings by kind

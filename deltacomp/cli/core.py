@@ -30,7 +30,7 @@ COMPRESS_OPTIONS = ["method", "bits", "vocab_bits", "vocab_weights", "budget", "
               "(the optimal allocation, calibrated on deltacomp's everyday text where the model can be run); best: "
               "the same calibrated on --calib FILE (required), text like the fine-tune's, and --tune 3: closer to "
               "the fine-tune still on four SmolLM2 fine-tunes at 0.5 bit and on MiniLM, for minutes of tuning "
-              "(measure on your pair).")
+              "(measure on your pair); on an encoder also --budget-scope model --sensitivity.")
 @config_options(CompressConfig, COMPRESS_OPTIONS)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command from the matrices "
@@ -45,12 +45,14 @@ def compress(base, finetuned, output, preset, overwrite, resume, progress, verbo
     processes and rank 0 writes the package."""
     from deltacomp.compress import compress as run
     from deltacomp.distributed import is_main_process
+    from deltacomp.io.checkpoint import Checkpoint
     from deltacomp.methods.base import get_method
+    from deltacomp.quality.weights import model_kind
     from deltacomp.report import render_inspect
 
     ctx = click.get_current_context()
     given = {k for k in settings if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
-    settings = settle(settings, given, preset)
+    settings = settle(settings, given, preset, kind=lambda: model_kind(Checkpoint(finetuned).config))
     get_method(settings["method"])
     config = CompressConfig.from_options(**settings)
     manifest = run(base, finetuned, output, config, overwrite=overwrite, progress=progress, resume=resume)
