@@ -88,7 +88,8 @@ def test_bank_alone_is_the_one_hot_weight():
     with pytest.raises(DeltacompError, match="delta 3 of a bank of 3"):
         bank.alone(3)
     kept = bank.alone(0)
-    assert bank.to("cpu").alone(0) is not kept  # moved or cast: made again
+    assert bank.to("cpu").alone(0) is kept  # nothing moved
+    assert bank.to(torch.float64).alone(0) is not kept  # moved or cast: made again
 
 
 def test_bank_spans_index_each_deltas_rows():

@@ -45,6 +45,8 @@ def test_bank_projection_is_that_projection_alone():
     kept = bank.projection(0)
     moved = bank.to(torch.float64)  # moved or cast: made again at once (the packed words keep their dtypes)
     assert moved._proj.keys() == {0, 1} and moved.projection(0) is not kept
+    again = moved.projection(0)
+    assert moved.to("cpu").projection(0) is again  # nothing moved: the views are kept
 
 
 @pytest.fixture(scope="module")

@@ -104,12 +104,15 @@ class DeltaBank(torch.nn.Module):
         self._proj: dict[int, DeltaBank] = {}
 
     def _apply(self, fn, *args, **kwargs):
+        before = list(self._buffers.values())
+        out = super()._apply(fn, *args, **kwargs)
+        if all(a is b for a, b in zip(before, self._buffers.values(), strict=True)):
+            return out  # nothing moved or cast (a bank that sibling layers share is visited once from each)
         views = list(self._proj)
         self._factors = None  # moved or cast: dequantize again on the new device
         self._ones = {}
         self._alone = {}
         self._proj = {}
-        out = super()._apply(fn, *args, **kwargs)
         for p in views:  # made again at once: one made inside torch.compile's trace would recompile the graph
             self.projection(p)
         return out
