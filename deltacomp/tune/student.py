@@ -27,7 +27,7 @@ class TunedSide(nn.Module):
         self.group_size, self.length = group_size, sides[0].length
         self.sizes = [int(s.words.shape[0]) for s in sides]
         self.bits = [s.bits for s in sides]
-        self.register_buffer("codes", torch.cat([packing.unpack(s.words, s.bits, s.length) for s in sides]).to(device))
+        self.register_buffer("codes", torch.cat([packing.unpack(s.words.to(device), s.bits, s.length) for s in sides]))
         self.register_buffer("scale0", torch.cat([s.scale.float() for s in sides]).to(device))
         self.register_buffer("offset0", torch.cat([s.offset.float() for s in sides]).to(device))
         self.a = nn.Parameter(torch.zeros_like(self.scale0))
