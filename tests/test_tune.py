@@ -181,3 +181,46 @@ def test_tuning_on_cuda_keeps_the_codes_and_lowers_the_held_out_loss(llama_tok, 
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
         assert bool(torch.isfinite(b[key].float()).all()), key
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_batch_in_slices_gives_the_same_loss_and_gradients_and_out_of_memory_slices_it(llama_tok, bert_tok,
+                                                                                         causal, monkeypatch):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from deltacomp.tune.fit import Objective
+
+    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained((llama_tok if causal else bert_tok)[1])
+    model.eval().requires_grad_(False)
+    torch.manual_seed(0)
+    samples = [torch.randint(3, 200, (n,)) for n in (9, 4, 7, 12, 5)]
+    fit = Objective(model, causal, batches(samples), "cpu")  # the teacher: the model as it is
+    weight = model.get_input_embeddings().weight
+    weight.add_(0.05 * torch.randn_like(weight)).requires_grad_(True)  # the student: moved away from it
+
+    def run(parts):
+        fit.parts = parts
+        weight.grad = None
+        return fit.loss(model, 0, backward=True), weight.grad.clone()
+
+    whole, grad = run(1)
+    assert whole > 0
+    for parts in (2, 3, 5, 9):
+        loss, g = run(parts)
+        assert loss == pytest.approx(whole, rel=1e-5) and torch.allclose(g, grad, rtol=1e-4, atol=1e-7)
+    real, calls = fit._outputs, []
+
+    def short_of_memory(*a):
+        calls.append(fit.parts)
+        if fit.parts < 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*a)
+
+    monkeypatch.setattr(fit, "_outputs", short_of_memory)
+    fit.parts = 1
+    assert fit.step(model, 0) == pytest.approx(whole, rel=1e-5) and fit.parts == 4
+    assert calls[:2] == [1, 2] and torch.allclose(weight.grad, grad, rtol=1e-4, atol=1e-7)
+    fit.parts = 5
+    monkeypatch.setattr(fit, "_outputs", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA oom")))
+    with pytest.raises(DeltacompError, match="one calibration sample does not fit in GPU memory"):
+        fit.step(model, 0)

@@ -61,10 +61,14 @@ def batches(samples: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tenso
 
 
 class Objective:
-    """The teacher's targets on fixed batches, and the student's loss against them."""
+    """The teacher's targets on fixed batches, and the student's loss against them.
+
+    A batch may run in ``parts`` slices of its samples (the gradients of a batch add up to the same step): a batch
+    that runs out of GPU memory is run again in twice as many (:meth:`step`)."""
 
     def __init__(self, model: nn.Module, causal: bool, data: list[tuple[torch.Tensor, torch.Tensor]], device: str):
         self.causal = causal
+        self.parts = 1
         self.data = [(ids.to(device), mask.to(device)) for ids, mask in data]
         with torch.no_grad():
             self.targets = [self._outputs(model, ids, mask) for ids, mask in self.data]
@@ -79,19 +83,51 @@ class Objective:
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         return out[mask.bool()].float()
 
-    def loss(self, model: nn.Module, i: int) -> torch.Tensor:
-        """Batch i's mean loss per token (a scalar with the graph)."""
+    def _slices(self, i: int):
+        """Batch i in ``parts`` slices of its samples: (ids, mask, the targets of their tokens), padding trimmed."""
         ids, mask = self.data[i]
-        got = self._outputs(model, ids, mask)
+        bounds = torch.linspace(0, len(ids), min(self.parts, len(ids)) + 1).round().long().tolist()
+        rows = [0, *mask.sum(1).cumsum(0).tolist()]  # the targets' first row of each sample
+        for a, b in zip(bounds, bounds[1:]):
+            width = int(mask[a:b].sum(1).max())
+            want = [t[rows[a]:rows[b]] for t in self.targets[i]] if self.causal else self.targets[i][rows[a]:rows[b]]
+            yield ids[a:b, :width], mask[a:b, :width], want
+
+    def _token_losses(self, got: torch.Tensor, want) -> torch.Tensor:
         if self.causal:
-            return kl_topk(*self.targets[i], got).mean()
-        want = self.targets[i]
-        return (((got - want) ** 2).sum(-1) / (want**2).sum(-1).clamp(min=1e-12)).mean()
+            return kl_topk(*want, got)
+        return ((got - want) ** 2).sum(-1) / (want**2).sum(-1).clamp(min=1e-12)
+
+    def loss(self, model: nn.Module, i: int, backward: bool = False) -> float:
+        """Batch i's mean loss per token; with ``backward``, its gradients added to the parameters'."""
+        total = sum(int(m.sum()) for _, m, _ in self._slices(i))
+        out = 0.0
+        for ids, mask, want in self._slices(i):
+            part = self._token_losses(self._outputs(model, ids, mask), want).sum() / total
+            if backward:
+                part.backward()
+            out += float(part.detach())
+        return out
+
+    def step(self, model: nn.Module, i: int) -> float:
+        """Batch i's gradients (zeroed first) and loss; out of GPU memory, run again in twice as many slices."""
+        while True:
+            try:
+                for p in model.parameters():
+                    p.grad = None
+                return self.loss(model, i, backward=True)
+            except torch.cuda.OutOfMemoryError:
+                if self.parts >= max(len(ids) for ids, _ in self.data):
+                    raise DeltacompError("--tune: one calibration sample does not fit in GPU memory with the whole "
+                                         "model; lower --calib-seqlen, or leave out --tune") from None
+            self.parts *= 2  # the exception (and the memory its frames held) is gone here
+            torch.cuda.empty_cache()
+            log.info("--tune: out of GPU memory; each batch now runs in %d slices", self.parts)
 
     @torch.no_grad()
     def mean(self, model: nn.Module) -> float:
         """The loss per batch, averaged over the batches."""
-        return sum(float(self.loss(model, i)) for i in range(len(self.data))) / max(len(self.data), 1)
+        return sum(self.loss(model, i) for i in range(len(self.data))) / max(len(self.data), 1)
 
 
 def _students(model: nn.Module, names: dict[str, str], base: Checkpoint, store: ResultStore, todo: list[str],
@@ -164,9 +200,7 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
                disable=progress is False if progress is not None else None)
     for epoch in range(1, epochs + 1):
         for i in torch.randperm(len(fit.data), generator=order).tolist():
-            loss = fit.loss(model, i)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            fit.step(model, i)
             opt.step()
             bar.update()
         loss = judge.mean(model)
