@@ -224,3 +224,19 @@ def test_a_batch_in_slices_gives_the_same_loss_and_gradients_and_out_of_memory_s
     monkeypatch.setattr(fit, "_outputs", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA oom")))
     with pytest.raises(DeltacompError, match="one calibration sample does not fit in GPU memory"):
         fit.step(model, 0)
+
+
+@pytest.mark.parametrize("group_size, length", [(0, 37), (16, 64), (16, 70)])
+def test_the_dequantized_rows_and_their_gradients_match_autograd(group_size, length):
+    from deltacomp.tune.student import _Dequant, _per_code
+
+    g = torch.Generator().manual_seed(group_size + length)
+    groups = 1 if group_size == 0 else -(-length // group_size)
+    codes = torch.randint(0, 16, (5, length), generator=g, dtype=torch.uint8)
+    scale, offset = (torch.randn(5, groups, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    weight = torch.randn(5, length, generator=g, dtype=torch.float64)
+    want = codes.double() * _per_code(scale, group_size, length) + _per_code(offset, group_size, length)
+    (ws, wo) = torch.autograd.grad((want * weight).sum(), (scale, offset))
+    got = _Dequant.apply(codes, scale, offset, group_size)
+    (gs, go) = torch.autograd.grad((got.double() * weight).sum(), (scale, offset))
+    assert torch.allclose(got.double(), want, rtol=1e-6) and torch.allclose(gs, ws) and torch.allclose(go, wo)

@@ -19,6 +19,30 @@ def _per_code(p: torch.Tensor, group_size: int, length: int) -> torch.Tensor:
     return p if group_size == 0 else p.repeat_interleave(group_size, dim=1)[:, :length]
 
 
+def _per_group(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(r, length) per-code values -> (r, G), the sum over each group's codes (the adjoint of :func:`_per_code`)."""
+    if group_size == 0:
+        return t.sum(1, keepdim=True)
+    return nn.functional.pad(t, (0, -t.shape[1] % group_size)).view(t.shape[0], -1, group_size).sum(-1)
+
+
+class _Dequant(torch.autograd.Function):
+    """``codes * scale + offset`` per group; the backward pass keeps only the uint8 codes (a float copy of every
+    code, held for each matrix until its backward, would be 4 bytes a code: gigabytes at 7B)."""
+
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
+        ctx.save_for_backward(codes)
+        ctx.group_size = group_size
+        length = codes.shape[1]
+        return codes.float() * _per_code(scale, group_size, length) + _per_code(offset, group_size, length)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (codes,) = ctx.saved_tensors
+        return None, _per_group(grad * codes.float(), ctx.group_size), _per_group(grad, ctx.group_size), None
+
+
 class TunedSide(nn.Module):
     """One factor (U or V) of every bit group: rows of codes (r, length) with trained scales and offsets."""
 
@@ -40,8 +64,7 @@ class TunedSide(nn.Module):
     def forward(self) -> torch.Tensor:
         """The dequantized rows (r, length) float32."""
         scale, offset = self.scales()
-        return (self.codes.float() * _per_code(scale, self.group_size, self.length)
-                + _per_code(offset, self.group_size, self.length))
+        return _Dequant.apply(self.codes, scale, offset, self.group_size)
 
 
 class TunedFactors(nn.Module):
