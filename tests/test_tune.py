@@ -121,9 +121,11 @@ def test_a_resumed_run_takes_the_tuned_results_without_tuning_again(llama_tok, c
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_encoder_is_tuned_on_its_last_hidden_states(bert_tok, calib, tmp_path):
+@pytest.mark.parametrize("shared", [{}, {"budget_scope": "model", "sensitivity": True}])  # the latter: best's
+def test_an_encoder_is_tuned_on_its_last_hidden_states(bert_tok, calib, tmp_path, shared):
     base, ft, _ = bert_tok
-    m = compress(base, ft, tmp_path / "p", CompressConfig(bits=0.5, calib=str(calib), tune=2), progress=False)
+    m = compress(base, ft, tmp_path / "p", CompressConfig(bits=0.5, calib=str(calib), tune=2, **shared),
+                 progress=False)
     t = m["tuning"]
     assert t["loss"] == "hidden_relative_mse" and t["matrices"] > 0 and t["loss_after"] <= t["loss_before"]
 
