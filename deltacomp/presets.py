@@ -16,7 +16,7 @@ tuning of the stored scales"):
   three epochs of end-to-end tuning of the stored scales (``--tune 3``, :mod:`deltacomp.tune`). With 128 task
   examples at 0.5 bit: 0.40x, 0.16x, 0.19x and 0.11x the reference's answer KL on the CPU json, arith, instruct and
   piglatin pairs (untuned 0.55x, 0.17x, 0.27x, 0.16x; untuned on the four GPU pairs 0.29x geometric mean, worst
-  0.55, json), at 0.25 bit 0.21x, 0.13x, 0.14x and 0.09x; MiniLM 0.99980 / 0.99943 / 0.99863 (untuned 0.99976 / 0.99933 / 0.99847).
+  0.55, json), at 0.25 bit 0.21x, 0.13x, 0.14x and 0.09x.
   ``--sequential`` is not part of it: it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it
   explicitly to try it).
   On an encoder (a model without a language-model head) ``best`` also shares one budget among the matrices, each

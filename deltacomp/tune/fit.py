@@ -100,7 +100,7 @@ class Objective:
 
     def loss(self, model: nn.Module, i: int, backward: bool = False) -> float:
         """Batch i's mean loss per token; with ``backward``, its gradients added to the parameters'."""
-        total = sum(int(m.sum()) for _, m, _ in self._slices(i))
+        total = int(self.data[i][1].sum())  # the batch's tokens
         out = 0.0
         for ids, mask, want in self._slices(i):
             part = self._token_losses(self._outputs(model, ids, mask), want).sum() / total
