@@ -57,10 +57,10 @@ def test_extra_settings_parse(suite):
 
 def test_smoke_runs_every_stage(suite, tmp_path, capsys):
     """A pair through every stage in processes of this script (``--jobs``; the fine-tune first, then the uncalibrated
-    and the calibrated settings apart), merged into one JSON and its tables."""
+    and the calibrated settings apart, each budget apart), merged into one JSON and its tables."""
     out = tmp_path / "suite.json"
     args = ["--smoke", "--work", str(tmp_path / "work"), "--pairs", "instruct", "--jobs", "2", "--split-settings",
-            "--budgets", "1,0.25", "--extra", "no refit: refit=false", "--out", str(out)]
+            "--split-budgets", "--budgets", "1,0.25", "--extra", "no refit: refit=false", "--out", str(out)]
     results = suite.main(args)
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
