@@ -171,18 +171,17 @@ def test_a_malformed_tuning_report_is_refused(packages, tmp_path, key, value):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_tuning_on_cuda_keeps_the_codes_and_lowers_the_held_out_loss(llama_tok, calib, packages, tmp_path):
+def test_tuning_on_cuda_lowers_the_held_out_loss_and_writes_a_valid_package(llama_tok, calib, tmp_path):
+    """On the GPU (whose compression may choose other bit groups than the CPU's: compared with nothing but itself)."""
     base, ft, _ = llama_tok
-    out, _ = packages
     m = compress(base, ft, tmp_path / "p", CompressConfig(bits=0.5, calib=str(calib), tune=3, device="cuda"),
                  progress=False)
     report = m["tuning"]
     assert report["loss_after"] < report["loss_before"] and report["held_out_samples"] == 5
-    a, b = _tensors(out / "plain"), _tensors(tmp_path / "p")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
-        assert bool(torch.isfinite(b[key].float()).all()), key
+    pkg = DeltaPackage(tmp_path / "p")  # the schema check of the report included
+    linear = [n for n in compressed_names(pkg) if not is_row_sparse(pkg, n)]
+    assert report["matrices"] == len(linear) > 0
+    assert all(bool(torch.isfinite(t.float()).all()) for t in _tensors(tmp_path / "p").values())
 
 
 @pytest.mark.parametrize("causal", [True, False])
