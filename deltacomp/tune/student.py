@@ -48,9 +48,8 @@ class TunedSide(nn.Module):
 
     def __init__(self, sides, group_size: int, device):
         super().__init__()
-        self.group_size, self.length = group_size, sides[0].length
+        self.group_size = group_size
         self.sizes = [int(s.words.shape[0]) for s in sides]
-        self.bits = [s.bits for s in sides]
         self.register_buffer("codes", torch.cat([packing.unpack(s.words.to(device), s.bits, s.length) for s in sides]))
         self.register_buffer("scale0", torch.cat([s.scale.float() for s in sides]).to(device))
         self.register_buffer("offset0", torch.cat([s.offset.float() for s in sides]).to(device))
