@@ -218,13 +218,14 @@ def test_a_batch_in_slices_gives_the_same_loss_and_gradients_and_out_of_memory_s
         return real(*a)
 
     monkeypatch.setattr(fit, "_outputs", short_of_memory)
+    opt = torch.optim.SGD([weight], lr=0.0)
     fit.parts = 1
-    assert fit.step(model, 0) == pytest.approx(whole, rel=1e-5) and fit.parts == 4
+    assert fit.step(model, 0, opt) == pytest.approx(whole, rel=1e-5) and fit.parts == 4
     assert calls[:2] == [1, 2] and torch.allclose(weight.grad, grad, rtol=1e-4, atol=1e-7)
     fit.parts = 5
     monkeypatch.setattr(fit, "_outputs", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA oom")))
     with pytest.raises(DeltacompError, match="one calibration sample does not fit in GPU memory"):
-        fit.step(model, 0)
+        fit.step(model, 0, opt)
 
 
 @pytest.mark.parametrize("group_size, length", [(0, 37), (16, 64), (16, 70)])

@@ -109,12 +109,12 @@ class Objective:
             out += float(part.detach())
         return out
 
-    def step(self, model: nn.Module, i: int) -> float:
-        """Batch i's gradients (zeroed first) and loss; out of GPU memory, run again in twice as many slices."""
+    def step(self, model: nn.Module, i: int, opt: torch.optim.Optimizer) -> float:
+        """Batch i's gradients (``opt``'s zeroed first) and loss; out of GPU memory, run again in twice as many
+        slices."""
         while True:
             try:
-                for p in model.parameters():
-                    p.grad = None
+                opt.zero_grad(set_to_none=True)
                 return self.loss(model, i, backward=True)
             except torch.cuda.OutOfMemoryError:
                 if self.parts >= max(len(ids) for ids, _ in self.data):
@@ -200,7 +200,7 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
                disable=progress is False if progress is not None else None)
     for epoch in range(1, epochs + 1):
         for i in torch.randperm(len(fit.data), generator=order).tolist():
-            fit.step(model, i)
+            fit.step(model, i, opt)
             opt.step()
             bar.update()
         loss = judge.mean(model)
