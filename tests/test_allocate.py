@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltacomp.errors import BudgetError
-from deltacomp.quant import allocate, factors
+from deltacomp.quant import allocate, factors, gptq
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, vector_cost
 
 BITS = ((2, 2), (3, 3), (4, 4), (8, 8))
@@ -164,21 +164,29 @@ def test_uv_widths_beat_equal_widths_on_the_calibrated_output_error(bits_per_ent
 
 
 @pytest.mark.parametrize("group_size", [0, 64])
-def test_v_rows_measured_by_the_allocation_are_what_quantizing_v_again_gives(group_size):
-    """The factors of an uncalibrated optimal allocation take V as the allocation rounded it: the same tensors."""
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_v_rows_measured_by_the_allocation_are_what_quantizing_v_again_gives(group_size, calibrated):
+    """The factors of an optimal allocation take V as the allocation quantized it (round-to-nearest, or GPTQ's sweep
+    under the same Hessian, a width it did not sweep quantized on its own): the same tensors as quantizing again."""
     m, n = 192, 320
     delta = _delta(m, n)
-    c = allocate.candidates(delta, 1.0, UV_BITS, group_size)
-    assert set(c.v_rows) == {bv for _, bv in UV_BITS}
+    h = _calibrated_case(m, n)[2] if calibrated else None
+    gptq_v = (True, 0.01) if calibrated else None
+    c = allocate.candidates(delta, 1.0, UV_BITS, group_size, h, gptq_v)
+    assert c.v_gptq == calibrated
+    assert set(c.v_rows) == {bv for _, bv in UV_BITS} - ({8} if calibrated else set())  # 8 bits: not swept
     bits = allocate.choose(c, UV_BITS, budget_bits(m, n, 1.0))
+    bits[0] = torch.tensor([8, 8])  # a width the sweep left out
     order, groups = _groups(bits)
-    assert len({bv for bv in bits[order, 1].tolist()}) > 1  # several V widths to pick from
-    args = (delta, c.u[:, order], c.s[order], c.v[:, order], groups, group_size)
+    assert len({bv for bv in bits[order, 1].tolist()}) > 2  # several V widths to pick from
+    args = (delta, c.u[:, order], c.s[order], c.v[:, order], groups, group_size, True, h)
     again = factors.quantize(*args)
-    reused = factors.quantize(*args, v_rows=allocate.chosen_rows(c.v_rows, bits, order))
+
+    def rest(at, b):
+        return gptq.gptq_rows(c.v.T[at], h, torch.full((len(at),), b), group_size, True, 0.01, True)
+    reused = factors.quantize(*args, v_rows=allocate.chosen_rows(c.v_rows, bits, order, rest))
     for a, b in zip(factors.to_tensors(again).values(), factors.to_tensors(reused).values()):
         assert torch.equal(a, b)
-    assert not allocate.candidates(delta, 1.0, UV_BITS, group_size, torch.eye(n), (True, 0.01)).v_rows  # GPTQ: none
 
 
 def test_the_excitation_power_weighs_each_vector_by_its_singular_value_and_moves_bits_to_the_largest():

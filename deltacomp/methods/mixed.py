@@ -10,7 +10,7 @@ from deltacomp.errors import BudgetError
 from deltacomp.lowrank.lora import balance
 from deltacomp.lowrank.svd import svd
 from deltacomp.methods.base import Compressed, Method, info_int, register, stored_bits
-from deltacomp.quant import allocate, factors, packing, rtn
+from deltacomp.quant import allocate, factors, gptq, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 from deltacomp.quant.packed import packed_from_parts
 
@@ -107,9 +107,14 @@ class Mixed(Method):
             u, s, v = svd(chosen_for, sum(g.rank for g in sched), config.device, config.svd)
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
-        v_rows = None  # with the allocation's candidates, V as it rounded them: not quantized again
-        if allocated is not None and allocated.v_rows and h_round is None:
-            v_rows = allocate.chosen_rows(allocated.v_rows, bits, order)
+        v_rows = None  # V as the allocation quantized it, where it quantized as the factors do: not again
+        if allocated is not None and allocated.v_gptq == (h_round is not None):
+            clip = config.vector_range == "mse"
+
+            def rest(at: torch.Tensor, b: int) -> tuple:  # V at a width the allocation rounded, not swept (8 bits)
+                return gptq.gptq_rows(v.T[at.to(v.device)], h_round, torch.full((len(at),), b), group_size,
+                                      config.act_order, config.damp, clip)
+            v_rows = allocate.chosen_rows(allocated.v_rows, bits, order, rest)
         order = order.to(u.device)
         u, s, v = u[:, order], s[order], v[:, order]
         if w is not None:  # the vectors were chosen under the weights; U S is the plain delta's on them

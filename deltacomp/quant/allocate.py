@@ -41,6 +41,7 @@ best error drop per bit. The result never exceeds the budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -74,19 +75,22 @@ def _rtn(x: torch.Tensor, bits: int, group_size: int, clip: bool) -> tuple[Rows,
 def _v_errors(v: torch.Tensor, bits: list[int], group_size: int, h: torch.Tensor | None,
               gptq_v: tuple[bool, float] | None, clip: bool) -> tuple[dict[int, torch.Tensor], dict[int, Rows]]:
     """``dv^T H dv`` (r,) of every vector at each width: with ``h`` and ``gptq_v`` = (act_order, damp), GPTQ's
-    errors (one sweep), else round-to-nearest's; and the round-to-nearest rows of V^T by width (what the factors
-    store when the matrix is not calibrated)."""
+    errors (one sweep), else round-to-nearest's; and the rows of V^T by width as quantized for them: GPTQ's at the
+    swept widths (below 8 bits), else round-to-nearest's at every width."""
     r = v.shape[1]
     swept = [b for b in bits if gptq_v is not None and h is not None and b < 8]  # 8 bits: rounding is enough
     errs, rows = {}, {}
     if swept:
         stacked = v.T.repeat(len(swept), 1)  # (K r, n)
         row_bits = torch.tensor(swept, device=v.device).repeat_interleave(r)
-        codes, scale, offset = gptq.gptq_rows(stacked, h, row_bits, group_size, *gptq_v, clip)
-        errs = dict(zip(swept, (stacked - rtn.dequantize(codes, scale, offset, group_size)).split(r)))
+        quantized = gptq.gptq_rows(stacked, h, row_bits, group_size, *gptq_v, clip)
+        errs = dict(zip(swept, (stacked - rtn.dequantize(*quantized, group_size)).split(r)))
+        rows = {b: tuple(part) for b, *part in zip(swept, *(t.split(r) for t in quantized))}  # GPTQ is row by row
     for b in bits:
         if b not in errs:
-            rows[b], errs[b] = _rtn(v.T, b, group_size, clip)  # (r, n)
+            rounded, errs[b] = _rtn(v.T, b, group_size, clip)  # (r, n)
+            if not swept:
+                rows[b] = rounded
     return {b: (e * (e @ h)).sum(1) if h is not None else e.pow(2).sum(1) for b, e in errs.items()}, rows
 
 
@@ -209,9 +213,10 @@ class Candidates:
     v: torch.Tensor  # (n, r)
     errors: torch.Tensor  # (r, widths): :func:`vector_errors`
     costs: torch.Tensor  # (widths,): :func:`option_costs`
-    # V^T's rows rounded to nearest at each V width, as measured for ``errors`` (uncalibrated only): the factors take
-    # the chosen ones (:func:`chosen_rows`) instead of quantizing V again
+    # V^T's rows at each V width as quantized to measure ``errors``: the factors take the chosen ones
+    # (:func:`chosen_rows`) instead of quantizing V again where they round V the same way
     v_rows: dict[int, Rows] = field(default_factory=dict)
+    v_gptq: bool = False  # ``v_rows`` are GPTQ's under the allocation's Hessian (the widths below 8 bits only)
 
 
 def candidates(delta: torch.Tensor, bits_per_entry: float, widths: tuple[Width, ...], group_size: int,
@@ -225,20 +230,27 @@ def candidates(delta: torch.Tensor, bits_per_entry: float, widths: tuple[Width, 
     u, s, v = svd(delta, max_rank(m, n, bits_per_entry, widths, share, overhead), device, svd_method)
     with stage("allocation"):
         table, v_rows = _table(u, s, v, widths, group_size, h, gptq_v, clip, noise, power)
-    return Candidates(u, s, v, table, option_costs(m, n, widths, overhead), {} if h is not None else v_rows)
+    return Candidates(u, s, v, table, option_costs(m, n, widths, overhead), v_rows,
+                      gptq_v is not None and h is not None)
 
 
-def chosen_rows(rows: dict[int, Rows], widths: torch.Tensor, order: torch.Tensor) -> Rows:
+def chosen_rows(rows: dict[int, Rows], widths: torch.Tensor, order: torch.Tensor,
+                rest: Callable[[torch.Tensor, int], Rows] | None = None) -> Rows:
     """The stored V^T rows of the vectors ``order`` (indices into the candidates), each at its V width: picked
-    from ``rows`` (every candidate's rows by V width, :attr:`Candidates.v_rows`); ``widths`` (r, 2) as chosen."""
+    from ``rows`` (every candidate's rows by V width, :attr:`Candidates.v_rows`); ``widths`` (r, 2) as chosen.
+    ``rest(indices, bits)`` quantizes the candidates' rows at a width ``rows`` does not hold."""
     v_bits = widths[order.cpu(), 1]
+    picked = {}
+    for b in v_bits.unique().tolist():
+        at = (v_bits == b).nonzero().squeeze(1)
+        idx = order.cpu()[at]
+        picked[b] = at, (tuple(t[idx.to(t.device)] for t in rows[b]) if b in rows else rest(idx, b))
+    like = next(iter(picked.values()))[1]
     out = []
-    for part in range(3):  # codes, scale, offset
-        like = rows[int(v_bits[0])][part]
-        pick = torch.empty((len(order), like.shape[1]), dtype=like.dtype, device=like.device)
-        for b in v_bits.unique().tolist():
-            at = (v_bits == b).nonzero().squeeze(1).to(like.device)
-            pick[at] = rows[b][part][order.to(like.device)[at]]
+    for part, t in enumerate(like):
+        pick = torch.empty((len(order), t.shape[1]), dtype=t.dtype, device=t.device)
+        for at, chosen in picked.values():
+            pick[at.to(t.device)] = chosen[part]
         out.append(pick)
     return tuple(out)
 

@@ -99,8 +99,8 @@ def quantize(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Ten
     Each refit can only lower the (weighted) error before the following rounding. ``clip`` takes the MSE-best
     clipped range of each vector (:func:`deltacomp.quant.rtn.fit`), else its min-max range, under round-to-nearest
     and GPTQ alike.
-    ``v_rows``: V^T already rounded to nearest at these widths, as step 1 would (codes, scale, offset; the bit
-    allocation measured them), used instead of quantizing it again. Everything runs in float32 on the device of ``u``.
+    ``v_rows``: V^T already quantized at these widths as step 1 would (codes, scale, offset; the bit allocation
+    measured them), used instead of quantizing it again. Everything runs in float32 on the device of ``u``.
     """
     with stage("rtn" if h is None else "gptq"):
         return _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip, v_rows)
@@ -109,12 +109,12 @@ def quantize(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Ten
 def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip, v_rows) -> list[FactorGroup]:
     dev = u.device
     delta = delta.to(dev, torch.float32)
-    if v_rows is not None and h is None:
+    h = h.to(dev, torch.float32) if h is not None else None
+    if v_rows is not None:
         v_q = tuple(t.to(dev) for t in v_rows)
     elif h is None:
         v_q = _rtn_rows(v.T, groups, "v", group_size, clip)  # (r, n) codes, scale, offset
     else:
-        h = h.to(dev, torch.float32)
         v_q = gptq.gptq_rows(v.T, h, _widths(groups, "v", dev), group_size, act_order, damp, clip)
     v_hat = rtn.dequantize(*v_q, group_size).T  # (n, r)
     hv = v_hat if h is None else h @ v_hat  # (n, r)
