@@ -230,12 +230,12 @@ def svd_check(device: str, sizes=((4096, 4096, 1024), (11008, 4096, 1352))) -> l
         (u, sv, vh), t_full = timed(lambda a=a: torch.linalg.svd(a, full_matrices=False))
         best = float((a - (u[:, :k] * sv[:k]) @ vh[:k]).norm())
         row = {"shape": f"{m}x{n}", "k": k, "full_s": t_full}
-        for niter in (2, 4):
-            (u2, s2, v2), t_r = timed(lambda a=a, k=k, niter=niter: randomized_svd(a, k, niter))
+        for name, niter, qr in (("rand2", 2, None), ("rand4", 4, None), ("rand4_qr", 4, True)):
+            (u2, s2, v2), t_r = timed(lambda a=a, k=k, niter=niter, qr=qr: randomized_svd(a, k, niter, qr=qr))
             err = float((a - (u2 * s2) @ v2.T).norm())
-            row[f"rand{niter}_s"] = t_r
-            row[f"rand{niter}_err_ratio"] = err / best
-            row[f"rand{niter}_sv_rel"] = float(((s2 - sv[:k]).abs() / sv[:k]).max())
+            row[f"{name}_s"] = t_r
+            row[f"{name}_err_ratio"] = err / best
+            row[f"{name}_sv_rel"] = float(((s2 - sv[:k]).abs() / sv[:k]).max())
         rows.append(row)
     return rows
 

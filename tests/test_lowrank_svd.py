@@ -2,7 +2,7 @@
 
 import torch
 
-from deltacomp.lowrank.svd import energy_rank, svd
+from deltacomp.lowrank.svd import energy_rank, orthonormal, randomized_svd, svd
 
 
 def test_recovers_a_known_rank_exactly():
@@ -22,3 +22,29 @@ def test_energy_rank():
     assert energy_rank(s, 0.9) == 2  # 13/14
     assert energy_rank(s, 1.0) == 3
     assert energy_rank(torch.zeros(3), 0.9) == 0
+
+
+def test_cholesky_and_householder_bases_agree_and_dependent_columns_fall_back():
+    """The Cholesky QR basis is orthonormal and spans the columns; columns that are dependent (a LoRA-like delta's
+    range at a larger width) make the factorization fail and take Householder QR; both SVDs match the exact one."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(300, 40, generator=g) * torch.logspace(0, -3, 40)  # condition number 1e3
+    q = orthonormal(y)
+    assert float((q.T @ q - torch.eye(40)).abs().max()) < 1e-5
+    assert float((q @ (q.T @ y) - y).norm() / y.norm()) < 1e-5
+    dependent = torch.randn(300, 4, generator=g) @ torch.randn(4, 40, generator=g)
+    q = orthonormal(dependent)
+    assert float((q.T @ q - torch.eye(40)).abs().max()) < 1e-5
+    assert float((q @ (q.T @ dependent) - dependent).norm() / dependent.norm()) < 1e-5
+
+    s = torch.arange(1, 121).float() ** -0.8
+    delta = (torch.linalg.qr(torch.randn(200, 120, generator=g)).Q * s) @ torch.linalg.qr(
+        torch.randn(160, 120, generator=g)).Q.T
+    exact = torch.linalg.svdvals(delta)[:30]
+    for qr in (False, True):
+        u, sv, v = randomized_svd(delta, 30, qr=qr)
+        assert float(((sv - exact).abs() / exact).max()) < 1e-3
+        assert float((u.T @ u - torch.eye(30)).abs().max()) < 1e-4
+    low = torch.randn(200, 6, generator=g) @ torch.randn(6, 160, generator=g)  # the basis' columns dependent
+    u, sv, v = randomized_svd(low, 30, qr=False)
+    assert float(((u * sv) @ v.T - low).norm() / low.norm()) < 1e-5

@@ -26,17 +26,20 @@ def svd(delta: torch.Tensor, rank: int | None = None, device: str = "cpu", metho
     return randomized_svd(d, k, niter)
 
 
-def randomized_svd(d: torch.Tensor, k: int, niter: int = 4, oversample: int | None = None):
+def randomized_svd(d: torch.Tensor, k: int, niter: int = 4, oversample: int | None = None, qr: bool | None = None):
     """Top-k SVD of ``d (m, n)`` (Halko, Martinsson, Tropp 2011): an orthonormal basis Q (m, q) of the range of
     ``d G`` refined by ``niter`` power iterations, then the small SVD of ``B = Q^T d (q, n)`` from the
-    float64 eigendecomposition of ``B B^T (q, q)``. Singular values descending."""
+    float64 eigendecomposition of ``B B^T (q, q)``. Singular values descending. The bases are orthonormalized by
+    :func:`orthonormal`: ``qr`` True takes Householder QR, False Cholesky QR, None (the default) Cholesky QR on a GPU
+    and Householder QR on the CPU (where float64 products are the slower)."""
     m, n = d.shape
+    qr = not d.is_cuda if qr is None else qr
     q = min(m, n, k + (oversample if oversample is not None else max(32, k // 4)))
     g = torch.Generator(device=d.device).manual_seed(0)
-    basis = torch.linalg.qr(d @ torch.randn(n, q, device=d.device, generator=g)).Q  # (m, q)
+    basis = orthonormal(d @ torch.randn(n, q, device=d.device, generator=g), qr)  # (m, q)
     for _ in range(niter):
-        basis = torch.linalg.qr(d.T @ basis).Q  # (n, q)
-        basis = torch.linalg.qr(d @ basis).Q  # (m, q)
+        basis = orthonormal(d.T @ basis, qr)  # (n, q)
+        basis = orthonormal(d @ basis, qr)  # (m, q)
     b = basis.T @ d  # (q, n)
     evals, w = torch.linalg.eigh((b @ b.T).double())  # ascending
     evals, w = evals.flip(0)[:k], w.flip(1)[:, :k]
@@ -44,6 +47,24 @@ def randomized_svd(d: torch.Tensor, k: int, niter: int = 4, oversample: int | No
     u = basis @ w.float()  # (m, k)
     v = (b.T.double() @ w / torch.where(s > 0, s, torch.ones_like(s))).float()  # (n, k)
     return u, s.float(), v
+
+
+def orthonormal(y: torch.Tensor, qr: bool = False) -> torch.Tensor:
+    """An orthonormal basis (k, q) of the columns of ``y (k, q)``, k >= q: Cholesky QR in float64, twice
+    (``Y L^-T`` with ``Y^T Y = L L^T``: two products and a small factorization, where Householder QR runs a long
+    sequence of small steps; stable while the condition number of ``y`` stays far below 1e8), or Householder QR
+    (``qr``, or where the columns are nearly dependent)."""
+    if not qr:
+        basis = y.double()
+        for _ in range(2):  # the second pass restores the orthogonality the first loses to rounding
+            chol, info = torch.linalg.cholesky_ex(basis.T @ basis)
+            diag = chol.diagonal()
+            if int(info) != 0 or not bool(diag.min() > 1e-6 * diag.max()):  # (nearly) dependent: not stable
+                break
+            basis = torch.linalg.solve_triangular(chol, basis.T, upper=False).T
+        else:
+            return basis.to(y.dtype)
+    return torch.linalg.qr(y).Q
 
 
 def energy_rank(s: torch.Tensor, energy: float) -> int:
