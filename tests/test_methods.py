@@ -83,3 +83,31 @@ def test_mixed_row_weight_spends_the_budget_on_the_weighted_rows(allocation):
                        float((hat - delta).norm() / delta.norm()))
     assert errs["weighted"][0] < 0.8 * errs["plain"][0]  # the weighted rows are kept far better
     assert errs["weighted"][1] < 1.0  # and U S is the plain delta's projection: the rest is not made worse than 0
+
+
+def test_mixed_calibrated_takes_v_from_the_allocations_sweep_with_the_same_result(monkeypatch):
+    """Calibrated, the factors take V's GPTQ rows from the allocation's sweep (an 8-bit V width, which the sweep
+    does not quantize, on its own): the same package as quantizing V again."""
+    from deltacomp.calib.context import MatrixContext
+    from deltacomp.quant import allocate
+
+    g = torch.Generator().manual_seed(3)
+    delta = _delta(160, 256)
+    x = torch.randn(1024, 256, generator=g) * torch.arange(1, 257).float() ** -0.7
+    ctx = MatrixContext(hessian=x.T @ x / len(x))
+    m = get_method("mixed")
+    config = CompressConfig(bits=4.0, allocation="optimal", gptq_group_size=64)
+    reused = m.compress(delta, config, ctx)
+    assert any(grp.get("v_bits", grp["bits"]) == 8 for grp in reused.info["groups"])
+    assert any(grp.get("v_bits", grp["bits"]) < 8 for grp in reused.info["groups"])
+    plain = allocate.candidates
+
+    def not_reused(*args, **kwargs):  # rows that the factors do not take: V quantized again
+        c = plain(*args, **kwargs)
+        c.v_gptq = not c.v_gptq
+        return c
+    monkeypatch.setattr(allocate, "candidates", not_reused)
+    again = m.compress(delta, config, ctx)
+    assert reused.info == again.info and reused.tensors.keys() == again.tensors.keys()
+    for key, t in reused.tensors.items():
+        assert torch.equal(t, again.tensors[key]), key

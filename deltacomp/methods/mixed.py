@@ -109,10 +109,10 @@ class Mixed(Method):
         order, runs = allocate.group_by_bits(bits)
         v_rows = None  # V as the allocation quantized it, where it quantized as the factors do: not again
         if allocated is not None and allocated.v_gptq == (h_round is not None):
-            clip = config.vector_range == "mse"
+            clip, v_t = config.vector_range == "mse", allocated.v.T  # (r, n)
 
             def rest(at: torch.Tensor, b: int) -> tuple:  # V at a width the allocation rounded, not swept (8 bits)
-                return gptq.gptq_rows(v.T[at.to(v.device)], h_round, torch.full((len(at),), b), group_size,
+                return gptq.gptq_rows(v_t[at.to(v_t.device)], h_round, torch.full((len(at),), b), group_size,
                                       config.act_order, config.damp, clip)
             v_rows = allocate.chosen_rows(allocated.v_rows, bits, order, rest)
         order = order.to(u.device)
