@@ -2,7 +2,7 @@
 
 import torch
 
-from deltacomp.lowrank.svd import energy_rank, orthonormal, randomized_svd, svd
+from deltacomp.lowrank.svd import energy_rank, fast_float64, orthonormal, randomized_svd, svd
 
 
 def test_recovers_a_known_rank_exactly():
@@ -45,6 +45,7 @@ def test_cholesky_and_householder_bases_agree_and_dependent_columns_fall_back():
         u, sv, v = randomized_svd(delta, 30, qr=qr)
         assert float(((sv - exact).abs() / exact).max()) < 1e-3
         assert float((u.T @ u - torch.eye(30)).abs().max()) < 1e-4
+    assert not fast_float64(delta.device)  # the CPU keeps Householder QR by default
     low = torch.randn(200, 6, generator=g) @ torch.randn(6, 160, generator=g)  # the basis' columns dependent
     u, sv, v = randomized_svd(low, 30, qr=False)
     assert float(((u * sv) @ v.T - low).norm() / low.norm()) < 1e-5

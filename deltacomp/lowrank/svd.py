@@ -30,10 +30,10 @@ def randomized_svd(d: torch.Tensor, k: int, niter: int = 4, oversample: int | No
     """Top-k SVD of ``d (m, n)`` (Halko, Martinsson, Tropp 2011): an orthonormal basis Q (m, q) of the range of
     ``d G`` refined by ``niter`` power iterations, then the small SVD of ``B = Q^T d (q, n)`` from the
     float64 eigendecomposition of ``B B^T (q, q)``. Singular values descending. The bases are orthonormalized by
-    :func:`orthonormal`: ``qr`` True takes Householder QR, False Cholesky QR, None (the default) Cholesky QR on a GPU
-    and Householder QR on the CPU (where float64 products are the slower)."""
+    :func:`orthonormal`: ``qr`` True takes Householder QR, False Cholesky QR, None (the default) Cholesky QR on a
+    GPU with fast float64 arithmetic (:func:`fast_float64`), Householder QR elsewhere."""
     m, n = d.shape
-    qr = not d.is_cuda if qr is None else qr
+    qr = not fast_float64(d.device) if qr is None else qr
     q = min(m, n, k + (oversample if oversample is not None else max(32, k // 4)))
     g = torch.Generator(device=d.device).manual_seed(0)
     basis = orthonormal(d @ torch.randn(n, q, device=d.device, generator=g), qr)  # (m, q)
@@ -47,6 +47,16 @@ def randomized_svd(d: torch.Tensor, k: int, niter: int = 4, oversample: int | No
     u = basis @ w.float()  # (m, k)
     v = (b.T.double() @ w / torch.where(s > 0, s, torch.ones_like(s))).float()  # (n, k)
     return u, s.float(), v
+
+
+# compute capabilities of the GPUs whose float64 throughput is half their float32 rate (P100, V100, A100, H100/H200,
+# B100/B200); the others run float64 at 1/32 to 1/64 of it
+FAST_FLOAT64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+
+
+def fast_float64(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU with fast float64 arithmetic (:data:`FAST_FLOAT64`)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) in FAST_FLOAT64
 
 
 def orthonormal(y: torch.Tensor, qr: bool = False) -> torch.Tensor:
