@@ -170,6 +170,19 @@ class StageTimer:
             self.stack[-1][2] += took
 
 
+def _report_when_stopped(timer: StageTimer, t0: float) -> None:
+    """On SIGTERM (a time limit's ``timeout``), print the stage times and call counts so far, then stop (124)."""
+    import signal
+
+    def stop(signum, frame):
+        so_far = {k: round(v, 1) for k, v in timer.total.items()}
+        print(f"stopped after {time.perf_counter() - t0:.1f} s; stage seconds so far {json.dumps(so_far)}; "
+              f"calls {json.dumps(dict(timer.calls))}", flush=True)
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_compress(pair: Path, args) -> dict:
     from deltacomp.compress import compress
     from deltacomp.config import CompressConfig
@@ -184,6 +197,7 @@ def run_compress(pair: Path, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with observe(StageTimer()) as timer:
+        _report_when_stopped(timer, t0)
         manifest = compress(pair / "base", pair / "finetuned", pair / "pkg", config, overwrite=True, progress=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
