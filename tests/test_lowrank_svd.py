@@ -24,18 +24,23 @@ def test_energy_rank():
     assert energy_rank(torch.zeros(3), 0.9) == 0
 
 
-def test_cholesky_and_householder_bases_agree_and_dependent_columns_fall_back():
+def test_cholesky_and_householder_bases_agree_and_dependent_columns_fall_back(monkeypatch):
     """The Cholesky QR basis is orthonormal and spans the columns; columns that are dependent (a LoRA-like delta's
-    range at a larger width) make the factorization fail and take Householder QR; both SVDs match the exact one."""
+    range at a larger width) take Householder QR instead; both SVDs match the exact one."""
+    householder, calls = torch.linalg.qr, []
+    monkeypatch.setattr(torch.linalg, "qr", lambda a: calls.append(a.shape) or householder(a))
     g = torch.Generator().manual_seed(0)
     y = torch.randn(300, 40, generator=g) * torch.logspace(0, -3, 40)  # condition number 1e3
     q = orthonormal(y)
     assert float((q.T @ q - torch.eye(40)).abs().max()) < 1e-5
     assert float((q @ (q.T @ y) - y).norm() / y.norm()) < 1e-5
+    assert not calls  # Cholesky QR
     dependent = torch.randn(300, 4, generator=g) @ torch.randn(4, 40, generator=g)
     q = orthonormal(dependent)
+    assert calls == [(300, 40)]  # Householder QR
     assert float((q.T @ q - torch.eye(40)).abs().max()) < 1e-5
     assert float((q @ (q.T @ dependent) - dependent).norm() / dependent.norm()) < 1e-5
+    monkeypatch.undo()
 
     s = torch.arange(1, 121).float() ** -0.8
     delta = (torch.linalg.qr(torch.randn(200, 120, generator=g)).Q * s) @ torch.linalg.qr(
