@@ -107,9 +107,10 @@ class Mixed(Method):
             u, s, v = svd(chosen_for, sum(g.rank for g in sched), config.device, config.svd)
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
+        clip = config.vector_range == "mse"
         v_rows = None  # V as the allocation quantized it, where it quantized as the factors do: not again
         if allocated is not None and allocated.v_gptq == (h_round is not None):
-            clip, v_t = config.vector_range == "mse", allocated.v.T  # (r, n)
+            v_t = allocated.v.T  # (r, n)
 
             def rest(at: torch.Tensor, b: int) -> tuple:  # V at a width the allocation rounded, not swept (8 bits)
                 return gptq.gptq_rows(v_t[at.to(v_t.device)], h_round, torch.full((len(at),), b), group_size,
@@ -122,7 +123,7 @@ class Mixed(Method):
         groups = [BitGroup(bu, k, bv) for (bu, bv), k in runs]
         delta = delta.to(u.device)
         fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h_round, config.act_order, config.damp,
-                              clip=config.vector_range == "mse", v_rows=v_rows)
+                              clip=clip, v_rows=v_rows)
         tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
         factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {

@@ -239,11 +239,12 @@ def chosen_rows(rows: dict[int, Rows], widths: torch.Tensor, order: torch.Tensor
     """The stored V^T rows of the vectors ``order`` (indices into the candidates), each at its V width: picked
     from ``rows`` (every candidate's rows by V width, :attr:`Candidates.v_rows`); ``widths`` (r, 2) as chosen.
     ``rest(indices, bits)`` quantizes the candidates' rows at a width ``rows`` does not hold."""
-    v_bits = widths[order.cpu(), 1]
+    order = order.cpu()
+    v_bits = widths[order, 1]
     picked = {}
     for b in v_bits.unique().tolist():
         at = (v_bits == b).nonzero().squeeze(1)
-        idx = order.cpu()[at]
+        idx = order[at]
         picked[b] = at, (tuple(t[idx.to(t.device)] for t in rows[b]) if b in rows else rest(idx, b))
     like = next(iter(picked.values()))[1]
     out = []
