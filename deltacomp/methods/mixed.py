@@ -10,7 +10,7 @@ from deltacomp.errors import BudgetError
 from deltacomp.lowrank.lora import balance
 from deltacomp.lowrank.svd import svd
 from deltacomp.methods.base import Compressed, Method, info_int, register, stored_bits
-from deltacomp.quant import allocate, factors, gptq, packing, rtn
+from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 from deltacomp.quant.packed import packed_from_parts
 
@@ -108,15 +108,10 @@ class Mixed(Method):
             bits = torch.cat([torch.full((g.rank,), g.bits, dtype=torch.long) for g in sched])
         order, runs = allocate.group_by_bits(bits)
         clip = config.vector_range == "mse"
-        v_rows = None  # V as the allocation quantized it, where it quantized as the factors do: not again
-        if allocated is not None and allocated.v_gptq == (h_round is not None):
-            v_t = allocated.v.T  # (r, n)
-
-            def rest(at: torch.Tensor, b: int) -> tuple:  # V at a width the allocation rounded, not swept (8 bits)
-                return gptq.gptq_rows(v_t[at.to(v_t.device)], h_round, torch.full((len(at),), b), group_size,
-                                      config.act_order, config.damp, clip)
-            v_rows = allocate.chosen_rows(allocated.v_rows, bits, order, rest)
         order = order.to(u.device)
+        # V as the allocation quantized it, where it quantized as the factors do: not again
+        reuse = allocated is not None and allocated.v_gptq == (h_round is not None)
+        v_rows = (allocated.v_rows, order) if reuse else None
         u, s, v = u[:, order], s[order], v[:, order]
         if w is not None:  # the vectors were chosen under the weights; U S is the plain delta's on them
             u, s = factors.unit_columns(delta.to(v.device) @ v)  # (m, r), (r,)

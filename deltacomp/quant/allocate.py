@@ -41,7 +41,6 @@ best error drop per bit. The result never exceeds the budget.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -213,8 +212,8 @@ class Candidates:
     v: torch.Tensor  # (n, r)
     errors: torch.Tensor  # (r, widths): :func:`vector_errors`
     costs: torch.Tensor  # (widths,): :func:`option_costs`
-    # V^T's rows at each V width as quantized to measure ``errors``: the factors take the chosen ones
-    # (:func:`chosen_rows`) instead of quantizing V again where they round V the same way
+    # V^T's rows at each V width as quantized to measure ``errors``: the factors take the chosen ones (the ``v_rows``
+    # of :func:`deltacomp.quant.factors.quantize`) instead of quantizing V again where they round V the same way
     v_rows: dict[int, Rows] = field(default_factory=dict)
     v_gptq: bool = False  # ``v_rows`` are GPTQ's under the allocation's Hessian (the widths below 8 bits only)
 
@@ -232,28 +231,6 @@ def candidates(delta: torch.Tensor, bits_per_entry: float, widths: tuple[Width, 
         table, v_rows = _table(u, s, v, widths, group_size, h, gptq_v, clip, noise, power)
     return Candidates(u, s, v, table, option_costs(m, n, widths, overhead), v_rows,
                       gptq_v is not None and h is not None)
-
-
-def chosen_rows(rows: dict[int, Rows], widths: torch.Tensor, order: torch.Tensor,
-                rest: Callable[[torch.Tensor, int], Rows] | None = None) -> Rows:
-    """The stored V^T rows of the vectors ``order`` (indices into the candidates), each at its V width: picked
-    from ``rows`` (every candidate's rows by V width, :attr:`Candidates.v_rows`); ``widths`` (r, 2) as chosen.
-    ``rest(indices, bits)`` quantizes the candidates' rows at a width ``rows`` does not hold."""
-    order = order.cpu()
-    v_bits = widths[order, 1]
-    picked = {}
-    for b in v_bits.unique().tolist():
-        at = (v_bits == b).nonzero().squeeze(1)
-        idx = order[at]
-        picked[b] = at, (tuple(t[idx.to(t.device)] for t in rows[b]) if b in rows else rest(idx, b))
-    like = next(iter(picked.values()))[1]
-    out = []
-    for part, t in enumerate(like):
-        pick = torch.empty((len(order), t.shape[1]), dtype=t.dtype, device=t.device)
-        for at, chosen in picked.values():
-            pick[at.to(t.device)] = chosen[part]
-        out.append(pick)
-    return tuple(out)
 
 
 def choose(c: Candidates, widths: tuple[Width, ...], budget: float) -> torch.Tensor:

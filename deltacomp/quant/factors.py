@@ -53,10 +53,6 @@ def _store_s(s: torch.Tensor) -> torch.Tensor:
     return half if ok else s.to(torch.float32)
 
 
-def _split(x: torch.Tensor, groups: list[BitGroup]) -> list[torch.Tensor]:
-    return list(torch.split(x, [g.rank for g in groups], dim=0))
-
-
 def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = a + torch.eye(a.shape[0], device=a.device, dtype=a.dtype) * (1e-6 * float(a.diagonal().mean()) + 1e-30)
     return torch.linalg.solve(a, b)
@@ -66,13 +62,6 @@ def unit_columns(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``b (m, r)`` as unit columns (a zero column stays zero) and their norms (r,)."""
     s = b.norm(dim=0)
     return b / torch.where(s > 0, s, torch.ones_like(s)), s
-
-
-def _rtn_rows(x: torch.Tensor, groups: list[BitGroup], side: str, group_size: int, clip: bool):
-    """Round-to-nearest of ``x (r, L)``, a row per vector at its group's width (U's or V's)."""
-    parts = [rtn.quantize_rows(rows, g.bits if side == "u" else g.v_bits, group_size, clip=clip)
-             for rows, g in zip(_split(x, groups), groups)]
-    return tuple(torch.cat(p, 0) for p in zip(*parts))
 
 
 def _widths(groups: list[BitGroup], side: str, device) -> torch.Tensor:
@@ -99,29 +88,60 @@ def quantize(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Ten
     Each refit can only lower the (weighted) error before the following rounding. ``clip`` takes the MSE-best
     clipped range of each vector (:func:`deltacomp.quant.rtn.fit`), else its min-max range, under round-to-nearest
     and GPTQ alike.
-    ``v_rows``: V^T already quantized at these widths as step 1 would (codes, scale, offset; the bit allocation
-    measured them), used instead of quantizing it again. Everything runs in float32 on the device of ``u``.
+    ``v_rows``: ``(tables, index)``, rows of V^T that the bit allocation already quantized as step 1 would: a table
+    (codes, scale, offset) per width, whose row ``index[i]`` is vector i's. Vectors at a width with a table take
+    their rows from it; the others are quantized here. Everything runs in float32 on the device of ``u``.
     """
     with stage("rtn" if h is None else "gptq"):
         return _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip, v_rows)
+
+
+def _rows_at(x: torch.Tensor, widths: torch.Tensor, group_size: int, h: torch.Tensor | None, act_order: bool,
+             damp: float, clip: bool) -> tuple:
+    """The rows of ``x (R, L)``, row i at ``widths[i]``: GPTQ under ``h``, else round-to-nearest."""
+    if h is not None:
+        return gptq.gptq_rows(x, h, widths, group_size, act_order, damp, clip)
+    return _place([((widths == b).nonzero().squeeze(1), rtn.quantize_rows(x[widths == b], b, group_size, clip=clip))
+                   for b in widths.unique().tolist()], len(widths))
+
+
+def _place(parts: list[tuple[torch.Tensor, tuple]], count: int) -> tuple:
+    """``count`` rows (codes, scale, offset) assembled from ``parts``: (positions, the rows at them)."""
+    out = tuple(torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in parts[0][1])
+    for at, rows in parts:
+        for o, t in zip(out, rows):
+            o[at.to(o.device)] = t.to(o.device)
+    return out
+
+
+def _v_rows(vt: torch.Tensor, widths: torch.Tensor, group_size: int, h: torch.Tensor | None, act_order: bool,
+            damp: float, clip: bool, known: tuple | None) -> tuple:
+    """Step 1: the rows of ``vt = V^T (r, n)``, each at its vector's width; from ``known`` (:func:`quantize`'s
+    ``v_rows``) where it holds that width, the rest quantized in one call."""
+    if known is None:
+        return _rows_at(vt, widths, group_size, h, act_order, damp, clip)
+    tables, index = known
+    index = index.to(vt.device)
+    held = torch.isin(widths, torch.tensor(sorted(tables), dtype=widths.dtype, device=widths.device))
+    parts = [(at, tuple(t[index[at].to(t.device)] for t in tables[b]))
+             for b in widths[held].unique().tolist() for at in [(widths == b).nonzero().squeeze(1)]]
+    if not bool(held.all()):  # widths the allocation did not quantize as the factors do (GPTQ at 8 bits)
+        at = (~held).nonzero().squeeze(1)
+        parts.append((at, _rows_at(vt[at], widths[at], group_size, h, act_order, damp, clip)))
+    return _place(parts, len(widths))
 
 
 def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip, v_rows) -> list[FactorGroup]:
     dev = u.device
     delta = delta.to(dev, torch.float32)
     h = h.to(dev, torch.float32) if h is not None else None
-    if v_rows is not None:
-        v_q = tuple(t.to(dev) for t in v_rows)
-    elif h is None:
-        v_q = _rtn_rows(v.T, groups, "v", group_size, clip)  # (r, n) codes, scale, offset
-    else:
-        v_q = gptq.gptq_rows(v.T, h, _widths(groups, "v", dev), group_size, act_order, damp, clip)
+    v_q = _v_rows(v.T, _widths(groups, "v", dev), group_size, h, act_order, damp, clip, v_rows)  # (r, n) codes, ...
     v_hat = rtn.dequantize(*v_q, group_size).T  # (n, r)
     hv = v_hat if h is None else h @ v_hat  # (n, r)
     if refit:
         u, s = unit_columns(_solve(v_hat.T @ hv, hv.T @ delta.T).T)  # (m, r) = delta H V_q (V_q^T H V_q)^-1
     if h is None:
-        u_q = _rtn_rows(u.T, groups, "u", group_size, clip)  # (r, m)
+        u_q = _rows_at(u.T, _widths(groups, "u", dev), group_size, None, act_order, damp, clip)  # (r, m)
     else:
         h_u = (v_hat.T @ hv) * s[:, None] * s[None, :]  # (r, r): Y^T Y / N with Y = X V_q diag(S)
         u_q = gptq.gptq_columns(u, h_u, _widths(groups, "u", dev), group_size, act_order, damp, clip)
