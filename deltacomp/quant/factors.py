@@ -102,15 +102,15 @@ def _rows_at(x: torch.Tensor, widths: torch.Tensor, group_size: int, h: torch.Te
     if h is not None:
         return gptq.gptq_rows(x, h, widths, group_size, act_order, damp, clip)
     return _place([((widths == b).nonzero().squeeze(1), rtn.quantize_rows(x[widths == b], b, group_size, clip=clip))
-                   for b in widths.unique().tolist()], len(widths))
+                   for b in widths.unique().tolist()], len(widths), x.device)
 
 
-def _place(parts: list[tuple[torch.Tensor, tuple]], count: int) -> tuple:
-    """``count`` rows (codes, scale, offset) assembled from ``parts``: (positions, the rows at them)."""
-    out = tuple(torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in parts[0][1])
+def _place(parts: list[tuple[torch.Tensor, tuple]], count: int, device) -> tuple:
+    """``count`` rows (codes, scale, offset) on ``device`` assembled from ``parts``: (positions, the rows at them)."""
+    out = tuple(torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=device) for t in parts[0][1])
     for at, rows in parts:
         for o, t in zip(out, rows):
-            o[at.to(o.device)] = t.to(o.device)
+            o[at.to(device)] = t.to(device)
     return out
 
 
@@ -128,7 +128,7 @@ def _v_rows(vt: torch.Tensor, widths: torch.Tensor, group_size: int, h: torch.Te
     if not bool(held.all()):  # widths the allocation did not quantize as the factors do (GPTQ at 8 bits)
         at = (~held).nonzero().squeeze(1)
         parts.append((at, _rows_at(vt[at], widths[at], group_size, h, act_order, damp, clip)))
-    return _place(parts, len(widths))
+    return _place(parts, len(widths), vt.device)
 
 
 def _quantize(delta, u, s, v, groups, group_size, refit, h, act_order, damp, clip, v_rows) -> list[FactorGroup]:
