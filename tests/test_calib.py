@@ -50,6 +50,18 @@ def test_each_record_is_tokenized_by_its_kind():
         tokenize([chat], tok, source="calibration file c.jsonl")
 
 
+def test_records_tokenized_in_batches_keep_their_order_and_cut(monkeypatch):
+    """Texts go to the tokenizer a batch at a time, conversations one by one between them: the same ids in the
+    same order as one call per record, each text cut at ``max_chars`` first."""
+    tok = byte_tokenizer()
+    monkeypatch.setattr("deltacomp.calib.data.BATCH", 2)
+    chat = Chat(({"role": "user", "content": "hi"},), 4)
+    records = [Text("first"), PromptAnswer("q: ", "yes"), Text("third"), chat, Text("fifth one"), Text("6")]
+    got = tokenize(records, tok, max_chars=4)
+    assert got == [tok(t)["input_ids"] for t in ("firs", "q: y", "thir")] + [tok("<use")["input_ids"]] + [
+        tok(t)["input_ids"] for t in ("fift", "6")]
+
+
 def test_default_takes_short_records_up_to_the_token_budget():
     from deltacomp.calib.data import DEFAULT_SAMPLES, DEFAULT_TOKENS
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 128
 DEFAULT_TOKENS = 128 * 2048
 CHARS_PER_TOKEN = 64
+BATCH = 1024  # texts per tokenizer call
 
 
 class CalibrationError(DeltacompError):
@@ -43,18 +44,28 @@ def tokenize(records: list[Record], tokenizer, max_chars: int | None = None,
     """Token ids of each record (special tokens as the tokenizer adds them): a text as it is, a prompt followed by
     its answer, a conversation through the tokenizer's chat template.
 
-    ``max_chars`` cuts each text first (records longer than a sample can hold are not tokenized whole)."""
-    out = []
+    ``max_chars`` cuts each text first (records longer than a sample can hold are not tokenized whole). Texts
+    are tokenized :data:`BATCH` at a time (one call each: a fast tokenizer splits the batch over its threads)."""
+    out: list[list[int]] = []
+    texts: list[str] = []
+
+    def flush() -> None:
+        if texts:
+            out.extend(tokenizer(texts, verbose=False)["input_ids"])
+            texts.clear()
     for r in records:
         if isinstance(r, Chat):
             if not getattr(tokenizer, "chat_template", None):
                 raise CalibrationError(f"{source} line {r.line}: a conversation, but the tokenizer has no chat "
                                        "template")
+            flush()
             text = tokenizer.apply_chat_template(list(r.messages), tokenize=False)
             out.append(tokenizer(text[:max_chars], add_special_tokens=False, verbose=False)["input_ids"])
         else:
-            text = r.text if isinstance(r, Text) else r.prompt + r.answer
-            out.append(tokenizer(text[:max_chars], verbose=False)["input_ids"])
+            texts.append((r.text if isinstance(r, Text) else r.prompt + r.answer)[:max_chars])
+            if len(texts) == BATCH:
+                flush()
+    flush()
     return out
 
 
