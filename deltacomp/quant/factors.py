@@ -101,8 +101,13 @@ def _rows_at(x: torch.Tensor, widths: torch.Tensor, group_size: int, h: torch.Te
     """The rows of ``x (R, L)``, row i at ``widths[i]``: GPTQ under ``h``, else round-to-nearest."""
     if h is not None:
         return gptq.gptq_rows(x, h, widths, group_size, act_order, damp, clip)
-    return _place([((widths == b).nonzero().squeeze(1), rtn.quantize_rows(x[widths == b], b, group_size, clip=clip))
-                   for b in widths.unique().tolist()], len(widths), x.device)
+    return _place([(at, rtn.quantize_rows(x[at], b, group_size, clip=clip)) for b, at in _by_width(widths)],
+                  len(widths), x.device)
+
+
+def _by_width(widths: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Each width of ``widths (r,)`` with the positions that hold it."""
+    return [(b, (widths == b).nonzero().squeeze(1)) for b in widths.unique().tolist()]
 
 
 def _place(parts: list[tuple[torch.Tensor, tuple]], count: int, device) -> tuple:
@@ -122,11 +127,14 @@ def _v_rows(vt: torch.Tensor, widths: torch.Tensor, group_size: int, h: torch.Te
         return _rows_at(vt, widths, group_size, h, act_order, damp, clip)
     tables, index = known
     index = index.to(vt.device)
-    held = torch.isin(widths, torch.tensor(sorted(tables), dtype=widths.dtype, device=widths.device))
-    parts = [(at, tuple(t[index[at].to(t.device)] for t in tables[b]))
-             for b in widths[held].unique().tolist() for at in [(widths == b).nonzero().squeeze(1)]]
-    if not bool(held.all()):  # widths the allocation did not quantize as the factors do (GPTQ at 8 bits)
-        at = (~held).nonzero().squeeze(1)
+    parts, missing = [], []
+    for b, at in _by_width(widths):
+        if b in tables:
+            parts.append((at, tuple(t[index[at].to(t.device)] for t in tables[b])))
+        else:  # a width the allocation did not quantize as the factors do (GPTQ at 8 bits)
+            missing.append(at)
+    if missing:
+        at = torch.cat(missing)
         parts.append((at, _rows_at(vt[at], widths[at], group_size, h, act_order, damp, clip)))
     return _place(parts, len(widths), vt.device)
 
