@@ -11,7 +11,7 @@ import sys
 
 from setuptools import setup
 
-SOURCES = ["cuda/delta_linear.cu", "cuda/binding.cpp"]
+SOURCES = ["cuda/delta_linear.cu", "cuda/gptq_block.cu", "cuda/binding.cpp"]
 NVCC_FLAGS = [
     "-O3",
     "-lineinfo",

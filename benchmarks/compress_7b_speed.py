@@ -255,7 +255,9 @@ def svd_check(device: str, sizes=((4096, 4096, 1024), (11008, 4096, 1352))) -> l
 
 
 def gptq_check(device: str) -> dict:
-    """The CUDA-graph GPTQ path against the eager one, and GPTQ against round-to-nearest, on random data."""
+    """GPTQ's three GPU paths (eager column loop, CUDA graph, the extension's block kernel where built) against each
+    other, and GPTQ against round-to-nearest, on random data."""
+    from deltacomp.kernels import loader
     from deltacomp.quant import gptq, rtn
 
     g = torch.Generator(device=device).manual_seed(2)
@@ -265,22 +267,27 @@ def gptq_check(device: str) -> dict:
     h = x.T @ x / n
     w = torch.randn(rows, cols, device=device, generator=g) / cols**0.5
     bits = torch.tensor([8, 3, 2], device=device).repeat_interleave(torch.tensor([2, 32, rows - 34], device=device))
-    times = {}
-    for graphs in (False, True):
-        gptq.USE_CUDA_GRAPHS = graphs
+    paths = {"eager": (False, False), "graph": (False, True)}
+    if loader.status().module is not None:
+        paths["kernel"] = (True, False)
+    out = {"gptq_path_default": next(iter(reversed(paths)))}
+    runs = {}
+    for name, (kernel, graphs) in paths.items():
+        gptq.USE_KERNEL, gptq.USE_CUDA_GRAPHS = kernel, graphs
         gptq.gptq_rows(w, h, bits, 128)  # warm-up
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        codes, scale, offset = gptq.gptq_rows(w, h, bits, 128)
+        runs[name] = gptq.gptq_rows(w, h, bits, 128)
         torch.cuda.synchronize()
-        times[graphs] = (time.perf_counter() - t0, codes)
-    same = float((times[True][1].float() - times[False][1].float()).abs().gt(0).float().mean())
-    w_q = rtn.dequantize(codes, scale, offset, 128)
-    err = float(((w - w_q) @ x.T).norm() / (w @ x.T).norm())
+        out[f"gptq_rows_1024x4096_{name}_s"] = time.perf_counter() - t0
+    gptq.USE_KERNEL, gptq.USE_CUDA_GRAPHS = True, True
+    for name, (codes, scale, offset) in runs.items():
+        out[f"codes_differing_{name}_vs_eager"] = float((codes != runs["eager"][0]).float().mean())
+        w_q = rtn.dequantize(codes, scale, offset, 128)
+        out[f"gptq_{name}_rel_output_err"] = float(((w - w_q) @ x.T).norm() / (w @ x.T).norm())
     rtn_q = torch.cat([rtn.dequantize(*rtn.quantize_rows(w[bits == b], int(b), 128), 128) for b in (8, 3, 2)])
-    err_rtn = float(((w - rtn_q) @ x.T).norm() / (w @ x.T).norm())
-    return {"gptq_rows_1024x4096_eager_s": times[False][0], "gptq_rows_1024x4096_graph_s": times[True][0],
-            "codes_differing_graph_vs_eager": same, "gptq_rel_output_err": err, "rtn_rel_output_err": err_rtn}
+    out["rtn_rel_output_err"] = float(((w - rtn_q) @ x.T).norm() / (w @ x.T).norm())
+    return out
 
 
 def table(result: dict) -> str:

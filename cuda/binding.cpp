@@ -1,4 +1,5 @@
-// torch binding of the delta bank dequant-matmul (kernels and launcher in delta_linear.cu).
+// torch binding of the delta bank dequant-matmul (kernels and launcher in delta_linear.cu) and of GPTQ's block step
+// (gptq_block.cu).
 //
 //   delta_linear(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans, row_tile)
 //     -> out
@@ -18,6 +19,7 @@
 #include <torch/extension.h>
 
 #include "delta_linear.h"
+#include "gptq_block.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -44,15 +46,16 @@ std::string shape(const torch::Tensor& t) {
 }
 std::string device_name(const torch::Tensor& t) { return t.device().str(); }
 
-// Contiguous, on x's device, of the given dtype and number of dimensions.
+// Contiguous, on the device of the op's first argument (`first`), of the given dtype and number of dimensions.
 void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype, int64_t dim,
-                  const torch::Device& device) {
-  TORCH_CHECK(t.device() == device, "delta_linear: ", name, " is on ", device_name(t), " but x is on ", device.str());
-  TORCH_CHECK(t.scalar_type() == dtype, "delta_linear: ", name, " must have dtype ", c10::toString(dtype), ", got ",
+                  const torch::Device& device, const char* op = "delta_linear", const char* first = "x") {
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", device_name(t), " but ", first, " is on ",
+              device.str());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", c10::toString(dtype), ", got ",
               c10::toString(t.scalar_type()));
-  TORCH_CHECK(t.dim() == dim, "delta_linear: ", name, " must be ", num(dim), "-D, got shape ", shape(t));
-  TORCH_CHECK(t.is_contiguous(), "delta_linear: ", name, " must be contiguous (shape ", shape(t), ")");
-  TORCH_CHECK(t.numel() <= kMaxInt, "delta_linear: ", name, " has ", num(t.numel()),
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", num(dim), "-D, got shape ", shape(t));
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (shape ", shape(t), ")");
+  TORCH_CHECK(t.numel() <= kMaxInt, op, ": ", name, " has ", num(t.numel()),
               " elements; at most 2**31 - 1 are supported");
 }
 
@@ -278,6 +281,39 @@ torch::Tensor delta_linear_base_cuda(const torch::Tensor& x, const std::vector<t
   return out;
 }
 
+// GPTQ's block step over columns [start, start + width) (gptq_block.h): writes those columns of codes, returns the
+// block's errors (R, width). w, scale, offset, maxq and codes are (R, C), hinv (C, C), all float32 on w's device.
+torch::Tensor gptq_block_cuda(const torch::Tensor& w, const torch::Tensor& hinv, const torch::Tensor& scale,
+                              const torch::Tensor& offset, const torch::Tensor& maxq, torch::Tensor& codes,
+                              int64_t start, int64_t width) {
+  TORCH_CHECK(w.is_cuda(), "gptq_block: w must be a CUDA tensor, got one on ", device_name(w));
+  const torch::Device device = w.device();
+  check_tensor(w, "w", torch::kFloat32, 2, device, "gptq_block", "w");
+  const int64_t R = w.size(0), C = w.size(1);
+  check_tensor(hinv, "hinv", torch::kFloat32, 2, device, "gptq_block", "w");
+  TORCH_CHECK(hinv.size(0) == C && hinv.size(1) == C, "gptq_block: hinv must be (", num(C), ", ", num(C),
+              ") for w of ", num(C), " columns, got shape ", shape(hinv));
+  const std::pair<const torch::Tensor*, const char*> same[] = {
+      {&scale, "scale"}, {&offset, "offset"}, {&maxq, "maxq"}, {&codes, "codes"}};
+  for (const auto& [t, name] : same) {
+    check_tensor(*t, name, torch::kFloat32, 2, device, "gptq_block", "w");
+    TORCH_CHECK(t->size(0) == R && t->size(1) == C, "gptq_block: ", name, " must have w's shape ", shape(w),
+                ", got ", shape(*t));
+  }
+  TORCH_CHECK(width >= 1 && width <= deltacomp::kGptqBlock, "gptq_block: width must be 1 to ",
+              num(deltacomp::kGptqBlock), ", got ", num(width));
+  TORCH_CHECK(start >= 0 && start + width <= C, "gptq_block: columns [", num(start), ", ", num(start + width),
+              ") are not within w's ", num(C));
+  c10::cuda::CUDAGuard guard(device);
+  torch::Tensor err = torch::empty({R, width}, w.options());
+  const cudaError_t status = deltacomp::gptq_block_launch(
+      w.data_ptr<float>(), hinv.data_ptr<float>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
+      maxq.data_ptr<float>(), codes.data_ptr<float>(), err.data_ptr<float>(), R, C, start, static_cast<int>(width),
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "gptq_block: kernel launch failed: ", cudaGetErrorString(status));
+  return err;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Dequant-matmul of packed low-rank deltas (bank layout 2)";
   m.def("delta_linear", &delta_linear_cuda,
@@ -292,7 +328,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rows"), py::arg("projs"), py::arg("spans"), py::arg("u_cols") = py::none(),
         py::arg("u_desc") = py::none(), py::arg("u_pair") = py::none(), py::arg("u_colinfo") = py::none(),
         py::arg("col_len") = 0);
+  m.def("gptq_block", &gptq_block_cuda,
+        "GPTQ's block step over columns [start, start + width): writes codes there, returns the errors (R, width)",
+        py::arg("w"), py::arg("hinv"), py::arg("scale"), py::arg("offset"), py::arg("maxq"), py::arg("codes"),
+        py::arg("start"), py::arg("width"));
   m.def("layout_version", [] { return 2; }, "The bank layout the kernels read");
-  m.def("op_version", [] { return 4; },
-        "The ops' argument lists: 2 adds spans and row_tile, 3 delta_linear_base, 4 its U by block column");
+  m.def("op_version", [] { return 5; },
+        "The ops' argument lists: 2 adds spans and row_tile, 3 delta_linear_base, 4 its U by block column, "
+        "5 gptq_block");
 }

@@ -17,8 +17,8 @@ from deltacomp.errors import DeltacompError
 log = logging.getLogger(__name__)
 
 JIT_ENV = "DELTACOMP_CUDA_JIT"  # 1: build the extension with torch.utils.cpp_extension.load when it is missing
-SOURCES = ("delta_linear.cu", "binding.cpp")
-OP_VERSION = 4  # the binding's argument lists (cuda/binding.cpp's op_version)
+SOURCES = ("delta_linear.cu", "gptq_block.cu", "binding.cpp")
+OP_VERSION = 5  # the binding's argument lists (cuda/binding.cpp's op_version)
 CUDA_FLAGS = ("-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
               "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90a,code=sm_90a")
 

@@ -18,7 +18,19 @@ import torch
 from deltacomp.quant import rtn
 
 BLOCK = 128
-USE_CUDA_GRAPHS = True  # replay the column loop of full blocks as a CUDA graph on a GPU (see _GraphStep)
+# On a GPU, each block step runs as one kernel of the CUDA extension where it is built (cuda/gptq_block.cu), else
+# the column loop of full blocks is replayed as a CUDA graph (_GraphStep), else it runs eagerly.
+USE_KERNEL = True
+USE_CUDA_GRAPHS = True
+
+
+def _block_kernel():
+    """The CUDA extension's block step (``gptq_block``), or None where the extension is not built or does not load
+    (then the graph or eager path runs; the extension's error, if any, is raised by the dequant-matmul's first call)."""
+    from deltacomp.kernels import loader
+
+    st = loader.status()
+    return st.module.gptq_block if USE_KERNEL and st.module is not None and not st.error else None
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -56,18 +68,24 @@ def gptq_core(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, offset: tor
         w, h = w[:, perm], h[perm][:, perm]
         scale, offset, maxq = scale[:, perm], offset[:, perm], maxq[:, perm]
     hinv = _inverse_cholesky(h, damp)
-    codes = torch.zeros_like(w)
     cols = w.shape[1]
-    use_graph = USE_CUDA_GRAPHS and w.is_cuda and cols >= 2 * block
+    kernel = _block_kernel() if w.is_cuda and block <= BLOCK else None
+    if kernel is not None:  # it reads whole row-major (R, C) operands
+        w, hinv, scale, offset, maxq = (t.float().contiguous() for t in (w, hinv, scale, offset, maxq))
+    codes = torch.zeros_like(w)
+    use_graph = kernel is None and USE_CUDA_GRAPHS and w.is_cuda and cols >= 2 * block
     graph = _GraphStep(w.shape[0], block, w.device) if use_graph else None
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        args = (w[:, i1:i2], hinv[i1:i2, i1:i2], scale[:, i1:i2], offset[:, i1:i2], maxq[:, i1:i2])
-        if graph is not None and i2 - i1 == block:
-            q1, err1 = graph(*args)
+        if kernel is not None:
+            err1 = kernel(w, hinv, scale, offset, maxq, codes, i1, i2 - i1)  # writes codes[:, i1:i2]
         else:
-            q1, err1 = _block_step(*(a.clone() for a in args))
-        codes[:, i1:i2] = q1
+            args = (w[:, i1:i2], hinv[i1:i2, i1:i2], scale[:, i1:i2], offset[:, i1:i2], maxq[:, i1:i2])
+            if graph is not None and i2 - i1 == block:
+                q1, err1 = graph(*args)
+            else:
+                q1, err1 = _block_step(*(a.clone() for a in args))
+            codes[:, i1:i2] = q1
         w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
