@@ -159,6 +159,30 @@ def test_layerwise_hessians_equal_a_full_forward(pair, auto, request):
         assert torch.allclose(got[key], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), key
 
 
+def test_whole_model_loads_every_weight_and_names_a_shape_its_config_does_not_have(llama_pair, tmp_path):
+    import shutil
+
+    from deltacomp.calib.activations import build_skeleton
+    from deltacomp.errors import CheckpointError
+
+    _, ft, _ = llama_pair
+    ckpt = Checkpoint(ft)
+    model, _, _, _, names = build_skeleton(ckpt, "cpu", torch.float32, whole=True)
+    params = dict(model.named_parameters())
+    loaded = [(key, name) for key, name in names.items() if name in params]
+    assert len(loaded) == len(params)
+    assert all(torch.equal(params[name].detach(), ckpt.read(key).float()) for key, name in loaded)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ft, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] += 1  # the checkpoint's MLP weights no longer fit the model it describes
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape \[\d+, \d+\]; the model its "
+                                              r"config\.json describes has"):
+        build_skeleton(Checkpoint(bad), "cpu", torch.float32, whole=True)
+
+
 def test_shrink_moves_a_hessian_towards_its_scaled_identity():
     from deltacomp.calib.provider import _Cursor, shrink
 

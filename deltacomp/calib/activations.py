@@ -104,16 +104,17 @@ def build_skeleton(ckpt: Checkpoint, device: str, dtype: torch.dtype, whole: boo
         model = cls._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
     prefix, _ = find_blocks(model)
     ckpt_prefix = _checkpoint_prefix(ckpt, prefix, getattr(model, "base_model_prefix", ""))
-    state, names = {}, {}
-    for name in model.state_dict():
+    names = {}
+    for name, t in model.state_dict().items():
         if name.startswith(prefix + ".") and not whole:
             continue
         key = ckpt_prefix + name[len(prefix):] if name.startswith(prefix) else _map_name(ckpt, name, model)
         if key is not None and key in ckpt:
-            state[name], names[key] = ckpt.read(key), name
-    model.load_state_dict(state, strict=False)
+            _fill(t, ckpt, key)
+            names[key] = name
     if whole:
-        untied = [n for n, _ in model.named_parameters() if n not in state]  # a tied weight is named once
+        loaded = set(names.values())
+        untied = [n for n, _ in model.named_parameters() if n not in loaded]  # a tied weight is named once
         if untied:
             raise CheckpointError(f"{ckpt.path}: no weight for {', '.join(untied[:3])}"
                                   f"{' ...' if len(untied) > 3 else ''} of the model its config.json describes")
@@ -137,13 +138,22 @@ def _checkpoint_prefix(ckpt: Checkpoint, prefix: str, base: str) -> str:
 
 
 def _load_block(block: nn.Module, ckpt: Checkpoint, ckpt_prefix: str, i: int) -> None:
-    state = {}
-    for local in block.state_dict():
+    for local, t in block.state_dict().items():
         key = f"{ckpt_prefix}.{i}.{local}"
         if key not in ckpt:
             raise CheckpointError(f"{ckpt.path}: {key} is missing")
-        state[local] = ckpt.read(key)
-    block.load_state_dict(state)
+        _fill(t, ckpt, key)
+
+
+def _fill(t: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
+    """A model's tensor ``t`` overwritten in place by the checkpoint's ``key``, read alone: a model is loaded one
+    tensor at a time, never beside a second copy of its weights."""
+    src = ckpt.read(key)
+    if tuple(src.shape) != tuple(t.shape):
+        raise CheckpointError(f"{ckpt.path}: {key} has shape {list(src.shape)}; the model its config.json describes "
+                              f"has {list(t.shape)}")
+    with torch.no_grad():
+        t.copy_(src)
 
 
 class _HessianHooks:
