@@ -3,7 +3,7 @@
 The extension is built when torch is importable here, is a CUDA build, and a CUDA toolkit is found, unless
 DELTACOMP_NO_CUDA is set. Otherwise the package installs as pure Python (pip's isolated build environment has no
 torch, so a plain ``pip install .`` takes that path; use ``pip install --no-build-isolation .`` to build the kernels).
-The flags match the just-in-time build in deltacomp/kernels/loader.py (see cuda/README.md).
+The flags match the just-in-time build in deltacomp/native.py (see cuda/README.md).
 """
 
 import os

@@ -257,7 +257,7 @@ def svd_check(device: str, sizes=((4096, 4096, 1024), (11008, 4096, 1352))) -> l
 def gptq_check(device: str) -> dict:
     """GPTQ's three GPU paths (eager column loop, CUDA graph, the extension's block kernel where built) against each
     other, and GPTQ against round-to-nearest, on random data."""
-    from deltacomp.kernels import loader
+    from deltacomp import native
     from deltacomp.quant import gptq, rtn
 
     g = torch.Generator(device=device).manual_seed(2)
@@ -268,7 +268,7 @@ def gptq_check(device: str) -> dict:
     w = torch.randn(rows, cols, device=device, generator=g) / cols**0.5
     bits = torch.tensor([8, 3, 2], device=device).repeat_interleave(torch.tensor([2, 32, rows - 34], device=device))
     paths = {"eager": (False, False), "graph": (False, True)}
-    if loader.status().module is not None:
+    if native.status().module is not None:
         paths["kernel"] = (True, False)
     out = {"gptq_path_default": next(iter(reversed(paths)))}
     runs = {}

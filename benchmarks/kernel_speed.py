@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from deltacomp import native
 from deltacomp.config import CompressConfig
-from deltacomp.kernels import DeltaBank, delta_linear, loader, status
+from deltacomp.kernels import DeltaBank, delta_linear, status
 from deltacomp.kernels.bank import COLUMN_TENSORS, TENSORS
 from deltacomp.methods.base import get_method
 from deltacomp.quant import packing
@@ -128,7 +129,7 @@ def bench(args) -> dict:
     if "tenants" in args.parts:
         results["multi_tenant"] = multi_tenant(layer, args)
         _save(results, args)
-    if "calls" in args.parts and loader.extension() is not None:
+    if "calls" in args.parts and native.extension() is not None:
         results["calls"] = per_call(layer, args)
         _save(results, args)
     return results
@@ -155,7 +156,7 @@ def decode_steps(layer, args, results: dict) -> None:
         inputs = LayerInputs(rows)
         results["rows"][rows] = step_times(inputs, base, single, fused, lora_ranks, args.repeats)
         results["rows"][rows].update(overlap_times(inputs, base, merged, single, fused, four, args.repeats))
-        if loader.extension() is not None:
+        if native.extension() is not None:
             results["rows"][rows].update(fused_base_times(inputs, base, merged, single, fused, four, args.repeats))
         _save(results, args)
     del base, merged, single, fused, four
@@ -302,7 +303,7 @@ def fused_base_times(inputs: LayerInputs, base, merged, single, fused, four, rep
     (``DeltaBank.alone``); the token gate as the fusion runtime computes it, once a layer from the layer's input
     for all its groups; and, at several rows, the sentence router's sequences each on its own delta of the four
     (row r on delta r % 4), as the runtime runs them: the merged base matmul, then one multi-tenant call."""
-    ext = loader.extension()
+    ext = native.extension()
     x_for = inputs.x
     ones = torch.ones(inputs.rows, 1, device="cuda")
     gates, one_hot = _gate_maps(four), _one_of_four(inputs.rows)
@@ -457,7 +458,7 @@ def per_call(layer, args) -> dict:
 
 
 def _group_calls(group: tuple, layer, args) -> dict:
-    ext = loader.extension()
+    ext = native.extension()
     ones = torch.ones(1, 1, device="cuda")
     m, n = sum(SHAPES[p][0] for p in group), SHAPES[group[0]][1]
     ws = [[torch.randn(SHAPES[p][0], n, device="cuda", dtype=DT) * 0.02 for p in group] for _ in range(args.layers)]

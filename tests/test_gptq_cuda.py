@@ -9,7 +9,7 @@ differ, and the layer's output error stays within 1% of the torch path's.
 import pytest
 import torch
 
-from deltacomp.kernels import loader
+from deltacomp import native
 from deltacomp.quant import gptq, rtn
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def ext():
-    module = loader.extension()  # raises a remembered build or load failure
+    module = native.extension()  # raises a remembered build or load failure
     if module is None:
-        pytest.skip(f"the CUDA extension is not available: {loader.status().reason}")
+        pytest.skip(f"the CUDA extension is not available: {native.status().reason}")
     return module
 
 

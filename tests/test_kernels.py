@@ -265,34 +265,34 @@ def test_cpu_path_keeps_dequantized_factors_and_matches_the_op():
 def test_loader_remembers_why_and_raises_at_the_first_cuda_call(monkeypatch):
     import types
 
-    from deltacomp.kernels import loader
+    from deltacomp import native
 
-    monkeypatch.setattr(loader, "_status", None)
-    monkeypatch.delenv(loader.JIT_ENV, raising=False)
-    st = loader.status()
-    assert st.path == "twin" and "not built" in st.reason and loader.extension() is None
-    assert loader.status() is st  # decided once
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.delenv(native.JIT_ENV, raising=False)
+    st = native.status()
+    assert st.path == "twin" and "not built" in st.reason and native.extension() is None
+    assert native.status() is st  # decided once
 
     old = types.SimpleNamespace(layout_version=lambda: 0, delta_linear=None)
-    monkeypatch.setattr(loader, "_status", None)
-    monkeypatch.setattr(loader.importlib, "import_module", lambda name: old)
-    assert loader.status().path == "extension"  # found: no error at import or status time
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native.importlib, "import_module", lambda name: old)
+    assert native.status().path == "extension"  # found: no error at import or status time
     with pytest.raises(DeltacompError, match="reads bank layout 0; this deltacomp lays out layout 2"):
-        loader.extension()
+        native.extension()
 
     stale = types.SimpleNamespace(layout_version=lambda: 2, delta_linear=None)  # built before op_version existed
-    monkeypatch.setattr(loader, "_status", None)
-    monkeypatch.setattr(loader.importlib, "import_module", lambda name: stale)
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native.importlib, "import_module", lambda name: stale)
     with pytest.raises(DeltacompError, match="older sources than this deltacomp: rebuild"):
-        loader.extension()
+        native.extension()
 
     def broken(name):
         raise ImportError("undefined symbol: _ZN3c10")
 
-    monkeypatch.setattr(loader, "_status", None)
-    monkeypatch.setattr(loader.importlib, "import_module", broken)
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native.importlib, "import_module", broken)
     with pytest.raises(DeltacompError, match="does not load .*undefined symbol.*rebuild"):
-        loader.extension()
+        native.extension()
 
 
 def test_doctor_reports_the_kernel_path():

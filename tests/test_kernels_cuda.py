@@ -12,7 +12,8 @@ import pytest
 import torch
 from packed_cases import ALL_WIDTHS, oracle, random_module, rel_err
 
-from deltacomp.kernels import DeltaBank, base_delta_linear, delta_linear, loader
+from deltacomp import native
+from deltacomp.kernels import DeltaBank, base_delta_linear, delta_linear
 from deltacomp.kernels.dispatch import FUSED_MAX_DELTAS, FUSED_MAX_ROWS
 from deltacomp.kernels.reference import delta_linear_reference
 
@@ -23,9 +24,9 @@ SHAPES = [(576, 1535), (1535, 576), (4096, 11008), (11008, 4096), (192, 33)]
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel():
-    ext = loader.extension()  # raises a remembered build or load failure
+    ext = native.extension()  # raises a remembered build or load failure
     if ext is None:
-        pytest.skip(f"the CUDA extension is not available: {loader.status().reason}")
+        pytest.skip(f"the CUDA extension is not available: {native.status().reason}")
 
 
 def _poison(shape, dtype):

@@ -13,10 +13,9 @@ from deltacomp.cli import cli, handle_errors
 def report() -> dict:
     import torch
 
-    from deltacomp import __version__
-    from deltacomp.kernels import loader
+    from deltacomp import __version__, native
 
-    st = loader.status()
+    st = native.status()
     cuda = torch.cuda.is_available()
     return {
         "deltacomp": __version__,

@@ -10,6 +10,6 @@ from deltacomp.kernels import ops as _ops  # noqa: F401  (registers deltacomp::d
 from deltacomp.kernels.bank import DeltaBank
 from deltacomp.kernels.dispatch import base_delta_linear, delta_linear
 from deltacomp.kernels.linear import DeltaLinear, attach, detach
-from deltacomp.kernels.loader import status
+from deltacomp.native import status
 
 __all__ = ["DeltaBank", "DeltaLinear", "attach", "base_delta_linear", "delta_linear", "detach", "status"]

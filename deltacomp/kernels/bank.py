@@ -45,7 +45,6 @@ import torch
 from deltacomp.errors import DeltacompError
 from deltacomp.quant.packed import PackedModule, PackedSide
 
-LAYOUT_VERSION = 2
 ROW_FIELDS = 8
 V_BITS, V_WORDS, V_PARAMS, U_BITS, U_WORDS, U_PARAMS, DELTA, GROUP_SIZE = range(ROW_FIELDS)
 TENSORS = ("v_words", "v_scale", "v_offset", "u_words", "u_scale", "u_offset", "s", "rows", "projs", "spans")

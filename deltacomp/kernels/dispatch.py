@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from deltacomp import native
 from deltacomp.errors import DeltacompError
-from deltacomp.kernels import loader
 from deltacomp.kernels.bank import FUSED_MAX_DELTAS, DeltaBank
 from deltacomp.kernels.reference import delta_linear_factors
 
@@ -118,4 +118,4 @@ def _eager_extension(x: torch.Tensor, grads: bool):
     tracing, autograd and float64 go through ``deltacomp::delta_linear``."""
     if grads or not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling():
         return None
-    return loader.extension()
+    return native.extension()

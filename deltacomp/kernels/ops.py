@@ -3,7 +3,7 @@ CPU and CUDA kernels, and autograd for the first.
 
 Registered through ``torch.library`` so that it traces under ``torch.compile`` and replays in CUDA graphs.
 CPU tensors (and CUDA tensors when the extension is not built) run the pure-torch twin; CUDA tensors run the
-compiled kernel (:mod:`deltacomp.kernels.loader`), which reads the packed words and never dequantizes into memory.
+compiled kernel (:mod:`deltacomp.native`), which reads the packed words and never dequantizes into memory.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deltacomp.kernels import loader
+from deltacomp import native
 from deltacomp.kernels.reference import delta_linear_backward, delta_linear_base_reference, delta_linear_reference
 
 
@@ -33,7 +33,7 @@ def _cuda(x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, ro
     args = (x, y, w, v_words, v_scale, v_offset, u_words, u_scale, u_offset, s, rows, projs, spans)
     if x.dtype == torch.float64:  # the kernel computes in fp32; float64 (gradient checks) runs the twin
         return delta_linear_reference(*args)
-    ext = loader.extension()
+    ext = native.extension()
     return delta_linear_reference(*args) if ext is None else ext.delta_linear(*args, row_tile)
 
 
@@ -78,7 +78,7 @@ def delta_linear_base_op(x: Tensor, weights: list[Tensor], bias: Tensor | None, 
 @delta_linear_base_op.register_kernel("cuda")
 def _cuda_base(x, weights, bias, w, *bank_and_columns):
     bank = bank_and_columns[:10]
-    ext = loader.extension() if x.dtype != torch.float64 else None
+    ext = native.extension() if x.dtype != torch.float64 else None
     if ext is None:
         return delta_linear_base_reference(x, weights, bias, w, *bank)
     return ext.delta_linear_base(x, weights, bias, w, *bank_and_columns)

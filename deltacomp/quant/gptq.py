@@ -27,9 +27,9 @@ USE_CUDA_GRAPHS = True
 def _block_kernel():
     """The CUDA extension's block step (``gptq_block``), or None where the extension is not built or does not load
     (then the graph or eager path runs; the extension's error, if any, is raised by the dequant-matmul's first call)."""
-    from deltacomp.kernels import loader
+    from deltacomp import native
 
-    st = loader.status()
+    st = native.status()
     return st.module.gptq_block if USE_KERNEL and st.module is not None and not st.error else None
 
 

@@ -1,4 +1,5 @@
-"""Find the compiled CUDA extension: built by ``setup.py``, or built just in time on request.
+"""Find the compiled CUDA extension (``cuda/``): built by ``setup.py``, or built just in time on request. Its
+dequant-matmul serves :mod:`deltacomp.kernels`, its GPTQ block step :mod:`deltacomp.quant.gptq`.
 
 The outcome is decided once and remembered. A failure never raises at import: it is kept and raised as one
 clear error at the first CUDA call (:func:`extension`), and ``deltacomp doctor`` prints it.
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 JIT_ENV = "DELTACOMP_CUDA_JIT"  # 1: build the extension with torch.utils.cpp_extension.load when it is missing
 SOURCES = ("delta_linear.cu", "gptq_block.cu", "binding.cpp")
 OP_VERSION = 5  # the binding's argument lists (cuda/binding.cpp's op_version)
+LAYOUT_VERSION = 2  # the delta bank layout the kernels read (deltacomp.kernels.bank lays it out)
 CUDA_FLAGS = ("-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
               "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90a,code=sm_90a")
 
@@ -35,7 +37,7 @@ _status: Status | None = None
 
 
 def source_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "cuda"
+    return Path(__file__).resolve().parents[1] / "cuda"
 
 
 def cxx_std() -> str:
@@ -100,8 +102,6 @@ def _jit_or_twin() -> Status:
 
 def _check_layout(st: Status) -> Status:
     """A loaded extension must read the bank layout this deltacomp writes; otherwise remember why not."""
-    from deltacomp.kernels.bank import LAYOUT_VERSION
-
     if st.module is None:
         return st
     if st.module.layout_version() != LAYOUT_VERSION:
