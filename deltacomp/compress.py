@@ -208,19 +208,25 @@ def _share(base, ft, entries, mine, method, config, store: ResultStore, context_
     return the error that stopped it (an interruption is raised, not returned)."""
     todo = [e for e in entries if e.name in mine and (replay or not store.has(e.name))]
     try:
-        bar = tqdm(prefetch(stream(base, ft, todo)), total=len(todo), desc="compress", unit="matrix",
+        bar = tqdm(prefetch(_with_digests(stream(base, ft, todo))), total=len(todo), desc="compress", unit="matrix",
                    disable=progress is False if progress is not None else None)
-        for e, b, f in bar:
+        for e, b, f, digest in bar:
             context = context_for(e) if context_for else None
             if store.has(e.name):  # resumed: the student stream takes the matrix as it was compressed
                 _replay(e, b, store, method, context, config.device)
                 continue
             record, tensors, counts = _compress_one(e, b, f, method, config, context)
-            store.save(e.name, tensors, {"record": record, "counts": counts,
-                                         "base_digest": FullFingerprint.digest(e.name, b).hex()})
+            store.save(e.name, tensors, {"record": record, "counts": counts, "base_digest": digest.hex()})
     except Exception as err:  # handed to the other ranks, then raised
         return err
     return None
+
+
+def _with_digests(pairs):
+    """The tensor pairs with the base tensor's digest (:class:`FullFingerprint`), computed where they are read: in the
+    read-ahead thread, beside the compression (0.15-0.2 s a 11008 x 4096 matrix on one core)."""
+    for e, b, f in pairs:
+        yield e, b, f, FullFingerprint.digest(e.name, b)
 
 
 def _replay(e: Entry, b: torch.Tensor, store: ResultStore, method, context: MatrixContext | None,

@@ -32,10 +32,11 @@ def fingerprint(ckpt: Checkpoint) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _bytes(t: torch.Tensor) -> bytes:
+def _bytes(t: torch.Tensor):
+    """The bytes hashed for ``t``, as a buffer (no copy beyond the bf16 rounding)."""
     if t.dtype.is_floating_point:
         t = t if t.dtype == torch.bfloat16 else t.to(torch.bfloat16)
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 class FullFingerprint:
