@@ -272,6 +272,19 @@ def test_eval_device_cuda_without_a_gpu(llama_packages, llama_pair):
                          "no CUDA GPU")
 
 
+def test_full_fingerprint_digests_stay_what_packages_recorded():
+    """Packages record these digests: a float tensor's is its bf16 rounding's, whatever its dtype."""
+    from deltacomp.package.fingerprint import FullFingerprint
+
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
+    want = "8a950a2080fb4a5bf6cd5c80b5078d80e07143a268f44745eaed16528cf0412e"
+    assert {FullFingerprint.digest("m.weight", t.to(d)).hex() for d in (torch.float32, torch.float16,
+                                                                            torch.bfloat16)} == {want}
+    assert FullFingerprint.digest("m.weight", t.T).hex() != want  # the shape and the order count
+    assert FullFingerprint.digest("ids", torch.arange(5)).hex() == (
+        "53fbf56409e029d1495a19291d548423f9df5b624932d103403c63ffdac1f21b")
+
+
 def test_full_fingerprint_catches_a_base_changed_between_samples(pkg, tmp_path, llama_pair):
     base = shutil.copytree(llama_pair[0], tmp_path / "base")
     tensors = load_file(base / "model.safetensors")
