@@ -61,6 +61,29 @@ def test_a_stored_delta_runs_unchanged_before_tuning_and_is_stored_back_bit_for_
             assert t.dtype == stored[key].dtype and torch.equal(t, stored[key]), key
 
 
+def test_tuning_starts_from_the_compressed_model(llama_tok, calib, packages, tmp_path):
+    """The loss the tuning reports before its first step is the untuned package's, applied to the base, against the
+    fine-tune: the student holds the base's weights plus the stored deltas, and the teacher the fine-tune's."""
+    from transformers import LlamaForCausalLM
+
+    from deltacomp.apply import apply
+    from deltacomp.calib.provider import load_calibration
+    from deltacomp.io.checkpoint import Checkpoint
+    from deltacomp.tune.fit import HOLD_OUT, Objective
+
+    base, ft, _ = llama_tok
+    out, made = packages
+    config = CompressConfig(bits=0.5, calib=str(calib), tune=3)
+    samples = load_calibration(config.groups.calibration, Checkpoint(ft), Checkpoint(base))
+    held = batches(samples[HOLD_OUT - 1::HOLD_OUT])
+    apply(out / "plain", base, tmp_path / "applied")
+    compressed = LlamaForCausalLM.from_pretrained(tmp_path / "applied").eval()
+    teacher = LlamaForCausalLM.from_pretrained(ft).eval()
+    want = Objective(teacher, True, held, "cpu").mean(compressed)
+    assert made["tuned"]["tuning"]["loss_before"] == pytest.approx(want, rel=1e-3)
+    assert Objective(teacher, True, held, "cpu").mean(teacher) < 1e-6 < want  # the measure tells them apart
+
+
 def test_tuning_keeps_every_code_and_byte_and_lowers_the_held_out_loss(packages):
     out, made = packages
     plain, tuned = made["plain"], made["tuned"]
