@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from deltacomp.errors import DeltacompError
+from deltacomp.stages import timed
 
 FOLDER = "resume"
 SETTINGS = "settings.json"
@@ -69,6 +70,7 @@ class ResultStore:
     def has(self, name: str) -> bool:
         return (self.folder / _file_name(name)).is_file()
 
+    @timed("store")
     def save(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Keep one matrix's ``tensors`` (in this order) and ``meta`` (JSON-able); whole or not at all."""
         path = self.folder / _file_name(name)
@@ -78,6 +80,7 @@ class ResultStore:
                   metadata={_META: json.dumps(body)})
         os.replace(tmp, path)
 
+    @timed("store")
     def load(self, name: str, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
         """The ``tensors`` (in the order saved; none read unless ``tensors``) and ``meta`` of a finished matrix."""
         path = self.folder / _file_name(name)

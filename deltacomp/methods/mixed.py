@@ -13,6 +13,7 @@ from deltacomp.methods.base import Compressed, Method, info_int, register, store
 from deltacomp.quant import allocate, factors, packing, rtn
 from deltacomp.quant.budget import BitGroup, budget_bits, fill_schedule, overhead_bits, vector_cost
 from deltacomp.quant.packed import packed_from_parts
+from deltacomp.stages import stage
 
 # ``--allocation auto`` is the optimal allocation; it weighs rounding noise at NOISE_WEIGHT of a dropped vector's
 # error (deltacomp.quant.allocate). Measured by function (BENCHMARKS.md, "The noise weight"): on four
@@ -119,7 +120,8 @@ class Mixed(Method):
         delta = delta.to(u.device)
         fg = factors.quantize(delta, u, s, v, groups, group_size, config.refit, h_round, config.act_order, config.damp,
                               clip=clip, v_rows=v_rows)
-        tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
+        with stage("pack"):
+            tensors = {k: t.cpu() for k, t in factors.to_tensors(fg).items()}
         factor_bits = sum(stored_bits(t) for k, t in tensors.items() if k.endswith((".u", ".v")))
         info = {
             "rank": sum(g.rank for g in groups),
