@@ -88,3 +88,43 @@ def test_gptq_on_svd_factors_beats_rtn_on_the_layer_output():
     # stored exactly like the RTN groups
     t_rtn, t_gptq = factors.to_tensors(rtn_fg), factors.to_tensors(gptq_fg)
     assert {k: v.shape for k, v in t_rtn.items()} == {k: v.shape for k, v in t_gptq.items()}
+
+
+def _kernel_contract(calls):
+    """A stand-in for the extension's ``gptq_block`` that keeps its contract (cuda/gptq_block.h) and checks what it
+    is given: row-major float32 operands, w not written, only the block's columns of codes written."""
+
+    def block(w, hinv, scale, offset, maxq, codes, start, width):
+        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (w, hinv, scale, offset, maxq, codes))
+        assert w.shape == scale.shape == offset.shape == maxq.shape == codes.shape and hinv.shape == (w.shape[1],) * 2
+        assert 1 <= width <= gptq.BLOCK and start + width <= w.shape[1]
+        calls.append((start, width))
+        at = slice(start, start + width)
+        before = codes.clone()
+        q, err = gptq._block_step(w[:, at].clone(), hinv[at, at].clone(), scale[:, at], offset[:, at], maxq[:, at])
+        codes[:, at] = q
+        assert torch.equal(codes[:, :start], before[:, :start]) and torch.equal(codes[:, at.stop:], before[:, at.stop:])
+        return err
+
+    return block
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_the_block_kernel_path_gives_the_column_loop_s_codes(monkeypatch, act_order):
+    """gptq_core's path through the extension's block step (emulated here on the CPU): the same codes as the column
+    loop, for rows and columns, a partial last block, and a transposed (non-contiguous) input."""
+    x, h = _inputs(300)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(300, 40, generator=g) / 300**0.5  # V (n, r): its rows of V^T are the vectors, a transposed view
+    bits = torch.tensor([4, 3, 2, 2]).repeat(10)
+    want_rows = gptq.gptq_rows(v.T, h, bits, 64, act_order=act_order)
+    u = torch.randn(130, 40, generator=g)
+    h_u = v.T @ h @ v
+    want_cols = gptq.gptq_columns(u, h_u, bits, 32, act_order=act_order)
+    calls = []
+    monkeypatch.setattr(gptq, "_block_kernel", lambda w: _kernel_contract(calls))
+    got_rows = gptq.gptq_rows(v.T, h, bits, 64, act_order=act_order)
+    got_cols = gptq.gptq_columns(u, h_u, bits, 32, act_order=act_order)
+    assert all(torch.equal(a, b) for a, b in zip(got_rows, want_rows))
+    assert all(torch.equal(a, b) for a, b in zip(got_cols, want_cols))
+    assert calls == [(0, 128), (128, 128), (256, 44), (0, 40)]

@@ -24,13 +24,16 @@ USE_KERNEL = True
 USE_CUDA_GRAPHS = True
 
 
-def _block_kernel():
-    """The CUDA extension's block step (``gptq_block``), or None where the extension is not built or does not load
-    (then the graph or eager path runs; the extension's error, if any, is raised by the dequant-matmul's first call)."""
+def _block_kernel(w: torch.Tensor):
+    """The CUDA extension's block step (``gptq_block``) for ``w``, or None off a GPU or where the extension is not
+    built or does not load (then the graph or eager path runs; the extension's error, if any, is raised by the
+    dequant-matmul's first call)."""
+    if not (USE_KERNEL and w.is_cuda):
+        return None
     from deltacomp import native
 
     st = native.status()
-    return st.module.gptq_block if USE_KERNEL and st.module is not None and not st.error else None
+    return st.module.gptq_block if st.module is not None and not st.error else None
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -69,7 +72,7 @@ def gptq_core(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, offset: tor
         scale, offset, maxq = scale[:, perm], offset[:, perm], maxq[:, perm]
     hinv = _inverse_cholesky(h, damp)
     cols = w.shape[1]
-    kernel = _block_kernel() if w.is_cuda and block <= BLOCK else None
+    kernel = _block_kernel(w) if block <= BLOCK else None
     if kernel is not None:  # it reads whole row-major (R, C) operands
         w, hinv, scale, offset, maxq = (t.float().contiguous() for t in (w, hinv, scale, offset, maxq))
     codes = torch.zeros_like(w)
