@@ -97,7 +97,7 @@ def _kernel_contract(calls):
     def block(w, hinv, scale, offset, maxq, codes, start, width):
         assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (w, hinv, scale, offset, maxq, codes))
         assert w.shape == scale.shape == offset.shape == maxq.shape == codes.shape and hinv.shape == (w.shape[1],) * 2
-        assert 1 <= width <= gptq.BLOCK and start + width <= w.shape[1]
+        assert 1 <= width <= gptq.KERNEL_COLUMNS and start + width <= w.shape[1]
         calls.append((start, width))
         at = slice(start, start + width)
         before = codes.clone()

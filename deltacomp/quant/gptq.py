@@ -22,6 +22,7 @@ BLOCK = 128
 # the column loop of full blocks is replayed as a CUDA graph (_GraphStep), else it runs eagerly.
 USE_KERNEL = True
 USE_CUDA_GRAPHS = True
+KERNEL_COLUMNS = 128  # the widest block the kernel steps through (kGptqBlock in cuda/gptq_block.h)
 
 
 def _block_kernel(w: torch.Tensor):
@@ -72,7 +73,7 @@ def gptq_core(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, offset: tor
         scale, offset, maxq = scale[:, perm], offset[:, perm], maxq[:, perm]
     hinv = _inverse_cholesky(h, damp)
     cols = w.shape[1]
-    kernel = _block_kernel(w) if block <= BLOCK else None
+    kernel = _block_kernel(w) if block <= KERNEL_COLUMNS else None
     if kernel is not None:  # it reads whole row-major (R, C) operands
         w, hinv, scale, offset, maxq = (t.float().contiguous() for t in (w, hinv, scale, offset, maxq))
     codes = torch.zeros_like(w)
