@@ -65,6 +65,34 @@ def test_sharded_writer_index(tmp_path):
     assert all(float(ckpt.read(f"t{i}")[0]) == i for i in range(5))
 
 
+def test_read_many_keeps_order_reads_ahead_within_bounds_and_raises_at_the_bad_tensor(tmp_path, monkeypatch):
+    save_file({f"t{i}": torch.full((3,), float(i)) for i in range(9)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(tmp_path)
+    names = [f"t{i}" for i in (4, 0, 8, 2, 6, 1, 7, 3, 5)]
+    got = list(ckpt.read_many(names, ahead=3))
+    assert [n for n, _ in got] == names and all(float(t[0]) == int(n[1:]) for n, t in got)
+
+    started, read = [], ckpt.read
+    monkeypatch.setattr(ckpt, "read", lambda name: started.append(name) or read(name))
+    it = ckpt.read_many(names, ahead=3)
+    next(it)
+    assert len(started) <= 4  # the one handed over and at most 3 ahead
+    it.close()
+
+    def failing(name):
+        if name == "t2":
+            raise CheckpointError("t2 is unreadable")
+        return read(name)
+
+    monkeypatch.setattr(ckpt, "read", failing)
+    seen = []
+    with pytest.raises(CheckpointError, match="t2 is unreadable"):
+        for n, _ in ckpt.read_many(names):
+            seen.append(n)
+    assert seen == ["t4", "t0", "t8"]  # the tensors before the bad one were handed over, none after
+
+
 def test_missing_shard_is_named(tmp_path):
     w = ShardedWriter(tmp_path, max_shard_bytes=100)
     for i in range(3):

@@ -104,14 +104,15 @@ def build_skeleton(ckpt: Checkpoint, device: str, dtype: torch.dtype, whole: boo
         model = cls._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
     prefix, _ = find_blocks(model)
     ckpt_prefix = _checkpoint_prefix(ckpt, prefix, getattr(model, "base_model_prefix", ""))
-    names = {}
+    targets, names = {}, {}
     for name, t in model.state_dict().items():
         if name.startswith(prefix + ".") and not whole:
             continue
         key = ckpt_prefix + name[len(prefix):] if name.startswith(prefix) else _map_name(ckpt, name, model)
         if key is not None and key in ckpt:
-            _fill(t, ckpt, key)
+            targets[key] = t
             names[key] = name
+    _fill(targets, ckpt)
     if whole:
         loaded = set(names.values())
         untied = [n for n, _ in model.named_parameters() if n not in loaded]  # a tied weight is named once
@@ -138,22 +139,23 @@ def _checkpoint_prefix(ckpt: Checkpoint, prefix: str, base: str) -> str:
 
 
 def _load_block(block: nn.Module, ckpt: Checkpoint, ckpt_prefix: str, i: int) -> None:
-    for local, t in block.state_dict().items():
-        key = f"{ckpt_prefix}.{i}.{local}"
-        if key not in ckpt:
-            raise CheckpointError(f"{ckpt.path}: {key} is missing")
-        _fill(t, ckpt, key)
+    targets = {f"{ckpt_prefix}.{i}.{local}": t for local, t in block.state_dict().items()}
+    if missing := next((key for key in targets if key not in ckpt), None):
+        raise CheckpointError(f"{ckpt.path}: {missing} is missing")
+    _fill(targets, ckpt)
 
 
-def _fill(t: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
-    """A model's tensor ``t`` overwritten in place by the checkpoint's ``key``, read alone: a model is loaded one
-    tensor at a time, never beside a second copy of its weights."""
-    src = ckpt.read(key)
-    if tuple(src.shape) != tuple(t.shape):
-        raise CheckpointError(f"{ckpt.path}: {key} has shape {list(src.shape)}; the model its config.json describes "
-                              f"has {list(t.shape)}")
-    with torch.no_grad():
-        t.copy_(src)
+def _fill(targets: dict[str, torch.Tensor], ckpt: Checkpoint) -> None:
+    """Each model tensor of ``targets`` (by checkpoint name) overwritten in place by the checkpoint's tensor, read
+    a few at a time (:meth:`Checkpoint.read_many`): a model is loaded tensor by tensor, never beside a second copy
+    of its weights."""
+    for key, src in ckpt.read_many(targets):
+        t = targets[key]
+        if tuple(src.shape) != tuple(t.shape):
+            raise CheckpointError(f"{ckpt.path}: {key} has shape {list(src.shape)}; the model its config.json "
+                                  f"describes has {list(t.shape)}")
+        with torch.no_grad():
+            t.copy_(src)
 
 
 class _HessianHooks:

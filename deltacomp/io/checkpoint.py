@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -17,9 +19,12 @@ from deltacomp.errors import CheckpointError
 from deltacomp.io.jsonfile import read_json
 from deltacomp.io.paths import hub_cache_root, inside, resolve_folder
 from deltacomp.io.safetensors_file import SafetensorsReader
-from deltacomp.stages import timed
+from deltacomp.stages import stage, timed
 
 SAFE_INDEX = "model.safetensors.index.json"
+# read_many: tensors read at once (a read copies from the page cache or the disk without holding the GIL, so
+# several overlap), and by default at most this many ahead of the caller
+READ_THREADS = 4
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Files a model folder carries besides its weights; apply copies them to the output.
 SIDE_FILES = (
@@ -168,6 +173,28 @@ class Checkpoint:
         if f in self._readers:
             return self._readers[f].read(name)
         return self._bins[f][name].clone()
+
+    def read_many(self, names: Iterable[str], ahead: int = READ_THREADS) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for each of ``names`` in order, read by :data:`READ_THREADS` threads at most
+        ``ahead`` tensors ahead of the caller (so at most that many are held besides the caller's); the caller's
+        waits are stage ``load``. An error is raised where its tensor's turn comes."""
+        names = iter(names)
+        with ThreadPoolExecutor(min(READ_THREADS, max(ahead, 1)), thread_name_prefix="deltacomp-read") as pool:
+            pending: deque = deque()
+            try:
+                while True:
+                    while len(pending) < max(ahead, 1) and (name := next(names, None)) is not None:
+                        pending.append((name, pool.submit(self.read, name)))
+                    if not pending:
+                        return
+                    name, future = pending.popleft()
+                    with stage("load"):
+                        tensor = future.result()
+                    yield name, tensor
+                    del tensor
+            finally:
+                for _, future in pending:
+                    future.cancel()
 
     def read_sample(self, name: str, k: int) -> torch.Tensor:
         """Up to ``k`` evenly spaced elements of a tensor, flattened."""

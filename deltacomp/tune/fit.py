@@ -135,7 +135,7 @@ def _students(model: nn.Module, names: dict[str, str], base: Checkpoint, store: 
     """Each compressed matrix of ``todo`` in ``model`` as its base weight plus its stored delta: the linear layers'
     deltas trained (returned by name), the others rebuilt and fixed."""
     tuned = {}
-    for name in todo:
+    for name, base_weight in base.read_many(todo):
         tensors, meta = store.load(name)
         record = meta["record"]
         parts = {k.removeprefix(tensor_key(name, "")): t for k, t in tensors.items()}
@@ -144,7 +144,7 @@ def _students(model: nn.Module, names: dict[str, str], base: Checkpoint, store: 
         layer = model.get_submodule(path)
         weight = model.get_parameter(names[name])
         with torch.no_grad():
-            weight.copy_(base.read(name).to(weight.dtype))
+            weight.copy_(base_weight)
         packed = None if "rows" in parts else packed_from_parts(name, parts, record["info"], tuple(record["shape"]))
         if (packed is not None and packed.rank and isinstance(layer, nn.Linear)
                 and tuple(layer.weight.shape) == packed.shape):
