@@ -97,6 +97,7 @@ GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
 ALLOCATIONS = ("auto", "optimal", "schedule")
 VECTOR_RANGES = ("mse", "minmax")
 CALIB_USES = ("both", "rounding", "allocation")
+TUNE_ON = ("all", "answers")  # the tokens --tune fits
 NOISE_WEIGHT = 0.1  # --noise-weight's default
 EXCITATION_POWER = 0.0  # --excitation-power's default
 EXCITATION_WITHOUT_CALIB = "--excitation-power models the inputs where no calibration measures them"
@@ -225,6 +226,7 @@ class Calibration:
     seq_damp: float
     tune: int
     tune_lr: float
+    tune_on: str
 
     def __post_init__(self):
         for name, value, low in (("--calib-samples", self.calib_samples, 1), ("--calib-seqlen", self.calib_seqlen, 2)):
@@ -251,6 +253,8 @@ class Calibration:
             raise DeltacompError("--tune fits the compressed model to the fine-tune on calibration text: give --calib")
         if not (_number(self.tune_lr) and 0 < self.tune_lr <= 1):
             raise DeltacompError(f"--tune-lr must be in (0, 1], got {self.tune_lr!r}")
+        if self.tune_on not in TUNE_ON:
+            raise DeltacompError(f"--tune-on must be one of {', '.join(TUNE_ON)}, got {self.tune_on!r}")
 
 
 @dataclass(frozen=True)
@@ -415,6 +419,10 @@ class CompressConfig:
         "epoch with the least loss on held-out calibration samples is kept, the package's size does not change. "
         "Needs calibration, the mixed method and memory for the whole model on --device (0: off).", type=int)
     tune_lr: float = setting(1e-3, "calibration", "--tune's learning rate (Adam, on relative changes).")
+    tune_on: str = setting(
+        "all", "calibration", "The tokens --tune fits: all (every next token of the calibration text) or answers "
+        "(a causal LM's answer tokens only: of prompt/answer records and of conversations that end with the "
+        "assistant's turn, one sample per record; prompts and plain texts are inputs only).", choices=TUNE_ON)
     # bit allocation (deltacomp.quant.allocate)
     # auto: the method's own rule (mixed: optimal; reference: the schedule), so every method accepts the default
     allocation: str = setting(

@@ -11,7 +11,14 @@ from conftest import calib_text as _text
 
 from deltacomp.apply import apply
 from deltacomp.calib.activations import LayerwiseHessians
-from deltacomp.calib.data import CalibrationError, load_samples, make_samples, tokenize
+from deltacomp.calib.data import (
+    CalibrationError,
+    answer_start,
+    load_samples,
+    load_samples_and_answers,
+    make_samples,
+    tokenize,
+)
 from deltacomp.cli import cli
 from deltacomp.io.checkpoint import Checkpoint
 from deltacomp.io.text_records import Chat, PromptAnswer, Text, read_records
@@ -48,6 +55,25 @@ def test_each_record_is_tokenized_by_its_kind():
     with pytest.raises(CalibrationError, match="^calibration file c.jsonl line 3: a conversation, but the tokenizer "
                                               "has no chat template$"):
         tokenize([chat], tok, source="calibration file c.jsonl")
+
+
+def test_an_answer_starts_after_its_prompt_and_a_text_or_a_window_has_none(tmp_path):
+    tok = byte_tokenizer()
+    pa, text = PromptAnswer("q: ", "yes"), Text("q: yes")
+    chat = Chat(({"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}))
+    asked = Chat(({"role": "assistant", "content": "ok"}, {"role": "user", "content": "hi"}))
+    ids = tokenize([pa, text, chat, asked], tok)
+    assert answer_start(pa, tok, ids[0]) == len(tok("q: ")["input_ids"])
+    assert tok.decode(ids[0][answer_start(pa, tok, ids[0]):]) == "yes"
+    assert tok.decode(ids[2][answer_start(chat, tok, ids[2]):]) == "<assistant> ok\n"
+    assert answer_start(text, tok, ids[1]) is None and answer_start(asked, tok, ids[3]) is None
+    assert answer_start(PromptAnswer("q: yes", ""), tok, ids[0]) is None  # nothing after the prompt
+    lines = [json.dumps({"prompt": f"q{i}: ", "answer": "yes " * i}) for i in range(1, 5)]
+    (tmp_path / "pa.jsonl").write_text("\n".join([*lines, json.dumps({"text": "a plain text"})]) + "\n")
+    samples, starts = load_samples_and_answers(tmp_path / "pa.jsonl", tok)
+    assert [tok.decode(s[a:]) for s, a in zip(samples, starts) if a is not None] == ["yes " * i for i in range(1, 5)]
+    assert starts[-1] is None
+    assert load_samples_and_answers(tmp_path / "pa.jsonl", tok, samples=2, seqlen=8)[1] == [None, None]
 
 
 def test_records_tokenized_in_batches_keep_their_order_and_cut(monkeypatch):

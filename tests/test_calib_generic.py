@@ -83,12 +83,13 @@ def test_a_calibration_file_is_joined_by_the_everyday_text_unless_told_not(llama
     calib = tmp_path / "calib.txt"
     calib.write_text(calib_text(6))
     config = CompressConfig(calib=str(calib), calib_generic=join)
-    got = load_calibration(config.groups.calibration, Checkpoint(ft), Checkpoint(base))
+    got, starts = load_calibration(config.groups.calibration, Checkpoint(ft), Checkpoint(base))
     tok = find_tokenizer([ft])
     want = load_samples(calib, tok) + (load_samples(GENERIC_TEXT, tok) if join else [])
     assert len(got) == len(want) == 6 + 821 * join and all((a == b).all() for a, b in zip(got, want))
+    assert starts == [None] * len(got)  # texts have no answers
     generic = CompressConfig(calib="generic", calib_generic=join)  # the everyday text is not taken twice
-    assert len(load_calibration(generic.groups.calibration, Checkpoint(ft), Checkpoint(base))) == 821
+    assert len(load_calibration(generic.groups.calibration, Checkpoint(ft), Checkpoint(base))[0]) == 821
 
 
 def test_a_folders_tokenizer_is_loaded_once_while_its_files_are_unchanged(llama_tok, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from deltacomp.config import CompressConfig
 from deltacomp.errors import DeltacompError
 from deltacomp.package.reader import compressed_names, is_row_sparse, packed_module
 from deltacomp.package.store import DeltaPackage
-from deltacomp.tune.fit import batches
+from deltacomp.tune.fit import Objective, answer_weights, batches
 from deltacomp.tune.student import TunedFactors
 
 
@@ -74,7 +74,7 @@ def test_tuning_starts_from_the_compressed_model(llama_tok, calib, packages, tmp
     base, ft, _ = llama_tok
     out, made = packages
     config = CompressConfig(bits=0.5, calib=str(calib), tune=3)
-    samples = load_calibration(config.groups.calibration, Checkpoint(ft), Checkpoint(base))
+    samples = load_calibration(config.groups.calibration, Checkpoint(ft), Checkpoint(base))[0]
     held = batches(samples[HOLD_OUT - 1::HOLD_OUT])
     apply(out / "plain", base, tmp_path / "applied")
     compressed = LlamaForCausalLM.from_pretrained(tmp_path / "applied").eval()
@@ -159,6 +159,49 @@ def test_batches_pad_each_sample_and_mask_the_padding():
     assert [len(ids) for ids, _ in got] == [8, 1]
     seen = [ids[i][mask[i].bool()] for ids, mask in got for i in range(len(ids))]
     assert all(torch.equal(a, b) for a, b in zip(seen, samples)) and len(seen) == len(samples)
+
+
+def test_answer_weights_mark_the_positions_that_predict_an_answer_and_the_loss_counts_only_those(llama_tok):
+    from transformers import AutoModelForCausalLM
+
+    samples = [torch.arange(3, 3 + n) for n in (6, 4, 9)]
+    weights = answer_weights(samples, [2, None, 8])
+    assert len(weights) == 1 and weights[0].tolist() == [[0, 1, 1, 1, 1, 0, 0, 0, 0], [0] * 9,
+                                                         [0, 0, 0, 0, 0, 0, 0, 1, 0]]
+    model = AutoModelForCausalLM.from_pretrained(llama_tok[1]).eval().requires_grad_(False)
+    plain = Objective(model, True, batches(samples), "cpu")
+    weighted = Objective(model, True, batches(samples), "cpu", weights)
+    none = Objective(model, True, batches(samples[1:2]) + batches(samples), "cpu",  # a batch without answers first
+                     answer_weights(samples[1:2], [None]) + weights)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(0.05 * torch.randn_like(model.get_input_embeddings().weight))
+        ids, mask = plain.data[0]
+        per_token = plain._token_losses(plain._outputs(model, ids, mask), plain.targets[0])
+    on = weights[0][mask.bool()].bool()
+    assert weighted.loss(model, 0) == pytest.approx(float(per_token[on].mean()), rel=1e-5)
+    assert plain.loss(model, 0) == pytest.approx(float(per_token.mean()), rel=1e-5)
+    assert none.loss(model, 0) == 0.0 and none.mean(model) == pytest.approx(weighted.loss(model, 0), rel=1e-6)
+
+
+def test_tuning_on_answers_fits_the_answers_of_chat_records_and_refuses_plain_text(llama_tok, calib, tmp_path):
+    import json
+
+    base, ft, _ = llama_tok
+    chats = tmp_path / "chat.jsonl"
+    lines = calib_text(40).splitlines()
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": a}, {"role": "assistant",
+                                                                                      "content": b[:40]}]}) + "\n"
+                             for a, b in zip(lines, lines[1:])))
+    m = compress(base, ft, tmp_path / "p", CompressConfig(bits=0.5, calib=str(chats), tune=3, tune_on="answers"),
+                 progress=False)
+    t = m["tuning"]
+    assert t["loss"] == "kl_top64_answers" and t["loss_after"] < t["loss_before"] and t["held_out_samples"] == 4
+    r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "q"), "--calib", str(calib),
+                                 "--tune", "2", "--tune-on", "answers"])
+    assert_one_line_error(r, "--tune-on answers: no calibration sample has an answer")
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(DeltacompError, match="--tune-on must be one of all, answers"):
+        CompressConfig(calib=str(calib), tune=2, tune_on="prompts")
 
 
 def test_tuning_needs_calibration_and_the_mixed_method(llama_pair, llama_tok, tmp_path):

@@ -26,7 +26,7 @@ import os
 import torch
 
 from deltacomp.errors import DeltacompError
-from deltacomp.io.text_records import Chat, Record, Text, read_records
+from deltacomp.io.text_records import Chat, PromptAnswer, Record, Text, read_records
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 128
@@ -114,9 +114,31 @@ def make_samples(token_lists: list[list[int]], samples: int | None, seqlen: int 
     return [data[i] for i in starts]
 
 
+def answer_start(record: Record, tokenizer, ids: list[int]) -> int | None:
+    """Where a record's answer begins in its tokens ``ids`` (:func:`tokenize`'s): a prompt/answer's first answer
+    token, a conversation's last turn when that is the assistant's; None for a text, or where the tokens of the
+    part before the answer are not a prefix of ``ids`` (a merge across the boundary)."""
+    if isinstance(record, PromptAnswer):
+        before = tokenizer(record.prompt, verbose=False)["input_ids"]
+    elif isinstance(record, Chat) and len(record.messages) > 1 and record.messages[-1].get("role") == "assistant":
+        text = tokenizer.apply_chat_template(list(record.messages[:-1]), tokenize=False, add_generation_prompt=True)
+        before = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    else:
+        return None
+    return len(before) if 0 < len(before) < len(ids) and ids[:len(before)] == before else None
+
+
 def load_samples(path: str | os.PathLike, tokenizer, samples: int | None = None, seqlen: int | None = None,
                  max_len: int = 2048, field: str = "text") -> list[torch.Tensor]:
     """Read, tokenize and cut a calibration file: a list of 1-D token-id tensors."""
+    return load_samples_and_answers(path, tokenizer, samples, seqlen, max_len, field)[0]
+
+
+def load_samples_and_answers(path: str | os.PathLike, tokenizer, samples: int | None = None,
+                             seqlen: int | None = None, max_len: int = 2048,
+                             field: str = "text") -> tuple[list[torch.Tensor], list[int | None]]:
+    """:func:`load_samples`, with each sample's :func:`answer_start` (None throughout with ``seqlen``: a window
+    cuts across records)."""
     records = read_records(path, field, "lines", "calibration file", CalibrationError)
     # one sample per record keeps max_len tokens of it: a record is cut at CHARS_PER_TOKEN x that many characters
     # (a token rarely spans more), so that one huge line is not tokenized whole
@@ -124,6 +146,11 @@ def load_samples(path: str | os.PathLike, tokenizer, samples: int | None = None,
     tokens = tokenize(records, tokenizer, max_len * CHARS_PER_TOKEN if seqlen is None else None, source)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     out = make_samples(tokens, samples, seqlen, max_len, sep, source=source)
+    starts: list[int | None] = [None] * len(out)
+    if seqlen is None:  # one sample per non-empty record, in order
+        kept = [(r, t) for r, t in zip(records, tokens) if t][:len(out)]
+        starts = [s if (s := answer_start(r, tokenizer, t)) is not None and s < len(x) else None
+                  for (r, t), x in zip(kept, out)]
     kinds = ", ".join(sorted({type(r).__name__ for r in records}))
     log.info("calibration: %d samples, %d tokens from %s (%s)", len(out), sum(len(t) for t in out), path, kinds)
-    return out
+    return out, starts

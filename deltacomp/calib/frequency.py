@@ -123,7 +123,7 @@ def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config,
     if samples is None and config.calib:
         from deltacomp.calib.provider import load_calibration
 
-        samples = load_calibration(config.groups.calibration, ft, base)
+        samples = load_calibration(config.groups.calibration, ft, base)[0]
     elif samples is None:
         samples = token_samples((ft.path, base.path), int(ft.config.get("max_position_embeddings") or 2048),
                                 quiet=not asked)

@@ -45,21 +45,24 @@ def natural_key(name: str) -> list:
 
 
 @timed("calibration")
-def load_calibration(config: Calibration, ft: Checkpoint, base: Checkpoint) -> list[torch.Tensor]:
+def load_calibration(config: Calibration, ft: Checkpoint,
+                     base: Checkpoint) -> tuple[list[torch.Tensor], list[int | None]]:
     """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none), followed with
-    ``--calib-generic`` by those of the everyday text (unless that is the calibration already)."""
-    from deltacomp.calib.data import load_samples
+    ``--calib-generic`` by those of the everyday text (unless that is the calibration already); and where each
+    sample's answer begins (:func:`deltacomp.calib.data.answer_start`; None: a text)."""
+    from deltacomp.calib.data import load_samples_and_answers
     from deltacomp.calib.frequency import find_tokenizer
 
     tok = find_tokenizer((ft.path, base.path))
     if tok is None:
         raise DeltacompError(f"--calib needs a tokenizer, but neither {ft.path} nor {base.path} has one")
     max_len = int(ft.config.get("max_position_embeddings") or 2048)
-    samples = load_samples(calib_path(config.calib), tok, config.calib_samples, config.calib_seqlen, max_len,
-                           config.calib_field)
+    samples, starts = load_samples_and_answers(calib_path(config.calib), tok, config.calib_samples,
+                                               config.calib_seqlen, max_len, config.calib_field)
     if config.calib_generic and config.calib != CALIB_GENERIC:
-        samples += load_samples(GENERIC_TEXT, tok, None, config.calib_seqlen, max_len)
-    return samples
+        generic = load_samples_and_answers(GENERIC_TEXT, tok, None, config.calib_seqlen, max_len)[0]
+        samples, starts = samples + generic, starts + [None] * len(generic)
+    return samples, starts
 
 
 def shrink(h: torch.Tensor, weight: float | None, tokens: int) -> torch.Tensor:
@@ -106,7 +109,8 @@ class Contexts:
         self.base, self.ft, self.config, self.method = base, ft, config, method
         self.entries = sorted(entries, key=lambda e: natural_key(e.name))
         self.names = {e.name for e in self.entries if e.action == "compress"}
-        self.samples = load_calibration(config.groups.calibration, ft, base) if config.calib else None
+        self.samples, self.answer_starts = (load_calibration(config.groups.calibration, ft, base) if config.calib
+                                            else (None, None))
         self.tokens = sum(len(t) for t in self.samples) if self.samples else 0
         self.bits: dict[str, torch.Tensor] = {}
         self.spill: Path | None = None

@@ -16,8 +16,9 @@ from deltacomp.presets import PRESETS, settle
 COMPRESS_OPTIONS = ["method", "bits", "vocab_bits", "vocab_weights", "budget", "rows_energy", "schedule", "group_size",
                     "refit", "vector_range", "include", "exclude", "device", "calib", "calib_field", "calib_generic",
                     "calib_samples", "calib_seqlen", "gptq_group_size", "act_order", "damp", "calib_shrink",
-                    "calib_use", "sequential", "seq_damp", "tune", "tune_lr", "allocation", "allocation_bits",
-                    "noise_weight", "excitation_power", "budget_scope", "sensitivity", "svd", "exact"]
+                    "calib_use", "sequential", "seq_damp", "tune", "tune_lr", "tune_on", "allocation",
+                    "allocation_bits", "noise_weight", "excitation_power", "budget_scope", "sensitivity", "svd",
+                    "exact"]
 
 
 @cli.command()

@@ -43,20 +43,41 @@ HOLD_OUT = 8  # every HOLD_OUT-th sample is held out (from 2 * HOLD_OUT samples 
 REPORT = "tuning.json"  # the report, beside the tuned results
 
 
+def _chunks(samples: list[torch.Tensor]) -> list[list[int]]:
+    """The samples' indices in order, cut into batches of at most BATCH_SAMPLES samples and BATCH_TOKENS padded
+    tokens."""
+    out, chunk, longest = [], [], 0
+    for i, s in enumerate(samples):
+        if chunk and (len(chunk) == BATCH_SAMPLES or max(longest, len(s)) * (len(chunk) + 1) > BATCH_TOKENS):
+            out.append(chunk)
+            chunk, longest = [], 0
+        chunk.append(i)
+        longest = max(longest, len(s))
+    return out + [chunk] if chunk else out
+
+
 def batches(samples: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Samples (1-D token ids) in order, padded into (input_ids, attention_mask) batches of (B, T)."""
-    out, chunk = [], []
-    for s in [*samples, None]:
-        longest = max([len(t) for t in chunk] + ([len(s)] if s is not None else []), default=0)
-        if chunk and (s is None or len(chunk) == BATCH_SAMPLES or longest * (len(chunk) + 1) > BATCH_TOKENS):
-            ids = torch.zeros((len(chunk), max(len(t) for t in chunk)), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, t in enumerate(chunk):
-                ids[i, :len(t)], mask[i, :len(t)] = t, 1
-            out.append((ids, mask))
-            chunk = []
-        if s is not None:
-            chunk.append(s)
+    out = []
+    for chunk in _chunks(samples):
+        ids = torch.zeros((len(chunk), max(len(samples[i]) for i in chunk)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            ids[row, :len(samples[i])], mask[row, :len(samples[i])] = samples[i], 1
+        out.append((ids, mask))
+    return out
+
+
+def answer_weights(samples: list[torch.Tensor], starts: list[int | None]) -> list[torch.Tensor]:
+    """Per batch of :func:`batches`, (B, T) float32: 1 at the positions whose next token is an answer's (a sample's
+    tokens from ``starts[i]`` on), 0 elsewhere (prompts, texts, padding)."""
+    out = []
+    for chunk in _chunks(samples):
+        w = torch.zeros((len(chunk), max(len(samples[i]) for i in chunk)))
+        for row, i in enumerate(chunk):
+            if starts[i] is not None:
+                w[row, starts[i] - 1:len(samples[i]) - 1] = 1
+        out.append(w)
     return out
 
 
@@ -64,12 +85,16 @@ class Objective:
     """The teacher's targets on fixed batches, and the student's loss against them.
 
     A batch may run in ``parts`` slices of its samples (the gradients of a batch add up to the same step): a batch
-    that runs out of GPU memory is run again in twice as many (:meth:`step`)."""
+    that runs out of GPU memory is run again in twice as many (:meth:`step`). With ``weights``
+    (:func:`answer_weights`), a batch's loss is the mean over its weighted tokens only (a batch without one counts
+    for nothing)."""
 
-    def __init__(self, model: nn.Module, causal: bool, data: list[tuple[torch.Tensor, torch.Tensor]], device: str):
+    def __init__(self, model: nn.Module, causal: bool, data: list[tuple[torch.Tensor, torch.Tensor]], device: str,
+                 weights: list[torch.Tensor] | None = None):
         self.causal = causal
         self.parts = 1
         self.data = [(ids.to(device), mask.to(device)) for ids, mask in data]
+        self.weights = [w.to(device) for w in weights] if weights is not None else None
         with torch.no_grad():
             self.targets = [self._outputs(model, ids, mask) for ids, mask in self.data]
             if causal:
@@ -84,14 +109,21 @@ class Objective:
         return out[mask.bool()].float()
 
     def _slices(self, i: int):
-        """Batch i in ``parts`` slices of its samples: (ids, mask, the targets of their tokens), padding trimmed."""
+        """Batch i in ``parts`` slices of its samples: (ids, mask, the targets of their tokens, the tokens' weights
+        or None), padding trimmed."""
         ids, mask = self.data[i]
         bounds = torch.linspace(0, len(ids), min(self.parts, len(ids)) + 1).round().long().tolist()
         rows = [0, *mask.sum(1).cumsum(0).tolist()]  # the targets' first row of each sample
         for a, b in zip(bounds, bounds[1:]):
             width = int(mask[a:b].sum(1).max())
             want = [t[rows[a]:rows[b]] for t in self.targets[i]] if self.causal else self.targets[i][rows[a]:rows[b]]
-            yield ids[a:b, :width], mask[a:b, :width], want
+            m = mask[a:b, :width]
+            w = self.weights[i][a:b, :width][m.bool()] if self.weights is not None else None
+            yield ids[a:b, :width], m, want, w
+
+    def _total(self, i: int) -> float:
+        """Batch i's tokens, or their weight."""
+        return float(self.weights[i].sum()) if self.weights is not None else float(self.data[i][1].sum())
 
     def _token_losses(self, got: torch.Tensor, want) -> torch.Tensor:
         if self.causal:
@@ -100,10 +132,13 @@ class Objective:
 
     def loss(self, model: nn.Module, i: int, backward: bool = False) -> float:
         """Batch i's mean loss per token; with ``backward``, its gradients added to the parameters'."""
-        total = int(self.data[i][1].sum())  # the batch's tokens
+        total = self._total(i)
         out = 0.0
-        for ids, mask, want in self._slices(i):
-            part = self._token_losses(self._outputs(model, ids, mask), want).sum() / total
+        if total == 0:
+            return out
+        for ids, mask, want, w in self._slices(i):
+            losses = self._token_losses(self._outputs(model, ids, mask), want)
+            part = (losses if w is None else losses * w).sum() / total
             if backward:
                 part.backward()
             out += float(part.detach())
@@ -126,8 +161,9 @@ class Objective:
 
     @torch.no_grad()
     def mean(self, model: nn.Module) -> float:
-        """The loss per batch, averaged over the batches."""
-        return sum(self.loss(model, i) for i in range(len(self.data))) / max(len(self.data), 1)
+        """The loss per batch, averaged over the batches (those with tokens to score)."""
+        scored = [i for i in range(len(self.data)) if self._total(i) > 0]
+        return sum(self.loss(model, i) for i in scored) / max(len(scored), 1)
 
 
 def _students(model: nn.Module, names: dict[str, str], base: Checkpoint, store: ResultStore, todo: list[str],
@@ -159,15 +195,18 @@ def _students(model: nn.Module, names: dict[str, str], base: Checkpoint, store: 
 
 @timed("tune")
 def tune(base: Checkpoint, ft: Checkpoint, samples: list[torch.Tensor], store: ResultStore, compressed: list[str],
-         epochs: int, lr: float, device: str, dtype: torch.dtype, progress: bool | None = None) -> dict | None:
+         epochs: int, lr: float, device: str, dtype: torch.dtype, progress: bool | None = None,
+         answer_starts: list[int | None] | None = None) -> dict | None:
     """Tune the stored S, scales and offsets of the ``mixed`` results in ``store`` of the ``compressed`` matrices
     (in place, in ``store``); returns the report the manifest keeps (None when there was nothing to tune): the
-    matrices tuned, the epochs run and kept, the held-out samples, the loss and its value before and after."""
+    matrices tuned, the epochs run and kept, the held-out samples, the loss and its value before and after.
+    With ``answer_starts`` (``--tune-on answers``: where each sample's answer begins, None for a sample without
+    one), a causal LM's loss counts the answers' tokens only."""
     with torch.inference_mode(False), torch.enable_grad():  # whatever the caller runs under
-        return _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress)
+        return _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress, answer_starts)
 
 
-def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress) -> dict | None:
+def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress, starts) -> dict | None:
     metas = {n: store.load(n, tensors=False)[1] for n in compressed if store.has(n)}
     todo = [n for n, m in metas.items() if m["record"] is not None and m["record"].get("method") == "mixed"]
     if not todo:
@@ -180,9 +219,21 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
     for p in model.parameters():
         p.requires_grad_(False)
     causal = model_kind(ft.config) == "causal"
-    held = samples[HOLD_OUT - 1::HOLD_OUT] if len(samples) >= 2 * HOLD_OUT else []
-    train = [s for i, s in enumerate(samples) if not held or i % HOLD_OUT != HOLD_OUT - 1]
-    fit, check = Objective(model, causal, batches(train), device), Objective(model, causal, batches(held), device)
+    if starts is not None and not causal:
+        raise DeltacompError("--tune-on answers scores a causal LM's answers; this fine-tune is an encoder")
+    if starts is not None and all(s is None for s in starts):
+        raise DeltacompError("--tune-on answers: no calibration sample has an answer (give prompt/answer records or "
+                             "conversations that end with the assistant's turn, one sample per record)")
+    every = range(len(samples))
+    held = list(every[HOLD_OUT - 1::HOLD_OUT]) if len(samples) >= 2 * HOLD_OUT else []
+    train = [i for i in every if not held or i % HOLD_OUT != HOLD_OUT - 1]
+
+    def objective(part: list[int]) -> Objective:
+        chosen = [samples[i] for i in part]
+        weights = answer_weights(chosen, [starts[i] for i in part]) if starts is not None else None
+        return Objective(model, causal, batches(chosen), device, weights)
+
+    fit, check = objective(train), objective(held)
     if missing := [n for n in todo if n not in names]:
         log.warning("%d compressed matrices are not weights of the model %s builds (%s, ...): they keep the "
                     "fine-tune's values while the others are tuned", len(missing), ft.path, missing[0])
@@ -213,7 +264,8 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
     for name, factors in tuned.items():
         store.save(name, {tensor_key(name, k): t for k, t in factors.stored().items()}, {**metas[name], "tuned": True})
     report = {"matrices": len(tuned), "epochs": epochs, "kept_epoch": best_epoch, "held_out_samples": len(held),
-              "loss": f"kl_top{TOP_K}" if causal else "hidden_relative_mse", "loss_before": first,
+              "loss": (f"kl_top{TOP_K}" + ("_answers" if starts is not None else "")) if causal
+              else "hidden_relative_mse", "loss_before": first,
               "loss_after": best_loss}
     kept.write_text(json.dumps(report))
     log.info("tuned S, scales and offsets of %d matrices: %s loss %.4g -> %.4g (epoch %d of %d kept)", len(tuned),
