@@ -215,15 +215,23 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
     if all(metas[n].get("tuned") for n in todo) and kept.is_file():  # a resumed run, tuned before it stopped
         return json.loads(kept.read_text())
     t0 = time.perf_counter()
-    model, _, _, _, names = build_skeleton(ft, device, dtype, whole=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
     causal = model_kind(ft.config) == "causal"
     if starts is not None and not causal:
         raise DeltacompError("--tune-on answers scores a causal LM's answers; this fine-tune is an encoder")
     if starts is not None and all(s is None for s in starts):
         raise DeltacompError("--tune-on answers: no calibration sample has an answer (give prompt/answer records or "
                              "conversations that end with the assistant's turn, one sample per record)")
+    model, _, _, _, names = build_skeleton(ft, device, dtype, whole=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    took: dict[str, float] = {}
+
+    def mark(phase: str) -> None:  # the time since the last mark, the device's queued work included
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize(device)
+        took[phase] = time.perf_counter() - t0 - sum(took.values())
+
+    mark("model")
     every = range(len(samples))
     held = list(every[HOLD_OUT - 1::HOLD_OUT]) if len(samples) >= 2 * HOLD_OUT else []
     train = [i for i in every if not held or i % HOLD_OUT != HOLD_OUT - 1]
@@ -234,11 +242,13 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
         return Objective(model, causal, batches(chosen), device, weights)
 
     fit, check = objective(train), objective(held)
+    mark("teacher")
     if missing := [n for n in todo if n not in names]:
         log.warning("%d compressed matrices are not weights of the model %s builds (%s, ...): they keep the "
                     "fine-tune's values while the others are tuned", len(missing), ft.path, missing[0])
     tuned = _students(model, names, base, store, [n for n in todo if n in names], device)
     params = [p for f in tuned.values() for p in f.parameters()]
+    mark("students")
     judge = check if held else fit
     best_loss, best_epoch, best = judge.mean(model), 0, [p.detach().clone() for p in params]
     first = best_loss
@@ -258,6 +268,7 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
         if loss < best_loss:
             best_loss, best_epoch, best = loss, epoch, [p.detach().clone() for p in params]
     bar.close()
+    mark("epochs")
     with torch.no_grad():
         for p, b in zip(params, best):
             p.copy_(b)
@@ -270,5 +281,6 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
     kept.write_text(json.dumps(report))
     log.info("tuned S, scales and offsets of %d matrices: %s loss %.4g -> %.4g (epoch %d of %d kept)", len(tuned),
              "held-out" if held else "calibration", first, best_loss, best_epoch, epochs)
-    log.info("tuning took %.1f s", time.perf_counter() - t0)
+    mark("store")
+    log.info("tuning took %.1f s (%s)", time.perf_counter() - t0, ", ".join(f"{k} {v:.1f} s" for k, v in took.items()))
     return report
