@@ -15,8 +15,9 @@ subset of the 32000), and the calibration text is this repository's own source a
 ``--calib-samples`` windows of ``--calib-seqlen`` tokens (default 128 x 512).
 
 Stages are timed exclusively (a nested stage's time is not counted in its parent), with
-``torch.cuda.synchronize()`` at every boundary: load (reading checkpoint tensors), calibration (embedding and
-block forwards with Hessian hooks), svd, allocation (per-vector error tables and the allocator), gptq (factor
+``torch.cuda.synchronize()`` at every boundary: load (reading checkpoint tensors), calibration text (reading and
+tokenizing it), token tables (their weights, the output head's inputs included), calibration (embedding and block
+forwards with Hessian hooks), svd, allocation (per-vector error tables and the allocator), gptq (factor
 quantization incl. refits), pack (bit packing), write (package shards). Peak GPU memory is
 ``torch.cuda.max_memory_allocated``; peak host memory is the process's maximum RSS.
 """

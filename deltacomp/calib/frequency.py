@@ -110,7 +110,7 @@ def _head_of(names: list[str], ft) -> str | None:
     return names[0] if names else None
 
 
-@timed("calibration")
+@timed("token tables")
 def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config,
                          samples: list[torch.Tensor] | None = None) -> dict[str, dict]:
     """MatrixContext fields of each token table ``shapes`` ({name: (rows, cols)}) for ``config.vocab_weights``:

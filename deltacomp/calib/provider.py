@@ -44,7 +44,7 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-@timed("calibration")
+@timed("calibration text")
 def load_calibration(config: Calibration, ft: Checkpoint,
                      base: Checkpoint) -> tuple[list[torch.Tensor], list[int | None]]:
     """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none), followed with
