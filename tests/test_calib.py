@@ -68,6 +68,11 @@ def test_an_answer_starts_after_its_prompt_and_a_text_or_a_window_has_none(tmp_p
     assert tok.decode(ids[2][answer_start(chat, tok, ids[2]):]) == "<assistant> ok\n"
     assert answer_start(text, tok, ids[1]) is None and answer_start(asked, tok, ids[3]) is None
     assert answer_start(PromptAnswer("q: yes", ""), tok, ids[0]) is None  # nothing after the prompt
+
+    def closing(text, **_):  # a tokenizer that closes every text with an id of its own (BERT's [SEP])
+        return {"input_ids": [*tok(text)["input_ids"], 999]}
+
+    assert answer_start(pa, closing, closing("q: yes")["input_ids"]) == len(tok("q: ")["input_ids"])
     lines = [json.dumps({"prompt": f"q{i}: ", "answer": "yes " * i}) for i in range(1, 5)]
     (tmp_path / "pa.jsonl").write_text("\n".join([*lines, json.dumps({"text": "a plain text"})]) + "\n")
     samples, starts = load_samples_and_answers(tmp_path / "pa.jsonl", tok)

@@ -116,8 +116,10 @@ def make_samples(token_lists: list[list[int]], samples: int | None, seqlen: int 
 
 def answer_start(record: Record, tokenizer, ids: list[int]) -> int | None:
     """Where a record's answer begins in its tokens ``ids`` (:func:`tokenize`'s): a prompt/answer's first answer
-    token, a conversation's last turn when that is the assistant's; None for a text, or where the tokens of the
-    part before the answer are not a prefix of ``ids`` (a merge across the boundary)."""
+    token, a conversation's last turn when that is the assistant's; None for a text, or where nothing of the answer
+    is left. The answer begins at the first token where ``ids`` and the part before the answer, tokenized alone,
+    differ: a token merged across the boundary (a prompt's trailing space with the answer's first word) counts as
+    the answer's."""
     if isinstance(record, PromptAnswer):
         before = tokenizer(record.prompt, verbose=False)["input_ids"]
     elif isinstance(record, Chat) and len(record.messages) > 1 and record.messages[-1].get("role") == "assistant":
@@ -125,7 +127,8 @@ def answer_start(record: Record, tokenizer, ids: list[int]) -> int | None:
         before = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     else:
         return None
-    return len(before) if 0 < len(before) < len(ids) and ids[:len(before)] == before else None
+    start = next((i for i, (a, b) in enumerate(zip(before, ids)) if a != b), min(len(before), len(ids)))
+    return start if 0 < start < len(ids) else None
 
 
 def load_samples(path: str | os.PathLike, tokenizer, samples: int | None = None, seqlen: int | None = None,
