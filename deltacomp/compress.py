@@ -166,9 +166,8 @@ def _tune(base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: Compre
     from deltacomp.tune.fit import tune
 
     compressed = [e.name for e in entries if e.action == "compress"]
-    starts = contexts.answer_starts if config.tune_on == "answers" else None
     return tune(base, ft, contexts.samples, store, compressed, config.tune, config.tune_lr, config.device,
-                contexts.dtype(), progress, starts)
+                contexts.dtype(), progress, contexts.answer_starts, config.tune_on)
 
 
 def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],

@@ -181,6 +181,15 @@ def test_answer_weights_mark_the_positions_that_predict_an_answer_and_the_loss_c
     assert weighted.loss(model, 0) == pytest.approx(float(per_token[on].mean()), rel=1e-5)
     assert plain.loss(model, 0) == pytest.approx(float(per_token.mean()), rel=1e-5)
     assert none.loss(model, 0) == 0.0 and none.mean(model) == pytest.approx(weighted.loss(model, 0), rel=1e-6)
+    plain.balance(model, weights)  # the answers' and the other tokens' KL, each relative to its value now, half each
+    assert plain.loss(model, 0) == pytest.approx(1.0, rel=1e-5)
+    other = (mask.bool() & ~weights[0].bool())[mask.bool()]
+    a, p = float(per_token[on].mean()), float(per_token[other].mean())
+    want = (per_token[on] / a).sum() / (2 * on.sum()) + (per_token[other] / p).sum() / (2 * other.sum())
+    assert float(want) == pytest.approx(1.0, rel=1e-5)
+    held = Objective(model, True, batches(samples[:1]), "cpu")
+    held.balance(model, answer_weights(samples[:1], [2]), shares=plain)  # the shares measured on the fit batches
+    assert held.shares == plain.shares and held.by_tokens
 
 
 def test_tuning_on_answers_fits_the_answers_of_chat_records_and_refuses_plain_text(llama_tok, calib, tmp_path):
@@ -199,8 +208,12 @@ def test_tuning_on_answers_fits_the_answers_of_chat_records_and_refuses_plain_te
     r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "q"), "--calib", str(calib),
                                  "--tune", "2", "--tune-on", "answers"])
     assert_one_line_error(r, "--tune-on answers: no calibration sample has an answer")
+    m = compress(base, ft, tmp_path / "b", CompressConfig(bits=0.5, calib=str(chats), tune=2, tune_on="balanced"),
+                 progress=False)
+    t = m["tuning"]  # held out, measured with the training samples' shares: near 1 before tuning
+    assert t["loss"] == "kl_top64_balanced" and 0.5 < t["loss_before"] < 2 and t["loss_after"] <= t["loss_before"]
     assert not (tmp_path / "q").exists()
-    with pytest.raises(DeltacompError, match="--tune-on must be one of all, answers"):
+    with pytest.raises(DeltacompError, match="--tune-on must be one of all, answers, balanced"):
         CompressConfig(calib=str(calib), tune=2, tune_on="prompts")
 
 

@@ -87,12 +87,13 @@ class Objective:
     A batch may run in ``parts`` slices of its samples (the gradients of a batch add up to the same step): a batch
     that runs out of GPU memory is run again in twice as many (:meth:`step`). With ``weights``
     (:func:`answer_weights`), a batch's loss is the mean over its weighted tokens only (a batch without one counts
-    for nothing)."""
+    for nothing); with ``by_tokens`` as well, the weighted sum over the batch's tokens, divided by their number."""
 
     def __init__(self, model: nn.Module, causal: bool, data: list[tuple[torch.Tensor, torch.Tensor]], device: str,
                  weights: list[torch.Tensor] | None = None):
         self.causal = causal
         self.parts = 1
+        self.by_tokens = False
         self.data = [(ids.to(device), mask.to(device)) for ids, mask in data]
         self.weights = [w.to(device) for w in weights] if weights is not None else None
         with torch.no_grad():
@@ -123,7 +124,8 @@ class Objective:
 
     def _total(self, i: int) -> float:
         """Batch i's tokens, or their weight."""
-        return float(self.weights[i].sum()) if self.weights is not None else float(self.data[i][1].sum())
+        by_weight = self.weights is not None and not self.by_tokens
+        return float(self.weights[i].sum()) if by_weight else float(self.data[i][1].sum())
 
     def _token_losses(self, got: torch.Tensor, want) -> torch.Tensor:
         if self.causal:
@@ -158,6 +160,28 @@ class Objective:
             self.parts *= 2  # the exception (and the memory its frames held) is gone here
             torch.cuda.empty_cache()
             log.info("--tune: out of GPU memory; each batch now runs in %d slices", self.parts)
+
+    @torch.no_grad()
+    def balance(self, model: nn.Module, answers: list[torch.Tensor], shares: Objective | None = None) -> None:
+        """Weigh the answers' tokens (``answers``: :func:`answer_weights` of this objective's batches) and the others
+        so that each part's KL, relative to its value for ``model`` now, makes half the loss (1.0 for ``model``);
+        the parts' sizes and values are measured on ``shares`` (default: this objective's own batches)."""
+        src = shares or self
+        if shares is None:
+            sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+            for i, (ids, mask) in enumerate(self.data):
+                kl = self._token_losses(self._outputs(model, ids, mask), self.targets[i]).double()
+                a = answers[i].to(kl.device)[mask.bool()].double()
+                sums += torch.stack([(kl * a).sum(), (kl * (1 - a)).sum()]).cpu()
+                counts += torch.stack([a.sum(), (1 - a).sum()]).cpu()
+            per_token = sums / counts.clamp(min=1)
+            self.shares = [float(counts.sum() / (2 * c * v)) if c > 0 and v > 0 else 0.0
+                           for c, v in zip(counts, per_token)]
+        wa, wp = src.shares
+        self.shares = src.shares
+        self.weights = [(wa * a + wp * (mask.float().cpu() - a)).to(mask.device)
+                        for a, (_, mask) in zip(answers, self.data)]
+        self.by_tokens = True
 
     @torch.no_grad()
     def mean(self, model: nn.Module) -> float:
@@ -196,17 +220,19 @@ def _students(model: nn.Module, names: dict[str, str], base: Checkpoint, store: 
 @timed("tune")
 def tune(base: Checkpoint, ft: Checkpoint, samples: list[torch.Tensor], store: ResultStore, compressed: list[str],
          epochs: int, lr: float, device: str, dtype: torch.dtype, progress: bool | None = None,
-         answer_starts: list[int | None] | None = None) -> dict | None:
+         answer_starts: list[int | None] | None = None, on: str = "all") -> dict | None:
     """Tune the stored S, scales and offsets of the ``mixed`` results in ``store`` of the ``compressed`` matrices
     (in place, in ``store``); returns the report the manifest keeps (None when there was nothing to tune): the
     matrices tuned, the epochs run and kept, the held-out samples, the loss and its value before and after.
-    With ``answer_starts`` (``--tune-on answers``: where each sample's answer begins, None for a sample without
-    one), a causal LM's loss counts the answers' tokens only."""
+    ``on`` (``--tune-on``) is ``all`` (every token), ``answers`` (a causal LM's answer tokens only) or ``balanced``
+    (the answers' KL and the other tokens', each relative to its untuned value, weigh half each); the last two need
+    ``answer_starts``: where each sample's answer begins, None for a sample without one."""
     with torch.inference_mode(False), torch.enable_grad():  # whatever the caller runs under
-        return _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress, answer_starts)
+        return _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress,
+                     answer_starts if on != "all" else None, on)
 
 
-def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress, starts) -> dict | None:
+def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress, starts, on) -> dict | None:
     metas = {n: store.load(n, tensors=False)[1] for n in compressed if store.has(n)}
     todo = [n for n, m in metas.items() if m["record"] is not None and m["record"].get("method") == "mixed"]
     if not todo:
@@ -217,9 +243,9 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
     t0 = time.perf_counter()
     causal = model_kind(ft.config) == "causal"
     if starts is not None and not causal:
-        raise DeltacompError("--tune-on answers scores a causal LM's answers; this fine-tune is an encoder")
+        raise DeltacompError(f"--tune-on {on} scores a causal LM's answers; this fine-tune is an encoder")
     if starts is not None and all(s is None for s in starts):
-        raise DeltacompError("--tune-on answers: no calibration sample has an answer (give prompt/answer records or "
+        raise DeltacompError(f"--tune-on {on}: no calibration sample has an answer (give prompt/answer records or "
                              "conversations that end with the assistant's turn, one sample per record)")
     model, _, _, _, names = build_skeleton(ft, device, dtype, whole=True)
     for p in model.parameters():
@@ -236,10 +262,12 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
     held = list(every[HOLD_OUT - 1::HOLD_OUT]) if len(samples) >= 2 * HOLD_OUT else []
     train = [i for i in every if not held or i % HOLD_OUT != HOLD_OUT - 1]
 
+    def answers(part: list[int]) -> list[torch.Tensor]:
+        return answer_weights([samples[i] for i in part], [starts[i] for i in part])
+
     def objective(part: list[int]) -> Objective:
-        chosen = [samples[i] for i in part]
-        weights = answer_weights(chosen, [starts[i] for i in part]) if starts is not None else None
-        return Objective(model, causal, batches(chosen), device, weights)
+        weights = answers(part) if on == "answers" else None
+        return Objective(model, causal, batches([samples[i] for i in part]), device, weights)
 
     fit, check = objective(train), objective(held)
     mark("teacher")
@@ -248,6 +276,9 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
                     "fine-tune's values while the others are tuned", len(missing), ft.path, missing[0])
     tuned = _students(model, names, base, store, [n for n in todo if n in names], device)
     params = [p for f in tuned.values() for p in f.parameters()]
+    if on == "balanced":  # the shares are measured on the compressed model as it starts
+        fit.balance(model, answers(train))
+        check.balance(model, answers(held), shares=fit)
     mark("students")
     judge = check if held else fit
     best_loss, best_epoch, best = judge.mean(model), 0, [p.detach().clone() for p in params]
@@ -275,7 +306,7 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
     for name, factors in tuned.items():
         store.save(name, {tensor_key(name, k): t for k, t in factors.stored().items()}, {**metas[name], "tuned": True})
     report = {"matrices": len(tuned), "epochs": epochs, "kept_epoch": best_epoch, "held_out_samples": len(held),
-              "loss": (f"kl_top{TOP_K}" + ("_answers" if starts is not None else "")) if causal
+              "loss": (f"kl_top{TOP_K}" + (f"_{on}" if on != "all" else "")) if causal
               else "hidden_relative_mse", "loss_before": first,
               "loss_after": best_loss}
     kept.write_text(json.dumps(report))
