@@ -166,21 +166,21 @@ class Objective:
         """Weigh the answers' tokens (``answers``: :func:`answer_weights` of this objective's batches) and the others
         so that each part's KL, relative to its value for ``model`` now, makes half the loss (1.0 for ``model``);
         the parts' sizes and values are measured on ``shares`` (default: this objective's own batches)."""
-        src = shares or self
+        self.weights = [a.to(mask.device) for a, (_, mask) in zip(answers, self.data)]  # the answers' indicator
         if shares is None:
             sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-            for i, (ids, mask) in enumerate(self.data):
-                kl = self._token_losses(self._outputs(model, ids, mask), self.targets[i]).double()
-                a = answers[i].to(kl.device)[mask.bool()].double()
-                sums += torch.stack([(kl * a).sum(), (kl * (1 - a)).sum()]).cpu()
-                counts += torch.stack([a.sum(), (1 - a).sum()]).cpu()
+            for i in range(len(self.data)):
+                for ids, mask, want, a in self._slices(i):
+                    kl, a = self._token_losses(self._outputs(model, ids, mask), want).double(), a.double()
+                    sums += torch.stack([(kl * a).sum(), (kl * (1 - a)).sum()]).cpu()
+                    counts += torch.stack([a.sum(), (1 - a).sum()]).cpu()
             per_token = sums / counts.clamp(min=1)
             self.shares = [float(counts.sum() / (2 * c * v)) if c > 0 and v > 0 else 0.0
                            for c, v in zip(counts, per_token)]
-        wa, wp = src.shares
-        self.shares = src.shares
-        self.weights = [(wa * a + wp * (mask.float().cpu() - a)).to(mask.device)
-                        for a, (_, mask) in zip(answers, self.data)]
+        else:
+            self.shares = shares.shares
+        wa, wp = self.shares
+        self.weights = [wa * a + wp * (mask - a) for a, (_, mask) in zip(self.weights, self.data)]
         self.by_tokens = True
 
     @torch.no_grad()
