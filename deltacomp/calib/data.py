@@ -134,14 +134,14 @@ def answer_start(record: Record, tokenizer, ids: list[int]) -> int | None:
 def load_samples(path: str | os.PathLike, tokenizer, samples: int | None = None, seqlen: int | None = None,
                  max_len: int = 2048, field: str = "text") -> list[torch.Tensor]:
     """Read, tokenize and cut a calibration file: a list of 1-D token-id tensors."""
-    return load_samples_and_answers(path, tokenizer, samples, seqlen, max_len, field)[0]
+    return load_samples_and_answers(path, tokenizer, samples, seqlen, max_len, field, answers=False)[0]
 
 
 def load_samples_and_answers(path: str | os.PathLike, tokenizer, samples: int | None = None,
                              seqlen: int | None = None, max_len: int = 2048,
-                             field: str = "text") -> tuple[list[torch.Tensor], list[int | None]]:
-    """:func:`load_samples`, with each sample's :func:`answer_start` (None throughout with ``seqlen``: a window
-    cuts across records)."""
+                             field: str = "text", answers: bool = True) -> tuple[list[torch.Tensor], list[int | None]]:
+    """:func:`load_samples`, with each sample's :func:`answer_start` (None throughout without ``answers``, and with
+    ``seqlen``: a window cuts across records)."""
     records = read_records(path, field, "lines", "calibration file", CalibrationError)
     # one sample per record keeps max_len tokens of it: a record is cut at CHARS_PER_TOKEN x that many characters
     # (a token rarely spans more), so that one huge line is not tokenized whole
@@ -150,7 +150,7 @@ def load_samples_and_answers(path: str | os.PathLike, tokenizer, samples: int | 
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     out = make_samples(tokens, samples, seqlen, max_len, sep, source=source)
     starts: list[int | None] = [None] * len(out)
-    if seqlen is None:  # one sample per non-empty record, in order
+    if answers and seqlen is None:  # one sample per non-empty record, in order
         kept = [(r, t) for r, t in zip(records, tokens) if t][:len(out)]
         starts = [s if (s := answer_start(r, tokenizer, t)) is not None and s < len(x) else None
                   for (r, t), x in zip(kept, out)]

@@ -49,8 +49,9 @@ def load_calibration(config: Calibration, ft: Checkpoint,
                      base: Checkpoint) -> tuple[list[torch.Tensor], list[int | None]]:
     """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none), followed with
     ``--calib-generic`` by those of the everyday text (unless that is the calibration already); and where each
-    sample's answer begins (:func:`deltacomp.calib.data.answer_start`; None: a text)."""
-    from deltacomp.calib.data import load_samples_and_answers
+    sample's answer begins (:func:`deltacomp.calib.data.answer_start`; None: a text, and every sample unless
+    ``--tune-on`` asks for the answers)."""
+    from deltacomp.calib.data import load_samples, load_samples_and_answers
     from deltacomp.calib.frequency import find_tokenizer
 
     tok = find_tokenizer((ft.path, base.path))
@@ -58,9 +59,10 @@ def load_calibration(config: Calibration, ft: Checkpoint,
         raise DeltacompError(f"--calib needs a tokenizer, but neither {ft.path} nor {base.path} has one")
     max_len = int(ft.config.get("max_position_embeddings") or 2048)
     samples, starts = load_samples_and_answers(calib_path(config.calib), tok, config.calib_samples,
-                                               config.calib_seqlen, max_len, config.calib_field)
+                                               config.calib_seqlen, max_len, config.calib_field,
+                                               answers=bool(config.tune) and config.tune_on != "all")
     if config.calib_generic and config.calib != CALIB_GENERIC:
-        generic = load_samples_and_answers(GENERIC_TEXT, tok, None, config.calib_seqlen, max_len)[0]
+        generic = load_samples(GENERIC_TEXT, tok, None, config.calib_seqlen, max_len)
         samples, starts = samples + generic, starts + [None] * len(generic)
     return samples, starts
 
