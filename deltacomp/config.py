@@ -97,7 +97,7 @@ GROUPS = ("selection", "quantization", "calibration", "allocation", "output")
 ALLOCATIONS = ("auto", "optimal", "schedule")
 VECTOR_RANGES = ("mse", "minmax")
 CALIB_USES = ("both", "rounding", "allocation")
-TUNE_ON = ("all", "answers", "balanced")  # the tokens --tune fits
+TUNE_ON = ("auto", "all", "answers", "balanced")  # the tokens --tune fits
 NOISE_WEIGHT = 0.1  # --noise-weight's default
 EXCITATION_POWER = 0.0  # --excitation-power's default
 EXCITATION_WITHOUT_CALIB = "--excitation-power models the inputs where no calibration measures them"
@@ -420,14 +420,14 @@ class CompressConfig:
         "Needs calibration, the mixed method and memory for the whole model on --device (0: off).", type=int)
     tune_lr: float = setting(1e-3, "calibration", "--tune's learning rate (Adam, on relative changes).")
     tune_on: str = setting(
-        "all", "calibration", "The tokens --tune fits: all (every next token of the calibration text); answers "
+        "auto", "calibration", "The tokens --tune fits: all (every next token of the calibration text); answers "
         "(a causal LM's answer tokens only: of prompt/answer records and of conversations that end with the "
         "assistant's turn, one sample per record; prompts and plain texts are inputs only); balanced (the answers' "
-        "KL and the other tokens', each relative to its value before tuning, count half each). Measured at 0.5 bit "
-        "on SmolLM2 fine-tunes: answers brought a JSON fine-tune, whose answers were already right, from 0.57x to "
-        "0.50x the plain reference's answer KL, and a numeric one from 0.21x to 0.36x; on a CPU JSON pair, answers "
-        "0.40x -> 0.28x and balanced 0.25x, the everyday-text KL unchanged (balanced is not yet measured on the "
-        "other pairs; BENCHMARKS.md).",
+        "KL and the other tokens', each relative to its value before tuning, count half each); auto: balanced "
+        "where a causal LM's calibration records carry answers, all otherwise. Measured with 128 task examples on "
+        "four SmolLM2 fine-tunes (GPU): balanced 0.37x, 0.36x, 0.26x, 0.20x the plain reference's answer KL at "
+        "0.5 bit (all: 0.57x, 0.21x, 0.25x, 0.21x; answers: 0.50x, 0.36x, 0.28x, 0.21x) and 0.13x, 0.14x, 0.09x, "
+        "0.11x at 0.25 bit (all: 0.19x, 0.17x, 0.07x, 0.12x) on json, arith, piglatin, instruct (BENCHMARKS.md).",
         choices=TUNE_ON)
     # bit allocation (deltacomp.quant.allocate)
     # auto: the method's own rule (mixed: optimal; reference: the schedule), so every method accepts the default

@@ -192,7 +192,7 @@ def test_answer_weights_mark_the_positions_that_predict_an_answer_and_the_loss_c
     assert held.shares == plain.shares and held.by_tokens
 
 
-def test_tuning_on_answers_fits_the_answers_of_chat_records_and_refuses_plain_text(llama_tok, calib, tmp_path):
+def test_tuning_on_answers_fits_the_answers_of_chat_records_auto_balances_them_and_plain_text_is_refused(llama_tok, calib, tmp_path):
     import json
 
     base, ft, _ = llama_tok
@@ -208,12 +208,11 @@ def test_tuning_on_answers_fits_the_answers_of_chat_records_and_refuses_plain_te
     r = CliRunner().invoke(cli, ["compress", str(base), str(ft), "-o", str(tmp_path / "q"), "--calib", str(calib),
                                  "--tune", "2", "--tune-on", "answers"])
     assert_one_line_error(r, "--tune-on answers: no calibration sample has an answer")
-    m = compress(base, ft, tmp_path / "b", CompressConfig(bits=0.5, calib=str(chats), tune=2, tune_on="balanced"),
-                 progress=False)
-    t = m["tuning"]  # held out, measured with the training samples' shares: near 1 before tuning
+    m = compress(base, ft, tmp_path / "b", CompressConfig(bits=0.5, calib=str(chats), tune=2), progress=False)
+    t = m["tuning"]  # --tune-on auto: balanced; held out, measured with the training samples' shares: near 1 before
     assert t["loss"] == "kl_top64_balanced" and 0.5 < t["loss_before"] < 2 and t["loss_after"] <= t["loss_before"]
     assert not (tmp_path / "q").exists()
-    with pytest.raises(DeltacompError, match="--tune-on must be one of all, answers, balanced"):
+    with pytest.raises(DeltacompError, match="--tune-on must be one of auto, all, answers, balanced"):
         CompressConfig(calib=str(calib), tune=2, tune_on="prompts")
 
 

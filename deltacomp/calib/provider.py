@@ -50,7 +50,7 @@ def load_calibration(config: Calibration, ft: Checkpoint,
     """Token samples of ``config.calib`` with the fine-tune's tokenizer (the base's if it has none), followed with
     ``--calib-generic`` by those of the everyday text (unless that is the calibration already); and where each
     sample's answer begins (:func:`deltacomp.calib.data.answer_start`; None: a text, and every sample unless
-    ``--tune-on`` asks for the answers)."""
+    ``--tune`` may weigh the answers: ``--tune-on`` other than all)."""
     from deltacomp.calib.data import load_samples, load_samples_and_answers
     from deltacomp.calib.frequency import find_tokenizer
 

@@ -224,9 +224,10 @@ def tune(base: Checkpoint, ft: Checkpoint, samples: list[torch.Tensor], store: R
     """Tune the stored S, scales and offsets of the ``mixed`` results in ``store`` of the ``compressed`` matrices
     (in place, in ``store``); returns the report the manifest keeps (None when there was nothing to tune): the
     matrices tuned, the epochs run and kept, the held-out samples, the loss and its value before and after.
-    ``on`` (``--tune-on``) is ``all`` (every token), ``answers`` (a causal LM's answer tokens only) or ``balanced``
-    (the answers' KL and the other tokens', each relative to its untuned value, weigh half each); the last two need
-    ``answer_starts``: where each sample's answer begins, None for a sample without one."""
+    ``on`` (``--tune-on``) is ``all`` (every token), ``answers`` (a causal LM's answer tokens only), ``balanced``
+    (the answers' KL and the other tokens', each relative to its untuned value, weigh half each) or ``auto``
+    (balanced where a causal LM's samples have answers, all otherwise); all but ``all`` need ``answer_starts``:
+    where each sample's answer begins, None for a sample without one."""
     with torch.inference_mode(False), torch.enable_grad():  # whatever the caller runs under
         return _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progress,
                      answer_starts if on != "all" else None, on)
@@ -242,6 +243,11 @@ def _tune(base, ft, samples, store, compressed, epochs, lr, device, dtype, progr
         return json.loads(kept.read_text())
     t0 = time.perf_counter()
     causal = model_kind(ft.config) == "causal"
+    if on == "auto":  # balanced where there are answers to balance
+        on = "balanced" if causal and starts is not None and any(s is not None for s in starts) else "all"
+        starts = starts if on == "balanced" else None
+        log.info("--tune-on auto: tuning on %s", "the answers and the other tokens, half each" if starts
+                 else "every token (no calibration sample has an answer)" if causal else "the hidden states")
     if starts is not None and not causal:
         raise DeltacompError(f"--tune-on {on} scores a causal LM's answers; this fine-tune is an encoder")
     if starts is not None and all(s is None for s in starts):
