@@ -13,10 +13,12 @@ tuning of the stored scales"):
   (0.26-1.18x); MiniLM mean cosine 0.99978 / 0.99941 / 0.99828 at 1 / 0.5 / 0.25 bit. About 2-3x the compress time
   of no calibration.
 - ``best``: calibrated on ``--calib FILE`` (required), text like the fine-tune's, with the optimal allocation and
-  three epochs of end-to-end tuning of the stored scales (``--tune 3``, :mod:`deltacomp.tune`). With 128 task
-  examples at 0.5 bit: 0.40x, 0.16x, 0.19x and 0.11x the reference's answer KL on the CPU json, arith, instruct and
-  piglatin pairs (untuned 0.55x, 0.17x, 0.27x, 0.16x; untuned on the four GPU pairs 0.29x geometric mean, worst
-  0.55, json), at 0.25 bit 0.21x, 0.13x, 0.14x and 0.09x.
+  three epochs of end-to-end tuning of the stored scales (``--tune 3``, :mod:`deltacomp.tune`; ``--tune-on auto``:
+  the answers and the other tokens half each where the records carry answers). With 128 task examples on the four
+  GPU suite pairs: 0.37x, 0.36x, 0.26x and 0.20x the reference's answer KL at 0.5 bit (json, arith, piglatin,
+  instruct; at least 99.3% of the fine-tune's exact match kept), 0.13x, 0.14x, 0.09x and 0.11x at 0.25 bit (at
+  least 98.3% kept); tuned on every token 0.57x, 0.21x, 0.25x, 0.21x at 0.5 bit. A Llama-2-7B-shaped pair: 4.3
+  minutes on an H100.
   ``--sequential`` is not part of it: it helped on MiniLM and cost up to 3.8x the KL on a SmolLM2 fine-tune (add it
   explicitly to try it).
   On an encoder (a model without a language-model head) ``best`` also shares one budget among the matrices, each

@@ -192,7 +192,7 @@ def test_answer_weights_mark_the_positions_that_predict_an_answer_and_the_loss_c
     assert held.shares == plain.shares and held.by_tokens
 
 
-def test_tuning_on_answers_fits_the_answers_of_chat_records_auto_balances_them_and_plain_text_is_refused(llama_tok, calib, tmp_path):
+def test_tuning_on_answers_and_auto_balance_chat_records_and_plain_text_is_refused(llama_tok, calib, tmp_path):
     import json
 
     base, ft, _ = llama_tok
