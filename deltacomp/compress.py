@@ -130,8 +130,7 @@ def compress(base_src: str | os.PathLike, ft_src: str | os.PathLike, out: str | 
         if contexts is not None:
             entries, context_for = contexts.entries, contexts.context_for
     if method.weighs_token_tables(config):
-        samples = contexts.samples if contexts is not None else None  # --calib's, loaded once
-        context_for = _with_token_weights(base, ft, entries, mine, config, context_for, samples)
+        context_for = _with_token_weights(base, ft, entries, mine, config, context_for, contexts)
     replay = contexts is not None and contexts.sequential is not None  # a resumed matrix still feeds the student
     identity = {"deltacomp_version": __version__, "settings": config.to_dict(),
                 "inputs": [str(Path(p).resolve()) for p in inputs], "compressed": sorted(owner)}
@@ -171,17 +170,19 @@ def _tune(base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: Compre
 
 
 def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], mine: set[str],
-                        config: CompressConfig, context_for, samples: list | None = None):
+                        config: CompressConfig, context_for, contexts=None):
     """``context_for`` with ``--vocab-weights`` (:mod:`deltacomp.calib.frequency`) in the contexts of this rank's
     token tables and output heads (not position tables); unchanged when it compresses none or no tokenizer is
-    found."""
+    found. With calibration ``contexts``, their samples (loaded once) and their walk through the fine-tune (the
+    head's inputs) serve."""
     shapes = {e.name: tuple(e.shape) for e in entries
               if e.name in mine and e.action == "compress" and is_token_table(e.name)}
     if not shapes:
         return context_for
     from deltacomp.calib.frequency import token_table_contexts
 
-    extra = token_table_contexts(base, ft, shapes, config, samples)
+    extra = (token_table_contexts(base, ft, shapes, config) if contexts is None or contexts.samples is None else
+             token_table_contexts(base, ft, shapes, config, contexts.samples, contexts.head_moment))
     if not extra:
         return context_for
 
@@ -189,7 +190,7 @@ def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], 
         given = context_for(e) if context_for else None
         if e.name not in extra:
             return given
-        return dataclasses.replace(given or MatrixContext(), **extra[e.name])
+        return dataclasses.replace(given or MatrixContext(), **extra[e.name]())
 
     return context
 

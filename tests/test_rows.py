@@ -6,6 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from deltacomp.calib.activations import LayerwiseHessians
+from deltacomp.calib.head import head_moment
 from deltacomp.cli import cli
 from deltacomp.compress import compress
 from deltacomp.config import CompressConfig
@@ -280,6 +282,22 @@ def test_calibration_text_is_read_once_for_the_token_weights_too(dense_embedding
     calib = tmp_path / "calib.txt"
     calib.write_text(calib_text(16))
     config = CompressConfig(bits=2.0, rows_energy=1.0, calib=str(calib), calib_samples=8)
+    walks = []
+    real_walk = LayerwiseHessians.block_inputs
+    monkeypatch.setattr(LayerwiseHessians, "block_inputs", lambda self: walks.append(1) or real_walk(self))
     m = compress(base, ft, tmp_path / "pkg", config, progress=False)
     assert len(calls) == 1
+    assert len(walks) == 1  # the head's inputs: the calibration's walk through the fine-tune, taken on
     assert m["modules"]["lm_head.weight"]["info"]["calibrated"]  # the head was weighted by its inputs
+    # the same package as with a walk of the head's own
+    monkeypatch.setattr(provider.Contexts, "head_moment", lambda self: head_moment(self.ft, self.samples))
+    compress(base, ft, tmp_path / "own", config, progress=False)
+    assert len(walks) == 3
+    a, b = _package_tensors(tmp_path / "pkg"), _package_tensors(tmp_path / "own")
+    assert any("lm_head" in k for k in a) and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _package_tensors(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return {f"{p.name}:{k}": t for p in sorted(folder.glob("*.safetensors")) for k, t in load_file(p).items()}

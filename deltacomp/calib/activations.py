@@ -231,6 +231,7 @@ class LayerwiseHessians:
         self.ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint(model_dir)
         self.samples, self.device, self.dtype, self.max_tokens = samples, device, dtype, max_tokens
         self.model, self.prefix, self.ckpt_prefix, self.n_layers, _ = build_skeleton(self.ckpt, device, dtype)
+        self._walk: tuple[list, int] | None = None  # the walk of __iter__: its store and the blocks run on it
         pattern = re.compile(rf"^{re.escape(self.ckpt_prefix)}\.(\d+)\.(.+)\.weight$")
         self.layer_of: dict[str, int] = {}
         self.local: dict[str, str] = {}
@@ -243,6 +244,7 @@ class LayerwiseHessians:
         if not self.layer_of:
             return
         store = self.block_inputs()
+        self._walk = (store, 0)
         with torch.no_grad():
             for i in range(max(self.layer_of.values()) + 1):
                 yield from self._run_block(i, store)
@@ -276,9 +278,12 @@ class LayerwiseHessians:
 
     @torch.no_grad()
     def last_outputs(self) -> list[torch.Tensor]:
-        """The last block's outputs (B, L, d) per batch of :meth:`batches`: every block run, no layer hooked."""
-        store = self.block_inputs()
-        for i in range(self.n_layers):
+        """The last block's outputs (B, L, d) per batch of :meth:`batches`, no layer hooked: the walk of
+        :meth:`__iter__` taken on from the block it reached (it ends there: its iterator must not be resumed), or
+        every block run from the first."""
+        store, start = self._walk or (self.block_inputs(), 0)
+        self._walk = None
+        for i in range(start, self.n_layers):
             run_through(self.load_block(i), store)
         return [hidden for hidden, _, _ in store]
 
@@ -307,6 +312,8 @@ class LayerwiseHessians:
                 out = block(hidden, *args, **kwargs)
                 hooks.end_batch()
                 store[j] = (block_output(out), args, kwargs)
+            if self._walk is not None and self._walk[0] is store:
+                self._walk = (store, i + 1)
         finally:
             hooks.remove()
         result = hooks.result()

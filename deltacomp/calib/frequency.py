@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,11 +113,14 @@ def _head_of(names: list[str], ft) -> str | None:
 
 @timed("token tables")
 def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config,
-                         samples: list[torch.Tensor] | None = None) -> dict[str, dict]:
-    """MatrixContext fields of each token table ``shapes`` ({name: (rows, cols)}) for ``config.vocab_weights``:
-    ``row_weight`` (rows,) from token counts (:func:`row_weights`), and with ``head`` the output head's ``hessian``
-    (:func:`deltacomp.calib.head.head_moment`) on the same text: ``samples`` (``--calib``'s, already loaded) when
-    given, else ``--calib`` when given, else the everyday text.
+                         samples: list[torch.Tensor] | None = None,
+                         moment: Callable[[], torch.Tensor | None] | None = None) -> dict[str, Callable[[], dict]]:
+    """MatrixContext fields of each token table ``shapes`` ({name: (rows, cols)}) for ``config.vocab_weights``, as
+    a function called when that table is compressed: ``row_weight`` (rows,) from token counts
+    (:func:`row_weights`), and with ``head`` the output head's ``hessian`` on the same text: ``samples``
+    (``--calib``'s, already loaded) when given, else ``--calib`` when given, else the everyday text. ``moment``
+    gives that Hessian (the calibration's walk taken on past the last block); without it the head's function runs a
+    walk of its own (:func:`deltacomp.calib.head.head_moment`).
     Empty when no tokenizer is found. ``auto`` is ``head`` without warnings: where the model has no tokenizer or no
     head input of the table's width, less weighting, silently."""
     asked = config.vocab_weights != "auto"
@@ -130,15 +134,24 @@ def token_table_contexts(base, ft, shapes: dict[str, tuple[int, int]], config,
     if samples is None:
         return {}
     counts = count_tokens(samples, max(m for m, _ in shapes.values()))
-    out = {name: {"row_weight": row_weights(counts[:m])} for name, (m, _) in shapes.items()}
+    weights = {name: row_weights(counts[:m]) for name, (m, _) in shapes.items()}
+    out = {name: functools.partial(dict, row_weight=w) for name, w in weights.items()}
     head = _head_of(sorted(shapes), ft) if config.vocab_weights in ("head", "auto") else None
     if head is not None:
-        from deltacomp.calib.head import head_moment
+        if moment is None:
+            from deltacomp.calib.head import head_moment
 
-        h = head_moment(ft, samples, config.device)
-        if h is not None and h.shape[0] == shapes[head][1]:
-            out[head]["hessian"] = h
-        elif asked:
-            log.warning("--vocab-weights head: no output head input of width %d found in %s; %s is weighted by "
-                        "token counts only", shapes[head][1], ft.path, head)
+            moment = timed("token tables")(functools.partial(head_moment, ft, samples, config.device))
+        where = f"{ft.path}; {head} is weighted by token counts only"
+        out[head] = functools.partial(_head_fields, weights[head], moment, shapes[head][1], asked, where)
     return out
+
+
+def _head_fields(row_weight: torch.Tensor, moment: Callable[[], torch.Tensor | None], width: int, asked: bool,
+                 where: str) -> dict:
+    h = moment()
+    if h is not None and h.shape[0] == width:
+        return {"row_weight": row_weight, "hessian": h}
+    if asked:
+        log.warning("--vocab-weights head: no output head input of width %d found in %s", width, where)
+    return {"row_weight": row_weight}

@@ -6,7 +6,9 @@ dE_hat_v)`` and the expected squared error of a row is weighted by H, as a linea
 direction holds 70% of H's trace), so the mixed method, given H, chooses and quantizes (GPTQ) the head's singular
 vectors where its inputs point. The fine-tune runs on the text block after block in the one-block skeleton of
 :class:`deltacomp.calib.activations.LayerwiseHessians`; the final norm and the head then run once per batch on the
-last block's outputs, and a hook on the head's input accumulates H (the logits are never computed).
+last block's outputs, and a hook on the head's input accumulates H (the logits are never computed). Under
+``--calib`` the walk is the calibration's own: the head comes after every block's matrices and takes the walk on
+from its last block, so the fine-tune runs through the text once.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ class _Replay(nn.Module):
 
 @torch.no_grad()
 def head_moment(ckpt: Checkpoint, samples: list[torch.Tensor], device: str = "cpu",
-                dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+                dtype: torch.dtype = torch.float32, layers: LayerwiseHessians | None = None) -> torch.Tensor | None:
     """``E[h h^T]`` (d, d) float32 of the output head's inputs over ``samples`` (1-D token-id tensors) in the model
-    of ``ckpt``; None when the model has no output head (an encoder)."""
-    layers = LayerwiseHessians(ckpt, samples, set(), device, dtype)
+    of ``ckpt``; None when the model has no output head (an encoder). ``layers``: the calibration's walk through
+    the same model and samples, taken on from the block it reached (:meth:`LayerwiseHessians.last_outputs`)
+    instead of a walk of its own."""
+    layers = layers or LayerwiseHessians(ckpt, samples, set(), device, dtype)
     model = layers.model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:

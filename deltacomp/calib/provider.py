@@ -87,7 +87,7 @@ class _Cursor:
 
     def __init__(self, hessians, weight: float | None, tokens: int):
         self.weight, self.tokens = weight, tokens
-        self.layer_of = hessians.layer_of
+        self.hessians, self.layer_of = hessians, hessians.layer_of
         self.it = iter(hessians)
         self.layer, self.current = -1, {}
 
@@ -105,11 +105,22 @@ class _Cursor:
         h = self.current.get(name) if self.layer == want else None
         return shrink(h, self.weight, self.tokens) if h is not None else None
 
+    @timed("calibration")
+    def head_moment(self) -> torch.Tensor | None:
+        """The output head's input moment (:func:`deltacomp.calib.head.head_moment`), the walk taken on from the
+        block it reached to the last; no Hessian is given after it."""
+        from deltacomp.calib.head import head_moment
+
+        self.it, self.layer, self.current = iter(()), 1 << 30, {}
+        h = self.hessians
+        return head_moment(h.ckpt, h.samples, h.device, h.dtype, layers=h)
+
 
 class Contexts:
     def __init__(self, base: Checkpoint, ft: Checkpoint, entries: list[Entry], config: CompressConfig, method):
         self.base, self.ft, self.config, self.method = base, ft, config, method
-        self.entries = sorted(entries, key=lambda e: natural_key(e.name))
+        # token tables last: the output head's input moment takes the calibration's walk on past the last block
+        self.entries = sorted(entries, key=lambda e: (is_token_table(e.name), natural_key(e.name)))
         self.names = {e.name for e in self.entries if e.action == "compress"}
         self.samples, self.answer_starts = (load_calibration(config.groups.calibration, ft, base) if config.calib
                                             else (None, None))
@@ -244,6 +255,15 @@ class Contexts:
         if hessian is None and target is None and plan is None:
             return None
         return MatrixContext(hessian, target, compressed, plan)
+
+    def head_moment(self) -> torch.Tensor | None:
+        """The output head's input moment on the calibration samples: the calibration's walk taken on past the last
+        block (once every block's matrices are compressed), else a walk of its own (``--sequential``)."""
+        if self.cursor is not None:
+            return self.cursor.head_moment()
+        from deltacomp.calib.head import head_moment
+
+        return head_moment(self.ft, self.samples, self.config.device, self.dtype())
 
     def close(self) -> None:
         self.cursor = self.sequential = None
