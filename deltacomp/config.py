@@ -341,7 +341,8 @@ class CompressConfig:
         "auto", "quantization", "Token tables and output heads compressed whole (the fine-tune moved most rows, as "
         "a tied head does): counts chooses their singular vectors for rows weighted by sqrt(token count + 1), counted "
         "on --calib or a built-in English text (a second of tokenizing); head also weighs the output head by its "
-        "inputs, the fine-tune's final hidden states on that text (GPTQ; one pass of the fine-tune); off weighs "
+        "inputs, the fine-tune's final hidden states on that text (GPTQ; calibration's pass of the fine-tune, else "
+        "one of its own); off weighs "
         "every row alike; auto: head where the model has a tokenizer, else off, without a warning. head: lower KL "
         "at the same budget on SmolLM2 fine-tunes (BENCHMARKS.md). Not read with --budget-scope model.",
         choices=VOCAB_WEIGHTS)
