@@ -342,9 +342,9 @@ class CompressConfig:
         "a tied head does): counts chooses their singular vectors for rows weighted by sqrt(token count + 1), counted "
         "on --calib or a built-in English text (a second of tokenizing); head also weighs the output head by its "
         "inputs, the fine-tune's final hidden states on that text (GPTQ; calibration's pass of the fine-tune, else "
-        "one of its own); off weighs "
-        "every row alike; auto: head where the model has a tokenizer, else off, without a warning. head: lower KL "
-        "at the same budget on SmolLM2 fine-tunes (BENCHMARKS.md). Not read with --budget-scope model.",
+        "one of its own); off weighs every row alike; auto: head where the model has a tokenizer, else off, "
+        "without a warning. head: lower KL at the same budget on SmolLM2 fine-tunes (BENCHMARKS.md). Not read with "
+        "--budget-scope model.",
         choices=VOCAB_WEIGHTS)
     schedule: tuple[tuple[int, int | None], ...] = setting(
         DEFAULT_SCHEDULE, "quantization", "Bit groups in singular-value order, BITS:COUNT; the last may omit COUNT. "

@@ -42,7 +42,7 @@ def head_moment(ckpt: Checkpoint, samples: list[torch.Tensor], device: str = "cp
     of ``ckpt``; None when the model has no output head (an encoder). ``layers``: the calibration's walk through
     the same model and samples, taken on from the block it reached (:meth:`LayerwiseHessians.last_outputs`)
     instead of a walk of its own."""
-    layers = layers or LayerwiseHessians(ckpt, samples, set(), device, dtype)
+    layers = layers if layers is not None else LayerwiseHessians(ckpt, samples, set(), device, dtype)
     model = layers.model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
