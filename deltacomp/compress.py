@@ -173,16 +173,17 @@ def _with_token_weights(base: Checkpoint, ft: Checkpoint, entries: list[Entry], 
                         config: CompressConfig, context_for, contexts=None):
     """``context_for`` with ``--vocab-weights`` (:mod:`deltacomp.calib.frequency`) in the contexts of this rank's
     token tables and output heads (not position tables); unchanged when it compresses none or no tokenizer is
-    found. With calibration ``contexts``, their samples (loaded once) and their walk through the fine-tune (the
-    head's inputs) serve."""
+    found. With calibration ``contexts``, their samples (loaded once) and, where they walk the fine-tune block by
+    block, that walk (the head's inputs) serve."""
     shapes = {e.name: tuple(e.shape) for e in entries
               if e.name in mine and e.action == "compress" and is_token_table(e.name)}
     if not shapes:
         return context_for
     from deltacomp.calib.frequency import token_table_contexts
 
-    extra = (token_table_contexts(base, ft, shapes, config) if contexts is None or contexts.samples is None else
-             token_table_contexts(base, ft, shapes, config, contexts.samples, contexts.head_moment))
+    samples = contexts.samples if contexts is not None else None
+    moment = contexts.cursor.head_moment if contexts is not None and contexts.cursor is not None else None
+    extra = token_table_contexts(base, ft, shapes, config, samples, moment)
     if not extra:
         return context_for
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from deltacomp.calib.head import head_moment
+from deltacomp.calib.head import head_moment, walk_moment
 from deltacomp.io.checkpoint import Checkpoint
 
 
@@ -44,7 +44,7 @@ def test_head_moment_takes_a_walk_on_from_the_block_it_reached(llama_tok):
     loads = []
     real = layers.load_block
     layers.load_block = lambda i: loads.append(i) or real(i)
-    got = head_moment(ft, samples, layers=layers)
+    got = walk_moment(layers)
     assert loads == [1]  # only the block the walk had not run
     want = head_moment(ft, samples)
     assert torch.equal(got, want)

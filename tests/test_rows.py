@@ -290,7 +290,8 @@ def test_calibration_text_is_read_once_for_the_token_weights_too(dense_embedding
     assert len(walks) == 1  # the head's inputs: the calibration's walk through the fine-tune, taken on
     assert m["modules"]["lm_head.weight"]["info"]["calibrated"]  # the head was weighted by its inputs
     # the same package as with a walk of the head's own
-    monkeypatch.setattr(provider.Contexts, "head_moment", lambda self: head_moment(self.ft, self.samples))
+    monkeypatch.setattr(provider._Cursor, "head_moment",
+                        lambda self: head_moment(self.hessians.ckpt, self.hessians.samples))
     compress(base, ft, tmp_path / "own", config, progress=False)
     assert len(walks) == 3
     a, b = _package_tensors(tmp_path / "pkg"), _package_tensors(tmp_path / "own")

@@ -35,14 +35,17 @@ class _Replay(nn.Module):
         return next(self.outputs)
 
 
-@torch.no_grad()
 def head_moment(ckpt: Checkpoint, samples: list[torch.Tensor], device: str = "cpu",
-                dtype: torch.dtype = torch.float32, layers: LayerwiseHessians | None = None) -> torch.Tensor | None:
+                dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """``E[h h^T]`` (d, d) float32 of the output head's inputs over ``samples`` (1-D token-id tensors) in the model
-    of ``ckpt``; None when the model has no output head (an encoder). ``layers``: the calibration's walk through
-    the same model and samples, taken on from the block it reached (:meth:`LayerwiseHessians.last_outputs`)
-    instead of a walk of its own."""
-    layers = layers if layers is not None else LayerwiseHessians(ckpt, samples, set(), device, dtype)
+    of ``ckpt``; None when the model has no output head (an encoder)."""
+    return walk_moment(LayerwiseHessians(ckpt, samples, set(), device, dtype))
+
+
+@torch.no_grad()
+def walk_moment(layers: LayerwiseHessians) -> torch.Tensor | None:
+    """:func:`head_moment` of the model and samples of ``layers``, its walk taken on from the block it reached
+    (:meth:`LayerwiseHessians.last_outputs`): the calibration's own walk, or one not yet begun."""
     model = layers.model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
@@ -63,7 +66,7 @@ def head_moment(ckpt: Checkpoint, samples: list[torch.Tensor], device: str = "cp
     try:
         for batch in layers.batches():
             try:
-                model(input_ids=batch.to(device), use_cache=False)
+                model(input_ids=batch.to(layers.device), use_cache=False)
             except _Caught:
                 pass
     finally:

@@ -109,11 +109,10 @@ class _Cursor:
     def head_moment(self) -> torch.Tensor | None:
         """The output head's input moment (:func:`deltacomp.calib.head.head_moment`), the walk taken on from the
         block it reached to the last; no Hessian is given after it."""
-        from deltacomp.calib.head import head_moment
+        from deltacomp.calib.head import walk_moment
 
         self.it, self.layer, self.current = iter(()), 1 << 30, {}
-        h = self.hessians
-        return head_moment(h.ckpt, h.samples, h.device, h.dtype, layers=h)
+        return walk_moment(self.hessians)
 
 
 class Contexts:
@@ -255,15 +254,6 @@ class Contexts:
         if hessian is None and target is None and plan is None:
             return None
         return MatrixContext(hessian, target, compressed, plan)
-
-    def head_moment(self) -> torch.Tensor | None:
-        """The output head's input moment on the calibration samples: the calibration's walk taken on past the last
-        block (once every block's matrices are compressed), else a walk of its own (``--sequential``)."""
-        if self.cursor is not None:
-            return self.cursor.head_moment()
-        from deltacomp.calib.head import head_moment
-
-        return head_moment(self.ft, self.samples, self.config.device, self.dtype())
 
     def close(self) -> None:
         self.cursor = self.sequential = None
