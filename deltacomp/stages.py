@@ -5,8 +5,8 @@ stage("write"):``. Nothing is measured unless a listener is registered with :fun
 ``enter(name)`` and ``exit(name)``, called in the thread that runs the stage (a stage of the prefetch thread
 overlaps the main thread's). Stages: ``load`` (checkpoint reads), ``digest`` (a base matrix's fingerprint, in the
 read-ahead thread), ``delta`` (fine-tune minus base on the device), ``calibration text`` (the calibration file read
-and tokenized, its tokenizer loaded), ``token tables`` (the token tables' weights: token counts, and without
-calibration the output head's inputs from one pass of the fine-tune), ``calibration`` (the layers' Hessians, and the
+and tokenized, its tokenizer loaded), ``token tables`` (the token tables' weights: token counts, and, without the
+calibration's pass, the output head's inputs from a pass of their own), ``calibration`` (the layers' Hessians, and the
 output head's inputs where the calibration's pass goes on to them), ``sequential target``, ``svd``, ``allocation``,
 ``gptq``, ``rtn``, ``pack``, ``store`` (a matrix's result kept for resuming, or read back), ``tune``, ``write``.
 """

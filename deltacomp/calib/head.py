@@ -7,8 +7,8 @@ direction holds 70% of H's trace), so the mixed method, given H, chooses and qua
 vectors where its inputs point. The fine-tune runs on the text block after block in the one-block skeleton of
 :class:`deltacomp.calib.activations.LayerwiseHessians`; the final norm and the head then run once per batch on the
 last block's outputs, and a hook on the head's input accumulates H (the logits are never computed). Under
-``--calib`` the walk is the calibration's own: the head comes after every block's matrices and takes the walk on
-from its last block, so the fine-tune runs through the text once.
+``--calib`` (not ``--sequential``) the walk is the calibration's own: the head comes after every block's matrices
+and takes the walk on from its last block (:func:`walk_moment`), so the fine-tune runs through the text once.
 """
 
 from __future__ import annotations
