@@ -634,6 +634,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   };
 
   constexpr int OPL = shrink_opl(R_TILE), NU = 32 / OPL;  // codes per unit, units per block
+  constexpr bool FOLD = fold_params<scalar_t, R_TILE>();
   const int nblk = (a.n + 31) >> 5;
   const int kbeg = ks * a.kb_cta, kend = min(nblk, kbeg + a.kb_cta);
   // One delta: the active rows are the valid rows, or none. The first unit is requested early only for small row
@@ -707,7 +708,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
       for (unsigned todo = act; todo != 0u; use_pre = false) {
         const int bits = __shfl_sync(kFullMask, m_bits, __ffs(todo) - 1);
         const unsigned mask = width_class(todo, rbits, bits);
-        shrink_tile_any<kRowsPerWarp, R_TILE, fold_params<scalar_t, R_TILE>()>(bits, acc, rr, mask, a, xs, kb0, nunits, lane, pre, use_pre);
+        shrink_tile_any<kRowsPerWarp, R_TILE, FOLD>(bits, acc, rr, mask, a, xs, kb0, nunits, lane, pre, use_pre);
         todo &= ~mask;
       }
     }
