@@ -243,8 +243,8 @@ __device__ __forceinline__ void expand_param_pair(uint32_t pair, float& mul, flo
 }
 
 // Bits [pos, pos + BITS) of the little-endian stream v[] as 1 + code / 2^BITS. pos is a compile-time constant after
-// unrolling, so the word index and shifts fold away: one shift (or funnel shift) and two LOP3s per code (ptxas
-// gives a LOP3 one immediate, so the mask and 1.0f's bits take one each).
+// unrolling, so the word index and shifts fold away: one shift (or funnel shift) and one or two LOP3s per code (a
+// LOP3 takes one immediate; the one-row stages' SASS has one for the mask and one for 1.0f's bits).
 template <int BITS, int NV>
 __device__ __forceinline__ float unit_code(const uint32_t (&v)[NV], int pos) {
   constexpr int kZ = 23 - BITS;  // code lands in mantissa bits [kZ, 23)
