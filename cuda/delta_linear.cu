@@ -243,8 +243,7 @@ __device__ __forceinline__ void expand_param_pair(uint32_t pair, float& mul, flo
 }
 
 // Bits [pos, pos + BITS) of the little-endian stream v[] as 1 + code / 2^BITS. pos is a compile-time constant after
-// unrolling, so the word index and shifts fold away: one shift (or funnel shift) and one or two LOP3s per code (a
-// LOP3 takes one immediate; the one-row stages' SASS has one for the mask and one for 1.0f's bits).
+// unrolling, so the word index and shifts fold away: one shift (or funnel shift) and one LOP3 per code.
 template <int BITS, int NV>
 __device__ __forceinline__ float unit_code(const uint32_t (&v)[NV], int pos) {
   constexpr int kZ = 23 - BITS;  // code lands in mantissa bits [kZ, 23)
@@ -256,7 +255,11 @@ __device__ __forceinline__ float unit_code(const uint32_t (&v)[NV], int pos) {
   } else {
     t = __funnelshift_r(v[wi], v[wi + 1], sh - kZ);  // straddles words wi / wi + 1 (3-bit codes 10 and 21)
   }
-  return __uint_as_float((t & kMask) | 0x3f800000u);
+  // (t & kMask) | 1.0f in one LOP3: written in C++ it compiles to two (a LOP3 takes one immediate), so 1.0f's bits
+  // are passed in a register.
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(t), "n"(kMask), "r"(0x3f800000u));
+  return __uint_as_float(r);
 }
 
 // Loads the raw words holding codes [q0, q0 + OPL) of one packed block (blk points at the block's first word): NW
