@@ -127,7 +127,9 @@ def bench(args) -> dict:
         results["eager_us"] = eager_calls(args)
         _save(results, args)
     if "tenants" in args.parts:
-        results["multi_tenant"] = multi_tenant(layer, args)
+        one_row = results["rows"].get(1)  # the base step at 1 row, when the decode steps timed it
+        base_step = (one_row["base"], results["base_bytes"]) if one_row else None
+        results["multi_tenant"] = multi_tenant(layer, args, base_step)
         _save(results, args)
     if "calls" in args.parts and native.extension() is not None:
         results["calls"] = per_call(layer, args)
@@ -378,14 +380,17 @@ def _same_bytes_rank(delta_bytes: int, layers: int) -> int:
     return max(1, round(delta_bytes / per_rank))
 
 
-def multi_tenant(layer, args, tenants: int = 16) -> dict:
+def multi_tenant(layer, args, base_step: tuple[float, int] | None = None, tenants: int = 16) -> dict:
     """16 rows, each with its own delta (16 distinct copies), one launch per matrix vs 16 separate calls, and the
-    base's step at 1 row in the same run (its bandwidth sets the byte floor)."""
-    base = base_weights(args.layers)
-    base_bytes = sum(w.numel() * w.element_size() for lw in base for w in lw.values())
-    base_ms = base_step_time(LayerInputs(1), base, args.repeats)
-    del base
-    torch.cuda.empty_cache()
+    base's step at 1 row in the same run (its bandwidth sets the byte floor): base_step, (ms, bytes), when the decode
+    steps timed it, else timed here."""
+    if base_step is None:
+        base = base_weights(args.layers)
+        base_step = (base_step_time(LayerInputs(1), base, args.repeats),
+                     sum(w.numel() * w.element_size() for lw in base for w in lw.values()))
+        del base
+        torch.cuda.empty_cache()
+    base_ms, base_bytes = base_step
     first = {k: DeltaBank.build([[layer[k]] * tenants]).to("cuda") for k in SHAPES}
     banks = [{k: _clone(b) for k, b in first.items()} for _ in range(args.layers)]
     first = {k: DeltaBank.build([[layer[k]]]).to("cuda") for k in SHAPES}
