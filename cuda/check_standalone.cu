@@ -7,6 +7,8 @@
 //   ./check_delta_linear --fused [K [one-hot]]   the fused form (base product + delta) per call on those banks, 1
 //                                      row, with and without U by block column (K deltas a bank, weighted 1 / K or
 //                                      one of them alone; default 1)
+//   ./check_delta_linear --layer [K]   the four fused calls of a layer in turn, 32 layers, against the sum of each
+//                                      call alone, with an empty bank, U by block column and U by row
 //   ./check_delta_linear --fused-cases   the correctness sweep's fused-form cases only
 //
 // Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
@@ -712,101 +714,183 @@ void bench() {
 // bank (its base product alone) and the delta op alone. 8 copies of each bank, its base weights and x at distinct
 // addresses, called in turn in one CUDA graph of 32 calls (the L2 cache holds none of them between uses). With K > 1
 // the banks hold K such deltas, each weighted 1 / K (a token gate's mixture), or with `one_hot` delta K / 2 alone.
-void fused_bench(int K, bool one_hot) {
-  struct Case { const char* name; int n; std::vector<int> outs; };
-  const Case cases[] = {{"q|k|v", 4096, {4096, 4096, 4096}}, {"o", 4096, {4096}}, {"gate|up", 4096, {11008, 11008}},
-                        {"down", 11008, {4096}}};
-  constexpr int kCopies = 8, kCalls = 32;
-  cudaStream_t st;
-  CHECK_CUDA(cudaStreamCreate(&st));
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  for (const Case& c : cases) {
-    const int P = static_cast<int>(c.outs.size());
+// One of the four fused calls of a Llama-2-7B layer at one row (bf16 activations and weights): kFusedCopies copies of
+// its bank, columns, base weights, input and output (rotated so that L2 does not hold them), K deltas a bank weighted
+// 1 / K (or one of them alone), and the launch of a copy in one of four modes.
+constexpr int kFusedCopies = 8;
+
+struct FusedCall {
+  const char* name;
+  int n, K;
+  std::vector<int64_t> rows;
+  Bank b, e;  // the bank and an empty one
+  std::vector<std::unique_ptr<DeviceBank>> banks;
+  std::vector<std::unique_ptr<DeviceColumns>> colsets;
+  std::unique_ptr<DeviceBank> empty;
+  std::vector<std::vector<void*>> bases;
+  std::vector<void*> xs, outs;
+  float* dw = nullptr;
+  size_t ws_floats = 0, ready_ints = 0;  // what a call needs of the workspace and the counters
+
+  FusedCall(const char* name_, int n_, const std::vector<int>& out_len, int K_, bool one_hot)
+      : name(name_), n(n_), K(K_), rows(out_len.begin(), out_len.end()) {
+    const int P = static_cast<int>(out_len.size());
     std::vector<std::vector<std::vector<Group>>> table(P, std::vector<std::vector<Group>>(K));
     for (int p = 0; p < P; ++p)
-      for (int d = 0; d < K; ++d) table[p][d] = llama_groups(c.outs[p], c.n);
-    const Bank b = build_bank(c.n, c.outs, K, table, std::vector<int>(K, 0), 1);
+      for (int d = 0; d < K; ++d) table[p][d] = llama_groups(out_len[p], n);
+    b = build_bank(n, out_len, K, table, std::vector<int>(K, 0), 1);
     std::vector<std::vector<std::vector<Group>>> none(P, std::vector<std::vector<Group>>(1));
-    const Bank e = build_bank(c.n, c.outs, 1, none, {128}, 2);
-    std::vector<std::unique_ptr<DeviceBank>> banks;
-    std::vector<std::unique_ptr<DeviceColumns>> colsets;
-    std::vector<std::vector<void*>> bases(kCopies);
-    std::vector<void*> xs(kCopies), outs(kCopies);
-    for (int i = 0; i < kCopies; ++i) {
+    e = build_bank(n, out_len, 1, none, {128}, 2);
+    empty = std::make_unique<DeviceBank>(e);
+    bases.resize(kFusedCopies);
+    for (int i = 0; i < kFusedCopies; ++i) {
       banks.push_back(std::make_unique<DeviceBank>(b));
       colsets.push_back(std::make_unique<DeviceColumns>(b));
       for (int q = 0; q < P; ++q) {
         void* wp = nullptr;
-        CHECK_CUDA(cudaMalloc(&wp, 2ull * c.outs[q] * c.n));
-        CHECK_CUDA(cudaMemset(wp, 0x3c, 2ull * c.outs[q] * c.n));
+        CHECK_CUDA(cudaMalloc(&wp, 2ull * out_len[q] * n));
+        CHECK_CUDA(cudaMemset(wp, 0x3c, 2ull * out_len[q] * n));
         bases[i].push_back(wp);
       }
-      CHECK_CUDA(cudaMalloc(&xs[i], 2ull * c.n));
-      CHECK_CUDA(cudaMemset(xs[i], 0x3c, 2ull * c.n));
-      CHECK_CUDA(cudaMalloc(&outs[i], 2ull * b.M));
+      void *x = nullptr, *o = nullptr;
+      CHECK_CUDA(cudaMalloc(&x, 2ull * n));
+      CHECK_CUDA(cudaMemset(x, 0x3c, 2ull * n));
+      CHECK_CUDA(cudaMalloc(&o, 2ull * b.M));
+      xs.push_back(x), outs.push_back(o);
     }
-    const DeviceBank empty(e);
-    std::vector<int64_t> rows(c.outs.begin(), c.outs.end());
     std::vector<float> wv(K, one_hot ? 0.f : 1.f / K);
     if (one_hot) wv[K / 2] = 1.f;
-    float* dw = to_device(wv);
-    const int64_t J = static_cast<int64_t>(b.s.size());
-    float* ws = nullptr;
-    const int64_t cl = colsets[0]->cu.longest;
-    CHECK_CUDA(cudaMalloc(&ws, std::max({delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true),
-                                         delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, true, cl, K),
-                                         delta_linear_workspace_floats(1, c.n, b.M, J, P, g_sms, 0, false)}) *
-                                   sizeof(float)));
-    int* ready = ready_buffer(std::max(delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms),
-                                       delta_linear_base_ready_ints(1, c.n, b.M, J, P, g_sms, cl, K)));
-    // mode 0 fused, 1 fused with an empty bank, 2 the delta op alone, 3 fused with U by block column
-    const auto call = [&](int i, int mode) {
-      const DeviceBank& d = mode == 1 ? empty : *banks[i];
-      const Bank& h = mode == 1 ? e : b;
-      const int64_t j = static_cast<int64_t>(h.s.size());
-      const int64_t un = static_cast<int64_t>(h.u_words.size()), up = static_cast<int64_t>(h.u_scale.size());
-      const cudaError_t err =
-          mode != 2 ? delta_linear_base_launch(2, xs[i], bases[i].data(), rows.data(), nullptr, outs[i], 1, c.n,
-                                               b.M, dw, mode == 1 ? 1 : K, d.v_words, d.v_scale, d.v_offset,
-                                               d.u_words, d.u_scale, d.u_offset, un, up, d.s, d.rows, j, d.projs,
-                                               d.spans, P, ws, ready, g_sms, g_pdl, st,
-                                               mode == 3 ? &colsets[i]->cu : nullptr)
-                   : delta_linear_launch(2, xs[i], outs[i], outs[i], 1, c.n, b.M, dw, K, d.v_words, d.v_scale,
-                                         d.v_offset, d.u_words, d.u_scale, d.u_offset, un, up, d.s, d.rows, j,
-                                         d.projs, d.spans, P, ws, g_sms, 0, g_pdl, st);
-      CHECK_CUDA(err);
-    };
-    float us[4];
-    for (int mode = 0; mode < 4; ++mode) {
-      const cudaGraphExec_t ge = capture(st, [&] {
-        for (int k = 0; k < kCalls; ++k) call(k % kCopies, mode);
-      });
-      for (int k = 0; k < 5; ++k) CHECK_CUDA(cudaGraphLaunch(ge, st));
-      std::vector<float> t;
-      for (int r = 0; r < 25; ++r) {
-        CHECK_CUDA(cudaEventRecord(e0, st));
-        CHECK_CUDA(cudaGraphLaunch(ge, st));
-        CHECK_CUDA(cudaEventRecord(e1, st));
-        CHECK_CUDA(cudaEventSynchronize(e1));
-        float ms;
-        CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(1e3f * ms / kCalls);
-      }
-      std::sort(t.begin(), t.end());
-      us[mode] = t[t.size() / 2];
-      CHECK_CUDA(cudaGraphExecDestroy(ge));
-    }
-    std::printf("fused, 1 row, bf16, %d delta(s)%s, %-8s fused %6.1f us | with U columns %6.1f us | "
-                "empty bank %6.1f us | delta op alone %6.1f us | fused - empty %5.1f us, with U columns %5.1f us\n",
-                K, one_hot ? " one-hot" : "", c.name, us[0], us[3], us[1], us[2], us[0] - us[1], us[3] - us[1]);
-    for (int i = 0; i < kCopies; ++i) {
+    dw = to_device(wv);
+    const int64_t J = static_cast<int64_t>(b.s.size()), cl = colsets[0]->cu.longest;
+    ws_floats = std::max({delta_linear_workspace_floats(1, n, b.M, J, P, g_sms, 0, true),
+                          delta_linear_workspace_floats(1, n, b.M, J, P, g_sms, 0, true, cl, K),
+                          delta_linear_workspace_floats(1, n, b.M, J, P, g_sms, 0, false)});
+    ready_ints = std::max(delta_linear_base_ready_ints(1, n, b.M, J, P, g_sms),
+                          delta_linear_base_ready_ints(1, n, b.M, J, P, g_sms, cl, K));
+  }
+  FusedCall(const FusedCall&) = delete;
+  FusedCall& operator=(const FusedCall&) = delete;
+  ~FusedCall() {
+    for (int i = 0; i < kFusedCopies; ++i) {
       for (void* q : bases[i]) cudaFree(q);
       cudaFree(xs[i]), cudaFree(outs[i]);
     }
-    cudaFree(dw), cudaFree(ws);
+    cudaFree(dw);
   }
+
+  // Copy i in mode 0 fused, 1 fused with an empty bank, 2 the delta op alone, 3 fused with U by block column.
+  void launch(int i, int mode, float* ws, int* ready, cudaStream_t st) const {
+    const DeviceBank& d = mode == 1 ? *empty : *banks[i];
+    const Bank& h = mode == 1 ? e : b;
+    const int P = static_cast<int>(rows.size());
+    const int64_t j = static_cast<int64_t>(h.s.size());
+    const int64_t un = static_cast<int64_t>(h.u_words.size()), up = static_cast<int64_t>(h.u_scale.size());
+    const cudaError_t err =
+        mode != 2 ? delta_linear_base_launch(2, xs[i], bases[i].data(), rows.data(), nullptr, outs[i], 1, n, b.M, dw,
+                                             mode == 1 ? 1 : K, d.v_words, d.v_scale, d.v_offset, d.u_words,
+                                             d.u_scale, d.u_offset, un, up, d.s, d.rows, j, d.projs, d.spans, P, ws,
+                                             ready, g_sms, g_pdl, st, mode == 3 ? &colsets[i]->cu : nullptr)
+                  : delta_linear_launch(2, xs[i], outs[i], outs[i], 1, n, b.M, dw, K, d.v_words, d.v_scale,
+                                        d.v_offset, d.u_words, d.u_scale, d.u_offset, un, up, d.s, d.rows, j,
+                                        d.projs, d.spans, P, ws, g_sms, 0, g_pdl, st);
+    CHECK_CUDA(err);
+  }
+};
+
+// The four calls of a layer, in order.
+std::vector<std::unique_ptr<FusedCall>> fused_calls(int K, bool one_hot) {
+  std::vector<std::unique_ptr<FusedCall>> calls;
+  calls.push_back(std::make_unique<FusedCall>("q|k|v", 4096, std::vector<int>{4096, 4096, 4096}, K, one_hot));
+  calls.push_back(std::make_unique<FusedCall>("o", 4096, std::vector<int>{4096}, K, one_hot));
+  calls.push_back(std::make_unique<FusedCall>("gate|up", 4096, std::vector<int>{11008, 11008}, K, one_hot));
+  calls.push_back(std::make_unique<FusedCall>("down", 11008, std::vector<int>{4096}, K, one_hot));
+  return calls;
+}
+
+// Median microseconds of the launches `fn` enqueues (captured in a graph, 5 warm-up replays, 25 timed).
+template <typename F>
+float graph_us(cudaStream_t st, F&& fn) {
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  const cudaGraphExec_t ge = capture(st, fn);
+  for (int k = 0; k < 5; ++k) CHECK_CUDA(cudaGraphLaunch(ge, st));
+  std::vector<float> t;
+  for (int r = 0; r < 25; ++r) {
+    CHECK_CUDA(cudaEventRecord(e0, st));
+    CHECK_CUDA(cudaGraphLaunch(ge, st));
+    CHECK_CUDA(cudaEventRecord(e1, st));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(1e3f * ms);
+  }
+  std::sort(t.begin(), t.end());
+  CHECK_CUDA(cudaGraphExecDestroy(ge));
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  return t[t.size() / 2];
+}
+
+// Each call alone, 32 in turn over the copies, per call (us).
+void fused_bench(int K, bool one_hot) {
+  constexpr int kCalls = 32;
+  cudaStream_t st;
+  CHECK_CUDA(cudaStreamCreate(&st));
+  for (const auto& c : fused_calls(K, one_hot)) {
+    float* ws = nullptr;
+    CHECK_CUDA(cudaMalloc(&ws, c->ws_floats * sizeof(float)));
+    int* ready = ready_buffer(c->ready_ints);
+    float us[4];
+    for (int mode = 0; mode < 4; ++mode)
+      us[mode] = graph_us(st, [&] {
+                   for (int k = 0; k < kCalls; ++k) c->launch(k % kFusedCopies, mode, ws, ready, st);
+                 }) /
+                 kCalls;
+    std::printf("fused, 1 row, bf16, %d delta(s)%s, %-8s fused %6.1f us | with U columns %6.1f us | "
+                "empty bank %6.1f us | delta op alone %6.1f us | fused - empty %5.1f us, with U columns %5.1f us\n",
+                K, one_hot ? " one-hot" : "", c->name, us[0], us[3], us[1], us[2], us[0] - us[1], us[3] - us[1]);
+    cudaFree(ws);
+  }
+  CHECK_CUDA(cudaStreamDestroy(st));
+}
+
+// A decode step's layers: the four calls in turn, 32 layers over the copies, per layer (us), beside the sum of each
+// call alone (32 of it in turn), in the fused modes: what the calls cost where different calls follow each other.
+void layer_bench(int K) {
+  constexpr int kLayers = 32;
+  cudaStream_t st;
+  CHECK_CUDA(cudaStreamCreate(&st));
+  const auto calls = fused_calls(K, false);
+  size_t wsf = 0, rn = 0;
+  for (const auto& c : calls) wsf = std::max(wsf, c->ws_floats), rn = std::max(rn, c->ready_ints);
+  float* ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, wsf * sizeof(float)));
+  int* ready = ready_buffer(rn);
+  const char* names[] = {"fused, U by row", "empty bank", "", "with U columns"};
+  for (int mode : {1, 3, 0}) {
+    const float layer = graph_us(st, [&] {
+                          for (int l = 0; l < kLayers; ++l)
+                            for (const auto& c : calls) c->launch(l % kFusedCopies, mode, ws, ready, st);
+                        }) /
+                        kLayers;
+    float sum = 0.f;
+    std::string each;
+    for (const auto& c : calls) {
+      const float us = graph_us(st, [&] {
+                         for (int l = 0; l < kLayers; ++l) c->launch(l % kFusedCopies, mode, ws, ready, st);
+                       }) /
+                       kLayers;
+      sum += us;
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%s%s %.1f", each.empty() ? "" : ", ", c->name, us);
+      each += buf;
+    }
+    std::printf("layer, 1 row, bf16, %d delta(s), %-16s the calls in turn %6.1f us | each alone, summed %6.1f us "
+                "(%s)\n", K, names[mode], layer, sum, each.c_str());
+  }
+  cudaFree(ws);
+  CHECK_CUDA(cudaStreamDestroy(st));
 }
 
 __global__ void empty_kernel() {}
@@ -936,6 +1020,8 @@ int main(int argc, char** argv) {
     fused_cases();
   } else if (argc > 1 && std::string(argv[1]) == "--fused") {
     fused_bench(argc > 2 ? std::max(1, std::atoi(argv[2])) : 1, argc > 3 && std::string(argv[3]) == "one-hot");
+  } else if (argc > 1 && std::string(argv[1]) == "--layer") {
+    layer_bench(argc > 2 ? std::max(1, std::atoi(argv[2])) : 1);
   } else if (argc > 1 && std::string(argv[1]) == "--stages") {
     stages(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::max(1, std::atoi(argv[3])) : 1,
            argc > 4 ? std::atoi(argv[4]) : -1);
