@@ -710,10 +710,6 @@ void bench() {
   }
 }
 
-// The fused form at 1 row on the Llama-7B-shaped banks (bfloat16), per call: the fused op, the fused op with an empty
-// bank (its base product alone) and the delta op alone. 8 copies of each bank, its base weights and x at distinct
-// addresses, called in turn in one CUDA graph of 32 calls (the L2 cache holds none of them between uses). With K > 1
-// the banks hold K such deltas, each weighted 1 / K (a token gate's mixture), or with `one_hot` delta K / 2 alone.
 // One of the four fused calls of a Llama-2-7B layer at one row (bf16 activations and weights): kFusedCopies copies of
 // its bank, columns, base weights, input and output (rotated so that L2 does not hold them), K deltas a bank weighted
 // 1 / K (or one of them alone), and the launch of a copy in one of four modes.
@@ -832,7 +828,10 @@ float graph_us(cudaStream_t st, F&& fn) {
   return t[t.size() / 2];
 }
 
-// Each call alone, 32 in turn over the copies, per call (us).
+// The fused form at 1 row on the Llama-7B-shaped banks (bfloat16), per call: the fused op (U by row and by block
+// column), the fused op with an empty bank (its base product alone) and the delta op alone, the copies called in turn
+// in one CUDA graph of 32 calls (the L2 cache holds none of them between uses). With K > 1 the banks hold K such
+// deltas, each weighted 1 / K (a token gate's mixture), or with `one_hot` delta K / 2 alone.
 void fused_bench(int K, bool one_hot) {
   constexpr int kCalls = 32;
   cudaStream_t st;
