@@ -215,6 +215,18 @@ def test_base_product_fused_projections_and_gated_deltas(dtype):
         _check_base(plain, 1, dtype, weights=torch.tensor([w], device="cuda"), seed=7)
 
 
+def test_one_row_kernel_shared_memory_just_under_48_kb():
+    """One row with U by block column where the kernel's dynamic shared memory (x, 36 floats a block of 32 inputs,
+    then one slice's columns) is just under 48 KB: with its static shared memory the CTA passes 48 KB, so the launch
+    needs the opt-in (counting the dynamic part alone, it failed with "invalid argument")."""
+    col_bytes = 256 * 8 * 4  # 256 rank rows of 8-bit U: columns of 2,048 words
+    n = (48 * 1024 - 1024 - col_bytes) // 144 * 32  # over 48 KB with any static part past 1 KB (the kernel's: 3 KB)
+    mod = random_module(256, n, widths=[(8, 1)], rank_per_group=256, seed=5)
+    assert DeltaBank.build([[mod]]).col_len * 4 == col_bytes
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_base([[mod]], 1, dtype)
+
+
 def test_a_delta_alone_equals_its_one_hot_weight():
     """``DeltaBank.alone(d)`` (one-delta banks over the shared words, with U by block column where the rows have one
     parameter group) through the dispatch point against a one-hot weight on d over the whole bank."""
