@@ -1358,7 +1358,7 @@ constexpr int kRowClaim = 8;                // stage 1 with several deltas: most
 // static shared memory and the driver's reserve take a CTA (bytes).
 constexpr int64_t kColMaxWords = 12288;
 constexpr int64_t kRowStaticSmem = 5120;
-// row_kernel's static shared memory (red, base, ticket, col_plan) fits that bound, and with the reserve in it.
+// row_kernel's static shared memory (red, base, ticket, col_plan) and the driver's 1 KB reserve fit that bound.
 static_assert((kColMaxSlices * kWarps * kRowSlice + kColMaxSlices * kRowSlice + 3) * 4 + 1024 <= kRowStaticSmem);
 
 __host__ __device__ constexpr int row_x_floats(int n) { return (n + 31) / 32 * kRowPad; }
@@ -2162,8 +2162,8 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
   a.col_cap = a.cu.cols != nullptr
                   ? static_cast<int>(col_cap(a.n, a.end[a.b.P - 1], a.b.P, num_sms, a.cu.longest, a.K))
                   : 0;
-  // Past 48 KB of static and dynamic shared memory together, the dynamic size is opted into once per device and
-  // instantiation (the largest so far); without it such a launch fails.
+  // Past 48 KB of static and dynamic shared memory together (kRowStaticSmem bounding the static part), the dynamic
+  // size is opted into once per device and instantiation (the largest so far); without it such a launch fails.
   const int smem = (row_x_floats(a.n) + a.col_cap) * static_cast<int>(sizeof(float));
   static std::atomic<int> allowed[64];
   if (smem + kRowStaticSmem > 48 * 1024 && (device >= 64 || allowed[device].load() < smem)) {
