@@ -892,6 +892,98 @@ void layer_bench(int K) {
   CHECK_CUDA(cudaStreamDestroy(st));
 }
 
+#ifdef DELTACOMP_ROW_TRACE
+// The one-row kernel's stamps (DELTACOMP_ROW_TRACE builds): the four calls of a layer in turn over 32 layers, and each
+// call 32 times alone, one graph replay each after warm-up; per call (the median over the layers after the first, us)
+// from the first CTA past its wait (A): the last CTA past its wait, stage 1 done everywhere, the base products done
+// (median CTA, last CTA), the count seen by the last CTA, the first and last CTA out; and the gap from the previous
+// call's last CTA out to A (the previous call's end to this call's start), and the first CTA in before A.
+void trace_bench(int K) {
+  constexpr int kLayers = 32, kCap = 4 * kLayers;
+  cudaStream_t st;
+  CHECK_CUDA(cudaStreamCreate(&st));
+  const auto calls = fused_calls(K, false);
+  size_t wsf = 0, rn = 0;
+  for (const auto& c : calls) wsf = std::max(wsf, c->ws_floats), rn = std::max(rn, c->ready_ints);
+  float* ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, wsf * sizeof(float)));
+  int* ready = ready_buffer(rn);
+  unsigned long long* buf = nullptr;
+  int* ctas = nullptr;
+  const size_t n = static_cast<size_t>(kCap) * deltacomp::kTraceCtas * deltacomp::kTraceStamps;
+  CHECK_CUDA(cudaMalloc(&buf, n * sizeof(unsigned long long)));
+  CHECK_CUDA(cudaMalloc(&ctas, kCap * sizeof(int)));
+  CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace, &buf, sizeof buf));
+  CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace_ctas, &ctas, sizeof ctas));
+  const auto run = [&](const std::vector<int>& which, int mode, const char* label) {
+    const int zero = 0, cap = kCap;
+    const cudaGraphExec_t ge = capture(st, [&] {
+      for (int l = 0; l < kLayers; ++l)
+        for (int q : which) calls[q]->launch(l % kFusedCopies, mode, ws, ready, st);
+    });
+    CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace_cap, &zero, sizeof zero));
+    for (int k = 0; k < 5; ++k) CHECK_CUDA(cudaGraphLaunch(ge, st));
+    CHECK_CUDA(cudaStreamSynchronize(st));
+    CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace_call, &zero, sizeof zero));
+    CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace_cap, &cap, sizeof cap));
+    CHECK_CUDA(cudaMemset(buf, 0, n * sizeof(unsigned long long)));
+    CHECK_CUDA(cudaGraphLaunch(ge, st));
+    CHECK_CUDA(cudaStreamSynchronize(st));
+    CHECK_CUDA(cudaGraphExecDestroy(ge));
+    std::vector<unsigned long long> h(n);
+    std::vector<int> g(kCap);
+    CHECK_CUDA(cudaMemcpy(h.data(), buf, n * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(g.data(), ctas, kCap * sizeof(int), cudaMemcpyDeviceToHost));
+    const int per = static_cast<int>(which.size()), total = per * kLayers;
+    // per call: fields (us from A)
+    constexpr int F = 9;
+    std::vector<std::vector<std::vector<double>>> v(per, std::vector<std::vector<double>>(F));
+    double prev_out = 0.0;
+    for (int c = 0; c < total; ++c) {
+      const int grid = std::min(g[c], deltacomp::kTraceCtas);
+      std::vector<double> t[deltacomp::kTraceStamps];
+      for (int b = 0; b < grid; ++b)
+        for (int k = 0; k < deltacomp::kTraceStamps; ++k) {
+          const unsigned long long x = h[(static_cast<size_t>(c) * deltacomp::kTraceCtas + b) * deltacomp::kTraceStamps + k];
+          if (x != 0) t[k].push_back(static_cast<double>(x));
+        }
+      if (t[1].empty() || t[5].empty()) continue;
+      for (auto& x : t) std::sort(x.begin(), x.end());
+      const double A = t[1].front();
+      const auto rel = [&](const std::vector<double>& x, bool last) {
+        return x.empty() ? 0.0 : ((last ? x.back() : x[x.size() / 2]) - A) / 1e3;
+      };
+      const double fields[F] = {prev_out > 0 ? (A - prev_out) / 1e3 : 0.0, (A - t[0].front()) / 1e3,
+                                rel(t[1], true), rel(t[2], true), rel(t[3], false), rel(t[3], true),
+                                rel(t[4], true), (t[5].front() - A) / 1e3, rel(t[5], true)};
+      prev_out = t[5].back();
+      if (c >= per)  // after the first layer
+        for (int f = 0; f < F; ++f) v[c % per][f].push_back(fields[f]);
+    }
+    for (int q = 0; q < per; ++q) {
+      double med[F];
+      for (int f = 0; f < F; ++f) {
+        auto& x = v[q][f];
+        std::sort(x.begin(), x.end());
+        med[f] = x.empty() ? 0.0 : x[x.size() / 2];
+      }
+      std::printf("trace, %d delta(s), %-16s %-8s gap %5.2f | first in %5.2f before | last past wait %5.2f | "
+                  "stage 1 done %5.2f | base done %6.2f (median) %6.2f (last) | count seen %6.2f | out %6.2f (first) "
+                  "%6.2f (last) us\n",
+                  K, label, calls[which[q]]->name, med[0], med[1], med[2], med[3], med[4], med[5], med[6], med[7],
+                  med[8]);
+    }
+  };
+  for (int mode : {1, 3}) {
+    const char* label = mode == 1 ? "empty bank" : "with U columns";
+    run({0, 1, 2, 3}, mode, label);
+    for (int q = 0; q < 4; ++q) run({q}, mode, mode == 1 ? "empty, alone" : "U columns, alone");
+  }
+  cudaFree(buf), cudaFree(ctas), cudaFree(ws);
+  CHECK_CUDA(cudaStreamDestroy(st));
+}
+#endif
+
 __global__ void empty_kernel() {}
 
 // Times each kernel of the op separately (same plan as delta_linear_launch), plus an empty launch and a CUDA graph
@@ -1019,6 +1111,10 @@ int main(int argc, char** argv) {
     fused_cases();
   } else if (argc > 1 && std::string(argv[1]) == "--fused") {
     fused_bench(argc > 2 ? std::max(1, std::atoi(argv[2])) : 1, argc > 3 && std::string(argv[3]) == "one-hot");
+#ifdef DELTACOMP_ROW_TRACE
+  } else if (argc > 1 && std::string(argv[1]) == "--trace") {
+    trace_bench(argc > 2 ? std::max(1, std::atoi(argv[2])) : 1);
+#endif
   } else if (argc > 1 && std::string(argv[1]) == "--layer") {
     layer_bench(argc > 2 ? std::max(1, std::atoi(argv[2])) : 1);
   } else if (argc > 1 && std::string(argv[1]) == "--stages") {

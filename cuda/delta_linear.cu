@@ -1510,6 +1510,24 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p
     if (q < a.b.P && cta >= a.cta_end[q - 1]) p = q, weight = a.weight[q], lo = a.end[q - 1];
 }
 
+#ifdef DELTACOMP_ROW_TRACE
+// Timing build only (check_standalone --trace): thread 0 of each one-row CTA stamps %globaltimer at six points (entry,
+// past the wait, stage 1 done, base products done, the count seen, exit) into g_row_trace[call][cta][6].
+constexpr int kTraceCtas = 1024, kTraceStamps = 6;
+__device__ unsigned long long* g_row_trace = nullptr;
+__device__ int* g_row_trace_ctas = nullptr;  // per call: its grid
+__device__ int g_row_trace_cap = 0, g_row_trace_call = 0, g_row_trace_done = 0;
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define ROW_STAMP(k) \
+  if (threadIdx.x == 0) stamp[k] = global_ns()
+#else
+#define ROW_STAMP(k)
+#endif
+
 // grid (launch_row), block kThreads, dynamic shared memory row_x_floats(n) floats. See above.
 template <typename scalar_t, bool MULTI>
 __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowArgs a) {
@@ -1521,6 +1539,10 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   __shared__ float base[kColMaxSlices][W];         // the slices' base outputs
   __shared__ int ticket;
   __shared__ int col_plan[2];  // the column path with several deltas: the segments in flight (deltas' indices)
+#ifdef DELTACOMP_ROW_TRACE
+  unsigned long long stamp[kTraceStamps] = {};
+#endif
+  ROW_STAMP(0);
   allow_next_grid();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int p, out_lo;
@@ -1655,6 +1677,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   };
   if (use_cols && !MULTI) copy_columns(0, 0);  // immutable: requested before the kernels ahead have finished
   wait_prior_grids();
+  ROW_STAMP(1);
   // With several deltas, the first segments' columns once the weights can be read (they land during stage 1 and
   // the base products); which ones wait in shared memory for the tail.
   if (MULTI && use_cols) {
@@ -1737,6 +1760,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     j0 = ticket;
     __syncthreads();  // every thread has read the ticket before the next claim overwrites it
   }
+  ROW_STAMP(2);
 
   if (use_cols) {
     // 4'. The base products of every slice (sums in shared memory), with the columns landing meanwhile.
@@ -1752,11 +1776,13 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     // segment's columns land while this one is decoded): the thread's rows lo + threadIdx.x + i * kThreads
     // (consecutive rows in consecutive lanes: coalesced reads, mostly one width per warp), their c, descriptor and
     // parameters in registers, decoded into every slice from shared memory; the warps' sums add up in red.
+    ROW_STAMP(3);
     if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
 #pragma unroll
     for (int s = 0; s < kColMaxSlices; ++s)
       if (s < nsl && (lane & 1) == 0) red[s][warp][lane >> 1] = 0.f;
     __syncthreads();
+    ROW_STAMP(4);
     int d_cur = MULTI ? col_plan[0] : 0, d_next = MULTI ? col_plan[1] : 1;
     for (int buf = 0; d_cur < K;) {
       int lo, hi;
@@ -1839,8 +1865,10 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       for (int e = 0; e < W; ++e) acc[e] = 0.f;
       if (a.b.J > 0) {
         if (sl == s_lo) {
+          ROW_STAMP(3);
           if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
           __syncthreads();
+          ROW_STAMP(4);
         }
         if (o0 < ulen) {
           const int bi = o0 >> 5, q0 = o0 & 31;
@@ -1860,6 +1888,22 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     }
   }
 
+#ifdef DELTACOMP_ROW_TRACE
+  ROW_STAMP(5);
+  if (threadIdx.x == 0) {
+    const int call = *reinterpret_cast<volatile int*>(&g_row_trace_call);
+    if (call < g_row_trace_cap && blockIdx.x < kTraceCtas) {
+      for (int k = 0; k < kTraceStamps; ++k)
+        g_row_trace[(static_cast<size_t>(call) * kTraceCtas + blockIdx.x) * kTraceStamps + k] = stamp[k];
+      if (blockIdx.x == 0) g_row_trace_ctas[call] = gridDim.x;
+    }
+    __threadfence();
+    if (atomicAdd(&g_row_trace_done, 1) == static_cast<int>(gridDim.x) - 1) {
+      g_row_trace_done = 0;
+      atomicAdd(&g_row_trace_call, 1);
+    }
+  }
+#endif
   // 6. The last CTA zeroes the counters (every CTA's last use of them comes before its count).
   if (a.ready != nullptr && threadIdx.x == 0) {
     __threadfence();
