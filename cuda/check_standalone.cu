@@ -897,7 +897,8 @@ void layer_bench(int K) {
 // call 32 times alone, one graph replay each after warm-up; per call (the median over the layers after the first, us)
 // from the first CTA past its wait (A): the last CTA past its wait, stage 1 done everywhere, the base products done
 // (median CTA, last CTA), the count seen by the last CTA, the first and last CTA out; and the gap from the previous
-// call's last CTA out to A (the previous call's end to this call's start), and the first CTA in before A.
+// call's last CTA out to A (the previous one-row call's end to this call's start: a call in between on other
+// kernels counts in it), and the first CTA in before A.
 void trace_bench(int K) {
   constexpr int kLayers = 32, kCap = 4 * kLayers;
   cudaStream_t st;
@@ -915,11 +916,31 @@ void trace_bench(int K) {
   CHECK_CUDA(cudaMalloc(&ctas, kCap * sizeof(int)));
   CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace, &buf, sizeof buf));
   CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace_ctas, &ctas, sizeof ctas));
-  const auto run = [&](const std::vector<int>& which, int mode, const char* label) {
+  // Whether call q in `mode` runs the one-row kernel (the others, e.g. gate|up without columns, leave no stamps).
+  const auto one_row = [&](int q, int mode) {
+    const int zero = 0;
+    int calls_seen = 0;
+    CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace_cap, &zero, sizeof zero));
+    CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace_call, &zero, sizeof zero));
+    calls[q]->launch(0, mode, ws, ready, st);
+    CHECK_CUDA(cudaStreamSynchronize(st));
+    CHECK_CUDA(cudaMemcpyFromSymbol(&calls_seen, deltacomp::g_row_trace_call, sizeof calls_seen));
+    return calls_seen == 1;
+  };
+  const auto run = [&](std::vector<int> which, int mode, const char* label) {
+    const std::vector<int> launched = which;  // every call runs; only the one-row calls are traced
+    which.erase(std::remove_if(which.begin(), which.end(), [&](int q) {
+                  const bool row = one_row(q, mode);
+                  if (!row) std::printf("trace, %d delta(s), %-16s %-8s not the one-row kernel\n", K, label,
+                                        calls[q]->name);
+                  return !row;
+                }),
+                which.end());
+    if (which.empty()) return;
     const int zero = 0, cap = kCap;
     const cudaGraphExec_t ge = capture(st, [&] {
       for (int l = 0; l < kLayers; ++l)
-        for (int q : which) calls[q]->launch(l % kFusedCopies, mode, ws, ready, st);
+        for (int q : launched) calls[q]->launch(l % kFusedCopies, mode, ws, ready, st);
     });
     CHECK_CUDA(cudaMemcpyToSymbol(deltacomp::g_row_trace_cap, &zero, sizeof zero));
     for (int k = 0; k < 5; ++k) CHECK_CUDA(cudaGraphLaunch(ge, st));
