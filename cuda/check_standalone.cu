@@ -10,6 +10,8 @@
 //   ./check_delta_linear --layer [K]   the four fused calls of a layer in turn, 32 layers, against the sum of each
 //                                      call alone, with an empty bank, U by block column and U by row
 //   ./check_delta_linear --fused-cases   the correctness sweep's fused-form cases only
+//   ./check_delta_linear --trace [K]   built with -DDELTACOMP_ROW_TRACE: each one-row call's phases (%globaltimer
+//                                      stamps of every CTA) in a layer's sequence and alone, K deltas a bank
 //
 // Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
 // deltacomp/quant/packing.py). Before every launch the output and the workspace are filled with NaN, so an output
