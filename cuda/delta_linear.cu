@@ -181,6 +181,10 @@ __device__ __forceinline__ void count_done(int* ready, size_t idx) {
   if (threadIdx.x == 0) atomicAdd(ready + idx, 1);
 }
 
+// Orders this thread's earlier memory operations before its later ones for any thread that acquires what a later
+// one writes (lighter than __threadfence's sequentially consistent fence).
+__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
 // Waits until *p reaches `target` (an acquire at device scope: what the counting CTAs wrote before counting is then
 // visible to this thread's later reads). Stage 1 has every CTA started before stage 2 can start (its late trigger),
 // so the counts always arrive.
@@ -1750,7 +1754,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       }
       if (lane == 0) a.c[j] = wt != 0.f && valid_bits(vb) ? t * sj * wt : 0.f;
     }
-    __threadfence();  // c is visible device-wide before the count says so
+    fence_acq_rel();  // c is visible device-wide before the count says so (await_count acquires it)
     __syncthreads();
     if (threadIdx.x == 0) {
       atomicAdd(a.ready + 1, min(kWarps * rpw, a.b.J - j0));
@@ -1904,13 +1908,12 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     }
   }
 #endif
-  // 6. The last CTA zeroes the counters (every CTA's last use of them comes before its count).
+  // 6. The last CTA zeroes the counters: each CTA counts itself with a release (its uses of them come first) and the
+  // last one's count acquires every other's, so its stores follow all of them.
   if (a.ready != nullptr && threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(a.ready + 2, 1) == static_cast<int>(gridDim.x) - 1) {
-      __threadfence();
-      a.ready[0] = 0, a.ready[1] = 0, a.ready[2] = 0;
-    }
+    int before;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(a.ready + 2) : "memory");
+    if (before == static_cast<int>(gridDim.x) - 1) a.ready[0] = 0, a.ready[1] = 0, a.ready[2] = 0;
   }
 }
 
