@@ -856,18 +856,34 @@ void fused_bench(int K, bool one_hot) {
   CHECK_CUDA(cudaStreamDestroy(st));
 }
 
+// A layer's four fused calls of K deltas on a stream of their own, with a workspace and counters that fit each.
+struct LayerCalls {
+  cudaStream_t st = nullptr;
+  std::vector<std::unique_ptr<FusedCall>> calls;
+  float* ws = nullptr;
+  int* ready = nullptr;
+  explicit LayerCalls(int K) : calls(fused_calls(K, false)) {
+    CHECK_CUDA(cudaStreamCreate(&st));
+    size_t wsf = 0, rn = 0;
+    for (const auto& c : calls) wsf = std::max(wsf, c->ws_floats), rn = std::max(rn, c->ready_ints);
+    CHECK_CUDA(cudaMalloc(&ws, wsf * sizeof(float)));
+    ready = ready_buffer(rn);
+  }
+  ~LayerCalls() {
+    cudaFree(ws);
+    cudaStreamDestroy(st);
+  }
+};
+
 // A decode step's layers: the four calls in turn, 32 layers over the copies, per layer (us), beside the sum of each
 // call alone (32 of it in turn), in the fused modes: what the calls cost where different calls follow each other.
 void layer_bench(int K) {
   constexpr int kLayers = 32;
-  cudaStream_t st;
-  CHECK_CUDA(cudaStreamCreate(&st));
-  const auto calls = fused_calls(K, false);
-  size_t wsf = 0, rn = 0;
-  for (const auto& c : calls) wsf = std::max(wsf, c->ws_floats), rn = std::max(rn, c->ready_ints);
-  float* ws = nullptr;
-  CHECK_CUDA(cudaMalloc(&ws, wsf * sizeof(float)));
-  int* ready = ready_buffer(rn);
+  const LayerCalls lc(K);
+  const auto& calls = lc.calls;
+  float* ws = lc.ws;
+  int* ready = lc.ready;
+  cudaStream_t st = lc.st;
   const char* names[] = {"fused, U by row", "empty bank", "", "with U columns"};
   for (int mode : {1, 3, 0}) {
     const float layer = graph_us(st, [&] {
@@ -890,8 +906,6 @@ void layer_bench(int K) {
     std::printf("layer, 1 row, bf16, %d delta(s), %-16s the calls in turn %6.1f us | each alone, summed %6.1f us "
                 "(%s)\n", K, names[mode], layer, sum, each.c_str());
   }
-  cudaFree(ws);
-  CHECK_CUDA(cudaStreamDestroy(st));
 }
 
 #ifdef DELTACOMP_ROW_TRACE
@@ -903,14 +917,11 @@ void layer_bench(int K) {
 // kernels counts in it), and the first CTA in before A.
 void trace_bench(int K) {
   constexpr int kLayers = 32, kCap = 4 * kLayers;
-  cudaStream_t st;
-  CHECK_CUDA(cudaStreamCreate(&st));
-  const auto calls = fused_calls(K, false);
-  size_t wsf = 0, rn = 0;
-  for (const auto& c : calls) wsf = std::max(wsf, c->ws_floats), rn = std::max(rn, c->ready_ints);
-  float* ws = nullptr;
-  CHECK_CUDA(cudaMalloc(&ws, wsf * sizeof(float)));
-  int* ready = ready_buffer(rn);
+  const LayerCalls lc(K);
+  const auto& calls = lc.calls;
+  float* ws = lc.ws;
+  int* ready = lc.ready;
+  cudaStream_t st = lc.st;
   unsigned long long* buf = nullptr;
   int* ctas = nullptr;
   const size_t n = static_cast<size_t>(kCap) * deltacomp::kTraceCtas * deltacomp::kTraceStamps;
@@ -1002,8 +1013,7 @@ void trace_bench(int K) {
     run({0, 1, 2, 3}, mode, label);
     for (int q = 0; q < 4; ++q) run({q}, mode, mode == 1 ? "empty, alone" : "U columns, alone");
   }
-  cudaFree(buf), cudaFree(ctas), cudaFree(ws);
-  CHECK_CUDA(cudaStreamDestroy(st));
+  cudaFree(buf), cudaFree(ctas);
 }
 #endif
 
