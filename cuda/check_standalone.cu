@@ -914,7 +914,7 @@ void layer_bench(int K) {
 // from the first CTA past its wait (A): the last CTA past its wait, stage 1 done everywhere, the base products done
 // (median CTA, last CTA), the count seen by the last CTA, the first and last CTA out; and the gap from the previous
 // call's last CTA out to A (the previous one-row call's end to this call's start: a call in between on other
-// kernels counts in it), and the first CTA in before A.
+// kernels counts in it), the first CTA in before A, and how many CTAs b < grid / 2 share an SM with b + grid / 2.
 void trace_bench(int K) {
   constexpr int kLayers = 32, kCap = 4 * kLayers;
   const LayerCalls lc(K);
@@ -970,18 +970,24 @@ void trace_bench(int K) {
     CHECK_CUDA(cudaMemcpy(g.data(), ctas, kCap * sizeof(int), cudaMemcpyDeviceToHost));
     const int per = static_cast<int>(which.size()), total = per * kLayers;
     // per call: fields (us from A)
-    constexpr int F = 9;
+    constexpr int F = 11;
     std::vector<std::vector<std::vector<double>>> v(per, std::vector<std::vector<double>>(F));
     double prev_out = 0.0;
     for (int c = 0; c < total; ++c) {
       const int grid = std::min(g[c], deltacomp::kTraceCtas);
-      std::vector<double> t[deltacomp::kTraceStamps];
-      for (int b = 0; b < grid; ++b)
-        for (int k = 0; k < deltacomp::kTraceStamps; ++k) {
-          const unsigned long long x = h[(static_cast<size_t>(c) * deltacomp::kTraceCtas + b) * deltacomp::kTraceStamps + k];
-          if (x != 0) t[k].push_back(static_cast<double>(x));
-        }
+      std::vector<double> t[deltacomp::kTraceTimes];
+      std::vector<unsigned long long> sm(grid);
+      for (int b = 0; b < grid; ++b) {
+        const unsigned long long* st = h.data() + (static_cast<size_t>(c) * deltacomp::kTraceCtas + b) *
+                                                      deltacomp::kTraceStamps;
+        for (int k = 0; k < deltacomp::kTraceTimes; ++k)
+          if (st[k] != 0) t[k].push_back(static_cast<double>(st[k]));
+        sm[b] = st[deltacomp::kTraceTimes];
+      }
       if (t[1].empty() || t[5].empty()) continue;
+      // CTAs b and b + grid / 2 on one SM (of grid / 2 pairs).
+      int paired = 0;
+      for (int b = 0; b < grid / 2; ++b) paired += sm[b] != 0 && sm[b] == sm[b + grid / 2];
       for (auto& x : t) std::sort(x.begin(), x.end());
       const double A = t[1].front();
       const auto rel = [&](const std::vector<double>& x, bool last) {
@@ -989,7 +995,8 @@ void trace_bench(int K) {
       };
       const double fields[F] = {prev_out > 0 ? (A - prev_out) / 1e3 : 0.0, (A - t[0].front()) / 1e3,
                                 rel(t[1], true), rel(t[2], true), rel(t[3], false), rel(t[3], true),
-                                rel(t[4], true), (t[5].front() - A) / 1e3, rel(t[5], true)};
+                                rel(t[4], true), (t[5].front() - A) / 1e3, rel(t[5], true),
+                                static_cast<double>(paired), static_cast<double>(grid / 2)};
       prev_out = t[5].back();
       if (c >= per)  // after the first layer
         for (int f = 0; f < F; ++f) v[c % per][f].push_back(fields[f]);
@@ -1003,9 +1010,9 @@ void trace_bench(int K) {
       }
       std::printf("trace, %d delta(s), %-16s %-8s gap %5.2f | first in %5.2f before | last past wait %5.2f | "
                   "stage 1 done %5.2f | base done %6.2f (median) %6.2f (last) | count seen %6.2f | out %6.2f (first) "
-                  "%6.2f (last) us\n",
+                  "%6.2f (last) us | CTAs b, b + grid/2 on one SM %.0f of %.0f\n",
                   K, label, calls[which[q]]->name, med[0], med[1], med[2], med[3], med[4], med[5], med[6], med[7],
-                  med[8]);
+                  med[8], med[9], med[10]);
     }
   };
   for (int mode : {1, 3}) {

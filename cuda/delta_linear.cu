@@ -1516,8 +1516,9 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p
 
 #ifdef DELTACOMP_ROW_TRACE
 // Timing build only (check_standalone --trace): thread 0 of each one-row CTA stamps %globaltimer at six points (entry,
-// past the wait, stage 1 done, base products done, the count seen, exit) into g_row_trace[call][cta][6].
-constexpr int kTraceCtas = 1024, kTraceStamps = 6;
+// past the wait, stage 1 done, base products done, the count seen, exit) into g_row_trace[call][cta][0..6), and its
+// SM's index plus one into [6].
+constexpr int kTraceCtas = 1024, kTraceTimes = 6, kTraceStamps = kTraceTimes + 1;
 __device__ unsigned long long* g_row_trace = nullptr;
 __device__ int* g_row_trace_ctas = nullptr;  // per call: its grid
 __device__ int g_row_trace_cap = 0, g_row_trace_call = 0, g_row_trace_done = 0;
@@ -1547,6 +1548,13 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   unsigned long long stamp[kTraceStamps] = {};
 #endif
   ROW_STAMP(0);
+#ifdef DELTACOMP_ROW_TRACE
+  if (threadIdx.x == 0) {
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    stamp[kTraceTimes] = sm + 1;
+  }
+#endif
   allow_next_grid();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int p, out_lo;
