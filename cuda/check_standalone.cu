@@ -914,7 +914,9 @@ void layer_bench(int K) {
 // from the first CTA past its wait (A): the last CTA past its wait, stage 1 done everywhere, the base products done
 // (median CTA, last CTA), the count seen by the last CTA, the first and last CTA out; and the gap from the previous
 // call's last CTA out to A (the previous one-row call's end to this call's start: a call in between on other
-// kernels counts in it), the first CTA in before A, and how many CTAs b < grid / 2 share an SM with b + grid / 2.
+// kernels counts in it), and the first CTA in before A. Then the base products done by the CTAs of the most slices
+// and by the others, the stage-1 rank rows a CTA computed (median, and the last CTA's to finish its base products),
+// and the distance b' - b most common between CTAs sharing an SM.
 void trace_bench(int K) {
   constexpr int kLayers = 32, kCap = 4 * kLayers;
   const LayerCalls lc(K);
@@ -970,33 +972,57 @@ void trace_bench(int K) {
     CHECK_CUDA(cudaMemcpy(g.data(), ctas, kCap * sizeof(int), cudaMemcpyDeviceToHost));
     const int per = static_cast<int>(which.size()), total = per * kLayers;
     // per call: fields (us from A)
-    constexpr int F = 11;
+    constexpr int F = 19;
     std::vector<std::vector<std::vector<double>>> v(per, std::vector<std::vector<double>>(F));
     double prev_out = 0.0;
     for (int c = 0; c < total; ++c) {
       const int grid = std::min(g[c], deltacomp::kTraceCtas);
       std::vector<double> t[deltacomp::kTraceTimes];
-      std::vector<unsigned long long> sm(grid);
+      std::vector<const unsigned long long*> cta(grid);
       for (int b = 0; b < grid; ++b) {
-        const unsigned long long* st = h.data() + (static_cast<size_t>(c) * deltacomp::kTraceCtas + b) *
-                                                      deltacomp::kTraceStamps;
+        cta[b] = h.data() + (static_cast<size_t>(c) * deltacomp::kTraceCtas + b) * deltacomp::kTraceStamps;
         for (int k = 0; k < deltacomp::kTraceTimes; ++k)
-          if (st[k] != 0) t[k].push_back(static_cast<double>(st[k]));
-        sm[b] = st[deltacomp::kTraceTimes];
+          if (cta[b][k] != 0) t[k].push_back(static_cast<double>(cta[b][k]));
       }
       if (t[1].empty() || t[5].empty()) continue;
-      // CTAs b and b + grid / 2 on one SM (of grid / 2 pairs).
-      int paired = 0;
-      for (int b = 0; b < grid / 2; ++b) paired += sm[b] != 0 && sm[b] == sm[b + grid / 2];
+      const double A = *std::min_element(t[1].begin(), t[1].end());
+      const auto at = [&](int b, int k) { return (static_cast<double>(cta[b][k]) - A) / 1e3; };
+      // The CTAs sharing an SM: how often the most common distance b' - b between two of them.
+      std::vector<std::vector<int>> on_sm(1024);
+      for (int b = 0; b < grid; ++b)
+        if (cta[b][deltacomp::kTraceTimes] != 0) on_sm[(cta[b][deltacomp::kTraceTimes] - 1) % 1024].push_back(b);
+      std::vector<int> dist(grid, 0);
+      for (const auto& m : on_sm)
+        for (size_t i = 1; i < m.size(); ++i) ++dist[m[i] - m[i - 1]];
+      const int mode_dist = static_cast<int>(std::max_element(dist.begin(), dist.end()) - dist.begin());
+      // The base products done by the CTAs of the most slices and of fewer; the last one's stage-1 rows.
+      unsigned long long most = 0;
+      for (int b = 0; b < grid; ++b) most = std::max(most, cta[b][deltacomp::kTraceTimes + 1]);
+      std::vector<double> heavy, light, rows;
+      int last_b = 0;
+      for (int b = 0; b < grid; ++b) {
+        (cta[b][deltacomp::kTraceTimes + 1] == most ? heavy : light).push_back(at(b, 3));
+        rows.push_back(static_cast<double>(cta[b][deltacomp::kTraceTimes + 2]));
+        if (cta[b][3] > cta[last_b][3]) last_b = b;
+      }
+      const auto median = [](std::vector<double> x) {
+        std::sort(x.begin(), x.end());
+        return x.empty() ? 0.0 : x[x.size() / 2];
+      };
+      const auto last = [](const std::vector<double>& x) {
+        return x.empty() ? 0.0 : *std::max_element(x.begin(), x.end());
+      };
       for (auto& x : t) std::sort(x.begin(), x.end());
-      const double A = t[1].front();
-      const auto rel = [&](const std::vector<double>& x, bool last) {
-        return x.empty() ? 0.0 : ((last ? x.back() : x[x.size() / 2]) - A) / 1e3;
+      const auto rel = [&](const std::vector<double>& x, bool end) {
+        return x.empty() ? 0.0 : ((end ? x.back() : x[x.size() / 2]) - A) / 1e3;
       };
       const double fields[F] = {prev_out > 0 ? (A - prev_out) / 1e3 : 0.0, (A - t[0].front()) / 1e3,
                                 rel(t[1], true), rel(t[2], true), rel(t[3], false), rel(t[3], true),
                                 rel(t[4], true), (t[5].front() - A) / 1e3, rel(t[5], true),
-                                static_cast<double>(paired), static_cast<double>(grid / 2)};
+                                static_cast<double>(mode_dist), static_cast<double>(dist[mode_dist]),
+                                static_cast<double>(most), static_cast<double>(heavy.size()), median(heavy),
+                                last(heavy), median(light), last(light), median(rows),
+                                static_cast<double>(cta[last_b][deltacomp::kTraceTimes + 2])};
       prev_out = t[5].back();
       if (c >= per)  // after the first layer
         for (int f = 0; f < F; ++f) v[c % per][f].push_back(fields[f]);
@@ -1010,9 +1036,12 @@ void trace_bench(int K) {
       }
       std::printf("trace, %d delta(s), %-16s %-8s gap %5.2f | first in %5.2f before | last past wait %5.2f | "
                   "stage 1 done %5.2f | base done %6.2f (median) %6.2f (last) | count seen %6.2f | out %6.2f (first) "
-                  "%6.2f (last) us | CTAs b, b + grid/2 on one SM %.0f of %.0f\n",
+                  "%6.2f (last) us\n",
                   K, label, calls[which[q]]->name, med[0], med[1], med[2], med[3], med[4], med[5], med[6], med[7],
-                  med[8], med[9], med[10]);
+                  med[8]);
+      std::printf("       CTAs of %.0f slices (%.0f): base done %6.2f (median) %6.2f (last) | fewer: %6.2f %6.2f | stage 1 "
+                  "rows a CTA %.0f (median), %.0f (the last base done) | CTAs on one SM %.0f apart: %.0f pairs\n",
+                  med[11], med[12], med[13], med[14], med[15], med[16], med[17], med[18], med[9], med[10]);
     }
   };
   for (int mode : {1, 3}) {

@@ -1516,9 +1516,9 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p
 
 #ifdef DELTACOMP_ROW_TRACE
 // Timing build only (check_standalone --trace): thread 0 of each one-row CTA stamps %globaltimer at six points (entry,
-// past the wait, stage 1 done, base products done, the count seen, exit) into g_row_trace[call][cta][0..6), and its
-// SM's index plus one into [6].
-constexpr int kTraceCtas = 1024, kTraceTimes = 6, kTraceStamps = kTraceTimes + 1;
+// past the wait, stage 1 done, base products done, the count seen, exit) into g_row_trace[call][cta][0..6), then its
+// SM's index plus one, its slices and the stage-1 rank rows it computed.
+constexpr int kTraceCtas = 1024, kTraceTimes = 6, kTraceStamps = kTraceTimes + 3;
 __device__ unsigned long long* g_row_trace = nullptr;
 __device__ int* g_row_trace_ctas = nullptr;  // per call: its grid
 __device__ int g_row_trace_cap = 0, g_row_trace_call = 0, g_row_trace_done = 0;
@@ -1548,13 +1548,6 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   unsigned long long stamp[kTraceStamps] = {};
 #endif
   ROW_STAMP(0);
-#ifdef DELTACOMP_ROW_TRACE
-  if (threadIdx.x == 0) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    stamp[kTraceTimes] = sm + 1;
-  }
-#endif
   allow_next_grid();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int p, out_lo;
@@ -1565,6 +1558,13 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   // This CTA's slices of the projection: an even share of its ceil(plen / W), consecutive.
   const int nslices = (plen + W - 1) / W, nctas = a.cta_end[p] - first, k = blockIdx.x - first;
   const int s_lo = k * nslices / nctas, s_hi = (k + 1) * nslices / nctas;
+#ifdef DELTACOMP_ROW_TRACE
+  if (threadIdx.x == 0) {
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    stamp[kTraceTimes] = sm + 1, stamp[kTraceTimes + 1] = s_hi - s_lo;
+  }
+#endif
   // The warp's NO weight rows of the slice at output o0 (within the projection), and how many of them exist.
   const scalar_t* wr[NO];
   int nw = 0;
@@ -1767,6 +1767,9 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     if (threadIdx.x == 0) {
       atomicAdd(a.ready + 1, min(kWarps * rpw, a.b.J - j0));
       ticket = atomicAdd(a.ready, kWarps * rpw);
+#ifdef DELTACOMP_ROW_TRACE
+      stamp[kTraceTimes + 2] += min(kWarps * rpw, a.b.J - j0);
+#endif
     }
     __syncthreads();
     j0 = ticket;
