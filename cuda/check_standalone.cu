@@ -914,7 +914,7 @@ void layer_bench(int K) {
 // from the first CTA past its wait (A): the last CTA past its wait, stage 1 done everywhere, the base products done
 // (median CTA, last CTA), the count seen by the last CTA, the first and last CTA out; and the gap from the previous
 // call's last CTA out to A (the previous one-row call's end to this call's start: a call in between on other
-// kernels counts in it), and the first CTA in before A. Then the base products done by the CTAs of the most slices
+// kernels counts in it), and the first CTA in before A. Then the base products done by the CTAs of the most outputs
 // and by the others, the stage-1 rank rows a CTA computed (median, and the last CTA's to finish its base products),
 // and the distance b' - b most common between CTAs sharing an SM.
 void trace_bench(int K) {
@@ -995,7 +995,7 @@ void trace_bench(int K) {
       for (const auto& m : on_sm)
         for (size_t i = 1; i < m.size(); ++i) ++dist[m[i] - m[i - 1]];
       const int mode_dist = static_cast<int>(std::max_element(dist.begin(), dist.end()) - dist.begin());
-      // The base products done by the CTAs of the most slices and of fewer; the last one's stage-1 rows.
+      // The base products done by the CTAs of the most outputs and of fewer; the last one's stage-1 rows.
       unsigned long long most = 0;
       for (int b = 0; b < grid; ++b) most = std::max(most, cta[b][deltacomp::kTraceTimes + 1]);
       std::vector<double> heavy, light, rows;
@@ -1039,7 +1039,7 @@ void trace_bench(int K) {
                   "%6.2f (last) us\n",
                   K, label, calls[which[q]]->name, med[0], med[1], med[2], med[3], med[4], med[5], med[6], med[7],
                   med[8]);
-      std::printf("       CTAs of %.0f slices (%.0f): base done %6.2f (median) %6.2f (last) | fewer: %6.2f %6.2f | stage 1 "
+      std::printf("       CTAs of %.0f outputs (%.0f): base done %6.2f (median) %6.2f (last) | fewer: %6.2f %6.2f | stage 1 "
                   "rows a CTA %.0f (median), %.0f (the last base done) | CTAs on one SM %.0f apart: %.0f pairs\n",
                   med[11], med[12], med[13], med[14], med[15], med[16], med[17], med[18], med[9], med[10]);
     }

@@ -1517,7 +1517,7 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p
 #ifdef DELTACOMP_ROW_TRACE
 // Timing build only (check_standalone --trace): thread 0 of each one-row CTA stamps %globaltimer at six points (entry,
 // past the wait, stage 1 done, base products done, the count seen, exit) into g_row_trace[call][cta][0..6), then its
-// SM's index plus one, its slices and the stage-1 rank rows it computed.
+// SM's index plus one, its outputs and the stage-1 rank rows it computed.
 constexpr int kTraceCtas = 1024, kTraceTimes = 6, kTraceStamps = kTraceTimes + 3;
 __device__ unsigned long long* g_row_trace = nullptr;
 __device__ int* g_row_trace_ctas = nullptr;  // per call: its grid
@@ -1562,7 +1562,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   if (threadIdx.x == 0) {
     unsigned sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    stamp[kTraceTimes] = sm + 1, stamp[kTraceTimes + 1] = s_hi - s_lo;
+    stamp[kTraceTimes] = sm + 1, stamp[kTraceTimes + 1] = min(s_hi * W, plen) - s_lo * W;
   }
 #endif
   // The warp's NO weight rows of the slice at output o0 (within the projection), and how many of them exist.
