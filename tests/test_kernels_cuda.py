@@ -227,6 +227,18 @@ def test_one_row_kernel_shared_memory_just_under_48_kb():
         _check_base([[mod]], 1, dtype)
 
 
+def test_one_row_kernel_uneven_shares_with_u_by_block_column():
+    """One row over two projections of 16 * (5 * sms + sms // 5 + 1) outputs each, U by block column: gate|up's uneven
+    shares (5.2 slices of 16 outputs a CTA on a GPU of 132 SMs), which the kernel may split finer than slices, a
+    CTA's first and last slices then partly its neighbours'. Every output is written, with the oracle's value."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m = 16 * (5 * sms + sms // 5 + 1)
+    table = [[random_module(m, 512, widths=ALL_WIDTHS[:3], rank_per_group=8, seed=s)] for s in (1, 2)]
+    assert DeltaBank.build(table).col_len > 0
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_base(table, 1, dtype, seed=3)
+
+
 def test_a_delta_alone_equals_its_one_hot_weight():
     """``DeltaBank.alone(d)`` (one-delta banks over the shared words, with U by block column where the rows have one
     parameter group) through the dispatch point against a one-hot weight on d over the whole bank."""
