@@ -11,7 +11,8 @@
 //                                      call alone, with an empty bank, U by block column and U by row
 //   ./check_delta_linear --fused-cases   the correctness sweep's fused-form cases only
 //   ./check_delta_linear --trace [K]   built with -DDELTACOMP_ROW_TRACE: each one-row call's phases (%globaltimer
-//                                      stamps of every CTA) in a layer's sequence and alone, K deltas a bank
+//                                      stamps of every CTA) in a layer's sequence and alone, K deltas a bank, and
+//                                      the CTAs' shares, stage-1 rows and SMs
 //
 // Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
 // deltacomp/quant/packing.py). Before every launch the output and the workspace are filled with NaN, so an output
