@@ -532,9 +532,9 @@ void fused_cases() {
            b7, 1, rep % 3, run_case(b7, 1, rep % 3, dense_weights(1, 1, 1, false), 43 + rep, 0.1f, 0, false, 0, true));
   }
   g_columns = true;
-  // Shares of eighths of a slice (a weight row a warp each) with U by block column: gate|up at Llama size on this GPU
-  // (5.2 slices a CTA on 132 SMs), then two projections split for 16 SMs, the first in slices (an even split), the
-  // second (300 outputs: 38 eighths, the last of 4 outputs, over 9 CTAs) in eighths.
+  // Uneven shares with U by block column: gate|up at Llama size on this GPU (5.2 slices a CTA on 132 SMs), then two
+  // projections split for 16 SMs (700 outputs over 22 CTAs, 2 slices each; 300 over 9 CTAs, 2 or 3 slices; each
+  // projection's last slice of 12 outputs).
   std::vector<std::vector<std::vector<Group>>> mlp(2, std::vector<std::vector<Group>>(1));
   for (auto& proj : mlp) proj[0] = llama_groups(11008, 4096);
   const Bank b12 = build_bank(4096, {11008, 11008}, 1, mlp, {0}, 32);
@@ -544,7 +544,7 @@ void fused_cases() {
   const Bank b13 = build_bank(256, {700, 300}, 1, two, {0}, 33);
   g_sms = 16;
   for (int dtype = 0; dtype < 3; ++dtype)
-    report("fused base product, one row, U by block column, slices and eighths, split for 16 SMs", b13, 1, dtype,
+    report("fused base product, one row, U by block column, uneven shares, split for 16 SMs", b13, 1, dtype,
            run_case(b13, 1, dtype, dense_weights(1, 1, 1, false), 89 + dtype, 0.1f, 0, false, 0, true));
   g_sms = sms;
   // Several deltas with U by block column (one parameter group a row): the segments of the deltas in use in turn, two

@@ -229,8 +229,8 @@ def test_one_row_kernel_shared_memory_just_under_48_kb():
 
 def test_one_row_kernel_uneven_shares_with_u_by_block_column():
     """One row over two projections of 16 * (5 * sms + sms // 5 + 1) outputs each, U by block column: gate|up's uneven
-    shares (5.2 slices of 16 outputs a CTA on a GPU of 132 SMs), which the kernel may split finer than slices, a
-    CTA's first and last slices then partly its neighbours'. Every output is written, with the oracle's value."""
+    shares (5.2 slices of 16 outputs a CTA on a GPU of 132 SMs: 5 or 6 a CTA, each CTA's columns of its own). Every
+    output is written, with the oracle's value."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     m = 16 * (5 * sms + sms // 5 + 1)
     table = [[random_module(m, 512, widths=ALL_WIDTHS[:3], rank_per_group=8, seed=s)] for s in (1, 2)]
