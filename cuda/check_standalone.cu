@@ -990,6 +990,10 @@ void trace_bench(int K) {
     // per call: fields (us from A)
     constexpr int F = 19;
     std::vector<std::vector<std::vector<double>>> v(per, std::vector<std::vector<double>>(F));
+    const auto median = [](std::vector<double> x) {
+      std::sort(x.begin(), x.end());
+      return x.empty() ? 0.0 : x[x.size() / 2];
+    };
     double prev_out = 0.0;
     for (int c = 0; c < total; ++c) {
       const int grid = std::min(g[c], deltacomp::kTraceCtas);
@@ -1021,10 +1025,6 @@ void trace_bench(int K) {
         rows.push_back(static_cast<double>(cta[b][deltacomp::kTraceTimes + 2]));
         if (cta[b][3] > cta[last_b][3]) last_b = b;
       }
-      const auto median = [](std::vector<double> x) {
-        std::sort(x.begin(), x.end());
-        return x.empty() ? 0.0 : x[x.size() / 2];
-      };
       const auto last = [](const std::vector<double>& x) {
         return x.empty() ? 0.0 : *std::max_element(x.begin(), x.end());
       };
@@ -1045,11 +1045,7 @@ void trace_bench(int K) {
     }
     for (int q = 0; q < per; ++q) {
       double med[F];
-      for (int f = 0; f < F; ++f) {
-        auto& x = v[q][f];
-        std::sort(x.begin(), x.end());
-        med[f] = x.empty() ? 0.0 : x[x.size() / 2];
-      }
+      for (int f = 0; f < F; ++f) med[f] = median(v[q][f]);
       std::printf("trace, %d delta(s), %-16s %-8s gap %5.2f | first in %5.2f before | last past wait %5.2f | "
                   "stage 1 done %5.2f | base done %6.2f (median) %6.2f (last) | count seen %6.2f | out %6.2f (first) "
                   "%6.2f (last) us\n",

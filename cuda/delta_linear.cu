@@ -1765,10 +1765,11 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     fence_acq_rel();  // c is visible device-wide before the count says so (await_count acquires it)
     __syncthreads();
     if (threadIdx.x == 0) {
-      atomicAdd(a.ready + 1, min(kWarps * rpw, a.b.J - j0));
+      const int done = min(kWarps * rpw, a.b.J - j0);
+      atomicAdd(a.ready + 1, done);
       ticket = atomicAdd(a.ready, kWarps * rpw);
 #ifdef DELTACOMP_ROW_TRACE
-      stamp[kTraceTimes + 2] += min(kWarps * rpw, a.b.J - j0);
+      stamp[kTraceTimes + 2] += done;
 #endif
     }
     __syncthreads();
