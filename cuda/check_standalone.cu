@@ -1030,7 +1030,7 @@ void trace_bench(int K) {
       };
       for (auto& x : t) std::sort(x.begin(), x.end());
       const auto rel = [&](const std::vector<double>& x, bool end) {
-        return x.empty() ? 0.0 : ((end ? x.back() : x[x.size() / 2]) - A) / 1e3;
+        return x.empty() ? 0.0 : ((end ? last(x) : median(x)) - A) / 1e3;
       };
       const double fields[F] = {prev_out > 0 ? (A - prev_out) / 1e3 : 0.0, (A - t[0].front()) / 1e3,
                                 rel(t[1], true), rel(t[2], true), rel(t[3], false), rel(t[3], true),
