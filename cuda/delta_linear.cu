@@ -181,6 +181,16 @@ __device__ __forceinline__ void count_done(int* ready, size_t idx) {
   if (threadIdx.x == 0) atomicAdd(ready + idx, 1);
 }
 
+// Stores v with L2's evict-last priority: a value read again late in the call, after the weight stream has passed
+// through L2 (plain stores' lines are evicted by it, and the reads then go to DRAM).
+__device__ __forceinline__ void store_evict_last(int4* p, const int4& v) {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile("st.global.L2::cache_hint.v4.s32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w), "l"(policy)
+               : "memory");
+}
+
 // Orders this thread's earlier memory operations before its later ones for any thread that acquires what a later
 // one writes (lighter than __threadfence's sequentially consistent fence).
 __device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
@@ -1332,13 +1342,14 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 //      (a thread per rank row, kRowBatch at a time; the warps' sums meet in shared memory) and writes
 //      out = bias + base + delta, rounded once (the CTAs run in step: DRAM idles through their tails, hence
 //      row_path's bound on slices and rank rows);
-//   6. counts itself in ready[2]; the last CTA zeroes ready[0..2] for the next call.
+//   6. has counted itself in ready[2] right after its last use of the counters (the answer read at its exit); the
+//      CTA that counted last zeroes ready[0..2] for the next call.
 // With U by block column (ColumnU: a set of columns per segment, delta d's rows of a projection, of one parameter
 // group), steps 4 and 5 differ: the CTA requests its columns of its projection's first segments into shared memory
 // (coalesced 16-byte cp.async; with one delta before griddepcontrol.wait, with several once the weights can be read,
 // two segments at once), computes every slice's base product, and after the count, segment by segment
-// over the deltas in use, reads c, width, column offset and parameters of the segment's rows tid, tid + 256, ...
-// (coalesced) and decodes them into every slice from shared memory while the next segment's columns land.
+// over the deltas in use, reads the records stage 1 wrote for the segment's rows tid, tid + 256, ... (coalesced) and
+// decodes them into every slice from shared memory while the next segment's columns land.
 // Rank rows are claimed at run time rather than by CTA index: a CTA waits only after every row has been claimed, and
 // rows are claimed by running CTAs that complete them before waiting for anything, so the wait ends whatever the
 // residency (grids of several calls on several streams included). Counters are touched only after
@@ -1378,6 +1389,7 @@ struct RowArgs {
   const float* w;                         // (1, K) gate weights
   Bank b;                                 // b.P projections
   float* c;                               // (J,) workspace: stage 1's c values
+  int4* rec;                              // (J,) with U by block column: stage 1's record of each row for the tail
   int* ready;                             // kRowCounters, zero at the start of the call (null without rank rows)
   ColumnU cu;                              // U by block column (optional)
   int col_cap;                             // shared-memory words for the columns (0: no column path)
@@ -1709,6 +1721,13 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     rpw = min(kRowClaim, max(1, (rows + warps - 1) / warps));
   }
 
+  // Thread 0 counts its CTA done in ready[2] right after its last use of the counters (a release, whose answer it
+  // reads only at the exit): the count's round trip overlaps the tail instead of following it.
+  int counted = -1;
+  const auto count_self = [&]() {
+    asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(counted) : "l"(a.ready + 2) : "memory");
+  };
+
   // 2. x, and the first claim of stage 1's rank rows (its answer travels with x's loads).
   if (threadIdx.x == 0 && a.b.J > 0) ticket = atomicAdd(a.ready, kWarps * rpw);
   const int nblk = (a.n + 31) / 32;
@@ -1732,7 +1751,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   // lane i reads row i's metadata (one round trip for the warp's rows, handed on by shuffles) and asks L2 for its V
   // words when its delta is in use, so that the warp's rows arrive together; with one delta every lane reads its row's.
   for (int j0 = a.b.J > 0 ? ticket : a.b.J; j0 < a.b.J;) {
-    int mvb = 0, mwoff = 0, mpoff = 0, mgs = 0;
+    int mvb = 0, mwoff = 0, mpoff = 0, mgs = 0, mdsc = 0;
+    uint32_t mpair = 0u;
     float msj = 0.f, mwt = 0.f;
     const int jm = j0 + warp + (MULTI ? kWarps * lane : 0);
     if ((!MULTI || lane < rpw) && jm < a.b.J) {
@@ -1740,6 +1760,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       const int delta = __ldg(rw + 6);
       mvb = __ldg(rw), mwoff = __ldg(rw + 1), mpoff = __ldg(rw + 2), mgs = __ldg(rw + 7), msj = __ldg(a.b.s + jm);
       mwt = delta >= 0 && delta < K ? __ldg(a.w + delta) : 0.f;
+      if (a.col_cap > 0) mdsc = __ldg(a.cu.desc + jm), mpair = __ldg(a.cu.pair + jm);
       if (MULTI && rpw > 1 && mwt != 0.f) ask_v_row(mvb, mwoff);
     }
     for (int i = 0; i < rpw; ++i) {
@@ -1760,7 +1781,22 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
           default: break;  // not a valid width: the row adds nothing
         }
       }
-      if (lane == 0) a.c[j] = wt != 0.f && valid_bits(vb) ? t * sj * wt : 0.f;
+      const float c = wt != 0.f && valid_bits(vb) ? t * sj * wt : 0.f;
+      const int dsc = pick(mdsc);
+      const uint32_t pr = pick(mpair);
+      if (lane == 0) {
+        a.c[j] = c;
+        // The column tail's record of the row: c times U's multiplier and offset term, and U's descriptor (zeros
+        // for a row that adds nothing), so that the tail reads one 16-byte word a row, written during this call.
+        if (a.col_cap > 0) {
+          float mul = 0.f, add = 0.f;
+          const bool live = c != 0.f && valid_bits(dsc & 15);
+          if (live) expand_param_pair(pr, dsc & 15, mul, add);
+          const int4 r = live ? make_int4(__float_as_int(c * mul), __float_as_int(c * add), dsc, 0)
+                              : make_int4(0, 0, 0, 0);
+          store_evict_last(a.rec + j, r);
+        }
+      }
     }
     fence_acq_rel();  // c is visible device-wide before the count says so (await_count acquires it)
     __syncthreads();
@@ -1790,10 +1826,13 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     }
     // 5'. Once every c is written, segment by segment (the deltas in use, in order; with two buffers the next
     // segment's columns land while this one is decoded): the thread's rows lo + threadIdx.x + i * kThreads
-    // (consecutive rows in consecutive lanes: coalesced reads, mostly one width per warp), their c, descriptor and
-    // parameters in registers, decoded into every slice from shared memory; the warps' sums add up in red.
+    // (consecutive rows in consecutive lanes: coalesced reads, mostly one width per warp), their records from stage
+    // 1 in registers, decoded into every slice from shared memory; the warps' sums add up in red.
     ROW_STAMP(3);
-    if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
+    if (threadIdx.x == 0) {
+      await_count(a.ready + 1, a.b.J);
+      count_self();
+    }
 #pragma unroll
     for (int s = 0; s < kColMaxSlices; ++s)
       if (s < nsl && (lane & 1) == 0) red[s][warp][lane >> 1] = 0.f;
@@ -1811,15 +1850,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
         const int j = lo + static_cast<int>(threadIdx.x) + i * kThreads;
         dsc[i] = 0, cm[i] = 0.f;
         if (j < hi) {
-          const float c = __ldcg(a.c + j);
-          const int d = __ldg(a.cu.desc + j);
-          const uint32_t pr = __ldg(a.cu.pair + j);
-          const int bits = d & 15;
-          if (c != 0.f && valid_bits(bits)) {
-            float mul, add;
-            expand_param_pair(pr, bits, mul, add);
-            dsc[i] = d, cm[i] = c * mul, ca += c * add;
-          }
+          const int4 r = __ldcg(a.rec + j);  // written by other CTAs during this call: not through L1
+          dsc[i] = r.z, cm[i] = __int_as_float(r.x), ca += __int_as_float(r.y);
         }
       }
       if (d_next < K)
@@ -1882,7 +1914,10 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       if (a.b.J > 0) {
         if (sl == s_lo) {
           ROW_STAMP(3);
-          if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
+          if (threadIdx.x == 0) {
+            await_count(a.ready + 1, a.b.J);
+            count_self();
+          }
           __syncthreads();
           ROW_STAMP(4);
         }
@@ -1920,12 +1955,14 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     }
   }
 #endif
-  // 6. The last CTA zeroes the counters: each CTA counts itself with a release (its uses of them come first) and the
-  // last one's count acquires every other's, so its stores follow all of them.
+  // 6. The last CTA zeroes the counters: each CTA has counted itself with a release after its last use of them (a
+  // CTA that never waited counts now), and the last one acquires every count before its stores.
   if (a.ready != nullptr && threadIdx.x == 0) {
-    int before;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(a.ready + 2) : "memory");
-    if (before == static_cast<int>(gridDim.x) - 1) a.ready[0] = 0, a.ready[1] = 0, a.ready[2] = 0;
+    if (counted < 0) count_self();
+    if (counted == static_cast<int>(gridDim.x) - 1) {
+      fence_acq_rel();
+      a.ready[0] = 0, a.ready[1] = 0, a.ready[2] = 0;
+    }
   }
 }
 
@@ -2240,7 +2277,8 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
 size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sms,
                                      int64_t row_tile, bool fused, int64_t col_len, int64_t K) {
   if (R <= 0 || M <= 0) return 0;
-  if (fused && row_path(R, n, M, J, P, num_sms, col_len, K)) return (static_cast<size_t>(J) + 3) / 4 * 4;  // c values
+  if (fused && row_path(R, n, M, J, P, num_sms, col_len, K))  // c values, and with columns the tail's records
+    return (static_cast<size_t>(J) + 3) / 4 * 4 + (col_len > 0 ? 4 * static_cast<size_t>(J) : 0);
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
@@ -2284,7 +2322,8 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
   const ColumnU cu = columns != nullptr ? *columns : ColumnU{};
   if (row_path(R, n, M, J, P, num_sms, cu.cols != nullptr ? cu.longest : 0, K)) {
     RowArgs a{x, static_cast<int>(n), static_cast<int>(K), vec ? 1 : 0, {}, {}, {}, bias, out, w, b, workspace,
-              J > 0 ? ready : nullptr, cu, 0};
+              nullptr, J > 0 ? ready : nullptr, cu, 0};
+    if (cu.cols != nullptr) a.rec = reinterpret_cast<int4*>(workspace + (J + 3) / 4 * 4);
     for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
       end += q < P ? static_cast<int>(base_rows[q]) : 0;
       a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;
