@@ -2270,6 +2270,9 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
   return launch_kernel(row_kernel<scalar_t, MULTI>, dim3(ctas), smem, pdl, stream, a);
 }
 
+// The one-row kernel's workspace: J c values, then (with U by block column) J 16-byte records from this float on.
+size_t row_rec_offset(int64_t J) { return (static_cast<size_t>(J) + 3) / 4 * 4; }
+
 }  // namespace
 
 // The entry points (documented in delta_linear.h).
@@ -2278,7 +2281,7 @@ size_t delta_linear_workspace_floats(int64_t R, int64_t n, int64_t M, int64_t J,
                                      int64_t row_tile, bool fused, int64_t col_len, int64_t K) {
   if (R <= 0 || M <= 0) return 0;
   if (fused && row_path(R, n, M, J, P, num_sms, col_len, K))  // c values, and with columns the tail's records
-    return (static_cast<size_t>(J) + 3) / 4 * 4 + (col_len > 0 ? 4 * static_cast<size_t>(J) : 0);
+    return row_rec_offset(J) + (col_len > 0 ? 4 * static_cast<size_t>(J) : 0);
   return make_plan(R, n, M, J, P, num_sms, row_tile, fused).total;
 }
 
@@ -2323,7 +2326,7 @@ cudaError_t delta_linear_base_launch(int dtype, const void* x, const void* const
   if (row_path(R, n, M, J, P, num_sms, cu.cols != nullptr ? cu.longest : 0, K)) {
     RowArgs a{x, static_cast<int>(n), static_cast<int>(K), vec ? 1 : 0, {}, {}, {}, bias, out, w, b, workspace,
               nullptr, J > 0 ? ready : nullptr, cu, 0};
-    if (cu.cols != nullptr) a.rec = reinterpret_cast<int4*>(workspace + (J + 3) / 4 * 4);
+    if (cu.cols != nullptr) a.rec = reinterpret_cast<int4*>(workspace + row_rec_offset(J));
     for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
       end += q < P ? static_cast<int>(base_rows[q]) : 0;
       a.weight[q] = q < P ? base[q] : base[0], a.end[q] = end;
