@@ -343,6 +343,61 @@ __device__ __forceinline__ bool prefetch_lane_words(const int32_t* __restrict__ 
   return true;
 }
 
+// Integer products of codes. dp2a adds two products of 16-bit signed multipliers (the halves of `pair`) and unsigned
+// bytes (bytes 0 and 1 of `bytes` for .lo, 2 and 3 for .hi) to acc.
+__device__ __forceinline__ int dp2a_lo(uint32_t pair, uint32_t bytes, int acc) {
+  int d;
+  asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(pair), "r"(bytes), "r"(acc));
+  return d;
+}
+__device__ __forceinline__ int dp2a_hi(uint32_t pair, uint32_t bytes, int acc) {
+  int d;
+  asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(pair), "r"(bytes), "r"(acc));
+  return d;
+}
+
+// acc[e] += m_a * code_a(e) + m_b * code_b(e), e < 16, for two rows of width BITS whose 16 codes start at bit 0 of
+// a[] and b[] (align_lane_words), m_a and m_b the low and high int16 halves of `pair`. A byte permute puts the two
+// rows' bytes side by side; masks leave one code in each byte (the same output in bytes 0 and 1, another in 2 and 3),
+// and each dp2a adds one output's two products: about one instruction a code, against three for a decode into float
+// and an FMA. Exact in int32 for |m| <= 32767 and up to 16 rows (255 * 32767 * 16 < 2^31).
+template <int BITS, int NW>
+__device__ __forceinline__ void pair_products(int (&acc)[16], const uint32_t (&a)[NW], const uint32_t (&b)[NW],
+                                              uint32_t pair) {
+  if constexpr (BITS == 3) {  // codes e and e + 8 lie 24 bits apart: bytes 0 and 3 of the stream shifted by 3e
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const uint32_t ta = __funnelshift_r(a[0], a[1], 3 * e), tb = __funnelshift_r(b[0], b[1], 3 * e);
+      const uint32_t t = __byte_perm(ta, tb, 0x7340) & 0x07070707u;
+      acc[e] = dp2a_lo(pair, t, acc[e]);
+      acc[e + 8] = dp2a_hi(pair, t, acc[e + 8]);
+    }
+  } else {  // byte m of word q holds codes q * CPW + m * CPB + k, k < CPB
+    constexpr int CPB = 8 / BITS, CPW = 32 / BITS;
+    constexpr uint32_t kMask = 0x01010101u * ((1u << BITS) - 1u);
+#pragma unroll
+    for (int q = 0; q < NW; ++q)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int o = q * CPW + 2 * h * CPB;  // outputs o + k (bytes 0, 1) and o + CPB + k (bytes 2, 3)
+        if (o >= 16) continue;
+        const uint32_t p = __byte_perm(a[q], b[q], h ? 0x7362 : 0x5140);
+#pragma unroll
+        for (int k = 0; k < CPB; ++k) {
+          const uint32_t t = BITS == 8 ? p : (p >> (BITS * k)) & kMask;
+          acc[o + k] = dp2a_lo(pair, t, acc[o + k]);
+          acc[o + CPB + k] = dp2a_hi(pair, t, acc[o + CPB + k]);
+        }
+      }
+  }
+}
+
+// Two int16 multipliers in one word (m_a low): each m * inv rounded, |m * inv| <= 32767.
+__device__ __forceinline__ uint32_t int16_pair(float ma, float mb, float inv) {
+  return (static_cast<uint32_t>(__float2int_rn(ma * inv)) & 0xffffu) |
+         static_cast<uint32_t>(__float2int_rn(mb * inv)) << 16;
+}
+
 // Sums NV per-lane values over the warp with a halving exchange (NV power of two). Afterwards, for NV >= 32, lane l
 // holds the totals of values [l * NV / 32, (l + 1) * NV / 32) in v[0 .. NV / 32); for NV < 32, every lane holds the
 // total of value l >> (5 - log2 NV) in v[0].
@@ -1348,8 +1403,9 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 // group), steps 4 and 5 differ: the CTA requests its columns of its projection's first segments into shared memory
 // (coalesced 16-byte cp.async; with one delta before griddepcontrol.wait, with several once the weights can be read,
 // two segments at once), computes every slice's base product, and after the count, segment by segment
-// over the deltas in use, reads the records stage 1 wrote for the segment's rows tid, tid + 256, ... (coalesced) and
-// decodes them into every slice from shared memory while the next segment's columns land.
+// over the deltas in use, reads the records stage 1 wrote for the segment's rows 2 tid, 2 tid + 1, 2 tid + 512, ...
+// (coalesced) and adds their integer products into every slice from shared memory while the next segment's columns
+// land.
 // Rank rows are claimed at run time rather than by CTA index: a CTA waits only after every row has been claimed, and
 // rows are claimed by running CTAs that complete them before waiting for anything, so the wait ends whatever the
 // residency (grids of several calls on several streams included). Counters are touched only after
@@ -1518,6 +1574,20 @@ __device__ __forceinline__ void tail_add(float (&acc)[W], const uint32_t* blk, i
   for (int e = 0; e < W; ++e) acc[e] = __fmaf_rn(unit_code<BITS>(v, BITS * e), cm, acc[e]);
 }
 
+// tail_pair: pair_products of two rank rows' blocks in shared memory (pa, pb), codes q0 .. q0 + 15.
+template <int BITS>
+__device__ __forceinline__ void tail_pair(int (&acc)[16], const uint32_t* pa, const uint32_t* pb, int q0,
+                                          uint32_t pair) {
+  constexpr int NW = lane_words<BITS, 16>();
+  uint32_t a[NW], b[NW];
+  const int w0 = (BITS * q0) >> 5;
+#pragma unroll
+  for (int q = 0; q < NW; ++q) a[q] = pa[w0 + q], b[q] = pb[w0 + q];
+  align_lane_words<BITS, 16>(a, q0);
+  align_lane_words<BITS, 16>(b, q0);
+  pair_products<BITS>(acc, a, b, pair);
+}
+
 // Selects (without dynamic parameter indexing) projection p's weight pointer and output range.
 __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p, const void*& weight, int& lo) {
   p = 0, weight = a.weight[0], lo = 0;
@@ -1550,6 +1620,7 @@ template <typename scalar_t, bool MULTI>
 __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowArgs a) {
   const int K = MULTI ? a.K : 1;  // deltas (a separate instantiation for one, which keeps its registers)
   constexpr int NO = kRowNo, W = kRowSlice;
+  constexpr bool kIntTail = !std::is_same_v<scalar_t, float>;  // the column tail in integer products (16-bit x)
   static_assert(W == 16, "the slice's reduction below takes 16 outputs");
   extern __shared__ __align__(16) float xs[];
   __shared__ float red[kColMaxSlices][kWarps][W];  // the warps' delta sums per slice
@@ -1786,13 +1857,13 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       const uint32_t pr = pick(mpair);
       if (lane == 0) {
         a.c[j] = c;
-        // The column tail's record of the row: c times U's multiplier and offset term, and U's descriptor (zeros
-        // for a row that adds nothing), so that the tail reads one 16-byte word a row, written during this call.
+        // The column tail's record of the row: c times U's scale and offset, and U's descriptor (zeros for a row that
+        // adds nothing), so that the tail reads one 16-byte word a row, written during this call.
         if (a.col_cap > 0) {
-          float mul = 0.f, add = 0.f;
           const bool live = c != 0.f && valid_bits(dsc & 15);
-          if (live) expand_param_pair(pr, dsc & 15, mul, add);
-          const int4 r = live ? make_int4(__float_as_int(c * mul), __float_as_int(c * add), dsc, 0)
+          const float sc = __half2float(__ushort_as_half(static_cast<unsigned short>(pr & 0xffffu)));
+          const float of = __half2float(__ushort_as_half(static_cast<unsigned short>(pr >> 16)));
+          const int4 r = live ? make_int4(__float_as_int(c * sc), __float_as_int(c * of), dsc, 0)
                               : make_int4(0, 0, 0, 0);
           store_evict_last(a.rec + j, r);
         }
@@ -1825,9 +1896,10 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       }
     }
     // 5'. Once every c is written, segment by segment (the deltas in use, in order; with two buffers the next
-    // segment's columns land while this one is decoded): the thread's rows lo + threadIdx.x + i * kThreads
-    // (consecutive rows in consecutive lanes: coalesced reads, mostly one width per warp), their records from stage
-    // 1 in registers, decoded into every slice from shared memory; the warps' sums add up in red.
+    // segment's columns land while this one is decoded): each thread's pairs of neighbouring rows (consecutive
+    // pairs in consecutive lanes: coalesced reads, mostly one width per warp), their records from stage 1 in
+    // registers, their codes' products with int16 multipliers summed exactly in int32 for every slice from shared
+    // memory, then scaled; the warps' sums add up in red.
     ROW_STAMP(3);
     if (threadIdx.x == 0) {
       await_count(a.ready + 1, a.b.J);
@@ -1843,40 +1915,79 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       int lo, hi;
       segment(d_cur, lo, hi);
       const int cw = __ldg(a.cu.info + 3 * (p * K + d_cur) + 1);
+      // The thread's rank rows lo + 2 * threadIdx.x + (i & 1) + (i >> 1) * 2 * kThreads, in pairs of neighbours (of
+      // one width but where a width's rows end): their multipliers as int16 against the largest of them.
       int dsc[kColRows];
-      float cm[kColRows], ca = 0.f;
+      float cm[kColRows], ca = 0.f, big = 0.f;
 #pragma unroll
       for (int i = 0; i < kColRows; ++i) {
-        const int j = lo + static_cast<int>(threadIdx.x) + i * kThreads;
+        const int j = lo + 2 * static_cast<int>(threadIdx.x) + (i & 1) + (i >> 1) * 2 * kThreads;
         dsc[i] = 0, cm[i] = 0.f;
         if (j < hi) {
           const int4 r = __ldcg(a.rec + j);  // written by other CTAs during this call: not through L1
           dsc[i] = r.z, cm[i] = __int_as_float(r.x), ca += __int_as_float(r.y);
+          if constexpr (kIntTail) {
+            big = fmaxf(big, fabsf(cm[i]));
+          } else {  // decoded as u = 1 + code / 2^BITS
+            cm[i] *= static_cast<float>(1 << (r.z & 15));
+            ca -= cm[i];
+          }
         }
       }
+      const float inv = big > 0.f ? 32767.f / big : 0.f, unit = big * (1.f / 32767.f);
+      uint32_t pairs[kColRows / 2];
+#pragma unroll
+      for (int i = 0; i < kColRows / 2; ++i) pairs[i] = int16_pair(cm[2 * i], cm[2 * i + 1], inv);
       if (d_next < K)
         asm volatile("cp.async.wait_group 1;" ::: "memory");
       else
         asm volatile("cp.async.wait_group 0;" ::: "memory");
       __syncthreads();
       for (int s = 0; s < nsl; ++s) {
-        const int o0 = (s_lo + s) * W;
+        const int o0 = (s_lo + s) * W, q0 = o0 & 31;
+        const uint32_t* col = colw + buf * bufw + ((o0 >> 5) - bA) * cw;  // read only if o0 < o_end
         float acc[W];
+        if constexpr (kIntTail) {
+          int iacc[W];
 #pragma unroll
-        for (int e = 0; e < W; ++e) acc[e] = ca;
-        if (o0 < o_end) {
-          const uint32_t* col = colw + buf * bufw + ((o0 >> 5) - bA) * cw;
-          const int q0 = o0 & 31;
+          for (int e = 0; e < W; ++e) iacc[e] = 0;
+          if (o0 < o_end) {
 #pragma unroll
-          for (int i = 0; i < kColRows; ++i) {
-            const uint32_t* blk = col + (dsc[i] >> 4);
-            switch (dsc[i] & 15) {
-              case 1: tail_add<1, W>(acc, blk, q0, cm[i]); break;
-              case 2: tail_add<2, W>(acc, blk, q0, cm[i]); break;
-              case 3: tail_add<3, W>(acc, blk, q0, cm[i]); break;
-              case 4: tail_add<4, W>(acc, blk, q0, cm[i]); break;
-              case 8: tail_add<8, W>(acc, blk, q0, cm[i]); break;
-              default: break;
+            for (int i = 0; i < kColRows / 2; ++i) {
+              // A pair of two widths (or with one row absent, width 0) goes as two pairs of a row with itself.
+              const int da = dsc[2 * i], db = dsc[2 * i + 1], passes = (da & 15) == (db & 15) ? 1 : 2;
+              for (int t = 0; t < passes; ++t) {
+                const int d0 = t == 0 ? da : db, d1 = passes == 1 ? db : d0;
+                const uint32_t m = passes == 1 ? pairs[i] : pairs[i] & (t == 0 ? 0xffffu : 0xffff0000u);
+                const uint32_t *p0 = col + (d0 >> 4), *p1 = col + (d1 >> 4);
+                switch (d0 & 15) {
+                  case 1: tail_pair<1>(iacc, p0, p1, q0, m); break;
+                  case 2: tail_pair<2>(iacc, p0, p1, q0, m); break;
+                  case 3: tail_pair<3>(iacc, p0, p1, q0, m); break;
+                  case 4: tail_pair<4>(iacc, p0, p1, q0, m); break;
+                  case 8: tail_pair<8>(iacc, p0, p1, q0, m); break;
+                  default: break;
+                }
+              }
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < W; ++e) acc[e] = __fmaf_rn(static_cast<float>(iacc[e]), unit, ca);
+        } else {  // fp32 activations keep fp32 multipliers
+#pragma unroll
+          for (int e = 0; e < W; ++e) acc[e] = ca;
+          if (o0 < o_end) {
+#pragma unroll
+            for (int i = 0; i < kColRows; ++i) {
+              const uint32_t* blk = col + (dsc[i] >> 4);
+              switch (dsc[i] & 15) {
+                case 1: tail_add<1, W>(acc, blk, q0, cm[i]); break;
+                case 2: tail_add<2, W>(acc, blk, q0, cm[i]); break;
+                case 3: tail_add<3, W>(acc, blk, q0, cm[i]); break;
+                case 4: tail_add<4, W>(acc, blk, q0, cm[i]); break;
+                case 8: tail_add<8, W>(acc, blk, q0, cm[i]); break;
+                default: break;
+              }
             }
           }
         }
