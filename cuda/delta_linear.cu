@@ -242,18 +242,22 @@ __device__ __forceinline__ void load_params(const __half* scale, const __half* o
   add = of - mul;
 }
 
-// The fp16 (scale, offset) pair idx as one word (scale in the low half), and its expansion into (mul, add) above.
+// The fp16 (scale, offset) pair idx as one word (scale in the low half), its halves as floats, and their expansion
+// into (mul, add) above.
 __device__ __forceinline__ uint32_t load_param_pair(const __half* scale, const __half* offset, int idx) {
   return __ldg(reinterpret_cast<const unsigned short*>(scale) + idx) |
          static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(offset) + idx)) << 16;
 }
-__device__ __forceinline__ void expand_param_pair(uint32_t pair, int bits, float& mul, float& add) {
-  mul = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xffffu))) * static_cast<float>(1 << bits);
-  add = __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16))) - mul;
+__device__ __forceinline__ float pair_scale(uint32_t pair) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xffffu)));
+}
+__device__ __forceinline__ float pair_offset(uint32_t pair) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16)));
 }
 template <int BITS>
 __device__ __forceinline__ void expand_param_pair(uint32_t pair, float& mul, float& add) {
-  expand_param_pair(pair, BITS, mul, add);
+  mul = pair_scale(pair) * static_cast<float>(1 << BITS);
+  add = pair_offset(pair) - mul;
 }
 
 // Bits [pos, pos + BITS) of the little-endian stream v[] as 1 + code / 2^BITS. pos is a compile-time constant after
@@ -1861,9 +1865,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
         // adds nothing), so that the tail reads one 16-byte word a row, written during this call.
         if (a.col_cap > 0) {
           const bool live = c != 0.f && valid_bits(dsc & 15);
-          const float sc = __half2float(__ushort_as_half(static_cast<unsigned short>(pr & 0xffffu)));
-          const float of = __half2float(__ushort_as_half(static_cast<unsigned short>(pr >> 16)));
-          const int4 r = live ? make_int4(__float_as_int(c * sc), __float_as_int(c * of), dsc, 0)
+          const int4 r = live ? make_int4(__float_as_int(c * pair_scale(pr)), __float_as_int(c * pair_offset(pr)),
+                                          dsc, 0)
                               : make_int4(0, 0, 0, 0);
           store_evict_last(a.rec + j, r);
         }
