@@ -988,7 +988,7 @@ void trace_bench(int K) {
     CHECK_CUDA(cudaMemcpy(g.data(), ctas, kCap * sizeof(int), cudaMemcpyDeviceToHost));
     const int per = static_cast<int>(which.size()), total = per * kLayers;
     // per call: fields (us from A)
-    constexpr int F = 19;
+    constexpr int F = 22;
     std::vector<std::vector<std::vector<double>>> v(per, std::vector<std::vector<double>>(F));
     const auto median = [](std::vector<double> x) {
       std::sort(x.begin(), x.end());
@@ -1038,7 +1038,8 @@ void trace_bench(int K) {
                                 static_cast<double>(mode_dist), static_cast<double>(dist[mode_dist]),
                                 static_cast<double>(most), static_cast<double>(heavy.size()), median(heavy),
                                 last(heavy), median(light), last(light), median(rows),
-                                static_cast<double>(cta[last_b][deltacomp::kTraceTimes + 2])};
+                                static_cast<double>(cta[last_b][deltacomp::kTraceTimes + 2]), rel(t[6], false),
+                                rel(t[7], false), rel(t[7], true)};
       prev_out = t[5].back();
       if (c >= per)  // after the first layer
         for (int f = 0; f < F; ++f) v[c % per][f].push_back(fields[f]);
@@ -1054,6 +1055,9 @@ void trace_bench(int K) {
       std::printf("       CTAs of %.0f outputs (%.0f): base done %6.2f (median) %6.2f (last) | fewer: %6.2f %6.2f | stage 1 "
                   "rows a CTA %.0f (median), %.0f (the last base done) | CTAs on one SM %.0f apart: %.0f pairs\n",
                   med[11], med[12], med[13], med[14], med[15], med[16], med[17], med[18], med[9], med[10]);
+      if (med[19] > 0 || med[20] > 0)  // the column tail's stamps
+        std::printf("       columns: last segment landed %6.2f (median) | sums done %6.2f (median) %6.2f (last) us\n",
+                    med[19], med[20], med[21]);
     }
   };
   for (int mode : {1, 3}) {

@@ -1601,10 +1601,11 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p
 }
 
 #ifdef DELTACOMP_ROW_TRACE
-// Timing build only (check_standalone --trace): thread 0 of each one-row CTA stamps %globaltimer at six points (entry,
-// past the wait, stage 1 done, base products done, the count seen, exit) into g_row_trace[call][cta][0..6), then its
+// Timing build only (check_standalone --trace): thread 0 of each one-row CTA stamps %globaltimer at eight points (entry,
+// past the wait, stage 1 done, base products done, the count seen, exit; with U by block column also a segment's
+// columns landed, the last one's stamp kept, and the tail's sums done) into g_row_trace[call][cta][0..8), then its
 // SM's index plus one, its outputs and the stage-1 rank rows it computed.
-constexpr int kTraceCtas = 1024, kTraceTimes = 6, kTraceStamps = kTraceTimes + 3;
+constexpr int kTraceCtas = 1024, kTraceTimes = 8, kTraceStamps = kTraceTimes + 3;
 __device__ unsigned long long* g_row_trace = nullptr;
 __device__ int* g_row_trace_ctas = nullptr;  // per call: its grid
 __device__ int g_row_trace_cap = 0, g_row_trace_call = 0, g_row_trace_done = 0;
@@ -1946,6 +1947,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       else
         asm volatile("cp.async.wait_group 0;" ::: "memory");
       __syncthreads();
+      ROW_STAMP(6);
       for (int s = 0; s < nsl; ++s) {
         const int o0 = (s_lo + s) * W, q0 = o0 & 31;
         const uint32_t* col = colw + buf * bufw + ((o0 >> 5) - bA) * cw;  // read only if o0 < o_end
@@ -2008,6 +2010,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       }
     }
     __syncthreads();
+    ROW_STAMP(7);
     for (int i = threadIdx.x; i < nsl * W; i += kThreads) {
       const int s = i / W, e = i % W, o0 = (s_lo + s) * W;
       if (o0 + e < plen) store_output(base[s], o0 < o_end ? red[s] : nullptr, o0, e);
