@@ -1566,14 +1566,20 @@ __device__ __forceinline__ void row_expand_batch(float (&acc)[W], const RowArgs&
   }
 }
 
-// acc[e] += u(code q0 + e of the block at blk, in shared memory) * cm, e < W.
+// Codes q0 .. q0 + W of the block at blk (in shared memory), aligned to bit 0 of v[] (align_lane_words).
 template <int BITS, int W>
-__device__ __forceinline__ void tail_add(float (&acc)[W], const uint32_t* blk, int q0, float cm) {
-  uint32_t v[lane_words<BITS, W>()];
+__device__ __forceinline__ void smem_lane_words(const uint32_t* blk, int q0, uint32_t (&v)[lane_words<BITS, W>()]) {
   const int w0 = (BITS * q0) >> 5;
 #pragma unroll
   for (int q = 0; q < lane_words<BITS, W>(); ++q) v[q] = blk[w0 + q];
   align_lane_words<BITS, W>(v, q0);
+}
+
+// acc[e] += u(code q0 + e of the block at blk, in shared memory) * cm, e < W.
+template <int BITS, int W>
+__device__ __forceinline__ void tail_add(float (&acc)[W], const uint32_t* blk, int q0, float cm) {
+  uint32_t v[lane_words<BITS, W>()];
+  smem_lane_words<BITS, W>(blk, q0, v);
 #pragma unroll
   for (int e = 0; e < W; ++e) acc[e] = __fmaf_rn(unit_code<BITS>(v, BITS * e), cm, acc[e]);
 }
@@ -1582,13 +1588,9 @@ __device__ __forceinline__ void tail_add(float (&acc)[W], const uint32_t* blk, i
 template <int BITS>
 __device__ __forceinline__ void tail_pair(int (&acc)[16], const uint32_t* pa, const uint32_t* pb, int q0,
                                           uint32_t pair) {
-  constexpr int NW = lane_words<BITS, 16>();
-  uint32_t a[NW], b[NW];
-  const int w0 = (BITS * q0) >> 5;
-#pragma unroll
-  for (int q = 0; q < NW; ++q) a[q] = pa[w0 + q], b[q] = pb[w0 + q];
-  align_lane_words<BITS, 16>(a, q0);
-  align_lane_words<BITS, 16>(b, q0);
+  uint32_t a[lane_words<BITS, 16>()], b[lane_words<BITS, 16>()];
+  smem_lane_words<BITS, 16>(pa, q0, a);
+  smem_lane_words<BITS, 16>(pb, q0, b);
   pair_products<BITS>(acc, a, b, pair);
 }
 
