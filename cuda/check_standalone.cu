@@ -1056,7 +1056,7 @@ void trace_bench(int K) {
                   "rows a CTA %.0f (median), %.0f (the last base done) | CTAs on one SM %.0f apart: %.0f pairs\n",
                   med[11], med[12], med[13], med[14], med[15], med[16], med[17], med[18], med[9], med[10]);
       if (med[19] > 0 || med[20] > 0)  // the column tail's stamps
-        std::printf("       columns: last segment landed %6.2f (median) | sums done %6.2f (median) %6.2f (last) us\n",
+        std::printf("       columns: last segment read %6.2f (median) | sums done %6.2f (median) %6.2f (last) us\n",
                     med[19], med[20], med[21]);
     }
   };

@@ -1605,8 +1605,8 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p
 #ifdef DELTACOMP_ROW_TRACE
 // Timing build only (check_standalone --trace): thread 0 of each one-row CTA stamps %globaltimer at eight points (entry,
 // past the wait, stage 1 done, base products done, the count seen, exit; with U by block column also a segment's
-// columns landed, the last one's stamp kept, and the tail's sums done) into g_row_trace[call][cta][0..8), then its
-// SM's index plus one, its outputs and the stage-1 rank rows it computed.
+// records read with its columns landed, the last one's stamp kept, and the tail's sums done) into
+// g_row_trace[call][cta][0..8), then its SM's index plus one, its outputs and the stage-1 rank rows it computed.
 constexpr int kTraceCtas = 1024, kTraceTimes = 8, kTraceStamps = kTraceTimes + 3;
 __device__ unsigned long long* g_row_trace = nullptr;
 __device__ int* g_row_trace_ctas = nullptr;  // per call: its grid
@@ -1914,6 +1914,9 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
 #pragma unroll
     for (int s = 0; s < kColMaxSlices; ++s)
       if (s < nsl && (lane & 1) == 0) red[s][warp][lane >> 1] = 0.f;
+    // One delta: its columns were requested before the wait and have landed during the base products; the barrier
+    // below makes every thread's copies visible, so the segment needs no barrier of its own.
+    if constexpr (!MULTI) asm volatile("cp.async.wait_group 0;" ::: "memory");
     __syncthreads();
     ROW_STAMP(4);
     int d_cur = MULTI ? col_plan[0] : 0, d_next = MULTI ? col_plan[1] : 1;
@@ -1944,11 +1947,13 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       uint32_t pairs[kColRows / 2];
 #pragma unroll
       for (int i = 0; i < kColRows / 2; ++i) pairs[i] = int16_pair(cm[2 * i], cm[2 * i + 1], inv);
-      if (d_next < K)
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
-      else
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
-      __syncthreads();
+      if constexpr (MULTI) {
+        if (d_next < K)
+          asm volatile("cp.async.wait_group 1;" ::: "memory");
+        else
+          asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+      }
       ROW_STAMP(6);
       for (int s = 0; s < nsl; ++s) {
         const int o0 = (s_lo + s) * W, q0 = o0 & 31;
@@ -2003,8 +2008,10 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       }
       // The segment after those in flight goes into the buffer just read, once every thread is done with it.
       const int d_after = next_active((nbuf == 2 ? d_next : d_cur) + 1);
-      __syncthreads();
-      if (d_after < K) copy_columns(d_after, buf);
+      if (d_after < K) {
+        __syncthreads();
+        copy_columns(d_after, buf);
+      }
       if (nbuf == 2) {
         d_cur = d_next, d_next = d_after, buf ^= 1;
       } else {
