@@ -2082,11 +2082,12 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   }
 #endif
   // 6. The last CTA zeroes the counters: each CTA has counted itself with a release after its last use of them (a
-  // CTA that never waited counts now), and the last one acquires every count before its stores.
+  // CTA that never waited counts now). Those uses are reads whose values were consumed before the count was issued,
+  // and the last CTA issues its stores only once its count has returned, so no fence is needed before them (one
+  // cost about 0.3 us a call); the next call reads the counters only after this grid has completed.
   if (a.ready != nullptr && threadIdx.x == 0) {
     if (counted < 0) count_self();
     if (counted == static_cast<int>(gridDim.x) - 1) {
-      fence_acq_rel();
       a.ready[0] = 0, a.ready[1] = 0, a.ready[2] = 0;
     }
   }
