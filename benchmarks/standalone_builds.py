@@ -1,0 +1,166 @@
+"""The one-row fused calls of builds of ``cuda/check_standalone.cu`` side by side (no torch; prints a table).
+
+Kernel changes are timed against the kernel they change in one machine's runs: each build is made from a git
+revision (``--build``, where nvcc is: the binaries carry to the GPU machine) and the builds are then run in turn
+(``--run``), each ``--repeats`` times, alternating, so that a drifting machine moves them all alike:
+
+- ``--fused-cases``: the fused form's correctness cases (failures counted);
+- ``--fused 1``: the four calls of a Llama-2-7B layer at one row, bf16, one delta, U by block column (us a call);
+- ``--layer 1``: the four calls in turn over 32 layers (us a layer).
+
+    python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a]
+    python benchmarks/standalone_builds.py --run DIR [main change] [--repeats 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from deltacomp.report import format_table
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLS = ("q|k|v", "o", "gate|up", "down")
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+FUSED_LINE = re.compile(r"^fused, 1 row, bf16, 1 delta\(s\), (\S+)\s.*\| with U columns\s+([0-9.]+) us")
+LAYER_LINE = re.compile(r"^layer, 1 row, bf16, 1 delta\(s\), with U columns\s+the calls in turn\s+([0-9.]+) us")
+CASES_LINE = re.compile(r"^passed: (\d+) failure\(s\)", re.MULTILINE)
+
+
+def parse_fused(text: str) -> dict[str, float]:
+    """us a call with U by block column, by call name, from ``--fused 1``'s output."""
+    found = {}
+    for line in text.splitlines():
+        m = FUSED_LINE.match(line)
+        if m:
+            found[m.group(1)] = float(m.group(2))
+    missing = [c for c in CALLS if c not in found]
+    if missing:
+        raise ValueError(f"--fused 1 printed no time for {', '.join(missing)}")
+    return found
+
+
+def parse_layer(text: str) -> float:
+    """us a layer, the calls in turn with U by block column, from ``--layer 1``'s output."""
+    for line in text.splitlines():
+        m = LAYER_LINE.match(line)
+        if m:
+            return float(m.group(1))
+    raise ValueError("--layer 1 printed no time for the calls in turn with U columns")
+
+
+def parse_cases(text: str) -> int:
+    """Failures counted by ``--fused-cases``."""
+    m = CASES_LINE.search(text)
+    if m is None:
+        raise ValueError("--fused-cases printed no count of failures")
+    return int(m.group(1))
+
+
+def build(out: Path, specs: list[str], arch: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        name, sep, rev = spec.partition("=")
+        if not sep or not NAME.match(name) or not rev:
+            sys.exit(f"error: a build is NAME=REVISION with NAME in letters, digits, '-' and '_', got {spec!r}")
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "cuda"], capture_output=True)
+            if archive.returncode != 0:
+                sys.exit(f"error: git archive {rev}: {archive.stderr.decode().strip()}")
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+            cmd = ["nvcc", "-std=c++17", "-O3", "-lineinfo", f"-gencode=arch=compute_{arch[3:]},code={arch}",
+                   "-o", str(out / name), str(Path(tmp) / "cuda" / "check_standalone.cu")]
+            made = subprocess.run(cmd, capture_output=True, text=True)
+            if made.returncode != 0:
+                sys.exit(f"error: building {name} ({rev}) failed:\n{made.stderr.strip()}")
+        print(f"built {name} from {rev}: {out / name}")
+
+
+def run_one(binary: Path, *args: str) -> str:
+    done = subprocess.run([str(binary), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{binary.name} {' '.join(args)} exited with {done.returncode}: "
+                           f"{(done.stderr or done.stdout).strip()[-300:]}")
+    return done.stdout
+
+
+def run(folder: Path, repeats: int, names: list[str]) -> dict:
+    found = {p.name: p for p in folder.iterdir() if p.is_file() and NAME.match(p.name) and p.stat().st_mode & 0o111}
+    if not found:
+        sys.exit(f"error: no built binaries in {folder} (run --build first)")
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        sys.exit(f"error: no build named {', '.join(unknown)} in {folder} (there: {', '.join(sorted(found))})")
+    builds = [found[n] for n in names] if names else [found[n] for n in sorted(found)]
+    results = {b.name: {"failures": None, "calls": [], "layer": [], "error": None} for b in builds}
+    for b in builds:
+        try:
+            results[b.name]["failures"] = parse_cases(run_one(b, "--fused-cases"))
+        except (RuntimeError, ValueError) as e:
+            results[b.name]["error"] = str(e)
+    for _ in range(repeats):
+        for b in builds:
+            r = results[b.name]
+            if r["error"]:
+                continue
+            try:
+                r["calls"].append(parse_fused(run_one(b, "--fused", "1")))
+                r["layer"].append(parse_layer(run_one(b, "--layer", "1")))
+            except (RuntimeError, ValueError) as e:
+                r["error"] = str(e)
+    return results
+
+
+def render(results: dict) -> str:
+    headers = ["build", "cases failed", *CALLS, "sum", "layer in turn", "layer vs first"]
+    rows, first = [], None
+    for name, r in results.items():
+        if r["error"] or not r["calls"]:
+            rows.append([name, r["failures"] if r["failures"] is not None else "-", *["-"] * (len(headers) - 2)])
+            continue
+        med = {c: statistics.median(x[c] for x in r["calls"]) for c in CALLS}
+        layer = statistics.median(r["layer"])
+        first = first or layer
+        rows.append([name, r["failures"], *(f"{med[c]:.1f}" for c in CALLS), f"{sum(med.values()):.1f}",
+                     f"{layer:.1f}", f"{layer / first:.4f}x"])
+    text = format_table(headers, rows)
+    errors = [f"{name}: {r['error']}" for name, r in results.items() if r["error"]]
+    return "\n".join([text, *errors])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--build", type=Path, metavar="DIR", help="build each NAME=REVISION into DIR/NAME")
+    mode.add_argument("--run", type=Path, metavar="DIR", help="run the builds in DIR in turn")
+    ap.add_argument("specs", nargs="*", metavar="NAME=REVISION | NAME",
+                    help="--build: what to build; --run: which builds, in this order (default: all, by name)")
+    ap.add_argument("--arch", default="sm_90a", choices=["sm_80", "sm_90", "sm_90a"])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if args.build:
+        if not args.specs:
+            sys.exit("error: --build needs at least one NAME=REVISION")
+        build(args.build, args.specs, args.arch)
+        return 0
+    if any("=" in name for name in args.specs):
+        sys.exit("error: --run takes the names of builds (what --build made), not NAME=REVISION")
+    if args.repeats < 1:
+        sys.exit("error: --repeats must be at least 1")
+    results = run(args.run, args.repeats, args.specs)
+    print("1 row, bf16, one delta, U by block column; us, medians over the repeats, builds run in turn")
+    print(render(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 1 if any(r["error"] or r["failures"] for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""benchmarks/standalone_builds.py: the builds' outputs parsed, run in turn and tabled (stand-in binaries, no GPU)."""
+
+import importlib.util
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+FUSED = """programmatic dependent launch: on
+fused, 1 row, bf16, 1 delta(s), q|k|v    fused  52.8 us | with U columns   {qkv} us | empty bank   36.0 us | x
+fused, 1 row, bf16, 1 delta(s), o        fused   19.1 us | with U columns   17.0 us | empty bank   13.8 us | x
+fused, 1 row, bf16, 1 delta(s), gate|up  fused  107.0 us | with U columns   75.2 us | empty bank   63.2 us | x
+fused, 1 row, bf16, 1 delta(s), down     fused   42.7 us | with U columns   40.5 us | empty bank   34.1 us | x
+"""
+LAYER = """layer, 1 row, bf16, 1 delta(s), empty bank       the calls in turn  147.0 us | each alone, summed  147.1 us
+layer, 1 row, bf16, 1 delta(s), with U columns   the calls in turn  {layer} us | each alone, summed  176.1 us
+layer, 1 row, bf16, 1 delta(s), fused, U by row  the calls in turn  207.4 us | each alone, summed  196.7 us
+"""
+
+
+@pytest.fixture(scope="module")
+def mod():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "standalone_builds.py"
+    spec = importlib.util.spec_from_file_location("standalone_builds", path)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+def stand_in(folder: Path, name: str, qkv: float, layer: float, failures: int = 0, fail_layer: bool = False):
+    """An executable that prints what check_standalone prints for the three modes the script runs."""
+    script = folder / name
+    layer_out = "echo 'cuda error' >&2; exit 3" if fail_layer else f"cat <<'E'\n{LAYER.format(layer=layer)}E\n "
+    script.write_text(
+        "#!/bin/sh\n"
+        f"case \"$1\" in\n"
+        f"  --fused-cases) echo 'passed: {failures} failure(s)';;\n"
+        f"  --fused) cat <<'E'\n{FUSED.format(qkv=qkv)}E\n  ;;\n"
+        f"  --layer) {layer_out};;\n"
+        "esac\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+
+
+def test_outputs_are_parsed(mod):
+    calls = mod.parse_fused(FUSED.format(qkv=43.6))
+    assert calls == {"q|k|v": 43.6, "o": 17.0, "gate|up": 75.2, "down": 40.5}
+    assert mod.parse_layer(LAYER.format(layer=176.4)) == 176.4
+    assert mod.parse_cases("...\npassed: 3 failure(s)\n") == 3
+    with pytest.raises(ValueError, match="gate\\|up"):
+        mod.parse_fused("\n".join(line for line in FUSED.splitlines() if "gate|up" not in line))
+    with pytest.raises(ValueError, match="calls in turn"):
+        mod.parse_layer(LAYER.splitlines()[0])
+    with pytest.raises(ValueError, match="failures"):
+        mod.parse_cases("nothing")
+
+
+def test_builds_run_in_turn_and_are_tabled(mod, tmp_path, capsys):
+    runs = tmp_path / "builds"
+    runs.mkdir()
+    stand_in(runs, "a-main", qkv=43.6, layer=176.4)
+    stand_in(runs, "b-change", qkv=43.4, layer=175.3)
+    stand_in(runs, "c-broken", qkv=1.0, layer=1.0, failures=2)
+    stand_in(runs, "d-crash", qkv=1.0, layer=1.0, fail_layer=True)
+    out = tmp_path / "r.json"
+    assert mod.main(["--run", str(runs), "--repeats", "2", "--json", str(out)]) == 1  # a build failed
+    text = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in text.splitlines() if line[:1] in "abcd"}
+    assert "43.6" in lines["a-main"] and "176.4" in lines["a-main"] and "1.0000x" in lines["a-main"]
+    assert "175.3" in lines["b-change"] and f"{175.3 / 176.4:.4f}x" in lines["b-change"]
+    assert lines["c-broken"].split()[1] == "2"
+    assert "d-crash: d-crash --layer 1 exited with 3: cuda error" in text
+    saved = json.loads(out.read_text())
+    assert len(saved["b-change"]["calls"]) == 2 and saved["b-change"]["layer"] == [175.3, 175.3]
+    assert saved["d-crash"]["error"]
+
+
+def test_builds_run_in_the_order_named(mod, tmp_path, capsys):
+    stand_in(tmp_path, "main", qkv=43.6, layer=176.4)
+    stand_in(tmp_path, "change", qkv=43.4, layer=175.3)
+    assert mod.main(["--run", str(tmp_path), "main", "change", "--repeats", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("main", "change"))]
+    assert [r[0] for r in rows] == ["main", "change"]
+    assert rows[0][-1] == "1.0000x" and rows[1][-1] == f"{175.3 / 176.4:.4f}x"
+
+
+def test_bad_arguments_are_refused(mod, tmp_path):
+    with pytest.raises(SystemExit, match="NAME=REVISION"):
+        mod.main(["--build", str(tmp_path), "no-revision"])
+    with pytest.raises(SystemExit, match="letters, digits"):
+        mod.main(["--build", str(tmp_path), "../x=HEAD"])
+    with pytest.raises(SystemExit, match="no built binaries"):
+        mod.main(["--run", str(tmp_path)])
+    stand_in(tmp_path, "main", qkv=43.6, layer=176.4)
+    with pytest.raises(SystemExit, match="not NAME=REVISION"):
+        mod.main(["--run", str(tmp_path), "a=HEAD"])
+    with pytest.raises(SystemExit, match="no build named other .*there: main"):
+        mod.main(["--run", str(tmp_path), "other"])
+    with pytest.raises(SystemExit, match="git archive"):
+        mod.main(["--build", str(tmp_path), "x=no-such-revision-here"])
