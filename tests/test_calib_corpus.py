@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
+import bench_scripts
 import pytest
 
 from deltacomp.quality.texts import CALIB_SENTENCES, HELDOUT_SENTENCES
@@ -13,11 +12,7 @@ from deltacomp.quality.texts import CALIB_SENTENCES, HELDOUT_SENTENCES
 
 @pytest.fixture(scope="module")
 def corpus_mod():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calib_corpus.py"
-    spec = importlib.util.spec_from_file_location("calib_corpus", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load("calib_corpus")
 
 
 def test_corpus_is_deterministic_distinct_and_sized(corpus_mod):

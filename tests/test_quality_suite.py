@@ -1,27 +1,19 @@
 """The quality suite's smoke run (a tiny random Llama on the CPU): every stage, its JSON and its tables."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import bench_scripts
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_scripts import BENCHMARKS
 
 
 @pytest.fixture(scope="module")
 def suite():
     sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling modules, as when run from benchmarks/
     try:
-        yield _load("quality_suite")
+        yield bench_scripts.load("quality_suite")
     finally:
         sys.path.remove(str(BENCHMARKS))
 

@@ -1,10 +1,10 @@
 """benchmarks/standalone_builds.py: the builds' outputs parsed, run in turn and tabled (stand-in binaries, no GPU)."""
 
-import importlib.util
 import json
 import stat
 from pathlib import Path
 
+import bench_scripts
 import pytest
 
 FUSED = """programmatic dependent launch: on
@@ -21,11 +21,7 @@ layer, 1 row, bf16, 1 delta(s), fused, U by row  the calls in turn  207.4 us | e
 
 @pytest.fixture(scope="module")
 def mod():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "standalone_builds.py"
-    spec = importlib.util.spec_from_file_location("standalone_builds", path)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+    return bench_scripts.load("standalone_builds")
 
 
 def stand_in(folder: Path, name: str, qkv: float, layer: float, failures: int = 0, fail_layer: bool = False):
