@@ -1401,8 +1401,8 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 //      (a thread per rank row, kRowBatch at a time; the warps' sums meet in shared memory) and writes
 //      out = bias + base + delta, rounded once (the CTAs run in step: DRAM idles through their tails, hence
 //      row_path's bound on slices and rank rows);
-//   6. has counted itself in ready[2] right after its last use of the counters (the answer read at its exit); the
-//      CTA that counted last zeroes ready[0..2] for the next call.
+//   6. has counted itself in ready[2] right after its last use of the counters (the answer used at its exit); the
+//      CTA that counted last zeroes ready[0..2] for the next call, with no fence before (step 6 below says why).
 // With U by block column (ColumnU: a set of columns per segment, delta d's rows of a projection, of one parameter
 // group), steps 4 and 5 differ: the CTA requests its columns of its projection's first segments into shared memory
 // (coalesced 16-byte cp.async; with one delta before griddepcontrol.wait, with several once the weights can be read,
@@ -1799,8 +1799,9 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     rpw = min(kRowClaim, max(1, (rows + warps - 1) / warps));
   }
 
-  // Thread 0 counts its CTA done in ready[2] right after its last use of the counters (a release, whose answer it
-  // reads only at the exit): the count's round trip overlaps the tail instead of following it.
+  // Thread 0 counts its CTA done in ready[2] right after its last use of the counters (a release). Only the exit
+  // reads the answer, yet ptxas makes the count a warp-aggregated atomic and waits for its answer at once, so the
+  // release's barrier and the round trip come before the tail's first barrier (cuda/README.md, notes).
   int counted = -1;
   const auto count_self = [&]() {
     asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(counted) : "l"(a.ready + 2) : "memory");
