@@ -119,16 +119,18 @@ def run(folder: Path, repeats: int, names: list[str]) -> dict:
 
 def render(results: dict) -> str:
     headers = ["build", "cases failed", *CALLS, "sum", "layer in turn", "layer vs first"]
-    rows, first = [], None
+    ok = {name: not r["error"] and r["calls"] for name, r in results.items()}
+    first_name = next(iter(results))
+    first = statistics.median(results[first_name]["layer"]) if ok[first_name] else None  # no ratio without it
+    rows = []
     for name, r in results.items():
-        if r["error"] or not r["calls"]:
+        if not ok[name]:
             rows.append([name, r["failures"] if r["failures"] is not None else "-", *["-"] * (len(headers) - 2)])
             continue
         med = {c: statistics.median(x[c] for x in r["calls"]) for c in CALLS}
         layer = statistics.median(r["layer"])
-        first = first or layer
         rows.append([name, r["failures"], *(f"{med[c]:.1f}" for c in CALLS), f"{sum(med.values()):.1f}",
-                     f"{layer:.1f}", f"{layer / first:.4f}x"])
+                     f"{layer:.1f}", f"{layer / first:.4f}x" if first else "-"])
     text = format_table(headers, rows)
     errors = [f"{name}: {r['error']}" for name, r in results.items() if r["error"]]
     return "\n".join([text, *errors])

@@ -95,3 +95,11 @@ def test_bad_arguments_are_refused(mod, tmp_path):
         mod.main(["--run", str(tmp_path), "other"])
     with pytest.raises(SystemExit, match="git archive"):
         mod.main(["--build", str(tmp_path), "x=no-such-revision-here"])
+
+
+def test_no_ratio_when_the_first_build_fails(mod, tmp_path, capsys):
+    stand_in(tmp_path, "main", qkv=43.6, layer=176.4, fail_layer=True)
+    stand_in(tmp_path, "change", qkv=43.4, layer=175.3)
+    assert mod.main(["--run", str(tmp_path), "main", "change", "--repeats", "1"]) == 1
+    change = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("change"))
+    assert change[-2] == "175.3" and change[-1] == "-"
