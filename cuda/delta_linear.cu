@@ -1401,8 +1401,9 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 //      (a thread per rank row, kRowBatch at a time; the warps' sums meet in shared memory) and writes
 //      out = bias + base + delta, rounded once (the CTAs run in step: DRAM idles through their tails, hence
 //      row_path's bound on slices and rank rows);
-//   6. has counted itself in ready[2] right after its last use of the counters (the answer used at its exit); the
-//      CTA that counted last zeroes ready[0..2] for the next call, with no fence before (step 6 below says why).
+//   6. has counted itself in ready[2] after its last use of the counters (a reduction, then a load of the count read
+//      at its exit); a CTA whose load shows every CTA counted zeroes ready[0..2] for the next call, with no fence
+//      before (step 6 below says why).
 // With U by block column (ColumnU: a set of columns per segment, delta d's rows of a projection, of one parameter
 // group), steps 4 and 5 differ: the CTA requests its columns of its projection's first segments into shared memory
 // (coalesced 16-byte cp.async; with one delta before griddepcontrol.wait, with several once the weights can be read,
@@ -1799,12 +1800,17 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     rpw = min(kRowClaim, max(1, (rows + warps - 1) / warps));
   }
 
-  // Thread 0 counts its CTA done in ready[2] right after its last use of the counters (a release). Only the exit
-  // reads the answer, yet ptxas makes the count a warp-aggregated atomic and waits for its answer at once, so the
-  // release's barrier and the round trip come before the tail's first barrier (cuda/README.md, notes).
-  int counted = -1;
+  // Thread 0 counts its CTA done in ready[2] after its last use of the counters: a reduction (an atomic's answer
+  // would be waited for at once: ptxas aggregates it over the warp), then a load of the count, which follows the
+  // reduction in the counter's order and is read only at the exit (a CTA that loads the grid's size zeroes the
+  // counters; more than one may). No release: the CTA's earlier uses are reads consumed before the count (the last
+  // one an acquire), and stage 1's done counts all landed before some CTA saw ready[1] complete and counted.
+  int counted = 0;
+  bool has_counted = false;  // kept apart from `counted`, which is read only at the exit
   const auto count_self = [&]() {
-    asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(counted) : "l"(a.ready + 2) : "memory");
+    asm volatile("red.relaxed.gpu.global.add.s32 [%0], 1;" ::"l"(a.ready + 2) : "memory");
+    asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(counted) : "l"(a.ready + 2) : "memory");
+    has_counted = true;
   };
 
   // 2. x, and the first claim of stage 1's rank rows (its answer travels with x's loads).
@@ -1908,10 +1914,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     // registers, their codes' products with int16 multipliers summed exactly in int32 for every slice from shared
     // memory, then scaled; the warps' sums add up in red.
     ROW_STAMP(3);
-    if (threadIdx.x == 0) {
-      await_count(a.ready + 1, a.b.J);
-      count_self();
-    }
+    if (threadIdx.x == 0) await_count(a.ready + 1, a.b.J);
 #pragma unroll
     for (int s = 0; s < kColMaxSlices; ++s)
       if (s < nsl && (lane & 1) == 0) red[s][warp][lane >> 1] = 0.f;
@@ -1944,6 +1947,8 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
           }
         }
       }
+      // Thread 0's count, after the barrier that every warp waits at (its records' loads are in flight).
+      if (threadIdx.x == 0 && !has_counted) count_self();
       const float inv = big > 0.f ? 32767.f / big : 0.f, unit = big * (1.f / 32767.f);
       uint32_t pairs[kColRows / 2];
 #pragma unroll
@@ -2082,13 +2087,14 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     }
   }
 #endif
-  // 6. The last CTA zeroes the counters: each CTA has counted itself with a release after its last use of them (a
-  // CTA that never waited counts now). Those uses are reads whose values were consumed before the count was issued,
-  // and the last CTA issues its stores only once its count has returned, so no fence is needed before them (one
-  // cost about 0.3 us a call); the next call reads the counters only after this grid has completed.
+  // 6. A CTA whose load of the count shows the grid's size zeroes the counters: each CTA has counted itself after
+  // its last use of them (a CTA that never waited counts now). Those uses are reads whose values were consumed
+  // before the count was issued, and the zeroing CTA issues its stores only once its load has returned, so no fence
+  // is needed before them (one cost about 0.3 us a call); several CTAs may store the same zeros; the next call reads
+  // the counters only after this grid has completed.
   if (a.ready != nullptr && threadIdx.x == 0) {
-    if (counted < 0) count_self();
-    if (counted == static_cast<int>(gridDim.x) - 1) {
+    if (!has_counted) count_self();
+    if (counted == static_cast<int>(gridDim.x)) {
       a.ready[0] = 0, a.ready[1] = 0, a.ready[2] = 0;
     }
   }
