@@ -1836,6 +1836,9 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
   // lane i reads row i's metadata (one round trip for the warp's rows, handed on by shuffles) and asks L2 for its V
   // words when its delta is in use, so that the warp's rows arrive together; with one delta every lane reads its row's.
   for (int j0 = a.b.J > 0 ? ticket : a.b.J; j0 < a.b.J;) {
+    // The next claim is asked for now: its answer arrives while this one is computed.
+    int next = 0;
+    if (threadIdx.x == 0) next = atomicAdd(a.ready, kWarps * rpw);
     int mvb = 0, mwoff = 0, mpoff = 0, mgs = 0, mdsc = 0;
     uint32_t mpair = 0u;
     float msj = 0.f, mwt = 0.f;
@@ -1887,7 +1890,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     if (threadIdx.x == 0) {
       const int done = min(kWarps * rpw, a.b.J - j0);
       atomicAdd(a.ready + 1, done);
-      ticket = atomicAdd(a.ready, kWarps * rpw);
+      ticket = next;
 #ifdef DELTACOMP_ROW_TRACE
       stamp[kTraceTimes + 2] += done;
 #endif
