@@ -1392,8 +1392,9 @@ Bank make_bank(const int32_t* v_words, const void* v_scale, const void* v_offset
 //   2. stages x in shared memory as float, in 32-float blocks padded to 36 (conflict-free float4 reads for both uses);
 //   3. takes rank rows of stage 1 from a ticket (ready[0], kWarps at a time: one per warp; with several deltas up to
 //      kRowClaim a warp, as many as let the grid claim the rows of the deltas in use at once) until none are left,
-//      and for each writes c[j] = s[j] * w[delta(j)] * sum_k x[k] V[j, k] (0 for a row whose delta has weight 0,
-//      whose V is not read) and counts them done in ready[1] after a fence;
+//      asking for the next claim while it computes one, and for each writes c[j] = s[j] * w[delta(j)] * sum_k x[k]
+//      V[j, k] (0 for a row whose delta has weight 0, whose V is not read) and counts them done in ready[1] after a
+//      fence;
 //   then, slice by slice:
 //   4. computes the slice's base outputs, NO weight rows per warp over the whole input (kRowLoads 16-byte loads in
 //      flight per lane), and asks L2 for the first bytes of the next slice's weight rows;
