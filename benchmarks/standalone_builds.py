@@ -5,11 +5,14 @@ revision (``--build``, where nvcc is: the binaries carry to the GPU machine) and
 (``--run``), each ``--repeats`` times, alternating, so that a drifting machine moves them all alike:
 
 - ``--fused-cases``: the fused form's correctness cases (failures counted);
-- ``--fused 1``: the four calls of a Llama-2-7B layer at one row, bf16, one delta, U by block column (us a call);
-- ``--layer 1``: the four calls in turn over 32 layers (us a layer).
+- ``--fused K``: the four calls of a Llama-2-7B layer at one row, bf16, a bank of K deltas (``--deltas``, each
+  weighted 1 / K), U by block column (us a call);
+- ``--layer K``: the four calls in turn over 32 layers (us a layer).
 
     python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a]
-    python benchmarks/standalone_builds.py --run DIR [main change] [--repeats 2] [--json out.json]
+    PYTHONPATH=. python benchmarks/standalone_builds.py --run DIR [main change] [--deltas 4] [--repeats 2] [--json F]
+
+(``PYTHONPATH=.`` where the source tree is there but deltacomp is not installed, as on a bare GPU machine.)
 """
 
 from __future__ import annotations
@@ -28,31 +31,33 @@ from deltacomp.report import format_table
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = ("q|k|v", "o", "gate|up", "down")
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-FUSED_LINE = re.compile(r"^fused, 1 row, bf16, 1 delta\(s\), (\S+)\s.*\| with U columns\s+([0-9.]+) us")
-LAYER_LINE = re.compile(r"^layer, 1 row, bf16, 1 delta\(s\), with U columns\s+the calls in turn\s+([0-9.]+) us")
+FUSED_LINE = r"^fused, 1 row, bf16, {k} delta\(s\), (\S+)\s.*\| with U columns\s+([0-9.]+) us"
+LAYER_LINE = r"^layer, 1 row, bf16, {k} delta\(s\), with U columns\s+the calls in turn\s+([0-9.]+) us"
 CASES_LINE = re.compile(r"^passed: (\d+) failure\(s\)", re.MULTILINE)
 
 
-def parse_fused(text: str) -> dict[str, float]:
-    """us a call with U by block column, by call name, from ``--fused 1``'s output."""
+def parse_fused(text: str, deltas: int = 1) -> dict[str, float]:
+    """us a call with U by block column, by call name, from ``--fused K``'s output."""
+    pattern = re.compile(FUSED_LINE.format(k=deltas))
     found = {}
     for line in text.splitlines():
-        m = FUSED_LINE.match(line)
+        m = pattern.match(line)
         if m:
             found[m.group(1)] = float(m.group(2))
     missing = [c for c in CALLS if c not in found]
     if missing:
-        raise ValueError(f"--fused 1 printed no time for {', '.join(missing)}")
+        raise ValueError(f"--fused {deltas} printed no time for {', '.join(missing)}")
     return found
 
 
-def parse_layer(text: str) -> float:
-    """us a layer, the calls in turn with U by block column, from ``--layer 1``'s output."""
+def parse_layer(text: str, deltas: int = 1) -> float:
+    """us a layer, the calls in turn with U by block column, from ``--layer K``'s output."""
+    pattern = re.compile(LAYER_LINE.format(k=deltas))
     for line in text.splitlines():
-        m = LAYER_LINE.match(line)
+        m = pattern.match(line)
         if m:
             return float(m.group(1))
-    raise ValueError("--layer 1 printed no time for the calls in turn with U columns")
+    raise ValueError(f"--layer {deltas} printed no time for the calls in turn with U columns")
 
 
 def parse_cases(text: str) -> int:
@@ -90,7 +95,7 @@ def run_one(binary: Path, *args: str) -> str:
     return done.stdout
 
 
-def run(folder: Path, repeats: int, names: list[str]) -> dict:
+def run(folder: Path, repeats: int, names: list[str], deltas: int = 1) -> dict:
     found = {p.name: p for p in folder.iterdir() if p.is_file() and NAME.match(p.name) and p.stat().st_mode & 0o111}
     if not found:
         sys.exit(f"error: no built binaries in {folder} (run --build first)")
@@ -110,8 +115,8 @@ def run(folder: Path, repeats: int, names: list[str]) -> dict:
             if r["error"]:
                 continue
             try:
-                r["calls"].append(parse_fused(run_one(b, "--fused", "1")))
-                r["layer"].append(parse_layer(run_one(b, "--layer", "1")))
+                r["calls"].append(parse_fused(run_one(b, "--fused", str(deltas)), deltas))
+                r["layer"].append(parse_layer(run_one(b, "--layer", str(deltas)), deltas))
             except (RuntimeError, ValueError) as e:
                 r["error"] = str(e)
     return results
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("specs", nargs="*", metavar="NAME=REVISION | NAME",
                     help="--build: what to build; --run: which builds, in this order (default: all, by name)")
     ap.add_argument("--arch", default="sm_90a", choices=["sm_80", "sm_90", "sm_90a"])
+    ap.add_argument("--deltas", type=int, default=1, help="deltas in the bank of the timed calls (--run)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -156,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("error: --run takes the names of builds (what --build made), not NAME=REVISION")
     if args.repeats < 1:
         sys.exit("error: --repeats must be at least 1")
-    results = run(args.run, args.repeats, args.specs)
-    print("1 row, bf16, one delta, U by block column; us, medians over the repeats, builds run in turn")
+    if not 1 <= args.deltas <= 16:
+        sys.exit("error: --deltas must be 1 to 16")
+    results = run(args.run, args.repeats, args.specs, args.deltas)
+    bank = "one delta" if args.deltas == 1 else f"{args.deltas} deltas, each weighted 1/{args.deltas}"
+    print(f"1 row, bf16, {bank}, U by block column; us, medians over the repeats, builds run in turn")
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -8,14 +8,14 @@ import bench_scripts
 import pytest
 
 FUSED = """programmatic dependent launch: on
-fused, 1 row, bf16, 1 delta(s), q|k|v    fused  52.8 us | with U columns   {qkv} us | empty bank   36.0 us | x
-fused, 1 row, bf16, 1 delta(s), o        fused   19.1 us | with U columns   17.0 us | empty bank   13.8 us | x
-fused, 1 row, bf16, 1 delta(s), gate|up  fused  107.0 us | with U columns   75.2 us | empty bank   63.2 us | x
-fused, 1 row, bf16, 1 delta(s), down     fused   42.7 us | with U columns   40.5 us | empty bank   34.1 us | x
+fused, 1 row, bf16, {k} delta(s), q|k|v    fused  52.8 us | with U columns   {qkv} us | empty bank   36.0 us | x
+fused, 1 row, bf16, {k} delta(s), o        fused   19.1 us | with U columns   17.0 us | empty bank   13.8 us | x
+fused, 1 row, bf16, {k} delta(s), gate|up  fused  107.0 us | with U columns   75.2 us | empty bank   63.2 us | x
+fused, 1 row, bf16, {k} delta(s), down     fused   42.7 us | with U columns   40.5 us | empty bank   34.1 us | x
 """
-LAYER = """layer, 1 row, bf16, 1 delta(s), empty bank       the calls in turn  147.0 us | each alone, summed  147.1 us
-layer, 1 row, bf16, 1 delta(s), with U columns   the calls in turn  {layer} us | each alone, summed  176.1 us
-layer, 1 row, bf16, 1 delta(s), fused, U by row  the calls in turn  207.4 us | each alone, summed  196.7 us
+LAYER = """layer, 1 row, bf16, {k} delta(s), empty bank       the calls in turn  147.0 us | each alone, summed  147.1 us
+layer, 1 row, bf16, {k} delta(s), with U columns   the calls in turn  {layer} us | each alone, summed  176.1 us
+layer, 1 row, bf16, {k} delta(s), fused, U by row  the calls in turn  207.4 us | each alone, summed  196.7 us
 """
 
 
@@ -24,15 +24,18 @@ def mod():
     return bench_scripts.load("standalone_builds")
 
 
-def stand_in(folder: Path, name: str, qkv: float, layer: float, failures: int = 0, fail_layer: bool = False):
-    """An executable that prints what check_standalone prints for the three modes the script runs."""
+def stand_in(folder: Path, name: str, qkv: float, layer: float, failures: int = 0, fail_layer: bool = False,
+             deltas: str = "$2"):
+    """An executable that prints what check_standalone prints for the three modes the script runs (for the number
+    of deltas it is asked for, unless `deltas` names one)."""
     script = folder / name
-    layer_out = "echo 'cuda error' >&2; exit 3" if fail_layer else f"cat <<'E'\n{LAYER.format(layer=layer)}E\n "
+    layer_text = LAYER.format(layer=layer, k=deltas)
+    layer_out = "echo 'cuda error' >&2; exit 3" if fail_layer else f"cat <<E\n{layer_text}E\n "
     script.write_text(
         "#!/bin/sh\n"
         f"case \"$1\" in\n"
         f"  --fused-cases) echo 'passed: {failures} failure(s)';;\n"
-        f"  --fused) cat <<'E'\n{FUSED.format(qkv=qkv)}E\n  ;;\n"
+        f"  --fused) cat <<E\n{FUSED.format(qkv=qkv, k=deltas)}E\n  ;;\n"
         f"  --layer) {layer_out};;\n"
         "esac\n"
     )
@@ -40,14 +43,18 @@ def stand_in(folder: Path, name: str, qkv: float, layer: float, failures: int = 
 
 
 def test_outputs_are_parsed(mod):
-    calls = mod.parse_fused(FUSED.format(qkv=43.6))
+    calls = mod.parse_fused(FUSED.format(qkv=43.6, k=1))
     assert calls == {"q|k|v": 43.6, "o": 17.0, "gate|up": 75.2, "down": 40.5}
-    assert mod.parse_layer(LAYER.format(layer=176.4)) == 176.4
+    assert mod.parse_layer(LAYER.format(layer=176.4, k=1)) == 176.4
+    assert mod.parse_fused(FUSED.format(qkv=80.1, k=4), 4)["q|k|v"] == 80.1
+    assert mod.parse_layer(LAYER.format(layer=311.4, k=4), 4) == 311.4
+    with pytest.raises(ValueError, match="--fused 4 printed no time for q\\|k\\|v, o"):
+        mod.parse_fused(FUSED.format(qkv=43.6, k=1), 4)  # one delta's lines do not stand for four
     assert mod.parse_cases("...\npassed: 3 failure(s)\n") == 3
     with pytest.raises(ValueError, match="gate\\|up"):
-        mod.parse_fused("\n".join(line for line in FUSED.splitlines() if "gate|up" not in line))
+        mod.parse_fused("\n".join(line for line in FUSED.format(qkv=1, k=1).splitlines() if "gate|up" not in line))
     with pytest.raises(ValueError, match="calls in turn"):
-        mod.parse_layer(LAYER.splitlines()[0])
+        mod.parse_layer(LAYER.format(layer=1, k=1).splitlines()[0])
     with pytest.raises(ValueError, match="failures"):
         mod.parse_cases("nothing")
 
@@ -103,3 +110,18 @@ def test_no_ratio_when_the_first_build_fails(mod, tmp_path, capsys):
     assert mod.main(["--run", str(tmp_path), "main", "change", "--repeats", "1"]) == 1
     change = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("change"))
     assert change[-2] == "175.3" and change[-1] == "-"
+
+
+def test_a_bank_of_several_deltas_is_timed(mod, tmp_path, capsys):
+    stand_in(tmp_path, "main", qkv=80.5, layer=311.4)
+    stand_in(tmp_path, "change", qkv=79.9, layer=309.0)
+    assert mod.main(["--run", str(tmp_path), "main", "change", "--deltas", "4", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("1 row, bf16, 4 deltas, each weighted 1/4,")
+    change = next(line.split() for line in text.splitlines() if line.startswith("change"))
+    assert change[2] == "79.9" and change[-2] == "309.0" and change[-1] == f"{309.0 / 311.4:.4f}x"
+    stand_in(tmp_path, "change", qkv=79.9, layer=309.0, deltas="1")  # answers for one delta whatever it is asked
+    assert mod.main(["--run", str(tmp_path), "main", "change", "--deltas", "4", "--repeats", "1"]) == 1
+    assert "change: --fused 4 printed no time for q|k|v" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--deltas must be 1 to 16"):
+        mod.main(["--run", str(tmp_path), "--deltas", "0"])
