@@ -150,6 +150,20 @@ __device__ __forceinline__ void store_vec(float* p, const float (&v)[V]) {
 
 __device__ __forceinline__ bool valid_bits(int b) { return b == 1 || b == 2 || b == 3 || b == 4 || b == 8; }
 
+// Calls f(std::integral_constant<int, B>()) for the width B that `bits` names (1, 2, 3, 4 or 8), so that each width's
+// code is compiled with its width known; does nothing for another value and says whether it called f.
+template <typename F>
+__device__ __forceinline__ bool with_width(int bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>()); return true;
+    case 2: f(std::integral_constant<int, 2>()); return true;
+    case 3: f(std::integral_constant<int, 3>()); return true;
+    case 4: f(std::integral_constant<int, 4>()); return true;
+    case 8: f(std::integral_constant<int, 8>()); return true;
+    default: return false;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // Programmatic dependent launch (sm_90): both kernels are launched allowed to start before the kernel ahead of them
 // in the stream has finished. Before wait_prior_grids() a kernel reads only the bank (immutable); everything written
@@ -579,17 +593,10 @@ template <int NJ, int R_TILE, bool FOLD>
 __device__ __forceinline__ void shrink_tile_any(int bits, float (&acc)[NJ * R_TILE], const RowRef (&rr)[NJ],
                                                 unsigned mask, const ShrinkArgs& a, const float* xs, int kb0,
                                                 int nunits, int lane, const Prefetch<NJ>& pre, bool use_pre) {
-#define DELTACOMP_TILE(B) \
-  shrink_tile<B, NJ, R_TILE, FOLD>(acc, rr, mask, a.words, a.scale, a.offset, xs, kb0, nunits, lane, pre, use_pre)
-  switch (bits) {
-    case 1: DELTACOMP_TILE(1); break;
-    case 2: DELTACOMP_TILE(2); break;
-    case 3: DELTACOMP_TILE(3); break;
-    case 4: DELTACOMP_TILE(4); break;
-    case 8: DELTACOMP_TILE(8); break;
-    default: break;
-  }
-#undef DELTACOMP_TILE
+  with_width(bits, [&](auto B) {
+    shrink_tile<decltype(B)::value, NJ, R_TILE, FOLD>(acc, rr, mask, a.words, a.scale, a.offset, xs, kb0, nunits,
+                                                      lane, pre, use_pre);
+  });
 }
 
 // Rows of `todo` with the width of its lowest row (one pass over a tile serves them all).
@@ -1545,26 +1552,12 @@ __device__ __forceinline__ void row_expand_batch(float (&acc)[W], const RowArgs&
     pair[i] = 0u;
     if (cv[i] == 0.f) bits[i] = 0;  // an inactive row (or a zero sum) adds nothing: its words are not read
     const int32_t* blk = a.b.u_words + woff[i] + bi * bits[i];
-    switch (bits[i]) {
-      case 1: row_load_slice<1, W>(blk, q0, raw[i]); break;
-      case 2: row_load_slice<2, W>(blk, q0, raw[i]); break;
-      case 3: row_load_slice<3, W>(blk, q0, raw[i]); break;
-      case 4: row_load_slice<4, W>(blk, q0, raw[i]); break;
-      case 8: row_load_slice<8, W>(blk, q0, raw[i]); break;
-      default: bits[i] = 0; break;
-    }
+    if (!with_width(bits[i], [&](auto B) { row_load_slice<decltype(B)::value, W>(blk, q0, raw[i]); })) bits[i] = 0;
     if (bits[i] != 0) pair[i] = load_param_pair(a.b.u_scale, a.b.u_offset, poff[i] + group_index(bi * 32, gp[i]));
   }
 #pragma unroll
   for (int i = 0; i < kRowBatch; ++i) {
-    switch (bits[i]) {
-      case 1: row_add_slice<1, W>(acc, raw[i], q0, pair[i], cv[i]); break;
-      case 2: row_add_slice<2, W>(acc, raw[i], q0, pair[i], cv[i]); break;
-      case 3: row_add_slice<3, W>(acc, raw[i], q0, pair[i], cv[i]); break;
-      case 4: row_add_slice<4, W>(acc, raw[i], q0, pair[i], cv[i]); break;
-      case 8: row_add_slice<8, W>(acc, raw[i], q0, pair[i], cv[i]); break;
-      default: break;
-    }
+    with_width(bits[i], [&](auto B) { row_add_slice<decltype(B)::value, W>(acc, raw[i], q0, pair[i], cv[i]); });
   }
 }
 
@@ -1861,14 +1854,9 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
       float t = 0.f;
       if (wt != 0.f) {
         const int32_t* row = a.b.v_words + woff;
-        switch (vb) {
-          case 1: t = row_shrink<1>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
-          case 2: t = row_shrink<2>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
-          case 3: t = row_shrink<3>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
-          case 4: t = row_shrink<4>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
-          case 8: t = row_shrink<8>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane); break;
-          default: break;  // not a valid width: the row adds nothing
-        }
+        with_width(vb, [&](auto B) {  // not a valid width: the row adds nothing
+          t = row_shrink<decltype(B)::value>(row, a.b.v_scale, a.b.v_offset, poff, gp, xs, nblk, lane);
+        });
       }
       const float c = wt != 0.f && valid_bits(vb) ? t * sj * wt : 0.f;
       const int dsc = pick(mdsc);
@@ -1982,14 +1970,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
                 const int d0 = t == 0 ? da : db, d1 = passes == 1 ? db : d0;
                 const uint32_t m = passes == 1 ? pairs[i] : pairs[i] & (t == 0 ? 0xffffu : 0xffff0000u);
                 const uint32_t *p0 = col + (d0 >> 4), *p1 = col + (d1 >> 4);
-                switch (d0 & 15) {
-                  case 1: tail_pair<1>(iacc, p0, p1, q0, m); break;
-                  case 2: tail_pair<2>(iacc, p0, p1, q0, m); break;
-                  case 3: tail_pair<3>(iacc, p0, p1, q0, m); break;
-                  case 4: tail_pair<4>(iacc, p0, p1, q0, m); break;
-                  case 8: tail_pair<8>(iacc, p0, p1, q0, m); break;
-                  default: break;
-                }
+                with_width(d0 & 15, [&](auto B) { tail_pair<decltype(B)::value>(iacc, p0, p1, q0, m); });
               }
             }
           }
@@ -2002,14 +1983,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
 #pragma unroll
             for (int i = 0; i < kColRows; ++i) {
               const uint32_t* blk = col + (dsc[i] >> 4);
-              switch (dsc[i] & 15) {
-                case 1: tail_add<1, W>(acc, blk, q0, cm[i]); break;
-                case 2: tail_add<2, W>(acc, blk, q0, cm[i]); break;
-                case 3: tail_add<3, W>(acc, blk, q0, cm[i]); break;
-                case 4: tail_add<4, W>(acc, blk, q0, cm[i]); break;
-                case 8: tail_add<8, W>(acc, blk, q0, cm[i]); break;
-                default: break;
-              }
+              with_width(dsc[i] & 15, [&](auto B) { tail_add<decltype(B)::value, W>(acc, blk, q0, cm[i]); });
             }
           }
         }
