@@ -278,6 +278,7 @@ int g_sms = 0;
 bool g_columns = true;  // fused calls pass U by block column (DeviceColumns)
 bool g_pdl = false;  // programmatic dependent launch: on from compute capability 9.0 (--no-pdl turns it off)
 int g_failures = 0;
+float g_x_outlier = 0.f;  // when > 0, every 41st input of x is that many times larger (activation outliers)
 
 // The fused op's stage 1 counters: one buffer, zeroed once and grown as needed (each call must leave it zero).
 int* g_ready = nullptr;
@@ -317,6 +318,8 @@ RunResult run_case(const Bank& b, int R, int dtype, const std::vector<float>& w,
   std::vector<float> xf(static_cast<size_t>(R) * b.n), yf(fused ? b.M : out_n);
   std::vector<float> wf(fused ? static_cast<size_t>(b.M) * b.n : 0);
   for (float& v : xf) v = nd(rng);
+  if (g_x_outlier > 0.f)
+    for (size_t k = 0; k < xf.size(); k += 41) xf[k] *= g_x_outlier;
   for (float& v : yf) v = y_scale * nd(rng);
   for (float& v : wf) v = nd(rng) / std::sqrt(static_cast<float>(b.n));
   std::vector<double> xr, yr, wr;
@@ -672,7 +675,27 @@ void correctness() {
     }
   }
 
-  // 4. Empty bank (J = 0): out = y. Compared against y itself.
+  // 4. Activation outliers (every 41st input 300 times the others) at one-row tiles, one delta and four, and in the
+  //    fused form: the bound holds for inputs of a wide range (as a form that rounds x per block of inputs must).
+  {
+    g_x_outlier = 300.f;
+    const Bank b = build_bank(4096, {576, 1535}, 1, {{all_pairs}, {all_pairs}}, {128}, 41);
+    std::vector<std::vector<std::vector<Group>>> table(1, std::vector<std::vector<Group>>(4));
+    for (int d = 0; d < 4; ++d) table[0][d] = {{1, 1, 40}, {2, 3, 9}, {8, 4, 2}};
+    const Bank b4 = build_bank(1535, {1100}, 4, table, {0, 128, 32, 96}, 43);
+    for (int dtype : {1, 2})
+      for (int R : {1, 3}) {
+        report("activation outliers, row tiles of 1", b, R, dtype,
+               run_case(b, R, dtype, dense_weights(R, 1, R, false), 13 * R + dtype, 0.01f, 0, false, 1));
+        report("activation outliers, 4 deltas, row tiles of 1", b4, R, dtype,
+               run_case(b4, R, dtype, dense_weights(R, 4, R + dtype, false), 17 * R + dtype, 0.01f, 0, false, 1));
+        report("activation outliers, fused", b, R, dtype,
+               run_case(b, R, dtype, dense_weights(R, 1, R, false), 19 * R + dtype, 0.1f, 0, false, 0, true));
+      }
+    g_x_outlier = 0.f;
+  }
+
+  // 5. Empty bank (J = 0): out = y. Compared against y itself.
   {
     std::vector<std::vector<std::vector<Group>>> table(2, std::vector<std::vector<Group>>(1));
     const Bank b = build_bank(100, {64, 37}, 1, table, {0}, 3);
@@ -684,10 +707,10 @@ void correctness() {
     }
   }
 
-  // 5. The fused op.
+  // 6. The fused op.
   fused_cases();
 
-  // 6. CUDA graph capture and replay, Llama-sized shapes at 1 and 16 rows.
+  // 7. CUDA graph capture and replay, Llama-sized shapes at 1 and 16 rows.
   {
     std::vector<std::vector<std::vector<Group>>> table(1, std::vector<std::vector<Group>>(1));
     table[0][0] = {{8, 8, 2}, {3, 3, 32}, {2, 2, 222}};
