@@ -7,10 +7,13 @@ revision (``--build``, where nvcc is: the binaries carry to the GPU machine) and
 - ``--fused-cases``: the fused form's correctness cases (failures counted);
 - ``--fused K``: the four calls of a Llama-2-7B layer at one row, bf16, a bank of K deltas (``--deltas``, each
   weighted 1 / K), U by block column (us a call);
-- ``--layer K``: the four calls in turn over 32 layers (us a layer).
+- ``--layer K``: the four calls in turn over 32 layers (us a layer);
+- with ``--tenants T`` (1, 4 or 16), ``--stages T T 1``: the two-kernel op on T token rows, each on its own of T
+  deltas (the multi-tenant plan; the Llama-2-7B q|k|v bank, fp16), stage 1 alone and the whole call (us).
 
     python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a]
-    PYTHONPATH=. python benchmarks/standalone_builds.py --run DIR [main change] [--deltas 4] [--repeats 2] [--json F]
+    PYTHONPATH=. python benchmarks/standalone_builds.py --run DIR [main change] [--deltas 4] [--tenants 16]
+        [--repeats 2] [--json F]
 
 (``PYTHONPATH=.`` where the source tree is there but deltacomp is not installed, as on a bare GPU machine.)
 """
@@ -34,6 +37,8 @@ NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 FUSED_LINE = r"^fused, 1 row, bf16, {k} delta\(s\), (\S+)\s.*\| with U columns\s+([0-9.]+) us"
 LAYER_LINE = r"^layer, 1 row, bf16, {k} delta\(s\), with U columns\s+the calls in turn\s+([0-9.]+) us"
 CASES_LINE = re.compile(r"^passed: (\d+) failure\(s\)", re.MULTILINE)
+STAGES_LINE = r"^R={t}\s+r_tile=1\s.*\| full ([0-9.]+) us, graph [0-9.]+ us, shrink ([0-9.]+) us"
+TENANTS = (1, 4, 16)
 
 
 def parse_fused(text: str, deltas: int = 1) -> dict[str, float]:
@@ -58,6 +63,14 @@ def parse_layer(text: str, deltas: int = 1) -> float:
         if m:
             return float(m.group(1))
     raise ValueError(f"--layer {deltas} printed no time for the calls in turn with U columns")
+
+
+def parse_stages(text: str, tenants: int) -> dict[str, float]:
+    """Stage 1 alone and the whole two-kernel call (us), from ``--stages T T 1``'s output."""
+    m = re.search(STAGES_LINE.format(t=tenants), text, re.MULTILINE)
+    if m is None:
+        raise ValueError(f"--stages {tenants} {tenants} 1 printed no times for {tenants} row(s) in tiles of one")
+    return {"stage 1": float(m.group(2)), "call": float(m.group(1))}
 
 
 def parse_cases(text: str) -> int:
@@ -95,7 +108,7 @@ def run_one(binary: Path, *args: str) -> str:
     return done.stdout
 
 
-def run(folder: Path, repeats: int, names: list[str], deltas: int = 1) -> dict:
+def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: int = 0) -> dict:
     found = {p.name: p for p in folder.iterdir() if p.is_file() and NAME.match(p.name) and p.stat().st_mode & 0o111}
     if not found:
         sys.exit(f"error: no built binaries in {folder} (run --build first)")
@@ -103,7 +116,7 @@ def run(folder: Path, repeats: int, names: list[str], deltas: int = 1) -> dict:
     if unknown:
         sys.exit(f"error: no build named {', '.join(unknown)} in {folder} (there: {', '.join(sorted(found))})")
     builds = [found[n] for n in names] if names else [found[n] for n in sorted(found)]
-    results = {b.name: {"failures": None, "calls": [], "layer": [], "error": None} for b in builds}
+    results = {b.name: {"failures": None, "calls": [], "layer": [], "tenants": [], "error": None} for b in builds}
     for b in builds:
         try:
             results[b.name]["failures"] = parse_cases(run_one(b, "--fused-cases"))
@@ -117,6 +130,9 @@ def run(folder: Path, repeats: int, names: list[str], deltas: int = 1) -> dict:
             try:
                 r["calls"].append(parse_fused(run_one(b, "--fused", str(deltas)), deltas))
                 r["layer"].append(parse_layer(run_one(b, "--layer", str(deltas)), deltas))
+                if tenants:
+                    t = str(tenants)
+                    r["tenants"].append(parse_stages(run_one(b, "--stages", t, t, "1"), tenants))
             except (RuntimeError, ValueError) as e:
                 r["error"] = str(e)
     return results
@@ -141,6 +157,23 @@ def render(results: dict) -> str:
     return "\n".join([text, *errors])
 
 
+def render_tenants(results: dict, tenants: int) -> str:
+    """The two-kernel op on `tenants` rows over as many deltas: medians, and the call against the first build's."""
+    headers = ["build", "stage 1", "call", "call vs first"]
+    ok = {name: not r["error"] and r["tenants"] for name, r in results.items()}
+    first_name = next(iter(results))
+    first = statistics.median(x["call"] for x in results[first_name]["tenants"]) if ok[first_name] else None
+    rows = []
+    for name, r in results.items():
+        if not ok[name]:
+            rows.append([name, "-", "-", "-"])
+            continue
+        stage1 = statistics.median(x["stage 1"] for x in r["tenants"])
+        call = statistics.median(x["call"] for x in r["tenants"])
+        rows.append([name, f"{stage1:.1f}", f"{call:.1f}", f"{call / first:.4f}x" if first else "-"])
+    return format_table(headers, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group(required=True)
@@ -150,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="--build: what to build; --run: which builds, in this order (default: all, by name)")
     ap.add_argument("--arch", default="sm_90a", choices=["sm_80", "sm_90", "sm_90a"])
     ap.add_argument("--deltas", type=int, default=1, help="deltas in the bank of the timed calls (--run)")
+    ap.add_argument("--tenants", type=int, default=0,
+                    help="also time the two-kernel op on T rows over T deltas, T = 1, 4 or 16 (--run)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -164,10 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("error: --repeats must be at least 1")
     if not 1 <= args.deltas <= 16:
         sys.exit("error: --deltas must be 1 to 16")
-    results = run(args.run, args.repeats, args.specs, args.deltas)
+    if args.tenants and args.tenants not in TENANTS:
+        sys.exit("error: --tenants must be 1, 4 or 16")
+    results = run(args.run, args.repeats, args.specs, args.deltas, args.tenants)
     bank = "one delta" if args.deltas == 1 else f"{args.deltas} deltas, each weighted 1/{args.deltas}"
     print(f"1 row, bf16, {bank}, U by block column; us, medians over the repeats, builds run in turn")
     print(render(results))
+    if args.tenants:
+        t = args.tenants
+        print(f"\n{t} row(s), each on its own of {t} delta(s) (the q|k|v bank), tiles of one row, fp16 (--stages): us, "
+              "medians over the repeats")
+        print(render_tenants(results, args.tenants))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 1 if any(r["error"] or r["failures"] for r in results.values()) else 0

@@ -18,6 +18,11 @@ layer, 1 row, bf16, {k} delta(s), with U columns   the calls in turn  {layer} us
 layer, 1 row, bf16, {k} delta(s), fused, U by row  the calls in turn  207.4 us | each alone, summed  196.7 us
 """
 
+STAGES = """empty kernel launch: 2.10 us
+R={t}  r_tile=1  stage1 grid (94,1,{t}) smem 16896 | stage2 grid (27,2,{t}) | full {call} us, graph 192.0 us, shrink \
+{stage1} us, shrink+expand 196.6 us
+"""
+
 
 @pytest.fixture(scope="module")
 def mod():
@@ -25,8 +30,8 @@ def mod():
 
 
 def stand_in(folder: Path, name: str, qkv: float, layer: float, failures: int = 0, fail_layer: bool = False,
-             deltas: str = "$2"):
-    """An executable that prints what check_standalone prints for the three modes the script runs (for the number
+             deltas: str = "$2", call: float = 190.2, stage1: float = 93.2):
+    """An executable that prints what check_standalone prints for the four modes the script runs (for the number
     of deltas it is asked for, unless `deltas` names one)."""
     script = folder / name
     layer_text = LAYER.format(layer=layer, k=deltas)
@@ -37,6 +42,7 @@ def stand_in(folder: Path, name: str, qkv: float, layer: float, failures: int = 
         f"  --fused-cases) echo 'passed: {failures} failure(s)';;\n"
         f"  --fused) cat <<E\n{FUSED.format(qkv=qkv, k=deltas)}E\n  ;;\n"
         f"  --layer) {layer_out};;\n"
+        f"  --stages) cat <<E\n{STAGES.format(t='$2', call=call, stage1=stage1)}E\n  ;;\n"
         "esac\n"
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
@@ -125,3 +131,24 @@ def test_a_bank_of_several_deltas_is_timed(mod, tmp_path, capsys):
     assert "change: --fused 4 printed no time for q|k|v" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--deltas must be 1 to 16"):
         mod.main(["--run", str(tmp_path), "--deltas", "0"])
+
+
+def test_the_multi_tenant_op_is_timed(mod, tmp_path, capsys):
+    out = STAGES.format(t=16, call=185.1, stage1=93.6)
+    assert mod.parse_stages(out, 16) == {"stage 1": 93.6, "call": 185.1}
+    with pytest.raises(ValueError, match="--stages 4 4 1 printed no times for 4 row"):
+        mod.parse_stages(out, 4)  # sixteen rows' line does not stand for four
+    runs = tmp_path / "builds"
+    runs.mkdir()
+    stand_in(runs, "main", qkv=43.6, layer=176.4, call=190.2, stage1=93.2)
+    stand_in(runs, "change", qkv=43.4, layer=175.3, call=185.1, stage1=93.6)
+    js = tmp_path / "r.json"
+    assert mod.main(["--run", str(runs), "main", "change", "--tenants", "16", "--repeats", "2", "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    table = text[text.index("16 row(s), each on its own of 16 delta(s)"):]
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith(("main", "change"))}
+    assert rows["main"][1:] == ["93.2", "190.2", "1.0000x"]
+    assert rows["change"][1:] == ["93.6", "185.1", f"{185.1 / 190.2:.4f}x"]
+    assert json.loads(js.read_text())["change"]["tenants"] == [{"stage 1": 93.6, "call": 185.1}] * 2
+    with pytest.raises(SystemExit, match="--tenants must be 1, 4 or 16"):
+        mod.main(["--run", str(runs), "--tenants", "8"])
