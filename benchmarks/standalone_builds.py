@@ -138,40 +138,45 @@ def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: 
     return results
 
 
+def median_of(r: dict, key: str, field: str | None = None) -> float | None:
+    """The median of a build's `key` runs (of each run's `field` where given); None after an error or without runs."""
+    if r["error"] or not r[key]:
+        return None
+    return statistics.median(x if field is None else x[field] for x in r[key])
+
+
+def vs_first(value: float, first: float | None) -> str:
+    return f"{value / first:.4f}x" if first else "-"  # no ratio without the first build's
+
+
 def render(results: dict) -> str:
     headers = ["build", "cases failed", *CALLS, "sum", "layer in turn", "layer vs first"]
-    ok = {name: not r["error"] and r["calls"] for name, r in results.items()}
-    first_name = next(iter(results))
-    first = statistics.median(results[first_name]["layer"]) if ok[first_name] else None  # no ratio without it
+    first = median_of(next(iter(results.values())), "layer")
     rows = []
     for name, r in results.items():
-        if not ok[name]:
+        layer = median_of(r, "layer")
+        if layer is None:
             rows.append([name, r["failures"] if r["failures"] is not None else "-", *["-"] * (len(headers) - 2)])
             continue
-        med = {c: statistics.median(x[c] for x in r["calls"]) for c in CALLS}
-        layer = statistics.median(r["layer"])
+        med = {c: median_of(r, "calls", c) for c in CALLS}
         rows.append([name, r["failures"], *(f"{med[c]:.1f}" for c in CALLS), f"{sum(med.values()):.1f}",
-                     f"{layer:.1f}", f"{layer / first:.4f}x" if first else "-"])
+                     f"{layer:.1f}", vs_first(layer, first)])
     text = format_table(headers, rows)
     errors = [f"{name}: {r['error']}" for name, r in results.items() if r["error"]]
     return "\n".join([text, *errors])
 
 
-def render_tenants(results: dict, tenants: int) -> str:
-    """The two-kernel op on `tenants` rows over as many deltas: medians, and the call against the first build's."""
-    headers = ["build", "stage 1", "call", "call vs first"]
-    ok = {name: not r["error"] and r["tenants"] for name, r in results.items()}
-    first_name = next(iter(results))
-    first = statistics.median(x["call"] for x in results[first_name]["tenants"]) if ok[first_name] else None
+def render_tenants(results: dict) -> str:
+    """The two-kernel op on several rows over as many deltas: medians, and the call against the first build's."""
+    first = median_of(next(iter(results.values())), "tenants", "call")
     rows = []
     for name, r in results.items():
-        if not ok[name]:
+        call = median_of(r, "tenants", "call")
+        if call is None:
             rows.append([name, "-", "-", "-"])
             continue
-        stage1 = statistics.median(x["stage 1"] for x in r["tenants"])
-        call = statistics.median(x["call"] for x in r["tenants"])
-        rows.append([name, f"{stage1:.1f}", f"{call:.1f}", f"{call / first:.4f}x" if first else "-"])
-    return format_table(headers, rows)
+        rows.append([name, f"{median_of(r, 'tenants', 'stage 1'):.1f}", f"{call:.1f}", vs_first(call, first)])
+    return format_table(["build", "stage 1", "call", "call vs first"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         t = args.tenants
         print(f"\n{t} row(s), each on its own of {t} delta(s) (the q|k|v bank), tiles of one row, fp16 (--stages): us, "
               "medians over the repeats")
-        print(render_tenants(results, args.tenants))
+        print(render_tenants(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 1 if any(r["error"] or r["failures"] for r in results.values()) else 0
