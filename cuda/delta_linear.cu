@@ -1175,13 +1175,9 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
         }
         const int bits = __shfl_sync(kFullMask, d.bits, i);
         const int n = run_length(__ballot_sync(kFullMask, d.bits == bits), i);
-        switch (bits) {
-          case 1: i += expand_run<1, R_TILE, OPL, FOLD>(acc, cadd, d, cw, i, n, a, has, bi, q0); break;
-          case 2: i += expand_run<2, R_TILE, OPL, FOLD>(acc, cadd, d, cw, i, n, a, has, bi, q0); break;
-          case 3: i += expand_run<3, R_TILE, OPL, FOLD>(acc, cadd, d, cw, i, n, a, has, bi, q0); break;
-          case 4: i += expand_run<4, R_TILE, OPL, FOLD>(acc, cadd, d, cw, i, n, a, has, bi, q0); break;
-          default: i += expand_run<8, R_TILE, OPL, FOLD>(acc, cadd, d, cw, i, n, a, has, bi, q0); break;
-        }
+        with_width(valid_bits(bits) ? bits : 8, [&](auto B) {
+          i += expand_run<decltype(B)::value, R_TILE, OPL, FOLD>(acc, cadd, d, cw, i, n, a, has, bi, q0);
+        });
       }
       __syncwarp();  // cw is restaged next round
     }
