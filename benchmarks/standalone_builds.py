@@ -8,12 +8,14 @@ revision (``--build``, where nvcc is: the binaries carry to the GPU machine) and
 - ``--fused K``: the four calls of a Llama-2-7B layer at one row, bf16, a bank of K deltas (``--deltas``, each
   weighted 1 / K), U by block column (us a call);
 - ``--layer K``: the four calls in turn over 32 layers (us a layer);
-- with ``--tenants T`` (1, 4 or 16), ``--stages T T 1``: the two-kernel op on T token rows, each on its own of T
-  deltas (the multi-tenant plan; the Llama-2-7B q|k|v bank, fp16), stage 1 alone and the whole call (us).
+- with ``--tenants T[,T...]`` (each 1, 4 or 16), ``--stages T T 1``: the two-kernel op on T token rows, each on its
+  own of T deltas (the multi-tenant plan; the Llama-2-7B q|k|v bank, fp16), stage 1 alone and the whole call (us).
+
+``--no-calls`` leaves out ``--fused K`` and ``--layer K`` (the longest runs), for a change to the two-kernel op alone.
 
     python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a]
-    PYTHONPATH=. python benchmarks/standalone_builds.py --run DIR [main change] [--deltas 4] [--tenants 16]
-        [--repeats 2] [--json F]
+    PYTHONPATH=. python benchmarks/standalone_builds.py --run DIR [main change] [--deltas 4] [--tenants 16,1]
+        [--no-calls] [--repeats 2] [--json F]
 
 (``PYTHONPATH=.`` where the source tree is there but deltacomp is not installed, as on a bare GPU machine.)
 """
@@ -108,7 +110,12 @@ def run_one(binary: Path, *args: str) -> str:
     return done.stdout
 
 
-def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: int = 0) -> dict:
+def tenants_key(t: int) -> str:
+    return f"tenants {t}"  # a build's runs of the two-kernel op on t rows over t deltas
+
+
+def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: tuple[int, ...] = (),
+        calls: bool = True) -> dict:
     found = {p.name: p for p in folder.iterdir() if p.is_file() and NAME.match(p.name) and p.stat().st_mode & 0o111}
     if not found:
         sys.exit(f"error: no built binaries in {folder} (run --build first)")
@@ -116,7 +123,8 @@ def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: 
     if unknown:
         sys.exit(f"error: no build named {', '.join(unknown)} in {folder} (there: {', '.join(sorted(found))})")
     builds = [found[n] for n in names] if names else [found[n] for n in sorted(found)]
-    results = {b.name: {"failures": None, "calls": [], "layer": [], "tenants": [], "error": None} for b in builds}
+    results = {b.name: {"failures": None, "calls": [], "layer": [], **{tenants_key(t): [] for t in tenants},
+                        "error": None} for b in builds}
     for b in builds:
         try:
             results[b.name]["failures"] = parse_cases(run_one(b, "--fused-cases"))
@@ -128,11 +136,11 @@ def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: 
             if r["error"]:
                 continue
             try:
-                r["calls"].append(parse_fused(run_one(b, "--fused", str(deltas)), deltas))
-                r["layer"].append(parse_layer(run_one(b, "--layer", str(deltas)), deltas))
-                if tenants:
-                    t = str(tenants)
-                    r["tenants"].append(parse_stages(run_one(b, "--stages", t, t, "1"), tenants))
+                if calls:
+                    r["calls"].append(parse_fused(run_one(b, "--fused", str(deltas)), deltas))
+                    r["layer"].append(parse_layer(run_one(b, "--layer", str(deltas)), deltas))
+                for t in tenants:
+                    r[tenants_key(t)].append(parse_stages(run_one(b, "--stages", str(t), str(t), "1"), t))
             except (RuntimeError, ValueError) as e:
                 r["error"] = str(e)
     return results
@@ -161,22 +169,31 @@ def render(results: dict) -> str:
         med = {c: median_of(r, "calls", c) for c in CALLS}
         rows.append([name, r["failures"], *(f"{med[c]:.1f}" for c in CALLS), f"{sum(med.values()):.1f}",
                      f"{layer:.1f}", vs_first(layer, first)])
-    text = format_table(headers, rows)
-    errors = [f"{name}: {r['error']}" for name, r in results.items() if r["error"]]
-    return "\n".join([text, *errors])
+    return format_table(headers, rows)
 
 
-def render_tenants(results: dict) -> str:
-    """The two-kernel op on several rows over as many deltas: medians, and the call against the first build's."""
-    first = median_of(next(iter(results.values())), "tenants", "call")
+def render_tenants(results: dict, tenants: int) -> str:
+    """The two-kernel op on T rows over as many deltas: medians, and the call against the first build's."""
+    key = tenants_key(tenants)
+    first = median_of(next(iter(results.values())), key, "call")
     rows = []
     for name, r in results.items():
-        call = median_of(r, "tenants", "call")
+        call = median_of(r, key, "call")
         if call is None:
             rows.append([name, "-", "-", "-"])
             continue
-        rows.append([name, f"{median_of(r, 'tenants', 'stage 1'):.1f}", f"{call:.1f}", vs_first(call, first)])
+        rows.append([name, f"{median_of(r, key, 'stage 1'):.1f}", f"{call:.1f}", vs_first(call, first)])
     return format_table(["build", "stage 1", "call", "call vs first"], rows)
+
+
+def parse_tenants(text: str) -> tuple[int, ...]:
+    """``--tenants``: a comma-separated list of 1, 4 and 16, each once, in the order given."""
+    if not text:
+        return ()
+    parts = text.split(",")
+    if any(p not in {str(t) for t in TENANTS} for p in parts) or len(set(parts)) != len(parts):
+        sys.exit(f"error: --tenants must list 1, 4 or 16, each once, separated by commas, got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="--build: what to build; --run: which builds, in this order (default: all, by name)")
     ap.add_argument("--arch", default="sm_90a", choices=["sm_80", "sm_90", "sm_90a"])
     ap.add_argument("--deltas", type=int, default=1, help="deltas in the bank of the timed calls (--run)")
-    ap.add_argument("--tenants", type=int, default=0,
-                    help="also time the two-kernel op on T rows over T deltas, T = 1, 4 or 16 (--run)")
+    ap.add_argument("--tenants", default="",
+                    help="also time the two-kernel op on T rows over T deltas, for each T of a comma-separated list "
+                         "of 1, 4 and 16 (--run)")
+    ap.add_argument("--no-calls", action="store_true", help="leave out the fused calls and the layer (--run)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -204,17 +223,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("error: --repeats must be at least 1")
     if not 1 <= args.deltas <= 16:
         sys.exit("error: --deltas must be 1 to 16")
-    if args.tenants and args.tenants not in TENANTS:
-        sys.exit("error: --tenants must be 1, 4 or 16")
-    results = run(args.run, args.repeats, args.specs, args.deltas, args.tenants)
-    bank = "one delta" if args.deltas == 1 else f"{args.deltas} deltas, each weighted 1/{args.deltas}"
-    print(f"1 row, bf16, {bank}, U by block column; us, medians over the repeats, builds run in turn")
-    print(render(results))
-    if args.tenants:
-        t = args.tenants
+    tenants = parse_tenants(args.tenants)
+    if args.no_calls and not tenants:
+        sys.exit("error: --no-calls leaves nothing to time without --tenants")
+    results = run(args.run, args.repeats, args.specs, args.deltas, tenants, not args.no_calls)
+    if not args.no_calls:
+        bank = "one delta" if args.deltas == 1 else f"{args.deltas} deltas, each weighted 1/{args.deltas}"
+        print(f"1 row, bf16, {bank}, U by block column; us, medians over the repeats, builds run in turn")
+        print(render(results))
+    else:
+        print("failed fused cases: " + ", ".join(f"{name} {r['failures']}" for name, r in results.items()))
+    for t in tenants:
         print(f"\n{t} row(s), each on its own of {t} delta(s) (the q|k|v bank), tiles of one row, fp16 (--stages): us, "
               "medians over the repeats")
-        print(render_tenants(results))
+        print(render_tenants(results, t))
+    for name, r in results.items():
+        if r["error"]:
+            print(f"{name}: {r['error']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 1 if any(r["error"] or r["failures"] for r in results.values()) else 0

@@ -149,6 +149,26 @@ def test_the_multi_tenant_op_is_timed(mod, tmp_path, capsys):
     rows = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith(("main", "change"))}
     assert rows["main"][1:] == ["93.2", "190.2", "1.0000x"]
     assert rows["change"][1:] == ["93.6", "185.1", f"{185.1 / 190.2:.4f}x"]
-    assert json.loads(js.read_text())["change"]["tenants"] == [{"stage 1": 93.6, "call": 185.1}] * 2
-    with pytest.raises(SystemExit, match="--tenants must be 1, 4 or 16"):
-        mod.main(["--run", str(runs), "--tenants", "8"])
+    assert json.loads(js.read_text())["change"]["tenants 16"] == [{"stage 1": 93.6, "call": 185.1}] * 2
+    for bad in ("8", "16,16", "16,", "one"):
+        with pytest.raises(SystemExit, match="--tenants must list 1, 4 or 16, each once"):
+            mod.main(["--run", str(runs), "--tenants", bad])
+
+
+def test_the_multi_tenant_op_alone_at_several_row_counts(mod, tmp_path, capsys):
+    runs = tmp_path / "builds"
+    runs.mkdir()
+    stand_in(runs, "main", qkv=43.6, layer=176.4, call=190.2, stage1=93.2)
+    stand_in(runs, "change", qkv=43.4, layer=175.3, call=185.1, stage1=93.6, fail_layer=True)
+    js = tmp_path / "r.json"
+    # the change's --layer would fail: --no-calls never runs it
+    assert mod.main(["--run", str(runs), "main", "change", "--tenants", "16,1", "--no-calls", "--repeats", "1",
+                     "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    assert "layer in turn" not in text and text.startswith("failed fused cases: main 0, change 0")
+    assert text.index("16 row(s), each on its own of 16") < text.index("1 row(s), each on its own of 1 delta(s)")
+    saved = json.loads(js.read_text())
+    assert saved["main"]["calls"] == [] and saved["main"]["layer"] == []
+    assert saved["change"]["tenants 1"] == [{"stage 1": 93.6, "call": 185.1}]
+    with pytest.raises(SystemExit, match="--no-calls leaves nothing to time without --tenants"):
+        mod.main(["--run", str(runs), "--no-calls"])
