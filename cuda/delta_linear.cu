@@ -880,12 +880,15 @@ struct RowDesc {
 // A run of up to JB consecutive staged rank rows of the same width starting at staged row i (n rows available): all
 // their words are requested before any is decoded, so JB loads per lane are in flight. Returns the rows consumed.
 // FOLD (fold_params): the lane's OPL outputs share a parameter group, so c add goes into cadd, which the caller adds
-// to each of them.
-template <int BITS, int R_TILE, int OPL, bool FOLD>
+// to each of them. INT (with FOLD; OPL = 16): the codes go as integer products (pair_products), in runs of up to 8
+// rows: the run's multipliers c scale are rounded to int16 against the largest of them (an error of at most 1.5e-5 of
+// that one), its sums are exact in int32 and scaled once a run.
+template <int BITS, int R_TILE, int OPL, bool FOLD, bool INT>
 __device__ __forceinline__ int expand_run(float (&acc)[R_TILE * OPL], float& cadd, const RowDesc& d, const float* cw,
                                           int i, int n, const ExpandArgs& a, bool has, int bi, int q0) {
   constexpr int NW = lane_words<BITS, OPL>(), CP = c_pitch(R_TILE);
-  constexpr int JB = expand_run_max(NW, R_TILE);
+  constexpr int JB = INT ? clamp_int(8 / NW, 2, 8) : expand_run_max(NW, R_TILE);
+  static_assert(!INT || (FOLD && OPL == 16 && JB % 2 == 0), "integer products: pairs of 16-code rows, folded");
   const int nn = min(n, JB);
   uint32_t wv[JB][NW], pair[JB];
 #pragma unroll
@@ -900,6 +903,30 @@ __device__ __forceinline__ int expand_run(float (&acc)[R_TILE * OPL], float& cad
       load_lane_words<BITS, OPL>(a.words + woff + bi * BITS, q0, wv[b]);
       pair[b] = load_param_pair(a.scale, a.offset, poff + group_index(bi * 32, gp));
     }
+  }
+  if constexpr (INT) {
+    float cm[JB], big = 0.f;
+#pragma unroll
+    for (int b = 0; b < JB; ++b) {
+      cm[b] = 0.f;
+      if (b < nn) {
+        align_lane_words<BITS, OPL>(wv[b], q0);
+        const float c = cw[(i + b) * CP];
+        cm[b] = c * pair_scale(pair[b]);
+        cadd = __fmaf_rn(c, pair_offset(pair[b]), cadd);
+        big = fmaxf(big, fabsf(cm[b]));
+      }
+    }
+    const float inv = big > 0.f ? 32767.f / big : 0.f, unit = big * (1.f / 32767.f);
+    int iacc[OPL];
+#pragma unroll
+    for (int e = 0; e < OPL; ++e) iacc[e] = 0;
+#pragma unroll
+    for (int b = 0; b < JB; b += 2)  // a row past nn has no words and multiplier 0
+      if (b < nn) pair_products<BITS>(iacc, wv[b], wv[b + 1], int16_pair(cm[b], cm[b + 1], inv));
+#pragma unroll
+    for (int e = 0; e < OPL; ++e) acc[e] = __fmaf_rn(static_cast<float>(iacc[e]), unit, acc[e]);
+    return nn;
   }
 #pragma unroll
   for (int b = 0; b < JB; ++b) {
@@ -1029,10 +1056,10 @@ __device__ __forceinline__ int run_length(unsigned m, int i) {
 // 32 descriptors at a time (lane t loads rank row jb + t: metadata, c = sw * sum_ks tpart), then runs of equal width.
 // The 8 warps' tiles are summed through shared memory at the end. With nsplit > 1 each split stores an fp32 partial
 // tile; the last CTA to finish a tile (counted with an atomic) adds the partials in split order and writes out.
-template <typename scalar_t, int R_TILE>
+template <typename scalar_t, int R_TILE, bool INT_PRODUCTS>
 __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kernel(const ExpandArgs a) {
   constexpr int OPL = expand_opl(R_TILE), W2 = 32 * OPL, NACC = R_TILE * OPL, CP = c_pitch(R_TILE);
-  constexpr bool FOLD = fold_params<scalar_t, R_TILE>();
+  constexpr bool FOLD = fold_params<scalar_t, R_TILE>(), INT = INT_PRODUCTS && FOLD;
   __shared__ __align__(16) float smem[expand_smem_floats(R_TILE)];
   __shared__ int is_last;
   allow_next_grid();
@@ -1176,7 +1203,7 @@ __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kern
         const int bits = __shfl_sync(kFullMask, d.bits, i);
         const int n = run_length(__ballot_sync(kFullMask, d.bits == bits), i);
         with_width(valid_bits(bits) ? bits : 8, [&](auto B) {
-          i += expand_run<decltype(B)::value, R_TILE, OPL, FOLD>(acc, cadd, d, cw, i, n, a, has, bi, q0);
+          i += expand_run<decltype(B)::value, R_TILE, OPL, FOLD, INT>(acc, cadd, d, cw, i, n, a, has, bi, q0);
         });
       }
       __syncwarp();  // cw is restaged next round
@@ -2238,10 +2265,11 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
     const cudaError_t err = cudaMemsetAsync(counters, 0, static_cast<size_t>(p.ncounters) * sizeof(int), stream);
     if (err != cudaSuccess) return err;
   }
-  const auto expand = [&] {
-    return launch_kernel(expand_kernel<scalar_t, R_TILE>, dim3(p.slots, p.nsplit, p.ntiles), 0, pdl, stream, ea);
+  // Integer products only in the two-kernel op: beside the base kernel they made the fused call slower (cuda/README).
+  const auto expand = [&](auto kernel) {
+    return launch_kernel(kernel, dim3(p.slots, p.nsplit, p.ntiles), 0, pdl, stream, ea);
   };
-  if (!fused) return expand();
+  if (!fused) return expand(expand_kernel<scalar_t, R_TILE, fold_params<scalar_t, R_TILE>()>);
 
   BaseKernelArgs ba{x, R, n, M, p.base_kchunk, {}, {}, b.P, f.base_vec, base_plane};
   for (int q = 0, end = 0; q < kMaxBaseProjs; ++q) {
@@ -2249,7 +2277,7 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
     ba.weight[q] = f.base[q], ba.end[q] = end;
   }
   if (b.J > 0) {  // without rank rows there are no planes to add
-    const cudaError_t err = expand();
+    const cudaError_t err = expand(expand_kernel<scalar_t, R_TILE, false>);
     if (err != cudaSuccess) return err;
   }
   // The base kernel reads x at once: without a stage 1 ahead of it (late trigger) it must not start early.
