@@ -82,9 +82,9 @@ __host__ __device__ constexpr int unit_floats(int r_tile) {
 __host__ __device__ constexpr int block_floats(int r_tile) { return 32 / shrink_opl(r_tile) * unit_floats(r_tile); }
 // One-row tiles of 16-bit activations fold each code's scale and offset out of the inner sums: stage 1 sums u x per
 // unit and adds mul * that + add * (the unit's x sum, staged in its padding); stage 2 adds (c mul) u per code and
-// c add once per lane. One FMA a code instead of two. fp32 activations keep the per-code dequantization: the folded
-// sums cancel more (3.4e-5 of the delta's norm on a 200 x 1 projection at 128-entry groups, over the 2e-5 that
-// cuda/check_standalone.cu allows fp32).
+// c add once per lane. One FMA a code instead of two (stage 2 of the two-kernel op goes further: integer products,
+// expand_run's INT). fp32 activations keep the per-code dequantization: the folded sums cancel more (3.4e-5 of the
+// delta's norm on a 200 x 1 projection at 128-entry groups, over the 2e-5 that cuda/check_standalone.cu allows fp32).
 template <typename scalar_t, int R_TILE>
 __host__ __device__ constexpr bool fold_params() {
   return R_TILE == 1 && sizeof(scalar_t) == 2;
@@ -1056,6 +1056,7 @@ __device__ __forceinline__ int run_length(unsigned m, int i) {
 // 32 descriptors at a time (lane t loads rank row jb + t: metadata, c = sw * sum_ks tpart), then runs of equal width.
 // The 8 warps' tiles are summed through shared memory at the end. With nsplit > 1 each split stores an fp32 partial
 // tile; the last CTA to finish a tile (counted with an atomic) adds the partials in split order and writes out.
+// INT_PRODUCTS: folded one-row tiles add their codes as integer products (expand_run's INT).
 template <typename scalar_t, int R_TILE, bool INT_PRODUCTS>
 __global__ void __launch_bounds__(kThreads, expand_min_ctas(R_TILE)) expand_kernel(const ExpandArgs a) {
   constexpr int OPL = expand_opl(R_TILE), W2 = 32 * OPL, NACC = R_TILE * OPL, CP = c_pitch(R_TILE);
