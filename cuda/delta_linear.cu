@@ -926,27 +926,27 @@ __device__ __forceinline__ int expand_run(float (&acc)[R_TILE * OPL], float& cad
       if (b < nn) pair_products<BITS>(iacc, wv[b], wv[b + 1], int16_pair(cm[b], cm[b + 1], inv));
 #pragma unroll
     for (int e = 0; e < OPL; ++e) acc[e] = __fmaf_rn(static_cast<float>(iacc[e]), unit, acc[e]);
-    return nn;
-  }
+  } else {
 #pragma unroll
-  for (int b = 0; b < JB; ++b) {
-    if (b < nn) {
-      align_lane_words<BITS, OPL>(wv[b], q0);
-      float mul, add;
-      expand_param_pair<BITS>(pair[b], mul, add);
-      float cr[R_TILE];
-      load_vec<R_TILE>(cw + (i + b) * CP, cr);
-      if constexpr (FOLD) {
-        const float cm = cr[0] * mul;
-        cadd = __fmaf_rn(cr[0], add, cadd);
+    for (int b = 0; b < JB; ++b) {
+      if (b < nn) {
+        align_lane_words<BITS, OPL>(wv[b], q0);
+        float mul, add;
+        expand_param_pair<BITS>(pair[b], mul, add);
+        float cr[R_TILE];
+        load_vec<R_TILE>(cw + (i + b) * CP, cr);
+        if constexpr (FOLD) {
+          const float cm = cr[0] * mul;
+          cadd = __fmaf_rn(cr[0], add, cadd);
 #pragma unroll
-        for (int e = 0; e < OPL; ++e) acc[e] = __fmaf_rn(unit_code<BITS>(wv[b], BITS * e), cm, acc[e]);
-      } else {
+          for (int e = 0; e < OPL; ++e) acc[e] = __fmaf_rn(unit_code<BITS>(wv[b], BITS * e), cm, acc[e]);
+        } else {
 #pragma unroll
-        for (int e = 0; e < OPL; ++e) {
-          const float val = __fmaf_rn(unit_code<BITS>(wv[b], BITS * e), mul, add);
+          for (int e = 0; e < OPL; ++e) {
+            const float val = __fmaf_rn(unit_code<BITS>(wv[b], BITS * e), mul, add);
 #pragma unroll
-          for (int r = 0; r < R_TILE; ++r) acc[r * OPL + e] = __fmaf_rn(cr[r], val, acc[r * OPL + e]);
+            for (int r = 0; r < R_TILE; ++r) acc[r * OPL + e] = __fmaf_rn(cr[r], val, acc[r * OPL + e]);
+          }
         }
       }
     }
