@@ -2192,6 +2192,16 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
     const int64_t chunk = ceil_div<int64_t>(ceil_div<int64_t>(n, kBaseSplits), kBaseChunk) * kBaseChunk;
     p.base_kchunk = static_cast<int>(n > kBaseChunk ? chunk : n);
     p.base_ks = p.base_kchunk > 0 ? static_cast<int>(ceil_div<int64_t>(n, p.base_kchunk)) : 1;
+  } else if (tiles * p.ntiles > 0) {
+    // By waves: a CTA's time goes as 1 / nsplit and the grid takes ceil(CTAs / target2) rounds of it, so fewer
+    // splits than the above where that takes fewer rounds per split (gate|up at one row on 132 SMs: 9 splits, 387
+    // CTAs in one round, rather than 10, 430 and a second round of 34).
+    const int64_t per = tiles * p.ntiles;
+    const auto rounds = [&](int64_t s) { return ceil_div<int64_t>(per * s, target2); };
+    int64_t best = nsplit < cap ? nsplit : cap;
+    for (int64_t s = best - 1; s >= 1; --s)
+      if (rounds(s) * best < rounds(best) * s) best = s;
+    nsplit = best;
   }
   nsplit = nsplit < 1 ? 1 : (nsplit > cap ? cap : nsplit);
   p.nsplit = J > 0 ? static_cast<int>(nsplit) : 1;
