@@ -12,6 +12,7 @@ revision (``--build``, where nvcc is: the binaries carry to the GPU machine) and
   own of T deltas (the multi-tenant plan; the Llama-2-7B q|k|v bank, fp16), stage 1 alone and the whole call (us).
 
 ``--no-calls`` leaves out ``--fused K`` and ``--layer K`` (the longest runs), for a change to the two-kernel op alone.
+Each run's figures also go to stderr as it ends, so that a run cut short still shows what it timed.
 
     python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a]
     PYTHONPATH=. python benchmarks/standalone_builds.py --run DIR [main change] [--deltas 4] [--tenants 16,1]
@@ -110,6 +111,11 @@ def run_one(binary: Path, *args: str) -> str:
     return done.stdout
 
 
+def progress(line: str) -> None:
+    """Each run's figures as it ends (us), on stderr: a run cut short still shows what it timed."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def tenants_key(t: int) -> str:
     return f"tenants {t}"  # a build's runs of the two-kernel op on t rows over t deltas
 
@@ -128,6 +134,7 @@ def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: 
     for b in builds:
         try:
             results[b.name]["failures"] = parse_cases(run_one(b, "--fused-cases"))
+            progress(f"{b.name} --fused-cases: {results[b.name]['failures']} failure(s)")
         except (RuntimeError, ValueError) as e:
             results[b.name]["error"] = str(e)
     for _ in range(repeats):
@@ -138,9 +145,13 @@ def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: 
             try:
                 if calls:
                     r["calls"].append(parse_fused(run_one(b, "--fused", str(deltas)), deltas))
+                    progress(f"{b.name} --fused {deltas}: " + ", ".join(f"{c} {v}" for c, v in r["calls"][-1].items()))
                     r["layer"].append(parse_layer(run_one(b, "--layer", str(deltas)), deltas))
+                    progress(f"{b.name} --layer {deltas}: {r['layer'][-1]}")
                 for t in tenants:
                     r[tenants_key(t)].append(parse_stages(run_one(b, "--stages", str(t), str(t), "1"), t))
+                    progress(f"{b.name} --stages {t} {t} 1: " + ", ".join(
+                        f"{k} {v}" for k, v in r[tenants_key(t)][-1].items()))
             except (RuntimeError, ValueError) as e:
                 r["error"] = str(e)
     return results

@@ -74,7 +74,10 @@ def test_builds_run_in_turn_and_are_tabled(mod, tmp_path, capsys):
     stand_in(runs, "d-crash", qkv=1.0, layer=1.0, fail_layer=True)
     out = tmp_path / "r.json"
     assert mod.main(["--run", str(runs), "--repeats", "2", "--json", str(out)]) == 1  # a build failed
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "b-change --fused 1: q|k|v 43.4, o 17.0, gate|up 75.2, down 40.5" in captured.err
+    assert "b-change --layer 1: 175.3" in captured.err and "d-crash --layer" not in captured.err
     lines = {line.split()[0]: line for line in text.splitlines() if line[:1] in "abcd"}
     assert "43.6" in lines["a-main"] and "176.4" in lines["a-main"] and "1.0000x" in lines["a-main"]
     assert "175.3" in lines["b-change"] and f"{175.3 / 176.4:.4f}x" in lines["b-change"]
@@ -164,8 +167,15 @@ def test_the_multi_tenant_op_alone_at_several_row_counts(mod, tmp_path, capsys):
     # the change's --layer would fail: --no-calls never runs it
     assert mod.main(["--run", str(runs), "main", "change", "--tenants", "16,1", "--no-calls", "--repeats", "1",
                      "--json", str(js)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "layer in turn" not in text and text.startswith("failed fused cases: main 0, change 0")
+    # each run's figures on stderr as it ends, in the order run
+    assert captured.err.splitlines() == ["main --fused-cases: 0 failure(s)", "change --fused-cases: 0 failure(s)",
+                                         "main --stages 16 16 1: stage 1 93.2, call 190.2",
+                                         "main --stages 1 1 1: stage 1 93.2, call 190.2",
+                                         "change --stages 16 16 1: stage 1 93.6, call 185.1",
+                                         "change --stages 1 1 1: stage 1 93.6, call 185.1"]
     assert text.index("16 row(s), each on its own of 16") < text.index("1 row(s), each on its own of 1 delta(s)")
     saved = json.loads(js.read_text())
     assert saved["main"]["calls"] == [] and saved["main"]["layer"] == []
