@@ -62,3 +62,24 @@ def test_bad_input_is_refused(mod):
         mod.kernels(f".visible .entry {ROW}(\n)\n{{\n\tret;\n")
     with pytest.raises(SystemExit, match="--flag is OLD=NEW"):
         mod.main(["main", "HEAD", "--flag", "no-equals-sign"])
+
+
+PTXAS = f"""ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '{ROW}' for 'sm_90a'
+ptxas info    : Function properties for {ROW}
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 3472 bytes smem
+ptxas info    : Compiling entry function '{EXPAND_INT}' for 'sm_90a'
+ptxas info    : Function properties for {EXPAND_INT}
+    80 bytes stack frame, 44 bytes spill stores, 40 bytes spill loads
+ptxas info    : Used 80 registers, used 1 barriers, 32772 bytes smem
+"""
+
+
+def test_registers_and_spills_are_read_and_shown(mod):
+    found = mod.resources(PTXAS)
+    names = {mod.short(n): v for n, v in found.items()}
+    assert names == {"row_kernelIfLb0EE": (128, 0), "expand_kernelI6__halfLi1ELb1EE": (80, 44)}
+    assert set(found) == set(mod.kernels(kernel(ROW, "\tret;") + kernel(EXPAND_INT, "\tret;")))  # the same names
+    assert mod.either(80, 80) == "80" and mod.either(28, 44) == "28 -> 44"
+    assert mod.either(None, 44) == "44" and mod.either(80, None) == "80" and mod.either(None, None) == "-"
