@@ -948,14 +948,15 @@ void layer_bench(int K) {
 }
 
 #ifdef DELTACOMP_ROW_TRACE
-// The one-row kernel's stamps (DELTACOMP_ROW_TRACE builds): the four calls of a layer in turn over 32 layers, and each
-// call 32 times alone, one graph replay each after warm-up; per call (the median over the layers after the first, us)
-// from the first CTA past its wait (A): the last CTA past its wait, stage 1 done everywhere, the base products done
-// (median CTA, last CTA), the count seen by the last CTA, the first and last CTA out; and the gap from the previous
-// call's last CTA out to A (the previous one-row call's end to this call's start: a call in between on other
-// kernels counts in it), and the first CTA in before A. Then the base products done by the CTAs of the most outputs
-// and by the others, the stage-1 rank rows a CTA computed (median, and the last CTA's to finish its base products),
-// and the distance b' - b most common between CTAs sharing an SM.
+// The one-row kernel's stamps (DELTACOMP_ROW_TRACE builds): the four calls of a layer in turn over 32 layers, and
+// each call 32 times alone, one graph replay each after warm-up; per call (the median over the layers after the
+// first, us) from the first CTA past its wait (A): the last CTA past its wait, stage 1 done everywhere, a CTA's
+// first slice's base product done (median CTA), the base products done (median CTA, last CTA), the count seen by the
+// last CTA, the first and last CTA out; and the gap from the previous call's last CTA out to A (the previous one-row
+// call's end to this call's start: a call in between on other kernels counts in it), and the first CTA in before A.
+// Then the base products done by the CTAs of the most outputs and by the others, the stage-1 rank rows a CTA
+// computed (median, and the last CTA's to finish its base products), and the distance b' - b most common between
+// CTAs sharing an SM.
 void trace_bench(int K) {
   constexpr int kLayers = 32, kCap = 4 * kLayers;
   const LayerCalls lc(K);
@@ -1011,7 +1012,7 @@ void trace_bench(int K) {
     CHECK_CUDA(cudaMemcpy(g.data(), ctas, kCap * sizeof(int), cudaMemcpyDeviceToHost));
     const int per = static_cast<int>(which.size()), total = per * kLayers;
     // per call: fields (us from A)
-    constexpr int F = 22;
+    constexpr int F = 23;
     std::vector<std::vector<std::vector<double>>> v(per, std::vector<std::vector<double>>(F));
     const auto median = [](std::vector<double> x) {
       std::sort(x.begin(), x.end());
@@ -1062,7 +1063,7 @@ void trace_bench(int K) {
                                 static_cast<double>(most), static_cast<double>(heavy.size()), median(heavy),
                                 last(heavy), median(light), last(light), median(rows),
                                 static_cast<double>(cta[last_b][deltacomp::kTraceTimes + 2]), rel(t[6], false),
-                                rel(t[7], false), rel(t[7], true)};
+                                rel(t[7], false), rel(t[7], true), rel(t[8], false)};
       prev_out = t[5].back();
       if (c >= per)  // after the first layer
         for (int f = 0; f < F; ++f) v[c % per][f].push_back(fields[f]);
@@ -1071,10 +1072,10 @@ void trace_bench(int K) {
       double med[F];
       for (int f = 0; f < F; ++f) med[f] = median(v[q][f]);
       std::printf("trace, %d delta(s), %-16s %-8s gap %5.2f | first in %5.2f before | last past wait %5.2f | "
-                  "stage 1 done %5.2f | base done %6.2f (median) %6.2f (last) | count seen %6.2f | out %6.2f (first) "
-                  "%6.2f (last) us\n",
-                  K, label, calls[which[q]]->name, med[0], med[1], med[2], med[3], med[4], med[5], med[6], med[7],
-                  med[8]);
+                  "stage 1 done %5.2f | first slice's base done %6.2f (median) | base done %6.2f (median) %6.2f "
+                  "(last) | count seen %6.2f | out %6.2f (first) %6.2f (last) us\n",
+                  K, label, calls[which[q]]->name, med[0], med[1], med[2], med[3], med[22], med[4], med[5], med[6],
+                  med[7], med[8]);
       std::printf("       CTAs of %.0f outputs (%.0f): base done %6.2f (median) %6.2f (last) | fewer: %6.2f %6.2f | stage 1 "
                   "rows a CTA %.0f (median), %.0f (the last base done) | CTAs on one SM %.0f apart: %.0f pairs\n",
                   med[11], med[12], med[13], med[14], med[15], med[16], med[17], med[18], med[9], med[10]);

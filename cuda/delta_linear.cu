@@ -1622,11 +1622,12 @@ __device__ __forceinline__ void row_projection(const RowArgs& a, int cta, int& p
 }
 
 #ifdef DELTACOMP_ROW_TRACE
-// Timing build only (check_standalone --trace): thread 0 of each one-row CTA stamps %globaltimer at eight points (entry,
+// Timing build only (check_standalone --trace): thread 0 of each one-row CTA stamps %globaltimer at nine points (entry,
 // past the wait, stage 1 done, base products done, the count seen, exit; with U by block column also a segment's
-// records read with its columns landed, the last one's stamp kept, and the tail's sums done) into
-// g_row_trace[call][cta][0..8), then its SM's index plus one, its outputs and the stage-1 rank rows it computed.
-constexpr int kTraceCtas = 1024, kTraceTimes = 8, kTraceStamps = kTraceTimes + 3;
+// records read with its columns landed, the last one's stamp kept, and the tail's sums done; its first slice's base
+// product done) into g_row_trace[call][cta][0..9), then its SM's index plus one, its outputs and the stage-1 rank rows
+// it computed.
+constexpr int kTraceCtas = 1024, kTraceTimes = 9, kTraceStamps = kTraceTimes + 3;
 __device__ unsigned long long* g_row_trace = nullptr;
 __device__ int* g_row_trace_ctas = nullptr;  // per call: its grid
 __device__ int g_row_trace_cap = 0, g_row_trace_call = 0, g_row_trace_done = 0;
@@ -1919,6 +1920,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     const int nsl = s_hi - s_lo;
     for (int s = 0; s < nsl; ++s) {
       base_product((s_lo + s) * W, base[s]);
+      if (s == 0) ROW_STAMP(8);
       if (s + 1 < nsl) {
         slice_rows((s_lo + s + 1) * W);
         prefetch_rows();
@@ -2036,6 +2038,7 @@ __global__ void __launch_bounds__(kThreads, kRowCtasPerSm) row_kernel(const RowA
     for (int sl = s_lo; sl < s_hi; ++sl) {
       const int o0 = sl * W;
       base_product(o0, base[0]);  // 4. The base product of the slice.
+      if (sl == s_lo) ROW_STAMP(8);
 
       // 5. The delta on the slice, once every c is written (DRAM meanwhile busy with the next slice's first bytes).
       if (sl + 1 < s_hi) {
