@@ -2182,24 +2182,23 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
   const int w2 = 32 * expand_opl(p.r_tile);
   const int64_t tiles = ceil_div<int64_t>(M, w2);
   p.slots = static_cast<int>(tiles + P);  // >= sum over projections of ceil(out_len / w2)
-  int64_t nsplit = tiles * p.ntiles > 0 ? ceil_div<int64_t>(target2, tiles * p.ntiles) : 1;
+  const int64_t per = tiles * p.ntiles;   // output tiles over the row tiles: CTAs per split
+  int64_t nsplit = per > 0 ? ceil_div<int64_t>(target2, per) : 1;
   const int64_t rows_per_proj = P > 0 ? ceil_div<int64_t>(J, P) : 0;
   int64_t cap = rows_per_proj / 32;  // keep at least ~32 rank rows per CTA
   cap = cap < 1 ? 1 : (cap > kMaxSplits ? kMaxSplits : cap);
   if (fused) {
     // Stage 2 waits for stage 1 beside the base kernel, with kFusedDeltaCtas per SM, so that the base product has
     // room from the start; its splits only store planes (no counters).
-    const int64_t per = tiles * p.ntiles;
     nsplit = per > 0 ? kFusedDeltaCtas * sms / per : 1;
     p.base_blocks = static_cast<int>(ceil_div<int64_t>(M, kBaseOutputs));
     const int64_t chunk = ceil_div<int64_t>(ceil_div<int64_t>(n, kBaseSplits), kBaseChunk) * kBaseChunk;
     p.base_kchunk = static_cast<int>(n > kBaseChunk ? chunk : n);
     p.base_ks = p.base_kchunk > 0 ? static_cast<int>(ceil_div<int64_t>(n, p.base_kchunk)) : 1;
-  } else if (tiles * p.ntiles > 0) {
+  } else if (per > 0) {
     // By waves: a CTA's time goes as 1 / nsplit and the grid takes ceil(CTAs / target2) rounds of it, so fewer
     // splits than the above where that takes fewer rounds per split (gate|up at one row on 132 SMs: 9 splits, 387
     // CTAs in one round, rather than 10, 430 and a second round of 34).
-    const int64_t per = tiles * p.ntiles;
     const auto rounds = [&](int64_t s) { return ceil_div<int64_t>(per * s, target2); };
     int64_t best = nsplit < cap ? nsplit : cap;
     for (int64_t s = best - 1; s >= 1; --s)
