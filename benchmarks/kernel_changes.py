@@ -23,7 +23,9 @@ from pathlib import Path
 
 from deltacomp.report import format_table
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from standalone_builds import cuda_sources, gencode  # noqa: E402
+
 ENTRY = re.compile(r"^\.(?:visible \.)?entry (\S+)\(", re.MULTILINE)
 LABEL = re.compile(r"\$L__BB\d+_")
 LOCAL = re.compile(r"_ZZN\S*?E\d+(?=[A-Za-z_])")  # a kernel's static shared array: _ZZ<kernel>E<len><name>
@@ -93,14 +95,10 @@ def compare(a: dict[str, str], b: dict[str, str], flags: list[tuple[str, str]] =
 def compiled(rev: str, arch: str, where: Path, regs: bool) -> tuple[str, dict[str, tuple[int, int]]]:
     """The PTX of cuda/delta_linear.cu at `rev`, compiled from `where` (the same path for every revision), and with
     `regs` its kernels' registers and spill stores (ptxas on that PTX; otherwise empty)."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "cuda"], capture_output=True)
-    if archive.returncode != 0:
-        sys.exit(f"error: git archive {rev}: {archive.stderr.decode().strip()}")
-    subprocess.run(["rm", "-rf", str(where / "cuda")], check=True)
-    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    cuda_sources(rev, where)
     out = where / "out.ptx"
-    made = subprocess.run(["nvcc", "-std=c++17", "-O3", "-ptx", f"-gencode=arch=compute_{arch[3:]},code={arch}",
-                           "-o", str(out), "cuda/delta_linear.cu"], cwd=where, capture_output=True, text=True)
+    made = subprocess.run(["nvcc", "-std=c++17", "-O3", "-ptx", gencode(arch), "-o", str(out), "cuda/delta_linear.cu"],
+                          cwd=where, capture_output=True, text=True)
     if made.returncode != 0:
         sys.exit(f"error: compiling {rev} failed:\n{made.stderr.strip()}")
     if not regs:

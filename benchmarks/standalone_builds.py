@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,20 @@ def parse_cases(text: str) -> int:
     return int(m.group(1))
 
 
+def cuda_sources(rev: str, where: Path) -> None:
+    """cuda/ as at git revision `rev`, written into `where` (replacing a cuda/ there)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "cuda"], capture_output=True)
+    if archive.returncode != 0:
+        sys.exit(f"error: git archive {rev}: {archive.stderr.decode().strip()}")
+    shutil.rmtree(where / "cuda", ignore_errors=True)
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+
+
+def gencode(arch: str) -> str:
+    """nvcc's flag for machine code of `arch` (e.g. sm_90a)."""
+    return f"-gencode=arch=compute_{arch[3:]},code={arch}"
+
+
 def build(out: Path, specs: list[str], arch: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for spec in specs:
@@ -91,12 +106,9 @@ def build(out: Path, specs: list[str], arch: str) -> None:
         if not sep or not NAME.match(name) or not rev:
             sys.exit(f"error: a build is NAME=REVISION with NAME in letters, digits, '-' and '_', got {spec!r}")
         with tempfile.TemporaryDirectory() as tmp:
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "cuda"], capture_output=True)
-            if archive.returncode != 0:
-                sys.exit(f"error: git archive {rev}: {archive.stderr.decode().strip()}")
-            subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-            cmd = ["nvcc", "-std=c++17", "-O3", "-lineinfo", f"-gencode=arch=compute_{arch[3:]},code={arch}",
-                   "-o", str(out / name), str(Path(tmp) / "cuda" / "check_standalone.cu")]
+            cuda_sources(rev, Path(tmp))
+            cmd = ["nvcc", "-std=c++17", "-O3", "-lineinfo", gencode(arch), "-o", str(out / name),
+                   str(Path(tmp) / "cuda" / "check_standalone.cu")]
             made = subprocess.run(cmd, capture_output=True, text=True)
             if made.returncode != 0:
                 sys.exit(f"error: building {name} ({rev}) failed:\n{made.stderr.strip()}")
