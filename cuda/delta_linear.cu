@@ -750,6 +750,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
     a.counters[i] = 0;
 
   // Group jg (loaded by load_group) of row tile rt on K slice ks.
+  bool staged = false;  // the x tile in shared memory is the one every group of this CTA reads
   const auto run_group = [&](int jg) {
     const size_t done = rt * groups + jg;
     // Activity per rank row (bit jj): some token row of the tile has a non-zero weight for the row's delta.
@@ -784,9 +785,12 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
       const int nunits = min(a.ktb, kend - kb0) * NU;
       if (!early || kb0 != kbeg) {  // (else the words and the x tile were requested before the weights)
         prefetch_first_unit<kRowsPerWarp, OPL>(pre, a, rr, mask0, bits0, kb0, nunits, lane);
-        __syncthreads();  // the previous tile is no longer read
-        stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kb0, nunits);
-        __syncthreads();
+        if (!staged) {
+          __syncthreads();  // the previous tile is no longer read
+          stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kb0, nunits);
+          __syncthreads();
+        }
+        staged = SPARSE && kend - kbeg <= a.ktb;  // the CTA's one tile serves its later groups (same row and slice)
       }
       bool use_pre = true;
       for (unsigned todo = act; todo != 0u; use_pre = false) {
@@ -2116,8 +2120,8 @@ constexpr T ceil_div(T a, T b) {
 
 struct Plan {
   int r_tile = 1, ntiles = 0;
-  // stage 1
-  int groups = 0, ks = 1, kb_cta = 0, ktb = 0;
+  // stage 1 (target1: the CTAs that fill the GPU once)
+  int groups = 0, ks = 1, kb_cta = 0, ktb = 0, target1 = 0;
   size_t shrink_smem = 0;
   // stage 2
   int slots = 0, nsplit = 1;
@@ -2129,13 +2133,16 @@ struct Plan {
 };
 
 // Stage 1's CTAs per (K slice, row tile): one per group of 32 rank rows, except for a multi-tenant plan (row tiles of
-// one row over 2 to 32 deltas), where a row tile takes its deltas' groups only (active_group) with about as many
-// CTAs as one delta has groups: most rows weigh one delta, and a CTA per group of every delta mostly finds nothing
-// to read (on the H200, 16 deltas at Llama-2-7B's q|k|v, 16 rows: 24,048 CTAs, 15 in 16 idle, 177 us; this plan's
-// 1,504 CTAs 101 us).
+// one row over 2 to 32 deltas), where a row tile takes its deltas' groups only (active_group): most rows weigh one
+// delta, and a CTA per group of every delta mostly finds nothing to read (on the H200, 16 deltas at Llama-2-7B's
+// q|k|v, 16 rows: 24,048 CTAs, 15 in 16 idle, 177 us; as many CTAs as one delta has groups, 1,504, 101 us). Its CTAs
+// are then as many as fill the GPU once, between a quarter of one delta's groups and all of them: each walks a few
+// groups of its row on one x tile, staged once.
 int shrink_ctas(const Plan& p, int64_t K) {
   if (p.r_tile != 1 || p.ntiles < 2 || K < 2 || K > 32) return p.groups;
-  return static_cast<int>(std::min<int64_t>(p.groups, ceil_div<int64_t>(p.groups, K)));
+  const int64_t one = ceil_div<int64_t>(p.groups, K);
+  const int64_t fill = ceil_div<int64_t>(p.target1, static_cast<int64_t>(p.ntiles) * p.ks);
+  return static_cast<int>(std::min<int64_t>(one, std::max<int64_t>(ceil_div<int64_t>(one, 4), fill)));
 }
 
 // The fused form's CTAs per SM for each of the delta's stages, beside the base kernel. Measured on an H200 at
@@ -2158,6 +2165,7 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
   // per CTA.
   // Fused: kFusedDeltaCtas per SM, so that the base kernel finds room beside it from the start.
   const int64_t target1 = sms * (fused ? kFusedDeltaCtas : shrink_min_ctas(p.r_tile));
+  p.target1 = static_cast<int>(target1);
   const int64_t nblk = ceil_div<int64_t>(n, 32);
   const int pass = shrink_opl(p.r_tile);  // blocks per warp pass (32 lanes x OPL codes)
   const int ktb_max = (kShrinkSmemFloats / block_floats(p.r_tile)) / pass * pass;
