@@ -412,9 +412,19 @@ def multi_tenant(layer, args, base_step: tuple[float, int] | None = None, tenant
                 for k, b in one[layer_i * tenants + t].items():
                     delta_linear(x_for(k)[t:t + 1], b)
 
+    def one_bank(k: str):  # one matrix's bank in every layer, alone (each shape once: q, gate, down)
+        def run():
+            inputs.next()
+            for lw in banks:
+                delta_linear(x_for(k), lw[k], index=index)
+        return run
+
     bytes_used = sum(b.nbytes for lw in one for b in lw.values())
+    by_bank = {k: {"ms": time_graph(one_bank(k), args.repeats, inner=1), "bytes": sum(lw[k].nbytes for lw in banks)}
+               for k in ("q", "gate", "down")}
     return {"tenants": tenants, "bytes": bytes_used, "batched": time_graph(batched, args.repeats, inner=1),
-            "separate": time_graph(separate, args.repeats, inner=1), "base_ms": base_ms, "base_bytes": base_bytes}
+            "separate": time_graph(separate, args.repeats, inner=1), "by_bank": by_bank, "base_ms": base_ms,
+            "base_bytes": base_bytes}
 
 
 def widths(args) -> dict:
@@ -564,6 +574,10 @@ def render(res: dict) -> str:
                                    (res["rows"][min(res["rows"])]["base"], res["base_bytes"]))
             floor = mt["bytes"] * base_ms / base_bytes  # ms at the base's bandwidth
             lines[-1] += f" ({mt['batched'] / floor:.2f}x the byte floor at the base's bandwidth, {floor:.3f} ms)"
+            if mt.get("by_bank"):
+                lines += ["one matrix's banks alone (every layer): " + "; ".join(
+                    f"{k} {b['ms']:.3f} ms ({b['ms'] / (b['bytes'] * base_ms / base_bytes):.2f}x its floor)"
+                    for k, b in mt["by_bank"].items())]
     return "\n".join(lines)
 
 
