@@ -1169,9 +1169,10 @@ void stages(int only_r, int K, int row_tile) {
     };
     auto s2 = [&] {
       switch (p.r_tile) {
-        case 1: expand_kernel<__half, 1, true><<<g2, kThreads, 0, st>>>(ea); break;
-        case 4: expand_kernel<__half, 4, false><<<g2, kThreads, 0, st>>>(ea); break;
-        default: expand_kernel<__half, 16, false><<<g2, kThreads, 0, st>>>(ea); break;
+        // integer products where the two-kernel op takes them (launch_tiled)
+        case 1: expand_kernel<__half, 1, fold_params<__half, 1>()><<<g2, kThreads, 0, st>>>(ea); break;
+        case 4: expand_kernel<__half, 4, fold_params<__half, 4>()><<<g2, kThreads, 0, st>>>(ea); break;
+        default: expand_kernel<__half, 16, fold_params<__half, 16>()><<<g2, kThreads, 0, st>>>(ea); break;
       }
     };
     full();
