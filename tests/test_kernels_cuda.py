@@ -130,6 +130,17 @@ def test_multi_tenant_sixteen_deltas():
         _check(table, rows, torch.bfloat16, index=index, seed=rows)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_multi_tenant_every_width_ragged_input(dtype):
+    """The multi-tenant plan (one-row tiles, each row on one of several deltas, its stage-1 CTAs walking their row's
+    groups) over every width pair, both group sizes and an input length that ends in a partial block."""
+    table = [[random_module(700, 1535, widths=ALL_WIDTHS, rank_per_group=5, group_size=(0, 128)[d % 2], seed=40 + d)
+              for d in range(6)]]
+    for rows in (6, 19):
+        index = torch.randint(0, 6, (rows,), device="cuda")
+        _check(table, rows, dtype, index=index, seed=rows)
+
+
 def test_cuda_graph_and_compile():
     mod = random_module(1024, 768, widths=ALL_WIDTHS, rank_per_group=5, group_size=128)
     bank = DeltaBank.build([[mod]]).to("cuda")
