@@ -13,6 +13,9 @@
 //   ./check_delta_linear --trace [K]   built with -DDELTACOMP_ROW_TRACE: each one-row call's phases (%globaltimer
 //                                      stamps of every CTA) in a layer's sequence and alone, K deltas a bank, and
 //                                      the CTAs' shares, stage-1 rows and SMs
+//   ./check_delta_linear --stages [R [K [row_tile]]]   each kernel of the two-kernel op timed alone on the q|k|v bank
+//                                      (K deltas, row r on delta r % K); built with -DDELTACOMP_SHRINK_TRACE it also
+//                                      prints where a multi-tenant stage 1's CTAs spend their time
 //
 // Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
 // deltacomp/quant/packing.py). Before every launch the output and the workspace are filled with NaN, so an output
@@ -1093,6 +1096,62 @@ void trace_bench(int K) {
 }
 #endif
 
+#ifdef DELTACOMP_SHRINK_TRACE
+// One launch of a multi-tenant stage 1 (`run`, grid `grid`) in a -DDELTACOMP_SHRINK_TRACE build: where its CTAs' time
+// goes (shrink_kernel's phases, see delta_linear.cu). Prints the launch's span (first CTA in to last out), then over
+// the CTAs the median and the largest of: groups walked, time in the CTA, and each phase's sum; then the same sums
+// per group (medians) and the phases of the CTA that left last.
+template <typename F>
+void shrink_trace(F&& run, dim3 grid, cudaStream_t st) {
+  using namespace deltacomp;
+  const size_t ctas = static_cast<size_t>(grid.x) * grid.y * grid.z, n = ctas * kShrinkTraceFields;
+  unsigned long long* buf = nullptr;
+  CHECK_CUDA(cudaMalloc(&buf, n * sizeof(unsigned long long)));
+  CHECK_CUDA(cudaMemset(buf, 0, n * sizeof(unsigned long long)));
+  CHECK_CUDA(cudaMemcpyToSymbol(g_shrink_trace, &buf, sizeof buf));
+  run();
+  CHECK_CUDA(cudaStreamSynchronize(st));
+  unsigned long long* none = nullptr;
+  CHECK_CUDA(cudaMemcpyToSymbol(g_shrink_trace, &none, sizeof none));
+  std::vector<unsigned long long> h(n);
+  CHECK_CUDA(cudaMemcpy(h.data(), buf, n * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaFree(buf));
+  const auto at = [&](size_t c, int k) { return static_cast<double>(h[c * kShrinkTraceFields + k]); };
+  double first = at(0, kTraceEntry), last = 0.0;
+  size_t last_cta = 0;
+  for (size_t c = 0; c < ctas; ++c) {
+    first = std::min(first, at(c, kTraceEntry));
+    if (at(c, kTraceExit) > last) last = at(c, kTraceExit), last_cta = c;
+  }
+  constexpr int kPhases = kTraceStore + 1;
+  const char* names[kPhases] = {"wait", "find", "meta", "stage", "decode", "store"};
+  std::vector<double> groups, span, phase[kPhases], per_group[kPhases];
+  for (size_t c = 0; c < ctas; ++c) {
+    const double gc = at(c, kTraceGroups);
+    groups.push_back(gc);
+    span.push_back((at(c, kTraceExit) - at(c, kTraceEntry)) / 1e3);
+    for (int k = 0; k < kPhases; ++k) {
+      phase[k].push_back(at(c, k) / 1e3);
+      if (k != kTraceWait && gc > 0) per_group[k].push_back(at(c, k) / 1e3 / gc);
+    }
+  }
+  const auto med = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
+  const auto top = [](const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); };
+  std::printf("stage-1 trace: %zu CTAs, span %.1f us; a CTA (median / largest): groups %.0f / %.0f, in the CTA %.1f / "
+              "%.1f us;", ctas, (last - first) / 1e3, med(groups), top(groups), med(span), top(span));
+  for (int k = 0; k < kPhases; ++k) std::printf(" %s %.1f / %.1f", names[k], med(phase[k]), top(phase[k]));
+  std::printf(" us\n  per group (medians):");
+  for (int k = kTraceFind; k < kPhases; ++k) std::printf(" %s %.2f", names[k], med(per_group[k]));
+  std::printf(" us | the last CTA out: entered %.1f us after the first, %.0f groups,",
+              (at(last_cta, kTraceEntry) - first) / 1e3, at(last_cta, kTraceGroups));
+  for (int k = 0; k < kPhases; ++k) std::printf(" %s %.1f", names[k], at(last_cta, k) / 1e3);
+  std::printf(" us\n");
+}
+#endif
+
 __global__ void empty_kernel() {}
 
 // Times each kernel of the op separately (same plan as delta_linear_launch), plus an empty launch and a CUDA graph
@@ -1183,6 +1242,9 @@ void stages(int only_r, int K, int row_tile) {
                 R, p.r_tile, static_cast<int>(g1.x), p.ks, p.ntiles, p.shrink_smem, p.slots, p.nsplit, p.ntiles,
                 time_it(full), time_it([&] { CHECK_CUDA(cudaGraphLaunch(ge, st)); }), time_it(s1),
                 time_it([&] { s1(); s2(); }));
+#ifdef DELTACOMP_SHRINK_TRACE
+    if (g1.x < static_cast<unsigned>(p.groups)) shrink_trace(s1, g1, st);
+#endif
     cudaGraphExecDestroy(ge);
     cudaFree(dx), cudaFree(dy), cudaFree(dout), cudaFree(dw), cudaFree(ws);
   }

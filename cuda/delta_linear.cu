@@ -626,6 +626,35 @@ __device__ __forceinline__ void prefetch_first_unit(Prefetch<NJ>& pre, const Shr
   }
 }
 
+#if defined(DELTACOMP_ROW_TRACE) || defined(DELTACOMP_SHRINK_TRACE)
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#endif
+
+#ifdef DELTACOMP_SHRINK_TRACE
+// Timing build only (check_standalone --stages on a multi-tenant plan): thread 0 of each CTA of the multi-tenant stage
+// 1 (shrink_kernel's SPARSE form) adds the %globaltimer time since its last mark to the phase it ends. The phases:
+// - kTraceWait: the wait for the kernels ahead and the counters' zeroing;
+// - per group: finding it (active_group); its rows' metadata and weights, up to the CTA barrier, which also waits for
+//   the other warps' previous group; staging x; decoding warp 0's rows; storing.
+// g_shrink_trace[cta][0 .. kShrinkTraceFields): those six sums in ns, the groups walked, the SM's index plus one, and
+// the entry and exit times.
+enum { kTraceWait, kTraceFind, kTraceMeta, kTraceStage, kTraceDecode, kTraceStore, kTraceGroups, kTraceSm,
+       kTraceEntry, kTraceExit, kShrinkTraceFields };
+__device__ unsigned long long* g_shrink_trace = nullptr;
+#define SHRINK_PHASE(k)                              \
+  if (SPARSE && threadIdx.x == 0) {                  \
+    const unsigned long long now_ = global_ns();     \
+    trace_[k] += now_ - trace_at_;                   \
+    trace_at_ = now_;                                \
+  }
+#else
+#define SHRINK_PHASE(k)
+#endif
+
 // The g-th group of 32 rank rows (bank order) that holds a row of a delta row `row` weighs, or -1 when there are
 // fewer (K <= 32; every warp finds it alone). The deltas' rows in each projection are consecutive ranges in bank
 // order; a group shared by several such ranges belongs to the first.
@@ -687,6 +716,10 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
                                                                                       blockIdx.z);
   const size_t ctas = static_cast<size_t>(gridDim.x) * gridDim.y * gridDim.z;
   const size_t groups = (static_cast<size_t>(a.J) + kRowsPerCta - 1) / kRowsPerCta;
+#ifdef DELTACOMP_SHRINK_TRACE
+  unsigned long long trace_[kShrinkTraceFields] = {}, trace_at_ = global_ns();
+  trace_[kTraceEntry] = trace_at_;
+#endif
 
   // Row metadata of group jg (lanes 0..3); invalid rows (past J, unknown width, delta out of range) get bits = 0.
   // The warp's rows, gathered from lanes 0..3. The active rows fall into width classes; each class is one pass over a
@@ -748,6 +781,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   // Zero the expand stage's split counters (it runs after this kernel on the same stream).
   for (size_t i = cta * kThreads + threadIdx.x; i < static_cast<size_t>(a.ncounters); i += ctas * kThreads)
     a.counters[i] = 0;
+  SHRINK_PHASE(kTraceWait);
 
   // Group jg (loaded by load_group) of row tile rt on K slice ks.
   bool staged = false;  // the x tile in shared memory is the one every group of this CTA reads
@@ -770,8 +804,10 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
     }
     if (__syncthreads_or(act != 0u) == 0) {  // nothing active in this group: read no x (and, K > 1, no words)
       count_done(a.ready, done);
+      SHRINK_PHASE(kTraceMeta);
       return;
     }
+    SHRINK_PHASE(kTraceMeta);
 
     const int bits0 = act != 0u ? __shfl_sync(kFullMask, m_bits, __ffs(act) - 1) : 0;
     const unsigned mask0 = width_class(act, rbits, bits0);  // with K == 1: act == valid, so `pre` holds this class
@@ -792,6 +828,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
         }
         staged = SPARSE && kend - kbeg <= a.ktb;  // the CTA's one tile serves its later groups (same row and slice)
       }
+      SHRINK_PHASE(kTraceStage);
       bool use_pre = true;
       for (unsigned todo = act; todo != 0u; use_pre = false) {
         const int bits = __shfl_sync(kFullMask, m_bits, __ffs(todo) - 1);
@@ -799,6 +836,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
         shrink_tile_any<kRowsPerWarp, R_TILE, FOLD>(bits, acc, rr, mask, a, xs, kb0, nunits, lane, pre, use_pre);
         todo &= ~mask;
       }
+      SHRINK_PHASE(kTraceDecode);
     }
 
     // Warp totals, then one store per (rank row, token row) of active rows: tpart[ks][rt][j][r].
@@ -815,6 +853,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
       }
     }
     count_done(a.ready, done);
+    SHRINK_PHASE(kTraceStore);
   };
 
   if constexpr (!SPARSE) {
@@ -822,10 +861,22 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   } else {
     for (int g = blockIdx.x;; g += gridDim.x) {
       const int jg = active_group(a, r0, g, lane);
+      SHRINK_PHASE(kTraceFind);
       if (jg < 0) break;
       load_group(jg);
       run_group(jg);
+#ifdef DELTACOMP_SHRINK_TRACE
+      ++trace_[kTraceGroups];
+#endif
     }
+#ifdef DELTACOMP_SHRINK_TRACE
+    if (threadIdx.x == 0 && g_shrink_trace != nullptr) {
+      unsigned sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      trace_[kTraceSm] = sm + 1, trace_[kTraceExit] = global_ns();
+      for (int k = 0; k < kShrinkTraceFields; ++k) g_shrink_trace[cta * kShrinkTraceFields + k] = trace_[k];
+    }
+#endif
   }
 }
 
@@ -1635,11 +1686,6 @@ constexpr int kTraceCtas = 1024, kTraceTimes = 9, kTraceStamps = kTraceTimes + 3
 __device__ unsigned long long* g_row_trace = nullptr;
 __device__ int* g_row_trace_ctas = nullptr;  // per call: its grid
 __device__ int g_row_trace_cap = 0, g_row_trace_call = 0, g_row_trace_done = 0;
-__device__ __forceinline__ unsigned long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 #define ROW_STAMP(k) \
   if (threadIdx.x == 0) stamp[k] = global_ns()
 #else
