@@ -14,7 +14,7 @@ revision (``--build``, where nvcc is: the binaries carry to the GPU machine) and
 ``--no-calls`` leaves out ``--fused K`` and ``--layer K`` (the longest runs), for a change to the two-kernel op alone.
 Each run's figures also go to stderr as it ends, so that a run cut short still shows what it timed.
 
-    python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a]
+    python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a] [--define MACRO]
     PYTHONPATH=. python benchmarks/standalone_builds.py --run DIR [main change] [--deltas 4] [--tenants 16,1]
         [--no-calls] [--repeats 2] [--json F]
 
@@ -38,6 +38,7 @@ from deltacomp.report import format_table
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = ("q|k|v", "o", "gate|up", "down")
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+MACRO = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 FUSED_LINE = r"^fused, 1 row, bf16, {k} delta\(s\), (\S+)\s.*\| with U columns\s+([0-9.]+) us"
 LAYER_LINE = r"^layer, 1 row, bf16, {k} delta\(s\), with U columns\s+the calls in turn\s+([0-9.]+) us"
 CASES_LINE = re.compile(r"^passed: (\d+) failure\(s\)", re.MULTILINE)
@@ -99,7 +100,10 @@ def gencode(arch: str) -> str:
     return f"-gencode=arch=compute_{arch[3:]},code={arch}"
 
 
-def build(out: Path, specs: list[str], arch: str) -> None:
+def build(out: Path, specs: list[str], arch: str, defines: tuple[str, ...] = ()) -> None:
+    bad = [d for d in defines if not MACRO.match(d)]
+    if bad:
+        sys.exit(f"error: --define takes a macro name (letters, digits and '_'), got {bad[0]!r}")
     out.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         name, sep, rev = spec.partition("=")
@@ -107,8 +111,8 @@ def build(out: Path, specs: list[str], arch: str) -> None:
             sys.exit(f"error: a build is NAME=REVISION with NAME in letters, digits, '-' and '_', got {spec!r}")
         with tempfile.TemporaryDirectory() as tmp:
             cuda_sources(rev, Path(tmp))
-            cmd = ["nvcc", "-std=c++17", "-O3", "-lineinfo", gencode(arch), "-o", str(out / name),
-                   str(Path(tmp) / "cuda" / "check_standalone.cu")]
+            cmd = ["nvcc", "-std=c++17", "-O3", "-lineinfo", gencode(arch), *(f"-D{d}" for d in defines), "-o",
+                   str(out / name), str(Path(tmp) / "cuda" / "check_standalone.cu")]
             made = subprocess.run(cmd, capture_output=True, text=True)
             if made.returncode != 0:
                 sys.exit(f"error: building {name} ({rev}) failed:\n{made.stderr.strip()}")
@@ -227,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("specs", nargs="*", metavar="NAME=REVISION | NAME",
                     help="--build: what to build; --run: which builds, in this order (default: all, by name)")
     ap.add_argument("--arch", default="sm_90a", choices=["sm_80", "sm_90", "sm_90a"])
+    ap.add_argument("--define", action="append", default=[], metavar="MACRO",
+                    help="--build: compile with -DMACRO, e.g. the timing builds' DELTACOMP_SHRINK_TRACE or "
+                         "DELTACOMP_ROW_TRACE (repeatable)")
     ap.add_argument("--deltas", type=int, default=1, help="deltas in the bank of the timed calls (--run)")
     ap.add_argument("--tenants", default="",
                     help="also time the two-kernel op on T rows over T deltas, for each T of a comma-separated list "
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build:
         if not args.specs:
             sys.exit("error: --build needs at least one NAME=REVISION")
-        build(args.build, args.specs, args.arch)
+        build(args.build, args.specs, args.arch, tuple(args.define))
         return 0
     if any("=" in name for name in args.specs):
         sys.exit("error: --run takes the names of builds (what --build made), not NAME=REVISION")

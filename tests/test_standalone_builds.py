@@ -2,6 +2,7 @@
 
 import json
 import stat
+import subprocess
 from pathlib import Path
 
 import bench_scripts
@@ -182,3 +183,20 @@ def test_the_multi_tenant_op_alone_at_several_row_counts(mod, tmp_path, capsys):
     assert saved["change"]["tenants 1"] == [{"stage 1": 93.6, "call": 185.1}]
     with pytest.raises(SystemExit, match="--no-calls leaves nothing to time without --tenants"):
         mod.main(["--run", str(runs), "--no-calls"])
+
+
+def test_builds_take_the_macros_named(mod, tmp_path, monkeypatch):
+    """--define MACRO reaches nvcc as -DMACRO (timing builds); anything but a macro name is refused before a build."""
+    seen = []
+
+    def nvcc(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(mod, "cuda_sources", lambda rev, where: None)
+    monkeypatch.setattr(mod.subprocess, "run", nvcc)
+    assert mod.main(["--build", str(tmp_path), "trace=HEAD", "--define", "DELTACOMP_SHRINK_TRACE"]) == 0
+    assert "-DDELTACOMP_SHRINK_TRACE" in seen[0] and seen[0][seen[0].index("-o") + 1] == str(tmp_path / "trace")
+    with pytest.raises(SystemExit, match="--define takes a macro name"):
+        mod.main(["--build", str(tmp_path), "t=HEAD", "--define", "X=1; rm"])
+    assert len(seen) == 1
