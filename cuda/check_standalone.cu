@@ -950,6 +950,15 @@ void layer_bench(int K) {
   }
 }
 
+#if defined(DELTACOMP_ROW_TRACE) || defined(DELTACOMP_SHRINK_TRACE)
+// The timing builds' summaries: the median (the upper one of an even count) and the largest of x, 0 when empty.
+double median(std::vector<double> x) {
+  std::sort(x.begin(), x.end());
+  return x.empty() ? 0.0 : x[x.size() / 2];
+}
+double largest(const std::vector<double>& x) { return x.empty() ? 0.0 : *std::max_element(x.begin(), x.end()); }
+#endif
+
 #ifdef DELTACOMP_ROW_TRACE
 // The one-row kernel's stamps (DELTACOMP_ROW_TRACE builds): the four calls of a layer in turn over 32 layers, and
 // each call 32 times alone, one graph replay each after warm-up; per call (the median over the layers after the
@@ -1017,10 +1026,6 @@ void trace_bench(int K) {
     // per call: fields (us from A)
     constexpr int F = 23;
     std::vector<std::vector<std::vector<double>>> v(per, std::vector<std::vector<double>>(F));
-    const auto median = [](std::vector<double> x) {
-      std::sort(x.begin(), x.end());
-      return x.empty() ? 0.0 : x[x.size() / 2];
-    };
     double prev_out = 0.0;
     for (int c = 0; c < total; ++c) {
       const int grid = std::min(g[c], deltacomp::kTraceCtas);
@@ -1052,19 +1057,16 @@ void trace_bench(int K) {
         rows.push_back(static_cast<double>(cta[b][deltacomp::kTraceTimes + 2]));
         if (cta[b][3] > cta[last_b][3]) last_b = b;
       }
-      const auto last = [](const std::vector<double>& x) {
-        return x.empty() ? 0.0 : *std::max_element(x.begin(), x.end());
-      };
       for (auto& x : t) std::sort(x.begin(), x.end());
       const auto rel = [&](const std::vector<double>& x, bool end) {
-        return x.empty() ? 0.0 : ((end ? last(x) : median(x)) - A) / 1e3;
+        return x.empty() ? 0.0 : ((end ? largest(x) : median(x)) - A) / 1e3;
       };
       const double fields[F] = {prev_out > 0 ? (A - prev_out) / 1e3 : 0.0, (A - t[0].front()) / 1e3,
                                 rel(t[1], true), rel(t[2], true), rel(t[3], false), rel(t[3], true),
                                 rel(t[4], true), (t[5].front() - A) / 1e3, rel(t[5], true),
                                 static_cast<double>(mode_dist), static_cast<double>(dist[mode_dist]),
                                 static_cast<double>(most), static_cast<double>(heavy.size()), median(heavy),
-                                last(heavy), median(light), last(light), median(rows),
+                                largest(heavy), median(light), largest(light), median(rows),
                                 static_cast<double>(cta[last_b][deltacomp::kTraceTimes + 2]), rel(t[6], false),
                                 rel(t[7], false), rel(t[7], true), rel(t[8], false)};
       prev_out = t[5].back();
@@ -1135,16 +1137,11 @@ void shrink_trace(F&& run, dim3 grid, cudaStream_t st) {
       if (k != kTraceWait && gc > 0) per_group[k].push_back(at(c, k) / 1e3 / gc);
     }
   }
-  const auto med = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.empty() ? 0.0 : v[v.size() / 2];
-  };
-  const auto top = [](const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); };
   std::printf("stage-1 trace: %zu CTAs, span %.1f us; a CTA (median / largest): groups %.0f / %.0f, in the CTA %.1f / "
-              "%.1f us;", ctas, (last - first) / 1e3, med(groups), top(groups), med(span), top(span));
-  for (int k = 0; k < kPhases; ++k) std::printf(" %s %.1f / %.1f", names[k], med(phase[k]), top(phase[k]));
+              "%.1f us;", ctas, (last - first) / 1e3, median(groups), largest(groups), median(span), largest(span));
+  for (int k = 0; k < kPhases; ++k) std::printf(" %s %.1f / %.1f", names[k], median(phase[k]), largest(phase[k]));
   std::printf(" us\n  per group (medians):");
-  for (int k = kTraceFind; k < kPhases; ++k) std::printf(" %s %.2f", names[k], med(per_group[k]));
+  for (int k = kTraceFind; k < kPhases; ++k) std::printf(" %s %.2f", names[k], median(per_group[k]));
   std::printf(" us | the last CTA out: entered %.1f us after the first, %.0f groups,",
               (at(last_cta, kTraceEntry) - first) / 1e3, at(last_cta, kTraceGroups));
   for (int k = 0; k < kPhases; ++k) std::printf(" %s %.1f", names[k], at(last_cta, k) / 1e3);
