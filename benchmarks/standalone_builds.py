@@ -14,7 +14,13 @@ revision (``--build``, where nvcc is: the binaries carry to the GPU machine) and
 ``--no-calls`` leaves out ``--fused K`` and ``--layer K`` (the longest runs), for a change to the two-kernel op alone.
 Each run's figures also go to stderr as it ends, so that a run cut short still shows what it timed.
 
+A revision may carry patches, ``NAME=REV+PATCH[+PATCH...]`` (files, applied in order with ``git apply``), so that a
+prepared change is built without a branch. ``--sources DIR`` writes each such tree's ``deltacomp``, ``cuda``,
+``benchmarks``, ``tests`` and ``pyproject.toml`` to ``DIR/NAME`` instead, for the torch benchmarks and the CUDA
+tests of a change on the GPU machine (the extension built just in time there from each tree).
+
     python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a] [--define MACRO]
+    python benchmarks/standalone_builds.py --sources DIR change=main+benchmarks/results/change.patch
     PYTHONPATH=. python benchmarks/standalone_builds.py --run DIR [main change] [--deltas 4] [--tenants 16,1]
         [--no-calls] [--repeats 2] [--json F]
 
@@ -86,13 +92,33 @@ def parse_cases(text: str) -> int:
     return int(m.group(1))
 
 
-def cuda_sources(rev: str, where: Path) -> None:
-    """cuda/ as at git revision `rev`, written into `where` (replacing a cuda/ there)."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "cuda"], capture_output=True)
+TREE = ("deltacomp", "cuda", "benchmarks", "tests", "pyproject.toml")  # what --sources writes
+
+
+def parse_spec(spec: str) -> tuple[str, str, list[Path]]:
+    """NAME=REV[+PATCH...] as (name, revision, patch files); a bad spec or a missing patch exits with a message."""
+    name, sep, rest = spec.partition("=")
+    rev, *patches = rest.split("+")
+    if not sep or not NAME.match(name) or not rev or any(not p for p in patches):
+        sys.exit(f"error: a build is NAME=REVISION[+PATCH...] with NAME in letters, digits, '-' and '_', got {spec!r}")
+    files = [Path(p).resolve() for p in patches]
+    missing = [str(p) for p, f in zip(patches, files) if not f.is_file()]
+    if missing:
+        sys.exit(f"error: {name}: no patch file {missing[0]}")
+    return name, rev, files
+
+
+def write_tree(rev: str, patches: list[Path], where: Path, paths: tuple[str, ...]) -> None:
+    """`paths` as at git revision `rev` with `patches` applied, written into the empty folder `where`."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *paths], capture_output=True)
     if archive.returncode != 0:
         sys.exit(f"error: git archive {rev}: {archive.stderr.decode().strip()}")
-    shutil.rmtree(where / "cuda", ignore_errors=True)
     subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    for patch in patches:  # `where` is outside any git work tree here, so git apply patches it as files
+        only = [f"--include={p}/*" if p != "pyproject.toml" else f"--include={p}" for p in paths]
+        applied = subprocess.run(["git", "apply", *only, str(patch)], cwd=where, capture_output=True, text=True)
+        if applied.returncode != 0:
+            sys.exit(f"error: {patch.name} does not apply to {rev}: {applied.stderr.strip()}")
 
 
 def gencode(arch: str) -> str:
@@ -104,19 +130,26 @@ def build(out: Path, specs: list[str], arch: str, defines: tuple[str, ...] = ())
     bad = [d for d in defines if not MACRO.match(d)]
     if bad:
         sys.exit(f"error: --define takes a macro name (letters, digits and '_'), got {bad[0]!r}")
+    parsed = [parse_spec(spec) for spec in specs]  # every spec checked before the first build
     out.mkdir(parents=True, exist_ok=True)
-    for spec in specs:
-        name, sep, rev = spec.partition("=")
-        if not sep or not NAME.match(name) or not rev:
-            sys.exit(f"error: a build is NAME=REVISION with NAME in letters, digits, '-' and '_', got {spec!r}")
+    for name, rev, patches in parsed:
         with tempfile.TemporaryDirectory() as tmp:
-            cuda_sources(rev, Path(tmp))
+            write_tree(rev, patches, Path(tmp), ("cuda",))
             cmd = ["nvcc", "-std=c++17", "-O3", "-lineinfo", gencode(arch), *(f"-D{d}" for d in defines), "-o",
                    str(out / name), str(Path(tmp) / "cuda" / "check_standalone.cu")]
             made = subprocess.run(cmd, capture_output=True, text=True)
             if made.returncode != 0:
                 sys.exit(f"error: building {name} ({rev}) failed:\n{made.stderr.strip()}")
-        print(f"built {name} from {rev}: {out / name}")
+        print(f"built {name} from {'+'.join([rev, *(p.name for p in patches)])}: {out / name}")
+
+
+def sources(out: Path, specs: list[str]) -> None:
+    for name, rev, patches in [parse_spec(spec) for spec in specs]:
+        with tempfile.TemporaryDirectory() as tmp:  # outside the repository, so that git apply patches files
+            write_tree(rev, patches, Path(tmp), TREE)
+            shutil.rmtree(out / name, ignore_errors=True)
+            shutil.copytree(tmp, out / name)
+        print(f"wrote {name} from {'+'.join([rev, *(p.name for p in patches)])}: {out / name}")
 
 
 def run_one(binary: Path, *args: str) -> str:
@@ -228,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--build", type=Path, metavar="DIR", help="build each NAME=REVISION into DIR/NAME")
     mode.add_argument("--run", type=Path, metavar="DIR", help="run the builds in DIR in turn")
-    ap.add_argument("specs", nargs="*", metavar="NAME=REVISION | NAME",
-                    help="--build: what to build; --run: which builds, in this order (default: all, by name)")
+    mode.add_argument("--sources", type=Path, metavar="DIR",
+                      help="write each NAME=REVISION's source tree into DIR/NAME (for torch runs of a change)")
+    ap.add_argument("specs", nargs="*", metavar="NAME=REVISION[+PATCH...] | NAME",
+                    help="--build, --sources: what to build or write; --run: which builds, in this order (default: "
+                         "all, by name)")
     ap.add_argument("--arch", default="sm_90a", choices=["sm_80", "sm_90", "sm_90a"])
     ap.add_argument("--define", action="append", default=[], metavar="MACRO",
                     help="--build: compile with -DMACRO, e.g. the timing builds' DELTACOMP_SHRINK_TRACE or "
@@ -246,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.specs:
             sys.exit("error: --build needs at least one NAME=REVISION")
         build(args.build, args.specs, args.arch, tuple(args.define))
+        return 0
+    if args.sources:
+        if not args.specs:
+            sys.exit("error: --sources needs at least one NAME=REVISION")
+        sources(args.sources, args.specs)
         return 0
     if any("=" in name for name in args.specs):
         sys.exit("error: --run takes the names of builds (what --build made), not NAME=REVISION")

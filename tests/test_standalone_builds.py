@@ -1,5 +1,6 @@
 """benchmarks/standalone_builds.py: the builds' outputs parsed, run in turn and tabled (stand-in binaries, no GPU)."""
 
+import difflib
 import json
 import stat
 import subprocess
@@ -193,10 +194,69 @@ def test_builds_take_the_macros_named(mod, tmp_path, monkeypatch):
         seen.append(cmd)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(mod, "cuda_sources", lambda rev, where: None)
+    monkeypatch.setattr(mod, "write_tree", lambda rev, patches, where, paths: None)
     monkeypatch.setattr(mod.subprocess, "run", nvcc)
     assert mod.main(["--build", str(tmp_path), "trace=HEAD", "--define", "DELTACOMP_SHRINK_TRACE"]) == 0
     assert "-DDELTACOMP_SHRINK_TRACE" in seen[0] and seen[0][seen[0].index("-o") + 1] == str(tmp_path / "trace")
     with pytest.raises(SystemExit, match="--define takes a macro name"):
         mod.main(["--build", str(tmp_path), "t=HEAD", "--define", "X=1; rm"])
     assert len(seen) == 1
+
+
+def patch_file(folder: Path, name: str, path: str, old: str, new: str) -> Path:
+    """A unified diff of one file, as git diff writes it (a/ and b/ prefixes)."""
+    diff = difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True), f"a/{path}", f"b/{path}")
+    (folder / name).write_text("".join(diff))
+    return folder / name
+
+
+def at_head(mod, path: str) -> str:
+    return subprocess.run(["git", "-C", str(mod.ROOT), "show", f"HEAD:{path}"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_a_revision_with_patches_is_written_as_a_source_tree(mod, tmp_path, capsys):
+    """--sources NAME=REV+PATCH+PATCH: the tree at REV with the patches applied in order; bad ones refused."""
+    header, project = at_head(mod, "cuda/delta_linear.h"), at_head(mod, "pyproject.toml")
+    first = patch_file(tmp_path, "a.patch", "cuda/delta_linear.h", header, header + "// first change\n")
+    second = patch_file(tmp_path, "b.patch", "cuda/delta_linear.h", header + "// first change\n",
+                        header + "// first change\n// second change\n")
+    third = patch_file(tmp_path, "c.patch", "pyproject.toml", project, project + "# third change\n")
+    out = tmp_path / "trees"
+    assert mod.main(["--sources", str(out), f"x=HEAD+{first}+{second}+{third}", "plain=HEAD"]) == 0
+    assert "wrote x from HEAD+a.patch+b.patch+c.patch" in capsys.readouterr().out
+    assert (out / "x" / "cuda" / "delta_linear.h").read_text().endswith("// first change\n// second change\n")
+    assert (out / "x" / "pyproject.toml").read_text() == project + "# third change\n"
+    assert (out / "plain" / "cuda" / "delta_linear.h").read_text() == header
+    assert (out / "x" / "deltacomp" / "native.py").read_text() == at_head(mod, "deltacomp/native.py")
+    assert sorted(p.name for p in (out / "x").iterdir()) == sorted(mod.TREE)
+    with pytest.raises(SystemExit, match="b.patch does not apply to HEAD"):
+        mod.main(["--sources", str(out), f"y=HEAD+{second}"])  # made against the first patch's result
+    with pytest.raises(SystemExit, match="y: no patch file .*missing.patch"):
+        mod.main(["--sources", str(out), f"y=HEAD+{tmp_path / 'missing.patch'}"])
+    with pytest.raises(SystemExit, match="NAME=REVISION"):
+        mod.main(["--sources", str(out), "y=HEAD+"])
+    assert not (out / "y").exists()
+
+
+def test_a_build_compiles_the_patched_sources(mod, tmp_path, monkeypatch, capsys):
+    """--build NAME=REV+PATCH hands nvcc cuda/ as at REV with the patch applied; every spec is checked first."""
+    source = at_head(mod, "cuda/check_standalone.cu")
+    change = patch_file(tmp_path, "change.patch", "cuda/check_standalone.cu", source, source + "// the change\n")
+    compiled = {}
+    real_run = subprocess.run
+
+    def run(cmd, **kw):
+        if cmd[0] != "nvcc":
+            return real_run(cmd, **kw)
+        compiled[Path(cmd[cmd.index("-o") + 1]).name] = Path(cmd[-1]).read_text()
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(mod.subprocess, "run", run)
+    assert mod.main(["--build", str(tmp_path / "b"), f"change=HEAD+{change}", "main=HEAD"]) == 0
+    assert compiled["change"] == source + "// the change\n" and compiled["main"] == source
+    assert "built change from HEAD+change.patch" in capsys.readouterr().out
+    compiled.clear()
+    with pytest.raises(SystemExit, match="no patch file"):
+        mod.main(["--build", str(tmp_path / "b"), "main=HEAD", "other=HEAD+nowhere.patch"])
+    assert compiled == {}  # the good spec before the bad one was not built either
