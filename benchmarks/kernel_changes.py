@@ -7,6 +7,9 @@ numbers and the kernel's own name in its parameters and shared arrays (so that a
 compares its old instantiations with the new ones that keep the old behaviour: pass ``--flag``). ``--regs`` adds each
 kernel's registers and spill stores (ptxas on the same PTX). Host code, such as the launch plans, is not compared.
 
+A revision may carry patches (``REV+PATCH[+PATCH...]``, applied in order), so that a prepared change is compared
+without a branch.
+
     python benchmarks/kernel_changes.py main HEAD [--arch sm_90a] [--regs]
         [--flag 'ELb0EEEvNS0_10ExpandArgsE=EEEvNS0_10ExpandArgsE']
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +28,7 @@ from pathlib import Path
 from deltacomp.report import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from standalone_builds import cuda_sources, gencode  # noqa: E402
+from standalone_builds import gencode, parse_revision, write_tree  # noqa: E402
 
 ENTRY = re.compile(r"^\.(?:visible \.)?entry (\S+)\(", re.MULTILINE)
 LABEL = re.compile(r"\$L__BB\d+_")
@@ -93,9 +97,10 @@ def compare(a: dict[str, str], b: dict[str, str], flags: list[tuple[str, str]] =
 
 
 def compiled(rev: str, arch: str, where: Path, regs: bool) -> tuple[str, dict[str, tuple[int, int]]]:
-    """The PTX of cuda/delta_linear.cu at `rev`, compiled from `where` (the same path for every revision), and with
-    `regs` its kernels' registers and spill stores (ptxas on that PTX; otherwise empty)."""
-    cuda_sources(rev, where)
+    """The PTX of cuda/delta_linear.cu at `rev` (REV[+PATCH...]), compiled from `where` (the same path for every
+    revision), and with `regs` its kernels' registers and spill stores (ptxas on that PTX; otherwise empty)."""
+    shutil.rmtree(where / "cuda", ignore_errors=True)
+    write_tree(*parse_revision(rev, "revision"), where, ("cuda",))
     out = where / "out.ptx"
     made = subprocess.run(["nvcc", "-std=c++17", "-O3", "-ptx", gencode(arch), "-o", str(out), "cuda/delta_linear.cu"],
                           cwd=where, capture_output=True, text=True)
@@ -126,8 +131,8 @@ def short(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("a", help="a git revision (the baseline)")
-    ap.add_argument("b", help="a git revision (the change)")
+    ap.add_argument("a", help="a git revision (the baseline), REV[+PATCH...]")
+    ap.add_argument("b", help="a git revision (the change), REV[+PATCH...]")
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--regs", action="store_true", help="also each kernel's registers and spill stores (ptxas -v)")
     ap.add_argument("--flag", action="append", default=[], metavar="OLD=NEW",

@@ -95,17 +95,24 @@ def parse_cases(text: str) -> int:
 TREE = ("deltacomp", "cuda", "benchmarks", "tests", "pyproject.toml")  # what --sources writes
 
 
+def parse_revision(text: str, what: str) -> tuple[str, list[Path]]:
+    """REV[+PATCH...] as (revision, patch files); a missing patch exits with a message naming `what`."""
+    rev, *patches = text.split("+")
+    if not rev or any(not p for p in patches):
+        sys.exit(f"error: {what}: a revision is REV[+PATCH...], got {text!r}")
+    files = [Path(p).resolve() for p in patches]
+    missing = [p for p, f in zip(patches, files) if not f.is_file()]
+    if missing:
+        sys.exit(f"error: {what}: no patch file {missing[0]}")
+    return rev, files
+
+
 def parse_spec(spec: str) -> tuple[str, str, list[Path]]:
     """NAME=REV[+PATCH...] as (name, revision, patch files); a bad spec or a missing patch exits with a message."""
     name, sep, rest = spec.partition("=")
-    rev, *patches = rest.split("+")
-    if not sep or not NAME.match(name) or not rev or any(not p for p in patches):
+    if not sep or not NAME.match(name) or not rest:
         sys.exit(f"error: a build is NAME=REVISION[+PATCH...] with NAME in letters, digits, '-' and '_', got {spec!r}")
-    files = [Path(p).resolve() for p in patches]
-    missing = [str(p) for p, f in zip(patches, files) if not f.is_file()]
-    if missing:
-        sys.exit(f"error: {name}: no patch file {missing[0]}")
-    return name, rev, files
+    return name, *parse_revision(rest, name)
 
 
 def write_tree(rev: str, patches: list[Path], where: Path, paths: tuple[str, ...]) -> None:

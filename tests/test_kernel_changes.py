@@ -1,5 +1,9 @@
 """benchmarks/kernel_changes.py: kernels compared by their PTX, without what carries no code (no nvcc, no GPU)."""
 
+import difflib
+import subprocess
+from pathlib import Path
+
 import bench_scripts
 import pytest
 
@@ -83,3 +87,31 @@ def test_registers_and_spills_are_read_and_shown(mod):
     assert set(found) == set(mod.kernels(kernel(ROW, "\tret;") + kernel(EXPAND_INT, "\tret;")))  # the same names
     assert mod.either(80, 80) == "80" and mod.either(28, 44) == "28 -> 44"
     assert mod.either(None, 44) == "44" and mod.either(80, None) == "80" and mod.either(None, None) == "-"
+
+
+def test_each_revision_is_compiled_from_its_own_sources(mod, tmp_path, monkeypatch):
+    """Both revisions go through one folder: the second compiles its own cuda/ (a patched one here), not the first's."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "-C", str(root), "show", "HEAD:cuda/delta_linear.cu"], capture_output=True,
+                            text=True, check=True).stdout
+    changed = source + "// the change\n"
+    diff = difflib.unified_diff(source.splitlines(keepends=True), changed.splitlines(keepends=True),
+                                "a/cuda/delta_linear.cu", "b/cuda/delta_linear.cu")
+    patch = tmp_path / "change.patch"
+    patch.write_text("".join(diff))
+    real_run = subprocess.run
+
+    def run(cmd, **kw):  # nvcc stand-in: the "PTX" is the source it was given
+        if cmd[0] != "nvcc":
+            return real_run(cmd, **kw)
+        cwd = Path(kw["cwd"])
+        (cwd / cmd[cmd.index("-o") + 1]).write_text((cwd / cmd[-1]).read_text())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    folder = tmp_path / "build"
+    folder.mkdir()
+    assert mod.compiled("HEAD", "sm_90a", folder, False) == (source, {})
+    assert mod.compiled(f"HEAD+{patch}", "sm_90a", folder, False) == (changed, {})
+    with pytest.raises(SystemExit, match="no patch file"):
+        mod.compiled(f"HEAD+{tmp_path / 'missing.patch'}", "sm_90a", folder, False)

@@ -234,7 +234,7 @@ def test_a_revision_with_patches_is_written_as_a_source_tree(mod, tmp_path, caps
         mod.main(["--sources", str(out), f"y=HEAD+{second}"])  # made against the first patch's result
     with pytest.raises(SystemExit, match="y: no patch file .*missing.patch"):
         mod.main(["--sources", str(out), f"y=HEAD+{tmp_path / 'missing.patch'}"])
-    with pytest.raises(SystemExit, match="NAME=REVISION"):
+    with pytest.raises(SystemExit, match=r"y: a revision is REV\[\+PATCH\.\.\.\], got 'HEAD\+'"):
         mod.main(["--sources", str(out), "y=HEAD+"])
     assert not (out / "y").exists()
 
