@@ -1,0 +1,65 @@
+#!/bin/bash
+# Kernel candidates against main in one GPU-machine call: builds made here beforehand, everything timed there in turn.
+#
+# Here (nvcc, no GPU), with each candidate a revision with patches (standalone_builds.py's NAME=REV+PATCH...):
+#   python benchmarks/standalone_builds.py --build .carry/sb main=main pf=main+benchmarks/results/x.patch
+#   python benchmarks/standalone_builds.py --build .carry/sbt main=main pf=main+... --define DELTACOMP_SHRINK_TRACE
+#   python benchmarks/standalone_builds.py --sources .carry/trees pf=main+benchmarks/results/x.patch
+# (.carry is git-ignored and named in the call's carry.) Then on the GPU machine, from the repository root:
+#   bash benchmarks/gpu_round.sh .carry pf [more candidates] > $OUT/round.log 2>&1
+#
+# Main is the working tree itself. In order, each step's output marked with the seconds since the start:
+# 1. every tree's extension built just in time, in parallel (its own TORCH_EXTENSIONS_DIR);
+# 2. each candidate's full correctness sweep (check_standalone, no arguments);
+# 3. with DIR/sbt, each timing build's `--stages 16 16 1` (the multi-tenant plan's stage-1 trace);
+# 4. `standalone_builds.py --run DIR/sb main CANDIDATES --no-calls --tenants 16,4 --repeats 2`;
+# 5. `kernel_speed.py --rows "" --parts tenants --repeats 3` on each tree, in turn, twice;
+# 6. main's CUDA tests, then each candidate's multi-tenant ones;
+# 7. if ROUND_GOALS=1 and under ROUND_BUDGET seconds (default 330) have passed: main's goal figures
+#    (`kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3`, JSON to $OUT/goals-main.json).
+set -u
+DIR=$1
+shift
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+mark() { echo "[t=$(($(date +%s) - T0))s] $*"; }
+tree() { if [ "$1" = main ]; then pwd; else echo "$DIR/trees/$1"; fi; }
+jit() { (cd "$(tree "$1")" && TORCH_EXTENSIONS_DIR=/tmp/ext_$1 DELTACOMP_CUDA_JIT=1 PYTHONPATH=. "${@:2}"); }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+for t in main "$@"; do
+  jit "$t" python -c "from deltacomp import native; s = native.status(); print('$t:', s.path, s.error or '')" \
+    > "/tmp/jit_$t.log" 2>&1 &
+done
+for t in "$@"; do
+  mark "sweep $t"
+  "$DIR/sb/$t" > "/tmp/sweep_$t.log" 2>&1
+  echo "exit $?: $(grep -c 'FAIL' "/tmp/sweep_$t.log") failing line(s); $(tail -n 1 "/tmp/sweep_$t.log")"
+done
+if [ -d "$DIR/sbt" ]; then
+  for b in "$DIR"/sbt/*; do
+    mark "trace $(basename "$b") --stages 16 16 1"
+    "$b" --stages 16 16 1
+  done
+fi
+wait
+cat /tmp/jit_*.log
+mark "stages"
+PYTHONPATH=. python benchmarks/standalone_builds.py --run "$DIR/sb" main "$@" --no-calls --tenants 16,4 --repeats 2
+for round in 1 2; do
+  for t in main "$@"; do
+    mark "tenants $t (round $round)"
+    jit "$t" python benchmarks/kernel_speed.py --rows "" --parts tenants --repeats 3 2>&1 | tail -n 14
+  done
+done
+mark "CUDA tests, main"
+jit main python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_gptq_cuda.py 2>&1 | tail -n 3
+for t in "$@"; do
+  mark "CUDA tests, $t, multi-tenant"
+  jit "$t" python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k tenant 2>&1 | tail -n 3
+done
+if [ "${ROUND_GOALS:-0}" = 1 ] && [ $(($(date +%s) - T0)) -lt "${ROUND_BUDGET:-330}" ]; then
+  mark "goals, main"
+  jit main python benchmarks/kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3 \
+    --json "${OUT:-/tmp}/goals-main.json" 2>&1 | tail -n 80
+fi
+mark done
