@@ -12,11 +12,14 @@
 # 1. every tree's extension built just in time, in parallel (its own TORCH_EXTENSIONS_DIR);
 # 2. each candidate's full correctness sweep (check_standalone, no arguments);
 # 3. with DIR/sbt, each timing build's `--stages 16 16 1` (the multi-tenant plan's stage-1 trace);
-# 4. `standalone_builds.py --run DIR/sb main CANDIDATES --no-calls --tenants 16,4 --repeats 2`;
+# 4. `standalone_builds.py --run DIR/sb main CANDIDATES --no-calls --tenants 16 --repeats 2` (each build's fused
+#    cases, then the multi-tenant call on the q|k|v bank);
 # 5. `kernel_speed.py --rows "" --parts tenants --repeats 3` on each tree, in turn, twice;
-# 6. main's CUDA tests, then each candidate's multi-tenant ones;
+# 6. main's CUDA tests, and with ROUND_CANDIDATE_TESTS=1 each candidate's multi-tenant ones;
 # 7. if ROUND_GOALS=1 and under ROUND_BUDGET seconds (default 330) have passed: main's goal figures
 #    (`kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3`, JSON to $OUT/goals-main.json).
+# About 60 s, then per candidate 35 s (its sweep, beside the builds), 20 s (step 4) and 30 s (step 5), and 90 s for
+# main's tests: four candidates fit one 10-minute call.
 set -u
 DIR=$1
 shift
@@ -44,7 +47,7 @@ fi
 wait
 cat /tmp/jit_*.log
 mark "stages"
-PYTHONPATH=. python benchmarks/standalone_builds.py --run "$DIR/sb" main "$@" --no-calls --tenants 16,4 --repeats 2
+PYTHONPATH=. python benchmarks/standalone_builds.py --run "$DIR/sb" main "$@" --no-calls --tenants 16 --repeats 2
 for round in 1 2; do
   for t in main "$@"; do
     mark "tenants $t (round $round)"
@@ -53,10 +56,12 @@ for round in 1 2; do
 done
 mark "CUDA tests, main"
 jit main python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_gptq_cuda.py 2>&1 | tail -n 3
-for t in "$@"; do
-  mark "CUDA tests, $t, multi-tenant"
-  jit "$t" python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k tenant 2>&1 | tail -n 3
-done
+if [ "${ROUND_CANDIDATE_TESTS:-0}" = 1 ]; then
+  for t in "$@"; do
+    mark "CUDA tests, $t, multi-tenant"
+    jit "$t" python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k tenant 2>&1 | tail -n 3
+  done
+fi
 if [ "${ROUND_GOALS:-0}" = 1 ] && [ $(($(date +%s) - T0)) -lt "${ROUND_BUDGET:-330}" ]; then
   mark "goals, main"
   jit main python benchmarks/kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3 \
