@@ -121,11 +121,16 @@ def write_tree(rev: str, patches: list[Path], where: Path, paths: tuple[str, ...
     if archive.returncode != 0:
         sys.exit(f"error: git archive {rev}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    only = [f"--include={p}" if p == "pyproject.toml" else f"--include={p}/*" for p in paths]
     for patch in patches:  # `where` is outside any git work tree here, so git apply patches it as files
-        only = [f"--include={p}/*" if p != "pyproject.toml" else f"--include={p}" for p in paths]
         applied = subprocess.run(["git", "apply", *only, str(patch)], cwd=where, capture_output=True, text=True)
         if applied.returncode != 0:
             sys.exit(f"error: {patch.name} does not apply to {rev}: {applied.stderr.strip()}")
+
+
+def described(rev: str, patches: list[Path]) -> str:
+    """A tree's origin as REV+PATCH... (the patches by file name)."""
+    return "+".join([rev, *(p.name for p in patches)])
 
 
 def gencode(arch: str) -> str:
@@ -147,7 +152,7 @@ def build(out: Path, specs: list[str], arch: str, defines: tuple[str, ...] = ())
             made = subprocess.run(cmd, capture_output=True, text=True)
             if made.returncode != 0:
                 sys.exit(f"error: building {name} ({rev}) failed:\n{made.stderr.strip()}")
-        print(f"built {name} from {'+'.join([rev, *(p.name for p in patches)])}: {out / name}")
+        print(f"built {name} from {described(rev, patches)}: {out / name}")
 
 
 def sources(out: Path, specs: list[str]) -> None:
@@ -156,7 +161,7 @@ def sources(out: Path, specs: list[str]) -> None:
             write_tree(rev, patches, Path(tmp), TREE)
             shutil.rmtree(out / name, ignore_errors=True)
             shutil.copytree(tmp, out / name)
-        print(f"wrote {name} from {'+'.join([rev, *(p.name for p in patches)])}: {out / name}")
+        print(f"wrote {name} from {described(rev, patches)}: {out / name}")
 
 
 def run_one(binary: Path, *args: str) -> str:
