@@ -16,8 +16,8 @@ Each run's figures also go to stderr as it ends, so that a run cut short still s
 
 A revision may carry patches, ``NAME=REV+PATCH[+PATCH...]`` (files, applied in order with ``git apply``), so that a
 prepared change is built without a branch. ``--sources DIR`` writes each such tree's ``deltacomp``, ``cuda``,
-``benchmarks``, ``tests`` and ``pyproject.toml`` to ``DIR/NAME`` instead, for the torch benchmarks and the CUDA
-tests of a change on the GPU machine (the extension built just in time there from each tree).
+``benchmarks`` (but its recorded results), ``tests`` and ``pyproject.toml`` to ``DIR/NAME`` instead, for the torch
+benchmarks and the CUDA tests of a change on the GPU machine (the extension built just in time there from each tree).
 
     python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a] [--define MACRO]
     python benchmarks/standalone_builds.py --sources DIR change=main+benchmarks/results/change.patch
@@ -93,6 +93,7 @@ def parse_cases(text: str) -> int:
 
 
 TREE = ("deltacomp", "cuda", "benchmarks", "tests", "pyproject.toml")  # what --sources writes
+TREE_LEAVES = ("benchmarks/results",)  # but not this: the recorded results (what travels to a GPU is capped)
 
 
 def parse_revision(text: str, what: str) -> tuple[str, list[Path]]:
@@ -115,13 +116,15 @@ def parse_spec(spec: str) -> tuple[str, str, list[Path]]:
     return name, *parse_revision(rest, name)
 
 
-def write_tree(rev: str, patches: list[Path], where: Path, paths: tuple[str, ...]) -> None:
-    """`paths` as at git revision `rev` with `patches` applied, written into the empty folder `where`."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *paths], capture_output=True)
+def write_tree(rev: str, patches: list[Path], where: Path, paths: tuple[str, ...], leave: tuple[str, ...] = ()) -> None:
+    """`paths` but `leave` as at git revision `rev` with `patches` applied, written into the empty folder `where`."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *paths, *(f":(exclude){p}" for p in leave)],
+                             capture_output=True)
     if archive.returncode != 0:
         sys.exit(f"error: git archive {rev}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
-    only = [f"--include={p}" if p == "pyproject.toml" else f"--include={p}/*" for p in paths]
+    only = [*(f"--exclude={p}/*" for p in leave),
+            *(f"--include={p}" if p == "pyproject.toml" else f"--include={p}/*" for p in paths)]
     for patch in patches:  # `where` is outside any git work tree here, so git apply patches it as files
         applied = subprocess.run(["git", "apply", *only, str(patch)], cwd=where, capture_output=True, text=True)
         if applied.returncode != 0:
@@ -158,7 +161,7 @@ def build(out: Path, specs: list[str], arch: str, defines: tuple[str, ...] = ())
 def sources(out: Path, specs: list[str]) -> None:
     for name, rev, patches in [parse_spec(spec) for spec in specs]:
         with tempfile.TemporaryDirectory() as tmp:  # outside the repository, so that git apply patches files
-            write_tree(rev, patches, Path(tmp), TREE)
+            write_tree(rev, patches, Path(tmp), TREE, TREE_LEAVES)
             shutil.rmtree(out / name, ignore_errors=True)
             shutil.copytree(tmp, out / name)
         print(f"wrote {name} from {described(rev, patches)}: {out / name}")

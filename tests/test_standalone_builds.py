@@ -230,6 +230,8 @@ def test_a_revision_with_patches_is_written_as_a_source_tree(mod, tmp_path, caps
     assert (out / "plain" / "cuda" / "delta_linear.h").read_text() == header
     assert (out / "x" / "deltacomp" / "native.py").read_text() == at_head(mod, "deltacomp/native.py")
     assert sorted(p.name for p in (out / "x").iterdir()) == sorted(mod.TREE)
+    assert (out / "x" / "benchmarks" / "kernel_speed.py").is_file()
+    assert not (out / "x" / "benchmarks" / "results").exists()  # left behind: recorded results only
     with pytest.raises(SystemExit, match="b.patch does not apply to HEAD"):
         mod.main(["--sources", str(out), f"y=HEAD+{second}"])  # made against the first patch's result
     with pytest.raises(SystemExit, match="y: no patch file .*missing.patch"):
