@@ -11,15 +11,16 @@
 # Main is the working tree itself. In order, each step's output marked with the seconds since the start:
 # 1. every tree's extension built just in time, in parallel (its own TORCH_EXTENSIONS_DIR);
 # 2. each candidate's full correctness sweep (check_standalone, no arguments);
-# 3. with DIR/sbt, each timing build's `--stages 16 16 1` (the multi-tenant plan's stage-1 trace);
-# 4. `standalone_builds.py --run DIR/sb main CANDIDATES --no-calls --tenants 16 --repeats 2` (each build's fused
-#    cases, then the multi-tenant call on the q|k|v bank);
+# 3. with DIR/sbt, each timing build's `--stages 16 16 1 P` (the multi-tenant plan's stage-1 trace) on the q|k|v bank
+#    (P = 3) and on q alone (P = 1);
+# 4. `standalone_builds.py --run DIR/sb main CANDIDATES --no-calls --tenants 16 --projections 1 --repeats 2` (each
+#    build's fused cases, then the multi-tenant call on the q bank, a bank a projection as kernel_speed lays it out);
 # 5. `kernel_speed.py --rows "" --parts tenants --repeats 3` on each tree, in turn, twice;
 # 6. main's CUDA tests, and with ROUND_CANDIDATE_TESTS=1 each candidate's multi-tenant ones;
 # 7. if ROUND_GOALS=1 and under ROUND_BUDGET seconds (default 330) have passed: main's goal figures
 #    (`kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3`, JSON to $OUT/goals-main.json).
-# About 60 s, then per candidate 35 s (its sweep, beside the builds), 20 s (step 4) and 30 s (step 5), and 90 s for
-# main's tests: four candidates fit one 10-minute call.
+# Steps 2 and 3 (about 45 s a candidate) run beside the builds (about 100 s); then per build about 20 s (step 4) and
+# 30 s (step 5), and 90 s for main's tests: main and four candidates take about 9 minutes.
 set -u
 DIR=$1
 shift
@@ -40,14 +41,17 @@ for t in "$@"; do
 done
 if [ -d "$DIR/sbt" ]; then
   for b in "$DIR"/sbt/*; do
-    mark "trace $(basename "$b") --stages 16 16 1"
-    "$b" --stages 16 16 1
+    for banks in 3 1; do
+      mark "trace $(basename "$b") --stages 16 16 1 $banks"
+      "$b" --stages 16 16 1 "$banks"
+    done
   done
 fi
 wait
 cat /tmp/jit_*.log
 mark "stages"
-PYTHONPATH=. python benchmarks/standalone_builds.py --run "$DIR/sb" main "$@" --no-calls --tenants 16 --repeats 2
+PYTHONPATH=. python benchmarks/standalone_builds.py --run "$DIR/sb" main "$@" --no-calls --tenants 16 \
+  --projections 1 --repeats 2
 for round in 1 2; do
   for t in main "$@"; do
     mark "tenants $t (round $round)"

@@ -8,8 +8,9 @@ revision (``--build``, where nvcc is: the binaries carry to the GPU machine) and
 - ``--fused K``: the four calls of a Llama-2-7B layer at one row, bf16, a bank of K deltas (``--deltas``, each
   weighted 1 / K), U by block column (us a call);
 - ``--layer K``: the four calls in turn over 32 layers (us a layer);
-- with ``--tenants T[,T...]`` (each 1, 4 or 16), ``--stages T T 1``: the two-kernel op on T token rows, each on its
-  own of T deltas (the multi-tenant plan; the Llama-2-7B q|k|v bank, fp16), stage 1 alone and the whole call (us).
+- with ``--tenants T[,T...]`` (each 1, 4 or 16), ``--stages T T 1 P``: the two-kernel op on T token rows, each on its
+  own of T deltas (the multi-tenant plan; fp16), stage 1 alone and the whole call (us), on the Llama-2-7B q|k|v bank
+  or, with ``--projections 1``, on q alone (a bank a projection, as the torch benchmarks lay it out).
 
 ``--no-calls`` leaves out ``--fused K`` and ``--layer K`` (the longest runs), for a change to the two-kernel op alone.
 Each run's figures also go to stderr as it ends, so that a run cut short still shows what it timed.
@@ -22,7 +23,7 @@ benchmarks and the CUDA tests of a change on the GPU machine (the extension buil
     python benchmarks/standalone_builds.py --build DIR main=main change=HEAD [--arch sm_90a] [--define MACRO]
     python benchmarks/standalone_builds.py --sources DIR change=main+benchmarks/results/change.patch
     PYTHONPATH=. python benchmarks/standalone_builds.py --run DIR [main change] [--deltas 4] [--tenants 16,1]
-        [--no-calls] [--repeats 2] [--json F]
+        [--projections 1] [--no-calls] [--repeats 2] [--json F]
 
 (``PYTHONPATH=.`` where the source tree is there but deltacomp is not installed, as on a bare GPU machine.)
 """
@@ -185,7 +186,7 @@ def tenants_key(t: int) -> str:
 
 
 def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: tuple[int, ...] = (),
-        calls: bool = True) -> dict:
+        calls: bool = True, projections: int = 3) -> dict:
     found = {p.name: p for p in folder.iterdir() if p.is_file() and NAME.match(p.name) and p.stat().st_mode & 0o111}
     if not found:
         sys.exit(f"error: no built binaries in {folder} (run --build first)")
@@ -213,8 +214,9 @@ def run(folder: Path, repeats: int, names: list[str], deltas: int = 1, tenants: 
                     r["layer"].append(parse_layer(run_one(b, "--layer", str(deltas)), deltas))
                     progress(f"{b.name} --layer {deltas}: {r['layer'][-1]}")
                 for t in tenants:
-                    r[tenants_key(t)].append(parse_stages(run_one(b, "--stages", str(t), str(t), "1"), t))
-                    progress(f"{b.name} --stages {t} {t} 1: " + ", ".join(
+                    stages = ("--stages", str(t), str(t), "1", str(projections))
+                    r[tenants_key(t)].append(parse_stages(run_one(b, *stages), t))
+                    progress(f"{b.name} {' '.join(stages)}: " + ", ".join(
                         f"{k} {v}" for k, v in r[tenants_key(t)][-1].items()))
             except (RuntimeError, ValueError) as e:
                 r["error"] = str(e)
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tenants", default="",
                     help="also time the two-kernel op on T rows over T deltas, for each T of a comma-separated list "
                          "of 1, 4 and 16 (--run)")
+    ap.add_argument("--projections", type=int, default=3, choices=[1, 3],
+                    help="--tenants on the q|k|v bank (3) or q alone (1) (--run)")
     ap.add_argument("--no-calls", action="store_true", help="leave out the fused calls and the layer (--run)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path)
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     tenants = parse_tenants(args.tenants)
     if args.no_calls and not tenants:
         sys.exit("error: --no-calls leaves nothing to time without --tenants")
-    results = run(args.run, args.repeats, args.specs, args.deltas, tenants, not args.no_calls)
+    results = run(args.run, args.repeats, args.specs, args.deltas, tenants, not args.no_calls, args.projections)
     if not args.no_calls:
         bank = "one delta" if args.deltas == 1 else f"{args.deltas} deltas, each weighted 1/{args.deltas}"
         print(f"1 row, bf16, {bank}, U by block column; us, medians over the repeats, builds run in turn")
@@ -320,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("failed fused cases: " + ", ".join(f"{name} {r['failures']}" for name, r in results.items()))
     for t in tenants:
-        print(f"\n{t} row(s), each on its own of {t} delta(s) (the q|k|v bank), tiles of one row, fp16 (--stages): us, "
+        bank = "the q|k|v bank" if args.projections == 3 else "the q bank"
+        print(f"\n{t} row(s), each on its own of {t} delta(s) ({bank}), tiles of one row, fp16 (--stages): us, "
               "medians over the repeats")
         print(render_tenants(results, t))
     for name, r in results.items():

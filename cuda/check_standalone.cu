@@ -13,9 +13,11 @@
 //   ./check_delta_linear --trace [K]   built with -DDELTACOMP_ROW_TRACE: each one-row call's phases (%globaltimer
 //                                      stamps of every CTA) in a layer's sequence and alone, K deltas a bank, and
 //                                      the CTAs' shares, stage-1 rows and SMs
-//   ./check_delta_linear --stages [R [K [row_tile]]]   each kernel of the two-kernel op timed alone on the q|k|v bank
-//                                      (K deltas, row r on delta r % K); built with -DDELTACOMP_SHRINK_TRACE it also
-//                                      prints where a multi-tenant stage 1's CTAs spend their time
+//   ./check_delta_linear --stages [R [K [row_tile [P]]]]   each kernel of the two-kernel op timed alone on the q|k|v
+//                                      bank, or its first P projections (P = 1: q alone, a bank as the torch
+//                                      benchmarks lay out; K deltas, row r on delta r % K); built with
+//                                      -DDELTACOMP_SHRINK_TRACE it also prints where a multi-tenant stage 1's CTAs
+//                                      spend their time
 //
 // Banks are built here exactly as bank layout 2 describes (rows padded to 4 words, codes packed as in
 // deltacomp/quant/packing.py). Before every launch the output and the workspace are filled with NaN, so an output
@@ -1152,18 +1154,19 @@ void shrink_trace(F&& run, dim3 grid, cudaStream_t st) {
 __global__ void empty_kernel() {}
 
 // Times each kernel of the op separately (same plan as delta_linear_launch), plus an empty launch and a CUDA graph
-// replay of the whole op, on the Llama-shaped q|k|v bank (float16 activations). With K > 1 deltas the bank holds K
-// such deltas and row r weighs delta r % K alone, in row tiles of one (a multi-tenant batch) unless row_tile says
-// otherwise (>= 0).
-void stages(int only_r, int K, int row_tile) {
+// replay of the whole op, on the Llama-shaped q|k|v bank, or its first P projections (float16 activations). With
+// K > 1 deltas the bank holds K such deltas and row r weighs delta r % K alone, in row tiles of one (a multi-tenant
+// batch) unless row_tile says otherwise (>= 0).
+void stages(int only_r, int K, int row_tile, int P) {
   using namespace deltacomp;
-  std::vector<std::vector<std::vector<Group>>> table(3, std::vector<std::vector<Group>>(K));
-  for (int p = 0; p < 3; ++p)
+  std::vector<std::vector<std::vector<Group>>> table(P, std::vector<std::vector<Group>>(K));
+  for (int p = 0; p < P; ++p)
     for (int d = 0; d < K; ++d) table[p][d] = llama_groups(4096, 4096);
-  const Bank b = build_bank(4096, {4096, 4096, 4096}, K, table, std::vector<int>(K, 128), 1);
+  const Bank b = build_bank(4096, std::vector<int>(P, 4096), K, table, std::vector<int>(K, 128), 1);
   if (row_tile < 0) row_tile = K > 1 ? 1 : 0;
   DeviceBank db(b);
-  const int J = static_cast<int>(b.s.size()), P = 3;
+  const int J = static_cast<int>(b.s.size());
+  std::printf("bank: %d projection(s) of 4096 x 4096, %d delta(s)\n", P, K);
   cudaStream_t st;
   CHECK_CUDA(cudaStreamCreate(&st));
   cudaEvent_t e0, e1;
@@ -1288,7 +1291,7 @@ int main(int argc, char** argv) {
     layer_bench(argc > 2 ? std::max(1, std::atoi(argv[2])) : 1);
   } else if (argc > 1 && std::string(argv[1]) == "--stages") {
     stages(argc > 2 ? std::atoi(argv[2]) : 0, argc > 3 ? std::max(1, std::atoi(argv[3])) : 1,
-           argc > 4 ? std::atoi(argv[4]) : -1);
+           argc > 4 ? std::atoi(argv[4]) : -1, argc > 5 ? std::clamp(std::atoi(argv[5]), 1, 3) : 3);
   } else {
     correctness();
   }

@@ -174,16 +174,22 @@ def test_the_multi_tenant_op_alone_at_several_row_counts(mod, tmp_path, capsys):
     assert "layer in turn" not in text and text.startswith("failed fused cases: main 0, change 0")
     # each run's figures on stderr as it ends, in the order run
     assert captured.err.splitlines() == ["main --fused-cases: 0 failure(s)", "change --fused-cases: 0 failure(s)",
-                                         "main --stages 16 16 1: stage 1 93.2, call 190.2",
-                                         "main --stages 1 1 1: stage 1 93.2, call 190.2",
-                                         "change --stages 16 16 1: stage 1 93.6, call 185.1",
-                                         "change --stages 1 1 1: stage 1 93.6, call 185.1"]
+                                         "main --stages 16 16 1 3: stage 1 93.2, call 190.2",
+                                         "main --stages 1 1 1 3: stage 1 93.2, call 190.2",
+                                         "change --stages 16 16 1 3: stage 1 93.6, call 185.1",
+                                         "change --stages 1 1 1 3: stage 1 93.6, call 185.1"]
     assert text.index("16 row(s), each on its own of 16") < text.index("1 row(s), each on its own of 1 delta(s)")
     saved = json.loads(js.read_text())
     assert saved["main"]["calls"] == [] and saved["main"]["layer"] == []
     assert saved["change"]["tenants 1"] == [{"stage 1": 93.6, "call": 185.1}]
     with pytest.raises(SystemExit, match="--no-calls leaves nothing to time without --tenants"):
         mod.main(["--run", str(runs), "--no-calls"])
+    # q alone (a bank a projection, as the torch benchmarks lay it out): the fifth argument of --stages
+    assert mod.main(["--run", str(runs), "main", "--tenants", "16", "--no-calls", "--repeats", "1",
+                     "--projections", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "main --stages 16 16 1 1: stage 1 93.2, call 190.2" in captured.err
+    assert "16 row(s), each on its own of 16 delta(s) (the q bank)" in captured.out
 
 
 def test_builds_take_the_macros_named(mod, tmp_path, monkeypatch):
