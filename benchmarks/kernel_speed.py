@@ -572,11 +572,14 @@ def render(res: dict) -> str:
         if "base_ms" in mt or res["rows"]:  # (results written before the part timed its base: the decode step's)
             base_ms, base_bytes = ((mt["base_ms"], mt["base_bytes"]) if "base_ms" in mt else
                                    (res["rows"][min(res["rows"])]["base"], res["base_bytes"]))
-            floor = mt["bytes"] * base_ms / base_bytes  # ms at the base's bandwidth
-            lines[-1] += f" ({mt['batched'] / floor:.2f}x the byte floor at the base's bandwidth, {floor:.3f} ms)"
+            def floor(nbytes: float) -> float:  # ms at the base's bandwidth
+                return nbytes * base_ms / base_bytes
+
+            lines[-1] += (f" ({mt['batched'] / floor(mt['bytes']):.2f}x the byte floor at the base's bandwidth, "
+                          f"{floor(mt['bytes']):.3f} ms)")
             if mt.get("by_bank"):
                 lines += ["one matrix's banks alone (every layer): " + "; ".join(
-                    f"{k} {b['ms']:.3f} ms ({b['ms'] / (b['bytes'] * base_ms / base_bytes):.2f}x its floor)"
+                    f"{k} {b['ms']:.3f} ms ({b['ms'] / floor(b['bytes']):.2f}x its floor)"
                     for k, b in mt["by_bank"].items())]
     return "\n".join(lines)
 

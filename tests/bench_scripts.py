@@ -1,9 +1,13 @@
-"""A script of benchmarks/ loaded as a module, for the tests of its helpers."""
+"""A script of benchmarks/ loaded as a module, for the tests of its helpers; and the repository's files at HEAD, with
+patches of them, for the scripts that build revisions."""
 
+import difflib
 import importlib.util
+import subprocess
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def load(name: str):
@@ -12,3 +16,16 @@ def load(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def at_head(path: str) -> str:
+    """The repository's file `path` as at HEAD."""
+    return subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{path}"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def patch_file(folder: Path, name: str, path: str, old: str, new: str) -> Path:
+    """folder/name: a unified diff of one file from `old` to `new`, as git diff writes it (a/ and b/ prefixes)."""
+    diff = difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True), f"a/{path}", f"b/{path}")
+    (folder / name).write_text("".join(diff))
+    return folder / name

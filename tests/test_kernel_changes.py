@@ -1,11 +1,11 @@
 """benchmarks/kernel_changes.py: kernels compared by their PTX, without what carries no code (no nvcc, no GPU)."""
 
-import difflib
 import subprocess
 from pathlib import Path
 
 import bench_scripts
 import pytest
+from bench_scripts import at_head, patch_file
 
 NS = "_ZN9deltacomp48_GLOBAL__N__cfd59049_15_delta_linear_cu_fa1d85c2"
 
@@ -91,14 +91,9 @@ def test_registers_and_spills_are_read_and_shown(mod):
 
 def test_each_revision_is_compiled_from_its_own_sources(mod, tmp_path, monkeypatch):
     """Both revisions go through one folder: the second compiles its own cuda/ (a patched one here), not the first's."""
-    root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "-C", str(root), "show", "HEAD:cuda/delta_linear.cu"], capture_output=True,
-                            text=True, check=True).stdout
+    source = at_head("cuda/delta_linear.cu")
     changed = source + "// the change\n"
-    diff = difflib.unified_diff(source.splitlines(keepends=True), changed.splitlines(keepends=True),
-                                "a/cuda/delta_linear.cu", "b/cuda/delta_linear.cu")
-    patch = tmp_path / "change.patch"
-    patch.write_text("".join(diff))
+    patch = patch_file(tmp_path, "change.patch", "cuda/delta_linear.cu", source, changed)
     real_run = subprocess.run
 
     def run(cmd, **kw):  # nvcc stand-in: the "PTX" is the source it was given

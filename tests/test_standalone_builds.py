@@ -1,6 +1,5 @@
 """benchmarks/standalone_builds.py: the builds' outputs parsed, run in turn and tabled (stand-in binaries, no GPU)."""
 
-import difflib
 import json
 import stat
 import subprocess
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import bench_scripts
 import pytest
+from bench_scripts import at_head, patch_file
 
 FUSED = """programmatic dependent launch: on
 fused, 1 row, bf16, {k} delta(s), q|k|v    fused  52.8 us | with U columns   {qkv} us | empty bank   36.0 us | x
@@ -209,21 +209,9 @@ def test_builds_take_the_macros_named(mod, tmp_path, monkeypatch):
     assert len(seen) == 1
 
 
-def patch_file(folder: Path, name: str, path: str, old: str, new: str) -> Path:
-    """A unified diff of one file, as git diff writes it (a/ and b/ prefixes)."""
-    diff = difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True), f"a/{path}", f"b/{path}")
-    (folder / name).write_text("".join(diff))
-    return folder / name
-
-
-def at_head(mod, path: str) -> str:
-    return subprocess.run(["git", "-C", str(mod.ROOT), "show", f"HEAD:{path}"], capture_output=True, text=True,
-                          check=True).stdout
-
-
 def test_a_revision_with_patches_is_written_as_a_source_tree(mod, tmp_path, capsys):
     """--sources NAME=REV+PATCH+PATCH: the tree at REV with the patches applied in order; bad ones refused."""
-    header, project = at_head(mod, "cuda/delta_linear.h"), at_head(mod, "pyproject.toml")
+    header, project = at_head("cuda/delta_linear.h"), at_head("pyproject.toml")
     first = patch_file(tmp_path, "a.patch", "cuda/delta_linear.h", header, header + "// first change\n")
     second = patch_file(tmp_path, "b.patch", "cuda/delta_linear.h", header + "// first change\n",
                         header + "// first change\n// second change\n")
@@ -234,7 +222,7 @@ def test_a_revision_with_patches_is_written_as_a_source_tree(mod, tmp_path, caps
     assert (out / "x" / "cuda" / "delta_linear.h").read_text().endswith("// first change\n// second change\n")
     assert (out / "x" / "pyproject.toml").read_text() == project + "# third change\n"
     assert (out / "plain" / "cuda" / "delta_linear.h").read_text() == header
-    assert (out / "x" / "deltacomp" / "native.py").read_text() == at_head(mod, "deltacomp/native.py")
+    assert (out / "x" / "deltacomp" / "native.py").read_text() == at_head("deltacomp/native.py")
     assert sorted(p.name for p in (out / "x").iterdir()) == sorted(mod.TREE)
     assert (out / "x" / "benchmarks" / "kernel_speed.py").is_file()
     assert not (out / "x" / "benchmarks" / "results").exists()  # left behind: recorded results only
@@ -249,7 +237,7 @@ def test_a_revision_with_patches_is_written_as_a_source_tree(mod, tmp_path, caps
 
 def test_a_build_compiles_the_patched_sources(mod, tmp_path, monkeypatch, capsys):
     """--build NAME=REV+PATCH hands nvcc cuda/ as at REV with the patch applied; every spec is checked first."""
-    source = at_head(mod, "cuda/check_standalone.cu")
+    source = at_head("cuda/check_standalone.cu")
     change = patch_file(tmp_path, "change.patch", "cuda/check_standalone.cu", source, source + "// the change\n")
     compiled = {}
     real_run = subprocess.run
