@@ -15,7 +15,7 @@
 #    (P = 3) and on q alone (P = 1);
 # 4. `standalone_builds.py --run DIR/sb main CANDIDATES --no-calls --tenants 16 --projections 1 --repeats 2` (each
 #    build's fused cases, then the multi-tenant call on the q bank, a bank a projection as kernel_speed lays it out);
-# 5. `kernel_speed.py --rows "" --parts tenants --repeats 3` on each tree, in turn, twice;
+# 5. `kernel_speed.py --rows "" --parts tenants --repeats 3` on each tree, in turn, twice (ROUND_TENANT_ROUNDS times);
 # 6. main's CUDA tests, and with ROUND_CANDIDATE_TESTS=1 each candidate's multi-tenant ones;
 # 7. if ROUND_GOALS=1 and under ROUND_BUDGET seconds (default 330) have passed: main's goal figures
 #    (`kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3`, JSON to $OUT/goals-main.json).
@@ -52,7 +52,7 @@ cat /tmp/jit_*.log
 mark "stages"
 PYTHONPATH=. python benchmarks/standalone_builds.py --run "$DIR/sb" main "$@" --no-calls --tenants 16 \
   --projections 1 --repeats 2
-for round in 1 2; do
+for round in $(seq "${ROUND_TENANT_ROUNDS:-2}"); do
   for t in main "$@"; do
     mark "tenants $t (round $round)"
     jit "$t" python benchmarks/kernel_speed.py --rows "" --parts tenants --repeats 3 2>&1 | tail -n 14
