@@ -522,7 +522,7 @@ struct Prefetch {
 // z = lane, lane + 32, ... (unit = OPL codes of block kb0 + z / (32 / OPL)), decodes its codes of each row and
 // accumulates acc[jj * R_TILE + r]. Rows outside the mask read nothing and add exact zeros. With use_pre, the first
 // unit's words and parameters come from `pre`. FOLD: fold_params.
-template <int BITS, int NJ, int R_TILE, bool FOLD>
+template <int BITS, int NJ, int R_TILE, bool FOLD, bool PIPE>
 __device__ __forceinline__ void shrink_tile(float (&acc)[NJ * R_TILE], const RowRef (&rr)[NJ], unsigned mask,
                                             const int32_t* __restrict__ words, const __half* __restrict__ scale,
                                             const __half* __restrict__ offset, const float* __restrict__ xs, int kb0,
@@ -530,30 +530,8 @@ __device__ __forceinline__ void shrink_tile(float (&acc)[NJ * R_TILE], const Row
   constexpr int VW = vec_width(R_TILE), H = R_TILE / VW, OPL = shrink_opl(R_TILE), UF = unit_floats(R_TILE);
   constexpr int NU = 32 / OPL, NW = lane_words<BITS, OPL>();
   use_pre = use_pre && NW <= 2 && pre.valid;
-#pragma unroll 1
-  for (int z = lane; z < nunits; z += 32) {
-    const int gb = kb0 + z / NU;   // block of the row
-    const int q0 = (z % NU) * OPL;  // first code of the unit within the block
-    uint32_t wv[NJ][NW];
-    float mul[NJ], add[NJ];
-#pragma unroll
-    for (int jj = 0; jj < NJ; ++jj) {
-      if (((mask >> jj) & 1u) == 0u) {
-#pragma unroll
-        for (int q = 0; q < NW; ++q) wv[jj][q] = 0u;
-        mul[jj] = add[jj] = 0.f;
-      } else if (use_pre) {
-#pragma unroll
-        for (int q = 0; q < NW; ++q) wv[jj][q] = pre.raw[jj][q < 2 ? q : 0];
-        expand_param_pair<BITS>(pre.params[jj], mul[jj], add[jj]);
-      } else {
-        load_lane_words<BITS, OPL>(words + rr[jj].woff + gb * BITS, q0, wv[jj]);
-        load_params<BITS>(scale, offset, rr[jj].poff + group_index(gb * 32, rr[jj].gp), mul[jj],
-                          add[jj]);
-      }
-      align_lane_words<BITS, OPL>(wv[jj], q0);
-    }
-    use_pre = false;
+  // Adds unit z's products for the rows' aligned words and (mul, add) pairs into acc.
+  const auto sum_unit = [&](int z, const uint32_t (&wv)[NJ][NW], const float (&mul)[NJ], const float (&add)[NJ]) {
     const float* xu = xs + z * UF;
     if constexpr (FOLD) {
       float t[NJ];
@@ -586,16 +564,88 @@ __device__ __forceinline__ void shrink_tile(float (&acc)[NJ * R_TILE], const Row
         }
       }
     }
+  };
+  // PIPE (the multi-tenant plan's one-row tiles), rows of up to 2 bits: each lane requests its next unit before it
+  // sums the current one, so that a warp keeps two units' words in flight (two buffers in turn; wider rows spill).
+  if constexpr (PIPE && BITS <= 2) {
+    // Unit z's raw words and fp16 (scale, offset) pairs for the rows of `mask`; zeros elsewhere (exact zero sums).
+    const auto fetch = [&](int z, uint32_t (&w)[NJ][NW], uint32_t (&par)[NJ]) {
+      const int gb = kb0 + z / NU, q0 = (z % NU) * OPL;
+#pragma unroll
+      for (int jj = 0; jj < NJ; ++jj) {
+        if (((mask >> jj) & 1u) == 0u) {
+#pragma unroll
+          for (int q = 0; q < NW; ++q) w[jj][q] = 0u;
+          par[jj] = 0u;
+        } else {
+          load_lane_words<BITS, OPL>(words + rr[jj].woff + gb * BITS, q0, w[jj]);
+          par[jj] = load_param_pair(scale, offset, rr[jj].poff + group_index(gb * 32, rr[jj].gp));
+        }
+      }
+    };
+    const auto expand_sum = [&](int z, uint32_t (&wv)[NJ][NW], const uint32_t (&par)[NJ]) {
+      float mul[NJ], add[NJ];
+#pragma unroll
+      for (int jj = 0; jj < NJ; ++jj) {
+        expand_param_pair<BITS>(par[jj], mul[jj], add[jj]);
+        align_lane_words<BITS, OPL>(wv[jj], (z % NU) * OPL);
+      }
+      sum_unit(z, wv, mul, add);
+    };
+    uint32_t wa[NJ][NW], pa[NJ], wb[NJ][NW], pb[NJ];
+    int z = lane;
+    if (z >= nunits) return;
+    fetch(z, wa, pa);  // (`pre` is never filled in the multi-tenant plan)
+#pragma unroll 1
+    for (;;) {
+      const bool more = z + 32 < nunits;
+      if (more) fetch(z + 32, wb, pb);
+      expand_sum(z, wa, pa);
+      if (!more) break;
+      z += 32;
+      const bool more2 = z + 32 < nunits;
+      if (more2) fetch(z + 32, wa, pa);
+      expand_sum(z, wb, pb);
+      if (!more2) break;
+      z += 32;
+    }
+    return;
+  }
+#pragma unroll 1
+  for (int z = lane; z < nunits; z += 32) {
+    const int gb = kb0 + z / NU;   // block of the row
+    const int q0 = (z % NU) * OPL;  // first code of the unit within the block
+    uint32_t wv[NJ][NW];
+    float mul[NJ], add[NJ];
+#pragma unroll
+    for (int jj = 0; jj < NJ; ++jj) {
+      if (((mask >> jj) & 1u) == 0u) {
+#pragma unroll
+        for (int q = 0; q < NW; ++q) wv[jj][q] = 0u;
+        mul[jj] = add[jj] = 0.f;
+      } else if (use_pre) {
+#pragma unroll
+        for (int q = 0; q < NW; ++q) wv[jj][q] = pre.raw[jj][q < 2 ? q : 0];
+        expand_param_pair<BITS>(pre.params[jj], mul[jj], add[jj]);
+      } else {
+        load_lane_words<BITS, OPL>(words + rr[jj].woff + gb * BITS, q0, wv[jj]);
+        load_params<BITS>(scale, offset, rr[jj].poff + group_index(gb * 32, rr[jj].gp), mul[jj],
+                          add[jj]);
+      }
+      align_lane_words<BITS, OPL>(wv[jj], q0);
+    }
+    use_pre = false;
+    sum_unit(z, wv, mul, add);
   }
 }
 
-template <int NJ, int R_TILE, bool FOLD>
+template <int NJ, int R_TILE, bool FOLD, bool PIPE>
 __device__ __forceinline__ void shrink_tile_any(int bits, float (&acc)[NJ * R_TILE], const RowRef (&rr)[NJ],
                                                 unsigned mask, const ShrinkArgs& a, const float* xs, int kb0,
                                                 int nunits, int lane, const Prefetch<NJ>& pre, bool use_pre) {
   with_width(bits, [&](auto B) {
-    shrink_tile<decltype(B)::value, NJ, R_TILE, FOLD>(acc, rr, mask, a.words, a.scale, a.offset, xs, kb0, nunits,
-                                                      lane, pre, use_pre);
+    shrink_tile<decltype(B)::value, NJ, R_TILE, FOLD, PIPE>(acc, rr, mask, a.words, a.scale, a.offset, xs, kb0,
+                                                            nunits, lane, pre, use_pre);
   });
 }
 
@@ -820,7 +870,9 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
     for (int kb0 = kbeg; kb0 < kend; kb0 += a.ktb) {
       const int nunits = min(a.ktb, kend - kb0) * NU;
       if (!early || kb0 != kbeg) {  // (else the words and the x tile were requested before the weights)
-        prefetch_first_unit<kRowsPerWarp, OPL>(pre, a, rr, mask0, bits0, kb0, nunits, lane);
+        // (not in the multi-tenant plan: its pipelined tiles request their first unit themselves, and the registers
+        // `pre` would hold across the tile are the ones the pipeline needs)
+        if constexpr (!SPARSE) prefetch_first_unit<kRowsPerWarp, OPL>(pre, a, rr, mask0, bits0, kb0, nunits, lane);
         if (!staged) {
           __syncthreads();  // the previous tile is no longer read
           stage_x_tile<scalar_t, R_TILE>(xs, x, a.R, a.n, r0, kb0, nunits);
@@ -833,7 +885,8 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
       for (unsigned todo = act; todo != 0u; use_pre = false) {
         const int bits = __shfl_sync(kFullMask, m_bits, __ffs(todo) - 1);
         const unsigned mask = width_class(todo, rbits, bits);
-        shrink_tile_any<kRowsPerWarp, R_TILE, FOLD>(bits, acc, rr, mask, a, xs, kb0, nunits, lane, pre, use_pre);
+        shrink_tile_any<kRowsPerWarp, R_TILE, FOLD, SPARSE>(bits, acc, rr, mask, a, xs, kb0, nunits, lane, pre,
+                                                            use_pre);
         todo &= ~mask;
       }
       SHRINK_PHASE(kTraceDecode);
