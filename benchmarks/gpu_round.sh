@@ -15,13 +15,13 @@
 #    (P = 3) and on q alone (P = 1);
 # 4. `standalone_builds.py --run DIR/sb main CANDIDATES --no-calls --tenants 16 --projections 1 --repeats 2` (each
 #    build's fused cases, then the multi-tenant call on the q bank, a bank a projection as kernel_speed lays it out);
-# 5. `kernel_speed.py --rows "" --parts tenants --repeats 3` on each tree in turn, ROUND_TENANT_ROUNDS times (default 2);
-# 6. main's CUDA tests, and with ROUND_CANDIDATE_TESTS=1 each candidate's multi-tenant ones;
-# 7. if ROUND_GOALS=1 and under ROUND_BUDGET seconds (default 330) have passed: main's goal figures
-#    (`kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3`, JSON to $OUT/goals-main.json).
-# Steps 2 and 3 (about 45 s a candidate) run beside the builds (about 100 s); then per build about 40 s (step 4) and
-# 12 s a tree a round (step 5), and 90 s for main's tests: main and four candidates took 640 s on an H100, past one
-# call's 600; with ROUND_TENANT_ROUNDS=1 they take about 580 s.
+# 5. unless ROUND_GOALS=0, main's goal figures (`kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3`,
+#    JSON to $OUT/goals-main.json; about 20 s);
+# 6. `kernel_speed.py --rows "" --parts tenants --repeats 3` on each tree in turn, ROUND_TENANT_ROUNDS times (default 2);
+# 7. main's CUDA tests, and with ROUND_CANDIDATE_TESTS=1 each candidate's multi-tenant ones.
+# Steps 2 and 3 (about 45 s a candidate) run beside the builds (about 100 s); then per build about 40 s (step 4),
+# 12 s a tree a round (step 6), and 80 s for main's tests: main and four candidates took 640 s on an H100, past one
+# call's 600; with ROUND_TENANT_ROUNDS=1, or three candidates, a round fits.
 set -u
 DIR=$1
 shift
@@ -53,6 +53,11 @@ cat /tmp/jit_*.log
 mark "stages"
 PYTHONPATH=. python benchmarks/standalone_builds.py --run "$DIR/sb" main "$@" --no-calls --tenants 16 \
   --projections 1 --repeats 2
+if [ "${ROUND_GOALS:-1}" = 1 ]; then
+  mark "goals, main"
+  jit main python benchmarks/kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3 \
+    --json "${OUT:-/tmp}/goals-main.json" 2>&1 | tail -n 40
+fi
 for round in $(seq "${ROUND_TENANT_ROUNDS:-2}"); do
   for t in main "$@"; do
     mark "tenants $t (round $round)"
@@ -66,10 +71,5 @@ if [ "${ROUND_CANDIDATE_TESTS:-0}" = 1 ]; then
     mark "CUDA tests, $t, multi-tenant"
     jit "$t" python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k tenant 2>&1 | tail -n 3
   done
-fi
-if [ "${ROUND_GOALS:-0}" = 1 ] && [ $(($(date +%s) - T0)) -lt "${ROUND_BUDGET:-330}" ]; then
-  mark "goals, main"
-  jit main python benchmarks/kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3 \
-    --json "${OUT:-/tmp}/goals-main.json" 2>&1 | tail -n 80
 fi
 mark done

@@ -609,33 +609,33 @@ __device__ __forceinline__ void shrink_tile(float (&acc)[NJ * R_TILE], const Row
       if (!more2) break;
       z += 32;
     }
-    return;
-  }
+  } else {
 #pragma unroll 1
-  for (int z = lane; z < nunits; z += 32) {
-    const int gb = kb0 + z / NU;   // block of the row
-    const int q0 = (z % NU) * OPL;  // first code of the unit within the block
-    uint32_t wv[NJ][NW];
-    float mul[NJ], add[NJ];
+    for (int z = lane; z < nunits; z += 32) {
+      const int gb = kb0 + z / NU;   // block of the row
+      const int q0 = (z % NU) * OPL;  // first code of the unit within the block
+      uint32_t wv[NJ][NW];
+      float mul[NJ], add[NJ];
 #pragma unroll
-    for (int jj = 0; jj < NJ; ++jj) {
-      if (((mask >> jj) & 1u) == 0u) {
+      for (int jj = 0; jj < NJ; ++jj) {
+        if (((mask >> jj) & 1u) == 0u) {
 #pragma unroll
-        for (int q = 0; q < NW; ++q) wv[jj][q] = 0u;
-        mul[jj] = add[jj] = 0.f;
-      } else if (use_pre) {
+          for (int q = 0; q < NW; ++q) wv[jj][q] = 0u;
+          mul[jj] = add[jj] = 0.f;
+        } else if (use_pre) {
 #pragma unroll
-        for (int q = 0; q < NW; ++q) wv[jj][q] = pre.raw[jj][q < 2 ? q : 0];
-        expand_param_pair<BITS>(pre.params[jj], mul[jj], add[jj]);
-      } else {
-        load_lane_words<BITS, OPL>(words + rr[jj].woff + gb * BITS, q0, wv[jj]);
-        load_params<BITS>(scale, offset, rr[jj].poff + group_index(gb * 32, rr[jj].gp), mul[jj],
-                          add[jj]);
+          for (int q = 0; q < NW; ++q) wv[jj][q] = pre.raw[jj][q < 2 ? q : 0];
+          expand_param_pair<BITS>(pre.params[jj], mul[jj], add[jj]);
+        } else {
+          load_lane_words<BITS, OPL>(words + rr[jj].woff + gb * BITS, q0, wv[jj]);
+          load_params<BITS>(scale, offset, rr[jj].poff + group_index(gb * 32, rr[jj].gp), mul[jj],
+                            add[jj]);
+        }
+        align_lane_words<BITS, OPL>(wv[jj], q0);
       }
-      align_lane_words<BITS, OPL>(wv[jj], q0);
+      use_pre = false;
+      sum_unit(z, wv, mul, add);
     }
-    use_pre = false;
-    sum_unit(z, wv, mul, add);
   }
 }
 
