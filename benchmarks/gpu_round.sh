@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_round.sh .carry pf [more candidates] > $OUT/round.log 2>&1
 #
 # Main is the working tree itself. In order, each step's output marked with the seconds since the start:
-# 1. every tree's extension built just in time, in parallel (its own TORCH_EXTENSIONS_DIR);
+# 1. every tree's extension (main's, the candidates', ROUND_SANITIZE's) built just in time, in parallel (each its own
+#    TORCH_EXTENSIONS_DIR);
 # 2. each candidate's full correctness sweep (check_standalone, no arguments);
 # 3. with DIR/sbt, each timing build's `--stages 16 16 1 P` (the multi-tenant plan's stage-1 trace) on the q|k|v bank
 #    (P = 3) and on q alone (P = 1);
@@ -18,8 +19,9 @@
 # 5. unless ROUND_GOALS=0, main's goal figures (`kernel_speed.py --rows 1 --parts calls,tenants,widths --repeats 3`,
 #    JSON to $OUT/goals-main.json; about 20 s);
 # 6. `kernel_speed.py --rows "" --parts tenants --repeats 3` on each tree in turn, ROUND_TENANT_ROUNDS times (default 2);
-# 7. main's CUDA tests, and with ROUND_CANDIDATE_TESTS=1 each candidate's multi-tenant ones;
-# 8. for each tree named in ROUND_SANITIZE (space-separated), its tenants table of one layer under compute-sanitizer.
+# 7. for each tree named in ROUND_SANITIZE (space-separated; built in step 1, timed nowhere), its tenants table of
+#    one layer under compute-sanitizer;
+# 8. main's CUDA tests, and with ROUND_CANDIDATE_TESTS=1 each candidate's multi-tenant ones.
 # Steps 2 and 3 (about 45 s a candidate) run beside the builds (about 100 s); then per build about 40 s (step 4),
 # 12 s a tree a round (step 6), and 80 s for main's tests: main and four candidates took 640 s on an H100, past one
 # call's 600; with ROUND_TENANT_ROUNDS=1, or three candidates, a round fits.
@@ -32,7 +34,7 @@ mark() { echo "[t=$(($(date +%s) - T0))s] $*"; }
 tree() { if [ "$1" = main ]; then pwd; else echo "$DIR/trees/$1"; fi; }
 jit() { (cd "$(tree "$1")" && TORCH_EXTENSIONS_DIR=/tmp/ext_$1 DELTACOMP_CUDA_JIT=1 PYTHONPATH=. "${@:2}"); }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-for t in main "$@"; do
+for t in main "$@" ${ROUND_SANITIZE:-}; do
   jit "$t" python -c "from deltacomp import native; s = native.status(); print('$t:', s.path, s.error or '')" \
     > "/tmp/jit_$t.log" 2>&1 &
 done
@@ -65,6 +67,11 @@ for round in $(seq "${ROUND_TENANT_ROUNDS:-2}"); do
     jit "$t" python benchmarks/kernel_speed.py --rows "" --parts tenants --repeats 3 2>&1 | tail -n 14
   done
 done
+for t in ${ROUND_SANITIZE:-}; do  # a tree whose torch call fails: where, by compute-sanitizer (one layer)
+  mark "compute-sanitizer, $t"
+  jit "$t" compute-sanitizer --tool memcheck --print-limit 3 python benchmarks/kernel_speed.py --rows "" \
+    --parts tenants --layers 1 --repeats 1 2>&1 | tail -n 40
+done
 mark "CUDA tests, main"
 jit main python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_gptq_cuda.py 2>&1 | tail -n 3
 if [ "${ROUND_CANDIDATE_TESTS:-0}" = 1 ]; then
@@ -73,9 +80,4 @@ if [ "${ROUND_CANDIDATE_TESTS:-0}" = 1 ]; then
     jit "$t" python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k tenant 2>&1 | tail -n 3
   done
 fi
-for t in ${ROUND_SANITIZE:-}; do  # a tree whose torch call fails: where, by compute-sanitizer (one layer)
-  mark "compute-sanitizer, $t"
-  jit "$t" compute-sanitizer --tool memcheck --print-limit 3 python benchmarks/kernel_speed.py --rows "" \
-    --parts tenants --layers 1 --repeats 1 2>&1 | tail -n 40
-done
 mark done
