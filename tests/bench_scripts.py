@@ -1,5 +1,5 @@
-"""A script of benchmarks/ loaded as a module, for the tests of its helpers; and the repository's files at HEAD, with
-patches of them, for the scripts that build revisions."""
+"""A script of benchmarks/ loaded as a module, for the tests of its helpers; and, for the scripts that build revisions,
+the repository's files at HEAD, patches of them and an nvcc stand-in."""
 
 import difflib
 import importlib.util
@@ -29,3 +29,16 @@ def patch_file(folder: Path, name: str, path: str, old: str, new: str) -> Path:
     diff = difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True), f"a/{path}", f"b/{path}")
     (folder / name).write_text("".join(diff))
     return folder / name
+
+
+def nvcc_stand_in(on_nvcc):
+    """A subprocess.run that hands nvcc's commands to on_nvcc(cmd, cwd) (each a success, nothing compiled) and runs
+    every other command."""
+    real_run = subprocess.run
+
+    def run(cmd, **kw):
+        if cmd[0] != "nvcc":
+            return real_run(cmd, **kw)
+        on_nvcc(cmd, kw.get("cwd"))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import bench_scripts
 import pytest
-from bench_scripts import at_head, patch_file
+from bench_scripts import at_head, nvcc_stand_in, patch_file
 
 NS = "_ZN9deltacomp48_GLOBAL__N__cfd59049_15_delta_linear_cu_fa1d85c2"
 
@@ -94,16 +94,11 @@ def test_each_revision_is_compiled_from_its_own_sources(mod, tmp_path, monkeypat
     source = at_head("cuda/delta_linear.cu")
     changed = source + "// the change\n"
     patch = patch_file(tmp_path, "change.patch", "cuda/delta_linear.cu", source, changed)
-    real_run = subprocess.run
 
-    def run(cmd, **kw):  # nvcc stand-in: the "PTX" is the source it was given
-        if cmd[0] != "nvcc":
-            return real_run(cmd, **kw)
-        cwd = Path(kw["cwd"])
-        (cwd / cmd[cmd.index("-o") + 1]).write_text((cwd / cmd[-1]).read_text())
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+    def ptx(cmd, cwd):  # the "PTX" is the source nvcc was given
+        (Path(cwd) / cmd[cmd.index("-o") + 1]).write_text((Path(cwd) / cmd[-1]).read_text())
 
-    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", nvcc_stand_in(ptx))
     folder = tmp_path / "build"
     folder.mkdir()
     assert mod.compiled("HEAD", "sm_90a", folder, False) == (source, {})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import bench_scripts
 import pytest
-from bench_scripts import at_head, patch_file
+from bench_scripts import at_head, nvcc_stand_in, patch_file
 
 FUSED = """programmatic dependent launch: on
 fused, 1 row, bf16, {k} delta(s), q|k|v    fused  52.8 us | with U columns   {qkv} us | empty bank   36.0 us | x
@@ -240,15 +240,11 @@ def test_a_build_compiles_the_patched_sources(mod, tmp_path, monkeypatch, capsys
     source = at_head("cuda/check_standalone.cu")
     change = patch_file(tmp_path, "change.patch", "cuda/check_standalone.cu", source, source + "// the change\n")
     compiled = {}
-    real_run = subprocess.run
 
-    def run(cmd, **kw):
-        if cmd[0] != "nvcc":
-            return real_run(cmd, **kw)
+    def record(cmd, cwd):
         compiled[Path(cmd[cmd.index("-o") + 1]).name] = Path(cmd[-1]).read_text()
-        return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(mod.subprocess, "run", run)
+    monkeypatch.setattr(mod.subprocess, "run", nvcc_stand_in(record))
     assert mod.main(["--build", str(tmp_path / "b"), f"change=HEAD+{change}", "main=HEAD"]) == 0
     assert compiled["change"] == source + "// the change\n" and compiled["main"] == source
     assert "built change from HEAD+change.patch" in capsys.readouterr().out
