@@ -688,8 +688,9 @@ __device__ __forceinline__ unsigned long long global_ns() {
 // Timing build only (check_standalone --stages on a multi-tenant plan): thread 0 of each CTA of the multi-tenant stage
 // 1 (shrink_kernel's SPARSE form) adds the %globaltimer time since its last mark to the phase it ends. The phases:
 // - kTraceWait: the wait for the kernels ahead and the counters' zeroing;
-// - per group: finding it (active_group); its rows' metadata and weights, up to the CTA barrier, which also waits for
-//   the other warps' previous group; staging x; decoding warp 0's rows; storing.
+// - per group: finding it (table_group, or active_group) and requesting its rows' records; the records landed and the
+//   rows' weights, up to the CTA barrier, which also waits for the other warps' previous group; staging x; decoding
+//   warp 0's rows; storing.
 // g_shrink_trace[cta][0 .. kShrinkTraceFields): those six sums in ns, the groups walked, the SM's index plus one, and
 // the entry and exit times.
 enum { kTraceWait, kTraceFind, kTraceMeta, kTraceStage, kTraceDecode, kTraceStore, kTraceGroups, kTraceSm,
@@ -705,10 +706,23 @@ __device__ unsigned long long* g_shrink_trace = nullptr;
 #define SHRINK_PHASE(k)
 #endif
 
-// The g-th group of 32 rank rows (bank order) that holds a row of a delta row `row` weighs, or -1 when there are
-// fewer (K <= 32; every warp finds it alone). The deltas' rows in each projection are consecutive ranges in bank
-// order; a group shared by several such ranges belongs to the first.
-__device__ __forceinline__ int active_group(const ShrinkArgs& a, int row, int g, int lane) {
+// Asynchronous copies into shared memory (cp.async): 16 bytes (both addresses 16-byte aligned; bypassing L1) and 4.
+__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_async4(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+}
+
+// The ranges of groups of 32 rank rows (bank order) that hold rows of the deltas row `row` weighs (K <= 32), in bank
+// order, a pass of 32 (projection, delta) pairs at a time: per pass every lane calls visit(first, cnt, start) with its
+// pair's first group, group count (0: none) and the groups of the pairs before it, and the walk stops once visit
+// returns true (the same on every lane). The deltas' rows in each projection are consecutive ranges in bank order; a
+// group shared by several such ranges belongs to the first.
+template <typename F>
+__device__ __forceinline__ void scan_active_ranges(const ShrinkArgs& a, int row, int lane, F&& visit) {
   const float* wr = a.w + static_cast<size_t>(row) * a.K;
   const unsigned used = __ballot_sync(kFullMask, lane < a.K && __ldg(wr + lane) != 0.f);
   int seen_hi = 0, seen = 0;  // over the ranges before this pass: the end of the last non-empty one, and their groups
@@ -733,11 +747,49 @@ __device__ __forceinline__ int active_group(const ShrinkArgs& a, int row, int g,
       const int t = __shfl_up_sync(kFullMask, incl, m);
       if (lane >= m) incl += t;
     }
-    const int start = seen + incl - cnt;
-    const unsigned hit = __ballot_sync(kFullMask, cnt > 0 && g >= start && g < start + cnt);
-    if (hit != 0u) return __shfl_sync(kFullMask, first + g - start, __ffs(hit) - 1);
+    if (visit(first, cnt, seen + incl - cnt)) return;
     seen_hi = max(seen_hi, __shfl_sync(kFullMask, end, 31));
     seen += __shfl_sync(kFullMask, incl, 31);
+  }
+}
+
+// The g-th group of scan_active_ranges' ranges, or -1 when there are fewer (every warp finds it alone).
+__device__ __forceinline__ int active_group(const ShrinkArgs& a, int row, int g, int lane) {
+  int jg = -1;
+  scan_active_ranges(a, row, lane, [&](int first, int cnt, int start) {
+    const unsigned hit = __ballot_sync(kFullMask, cnt > 0 && g >= start && g < start + cnt);
+    if (hit != 0u) jg = __shfl_sync(kFullMask, first + g - start, __ffs(hit) - 1);
+    return hit != 0u;
+  });
+  return jg;
+}
+
+// A multi-tenant CTA's ranges in shared memory (one warp, once): the first group of each non-empty range and the
+// groups before it, then the total (first[0 .. n), start[0 .. n]). Returns n, or -1 past kRangeTable ranges (the CTA
+// then finds each group with active_group).
+constexpr int kRangeTable = 64;
+__device__ __forceinline__ int range_table(const ShrinkArgs& a, int row, int lane, int* first_of, int* start_of) {
+  int n = 0, total = 0;
+  scan_active_ranges(a, row, lane, [&](int first, int cnt, int start) {
+    const unsigned has = __ballot_sync(kFullMask, cnt > 0);
+    const int idx = n + __popc(has & ((1u << lane) - 1u));
+    if (cnt > 0 && idx < kRangeTable) first_of[idx] = first, start_of[idx] = start;
+    n += __popc(has);
+    total = max(total, __reduce_max_sync(kFullMask, cnt > 0 ? start + cnt : 0));
+    return false;
+  });
+  if (n > kRangeTable) return -1;
+  if (lane == 0) start_of[n] = total;
+  return n;
+}
+
+// The g-th group from range_table's n ranges, or -1.
+__device__ __forceinline__ int table_group(const int* first_of, const int* start_of, int n, int g, int lane) {
+  for (int i0 = 0; i0 < n; i0 += 32) {
+    const int i = i0 + lane;
+    const bool in = i < n && g >= start_of[i] && g < start_of[i + 1];
+    const unsigned hit = __ballot_sync(kFullMask, in);
+    if (hit != 0u) return __shfl_sync(kFullMask, in ? first_of[i] + g - start_of[i] : 0, __ffs(hit) - 1);
   }
   return -1;
 }
@@ -746,8 +798,10 @@ __device__ __forceinline__ int active_group(const ShrinkArgs& a, int row, int g,
 // Warp w of CTA (gx, ks, rt) owns rank rows j = (gx * kWarps + w) * 4 + [0, 4), token rows rt * R_TILE + [0, R_TILE)
 // and K blocks [ks * kb_cta, (ks + 1) * kb_cta). Lane l < 4 keeps row jbase + l's metadata; others read it by shuffle.
 // SPARSE (the multi-tenant plan, shrink_ctas; R_TILE 1, an instantiation of its own so that the others keep their
-// registers): grid (shrink_ctas, KS, ntiles), and CTA gx takes the groups active_group(g) for g = gx, gx + gridDim.x,
-// ... of its row, each as above, reading their metadata after the wait.
+// registers): grid (shrink_ctas, KS, ntiles), and CTA gx takes the g-th groups of its row for g = gx, gx + gridDim.x,
+// ... (from a table of the row's ranges built once a CTA: range_table, table_group), each as above. Each group's row
+// records and s[j] are copied into shared memory (cp.async) while the group before is computed, and the row's gate
+// weights are read once a CTA.
 //
 // Before waiting for the kernels ahead of it, the CTA reads its rows' metadata and, with a single delta (K == 1, so
 // every valid row is active unless all its weights are zero), requests the first unit of packed words and asks L2
@@ -757,6 +811,7 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   static_assert(!SPARSE || R_TILE == 1, "the multi-tenant plan tiles one row");
   extern __shared__ float4 shrink_smem[];
   float* xs = reinterpret_cast<float*>(shrink_smem);
+  float* row_w = nullptr;  // SPARSE: the row's gate weights (K <= 32), in shared memory
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
   if (a.ready == nullptr) allow_next_grid();
 
@@ -775,29 +830,70 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   // The warp's rows, gathered from lanes 0..3. The active rows fall into width classes; each class is one pass over a
   // tile with all its rows sharing every x load (usually a single class of four).
   int jbase = 0, m_bits = 0, m_delta = 0;
+  float m_s = 0.f;  // SPARSE: s[j] of lane j's row, fetched with its metadata
   RowRef rr[kRowsPerWarp];
   int rbits[kRowsPerWarp];
   unsigned valid = 0u;
-  const auto load_group = [&](int jg) {
-    jbase = (jg * kWarps + warp) * kRowsPerWarp;
-    int m_woff = 0, m_poff = 0, m_gs = 0;
-    m_bits = 0, m_delta = 0;
-    if (lane < kRowsPerWarp && jbase + lane < a.J) {
-      const int32_t* rw = a.rows + static_cast<size_t>(jbase + lane) * 8;
-      m_bits = __ldg(rw + 0), m_woff = __ldg(rw + 1), m_poff = __ldg(rw + 2), m_delta = __ldg(rw + 6);
-      m_gs = __ldg(rw + 7);
-      if (!valid_bits(m_bits) || m_delta < 0 || m_delta >= a.K) m_bits = 0;
+  // Lane l < 4's row of group jg: its fields as read (fetch; the multi-tenant plan copies them in ahead instead:
+  // fetch_async), then checked and handed to the warp (install).
+  struct RowMeta {
+    int bits = 0, woff = 0, poff = 0, delta = 0, gs = 0;
+    float s = 0.f;
+  };
+  const auto fetch = [&](int jg) {
+    RowMeta m;
+    const int j = (jg * kWarps + warp) * kRowsPerWarp + lane;
+    if (lane < kRowsPerWarp && j < a.J) {
+      const int32_t* rw = a.rows + static_cast<size_t>(j) * 8;
+      m.bits = __ldg(rw + 0), m.woff = __ldg(rw + 1), m.poff = __ldg(rw + 2), m.delta = __ldg(rw + 6);
+      m.gs = __ldg(rw + 7);
     }
-    const int m_gp = group_code(m_gs);
+    return m;
+  };
+  const auto install = [&](int jg, const RowMeta& m) {
+    jbase = (jg * kWarps + warp) * kRowsPerWarp;
+    m_bits = m.bits, m_delta = m.delta, m_s = m.s;
+    if (!valid_bits(m_bits) || m_delta < 0 || m_delta >= a.K) m_bits = 0;
+    const int m_gp = group_code(m.gs);
     valid = 0u;
 #pragma unroll
     for (int jj = 0; jj < kRowsPerWarp; ++jj) {
-      rr[jj].woff = __shfl_sync(kFullMask, m_woff, jj);
-      rr[jj].poff = __shfl_sync(kFullMask, m_poff, jj);
+      rr[jj].woff = __shfl_sync(kFullMask, m.woff, jj);
+      rr[jj].poff = __shfl_sync(kFullMask, m.poff, jj);
       rr[jj].gp = __shfl_sync(kFullMask, m_gp, jj);
       rbits[jj] = __shfl_sync(kFullMask, m_bits, jj);
       if (rbits[jj] != 0) valid |= 1u << jj;
     }
+  };
+  const auto load_group = [&](int jg) { install(jg, fetch(jg)); };
+  // SPARSE: the same fields copied into shared memory without waiting (cp.async: the row's 32-byte record and s[j]),
+  // then read once they have landed; no registers are held while the group before is computed.
+  // This lane's slot of 12 ints in buffer 0 (the row's 8 fields, then s; set where SPARSE starts). Groups use the two
+  // buffers in turn, so that no copy lands where the group before is still being read.
+  constexpr int kMetaBuf = kWarps * kRowsPerWarp * 12;
+  int* my_meta = nullptr;
+  const auto fetch_async = [&](int jg, int buf) {
+    int* slot = my_meta + buf * kMetaBuf;
+    const int j = (jg * kWarps + warp) * kRowsPerWarp + lane;
+    if (lane >= kRowsPerWarp) return;
+    if (j < a.J) {
+      copy_async16(slot, a.rows + static_cast<size_t>(j) * 8);
+      copy_async16(slot + 4, a.rows + static_cast<size_t>(j) * 8 + 4);
+      copy_async4(slot + 8, a.s + j);
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    } else {
+      slot[0] = 0;  // no row: bits 0
+    }
+  };
+  const auto landed = [&](int buf) {
+    const int* slot = my_meta + buf * kMetaBuf;
+    RowMeta m;
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    if (lane < kRowsPerWarp) {
+      m.bits = slot[0], m.woff = slot[1], m.poff = slot[2], m.delta = slot[6], m.gs = slot[7];
+      m.s = __int_as_float(slot[8]);
+    }
+    return m;
   };
 
   constexpr int OPL = shrink_opl(R_TILE), NU = 32 / OPL;  // codes per unit, units per block
@@ -846,11 +942,18 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
       const int delta = __shfl_sync(kFullMask, m_delta, jj);
       const int j = jbase + jj;
       float wt = 0.f;
-      if (rbits[jj] != 0 && lane < R_TILE && r0 + lane < a.R)
-        wt = __ldg(a.w + static_cast<size_t>(r0 + lane) * a.K + delta);
-      if (__ballot_sync(kFullMask, wt != 0.f) != 0u) act |= 1u << jj;
-      if (ks == 0 && j < a.J && lane < R_TILE)
-        a.sw[(static_cast<size_t>(rt) * a.J + j) * R_TILE + lane] = rbits[jj] != 0 ? wt * __ldg(a.s + j) : 0.f;
+      if constexpr (SPARSE) {  // the row's weights are in shared memory, s[j] came with the metadata
+        const float sj = __shfl_sync(kFullMask, m_s, jj);
+        if (rbits[jj] != 0) wt = row_w[delta];
+        if (wt != 0.f) act |= 1u << jj;
+        if (ks == 0 && j < a.J && lane == 0) a.sw[static_cast<size_t>(rt) * a.J + j] = rbits[jj] != 0 ? wt * sj : 0.f;
+      } else {
+        if (rbits[jj] != 0 && lane < R_TILE && r0 + lane < a.R)
+          wt = __ldg(a.w + static_cast<size_t>(r0 + lane) * a.K + delta);
+        if (__ballot_sync(kFullMask, wt != 0.f) != 0u) act |= 1u << jj;
+        if (ks == 0 && j < a.J && lane < R_TILE)
+          a.sw[(static_cast<size_t>(rt) * a.J + j) * R_TILE + lane] = rbits[jj] != 0 ? wt * __ldg(a.s + j) : 0.f;
+      }
     }
     if (__syncthreads_or(act != 0u) == 0) {  // nothing active in this group: read no x (and, K > 1, no words)
       count_done(a.ready, done);
@@ -912,15 +1015,35 @@ __global__ void __launch_bounds__(kThreads, shrink_min_ctas(R_TILE)) shrink_kern
   if constexpr (!SPARSE) {
     run_group(blockIdx.x);
   } else {
-    for (int g = blockIdx.x;; g += gridDim.x) {
-      const int jg = active_group(a, r0, g, lane);
+    // The row's groups (range_table) and weights, once a CTA; each group's rows are fetched during the one before.
+    __shared__ int first_of[kRangeTable], start_of[kRangeTable + 1], nranges;
+    __shared__ __align__(16) int meta_buf[2 * kMetaBuf];
+    __shared__ float weights[32];
+    my_meta = meta_buf + (warp * kRowsPerWarp + (lane & (kRowsPerWarp - 1))) * 12;
+    row_w = weights;
+    if (warp == 0) {
+      const int nr = range_table(a, r0, lane, first_of, start_of);
+      if (lane == 0) nranges = nr;
+      if (lane < a.K) row_w[lane] = __ldg(a.w + static_cast<size_t>(r0) * a.K + lane);
+    }
+    __syncthreads();
+    const int nr = nranges;
+    const auto find = [&](int g) {
+      return nr >= 0 ? table_group(first_of, start_of, nr, g, lane) : active_group(a, r0, g, lane);
+    };
+    int g = blockIdx.x, jg = find(g), buf = 0;
+    if (jg >= 0) fetch_async(jg, buf);
+    SHRINK_PHASE(kTraceFind);
+    while (jg >= 0) {
+      install(jg, landed(buf));
+      const int jn = find(g + static_cast<int>(gridDim.x));
+      if (jn >= 0) fetch_async(jn, buf ^ 1);
       SHRINK_PHASE(kTraceFind);
-      if (jg < 0) break;
-      load_group(jg);
       run_group(jg);
 #ifdef DELTACOMP_SHRINK_TRACE
       ++trace_[kTraceGroups];
 #endif
+      g += gridDim.x, jg = jn, buf ^= 1;
     }
 #ifdef DELTACOMP_SHRINK_TRACE
     if (threadIdx.x == 0 && g_shrink_trace != nullptr) {
@@ -2329,6 +2452,20 @@ Plan make_plan(int64_t R, int64_t n, int64_t M, int64_t J, int64_t P, int num_sm
   return p;
 }
 
+// Opts KERNEL into `bytes` of dynamic shared memory on the current device, once per device and instantiation (the
+// largest so far): a launch whose static and dynamic shared memory together pass 48 KB fails without it.
+template <auto KERNEL>
+cudaError_t allow_dynamic_smem(size_t bytes) {
+  static std::atomic<int> allowed[64];
+  const int smem = static_cast<int>(bytes);
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess || (device < 64 && allowed[device].load() >= smem)) return err;
+  err = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess && device < 64) allowed[device].store(smem);
+  return err;
+}
+
 // Launches `kernel` on `stream`; with `pdl`, allowed to start before the kernel ahead of it finishes (sm_90).
 template <typename Args>
 cudaError_t launch_kernel(void (*kernel)(Args), dim3 grid, size_t smem, bool pdl, cudaStream_t stream,
@@ -2369,6 +2506,10 @@ cudaError_t launch_tiled(const Plan& p, const void* x, const void* y, void* out,
                         b.v_offset, b.s,     b.rows,  b.J,        p.ntiles, p.kb_cta,    p.ktb,
                         sw,       tpart,     counters, p.ncounters, b.u_words, b.u_scale, b.u_offset,
                         b.u_nwords, b.u_nparams, b.spans, b.P, fused ? f.ready : nullptr};
+    if (gx < p.groups) {  // its static tables beside an x tile of up to kShrinkSmemFloats can pass 48 KB
+      const cudaError_t err = allow_dynamic_smem<shrink_kernel<scalar_t, 1, true>>(kShrinkSmemFloats * sizeof(float));
+      if (err != cudaSuccess) return err;
+    }
     const cudaError_t err =
         gx < p.groups ? launch_kernel(shrink_kernel<scalar_t, 1, true>, dim3(gx, p.ks, p.ntiles), p.shrink_smem, pdl,
                                       stream, sa)
@@ -2508,20 +2649,14 @@ cudaError_t launch_row(RowArgs a, int num_sms, bool pdl, cudaStream_t stream) {
     ctas += static_cast<int>(cq);
     a.cta_end[q] = ctas;
   }
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
   a.col_cap = a.cu.cols != nullptr
                   ? static_cast<int>(col_cap(a.n, a.end[a.b.P - 1], a.b.P, num_sms, a.cu.longest, a.K))
                   : 0;
-  // Past 48 KB of static and dynamic shared memory together (kRowStaticSmem bounding the static part), the dynamic
-  // size is opted into once per device and instantiation (the largest so far); without it such a launch fails.
+  // Past 48 KB of static and dynamic shared memory together (kRowStaticSmem bounding the static part).
   const int smem = (row_x_floats(a.n) + a.col_cap) * static_cast<int>(sizeof(float));
-  static std::atomic<int> allowed[64];
-  if (smem + kRowStaticSmem > 48 * 1024 && (device >= 64 || allowed[device].load() < smem)) {
-    err = cudaFuncSetAttribute(row_kernel<scalar_t, MULTI>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (smem + kRowStaticSmem > 48 * 1024) {
+    const cudaError_t err = allow_dynamic_smem<row_kernel<scalar_t, MULTI>>(smem);
     if (err != cudaSuccess) return err;
-    if (device < 64) allowed[device].store(smem);
   }
   return launch_kernel(row_kernel<scalar_t, MULTI>, dim3(ctas), smem, pdl, stream, a);
 }
