@@ -141,6 +141,18 @@ def test_multi_tenant_every_width_ragged_input(dtype):
         _check(table, rows, dtype, index=index, seed=rows)
 
 
+def test_multi_tenant_longest_x_tile():
+    """The multi-tenant plan at Llama-2-7B's down input (11,008) with enough groups that a CTA takes the whole input
+    (one K slice): its x tile (352 blocks of 132 bytes, 46,464) beside the kernel's static tables passes 48 KB, so the
+    launch needs the opt-in (without it, "kernel launch failed: invalid argument")."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows, deltas = 16, 4
+    groups = -(-3 * sms // (rows * deltas))  # of 32 rank rows a delta: the row tiles' groups fill 3 CTAs an SM
+    table = [[random_module(256, 11008, widths=ALL_WIDTHS[2:4], rank_per_group=16 * groups, seed=60 + d)
+              for d in range(deltas)]]
+    _check(table, rows, torch.bfloat16, index=torch.arange(rows, device="cuda") % deltas, seed=7)
+
+
 def test_cuda_graph_and_compile():
     mod = random_module(1024, 768, widths=ALL_WIDTHS, rank_per_group=5, group_size=128)
     bank = DeltaBank.build([[mod]]).to("cuda")
