@@ -21,7 +21,8 @@
 # 6. `kernel_speed.py --rows "" --parts tenants --repeats 3` on each tree in turn, ROUND_TENANT_ROUNDS times (default 2);
 # 7. for each tree named in ROUND_SANITIZE (space-separated; built in step 1, timed nowhere), its tenants table of
 #    one layer under compute-sanitizer;
-# 8. unless ROUND_MAIN_TESTS=0, main's CUDA tests, and with ROUND_CANDIDATE_TESTS=1 each candidate's multi-tenant ones.
+# 8. unless ROUND_MAIN_TESTS=0, main's CUDA tests; with ROUND_CANDIDATE_TESTS=1 each candidate's multi-tenant ones,
+#    with ROUND_CANDIDATE_TESTS=all all of each candidate's.
 # Steps 2 and 3 (about 45 s a candidate) run beside the builds (about 100 s); then per build about 40 s (step 4),
 # 12 s a tree a round (step 6), and 80 s for main's tests: main and four candidates took 640 s on an H100, past one
 # call's 600; with ROUND_TENANT_ROUNDS=1, or three candidates, a round fits.
@@ -76,10 +77,14 @@ if [ "${ROUND_MAIN_TESTS:-1}" = 1 ]; then
   mark "CUDA tests, main"
   jit main python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_gptq_cuda.py 2>&1 | tail -n 3
 fi
-if [ "${ROUND_CANDIDATE_TESTS:-0}" = 1 ]; then
+if [ "${ROUND_CANDIDATE_TESTS:-0}" != 0 ]; then
   for t in "$@"; do
-    mark "CUDA tests, $t, multi-tenant"
-    jit "$t" python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k tenant 2>&1 | tail -n 3
+    mark "CUDA tests, $t ($ROUND_CANDIDATE_TESTS)"
+    if [ "$ROUND_CANDIDATE_TESTS" = all ]; then
+      jit "$t" python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_gptq_cuda.py 2>&1 | tail -n 3
+    else
+      jit "$t" python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k tenant 2>&1 | tail -n 3
+    fi
   done
 fi
 mark done
