@@ -53,7 +53,7 @@ if [ -d "$DIR/sbt" ]; then
   done
 fi
 wait
-cat /tmp/jit_*.log
+for t in main "$@" ${ROUND_SANITIZE:-}; do cat "/tmp/jit_$t.log"; done
 mark "stages"
 PYTHONPATH=. python benchmarks/standalone_builds.py --run "$DIR/sb" main "$@" --no-calls --tenants 16 \
   --projections 1 --repeats 2
